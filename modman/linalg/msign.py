@@ -1,0 +1,146 @@
+"""msign: the polar factor of a matrix, msign(X) = U Vᵀ for the thin SVD X = U Σ Vᵀ.
+
+Newton–Schulz computes it with matrix products only. Orient X so that the Gram matrix is the
+small one (m ≤ n), scale it so every singular value lies in (0, 1], then repeat
+
+    S = X Xᵀ;   X ← a·X + (b·S + c·S²)·X
+
+which maps every singular value x through the odd quintic p(x) = a x + b x³ + c x⁵.
+
+Normalisation. The usual bound σ_max ≤ ‖X‖_F is loose by up to √rank, which pushes the small
+singular values below the schedule's design interval (Polar Express assumes σ ≥ 1e-3·σ_max).
+We use the tighter bound σ_max ≤ ‖X Xᵀ‖_F^{1/2} = (Σσ⁴)^{1/4}, computed from the Gram matrix
+that the first iteration needs anyway (so it costs nothing). A prior division by max|X| keeps
+1e-30 and 1e30 inputs inside the floating-point range, and an all-zero matrix maps to zero.
+"""
+from __future__ import annotations
+
+import torch
+
+from .schedules import SCHEDULES, coefficients, default_steps
+
+_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def resolve_compute_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """fp32/fp64 compute in their own precision, bf16/fp16 in fp32, unless told otherwise."""
+    if compute_dtype is not None:
+        return compute_dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def msign(
+    X: torch.Tensor,
+    *,
+    schedule: str = "polar_express",
+    steps: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    normalization: str = "gram",
+) -> torch.Tensor:
+    """Polar factor of the last two dimensions of ``X``, batched over leading dimensions.
+
+    Args:
+        X: a floating tensor with at least two dimensions, of any orientation.
+        schedule: ``"polar_express"`` (default; converges), ``"keller"`` (Muon's fixed quintic;
+            singular values end in about [0.68, 1.13]), ``"convergent"`` (the quintic with
+            p(1) = 1, p'(1) = p''(1) = 0, for polishing nearly orthogonal inputs), or ``"svd"``
+            (exact; singular values below rank tolerance map to zero).
+        steps: number of Newton–Schulz iterations; ``None`` uses the schedule's default.
+        compute_dtype: dtype of the iteration; defaults to X's dtype for fp32/fp64 and to fp32
+            for bf16/fp16 (an fp32 input is never silently computed in bf16).
+        backend: ``"torch"``, ``"triton"`` (fused kernels, see ``modman.kernels``) or
+            ``"auto"`` (Triton on CUDA when installed and the matrix is large enough to win).
+        normalization: ``"gram"`` (σ_max ≤ ‖XXᵀ‖_F^{1/2}, default) or ``"frobenius"``
+            (σ_max ≤ ‖X‖_F, as in the published reference code).
+
+    Returns:
+        A tensor of X's shape and dtype.
+    """
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"msign expects a torch.Tensor, got {type(X).__name__}")
+    if X.ndim < 2:
+        raise ValueError(f"msign needs at least 2 dimensions, got shape {tuple(X.shape)}")
+    if X.dtype not in _FLOAT_TYPES:
+        raise TypeError(f"msign supports real floating dtypes {_FLOAT_TYPES}, got {X.dtype}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if normalization not in ("gram", "frobenius"):
+        raise ValueError(f"normalization must be 'gram' or 'frobenius', got {normalization!r}")
+    steps = default_steps(schedule) if steps is None else int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be ≥ 0, got {steps}")
+    dtype = resolve_compute_dtype(X.dtype, compute_dtype)
+    if X.numel() == 0:
+        return X.clone()
+    if schedule == "svd":
+        return _msign_svd(X.to(dtype)).to(X.dtype)
+
+    transposed = X.shape[-2] > X.shape[-1]
+    Y = X.mT if transposed else X
+    batch_shape = Y.shape[:-2]
+    Y = Y.reshape(-1, *Y.shape[-2:]).to(dtype)
+    Y, gram = _normalise(Y, normalization, SCHEDULES[schedule][2])
+    coeffs = coefficients(schedule, steps)
+    if _use_triton(Y, backend):
+        from modman import kernels
+
+        Y = kernels.newton_schulz(Y, coeffs)
+    else:
+        Y = newton_schulz(Y, coeffs, gram=gram)
+    Y = Y.reshape(*batch_shape, *Y.shape[-2:])
+    if transposed:
+        Y = Y.mT
+    return Y.to(X.dtype)
+
+
+def newton_schulz(
+    X: torch.Tensor, coeffs: list[tuple[float, float, float]], gram: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quintic Newton–Schulz iterations on a batch X of shape (b, m, n), m ≤ n, ‖X‖₂ ≤ 1.
+
+    ``gram`` may carry X Xᵀ for the first iteration. Three batched products per iteration:
+    X Xᵀ, S² (fused with b·S by baddbmm) and (b·S + c·S²)·X (fused with a·X).
+    """
+    for i, (a, b, c) in enumerate(coeffs):
+        S = gram if (i == 0 and gram is not None) else X @ X.mT
+        B = torch.baddbmm(S, S, S, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+    return X
+
+
+def _normalise(Y: torch.Tensor, normalization: str, safety: float):
+    """Scale each matrix of the batch so that σ_max ≤ 1/safety; return it and its Gram."""
+    amax = Y.abs().amax(dim=(-2, -1), keepdim=True)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    Y = Y / amax
+    if normalization == "frobenius":
+        norm = torch.linalg.matrix_norm(Y, keepdim=True) * safety
+        return Y / torch.where(norm > 0, norm, torch.ones_like(norm)), None
+    gram = Y @ Y.mT
+    gnorm = torch.linalg.matrix_norm(gram, keepdim=True)
+    scale = gnorm.sqrt() * safety
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return Y / scale, gram / (scale * scale)
+
+
+def _msign_svd(X: torch.Tensor) -> torch.Tensor:
+    """Exact polar factor from the thin SVD; singular values at rank tolerance map to zero."""
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(X.dtype).eps
+    keep = (S > tol).to(X.dtype)
+    return (U * keep.unsqueeze(-2)) @ Vh
+
+
+def _use_triton(Y: torch.Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    if not Y.is_cuda:
+        return False
+    try:
+        from modman import kernels
+    except ImportError:
+        return False
+    return kernels.available() and kernels.worth_it(Y)
