@@ -1,0 +1,38 @@
+"""Euclidean space: every point is on the manifold, every vector is tangent."""
+from __future__ import annotations
+
+import torch
+
+
+class Euclidean:
+    name = "euclidean"
+
+    def __repr__(self) -> str:
+        return "Euclidean()"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Euclidean)
+
+    def __hash__(self):
+        return hash("euclidean")
+
+    def check_shape(self, shape, name: str = "w") -> None:
+        return None
+
+    def project(self, W: torch.Tensor) -> torch.Tensor:
+        return W.clone()
+
+    def tangent(self, W: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        return V
+
+    def tangent_residual(self, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=A.dtype, device=A.device)
+
+    def retract(self, W: torch.Tensor, V: torch.Tensor, method: str = "add") -> torch.Tensor:
+        return W + V
+
+    def distance(self, W: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=W.dtype, device=W.device)
+
+    def random(self, shape, *, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=dtype, device=device)

@@ -1,0 +1,146 @@
+"""The (scaled) Stiefel manifold: matrices whose singular values all equal s.
+
+For a torch weight W ∈ R^{d_out×d_in} (batched over leading dimensions):
+- tall (d_out ≥ d_in): WᵀW = s²I;  wide (d_out < d_in): WWᵀ = s²I.
+- s = 1 (``scale=None``, the blog's experiment), s = √(d_out/d_in) (``scale="rms"``: the
+  RMS→RMS operator norm is then 1), or a given float. s is computed from the torch (out, in)
+  shape, never from the shape after the tall transpose.
+
+Every formula is applied to U = W/s, which lies on the unscaled manifold, in the tall
+orientation; wide matrices are transposed in and out.
+- Tangent space at W: {A : UᵀA + AᵀU = 0}; projection P(V) = V − U sym(UᵀV).
+- Retractions (all map W + V back to the manifold):
+  "polar" — the exact polar factor s·msign(W + V) via an SVD;
+  "qr"    — the Q factor of W + V with the signs of diag(R) made positive;
+  "closed_form" — (W + V)(I − P + P/√(1+η²)) with P = VᵀV/η², η = ‖V‖₂/s. It is the exact polar
+            factor when V is tangent and V/η is a partial isometry (every nonzero singular value
+            1, any rank), e.g. V = −lr·msign(·); otherwise WᵀW errs by about η·‖tangent
+            residual‖ + (3/4)η⁴·max σ²(1−σ²) (MATH.md §2). η² is computed as ‖M‖_F²/tr(M),
+            M = VᵀV/s², which equals η² exactly for a scaled partial isometry.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..linalg.msign import _msign_svd, resolve_compute_dtype
+
+
+def _sym(M: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (M + M.mT)
+
+
+def is_wide(shape) -> bool:
+    return shape[-2] < shape[-1]
+
+
+def to_tall(X: torch.Tensor) -> torch.Tensor:
+    """View X in the tall orientation (rows ≥ columns)."""
+    return X.mT if is_wide(X.shape) else X
+
+
+class Stiefel:
+    """Matrices with every singular value equal to ``scale`` (see the module docstring)."""
+
+    name = "stiefel"
+
+    def __init__(self, scale: None | str | float = None):
+        if scale is not None and scale != "rms":
+            scale = float(scale)
+            if not math.isfinite(scale) or scale <= 0:
+                raise ValueError(f"Stiefel scale must be None, 'rms' or a positive float, got {scale}")
+        self.scale = scale
+
+    def __repr__(self) -> str:
+        return f"Stiefel(scale={self.scale!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Stiefel) and other.scale == self.scale
+
+    def __hash__(self):
+        return hash(("stiefel", self.scale))
+
+    def check_shape(self, shape, name: str = "W") -> None:
+        if len(shape) < 2:
+            raise ValueError(f"Stiefel needs a matrix (≥ 2 dims); {name} has shape {tuple(shape)}")
+
+    def scale_for(self, shape) -> float:
+        """The common singular value s for a weight of torch shape (..., d_out, d_in)."""
+        if self.scale is None:
+            return 1.0
+        if self.scale == "rms":
+            return math.sqrt(shape[-2] / shape[-1])
+        return float(self.scale)
+
+    def project(self, W: torch.Tensor) -> torch.Tensor:
+        """Nearest point on the manifold (Frobenius): s times the exact polar factor (SVD).
+
+        Rank-deficient W has no unique nearest point; singular directions with σ = 0 are
+        completed by the SVD's singular vectors so that the result is always on the manifold.
+        """
+        self.check_shape(W.shape)
+        dtype = resolve_compute_dtype(W.dtype, None)
+        U, _, Vh = torch.linalg.svd(W.to(dtype), full_matrices=False)
+        return (self.scale_for(W.shape) * (U @ Vh)).to(W.dtype)
+
+    def tangent(self, W: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Orthogonal projection of V onto the tangent space at W: V − U sym(UᵀV), U = W/s."""
+        s = self.scale_for(W.shape)
+        U, Vt = to_tall(W) / s, to_tall(V)
+        P = Vt - U @ _sym(U.mT @ Vt)
+        return P.mT if is_wide(W.shape) else P
+
+    def tangent_residual(self, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """‖UᵀA + AᵀU‖_F / ‖A‖_F in the tall orientation (0 for A = 0)."""
+        U, At = to_tall(W) / self.scale_for(W.shape), to_tall(A)
+        H = U.mT @ At
+        num = torch.linalg.matrix_norm(H + H.mT)
+        den = torch.linalg.matrix_norm(At)
+        return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+    def retract(self, W: torch.Tensor, V: torch.Tensor, method: str = "polar") -> torch.Tensor:
+        """Map W + V back onto the manifold (see the module docstring for the methods)."""
+        if method == "polar":
+            return self.project(W + V)
+        if method == "qr":
+            return self._retract_qr(W, V)
+        if method == "closed_form":
+            return self._retract_closed_form(W, V)
+        raise ValueError(f"unknown Stiefel retraction {method!r}; choose 'polar', 'qr' or 'closed_form'")
+
+    def _retract_qr(self, W, V):
+        s = self.scale_for(W.shape)
+        X = to_tall(W + V)
+        dtype = resolve_compute_dtype(X.dtype, None)
+        Q, R = torch.linalg.qr(X.to(dtype))
+        sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        Q = (Q * sign.unsqueeze(-2) * s).to(W.dtype)
+        return Q.mT if is_wide(W.shape) else Q
+
+    def _retract_closed_form(self, W, V):
+        s = self.scale_for(W.shape)
+        X, Vt = to_tall(W + V), to_tall(V) / s
+        M = Vt.mT @ Vt
+        trace = torch.diagonal(M, dim1=-2, dim2=-1).sum(-1)
+        fro2 = (M * M).sum((-2, -1))
+        safe = trace > 0
+        eta2 = torch.where(safe, fro2 / torch.where(safe, trace, torch.ones_like(trace)), torch.zeros_like(trace))
+        # (I + η²P)^{-1/2} = I − (1 − 1/√(1+η²))·P with P = M/η².
+        coef = torch.where(safe, (1 - torch.rsqrt(1 + eta2)) / torch.where(safe, eta2, torch.ones_like(eta2)),
+                           torch.zeros_like(eta2))
+        Y = X - (X @ M) * coef[..., None, None]
+        return Y.mT if is_wide(W.shape) else Y
+
+    def distance(self, W: torch.Tensor) -> torch.Tensor:
+        """max_i |σᵢ(W)/s − 1| (exact singular values; 0 on the manifold)."""
+        dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+        sv = torch.linalg.svdvals(W.to(dtype))
+        return (sv / self.scale_for(W.shape) - 1).abs().amax(dim=-1)
+
+    def random(self, shape, *, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+        """A uniformly distributed (Haar) point: the polar factor of a Gaussian matrix."""
+        self.check_shape(shape)
+        G = torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
+        return self.project(G).to(dtype)

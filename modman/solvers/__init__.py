@@ -1,0 +1,96 @@
+"""The manifold-Muon subproblem: one interface, several solvers, one certificate.
+
+    maximise ⟨G, A⟩  subject to  ‖A‖₂ ≤ 1  and  WᵀA + AᵀW = 0     (W on unscaled Stiefel)
+
+The optimizer then steps W ← retract(W − lr·A). Every solver returns a candidate A and a
+symmetric dual Λ; ``certify`` makes A feasible and computes the rigorous duality gap (see
+``result.py``), so a solver's inexactness shows in the gap, never as an infeasible step.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..linalg.msign import resolve_compute_dtype
+from .closed_form import solve_closed_form
+from .dual_ascent import solve_dual_ascent
+from .projected import solve_projected
+from .result import SolveResult, certify, make_feasible, nuclear_norm, spectral_norm, sym
+
+# name -> (function, default tol, default max_iters)
+SOLVERS = {
+    "dual_ascent": (solve_dual_ascent, 1e-6, 100),
+    "closed_form": (solve_closed_form, 0.0, 0),
+    "projected": (solve_projected, 0.0, 1),
+}
+DEFAULT_SOLVER = "dual_ascent"
+
+
+def register_solver(name: str, fn, default_tol: float, default_max_iters: int) -> None:
+    """Add a solver ``fn(W, Gn, *, tol, max_iters, warm_start, **options) -> SolverOutput``."""
+    SOLVERS[name] = (fn, default_tol, default_max_iters)
+
+
+def solve_manifold_muon(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    *,
+    solver: str = DEFAULT_SOLVER,
+    tol: float | None = None,
+    max_iters: int | None = None,
+    warm_start: dict | None = None,
+    **options,
+) -> SolveResult:
+    """Steepest unit-spectral-norm tangent direction at W for the gradient G.
+
+    Args:
+        W: point on the unscaled Stiefel manifold, (…, m, n), tall or wide (WᵀW = I or WWᵀ = I).
+        G: gradient (or momentum) of W's shape; NaN/Inf raise ValueError.
+        solver: a name in ``SOLVERS``; ``tol``/``max_iters`` default per solver.
+        warm_start: the ``state`` of a previous result for the same parameter.
+        options: solver-specific (e.g. ``faithful=True`` for "dual_ascent").
+
+    The problem is scale-free in G (the optimum A is unchanged by G → cG, c > 0), so solvers
+    work on Gn = G/‖G‖_F; G = 0 gives A = 0 with gap 0.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
+    if not isinstance(W, torch.Tensor) or not isinstance(G, torch.Tensor):
+        raise TypeError("solve_manifold_muon expects tensors W and G")
+    if W.ndim < 2 or W.shape != G.shape:
+        raise ValueError(f"W and G must be matrices of the same shape, got {tuple(W.shape)} and {tuple(G.shape)}")
+    if not W.is_floating_point() or not G.is_floating_point():
+        raise TypeError(f"W and G must be real floating tensors, got {W.dtype} and {G.dtype}")
+    if not bool(torch.isfinite(G).all()):
+        raise ValueError("solve_manifold_muon: G contains NaN or Inf")
+    fn, default_tol, default_iters = SOLVERS[solver]
+    tol = default_tol if tol is None else float(tol)
+    max_iters = default_iters if max_iters is None else int(max_iters)
+    if tol < 0 or max_iters < 0:
+        raise ValueError(f"tol and max_iters must be ≥ 0, got {tol} and {max_iters}")
+
+    wide = W.shape[-2] < W.shape[-1]
+    dtype = resolve_compute_dtype(W.dtype, None)
+    Wt = (W.mT if wide else W).to(dtype)
+    Gt = (G.mT if wide else G).to(dtype)
+    g_norm = torch.linalg.matrix_norm(Gt, keepdim=True)
+    Gn = Gt / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm))
+    if solver == "dual_ascent" and options.get("faithful"):
+        options["G_raw"] = Gt
+    out = fn(Wt, Gn, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
+    A, objective, residual, gap = certify(Wt, Gn, out.dual, out.direction, W.dtype)
+    objective = (objective * g_norm[..., 0, 0].double()).to(dtype)
+    return SolveResult(
+        direction=A.mT if wide else A,
+        objective=objective,
+        tangent_residual=residual.to(dtype),
+        duality_gap=gap.to(dtype),
+        iterations=out.iterations,
+        msign_calls=out.msign_calls,
+        state=out.state,
+    )
+
+
+__all__ = [
+    "SolveResult", "solve_manifold_muon", "SOLVERS", "DEFAULT_SOLVER", "register_solver",
+    "certify", "make_feasible", "nuclear_norm", "spectral_norm", "sym",
+]

@@ -1,0 +1,86 @@
+"""The solver result and its certificate.
+
+Every solver hands back a candidate direction A and a symmetric dual Λ (in units of the
+normalised gradient Gn = G/‖G‖_F). ``certify`` turns them into a rigorous statement:
+
+- feasible direction: A_f = P(A)/max(1, ‖P(A)‖₂), P the tangent projection at W, ‖·‖₂ from
+  the largest eigenvalue of the fp64 Gram (a power iteration would under-estimate it);
+- dual value: D(Λ) = ‖Gn − 2WΛ‖_*, from the eigenvalues of the small fp64 Gram ZᵀZ
+  (⟨msign(Z), Z⟩ from Newton–Schulz is only a lower bound);
+- duality gap: (D(Λ) − ⟨Gn, A_f⟩)/max(D(Λ), tiny). By weak duality D(Λ) ≥ max ⟨Gn, A⟩ over the
+  feasible set for every symmetric Λ, so the gap bounds the relative sub-optimality of A_f.
+All inexactness of the solver (stopping early, msign in low precision) ends up in the gap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """Outcome of ``solve_manifold_muon``; tensor fields are shaped like the batch.
+
+    direction: A, shaped and oriented like W, always feasible (tangent and ‖A‖₂ ≤ 1).
+    objective: ⟨G, A⟩ in the units of G.
+    tangent_residual: ‖WᵀA + AᵀW‖_F/‖A‖_F (tall orientation) of the returned direction.
+    duality_gap: relative certified gap (D(Λ) − ⟨Gn, A⟩)/D(Λ) ≥ 0.
+    iterations, msign_calls: work done (Python ints; msign calls count Newton–Schulz runs).
+    state: warm start for the next call (``warm_start=``): {"dual": Λ, ...}.
+    """
+
+    direction: torch.Tensor
+    objective: torch.Tensor
+    tangent_residual: torch.Tensor
+    duality_gap: torch.Tensor
+    iterations: int
+    msign_calls: int
+    state: dict = field(default_factory=dict)
+
+
+def sym(M: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (M + M.mT)
+
+
+def spectral_norm(M: torch.Tensor) -> torch.Tensor:
+    """‖M‖₂ from the largest eigenvalue of the smaller Gram matrix, in M's dtype."""
+    gram = M.mT @ M if M.shape[-2] >= M.shape[-1] else M @ M.mT
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0).sqrt()
+
+
+def nuclear_norm(M: torch.Tensor) -> torch.Tensor:
+    """‖M‖_* from the eigenvalues of the smaller Gram matrix, in M's dtype."""
+    gram = M.mT @ M if M.shape[-2] >= M.shape[-1] else M @ M.mT
+    return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
+
+
+def make_feasible(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Tangent-project A at W (tall, WᵀW = I) and rescale it into the spectral unit ball."""
+    Ap = A - W @ sym(W.mT @ A)
+    norm = spectral_norm(Ap)
+    return Ap / norm.clamp(min=1.0)[..., None, None]
+
+
+def tangent_residual(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """‖WᵀA + AᵀW‖_F / ‖A‖_F for tall W (0 when A = 0)."""
+    H = W.mT @ A
+    num = torch.linalg.matrix_norm(H + H.mT)
+    den = torch.linalg.matrix_norm(A)
+    return num / den.clamp(min=_TINY) * (den > 0)
+
+
+def certify(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: torch.Tensor, out_dtype: torch.dtype):
+    """Feasible direction (in ``out_dtype``), ⟨Gn, A_f⟩, tangent residual and relative gap.
+
+    W, Gn, A are tall (…, m, n); dual is symmetric (…, n, n). Computed in fp64.
+    """
+    W64, G64, A64 = W.double(), Gn.double(), A.double()
+    A_f = make_feasible(W64, A64).to(out_dtype)
+    A64 = A_f.double()  # certify what is actually returned, rounding included
+    objective = (G64 * A64).sum((-2, -1))
+    dual_value = nuclear_norm(G64 - 2 * W64 @ sym(dual.double()))
+    gap = ((dual_value - objective) / dual_value.clamp(min=_TINY)).clamp(min=0)
+    return A_f, objective, tangent_residual(W64, A64), gap

@@ -1,0 +1,15 @@
+"""What a solver function returns to the dispatcher, before certification."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SolverOutput:
+    direction: torch.Tensor  # candidate A (tall), not necessarily feasible
+    dual: torch.Tensor  # symmetric Λ in units of the normalised gradient, certifies A
+    iterations: int
+    msign_calls: int
+    state: dict = field(default_factory=dict)
