@@ -1,0 +1,438 @@
+"""Synthetic tasks with exact scorers, over one character-level vocabulary.
+
+Every task turns a prompt string into exactly one correct completion string, computed from the
+prompt alone (``task.answer(prompt)``), so scoring is an exact string comparison and needs no
+stored references: ``task.score(prompts, completions)`` is True where completion == answer.
+
+Sequences are ``<bos> prompt completion <eos>``. A :class:`Batch` holds them right-padded for
+teacher forcing (labels -100 on <bos>, the prompt and padding, so only the completion and its
+<eos> are scored) and the prompts alone, left-padded, for generation.
+
+Tasks:
+- :func:`addition` — ``"123+045="`` → the (n+1)-digit sum, zero-padded, in one of three formats:
+  ``"plain"`` (``"0168"``), ``"reversed"`` (least significant digit first, ``"8610"``, the order in
+  which carries are computed, which a causal model learns far faster) or ``"scratchpad"``
+  (reversed, ``|``, then plain: ``"8610|0168"``, an answer spanning 2n+3 tokens).
+- :func:`modular_addition` — same prompts as addition, answer (a+b) mod p: a shifted task for
+  fine-tuning a model pretrained on addition.
+- :func:`subtraction` — ``"523-045="`` → a−b with a ≥ b, n digits.
+- :func:`keyvalue` — ``"qzkd:"`` → a random value string; a fixed table of known entropy.
+
+Train/test splits of the arithmetic tasks partition the problem space (a, b) by a seeded hash:
+a pair is held out iff splitmix64(seed, a, b) < test_fraction·2⁶⁴. Training batches never contain
+a held-out pair, the split needs no storage at any n_digits, and addition, modular addition and
+subtraction with the same seed hold out the same pairs.
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model import IGNORE_INDEX
+
+DEFAULT_ALPHABET = string.digits + "+-*%=|:;,.?> " + string.ascii_lowercase
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+
+
+class CharTokenizer:
+    """One token per character, after the special tokens <pad> = 0, <bos> = 1, <eos> = 2.
+
+    ``decode(encode(s)) == s`` for every string over the alphabet.
+    """
+
+    def __init__(self, alphabet: str = DEFAULT_ALPHABET):
+        if len(set(alphabet)) != len(alphabet):
+            raise ValueError("alphabet has repeated characters")
+        if not alphabet:
+            raise ValueError("alphabet must not be empty")
+        self.alphabet = alphabet
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = 0, 1, 2
+        self._id = {c: i + len(SPECIAL_TOKENS) for i, c in enumerate(alphabet)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIAL_TOKENS) + len(self.alphabet)
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = []
+        for position, char in enumerate(text):
+            if char not in self._id:
+                raise ValueError(f"character {char!r} at position {position} of {text!r} is not "
+                                 f"in the tokenizer's alphabet")
+            ids.append(self._id[char])
+        return ([self.bos_token_id] if bos else []) + ids + ([self.eos_token_id] if eos else [])
+
+    def decode(self, ids, *, stop_at_eos: bool = True) -> str:
+        """Characters of ``ids``, dropping <pad>/<bos> and (by default) stopping at <eos>."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        chars = []
+        offset = len(SPECIAL_TOKENS)
+        for token in ids:
+            if token == self.eos_token_id:
+                if stop_at_eos:
+                    break
+                continue
+            if token < offset:
+                continue
+            if token - offset >= len(self.alphabet):
+                raise ValueError(f"token id {token} is outside the vocabulary of size "
+                                 f"{self.vocab_size}")
+            chars.append(self.alphabet[token - offset])
+        return "".join(chars)
+
+    def decode_batch(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[str]:
+        """Decode each row; positions where ``mask`` is False are skipped."""
+        rows = ids.tolist()
+        if mask is not None:
+            rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(rows, mask.tolist())]
+        return [self.decode(r) for r in rows]
+
+
+@dataclass
+class Batch:
+    """Token tensors for a list of (prompt, target) pairs.
+
+    ``input_ids``/``labels``/``attention_mask`` (N, L): ``<bos> prompt target <eos>`` right-padded,
+    labels -100 except on target and <eos>; ``prompt_ids``/``prompt_mask`` (N, L_p): ``<bos>
+    prompt`` left-padded (for ``generate``); ``prompts``/``targets``: the strings.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    prompts: list[str]
+    targets: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class Task:
+    """A prompt → completion map with an exact scorer. Subclasses define ``answer`` and
+    ``_draw`` (sample n prompts from a split)."""
+
+    name = "task"
+
+    def __init__(self, tokenizer: CharTokenizer | None = None):
+        self.tokenizer = tokenizer or CharTokenizer()
+
+    # -- the task's definition
+    def answer(self, prompt: str) -> str:
+        raise NotImplementedError
+
+    def _draw(self, n: int, split: str, rng: np.random.Generator) -> list[str]:
+        raise NotImplementedError
+
+    def test_prompts(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Completion length plus the <eos>: the generation budget that scoring needs."""
+        raise NotImplementedError
+
+    # -- shared machinery
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        """Bool tensor: completion i equals the unique correct answer to prompt i."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        return torch.tensor([c == self.answer(p) for p, c in zip(prompts, completions)],
+                            dtype=torch.bool)
+
+    def score_ids(self, prompts: list[str], completion_ids: torch.Tensor,
+                  completion_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`score` on token ids as ``generate`` returns them (decoded up to <eos>).
+
+        A completion that never emits <eos> within its budget still scores on its text; the
+        budget ``max_new_tokens`` is exactly long enough for answer plus <eos>.
+        """
+        return self.score(prompts, self.tokenizer.decode_batch(completion_ids, completion_mask))
+
+    def encode(self, prompts: list[str], targets: list[str] | None = None) -> Batch:
+        """Tokenise prompts (and targets; default the correct answers) into a :class:`Batch`."""
+        if targets is None:
+            targets = [self.answer(p) for p in prompts]
+        tok = self.tokenizer
+        prompt_rows = [tok.encode(p, bos=True) for p in prompts]
+        full_rows = [pr + tok.encode(t, eos=True) for pr, t in zip(prompt_rows, targets)]
+        n = len(prompts)
+        L = max((len(r) for r in full_rows), default=0)
+        Lp = max((len(r) for r in prompt_rows), default=0)
+        input_ids = torch.full((n, L), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, L), dtype=torch.long)
+        prompt_ids = torch.full((n, Lp), tok.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((n, Lp), dtype=torch.long)
+        for i, (pr, fr) in enumerate(zip(prompt_rows, full_rows)):
+            input_ids[i, :len(fr)] = torch.tensor(fr)
+            labels[i, len(pr):len(fr)] = torch.tensor(fr[len(pr):])
+            attention_mask[i, :len(fr)] = 1
+            prompt_ids[i, Lp - len(pr):] = torch.tensor(pr)
+            prompt_mask[i, Lp - len(pr):] = 1
+        return Batch(input_ids, labels, attention_mask, prompt_ids, prompt_mask,
+                     list(prompts), list(targets))
+
+    def sample(self, n: int, rng: np.random.Generator | int, split: str = "train") -> Batch:
+        """n random problems from ``split`` ("train" or "test"), drawn from ``rng``."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if not isinstance(rng, np.random.Generator):
+            rng = np.random.default_rng(rng)
+        return self.encode(self._draw(n, split, rng))
+
+    def test_batch(self) -> Batch:
+        """The fixed held-out evaluation set."""
+        return self.encode(self.test_prompts())
+
+    @torch.no_grad()
+    def evaluate(self, model, batch: Batch | None = None, *, batch_size: int = 500) -> float:
+        """Greedy exact-match accuracy of ``model`` on ``batch`` (default: the test set)."""
+        batch = batch or self.test_batch()
+        correct = 0
+        for start in range(0, len(batch), batch_size):
+            sl = slice(start, start + batch_size)
+            out = model.generate(batch.prompt_ids[sl], self.max_new_tokens, temperature=0.0,
+                                 eos_token_id=self.tokenizer.eos_token_id,
+                                 pad_token_id=self.tokenizer.pad_token_id,
+                                 attention_mask=batch.prompt_mask[sl])
+            correct += int(self.score_ids(batch.prompts[sl], out.completion_ids,
+                                          out.completion_mask).sum())
+        return correct / max(len(batch), 1)
+
+
+# ------------------------------------------------------------------ arithmetic
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a bijective mixer."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _is_held_out(a: np.ndarray, b: np.ndarray, seed: int, test_fraction: float) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.full(a.shape, seed & _MASK64, dtype=np.uint64))
+        key = _splitmix64(key ^ a.astype(np.uint64))
+        key = _splitmix64(key ^ b.astype(np.uint64))
+    # Compare the top 53 bits as a float in [0, 1): exact for any fraction a float can hold.
+    return (key >> np.uint64(11)).astype(np.float64) / 2.0 ** 53 < test_fraction
+
+
+class ArithmeticTask(Task):
+    """``"{a:0n}{op}{b:0n}="`` → the result zero-padded to a fixed width, in ``format``.
+
+    op "+" : a + b (width n+1);  "+" with modulus p: (a + b) mod p (width = digits of p−1);
+    op "-" : a − b with a ≥ b (width n).
+    """
+
+    def __init__(self, op: str, n_digits: int, *, modulus: int | None = None,
+                 format: str = "reversed", seed: int = 0, test_fraction: float = 0.1,
+                 n_test: int = 1000, tokenizer: CharTokenizer | None = None):
+        super().__init__(tokenizer)
+        if op not in ("+", "-"):
+            raise ValueError(f"op must be '+' or '-', got {op!r}")
+        if not isinstance(n_digits, int) or not 1 <= n_digits <= 18:
+            raise ValueError(f"n_digits must be an int in [1, 18], got {n_digits!r}")
+        if format not in ("plain", "reversed", "scratchpad"):
+            raise ValueError(
+                f"format must be 'plain', 'reversed' or 'scratchpad', got {format!r}")
+        if modulus is not None and (op != "+" or not isinstance(modulus, int) or modulus < 2):
+            raise ValueError(f"modulus must be an int >= 2 (with op '+'), got {modulus!r}")
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
+        if not isinstance(n_test, int) or n_test < 1:
+            raise ValueError(f"n_test must be a positive int, got {n_test!r}")
+        self.op, self.n_digits, self.modulus, self.format = op, n_digits, modulus, format
+        self.seed, self.test_fraction, self.n_test = seed, test_fraction, n_test
+        if modulus is not None:
+            self.name, self.width = f"addition_mod{modulus}", len(str(modulus - 1))
+        elif op == "+":
+            self.name, self.width = "addition", n_digits + 1
+        else:
+            self.name, self.width = "subtraction", n_digits
+        self._prompt_re = re.compile(rf"^(\d{{{n_digits}}}){re.escape(op)}(\d{{{n_digits}}})=$")
+        self._test_prompts: list[str] | None = None
+
+    @property
+    def max_new_tokens(self) -> int:
+        body = 2 * self.width + 1 if self.format == "scratchpad" else self.width
+        return body + 1
+
+    def prompt(self, a: int, b: int) -> str:
+        return f"{a:0{self.n_digits}d}{self.op}{b:0{self.n_digits}d}="
+
+    def result(self, a: int, b: int) -> int:
+        if self.op == "-":
+            return a - b
+        return (a + b) % self.modulus if self.modulus is not None else a + b
+
+    def answer(self, prompt: str) -> str:
+        match = self._prompt_re.match(prompt)
+        if match is None:
+            raise ValueError(f"prompt {prompt!r} is not of the form "
+                             f"{self.prompt(0, 0).replace('0', 'd')!r}")
+        a, b = int(match[1]), int(match[2])
+        if self.op == "-" and a < b:
+            raise ValueError(f"subtraction prompt {prompt!r} has a < b")
+        plain = f"{self.result(a, b):0{self.width}d}"
+        if self.format == "plain":
+            return plain
+        if self.format == "reversed":
+            return plain[::-1]
+        return plain[::-1] + "|" + plain
+
+    def _pairs(self, n: int, split: str, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """n pairs from the split by rejection: draw uniformly, keep those in the split."""
+        want_test = split == "test"
+        high = 10 ** self.n_digits
+        keep_a, keep_b, have = [], [], 0
+        accept = self.test_fraction if want_test else 1 - self.test_fraction
+        for _ in range(10_000):
+            m = max(16, int(1.2 * (n - have) / accept) + 16)
+            a = rng.integers(0, high, size=m, dtype=np.int64)
+            b = rng.integers(0, high, size=m, dtype=np.int64)
+            if self.op == "-":
+                a, b = np.maximum(a, b), np.minimum(a, b)
+            ok = _is_held_out(a, b, self.seed, self.test_fraction) == want_test
+            keep_a.append(a[ok])
+            keep_b.append(b[ok])
+            have += int(ok.sum())
+            if have >= n:
+                break
+        else:
+            raise RuntimeError(f"could not draw {n} {split} problems; the split is empty")
+        return np.concatenate(keep_a)[:n], np.concatenate(keep_b)[:n]
+
+    def _draw(self, n, split, rng):
+        a, b = self._pairs(n, split, rng)
+        return [self.prompt(int(x), int(y)) for x, y in zip(a, b)]
+
+    def test_prompts(self) -> list[str]:
+        """Up to n_test distinct held-out prompts, a fixed function of ``seed``."""
+        if self._test_prompts is None:
+            space = 10 ** self.n_digits
+            space = space * (space + 1) // 2 if self.op == "-" else space * space
+            if space <= 200_000:
+                # Small problem spaces: enumerate the held-out set rather than sample it.
+                grid = np.arange(10 ** self.n_digits, dtype=np.int64)
+                a, b = (g.ravel() for g in np.meshgrid(grid, grid, indexing="ij"))
+                if self.op == "-":
+                    a, b = a[a >= b], b[a >= b]
+                held = _is_held_out(a, b, self.seed, self.test_fraction)
+                a, b = a[held], b[held]
+                order = np.random.default_rng(self.seed).permutation(len(a))[:self.n_test]
+                pairs = list(zip(a[order].tolist(), b[order].tolist()))
+            else:
+                rng = np.random.default_rng([self.seed, 0x7E57])
+                seen: dict[tuple[int, int], None] = {}
+                while len(seen) < self.n_test:
+                    a, b = self._pairs(self.n_test, "test", rng)
+                    for pair in zip(a.tolist(), b.tolist()):
+                        seen.setdefault(pair)
+                pairs = list(seen)[:self.n_test]
+            self._test_prompts = [self.prompt(a, b) for a, b in pairs]
+        return list(self._test_prompts)
+
+    def is_held_out(self, a: int, b: int) -> bool:
+        return bool(_is_held_out(np.array([a]), np.array([b]), self.seed, self.test_fraction)[0])
+
+
+def addition(n_digits: int = 3, *, format: str = "reversed", seed: int = 0,
+             test_fraction: float = 0.1, n_test: int = 1000,
+             tokenizer: CharTokenizer | None = None) -> ArithmeticTask:
+    """n-digit addition ``"123+045="`` → a+b in (n+1) digits; see the module docstring."""
+    return ArithmeticTask("+", n_digits, format=format, seed=seed, test_fraction=test_fraction,
+                          n_test=n_test, tokenizer=tokenizer)
+
+
+def modular_addition(n_digits: int = 3, modulus: int = 97, *, format: str = "reversed",
+                     seed: int = 0, test_fraction: float = 0.1, n_test: int = 1000,
+                     tokenizer: CharTokenizer | None = None) -> ArithmeticTask:
+    """Addition's prompts with answer (a+b) mod ``modulus``: a shifted task for fine-tuning."""
+    return ArithmeticTask("+", n_digits, modulus=modulus, format=format, seed=seed,
+                          test_fraction=test_fraction, n_test=n_test, tokenizer=tokenizer)
+
+
+def subtraction(n_digits: int = 3, *, format: str = "reversed", seed: int = 0,
+                test_fraction: float = 0.1, n_test: int = 1000,
+                tokenizer: CharTokenizer | None = None) -> ArithmeticTask:
+    """``"523-045="`` → a−b (a ≥ b) in n digits."""
+    return ArithmeticTask("-", n_digits, format=format, seed=seed, test_fraction=test_fraction,
+                          n_test=n_test, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------ memorisation
+
+class KeyValueTask(Task):
+    """A fixed random table ``key:`` → value: pure memorisation of a known number of bits.
+
+    Keys are distinct strings of ``key_len`` characters from ``key_alphabet``; each value is
+    ``value_len`` characters drawn uniformly and independently from ``value_alphabet``, so the
+    table holds ``bits = n_keys · value_len · log₂|value_alphabet|`` bits that no rule predicts.
+    Nothing can generalise to an unseen key, so both splits are the whole table: the test set
+    measures recall.
+    """
+
+    name = "keyvalue"
+
+    def __init__(self, n_keys: int, *, key_len: int = 4, value_len: int = 4,
+                 key_alphabet: str = string.ascii_lowercase, value_alphabet: str = string.digits,
+                 seed: int = 0, tokenizer: CharTokenizer | None = None):
+        super().__init__(tokenizer)
+        if not isinstance(n_keys, int) or n_keys < 1:
+            raise ValueError(f"n_keys must be a positive int, got {n_keys!r}")
+        for name, value in (("key_len", key_len), ("value_len", value_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if n_keys > len(key_alphabet) ** key_len:
+            raise ValueError(f"n_keys={n_keys} exceeds the {len(key_alphabet) ** key_len} "
+                             f"distinct keys of length key_len={key_len}")
+        for alphabet in (key_alphabet, value_alphabet):
+            self.tokenizer.encode(alphabet)  # every character must be a token
+        if ":" in key_alphabet:
+            raise ValueError("key_alphabet must not contain the separator ':'")
+        self.n_keys, self.key_len, self.value_len, self.seed = n_keys, key_len, value_len, seed
+        rng = np.random.default_rng(seed)
+        keys: dict[str, None] = {}
+        while len(keys) < n_keys:
+            for row in rng.integers(0, len(key_alphabet), size=(n_keys, key_len)):
+                keys.setdefault("".join(key_alphabet[i] for i in row))
+        key_list = list(keys)[:n_keys]
+        values = rng.integers(0, len(value_alphabet), size=(n_keys, value_len))
+        self.table = {k: "".join(value_alphabet[i] for i in v) for k, v in zip(key_list, values)}
+        self.bits = n_keys * value_len * math.log2(len(value_alphabet))
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.value_len + 1
+
+    def answer(self, prompt: str) -> str:
+        if not prompt.endswith(":") or prompt[:-1] not in self.table:
+            raise ValueError(f"prompt {prompt!r} is not '<key>:' for a key of this table")
+        return self.table[prompt[:-1]]
+
+    def _draw(self, n, split, rng):
+        keys = list(self.table)
+        return [keys[i] + ":" for i in rng.integers(0, len(keys), size=n)]
+
+    def test_prompts(self) -> list[str]:
+        return [k + ":" for k in self.table]
+
+
+def keyvalue(n_keys: int = 256, *, key_len: int = 4, value_len: int = 4,
+             key_alphabet: str = string.ascii_lowercase, value_alphabet: str = string.digits,
+             seed: int = 0, tokenizer: CharTokenizer | None = None) -> KeyValueTask:
+    """Key→value memorisation; ``task.bits`` is the information the model must store."""
+    return KeyValueTask(n_keys, key_len=key_len, value_len=value_len, key_alphabet=key_alphabet,
+                        value_alphabet=value_alphabet, seed=seed, tokenizer=tokenizer)

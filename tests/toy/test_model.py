@@ -1,0 +1,216 @@
+"""TinyCausalLM: shapes, causality, the Hugging Face loss convention, generation, persistence."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modman.toy import IGNORE_INDEX, TinyCausalLM
+
+V, D, LAYERS, HEADS, MAX_LEN = 23, 32, 2, 4, 24
+
+
+def make(positions="rope", seed=0, **kw):
+    return TinyCausalLM(V, D, LAYERS, HEADS, MAX_LEN, positions=positions, seed=seed, **kw)
+
+
+def random_ids(B=3, L=10, seed=0):
+    return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_llama_module_names_and_no_biases():
+    model = make()
+    names = dict(model.named_modules())
+    for i in range(LAYERS):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert isinstance(names[f"layers.{i}.self_attn.{proj}"], torch.nn.Linear)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert isinstance(names[f"layers.{i}.mlp.{proj}"], torch.nn.Linear)
+        assert f"layers.{i}.input_layernorm" in names
+        assert f"layers.{i}.post_attention_layernorm" in names
+    assert isinstance(names["lm_head"], torch.nn.Linear)
+    assert isinstance(names["embed_tokens"], torch.nn.Embedding)
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert model.layers[0].mlp.gate_proj.weight.shape == (model.config.hidden_size, D)
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_shapes(positions):
+    model = make(positions)
+    ids = random_ids()
+    out = model(ids)
+    assert out.logits.shape == (3, 10, V)
+    assert out.loss is None
+    out = model(ids, labels=ids)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_future_tokens_do_not_change_past_logits(positions):
+    model = make(positions)
+    ids = random_ids(B=2, L=12)
+    changed = ids.clone()
+    t = 7
+    changed[:, t:] = (changed[:, t:] + 1 + torch.arange(12 - t)) % V
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    # And the test can fail: the logits from position t on do see the change.
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-3
+
+
+def test_loss_matches_shifted_cross_entropy_with_ignored_positions():
+    model = make()
+    ids = random_ids(B=2, L=9, seed=1)
+    labels = ids.clone()
+    labels[:, :4] = IGNORE_INDEX  # a masked prompt
+    labels[1, 7] = IGNORE_INDEX
+    out = model(ids, labels=labels)
+    terms = []
+    for b in range(2):
+        for t in range(8):
+            if labels[b, t + 1] != IGNORE_INDEX:
+                terms.append(-out.logits[b, t].log_softmax(-1)[labels[b, t + 1]])
+    torch.testing.assert_close(out.loss, torch.stack(terms).mean())
+    # Changing a label at an ignored position leaves the loss unchanged; a scored one does not.
+    labels2 = labels.clone()
+    labels2[0, 0] = 5  # position 0 is never scored after the shift
+    assert model(ids, labels=torch.where(labels2 == 5, labels2, labels)).loss == out.loss
+    labels3 = labels.clone()
+    labels3[0, 8] = (labels3[0, 8] + 1) % V
+    assert model(ids, labels=labels3).loss != out.loss
+
+
+def test_all_ignored_labels_give_zero_loss_with_a_graph():
+    model = make()
+    ids = random_ids()
+    loss = model(ids, labels=torch.full_like(ids, IGNORE_INDEX)).loss
+    assert loss.item() == 0.0
+    loss.backward()  # no NaN gradient either
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_input_validation_names_the_parameter():
+    model = make()
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(1, MAX_LEN + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[0, V]]))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[-1, 0]]))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        model(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="n_heads"):
+        TinyCausalLM(V, 30, 1, 4, 8)
+    with pytest.raises(ValueError, match="positions"):
+        TinyCausalLM(V, 32, 1, 4, 8, positions="alibi")
+    with pytest.raises(ValueError, match="d_model"):
+        TinyCausalLM(V, 0, 1, 1, 8)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(torch.zeros(1, 20, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=-1.0)
+
+
+def test_seed_determines_the_weights():
+    a, b, c = make(seed=3), make(seed=3), make(seed=4)
+    torch.manual_seed(123)  # global state must not matter when a seed is given
+    d = make(seed=3)
+    for (name, pa), pb, pc, pd in zip(a.named_parameters(), b.parameters(), c.parameters(),
+                                      d.parameters()):
+        assert torch.equal(pa, pb) and torch.equal(pa, pd), name
+        if pa.ndim == 2:
+            assert not torch.equal(pa, pc), name
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generate_logprobs_equal_teacher_forced_forward(temperature):
+    model = make()
+    prompts = random_ids(B=4, L=5, seed=2)
+    eos = 3
+    out = model.generate(prompts, 8, temperature=temperature, eos_token_id=eos,
+                         generator=torch.Generator().manual_seed(0))
+    T = out.completion_ids.shape[1]
+    assert out.sequences.shape == (4, 5 + T) and out.logprobs.shape == (4, T)
+    logits = model(out.sequences).logits[:, 4:-1] / temperature
+    forced = logits.log_softmax(-1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
+    forced = torch.where(out.completion_mask, forced, torch.zeros_like(forced))
+    torch.testing.assert_close(out.logprobs, forced, rtol=1e-5, atol=1e-5)
+    assert (out.logprobs <= 0).all()
+
+
+def test_generate_stops_rows_at_eos():
+    # A 4-token vocabulary makes the stop token frequent under a random model.
+    model = TinyCausalLM(4, 16, 1, 2, 40, seed=0)
+    eos, pad = 2, 0
+    out = model.generate(torch.ones(64, 2, dtype=torch.long), 30, eos_token_id=eos,
+                         pad_token_id=pad, generator=torch.Generator().manual_seed(1))
+    ids, mask = out.completion_ids, out.completion_mask
+    stopped = 0
+    for row in range(64):
+        hits = (ids[row] == eos).nonzero().flatten()
+        if len(hits):
+            first = int(hits[0])
+            stopped += 1
+            assert mask[row, :first + 1].all() and not mask[row, first + 1:].any()
+            assert (ids[row, first + 1:] == pad).all()
+            assert (out.logprobs[row, first + 1:] == 0).all()
+        else:
+            assert mask[row].all()
+    assert stopped > 32
+
+
+def test_greedy_is_argmax_and_cache_agrees_with_recompute():
+    model = make("learned", seed=5)
+    prompts = random_ids(B=3, L=6, seed=4)
+    cached = model.generate(prompts, 10, temperature=0.0)
+    plain = model.generate(prompts, 10, temperature=0.0, use_cache=False)
+    assert torch.equal(cached.sequences, plain.sequences)
+    torch.testing.assert_close(cached.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)
+    logits = model(cached.sequences).logits[:, 5:-1]
+    assert torch.equal(logits.argmax(-1), cached.completion_ids)
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_left_padding_with_attention_mask_matches_unpadded(positions):
+    model = make(positions, seed=6)
+    short = random_ids(B=1, L=5, seed=5)
+    pad = 3
+    padded = torch.cat((torch.zeros(1, pad, dtype=torch.long), short), dim=1)
+    mask = torch.cat((torch.zeros(1, pad, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)),
+                     dim=1)
+    a = model(short).logits
+    b = model(padded, attention_mask=mask).logits
+    assert torch.isfinite(b).all()
+    torch.testing.assert_close(a, b[:, pad:], rtol=1e-5, atol=1e-5)
+    ga = model.generate(short, 6, temperature=0.0)
+    gb = model.generate(padded, 6, temperature=0.0, attention_mask=mask)
+    assert torch.equal(ga.completion_ids, gb.completion_ids)
+    torch.testing.assert_close(ga.logprobs, gb.logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_round_trip(tmp_path, tie):
+    model = make(seed=7, tie_embeddings=tie)
+    model.save(tmp_path / "ckpt")
+    loaded = TinyCausalLM.load(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    ids = random_ids()
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+    if tie:
+        assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    with pytest.raises(FileNotFoundError):
+        TinyCausalLM.load(tmp_path / "missing")
+
+
+def test_torch_func_gradients_match_autograd():
+    model = make(seed=8)
+    ids = random_ids(B=2, L=7)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_fn(p):
+        return torch.func.functional_call(model, p, (ids,), {"labels": ids}).loss
+
+    grads = torch.func.grad(loss_fn)(params)
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,160 @@
+"""Tokenizer, tasks and their exact scorers; splits and determinism by seed."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modman.toy import IGNORE_INDEX, TinyCausalLM, tasks
+from modman.toy.tasks import DEFAULT_ALPHABET, CharTokenizer
+
+TOK = CharTokenizer()
+
+
+@given(st.text(alphabet=DEFAULT_ALPHABET, max_size=40))
+def test_tokenizer_round_trip(text):
+    ids = TOK.encode(text, bos=True, eos=True)
+    assert len(ids) == len(text) + 2
+    assert all(0 <= i < TOK.vocab_size for i in ids)
+    assert TOK.decode(ids) == text
+
+
+def test_tokenizer_errors_and_eos_handling():
+    with pytest.raises(ValueError, match="'#' at position 2"):
+        TOK.encode("12#")
+    with pytest.raises(ValueError, match="vocabulary"):
+        TOK.decode([TOK.vocab_size])
+    ids = TOK.encode("12", eos=True) + TOK.encode("34")
+    assert TOK.decode(ids) == "12"
+    assert TOK.decode(ids, stop_at_eos=False) == "1234"
+
+
+def test_addition_scorer_on_hand_made_cases():
+    plain = tasks.addition(3, format="plain")
+    rev = tasks.addition(3, format="reversed")
+    pad = tasks.addition(3, format="scratchpad")
+    assert plain.answer("123+045=") == "0168"
+    assert rev.answer("123+045=") == "8610"
+    assert pad.answer("999+999=") == "8991|1998"
+    assert rev.answer("000+000=") == "0000"
+    assert pad.max_new_tokens == 10 and rev.max_new_tokens == 5
+    got = rev.score(["123+045=", "999+001=", "500+500="], ["8610", "0001", "0001 "])
+    assert got.tolist() == [True, True, False]
+    assert not rev.score(["123+045="], ["168"]).item()  # the answer has a fixed width
+    with pytest.raises(ValueError, match="prompt"):
+        rev.answer("12+045=")
+    with pytest.raises(ValueError, match="completions"):
+        rev.score(["123+045="], [])
+
+
+def test_shifted_variants_on_hand_made_cases():
+    mod = tasks.modular_addition(3, 97, format="plain")
+    assert mod.answer("100+000=") == "03"  # 100 mod 97, two digits since 96 has two
+    assert mod.answer("096+001=") == "00"
+    sub = tasks.subtraction(3, format="reversed")
+    assert sub.answer("523-045=") == "874"  # 478 reversed
+    with pytest.raises(ValueError, match="a < b"):
+        sub.answer("045-523=")
+    with pytest.raises(ValueError, match="modulus"):
+        tasks.modular_addition(3, 1)
+    with pytest.raises(ValueError, match="n_digits"):
+        tasks.addition(0)
+    with pytest.raises(ValueError, match="format"):
+        tasks.addition(3, format="backwards")
+
+
+@given(st.integers(1, 6), st.integers(0, 10**6), st.integers(0, 10**6),
+       st.sampled_from(["plain", "reversed", "scratchpad"]))
+def test_addition_scorer_is_exact(n, a, b, fmt):
+    a, b = a % 10**n, b % 10**n
+    task = tasks.addition(n, format=fmt)
+    prompt = task.prompt(a, b)
+    ans = task.answer(prompt)
+    digits = ans.split("|")[-1] if fmt == "scratchpad" else ans
+    value = int(digits[::-1] if fmt == "reversed" else digits)
+    assert value == a + b
+    assert task.score([prompt], [ans]).item()
+    # Any single-character change is wrong.
+    for i in range(len(ans)):
+        wrong = ans[:i] + ("1" if ans[i] != "1" else "2") + ans[i + 1:]
+        assert not task.score([prompt], [wrong]).item()
+
+
+def test_batch_layout_masks_the_prompt():
+    task = tasks.addition(2)
+    batch = task.encode(["12+34=", "99+01="])
+    # <bos> 5 prompt chars, 3 answer digits, <eos>
+    assert batch.input_ids.shape == (2, 1 + 6 + 3 + 1)
+    assert (batch.labels[:, :7] == IGNORE_INDEX).all()
+    assert TOK.decode(batch.labels[0, 7:]) == "640"
+    assert batch.labels[0, -1] == TOK.eos_token_id
+    assert torch.equal(batch.prompt_ids, batch.input_ids[:, :7])
+    assert batch.prompt_mask.all()
+
+
+def test_left_padding_of_prompts_of_different_lengths():
+    task = tasks.keyvalue(4, key_len=2)
+    keys = list(task.table)
+    batch = task.encode([keys[0] + ":", keys[1] + ":"])
+    assert batch.prompt_mask.all()  # equal lengths: no padding
+    uneven = tasks.Task.encode(task, ["ab:", "abcd:"], ["1", "2"])
+    assert uneven.prompt_mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert uneven.prompt_ids[0, :2].tolist() == [TOK.pad_token_id] * 2
+
+
+def test_splits_are_disjoint_and_deterministic_by_seed():
+    task = tasks.addition(3, seed=1)
+    test = set(task.test_prompts())
+    assert len(test) == 1000
+    assert task.test_prompts() == tasks.addition(3, seed=1).test_prompts()
+    assert set(tasks.addition(3, seed=2).test_prompts()) != test
+    train = task.sample(5000, 0).prompts
+    assert not test & set(train)
+    assert task.sample(64, 7).prompts == task.sample(64, 7).prompts
+    assert task.sample(64, 7).prompts != task.sample(64, 8).prompts
+    # Every held-out prompt is in the hashed test partition; shifted tasks share the split.
+    assert all(task.is_held_out(int(p[:3]), int(p[4:7])) for p in list(test)[:50])
+    mod = tasks.modular_addition(3, 97, seed=1)
+    assert set(mod.test_prompts()) == test
+    # The held-out fraction is close to the requested one.
+    held = np.mean([task.is_held_out(a, b) for a in range(100) for b in range(100)])
+    assert abs(held - 0.1) < 0.02
+
+
+def test_small_problem_spaces_enumerate_their_test_set():
+    task = tasks.addition(1, n_test=1000)
+    prompts = task.test_prompts()
+    assert len(prompts) == len(set(prompts)) < 100
+    assert all(task.is_held_out(int(p[0]), int(p[2])) for p in prompts)
+    sub = tasks.subtraction(2, n_test=50)
+    assert all(int(p[:2]) >= int(p[3:5]) for p in sub.test_prompts())
+
+
+def test_keyvalue_table_and_bits():
+    task = tasks.keyvalue(100, key_len=3, value_len=5, seed=3)
+    assert len(task.table) == 100
+    assert task.bits == pytest.approx(100 * 5 * np.log2(10))
+    assert task.table == tasks.keyvalue(100, key_len=3, value_len=5, seed=3).table
+    assert task.table != tasks.keyvalue(100, key_len=3, value_len=5, seed=4).table
+    key, value = next(iter(task.table.items()))
+    assert task.score([key + ":"], [value]).item()
+    assert not task.score([key + ":"], [value[::-1] + "x"]).item()
+    with pytest.raises(ValueError, match="key"):
+        task.answer("nokey:")
+    with pytest.raises(ValueError, match="n_keys"):
+        tasks.keyvalue(30, key_len=1)
+    assert set(task.test_prompts()) == {k + ":" for k in task.table}
+
+
+def test_evaluate_scores_generated_text():
+    task = tasks.addition(1, n_test=20)
+    model = TinyCausalLM(TOK.vocab_size, 16, 1, 2, 16, seed=0)
+    batch = task.test_batch()
+    out = model.generate(batch.prompt_ids, task.max_new_tokens, temperature=0.0,
+                         eos_token_id=TOK.eos_token_id)
+    expected = task.score_ids(batch.prompts, out.completion_ids, out.completion_mask)
+    assert task.evaluate(model) == pytest.approx(expected.float().mean().item())
+
+    # A model that is handed the answers scores 1: score_ids on teacher-forced targets.
+    targets = [TOK.encode(t, eos=True) for t in batch.targets]
+    assert task.score_ids(batch.prompts, torch.tensor(targets)).all()
