@@ -1,0 +1,274 @@
+"""Triton kernels for quintic Newton–Schulz (imported only through ``modman.kernels``).
+
+One iteration on X (m×n, m ≤ n) is  S = X Xᵀ;  B = b·S + c·S²;  X ← a·X + B X.  Three kernels:
+
+- ``_sym_kernel`` computes C = α·A Aᵀ + β·D for A (M×K) and a symmetric D (M×M). C is symmetric,
+  so only the tiles on and below the diagonal are computed (nt(nt+1)/2 of nt² programs) and each
+  off-diagonal tile is also stored transposed into its mirror position. With A = X, α = 1, β = 0
+  it is the Gram matrix X Xᵀ; with A = D = S (symmetric, so S² = S Sᵀ), α = c, β = b it is the
+  polynomial B = b·S + c·S², the b·S term fused into the epilogue.
+- ``_apply_kernel`` computes Y = a·X + B X, a plain GEMM with the a·X term fused into the epilogue.
+
+All products accumulate in fp32 and round once on store, in the dtype of the output (the compute
+dtype: fp32, fp16 or bf16). fp32 products use input_precision="ieee": tf32 would lose the
+accuracy the torch path keeps. Offsets are int64, so matrices and batches past 2³¹ elements
+address correctly. Inputs may have any strides. Every kernel writes to a buffer distinct from its
+inputs (checked by the public functions), which is what makes autotuning safe: the autotuner runs a
+kernel several times, and an in-place kernel would read its own output on the second run.
+
+Interpreter (TRITON_INTERPRET=1, CPU): the interpreter computes a bf16 tl.dot on the raw 16-bit
+patterns (upstream triton#11584), so bf16 tiles are upcast to fp32 after loading (flag INTERP_BF16). That is
+exact — a bf16×bf16 product is representable in fp32, which is what tensor cores accumulate — so
+the interpreter path computes the same quantity as the native one; it is an interpreter-only code
+path, and native bf16 tl.dot is exercised only on a GPU. The interpreter also truncates fp32 → bf16
+casts instead of rounding to nearest, so the same flag rounds bf16 outputs on the bits.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Whether the kernels below were created as interpreted functions: triton decides when a function
+# is decorated, i.e. when this module is imported, not when the kernel is called.
+INTERPRETED = bool(getattr(getattr(triton, "knobs", None), "runtime", None)
+                   and triton.knobs.runtime.interpret) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _to_output(acc, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """Round an fp32 tile to the output dtype, to nearest even.
+
+    The interpreter truncates fp32 → bf16 casts (round toward zero, twice the error of rounding
+    to nearest), so in interpreter bf16 mode the rounding is done on the bits: add 0x7FFF plus the
+    lowest kept bit, then drop the low 16 bits. NaN is kept NaN explicitly (a NaN with only low
+    payload bits would otherwise round into the infinity pattern).
+    """
+    if INTERP_BF16:
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(acc != acc, 0x7FC0, bits)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return acc.to(dtype)
+
+
+@triton.jit
+def _sym_kernel(
+    A, D, C,
+    M, K,
+    sa_b, sa_r, sa_c,
+    sd_b, sd_r, sd_c,
+    sc_b, sc_r, sc_c,
+    alpha, beta,
+    HAS_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """C = alpha·A Aᵀ (+ beta·D), lower-triangle tiles only, each mirrored into the upper one."""
+    n_tiles = tl.cdiv(M, BLOCK)
+    per_batch = n_tiles * (n_tiles + 1) // 2
+    pid = tl.program_id(0)
+    batch = pid // per_batch
+    t = pid % per_batch
+    # Row-major enumeration of the lower triangle: tile t lies in row i with i(i+1)/2 ≤ t.
+    # The float square root can be off by one near perfect squares; the two corrections fix it.
+    i = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    i = tl.where((i + 1) * (i + 2) // 2 <= t, i + 1, i)
+    i = tl.where(i * (i + 1) // 2 > t, i - 1, i)
+    j = t - i * (i + 1) // 2
+
+    batch64 = batch.to(tl.int64)
+    A += batch64 * sa_b
+    C += batch64 * sc_b
+    rows = (i * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    cols = (j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    row_ok = rows < M
+    col_ok = cols < M
+    a_ptrs = A + rows[:, None] * sa_r + ks[None, :] * sa_c
+    at_ptrs = A + ks[:, None] * sa_c + cols[None, :] * sa_r
+
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(at_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if INTERP_BF16:
+            a = a.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(a, at, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * sa_c
+        at_ptrs += BLOCK_K * sa_c
+
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    acc = acc * alpha
+    if HAS_D:
+        D += batch64 * sd_b
+        d = tl.load(D + rows[:, None] * sd_r + cols[None, :] * sd_c, mask=out_ok, other=0.0)
+        acc += beta * d.to(tl.float32)
+    out = _to_output(acc, C.dtype.element_ty, INTERP_BF16)
+    tl.store(C + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=out_ok)
+    if i != j:
+        # The mirror tile (j, i) is this tile transposed; a diagonal tile is stored once only.
+        tl.store(C + cols[:, None] * sc_r + rows[None, :] * sc_c, tl.trans(out),
+                 mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _apply_kernel(
+    B, X, Y,
+    M, N,
+    sb_b, sb_r, sb_c,
+    sx_b, sx_r, sx_c,
+    sy_b, sy_r, sy_c,
+    a_coef,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Y = a·X + B X for B (M×M) and X (M×N)."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    batch = pid // (tiles_m * tiles_n)
+    pid = pid % (tiles_m * tiles_n)
+    # Grouped ordering: GROUP_M row-tiles sweep the columns together, so the X column panels they
+    # share stay in L2.
+    pid_m, pid_n = tl.swizzle2d(pid // tiles_n, pid % tiles_n, tiles_m, tiles_n, GROUP_M)
+
+    batch64 = batch.to(tl.int64)
+    B += batch64 * sb_b
+    X += batch64 * sx_b
+    Y += batch64 * sy_b
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    row_ok = rows < M
+    col_ok = cols < N
+    b_ptrs = B + rows[:, None] * sb_r + ks[None, :] * sb_c
+    x_ptrs = X + ks[:, None] * sx_r + cols[None, :] * sx_c
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, M, BLOCK_K):
+        k_ok = ks < M - k0
+        b = tl.load(b_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if INTERP_BF16:
+            b = b.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(b, x, acc, input_precision=PRECISION)
+        b_ptrs += BLOCK_K * sb_c
+        x_ptrs += BLOCK_K * sx_r
+
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    x_tile = tl.load(X + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=out_ok, other=0.0)
+    acc += a_coef * x_tile.to(tl.float32)
+    tl.store(Y + rows[:, None] * sy_r + cols[None, :] * sy_c, _to_output(acc, Y.dtype.element_ty, INTERP_BF16), mask=out_ok)
+
+
+# --- configurations ---------------------------------------------------------------------------
+# The fixed fallback is used in the interpreter (autotuning there would only cost time), when
+# MODMAN_TRITON_AUTOTUNE=0, and on GPUs older than Ampere. Interpreter tiles are small so that the
+# test shapes (tens to a few hundred rows) exercise several tiles, the mirrored stores and masks.
+FALLBACK_SYM = dict(BLOCK=64, BLOCK_K=32, num_warps=4, num_stages=3)
+FALLBACK_APPLY = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+INTERPRETER_SYM = dict(BLOCK=32, BLOCK_K=32)
+INTERPRETER_APPLY = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+
+
+def _sym_configs(major: int) -> list:
+    # Square tiles: the mirrored store needs tile (i, j) and (j, i) to have the same shape.
+    if major >= 9:  # Hopper: larger tiles, deeper pipelines, 8 warps for 128×128 wgmma tiles
+        grid = [(128, 64, 3, 8), (128, 64, 4, 8), (128, 128, 3, 8), (128, 32, 4, 4),
+                (64, 64, 4, 4), (64, 128, 3, 4), (128, 64, 5, 4)]
+    else:  # Ampere (sm80/86/89): less shared memory per SM, so shallower pipelines
+        grid = [(128, 32, 3, 4), (128, 32, 4, 8), (128, 64, 3, 8), (64, 64, 3, 4),
+                (64, 32, 4, 4), (64, 64, 4, 4)]
+    return [triton.Config(dict(BLOCK=bm, BLOCK_K=bk), num_stages=s, num_warps=w)
+            for bm, bk, s, w in grid]
+
+
+def _apply_configs(major: int) -> list:
+    if major >= 9:
+        grid = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
+                (128, 256, 32, 4, 8), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    else:
+        grid = [(128, 128, 32, 4, 8), (128, 256, 32, 3, 8), (128, 64, 32, 4, 4),
+                (64, 128, 32, 4, 4), (128, 128, 64, 3, 8), (64, 64, 32, 4, 4)]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in grid]
+
+
+_TUNED: dict = {}
+
+
+def _tuned(kind: str, major: int):
+    """Autotuned wrapper of a kernel for a GPU generation, built on first use."""
+    key = (kind, major)
+    if key not in _TUNED:
+        if kind == "sym":
+            _TUNED[key] = triton.autotune(_sym_configs(major), key=["M", "K", "HAS_D", "sa_r", "sa_c"])(_sym_kernel)
+        else:
+            _TUNED[key] = triton.autotune(_apply_configs(major), key=["M", "N", "sx_r", "sx_c"])(_apply_kernel)
+    return _TUNED[key]
+
+
+def _mode(X: torch.Tensor):
+    """(autotune?, GPU major) for a launch on X's device."""
+    if INTERPRETED:
+        return False, 0
+    major = torch.cuda.get_device_capability(X.device)[0]
+    autotune = os.environ.get("MODMAN_TRITON_AUTOTUNE", "1") != "0" and major >= 8
+    return autotune, major
+
+
+def _dot_flags(dtype: torch.dtype):
+    interp_bf16 = INTERPRETED and dtype == torch.bfloat16
+    # "ieee" keeps fp32 products in fp32 (no tf32); it is also right for bf16 tiles upcast in the interpreter.
+    # For native 16-bit tiles the precision flag does not apply; "tf32" is the neutral default.
+    precision = "ieee" if (dtype == torch.float32 or interp_bf16) else "tf32"
+    return interp_bf16, precision
+
+
+def launch_sym(A: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, D: torch.Tensor | None):
+    """C ← alpha·A Aᵀ + beta·D on 3-D tensors; C must not overlap A or D (checked by the caller)."""
+    batch, M, K = A.shape
+    interp_bf16, precision = _dot_flags(A.dtype)
+    Dv = D if D is not None else C  # a valid pointer that the kernel never reads when HAS_D=False
+    args = (A, Dv, C, M, K, *A.stride(), *Dv.stride(), *C.stride(), float(alpha), float(beta))
+    autotune, major = _mode(A)
+
+    def grid(meta):
+        n_tiles = triton.cdiv(M, meta["BLOCK"])
+        return (batch * (n_tiles * (n_tiles + 1) // 2),)
+
+    if autotune:
+        _tuned("sym", major)[grid](*args, HAS_D=D is not None, INTERP_BF16=interp_bf16, PRECISION=precision)
+    else:
+        cfg = dict(INTERPRETER_SYM) if INTERPRETED else dict(FALLBACK_SYM)
+        _sym_kernel[grid](*args, HAS_D=D is not None, INTERP_BF16=interp_bf16, PRECISION=precision, **cfg)
+
+
+def launch_apply(B: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, a: float):
+    """Y ← a·X + B X on 3-D tensors; Y must not overlap B or X (checked by the caller)."""
+    batch, M, N = X.shape
+    interp_bf16, precision = _dot_flags(X.dtype)
+    args = (B, X, Y, M, N, *B.stride(), *X.stride(), *Y.stride(), float(a))
+    autotune, major = _mode(X)
+
+    def grid(meta):
+        return (batch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    if autotune:
+        _tuned("apply", major)[grid](*args, INTERP_BF16=interp_bf16, PRECISION=precision)
+    else:
+        cfg = dict(INTERPRETER_APPLY) if INTERPRETED else dict(FALLBACK_APPLY)
+        _apply_kernel[grid](*args, INTERP_BF16=interp_bf16, PRECISION=precision, **cfg)
