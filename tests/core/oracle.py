@@ -1,0 +1,103 @@
+"""Independent fp64 references for the core tests (no modman code is used here).
+
+- ``polar_svd``: the exact polar factor U Vᵀ from numpy's SVD in fp64 (rank-aware).
+- ``sdp_optimum``: the manifold-Muon subproblem solved as an SDP with cvxpy/Clarabel,
+      maximise ⟨G, A⟩  s.t.  [[I, A], [Aᵀ, I]] ⪰ 0  (‖A‖₂ ≤ 1)  and  WᵀA + AᵀW = 0,
+  for a tall W with orthonormal columns. Returns the optimal value; the maximiser is not unique
+  when G is rank-deficient, so tests compare values and feasibility, never directions.
+- ``reference_msign_bf16``: the published reference msign (bf16, Frobenius normalisation with
+  the 1.01 safety factor, 10 Polar Express steps), written from its formula
+  x ← (aI + (bI + cS)S)x, S = xxᵀ, in the reference's order of operations.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Polar Express tuples for l = 1e-3 (arXiv:2505.16932), written out independently of
+# modman.linalg.schedules; the safety factor 1.01 divides (a, b, c) by (1.01, 1.01³, 1.01⁵) for
+# all but the last tuple.
+_PE_RAW = [
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+]
+PE_SAFE = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _PE_RAW[:-1]] + [_PE_RAW[-1]]
+
+
+def polar_svd(X: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """Exact polar factor of each matrix of X in fp64 via numpy; σ ≤ rtol·σ_max maps to 0."""
+    x = X.detach().to(torch.float64).cpu().numpy()
+    U, s, Vh = np.linalg.svd(x, full_matrices=False)
+    if rtol is None:
+        rtol = max(x.shape[-2:]) * np.finfo(np.float64).eps
+    keep = s > rtol * s.max(axis=-1, keepdims=True)
+    return torch.from_numpy((U * keep[..., None, :]) @ Vh)
+
+
+def svdvals64(X: torch.Tensor) -> np.ndarray:
+    """Singular values in fp64, descending (LAPACK through torch)."""
+    return torch.linalg.svdvals(X.detach().to(torch.float64)).cpu().numpy()
+
+
+def sdp_optimum(W: torch.Tensor, G: torch.Tensor) -> float:
+    """max ⟨G, A⟩ over ‖A‖₂ ≤ 1, WᵀA + AᵀW = 0 (W tall, WᵀW = I), via an SDP in fp64."""
+    import cvxpy as cp
+
+    w = W.detach().to(torch.float64).numpy()
+    g = G.detach().to(torch.float64).numpy()
+    m, n = w.shape
+    A = cp.Variable((m, n))
+    M = cp.bmat([[np.eye(m), A], [A.T, np.eye(n)]])
+    H = w.T @ A
+    cons = [0.5 * (M + M.T) >> 0, H + H.T == 0]
+    prob = cp.Problem(cp.Maximize(cp.sum(cp.multiply(g, A))), cons)
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    assert prob.status == cp.OPTIMAL, prob.status
+    return float(prob.value)
+
+
+def reference_msign_bf16(G: torch.Tensor, steps: int = 10) -> torch.Tensor:
+    """The reference repository's msign, from its formula: bf16 throughout, output in fp32."""
+    transpose = G.shape[-2] > G.shape[-1]
+    x = G.bfloat16()
+    if transpose:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01)
+    for k in range(steps):
+        a, b, c = PE_SAFE[min(k, len(PE_SAFE) - 1)]
+        s = x @ x.mT
+        y = c * s
+        y.diagonal(dim1=-2, dim2=-1).add_(b)
+        y = y @ s
+        y.diagonal(dim1=-2, dim2=-1).add_(a)
+        x = y @ x
+    if transpose:
+        x = x.mT
+    return torch.nan_to_num(x).float()
+
+
+def reference_dual_ascent(W, G, msign_fn, alpha=0.01, steps=100, tol=1e-6):
+    """The published dual ascent (Λ_code convention), from its formula.
+
+    Λ_code = −¼(WᵀG + GᵀW); repeat: A = msign(G + 2WΛ_code); H = WᵀA + AᵀW;
+    stop if ‖H‖_F/√(n²) < tol; Λ_code −= α(1 − k/K)H. W, G tall. Returns (Λ_code, A, iterations).
+    """
+    lam = -0.25 * (W.mT @ G + G.mT @ W)
+    A = None
+    it = 0
+    for k in range(steps):
+        A = msign_fn(G + 2 * W @ lam)
+        it += 1
+        H = W.mT @ A + A.mT @ W
+        if torch.linalg.matrix_norm(H) / math.sqrt(H.numel()) < tol:
+            break
+        lam = lam - alpha * (1 - k / steps) * H
+    return lam, A, it

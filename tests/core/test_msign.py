@@ -1,0 +1,329 @@
+"""msign: accuracy bars of issue 2, properties, dtype policy, batching, errors, frozen literal."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modman import msign
+from modman.linalg import SCHEDULES, default_steps
+
+from .oracle import polar_svd, svdvals64
+
+
+def spectrum_matrix(m, n, sv, dtype=torch.float32, seed=0):
+    """U diag(sv) Vᵀ with Haar-random U (m×k), V (n×k), k = len(sv), built in fp64."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(sv)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = torch.as_tensor(sv, dtype=torch.float64)
+    return ((U * s) @ V.T).to(dtype), U, V
+
+
+def log_spectrum(k, kappa):
+    return torch.logspace(0, -math.log10(kappa), k, dtype=torch.float64)
+
+
+def flat_spectrum(k, kappa):
+    s = torch.ones(k, dtype=torch.float64)
+    s[-1] = 1.0 / kappa
+    return s
+
+
+def max_dev(Y):
+    return float(np.abs(svdvals64(Y) - 1).max())
+
+
+# --- the issue's accuracy bar --------------------------------------------------------------
+
+BAR_SHAPES = [(512, 256), (256, 512), (300, 300), (257, 129)]
+
+
+@pytest.mark.parametrize("shape", BAR_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("spectrum", ["log", "flat"])
+def test_bar_fp32_kappa_1e3_default_schedule(shape, spectrum):
+    m, n = shape
+    k = min(m, n)
+    sv = (log_spectrum if spectrum == "log" else flat_spectrum)(k, 1e3)
+    X, U, V = spectrum_matrix(m, n, sv * 3.7, seed=m + n)
+    assert default_steps("polar_express") <= 12
+    Y = msign(X)
+    assert Y.dtype == torch.float32 and Y.shape == X.shape
+    assert max_dev(Y) <= 1e-5
+    # and it is the polar factor, not just some orthogonal matrix
+    assert (Y.double() - U @ V.T).abs().max().item() <= 1e-4
+
+
+def test_rank_k_null_space_bound_fp32():
+    # rank 4 of 64×32 and 200×120: the null singular values must stay ≤ 1e-2
+    for (m, n, k) in [(64, 32, 4), (120, 200, 7), (96, 96, 50)]:
+        sv = torch.linspace(1.0, 0.1, k, dtype=torch.float64)
+        X, U, V = spectrum_matrix(m, n, sv, seed=k)
+        Y = msign(X)
+        s = svdvals64(Y)
+        assert np.abs(s[:k] - 1).max() <= 1e-5
+        assert s[k:].max() <= 1e-2
+        # the range is right: Y ≈ U_k V_kᵀ
+        assert (Y.double() - U @ V.T).abs().max().item() <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("schedule", ["polar_express", "keller", "convergent", "svd"])
+def test_zero_maps_to_zero(dtype, schedule):
+    X = torch.zeros(3, 7, 5, dtype=dtype)
+    Y = msign(X, schedule=schedule)
+    assert Y.dtype == dtype and Y.shape == X.shape
+    assert torch.equal(Y, torch.zeros_like(X))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30, 1e-38, 1e38])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_scales(scale, dtype):
+    X, U, V = spectrum_matrix(40, 24, log_spectrum(24, 1e2), dtype=torch.float64, seed=1)
+    Xs = (X * scale).to(dtype)
+    assert torch.isfinite(Xs).all()
+    Y = msign(Xs)
+    assert torch.isfinite(Y).all()
+    ref = U @ V.T
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert (Y.double() - ref).abs().max().item() <= tol * 10
+    assert max_dev(Y) <= tol
+
+
+def test_extreme_scales_bf16():
+    X, U, V = spectrum_matrix(40, 24, log_spectrum(24, 1e2), dtype=torch.float64, seed=2)
+    for scale in (1e-30, 1e30):
+        Y = msign((X * scale).bfloat16())
+        assert Y.dtype == torch.bfloat16 and torch.isfinite(Y).all()
+        assert max_dev(Y) <= 2e-2  # bf16 output rounding only
+
+
+def test_zero_matrix_inside_batch_does_not_poison_others():
+    X, U, V = spectrum_matrix(12, 6, log_spectrum(6, 10.0), seed=3)
+    B = torch.stack([X, torch.zeros_like(X), 1e-30 * X, 1e30 * X])
+    Y = msign(B)
+    assert torch.isfinite(Y).all()
+    assert torch.equal(Y[1], torch.zeros_like(X))
+    for i in (0, 2, 3):
+        assert (Y[i].double() - U @ V.T).abs().max().item() <= 1e-5
+
+
+# --- schedules -----------------------------------------------------------------------------
+
+def test_keller_does_not_converge_but_stays_in_its_band():
+    X, _, _ = spectrum_matrix(128, 64, log_spectrum(64, 1e2), seed=4)
+    s = svdvals64(msign(X, schedule="keller", steps=12))
+    assert s.min() >= 0.6 and s.max() <= 1.2
+    assert np.abs(s - 1).max() >= 0.05  # it really is the non-convergent quintic
+
+
+def test_convergent_schedule_polishes_nearly_orthogonal_input():
+    sv = 1 + 0.2 * (torch.rand(32, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5)
+    X, U, V = spectrum_matrix(64, 32, sv, dtype=torch.float64, seed=5)
+    Y = msign(X, schedule="convergent")
+    assert (Y - U @ V.T).abs().max().item() <= 1e-12
+
+
+def test_svd_schedule_is_exact_and_rank_aware():
+    X, U, V = spectrum_matrix(30, 20, torch.tensor([3.0, 2.0, 1e-3, 1e-6]), dtype=torch.float64, seed=6)
+    Y = msign(X, schedule="svd")
+    assert (Y - U @ V.T).abs().max().item() <= 1e-9
+    s = svdvals64(Y)
+    assert s[4:].max() <= 1e-12
+
+
+def test_steps_zero_is_normalisation_only_and_steps_change_result():
+    X, _, _ = spectrum_matrix(16, 8, log_spectrum(8, 1e2), dtype=torch.float64, seed=7)
+    Y0 = msign(X, steps=0)
+    assert svdvals64(Y0).max() <= 1.0
+    assert not torch.allclose(msign(X, steps=3), msign(X, steps=10))
+
+
+# --- dtype policy, shapes, batching --------------------------------------------------------
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_half_input_computed_in_fp32(low):
+    X, _, _ = spectrum_matrix(48, 32, log_spectrum(32, 1e2), seed=8)
+    Xl = X.to(low)
+    Y = msign(Xl)
+    assert Y.dtype == low and Y.shape == Xl.shape
+    # computed in fp32: identical to the fp32 computation on the same (upcast) input, rounded once
+    assert torch.equal(Y, msign(Xl.float()).to(low))
+    # and different from an iteration carried out in the low precision itself
+    assert not torch.equal(Y, msign(Xl, compute_dtype=low))
+
+
+def test_fp32_never_computed_in_bf16_unless_asked():
+    X, U, V = spectrum_matrix(64, 48, log_spectrum(48, 1e2), seed=9)
+    Y = msign(X)
+    assert Y.dtype == torch.float32
+    assert torch.equal(Y, msign(X, compute_dtype=torch.float32))
+    assert max_dev(Y) <= 1e-5  # impossible in bf16
+    Yb = msign(X, compute_dtype=torch.bfloat16)
+    assert Yb.dtype == torch.float32  # output keeps X's dtype even when asked to compute in bf16
+    assert max_dev(Yb) > 1e-4  # it really was computed in bf16
+
+
+def test_fp64_computed_in_fp64():
+    X, U, V = spectrum_matrix(64, 48, log_spectrum(48, 1e2), dtype=torch.float64, seed=10)
+    Y = msign(X)
+    assert Y.dtype == torch.float64
+    assert (Y - U @ V.T).abs().max().item() <= 1e-11
+
+
+@pytest.mark.parametrize("schedule", ["polar_express", "keller", "svd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_equals_per_matrix(schedule, dtype):
+    g = torch.Generator().manual_seed(11)
+    for shape in [(2, 3, 10, 6), (4, 6, 10), (2, 7, 7)]:
+        X = torch.randn(*shape, generator=g, dtype=dtype)
+        Y = msign(X, schedule=schedule)
+        assert Y.shape == X.shape and Y.dtype == dtype
+        flat_X, flat_Y = X.reshape(-1, *shape[-2:]), Y.reshape(-1, *shape[-2:])
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        for x, y in zip(flat_X, flat_Y):
+            assert (msign(x, schedule=schedule) - y).abs().max().item() <= tol
+
+
+def test_non_contiguous_and_transposed_views():
+    X, U, V = spectrum_matrix(20, 12, log_spectrum(12, 1e2), dtype=torch.float64, seed=12)
+    Yt = msign(X.mT)  # a non-contiguous wide view
+    assert (Yt - (U @ V.T).T).abs().max().item() <= 1e-11
+    assert torch.allclose(msign(X.mT.contiguous()), Yt, atol=1e-13, rtol=0)
+
+
+def test_empty_input():
+    for shape in [(0, 4), (3, 0), (2, 0, 5)]:
+        X = torch.zeros(shape)
+        assert msign(X).shape == X.shape
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="2 dimensions"):
+        msign(torch.ones(5))
+    with pytest.raises(ValueError):
+        msign(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="dtype"):
+        msign(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(TypeError):
+        msign(torch.ones(3, 3, dtype=torch.complex64))
+    with pytest.raises(TypeError):
+        msign(np.ones((3, 3)))
+    with pytest.raises(ValueError, match="schedule"):
+        msign(torch.ones(3, 3), schedule="nope")
+    with pytest.raises(ValueError, match="backend"):
+        msign(torch.ones(3, 3), backend="cuda-magic")
+    with pytest.raises(ValueError, match="steps"):
+        msign(torch.ones(3, 3), steps=-1)
+
+
+def test_schedule_table_is_the_published_one():
+    from .oracle import PE_SAFE
+
+    table = SCHEDULES["polar_express"][0]
+    assert len(table) == 8
+    for got, want in zip(table, PE_SAFE):
+        assert got == pytest.approx(want, rel=1e-15)
+    assert SCHEDULES["keller"][0][0] == (3.4445, -4.7750, 2.0315)
+
+
+# --- Hypothesis properties -------------------------------------------------------------------
+
+@st.composite
+def spectral_inputs(draw):
+    """(X in dtype, U, V, k) over tall, wide, square, odd and rank-deficient shapes, κ ≤ 1e3."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    kind = draw(st.sampled_from(["tall", "wide", "square", "odd"]))
+    a = draw(st.integers(2, 40))
+    b = draw(st.integers(1, 40))
+    if kind == "tall":
+        m, n = a + b, a
+    elif kind == "wide":
+        m, n = a, a + b
+    elif kind == "square":
+        m = n = a
+    else:
+        m, n = 2 * (a // 2) + 1, 2 * (b // 2) + 1
+    kmax = min(m, n)
+    k = draw(st.integers(1, kmax))  # k < kmax: rank-deficient
+    log_kappa = draw(st.floats(0.0, 3.0))
+    log_scale = draw(st.sampled_from([0.0, -20.0, 20.0, draw(st.floats(-3, 3))]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    sv = 10 ** (-log_kappa * torch.rand(k, generator=g, dtype=torch.float64))
+    sv[0] = 1.0
+    if k > 1:
+        sv[-1] = 10 ** -log_kappa
+    X, U, V = spectrum_matrix(m, n, sv * 10**log_scale, dtype=dtype, seed=seed)
+    return X, U, V, k
+
+
+@settings(max_examples=40)
+@given(spectral_inputs())
+def test_property_orthogonal_on_range_bounded_on_null_space(case):
+    X, U, V, k = case
+    Y = msign(X)
+    assert Y.shape == X.shape and Y.dtype == X.dtype
+    assert torch.isfinite(Y).all()
+    s = svdvals64(Y)
+    tol = 1e-5 if X.dtype == torch.float32 else 1e-9
+    assert np.abs(s[:k] - 1).max() <= tol
+    if len(s) > k:
+        assert s[k:].max() <= 1e-2
+    # the polar factor itself: right subspaces, not merely orthogonal
+    err = (Y.double() - U @ V.T).abs().max().item()
+    assert err <= (1e-2 if len(s) > k else 100 * tol)
+
+
+@given(spectral_inputs())
+def test_property_transpose_and_scale_equivariance(case):
+    X, _, _, k = case
+    Y = msign(X)
+    tol = 1e-5 if X.dtype == torch.float32 else 1e-11
+    if k < min(X.shape):
+        tol = 2e-2  # the null space holds amplified rounding noise (≤ 1e-2 by the bar above)
+    assert (msign(X.mT) - Y.mT).abs().max().item() <= tol
+    assert (msign(-X) + Y).abs().max().item() <= tol
+    assert (msign(4.0 * X) - Y).abs().max().item() <= tol
+
+
+# --- frozen regression literal ------------------------------------------------------------------
+
+# msign(X) at the default schedule in fp64 for the 8×4 input below (κ ≈ 3e4, deliberately beyond
+# convergence of the default so that a change of schedule, step count or normalisation moves it).
+# Frozen when issue 2 was implemented; change only together with a documented schedule change.
+FROZEN_8x4 = [
+    [0.17608608994852162, 0.3330246778953957, 0.4289889201606562, 0.31202820937607334],
+    [0.36214635889964636, 0.5014499400951565, 0.35248222880278424, 0.03692937784745784],
+    [0.4844339256636495, 0.2735306477441245, -0.2697326827409813, -0.3013008884164498],
+    [0.3336823085118574, -0.2840836613658815, -0.41666945454477067, 0.15740004624906476],
+    [-0.1481799408787239, -0.40348711003760757, 0.33439632260412655, 0.15943380957562078],
+    [-0.4839315024838913, 0.24890440700578276, 0.16935456196041956, -0.30213776242317514],
+    [-0.04432796360007178, 0.278678238095857, -0.4078007294625616, 0.24524570540267715],
+    [0.4834373071864679, -0.42391409890532944, 0.372217043379644, -0.179129836134114],
+]
+
+
+def frozen_input():
+    k = torch.arange(32, dtype=torch.float64)
+    i, j = k.div(4, rounding_mode="floor"), k % 4
+    return (torch.sin(0.37 * (i + 1) * (j + 1) + 0.1 * i * i) * torch.pow(10.0, -1.5 * j)).reshape(8, 4)
+
+
+def test_frozen_literal_default_msign_8x4():
+    X = frozen_input()
+    want = torch.tensor(FROZEN_8x4, dtype=torch.float64)
+    assert (msign(X) - want).abs().max().item() <= 1e-10
+    assert (msign(X.mT) - want.mT).abs().max().item() <= 1e-10
+    # the literal is sensitive: one step more or fewer, or another normalisation, moves it
+    for other in (msign(X, steps=default_steps("polar_express") - 1),
+                  msign(X, steps=default_steps("polar_express") + 1),
+                  msign(X, normalization="frobenius")):
+        assert (other - want).abs().max().item() > 1e-6
