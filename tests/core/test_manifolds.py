@@ -1,0 +1,286 @@
+"""Stiefel (unscaled and rms, tall/wide, batched), Sphere, Euclidean: project, tangent, retract,
+distance, random — checked against independent fp64 formulas."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modman.manifolds import Euclidean, Sphere, Stiefel, get_manifold
+
+from .oracle import polar_svd, svdvals64
+
+
+def tall(X):
+    return X.mT if X.shape[-2] < X.shape[-1] else X
+
+
+def s_of(M: Stiefel, shape):
+    if M.scale is None:
+        return 1.0
+    if M.scale == "rms":
+        return math.sqrt(shape[-2] / shape[-1])
+    return float(M.scale)
+
+
+def gram_dev(X, s):
+    """max |σ(X)/s − 1| in fp64, independent of the manifold's own distance()."""
+    sv = torch.linalg.svdvals(X.double())
+    return (sv / s - 1).abs().max().item()
+
+
+def tangent_dev(W, A, s):
+    """‖UᵀA + AᵀU‖_F (tall, U = W/s) in fp64."""
+    U, At = tall(W.double()) / s, tall(A.double())
+    H = U.mT @ At
+    return torch.linalg.matrix_norm(H + H.mT).max().item()
+
+
+@st.composite
+def stiefel_cases(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    scale = draw(st.sampled_from([None, "rms", 2.5]))
+    kind = draw(st.sampled_from(["tall", "wide", "square", "odd"]))
+    a, b = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    m, n = {"tall": (a + b, a), "wide": (a, a + b), "square": (a, a),
+            "odd": (2 * (a // 2) + 1, 2 * (b // 2) + 1)}[kind]
+    batch = draw(st.sampled_from([(), (3,), (2, 2)]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return Stiefel(scale), (*batch, m, n), dtype, torch.Generator().manual_seed(seed)
+
+
+def tol_for(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-12
+
+
+@given(stiefel_cases())
+def test_stiefel_random_and_project_on_manifold(case):
+    M, shape, dtype, g = case
+    s = s_of(M, shape)
+    W = M.random(shape, generator=g, dtype=dtype)
+    assert W.shape == shape and W.dtype == dtype
+    assert gram_dev(W, s) <= tol_for(dtype)
+    assert M.distance(W).max().item() <= tol_for(dtype)
+    # project: s × the exact polar factor of a generic matrix (fp64 numpy reference)
+    X = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    P = M.project(X)
+    assert P.dtype == dtype and P.shape == shape
+    assert (P.double() - s * polar_svd(X)).abs().max().item() <= 100 * tol_for(dtype)
+    # idempotent on the manifold
+    assert (M.project(P).double() - P.double()).abs().max().item() <= 10 * tol_for(dtype)
+
+
+@given(stiefel_cases())
+def test_stiefel_distance_is_max_singular_value_deviation(case):
+    M, shape, dtype, g = case
+    s = s_of(M, shape)
+    X = torch.randn(shape, generator=g, dtype=dtype)
+    d = M.distance(X)
+    assert d.shape == shape[:-2]
+    want = (torch.linalg.svdvals(X.double()) / s - 1).abs().amax(-1)
+    assert torch.allclose(d.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@given(stiefel_cases())
+def test_stiefel_tangent_idempotent_and_tangent(case):
+    M, shape, dtype, g = case
+    s = s_of(M, shape)
+    W = M.random(shape, generator=g, dtype=dtype)
+    V = torch.randn(shape, generator=g, dtype=dtype)
+    T = M.tangent(W, V)
+    assert T.shape == shape and T.dtype == dtype
+    scale_v = torch.linalg.matrix_norm(V.double()).max().item()
+    tol = 10 * tol_for(dtype) * max(1.0, scale_v)
+    assert tangent_dev(W, T, s) <= tol
+    assert (M.tangent(W, T).double() - T.double()).abs().max().item() <= tol
+    assert M.tangent_residual(W, T).max().item() <= 10 * tol_for(dtype) * 10
+    # orthogonal projection: V − P(V) is normal, i.e. orthogonal to every tangent vector
+    T2 = M.tangent(W, torch.randn(shape, generator=g, dtype=dtype))
+    inner = ((V - T).double() * T2.double()).sum((-2, -1)).abs().max().item()
+    assert inner <= tol * max(1.0, torch.linalg.matrix_norm(T2.double()).max().item())
+
+
+@pytest.mark.parametrize("method", ["polar", "qr", "closed_form"])
+@given(case=stiefel_cases(), eta=st.floats(1e-4, 2.0))
+def test_stiefel_retractions_land_on_manifold_for_partial_isometry_steps(method, case, eta):
+    """V = −η s·A, A tangent with AᵀA a projector (a partial isometry): all three retractions
+    land on the manifold; the closed form equals the exact polar retraction."""
+    M, shape, dtype, g = case
+    s = s_of(M, shape)
+    W = M.random(shape, generator=g, dtype=dtype)
+    Wt = tall(W.double()) / s
+    m, n = Wt.shape[-2:]
+    # a tangent partial isometry: W·msign(K) with K skew, plus a W⊥ block when m > n
+    K = torch.randn(*shape[:-2], n, n, generator=g, dtype=torch.float64)
+    K = K - K.mT
+    if m > n:
+        Q = torch.linalg.qr(Wt, mode="complete")[0][..., n:]  # orthonormal basis of W⊥
+        C = torch.randn(*shape[:-2], m - n, n, generator=g, dtype=torch.float64)
+        A = Q @ polar_svd(C, rtol=1e-8)  # WᵀA = 0: tangent; every nonzero singular value 1
+    else:
+        A = Wt @ polar_svd(K, rtol=1e-8)
+    V = -eta * s * A
+    V = (V.mT if shape[-2] < shape[-1] else V).to(dtype)
+    R = M.retract(W, V, method=method)
+    assert R.shape == shape and R.dtype == dtype
+    assert gram_dev(R, s) <= 100 * tol_for(dtype)
+    if method == "closed_form":
+        exact = M.retract(W.double(), V.double(), method="polar")
+        assert (R.double() - exact).abs().max().item() <= 100 * tol_for(dtype)
+
+
+@pytest.mark.parametrize("method", ["polar", "qr"])
+@given(case=stiefel_cases(), eta=st.floats(1e-4, 3.0))
+def test_stiefel_polar_qr_land_on_manifold_for_any_step(method, case, eta):
+    M, shape, dtype, g = case
+    s = s_of(M, shape)
+    W = M.random(shape, generator=g, dtype=dtype)
+    V = eta * s * torch.randn(shape, generator=g, dtype=dtype) / math.sqrt(max(shape[-2:]))
+    R = M.retract(W, V, method=method)
+    assert gram_dev(R, s) <= 100 * tol_for(dtype)
+    X = tall((W + V).double())
+    if method == "polar":
+        assert (R.double() - s * polar_svd(W + V)).abs().max().item() <= 1e3 * tol_for(dtype)
+    else:
+        # Q with positive diag(R): Qᵀ(W+V) is upper triangular with a positive diagonal
+        Q = tall(R.double()) / s
+        Rm = Q.mT @ X
+        assert torch.tril(Rm, -1).abs().max().item() <= 1e3 * tol_for(dtype) * max(1.0, X.abs().max().item())
+        assert (torch.diagonal(Rm, dim1=-2, dim2=-1) > 0).all()
+
+
+@given(case=stiefel_cases(), eta=st.floats(1e-3, 1.0))
+def test_stiefel_closed_form_drift_matches_its_formula(case, eta):
+    """For a tangent V that is not a partial isometry the closed form is inexact; the error in
+    the singular values is predicted exactly by the eigenvalues μ of M = VᵀV/s²:
+    σ/s = |1 − cμ|·√(1+μ), c = (1 − 1/√(1+η²))/η², η² = ‖M‖_F²/tr M."""
+    M_, shape, dtype, g = case
+    if dtype != torch.float64:
+        return
+    s = s_of(M_, shape)
+    W = M_.random(shape, generator=g, dtype=dtype)
+    V = M_.tangent(W, eta * s * torch.randn(shape, generator=g, dtype=dtype) / math.sqrt(max(shape[-2:])))
+    R = M_.retract(W, V, method="closed_form")
+    Vt = tall(V) / s
+    mu = torch.linalg.eigvalsh(Vt.mT @ Vt).clamp(min=0)
+    eta2 = (mu * mu).sum(-1, keepdim=True) / mu.sum(-1, keepdim=True).clamp(min=1e-300)
+    c = torch.where(eta2 > 0, (1 - torch.rsqrt(1 + eta2)) / eta2.clamp(min=1e-300), torch.zeros_like(eta2))
+    predicted = ((1 - c * mu).abs() * torch.sqrt(1 + mu) - 1).abs().amax(-1)
+    got = (torch.linalg.svdvals(R) / s - 1).abs().amax(-1)
+    assert torch.allclose(got, predicted, atol=1e-10, rtol=1e-6)
+    # and the distance is nonzero in general: the drift is real, not hidden
+    # MATH.md's bound: ≈ (3/4)η⁴ max σ²(1−σ²) for exactly tangent V
+    sig2 = mu / eta2.clamp(min=1e-300)
+    bound = 0.75 * eta2**2 * (sig2 * (1 - sig2)).abs().amax(-1, keepdim=True)
+    assert (got <= bound[..., 0] * 1.05 + 1e-12).all()
+
+
+def test_stiefel_rms_scale_uses_torch_shape():
+    M = Stiefel("rms")
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3072, 128), (128, 3072)]:
+        W = M.random(shape, generator=g, dtype=torch.float64)
+        sv = svdvals64(W)
+        assert abs(sv.max() - math.sqrt(shape[0] / shape[1])) <= 1e-10
+        assert abs(sv.min() - math.sqrt(shape[0] / shape[1])) <= 1e-10
+        # RMS→RMS operator norm 1: ‖Wx‖_rms ≤ ‖x‖_rms with equality for tall W
+        x = torch.randn(shape[1], generator=g, dtype=torch.float64)
+        rms = lambda v: v.norm() / math.sqrt(v.numel())  # noqa: E731
+        assert rms(W @ x) <= rms(x) * (1 + 1e-12)
+    # tall: WᵀW = s²I; wide: WWᵀ = s²I
+    Wt = M.random((12, 3), dtype=torch.float64)
+    assert torch.allclose(Wt.T @ Wt, 4.0 * torch.eye(3, dtype=torch.float64), atol=1e-12)
+    Ww = M.random((3, 12), dtype=torch.float64)
+    assert torch.allclose(Ww @ Ww.T, 0.25 * torch.eye(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_stiefel_project_rank_deficient_still_on_manifold():
+    M = Stiefel()
+    X = torch.zeros(6, 4, dtype=torch.float64)
+    X[0, 0] = 1.0
+    assert M.distance(M.project(X)).item() <= 1e-12
+    assert M.distance(M.project(torch.zeros(5, 3))).item() <= 1e-6
+
+
+def test_stiefel_bf16_policy():
+    M = Stiefel()
+    X = torch.randn(16, 8).bfloat16()
+    P = M.project(X)
+    assert P.dtype == torch.bfloat16
+    assert M.distance(P).item() <= 1e-2  # on the manifold up to bf16 rounding
+
+
+def test_stiefel_errors():
+    with pytest.raises(ValueError):
+        Stiefel(scale=-1.0)
+    with pytest.raises(ValueError):
+        Stiefel(scale=float("nan"))
+    with pytest.raises(ValueError):
+        Stiefel().project(torch.ones(4))
+    with pytest.raises(ValueError, match="retraction"):
+        Stiefel().retract(torch.eye(3), torch.zeros(3, 3), method="cayley-ish")
+    with pytest.raises(ValueError):
+        get_manifold("hyperbolic")
+    assert get_manifold("stiefel", scale="rms") == Stiefel("rms")
+
+
+# --- Sphere ------------------------------------------------------------------------------------
+
+@st.composite
+def sphere_cases(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    radius = draw(st.sampled_from([1.0, 0.5, 3.0]))
+    shape = draw(st.sampled_from([(7,), (5, 8), (2, 3, 4), (1, 1)]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return Sphere(radius), shape, dtype, torch.Generator().manual_seed(seed)
+
+
+@given(sphere_cases())
+def test_sphere_project_tangent_retract_distance(case):
+    S, shape, dtype, g = case
+    r = S.radius
+    tol = tol_for(dtype) * 10
+    W = S.random(shape, generator=g, dtype=dtype)
+    assert W.shape == shape and W.dtype == dtype
+    assert (W.double().norm(dim=-1) / r - 1).abs().max().item() <= tol
+    assert S.distance(W).max().item() <= tol
+    X = torch.randn(shape, generator=g, dtype=dtype) + 0.1
+    P = S.project(X)
+    want = r * X.double() / X.double().norm(dim=-1, keepdim=True)
+    assert (P.double() - want).abs().max().item() <= tol * r
+    d = S.distance(X).double()
+    assert torch.allclose(d, (X.double().norm(dim=-1) / r - 1).abs().amax(-1) if X.ndim > 1
+                          else (X.double().norm() / r - 1).abs(), rtol=1e-5, atol=1e-6)
+    V = torch.randn(shape, generator=g, dtype=dtype)
+    T = S.tangent(W, V)
+    assert ((W.double() * T.double()).sum(-1)).abs().max().item() <= tol * r * max(1, V.abs().max().item()) * 10
+    assert (S.tangent(W, T).double() - T.double()).abs().max().item() <= tol * 10
+    R = S.retract(W, 0.3 * T)
+    assert (R.double().norm(dim=-1) / r - 1).abs().max().item() <= tol
+
+
+def test_sphere_zero_row_refused_and_errors():
+    with pytest.raises(ValueError, match="zero"):
+        Sphere().project(torch.zeros(2, 3))
+    with pytest.raises(ValueError):
+        Sphere(radius=0.0)
+    with pytest.raises(ValueError):
+        Sphere().retract(torch.ones(3), torch.zeros(3), method="qr")
+
+
+# --- Euclidean ----------------------------------------------------------------------------------
+
+def test_euclidean_is_trivial():
+    E = Euclidean()
+    W = torch.randn(4, 3)
+    V = torch.randn(4, 3)
+    P = E.project(W)
+    assert torch.equal(P, W) and P is not W
+    assert torch.equal(E.tangent(W, V), V)
+    assert torch.equal(E.retract(W, V), W + V)
+    assert E.distance(W).item() == 0.0
+    assert E.random((2, 5)).shape == (2, 5)
+    assert E == get_manifold("euclidean")
