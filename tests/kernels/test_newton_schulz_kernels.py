@@ -56,7 +56,9 @@ def _random(shape, dtype, seed=0, normalise=True):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+# 130×63 is the tall case; 257×129 enters as its wide orientation, as newton_schulz uses it (the
+# tall one's 257² Gram matrix would triple the interpreter's time and test nothing new).
+@pytest.mark.parametrize("shape", [s if s != (257, 129) else (129, 257) for s in SHAPES], ids=str)
 def test_gram_matches_float64_within_bar(shape, dtype):
     X = _random(shape, dtype)
     reference = X.double().cpu() @ X.double().cpu().mT
@@ -93,7 +95,9 @@ def test_apply_poly_matches_float64_within_bar(shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_newton_schulz_matches_torch_path_within_bar(shape, dtype):
     """The whole iteration (Polar Express tuples) against torch's, both vs float64 iterations."""
-    steps = 3 if max(shape) < 100 else 2  # the interpreter is slow; errors compound from step 2
+    # The interpreter is slow: 3 iterations for small shapes (errors compound from the 2nd), 2 at
+    # 130, 1 at 257×129.
+    steps = 3 if max(shape) < 100 else 2 if max(shape) < 200 else 1
     coeffs = PE[:steps]
     X = _random(shape, dtype)
     X3 = X if X.ndim == 3 else X[None]
