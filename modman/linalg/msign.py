@@ -85,7 +85,7 @@ def msign(
     if _use_triton(Y, backend):
         from modman import kernels
 
-        Y = kernels.newton_schulz(Y, coeffs)
+        Y = kernels.newton_schulz(Y, coeffs, gram_matrix=gram)
     else:
         Y = newton_schulz(Y, coeffs, gram=gram)
     Y = Y.reshape(*batch_shape, *Y.shape[-2:])

@@ -133,6 +133,39 @@ class Stiefel:
         Y = X - (X @ M) * coef[..., None, None]
         return Y.mT if is_wide(W.shape) else Y
 
+    def polish(self, W: torch.Tensor, steps: int = 1) -> torch.Tensor:
+        """Pull a nearly orthogonal W back onto the manifold without an SVD.
+
+        Each step applies the convergent quintic p(x) = (15x − 10x³ + 3x⁵)/8 to the singular
+        values of U = W/s (p(1) = 1, p'(1) = p''(1) = 0, so a deviation δ becomes O(δ³)):
+        U ← U·(aI + bS + cS²) with the small Gram S = UᵀU (tall orientation). Valid for
+        singular values in (0, √(5/3)); meant for drift of order 1e-5, not for projection.
+        """
+        s = self.scale_for(W.shape)
+        U = to_tall(W) / s
+        for _ in range(steps):
+            S = U.mT @ U
+            U = 1.875 * U + U @ (-1.25 * S + 0.375 * (S @ S))
+        U = U * s
+        return U.mT if is_wide(W.shape) else U
+
+    def gram_deviation(self, W: torch.Tensor, iters: int = 10) -> torch.Tensor:
+        """Estimate of ‖UᵀU − I‖₂ (U = W/s, tall) by power iteration: cheap drift monitor.
+
+        ‖UᵀU − I‖₂ = max_i |σᵢ² − 1| ≈ 2·max_i |σᵢ − 1| near the manifold. Power iteration
+        under-estimates; this is a monitor for re-projection, not a certificate.
+        """
+        U = to_tall(W) / self.scale_for(W.shape)
+        E = U.mT @ U
+        E.diagonal(dim1=-2, dim2=-1).sub_(1)
+        # A fixed, generic start vector (not an eigenvector of structured E, unlike all-ones).
+        v = torch.cos(torch.arange(E.shape[-1], dtype=E.dtype, device=E.device) * 2.39996 + 0.5)
+        v = v.expand(*E.shape[:-1]).unsqueeze(-1)
+        for _ in range(iters):
+            v = E @ v
+            v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=1e-30)
+        return torch.linalg.vector_norm(E @ v, dim=-2).squeeze(-1)
+
     def distance(self, W: torch.Tensor) -> torch.Tensor:
         """max_i |σᵢ(W)/s − 1| (exact singular values; 0 on the manifold)."""
         dtype = torch.float64 if W.dtype == torch.float64 else torch.float32

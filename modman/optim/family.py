@@ -1,0 +1,137 @@
+"""modman's optimizer family: the blog's table of (manifold, norm) pairs, one code path.
+
+    manifold   norm       optimizer
+    Euclidean  spectral   Muon
+    Sphere     ℓ2         hyperspherical descent
+    Stiefel    spectral   manifold Muon
+"""
+from __future__ import annotations
+
+from .base import ManifoldOptimizer
+
+
+class ManifoldMuon(ManifoldOptimizer):
+    r"""Manifold Muon: steepest descent on the Stiefel manifold under the spectral norm.
+
+    For each constrained weight W (every singular value s; see ``modman.manifolds.Stiefel``)
+    with gradient g, momentum μ and step η = lr·lr_scale:
+
+    .. math::
+        B &\leftarrow \mu B + (1-\mu)g,\qquad u = (1-\mu)g + \mu B \ \text{(Nesterov)} \\
+        A &= \arg\max\{\langle u, A\rangle : \|A\|_2 \le 1,\ U^\top A + A^\top U = 0\},\ U = W/s \\
+        W &\leftarrow s\cdot\operatorname{polar}(U - \eta A)
+
+    A comes from ``modman.solvers.solve_manifold_muon`` (warm-started from the last step's dual)
+    with a certified duality gap; the polar factor is the closed form
+    (U − ηA)(I + η²AᵀA)^{-1/2}, exact for a tangent partial isometry, with a measured drift
+    check and an SVD-free polish when ‖UᵀU − I‖₂ exceeds 2·on_manifold_tol.
+
+    η is the length of the step in W's own norm: the spectral norm for ``scale=None`` (the
+    blog's setting), the RMS→RMS operator norm (‖ΔW‖₂/s) for ``scale="rms"``.
+    The direction is invariant to the scale of u: gradient clipping or loss scaling do not
+    change a constrained step, only how momentum mixes gradients of different magnitudes.
+
+    Args:
+        params: ``model.modules()`` (roles assigned per layer: Linear/Conv weights → Stiefel,
+            Embedding rows → spheres, 3-D stacks → batched Stiefel, the rest → AdamW fallback),
+            or tensors / dicts / (name, tensor) pairs as for any torch optimizer.
+        lr: step length η (default 0.1: the blog's CIFAR-10 setting, decayed linearly).
+        momentum, nesterov: as in torch.optim.Muon.
+        weight_decay: applies to the fallback group only (a Stiefel weight has fixed norm).
+        solver, tol, max_iters: the subproblem solver (see ``modman.solvers.SOLVERS``).
+        scale: None (unscaled Stiefel) or "rms" (s = √(d_out/d_in)), or a float.
+        budget: "uniform" (lr_scale 1), "modular" (from ``modman.modular.budget``), a dict
+            {parameter name: lr_scale} or a callable model → dict.
+        project_on_init: move constrained weights onto their manifold (exact polar factor) at
+            construction, warning once per moved weight. Pass False for pretrained models: the
+            first steps then act on W as given, the closed-form retraction then pulls W toward
+            the manifold only gradually, and the polish step snaps it back once the drift check
+            fires — so prefer projecting unless the weights must stay as loaded.
+        on_manifold_tol: weights within this distance (max|σ/s − 1|) count as on the manifold.
+        nonfinite: "raise" (a FloatingPointError naming the parameters, nothing changed) or
+            "skip" (the step is skipped and ``last_step_skipped`` set).
+        fallback: AdamW hyperparameters for the fallback group: lr, betas, eps, weight_decay.
+        roles: overrides {module instance | module class | parameter name: role}.
+
+    Precision: bf16/fp16 weights are stepped in fp32 and stored back; momentum, the dual and
+    the solver run in fp32 (fp64 weights in fp64). A bf16 weight is on its manifold only to
+    bf16 rounding (~4e-3). Under autocast the gradients arrive in the parameter dtype as usual;
+    with GradScaler call ``scaler.unscale_(optimizer)`` or ``scaler.step`` — inf/NaN steps are
+    skipped by the scaler before they reach ``step``.
+    """
+
+    ALGORITHMS = {
+        "stiefel": ("stiefel", "manifold_muon"),
+        "sphere": ("sphere", "hyperspherical"),
+        "euclidean": ("euclidean", "muon"),
+    }
+
+    def __init__(self, params, lr=0.1, momentum=0.95, nesterov=True, weight_decay=0.0, solver=None, tol=None,
+                 max_iters=None, scale=None, budget="uniform", project_on_init=True, on_manifold_tol=1e-5,
+                 nonfinite="raise", fallback=None, roles=None):
+        from ..solvers import DEFAULT_SOLVER
+
+        if scale is not None and scale != "rms":
+            scale = float(scale)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        solver=solver or DEFAULT_SOLVER, tol=tol, max_iters=max_iters, scale=scale,
+                        radius=None, ns_schedule="polar_express", ns_steps=None, ns_dtype="float32",
+                        adjust_lr_fn=None, torch_arithmetic=False)
+        fb = dict(fallback or {})
+        fb.setdefault("weight_decay", weight_decay)
+        super().__init__(params, defaults, fallback=fb, roles=roles, budget=budget,
+                         project_on_init=project_on_init, on_manifold_tol=on_manifold_tol, nonfinite=nonfinite)
+        for group in self.param_groups:
+            if group["algorithm"] != "adamw":
+                group["weight_decay"] = 0.0 if group["algorithm"] != "muon" else group["weight_decay"]
+
+
+class Muon(ManifoldOptimizer):
+    r"""Muon: steepest descent in Euclidean space under the spectral norm.
+
+    .. math::
+        B \leftarrow \mu B + (1-\mu)g,\quad u = (1-\mu)g + \mu B,\quad
+        W \leftarrow (1 - \eta\lambda)W - \eta\sqrt{\max(1, d_{out}/d_{in})}\,\operatorname{msign}(u)
+
+    With the defaults (Keller's quintic, 5 steps, bf16, ``torch_arithmetic=True``) the update is
+    computed exactly as torch.optim.Muon computes it; set ``ns_schedule="polar_express"``,
+    ``ns_dtype="float32"`` and ``ns_steps=None`` for an accurate polar factor. Given modules,
+    Linear and Conv weights get Muon and everything else (embeddings included) the AdamW
+    fallback, as the Muon authors recommend.
+    """
+
+    ALGORITHMS = {"stiefel": ("euclidean", "muon"), "euclidean": ("euclidean", "muon"), "sphere": None}
+
+    def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1, ns_schedule="keller",
+                 ns_steps=5, ns_dtype="bfloat16", adjust_lr_fn=None, torch_arithmetic=True, nonfinite="raise",
+                 fallback=None, roles=None):
+        if ns_dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"ns_dtype must be a dtype name such as 'bfloat16', got {ns_dtype!r}")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw", "none"):
+            raise ValueError(f"adjust_lr_fn must be None, 'original', 'match_rms_adamw' or 'none', got {adjust_lr_fn!r}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_schedule=ns_schedule, ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn,
+                        torch_arithmetic=torch_arithmetic, solver=None, tol=None, max_iters=None, scale=None,
+                        radius=None)
+        super().__init__(params, defaults, fallback=fallback, roles=roles, budget=None, project_on_init=False,
+                         on_manifold_tol=1e-5, nonfinite=nonfinite)
+
+
+class HypersphericalDescent(ManifoldOptimizer):
+    r"""Hyperspherical descent: steepest descent on spheres under the ℓ2 norm, row by row.
+
+    Each row w (radius r) steps along a = P(u)/‖P(u)‖, P(u) = u − w(wᵀu)/r², then
+    w ← r(w − ηa)/‖w − ηa‖. A row whose projected gradient is zero stays bitwise unchanged.
+    Given modules, Linear/Conv/Embedding weights are constrained and the rest use AdamW.
+    """
+
+    ALGORITHMS = {"stiefel": ("sphere", "hyperspherical"), "sphere": ("sphere", "hyperspherical"),
+                  "euclidean": None}
+
+    def __init__(self, params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0, radius=1.0,
+                 project_on_init=True, on_manifold_tol=1e-5, nonfinite="raise", fallback=None, roles=None):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, radius=float(radius),
+                        solver=None, tol=None, max_iters=None, scale=None, ns_schedule=None, ns_steps=None,
+                        ns_dtype="float32", adjust_lr_fn=None, torch_arithmetic=False)
+        super().__init__(params, defaults, fallback=fallback, roles=roles, budget=None,
+                         project_on_init=project_on_init, on_manifold_tol=on_manifold_tol, nonfinite=nonfinite)

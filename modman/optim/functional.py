@@ -1,0 +1,179 @@
+"""The functional core of modman's optimizers: plain functions on tensors, no Optimizer object.
+
+One code path for the blog's table of (manifold, norm) pairs. Per parameter W with gradient g:
+
+    momentum:   B ← μB + (1 − μ)g;   u = (1 − μ)g + μB  (Nesterov)  or  u = B
+    direction:  A = argmax ⟨u, A⟩ over unit-norm tangent vectors at W
+    step:       W ← retract_W(−η·A)
+
+- Stiefel + spectral norm (manifold Muon): A from ``solve_manifold_muon`` on U = W/s; the step
+  is the closed-form polar retraction (exact for a tangent partial isometry), followed by an
+  SVD-free polish when the measured drift ‖UᵀU − I‖₂ passes the tolerance.
+- Euclidean + spectral norm (Muon): A = msign(u) (Keller's quintic by default), W ← W − η'A,
+  with torch.optim.Muon's shape adjustment η' = η·√max(1, d_out/d_in) and decoupled decay.
+- Sphere + ℓ2 (hyperspherical descent), per row: a = P(u)/‖P(u)‖, w ← r(w − ηa)/‖w − ηa‖.
+- AdamW for the Euclidean fallback (biases, gains, unowned parameters).
+
+Step length: η = lr·lr_scale is the length of the tangent step in the parameter's own norm:
+spectral for unscaled Stiefel, RMS→RMS (= spectral/s) for scale="rms", so ΔW = −η·s·A.
+All directions are scale-free in u: clipping or loss scaling changes only how momentum mixes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..linalg import msign
+from ..manifolds import Sphere, Stiefel
+from ..solvers import solve_manifold_muon
+
+
+def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
+    """Update ``buf`` in place (B ← μB + (1 − μ)g) and return the direction input u."""
+    buf.lerp_(grad.to(buf.dtype), 1 - momentum)
+    return grad.to(buf.dtype).lerp(buf, momentum) if nesterov else buf
+
+
+def as_matrix(p: torch.Tensor) -> torch.Tensor:
+    """Conv weights (out, in, kh, kw) as (out, in·kh·kw); 2-D and 3-D (expert stacks) as they are."""
+    return p.reshape(p.shape[0], -1) if p.ndim >= 4 else p
+
+
+def stiefel_step(
+    W: torch.Tensor,
+    u: torch.Tensor,
+    state: dict,
+    *,
+    lr: float,
+    manifold: Stiefel,
+    solver: str,
+    tol: float | None,
+    max_iters: int | None,
+    drift_tol: float,
+    warm_keys: tuple[str, ...],
+) -> dict:
+    """One manifold-Muon step on W (a matrix view of the parameter), in place. Returns stats."""
+    s = manifold.scale_for(W.shape)
+    compute = W.to(torch.float32) if W.dtype in (torch.bfloat16, torch.float16) else W
+    U = compute / s
+    warm = {k: state[k] for k in warm_keys if k in state}
+    result = solve_manifold_muon(U, u.to(U.dtype), solver=solver, tol=tol, max_iters=max_iters,
+                                 warm_start=warm or None)
+    for key, value in result.state.items():
+        state[key] = value
+    V = result.direction.to(compute.dtype) * (-lr * s)
+    new = manifold.retract(compute, V, method="closed_form")
+    drift = manifold.gram_deviation(new)
+    if bool((drift > drift_tol).any()):
+        new = manifold.polish(new)
+        drift = manifold.gram_deviation(new)
+    W.copy_(new)
+    return {
+        "tangent_residual": result.tangent_residual,
+        "duality_gap": result.duality_gap,
+        "iterations": result.iterations,
+        "msign_calls": result.msign_calls,
+        "distance_to_manifold": drift / 2,  # ‖UᵀU − I‖₂ ≈ 2·max|σ − 1|
+    }
+
+
+def sphere_step(W: torch.Tensor, u: torch.Tensor, *, lr: float, manifold: Sphere) -> dict:
+    """Hyperspherical descent per row, in place; rows with zero tangent gradient stay bitwise."""
+    compute = W.to(torch.float32) if W.dtype in (torch.bfloat16, torch.float16) else W
+    g = manifold.tangent(compute, u.to(compute.dtype))
+    norms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    moving = norms > 0
+    a = g / torch.where(moving, norms, torch.ones_like(norms))
+    new = manifold.retract(compute, -lr * a)
+    W.copy_(torch.where(moving, new, compute))
+    return {"distance_to_manifold": manifold.distance(W)}
+
+
+def muon_step(
+    W: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    schedule: str,
+    ns_steps: int,
+    compute_dtype: torch.dtype,
+    adjust_lr: str | None,
+    torch_arithmetic: bool,
+) -> dict:
+    """Muon: W ← (1 − η·λ)W − η'·msign(u), in place.
+
+    ``torch_arithmetic=True`` orthogonalises exactly as torch.optim.Muon does (Frobenius
+    normalisation with ε = 1e-7, addmm order), so modman.Muon can be compared bit for bit.
+    """
+    if torch_arithmetic:
+        update = _orthogonalize_like_torch(u, schedule, ns_steps, compute_dtype)
+    else:
+        update = msign(u, schedule=schedule, steps=ns_steps, compute_dtype=compute_dtype)
+    A, B = W.shape[-2], W.shape[-1]
+    if adjust_lr in (None, "original"):
+        ratio = math.sqrt(max(1, A / B))
+    elif adjust_lr == "match_rms_adamw":
+        ratio = 0.2 * math.sqrt(max(A, B))
+    else:
+        ratio = 1.0
+    W.mul_(1 - lr * weight_decay)
+    W.add_(update.to(W.dtype), alpha=-lr * ratio)
+    return {"msign_calls": 1}
+
+
+def _orthogonalize_like_torch(u, schedule, ns_steps, compute_dtype, eps=1e-7):
+    from ..linalg.schedules import coefficients
+
+    X = u.to(compute_dtype)
+    tall = u.size(-2) > u.size(-1)
+    if tall:
+        X = X.mT
+    X = X / X.norm().clamp(min=eps)
+    for a, b, c in coefficients(schedule, ns_steps):
+        S = X @ X.mT
+        X = torch.addmm(X, torch.addmm(S, S, S, beta=b, alpha=c), X, beta=a)
+    return X.mT if tall else X
+
+
+def adamw_step(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW (Loshchilov & Hutter), as torch.optim.AdamW computes it, in place."""
+    beta1, beta2 = betas
+    state["step"] += 1
+    step = float(state["step"])
+    p.mul_(1 - lr * weight_decay)
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias1 = 1 - beta1**step
+    bias2 = 1 - beta2**step
+    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(eps)
+    p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+
+
+def manifold_muon(params, grads, states, *, lr, manifold=None, solver="dual_ascent", tol=None, max_iters=None,
+                  momentum=0.95, nesterov=True, drift_tol=2e-5, warm_keys=("dual",)):
+    """Functional manifold Muon over lists of parameters, gradients and state dicts (in place).
+
+    Each state dict holds "momentum" (created if missing) and the solver's warm start.
+    Returns the per-parameter stats.
+    """
+    manifold = manifold or Stiefel()
+    stats = []
+    for p, g, state in zip(params, grads, states):
+        W, G = as_matrix(p), as_matrix(g)
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(W, dtype=torch.float32 if W.dtype != torch.float64 else W.dtype)
+        u = momentum_update(G, state["momentum"], momentum, nesterov)
+        stats.append(stiefel_step(W, u, state, lr=lr, manifold=manifold, solver=solver, tol=tol,
+                                  max_iters=max_iters, drift_tol=drift_tol, warm_keys=warm_keys))
+    return stats
