@@ -11,9 +11,12 @@ from __future__ import annotations
 import torch
 
 from ..linalg.msign import resolve_compute_dtype
+from .admm import solve_admm
 from .closed_form import solve_closed_form
 from .dual_ascent import solve_dual_ascent
+from .lyapunov import solve_lyapunov
 from .projected import solve_projected
+from .reduction import lift, reduce_tall
 from .result import SolveResult, certify, make_feasible, nuclear_norm, spectral_norm, sym
 
 # name -> (function, default tol, default max_iters)
@@ -21,6 +24,8 @@ SOLVERS = {
     "dual_ascent": (solve_dual_ascent, 1e-6, 100),
     "closed_form": (solve_closed_form, 0.0, 0),
     "projected": (solve_projected, 0.0, 1),
+    "admm": (solve_admm, 1e-4, 100),
+    "lyapunov": (solve_lyapunov, 1e-4, 20),
 }
 DEFAULT_SOLVER = "dual_ascent"
 
@@ -38,6 +43,7 @@ def solve_manifold_muon(
     tol: float | None = None,
     max_iters: int | None = None,
     warm_start: dict | None = None,
+    reduce: bool | str = "auto",
     **options,
 ) -> SolveResult:
     """Steepest unit-spectral-norm tangent direction at W for the gradient G.
@@ -47,6 +53,8 @@ def solve_manifold_muon(
         G: gradient (or momentum) of W's shape; NaN/Inf raise ValueError.
         solver: a name in ``SOLVERS``; ``tol``/``max_iters`` default per solver.
         warm_start: the ``state`` of a previous result for the same parameter.
+        reduce: the tall reduction (``reduction.py``): True, False or "auto" (when m ≥ 2n after
+            orienting W tall, and the solver is iterative).
         options: solver-specific (e.g. ``faithful=True`` for "dual_ascent").
 
     The problem is scale-free in G (the optimum A is unchanged by G → cG, c > 0), so solvers
@@ -76,7 +84,17 @@ def solve_manifold_muon(
     Gn = Gt / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm))
     if solver == "dual_ascent" and options.get("faithful"):
         options["G_raw"] = Gt
-    out = fn(Wt, Gn, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
+    if reduce not in (True, False, "auto"):
+        raise ValueError(f"reduce must be True, False or 'auto', got {reduce!r}")
+    m, n = Wt.shape[-2:]
+    if reduce == "auto":
+        reduce = m >= 2 * n and solver not in ("closed_form", "projected") and not options.get("faithful")
+    if reduce and m > n:
+        W_r, G_r, Q = reduce_tall(Wt, Gn)
+        out = fn(W_r, G_r, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
+        out.direction = lift(Wt, Q, out.direction)
+    else:
+        out = fn(Wt, Gn, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
     A, objective, residual, gap = certify(Wt, Gn, out.dual, out.direction, W.dtype)
     objective = (objective * g_norm[..., 0, 0].double()).to(dtype)
     return SolveResult(
