@@ -1,9 +1,9 @@
 """Independent fp64 references for the core tests (no modman code is used here).
 
 - ``polar_svd``: the exact polar factor U Vᵀ from numpy's SVD in fp64 (rank-aware).
-- ``sdp_optimum``: the manifold-Muon subproblem solved as an SDP with cvxpy/Clarabel,
+- ``sdp_bracket``: the manifold-Muon subproblem solved as an SDP with cvxpy/Clarabel,
       maximise ⟨G, A⟩  s.t.  [[I, A], [Aᵀ, I]] ⪰ 0  (‖A‖₂ ≤ 1)  and  WᵀA + AᵀW = 0,
-  for a tall W with orthonormal columns. Returns the optimal value; the maximiser is not unique
+  for a tall W with orthonormal columns; returns an fp64-certified bracket of the optimal value; the maximiser is not unique
   when G is rank-deficient, so tests compare values and feasibility, never directions.
 - ``reference_msign_bf16``: the published reference msign (bf16, Frobenius normalisation with
   the 1.01 safety factor, 10 Polar Express steps), written from its formula
@@ -47,8 +47,14 @@ def svdvals64(X: torch.Tensor) -> np.ndarray:
     return torch.linalg.svdvals(X.detach().to(torch.float64)).cpu().numpy()
 
 
-def sdp_optimum(W: torch.Tensor, G: torch.Tensor) -> float:
-    """max ⟨G, A⟩ over ‖A‖₂ ≤ 1, WᵀA + AᵀW = 0 (W tall, WᵀW = I), via an SDP in fp64."""
+def sdp_bracket(W: torch.Tensor, G: torch.Tensor) -> tuple[float, float]:
+    """A rigorous fp64 bracket [lo, hi] ∋ p* = max ⟨G, A⟩ over ‖A‖₂ ≤ 1, WᵀA + AᵀW = 0.
+
+    W tall with WᵀW = I. The SDP (cvxpy/Clarabel) supplies candidates only; the bracket is
+    certified here in fp64 with numpy: lo = ⟨G, A_f⟩ for the SDP's A, tangent-projected and
+    divided by max(1, ‖·‖₂) (feasible, so lo ≤ p*); hi = ‖G − 2WΛ‖_* for the symmetric Λ read
+    from the equality constraint's multipliers (any symmetric Λ bounds p* from above).
+    """
     import cvxpy as cp
 
     w = W.detach().to(torch.float64).numpy()
@@ -57,11 +63,25 @@ def sdp_optimum(W: torch.Tensor, G: torch.Tensor) -> float:
     A = cp.Variable((m, n))
     M = cp.bmat([[np.eye(m), A], [A.T, np.eye(n)]])
     H = w.T @ A
-    cons = [0.5 * (M + M.T) >> 0, H + H.T == 0]
-    prob = cp.Problem(cp.Maximize(cp.sum(cp.multiply(g, A))), cons)
-    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
-    assert prob.status == cp.OPTIMAL, prob.status
-    return float(prob.value)
+    iu = np.triu_indices(n)
+    # the symmetric constraint once per pair (i ≤ j): duplicated rows make the SDP degenerate
+    eq = cp.hstack([(H + H.T)[i, j] for i, j in zip(*iu)]) == 0
+    prob = cp.Problem(cp.Maximize(cp.sum(cp.multiply(g, A))), [0.5 * (M + M.T) >> 0, eq])
+    prob.solve(solver=cp.CLARABEL)
+    assert prob.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE), prob.status
+    a = np.asarray(A.value)
+    a = a - w @ (0.5 * (w.T @ a + a.T @ w))
+    a = a / max(1.0, np.linalg.norm(a, 2))
+    lo = float((g * a).sum())
+    y = np.asarray(eq.dual_value, dtype=np.float64).reshape(-1)
+    lam = np.zeros((n, n))
+    lam[iu] = y
+    lam = np.where(np.eye(n, dtype=bool), lam, 0.5 * lam)  # off-diagonal pairs counted twice
+    lam = np.triu(lam) + np.triu(lam, 1).T
+    hi = min(float(np.linalg.svd(g - 2 * w @ (sgn * lam), compute_uv=False).sum()) for sgn in (1.0, -1.0))
+    hi = min(hi, float(np.linalg.svd(g, compute_uv=False).sum()))  # Λ = 0 is always valid
+    assert lo <= hi + 1e-12, (lo, hi)
+    return lo, hi
 
 
 def reference_msign_bf16(G: torch.Tensor, steps: int = 10) -> torch.Tensor:
