@@ -80,12 +80,11 @@ def test_every_solver_feasible_with_nonnegative_gap(solver, prob):
 
 @pytest.mark.parametrize("solver", SOLVERS)
 @settings(max_examples=8)
-@given(problems(max_dim=8, dtypes=(torch.float64, torch.float32)))
+@given(problems(max_dim=4, dtypes=(torch.float64, torch.float32)))
 def test_objective_within_gap_of_sdp_oracle(solver, prob):
     """obj ≤ p* (feasible) and p* − obj ≤ gap·D (the gap is a valid certificate)."""
     W, G = prob
     if tall(W).shape[-2] > 8 or tall(W).shape[-1] > 4:
-        W, G = W[..., :8, :4] if W.shape[-2] >= W.shape[-1] else W[..., :4, :8], None
         return  # keep the SDP tiny (≤ 8×4)
     if solver == "closed_form" and W.shape[-1] != W.shape[-2]:
         return
