@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..linalg import msign
+from ..linalg.schedules import coefficients
 from .result import sym
 from .types import SolverOutput
 
@@ -29,7 +30,7 @@ def solve_dual_ascent(
     if faithful:
         # Iterate in the reference's units: raw G, bf16 msign, Frobenius normalisation.
         G, g_scale = G_raw, torch.linalg.matrix_norm(G_raw, keepdim=True)
-        sign = lambda Z: msign(Z, steps=10, compute_dtype=torch.bfloat16, normalization="frobenius")  # noqa: E731
+        sign = _reference_msign
     else:
         G, g_scale = Gn, None
         sign = lambda Z: msign(Z, schedule=schedule, compute_dtype=msign_dtype)  # noqa: E731
@@ -38,7 +39,8 @@ def solve_dual_ascent(
         if g_scale is not None:
             dual = dual * g_scale
     else:
-        dual = 0.5 * sym(W.mT @ G)
+        # the reference's ¼(WᵀG + GᵀW), operation for operation (Λ = −Λ_code)
+        dual = 0.25 * (W.mT @ G + G.mT @ W) if faithful else 0.5 * sym(W.mT @ G)
     iterations = 0
     A = torch.zeros_like(G)
     for k in range(max_iters):
@@ -51,3 +53,23 @@ def solve_dual_ascent(
     if g_scale is not None:
         dual = dual / g_scale.clamp(min=1e-30)
     return SolverOutput(direction=A, dual=dual, iterations=iterations, msign_calls=iterations, state={"dual": dual})
+
+
+def _reference_msign(G: torch.Tensor, steps: int = 10) -> torch.Tensor:
+    """msign as the reference code evaluates it, for ``faithful=True`` only: bf16 throughout,
+    X/(1.01·‖X‖_F), Polar Express tuples, Horner order X ← ((c·S + bI)·S + aI)·X, NaN → 0."""
+    transpose = G.shape[-2] > G.shape[-1]
+    x = G.bfloat16()
+    if transpose:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01)
+    for a, b, c in coefficients("polar_express", steps):
+        s = x @ x.mT
+        y = c * s
+        y.diagonal(dim1=-2, dim2=-1).add_(b)
+        y = y @ s
+        y.diagonal(dim1=-2, dim2=-1).add_(a)
+        x = y @ x
+    if transpose:
+        x = x.mT
+    return torch.nan_to_num(x).float()
