@@ -163,20 +163,27 @@ class Task:
         tok = self.tokenizer
         prompt_rows = [tok.encode(p, bos=True) for p in prompts]
         full_rows = [pr + tok.encode(t, eos=True) for pr, t in zip(prompt_rows, targets)]
-        n = len(prompts)
         L = max((len(r) for r in full_rows), default=0)
         Lp = max((len(r) for r in prompt_rows), default=0)
-        input_ids = torch.full((n, L), tok.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((n, L), dtype=torch.long)
-        prompt_ids = torch.full((n, Lp), tok.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((n, Lp), dtype=torch.long)
-        for i, (pr, fr) in enumerate(zip(prompt_rows, full_rows)):
-            input_ids[i, :len(fr)] = torch.tensor(fr)
-            labels[i, len(pr):len(fr)] = torch.tensor(fr[len(pr):])
-            attention_mask[i, :len(fr)] = 1
-            prompt_ids[i, Lp - len(pr):] = torch.tensor(pr)
-            prompt_mask[i, Lp - len(pr):] = 1
+        pad, ignore = tok.pad_token_id, IGNORE_INDEX
+        # Build padded Python rows and convert once: per-row tensor writes dominate otherwise.
+        ids_rows, label_rows, mask_rows, p_rows, pm_rows = [], [], [], [], []
+        for pr, fr in zip(prompt_rows, full_rows):
+            right = L - len(fr)
+            ids_rows.append(fr + [pad] * right)
+            label_rows.append([ignore] * len(pr) + fr[len(pr):] + [ignore] * right)
+            mask_rows.append([1] * len(fr) + [0] * right)
+            left = Lp - len(pr)
+            p_rows.append([pad] * left + pr)
+            pm_rows.append([0] * left + [1] * len(pr))
+        n = len(prompts)
+
+        def as_tensor(rows, width):
+            return torch.tensor(rows, dtype=torch.long).reshape(n, width)
+
+        input_ids, labels = as_tensor(ids_rows, L), as_tensor(label_rows, L)
+        attention_mask = as_tensor(mask_rows, L)
+        prompt_ids, prompt_mask = as_tensor(p_rows, Lp), as_tensor(pm_rows, Lp)
         return Batch(input_ids, labels, attention_mask, prompt_ids, prompt_mask,
                      list(prompts), list(targets))
 

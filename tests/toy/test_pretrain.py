@@ -1,0 +1,91 @@
+"""The pretraining recipe: learning rate schedule, learning, hashing and the checkpoint cache.
+Never the full recipe: tiny models and a few steps."""
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from modman.toy import RECIPES, Recipe, TinyCausalLM, cache_dir, checkpoint_path, pretrain
+from modman.toy.pretrain import learning_rate, train
+
+TINY = Recipe(name="tiny", task_kwargs={"n_digits": 1, "format": "reversed", "n_test": 20},
+              d_model=32, n_layers=1, n_heads=2, max_len=16, steps=4, batch_size=16,
+              warmup_steps=2)
+
+
+def test_learning_rate_schedule():
+    r = dataclasses.replace(TINY, steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert learning_rate(0, r) == pytest.approx(0.1)
+    assert learning_rate(9, r) == pytest.approx(1.0)
+    assert learning_rate(10, r) == pytest.approx(1.0)
+    assert learning_rate(55, r) == pytest.approx(0.55)
+    assert learning_rate(100, r) == pytest.approx(0.1)
+    lrs = [learning_rate(s, r) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_hash_ignores_the_name_and_sees_every_other_field():
+    assert RECIPES["base"].hash() == RECIPES["teacher"].hash()
+    assert RECIPES["base"].hash() != RECIPES["student"].hash()
+    assert dataclasses.replace(TINY, name="other").hash() == TINY.hash()
+    assert dataclasses.replace(TINY, lr=TINY.lr * 2).hash() != TINY.hash()
+    other_task = dataclasses.replace(TINY, task_kwargs={**TINY.task_kwargs, "n_digits": 2})
+    assert other_task.hash() != TINY.hash()
+    with pytest.raises(ValueError, match="task"):
+        Recipe(task="sorting")
+    with pytest.raises(ValueError, match="recipe"):
+        pretrain("nonexistent")
+
+
+def test_base_recipe_meets_the_issue_shape():
+    model = RECIPES["base"].make_model()
+    assert (model.config.d_model, model.config.n_layers) == (128, 4)
+    student = RECIPES["student"].make_model()
+    n = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in student.parameters()) < n / 4
+
+
+def test_training_reduces_the_loss_and_is_deterministic():
+    recipe = dataclasses.replace(TINY, steps=30, lr=1e-2, warmup_steps=5)
+    model, metrics = train(recipe, eval_every=15)
+    losses = [h["loss"] for h in metrics["history"]]
+    assert losses[-1] < 0.8 * losses[0]
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and "test_accuracy" in metrics["history"][-1]
+    short = dataclasses.replace(recipe, steps=3)
+    model_a, _ = train(short)
+    model_b, _ = train(short)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_cache_trains_once_then_loads(tmp_path, monkeypatch):
+    pretrain_module = sys.modules["modman.toy.pretrain"]  # the attribute is the function
+    calls = []
+    real_train = pretrain_module.train
+
+    def counting_train(recipe, **kw):
+        calls.append(recipe.name)
+        return real_train(recipe, **kw)
+
+    monkeypatch.setattr(pretrain_module, "train", counting_train)
+    first = pretrain(TINY, cache=tmp_path)
+    second = pretrain(TINY, cache=tmp_path)
+    assert calls == ["tiny"]
+    path = checkpoint_path(TINY, tmp_path)
+    assert path.name == f"tiny-{TINY.hash()}"
+    assert {"config.json", "model.safetensors", "recipe.json", "metrics.json"} <= {
+        p.name for p in path.iterdir()}
+    ids = torch.randint(0, first.config.vocab_size, (2, 8))
+    assert torch.equal(first(ids).logits, second(ids).logits)
+    pretrain(TINY, cache=tmp_path, force=True)
+    assert calls == ["tiny", "tiny"]
+    assert isinstance(TinyCausalLM.load(path), TinyCausalLM)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODMAN_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path / "toy"
+    monkeypatch.delenv("MODMAN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "modman" / "toy"
