@@ -99,7 +99,7 @@ RECIPES: dict[str, Recipe] = {
     "base": Recipe(name="base"),
     "teacher": Recipe(name="teacher"),
     # Smaller and undertrained on purpose: a student with room to improve under distillation.
-    "student": Recipe(name="student", d_model=64, n_layers=2, n_heads=4, steps=250),
+    "student": Recipe(name="student", d_model=64, n_layers=2, n_heads=4, steps=600),
 }
 
 

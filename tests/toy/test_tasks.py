@@ -158,3 +158,15 @@ def test_evaluate_scores_generated_text():
     # A model that is handed the answers scores 1: score_ids on teacher-forced targets.
     targets = [TOK.encode(t, eos=True) for t in batch.targets]
     assert task.score_ids(batch.prompts, torch.tensor(targets)).all()
+
+
+@given(st.integers(0, 2**32), st.integers(2, 6), st.sampled_from(["+", "-"]))
+def test_sampled_problems_respect_the_hashed_split(seed, n, op):
+    task = tasks.ArithmeticTask(op, n, seed=seed, test_fraction=0.2)
+    width = n
+    for split, expected in (("train", False), ("test", True)):
+        for prompt in task.sample(40, seed, split).prompts:
+            a, b = int(prompt[:width]), int(prompt[width + 1:2 * width + 1])
+            assert task.is_held_out(a, b) == expected
+            if op == "-":
+                assert a >= b
