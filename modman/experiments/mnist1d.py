@@ -49,6 +49,9 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None, **optio
         options.setdefault("budget", "uniform")  # the blog's setting: one lr for every layer
         return ManifoldMuon(model.modules(), lr=lr, **options)
     if name == "muon":
+        # fp32 Newton–Schulz: on CPUs without native bf16 (no avx512_bf16/AMX) bf16 matmuls are
+        # emulated and ~25× slower than fp32; torch_muon below keeps torch's bf16 as shipped.
+        options.setdefault("ns_dtype", "float32")
         return Muon(model.modules(), lr=lr, weight_decay=0.0, **options)
     if name == "torch_muon":
         if not hasattr(torch.optim, "Muon"):

@@ -1,0 +1,136 @@
+"""The `modman` command: the blog's experiment on MNIST-1D, one optimizer after another.
+
+    modman                       # defaults: MLP 40→128→128→10, 1000 steps, all optimizers
+    modman --steps 300 --optimizers manifold_muon,adamw --out runs/
+
+Prints train/test accuracy, seconds per step and each weight's singular-value range, and
+writes singular_values.png and results.json to the output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from .experiments.mnist1d import available_optimizers
+
+    p = argparse.ArgumentParser(prog="modman", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (default 1000)")
+    p.add_argument("--width", type=int, default=128, help="hidden width (default 128)")
+    p.add_argument("--depth", type=int, default=3, help="number of linear layers (default 3)")
+    p.add_argument("--batch-size", type=int, default=512, help="batch size (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init and batches (default 0)")
+    p.add_argument("--optimizers", default=",".join(available_optimizers()),
+                   help=f"comma-separated, from {','.join(available_optimizers())}")
+    p.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
+                   help="learning rate for one optimizer, e.g. --lr adamw=3e-3 (repeatable)")
+    p.add_argument("--out", default="modman-out", help="output folder (default ./modman-out)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    known = available_optimizers()
+    args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    for o in args.optimizers:
+        if o not in known:
+            p.error(f"--optimizers: unknown optimizer {o!r}; choose from {','.join(known)}")
+    lrs = {}
+    for item in args.lr:
+        name, _, value = item.partition("=")
+        try:
+            lrs[name] = float(value)
+        except ValueError:
+            p.error(f"--lr expects NAME=LR, got {item!r}")
+        if name not in known:
+            p.error(f"--lr: unknown optimizer {name!r}")
+    args.lr = lrs
+    for flag in ("steps", "width", "depth", "batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be ≥ 1")
+    return args
+
+
+def sv_range(values: list[float]) -> str:
+    return f"[{min(values):.3f}, {max(values):.3f}]"
+
+
+def main(argv=None) -> int:
+    from .data import load_mnist1d
+    from .experiments.mnist1d import train
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    data = load_mnist1d(seed=42)
+    print(f"MNIST-1D: {len(data['x'])} train / {len(data['x_test'])} test, MLP 40→"
+          f"{'→'.join([str(args.width)] * (args.depth - 1))}→10 (no biases, ReLU), batch {args.batch_size}, "
+          f"{args.steps} steps, lr → 0 linearly, {torch.get_num_threads()} threads")
+    results = []
+    start = time.time()
+    for name in args.optimizers:
+        r = train(name, steps=args.steps, width=args.width, depth=args.depth, batch_size=args.batch_size,
+                  lr=args.lr.get(name), seed=args.seed, data=data, progress=not args.no_progress,
+                  eval_every=max(1, args.steps // 10))
+        results.append(r)
+    print()
+    header = f"{'optimizer':<14}{'lr':>8}{'train acc':>11}{'test acc':>10}{'ms/step':>9}{'ms/opt':>8}  singular values per weight"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ranges = "  ".join(f"{k.split('.')[0]}:{sv_range(v)}" for k, v in r.singular_values.items())
+        print(f"{r.optimizer:<14}{r.lr:>8.3g}{r.train_acc:>11.3f}{r.test_acc:>10.3f}"
+              f"{r.seconds_per_step * 1e3:>9.2f}{r.optimizer_seconds_per_step * 1e3:>8.2f}  {ranges}")
+    _print_diagnostics(results)
+    png = os.path.join(args.out, "singular_values.png")
+    _plot(results, png)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items()}, "seconds": time.time() - start,
+                   "runs": [{"optimizer": r.optimizer, "lr": r.lr, "train_acc": r.train_acc, "test_acc": r.test_acc,
+                             "seconds_per_step": r.seconds_per_step,
+                             "optimizer_seconds_per_step": r.optimizer_seconds_per_step,
+                             "singular_values": r.singular_values, "history": r.history} for r in results]},
+                  f, indent=1)
+    print(f"\nwrote {png} and {os.path.join(args.out, 'results.json')} ({time.time() - start:.0f} s)")
+    return 0
+
+
+def _print_diagnostics(results) -> None:
+    try:
+        from .diagnostics import spectrum_table
+    except ImportError:
+        return
+    for r in results:
+        print(f"\n{r.optimizer}:")
+        print(spectrum_table(r.model))
+
+
+def _plot(results, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.2), sharey=True, squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for name, sv in r.singular_values.items():
+            ax.plot(range(1, len(sv) + 1), sv, marker=".", label=name)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_title(f"{r.optimizer} (test {r.test_acc:.2f})")
+        ax.set_xlabel("index")
+    axes[0][0].set_ylabel("singular value")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
