@@ -64,15 +64,20 @@ class ManifoldOptimizer(Optimizer):
             raise ValueError(f"Invalid fallback betas {fb['betas']}: each must be in [0, 1)")
         self.nonfinite = nonfinite
         self.on_manifold_tol = float(on_manifold_tol)
+        self.project_on_init = bool(project_on_init)
         self.last_step_stats: dict[str, dict[str, Any]] = {}
         self.last_step_skipped = False
+        self._fallback_defaults = fb
         groups = self._build_groups(params, roles, budget, fb)
+        # flatten: None = by shape (≥ 4-D flattened), True for Conv weights (see functional.as_matrix)
         defaults = dict(defaults, lr_scale=1.0, algorithm="adamw", manifold="euclidean",
-                        betas=fb["betas"], eps=fb["eps"])
+                        betas=fb["betas"], eps=fb["eps"], flatten=None)
+        self._constructing = True
         super().__init__(groups, defaults)
-        self._validate_groups()
+        self._constructing = False
+        self._validate_groups(self.param_groups)
         if project_on_init:
-            self._project_onto_manifolds()
+            self._project_onto_manifolds(self.param_groups)
 
     # ----------------------------------------------------------------------------- groups
     def _build_groups(self, params, roles, budget, fb):
@@ -95,8 +100,10 @@ class ManifoldOptimizer(Optimizer):
                     fallback["params"].append(a.param)
                     fallback["param_names"].append(a.name)
                 else:
+                    conv = isinstance(a.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and a.name.split(".")[-1] == "weight"
                     groups.append({"params": [a.param], "param_names": [a.name], "manifold": spec[0],
-                                   "algorithm": spec[1], "lr_scale": float(scales.get(a.name, 1.0))})
+                                   "algorithm": spec[1], "lr_scale": float(scales.get(a.name, 1.0)),
+                                   "flatten": True if conv else None})
             return groups + ([fallback] if fallback["params"] else [])
         if any(isinstance(m, nn.Module) for m in items):
             raise TypeError("params must be all modules or all tensors/dicts/(name, tensor) pairs, not a mix")
@@ -114,7 +121,12 @@ class ManifoldOptimizer(Optimizer):
         return groups
 
     def _split_group(self, ug: dict, fb: dict) -> list[dict]:
+        if "params" not in ug:
+            raise ValueError("a param group dict needs a 'params' entry")
         ps = ug["params"]
+        if isinstance(ps, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                            "ordering of tensors in sets changes between runs; use a list")
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
         named = [p for p in ps if isinstance(p, tuple)]
         if named and len(named) != len(ps):
@@ -122,7 +134,7 @@ class ManifoldOptimizer(Optimizer):
         explicit = ug.get("manifold")
         buckets: dict[str, list] = {}
         for item in ps:
-            p = item[1] if isinstance(item, tuple) else item
+            p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
             if not isinstance(p, torch.Tensor):
                 raise TypeError("optimizer can only optimize Tensors, but one of the params is " + torch.typename(p))
             role = explicit or ("fallback" if ug.get("algorithm") == "adamw" else
@@ -162,32 +174,65 @@ class ManifoldOptimizer(Optimizer):
             return modular_budget(modules[0])
         raise ValueError(f"budget must be 'uniform', 'modular', a dict or a callable, got {budget!r}")
 
-    def _validate_groups(self) -> None:
-        for group in self.param_groups:
-            _check_nonneg("lr", group["lr"])
-            _check_nonneg("lr_scale", group["lr_scale"])
-            for i, p in enumerate(group["params"]):
-                name = self._name(group, i)
+    def _validate_groups(self, groups) -> None:
+        """Every hyperparameter of every group, and every parameter's shape against its manifold."""
+        from ..solvers import SOLVERS
+
+        names = self._param_names()
+        for group in groups:
+            for key in ("lr", "lr_scale", "momentum", "weight_decay"):
+                if key in group:
+                    _check_nonneg(key, group[key])
+            if _scalar(group.get("momentum", 0.0)) >= 1:
+                raise ValueError(f"Invalid momentum: {group['momentum']} (must be < 1)")
+            algorithm, m = group["algorithm"], group["manifold"]
+            if algorithm == "manifold_muon" and group.get("solver") not in SOLVERS:
+                raise ValueError(f"unknown solver {group.get('solver')!r}; choose from {sorted(SOLVERS)}")
+            if algorithm != "adamw":
+                manifold = self._manifold(group)  # raises on a bad scale / radius
+            for p in group["params"]:
+                name = names[id(p)]
                 if p.is_complex():
                     raise ValueError(f"{type(self).__name__} does not support complex parameters ({name})")
                 if p.is_sparse:
                     raise ValueError(f"{type(self).__name__} does not support sparse parameters ({name})")
-                m = group["manifold"]
-                if group["algorithm"] != "adamw":
-                    if m in ("stiefel", "euclidean") and p.ndim < 2:
-                        raise ValueError(f"parameter {name} of shape {tuple(p.shape)} cannot live on {m!r} "
-                                         "(needs ≥ 2 dims); give it to the fallback group")
-                    if m == "stiefel" and p.ndim == 3 and group.get("scale") not in (None, "rms") \
-                            and not isinstance(group.get("scale"), float):
-                        raise ValueError(f"invalid Stiefel scale for {name}")
+                if algorithm == "adamw":
+                    continue
+                shape = F.as_matrix(p, group.get("flatten")).shape
+                if (m in ("stiefel", "euclidean") and len(shape) < 2) or (m == "sphere" and len(shape) < 1):
+                    raise ValueError(f"parameter {name} of shape {tuple(p.shape)} cannot live on {m!r} "
+                                     f"(needs ≥ {1 if m == 'sphere' else 2} dims); give it to the fallback group")
+                manifold.check_shape(shape, name)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group; without an ``algorithm`` key it is split by role as at construction.
+
+        Constrained parameters of a group added after construction are validated and, with
+        ``project_on_init``, moved onto their manifold like those given at construction.
+        """
+        if getattr(self, "_constructing", True) or not isinstance(param_group, dict) or "algorithm" in param_group:
+            super().add_param_group(param_group)
+            if not getattr(self, "_constructing", True):
+                self._check_added(1)
+            return
+        parts = self._split_group(param_group, self._fallback_defaults)
+        for g in parts:
+            super().add_param_group(g)
+        self._check_added(len(parts))
+
+    def _check_added(self, k: int) -> None:
+        added = self.param_groups[-k:]
+        try:
+            self._validate_groups(added)
+            if self.project_on_init:
+                self._project_onto_manifolds(added)
+        except Exception:
+            del self.param_groups[-k:]  # refused: the optimizer is left as it was
+            raise
 
     # ----------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _name(group, i) -> str:
-        names = group.get("param_names")
-        return names[i] if names else f"param{i}"
-
     def _param_names(self) -> dict[int, str]:
+        """id(parameter) → its name, or "param{k}" with k its index over all groups (unique)."""
         out, k = {}, 0
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
@@ -208,21 +253,33 @@ class ManifoldOptimizer(Optimizer):
         r = group.get("radius")
         return 1.0 if r is None else float(r)
 
-    def _project_onto_manifolds(self) -> None:
+    def _project_onto_manifolds(self, groups) -> None:
+        """Move constrained weights onto their manifold (exact polar factor / row normalisation).
+
+        All projections are computed before any weight is written, so a weight that cannot be
+        projected (a zero embedding row) raises, naming it, with every weight untouched.
+        """
         names = self._param_names()
+        moves = []
         with torch.no_grad():
-            for group in self.param_groups:
+            for group in groups:
                 if group["algorithm"] == "adamw" or group["manifold"] == "euclidean":
                     continue
                 manifold = self._manifold(group)
                 for p in group["params"]:
-                    W = F.as_matrix(p)
+                    W = F.as_matrix(p, group.get("flatten"))
                     dist = float(manifold.distance(W).max())
                     if dist <= self.on_manifold_tol:
                         continue  # stays bitwise unchanged
-                    p.copy_(manifold.project(W).reshape(p.shape))
-                    warnings.warn(f"{type(self).__name__}: moved {names[id(p)]} onto the {group['manifold']} "
-                                  f"manifold (distance was {dist:.3g})", stacklevel=4)
+                    try:
+                        target = manifold.project(W).reshape(p.shape)
+                    except ValueError as e:
+                        raise ValueError(f"cannot move {names[id(p)]} onto the {group['manifold']} manifold: {e}") from e
+                    moves.append((p, target, names[id(p)], group["manifold"], dist))
+            for p, target, name, manifold_name, dist in moves:
+                p.copy_(target)
+                warnings.warn(f"{type(self).__name__}: moved {name} onto the {manifold_name} "
+                              f"manifold (distance was {dist:.3g})", stacklevel=4)
 
     # ----------------------------------------------------------------------------- step
     def _grads_finite(self) -> bool:
@@ -237,14 +294,14 @@ class ManifoldOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        names = self._param_names()
         for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
+            for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                                       f"({self._name(group, i)})")
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({names[id(p)]})")
         if not self._grads_finite():
             if self.nonfinite == "raise":
-                bad = [self._name(g, i) for g in self.param_groups for i, p in enumerate(g["params"])
+                bad = [names[id(p)] for g in self.param_groups for p in g["params"]
                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
                 raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}; no weight was changed "
                                          "(pass nonfinite='skip' to skip such steps)")
@@ -254,12 +311,12 @@ class ManifoldOptimizer(Optimizer):
         stats = {}
         for group in self.param_groups:
             lr = _scalar(group["lr"])
-            for i, p in enumerate(group["params"]):
+            for p in group["params"]:
                 if p.grad is None:
                     continue
                 s = self._step_param(group, p, p.grad, self.state[p], lr)
                 if s is not None:
-                    stats[self._name(group, i)] = s
+                    stats[names[id(p)]] = s
         self.last_step_stats = stats
         return loss
 
@@ -273,11 +330,12 @@ class ManifoldOptimizer(Optimizer):
             F.adamw_step(p, grad, state, lr=lr, betas=tuple(group["betas"]), eps=group["eps"],
                          weight_decay=group["weight_decay"])
             return None
-        W = F.as_matrix(p)
-        writeback = W.data_ptr() != p.data_ptr() or (p.ndim >= 4 and not p.is_contiguous())
+        flatten = group.get("flatten")
+        W = F.as_matrix(p, flatten)
+        writeback = F.is_copy(W, p)  # a reshaped non-contiguous parameter: step a copy, write back
         if writeback:
             W = W.clone()
-        G = F.as_matrix(grad)
+        G = F.as_matrix(grad, flatten)
         if "momentum" not in state:
             mdtype = torch.float64 if W.dtype == torch.float64 else torch.float32
             state["momentum"] = torch.zeros(W.shape, dtype=mdtype, device=W.device)
@@ -301,52 +359,98 @@ class ManifoldOptimizer(Optimizer):
         return out
 
     # ----------------------------------------------------------------------------- state
+    # Keys that say what a group *is* rather than how it steps: a saved group must agree with the
+    # optimizer's group on them, and an older state_dict without one takes the optimizer's value.
+    _STRUCTURAL = ("algorithm", "manifold", "flatten")
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load, after checking every state tensor's shape; a mismatch changes nothing."""
-        groups = state_dict.get("param_groups", [])
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"loaded state dict has {len(groups)} parameter groups, optimizer has "
-                             f"{len(self.param_groups)}")
-        params = [p for g in self.param_groups for p in g["params"]]
-        ids = [i for g in groups for i in g["params"]]
-        if len(ids) != len(params):
-            raise ValueError(f"loaded state dict has {len(ids)} parameters, optimizer has {len(params)}")
-        for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
-            if len(g_new["params"]) != len(g_old["params"]):
-                raise ValueError(f"parameter group {gi} has {len(g_new['params'])} parameters in the state "
-                                 f"dict and {len(g_old['params'])} in the optimizer")
-        by_id = dict(zip(ids, params))
-        for pid, st in state_dict.get("state", {}).items():
+        """Load after checking the saved groups and every state tensor's shape.
+
+        The check runs as the last load_state_dict pre-hook, so it sees the dict as any user
+        pre-hook left it; a mismatch raises before torch changes anything, and the given dict is
+        never mutated. Floating state keeps its saved dtype (fp32 momentum of bf16 weights).
+        """
+        checked: dict = {}
+
+        def check(optimizer, sd):
+            checked["sd"] = sd = self._checked_state_dict(sd)
+            return sd
+
+        handle = self.register_load_state_dict_pre_hook(check)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        sd = checked["sd"]
+        by_id = dict(zip((i for g in sd["param_groups"] for i in g["params"]),
+                         (p for g in self.param_groups for p in g["params"])))
+        # torch casts floating state to the parameter's dtype; fp32 momentum of bf16 weights must stay fp32.
+        for pid, st in sd["state"].items():
             p = by_id.get(pid)
             if p is None:
                 continue
-            W = F.as_matrix(p)
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor) and key in self.state[p] and self.state[p][key].dtype != value.dtype:
+                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype).clone()
+
+    def _checked_state_dict(self, state_dict: dict) -> dict:
+        """A copy of state_dict with structural keys backfilled, or a ValueError naming the mismatch."""
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(groups)} parameter groups, optimizer has "
+                             f"{len(self.param_groups)}; nothing was loaded")
+        new_groups = []
+        for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
+            if len(g_new["params"]) != len(g_old["params"]):
+                raise ValueError(f"parameter group {gi} has {len(g_new['params'])} parameters in the state "
+                                 f"dict and {len(g_old['params'])} in the optimizer; nothing was loaded")
+            g_new = dict(g_new)
+            for key in self._STRUCTURAL:
+                if key not in g_new:
+                    g_new[key] = g_old[key]
+                elif g_new[key] != g_old[key]:
+                    raise ValueError(f"parameter group {gi} has {key}={g_new[key]!r} in the state dict and "
+                                     f"{g_old[key]!r} in the optimizer; nothing was loaded")
+            new_groups.append(g_new)
+        names = self._param_names()
+        by_id = {}
+        for g_new, g_old in zip(new_groups, self.param_groups):
+            for pid, p in zip(g_new["params"], g_old["params"]):
+                by_id[pid] = (p, g_old)
+        for pid, st in state_dict["state"].items():
+            if pid not in by_id:
+                continue
+            p, group = by_id[pid]
+            W = F.as_matrix(p, group.get("flatten"))
             for key, value in st.items():
                 if not isinstance(value, torch.Tensor):
                     continue
                 expect = {"momentum": W.shape, "exp_avg": p.shape, "exp_avg_sq": p.shape,
                           "dual": W.shape[:-2] + (min(W.shape[-2:]),) * 2}.get(key)
                 if expect is not None and tuple(value.shape) != tuple(expect):
-                    raise ValueError(f"state {key!r} for parameter {pid} has shape {tuple(value.shape)}, "
+                    raise ValueError(f"state {key!r} for parameter {names[id(p)]} has shape {tuple(value.shape)}, "
                                      f"expected {tuple(expect)}; nothing was loaded")
-        saved_dtypes = {pid: {k: v.dtype for k, v in st.items() if isinstance(v, torch.Tensor)}
-                        for pid, st in state_dict.get("state", {}).items()}
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter's dtype; fp32 momentum of bf16 weights must stay fp32.
-        for pid, dtypes in saved_dtypes.items():
-            p = by_id.get(pid)
-            if p is None:
-                continue
-            for key, dtype in dtypes.items():
-                if key in self.state[p] and self.state[p][key].dtype != dtype:
-                    self.state[p][key] = state_dict["state"][pid][key].to(device=p.device, dtype=dtype).clone()
+        return dict(state_dict, param_groups=new_groups)
+
+    _EXTRA = {"nonfinite": "raise", "on_manifold_tol": 1e-5, "project_on_init": True, "last_step_stats": {},
+              "last_step_skipped": False, "_fallback_defaults": None}
+
+    def __getstate__(self):
+        # torch's __getstate__ keeps defaults/state/param_groups only; deepcopy and pickle must
+        # also keep modman's own attributes (nonfinite, on_manifold_tol, …).
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in self._EXTRA if hasattr(self, k)})
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("nonfinite", "raise")
-        self.__dict__.setdefault("on_manifold_tol", 1e-5)
-        self.__dict__.setdefault("last_step_stats", {})
-        self.__dict__.setdefault("last_step_skipped", False)
+        for k, v in self._EXTRA.items():  # an optimizer pickled before these existed
+            self.__dict__.setdefault(k, copy.deepcopy(v))
+        if self._fallback_defaults is None:
+            self._fallback_defaults = {k: self.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        self._constructing = False
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, copy.deepcopy(v))

@@ -71,8 +71,10 @@ class ManifoldMuon(ManifoldOptimizer):
                  nonfinite="raise", fallback=None, roles=None):
         from ..solvers import DEFAULT_SOLVER
 
-        if scale is not None and scale != "rms":
-            scale = float(scale)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            scale = float(scale)  # a non-positive one is refused by Stiefel, naming scale
+        elif scale is not None and scale != "rms":
+            raise ValueError(f"scale must be None, 'rms' or a positive float, got {scale!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         solver=solver or DEFAULT_SOLVER, tol=tol, max_iters=max_iters, scale=scale,
                         radius=None, ns_schedule="polar_express", ns_steps=None, ns_dtype="float32",
@@ -122,7 +124,8 @@ class HypersphericalDescent(ManifoldOptimizer):
 
     Each row w (radius r) steps along a = P(u)/‖P(u)‖, P(u) = u − w(wᵀu)/r², then
     w ← r(w − ηa)/‖w − ηa‖. A row whose projected gradient is zero stays bitwise unchanged.
-    Given modules, Linear/Conv/Embedding weights are constrained and the rest use AdamW.
+    Given modules, Linear/Conv/Embedding weights are constrained and the rest use AdamW;
+    ``weight_decay`` applies to that AdamW fallback only (a row of fixed norm cannot decay).
     """
 
     ALGORITHMS = {"stiefel": ("sphere", "hyperspherical"), "sphere": ("sphere", "hyperspherical"),
@@ -130,8 +133,16 @@ class HypersphericalDescent(ManifoldOptimizer):
 
     def __init__(self, params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0, radius=1.0,
                  project_on_init=True, on_manifold_tol=1e-5, nonfinite="raise", fallback=None, roles=None):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, radius=float(radius),
+        from ..manifolds import Sphere
+
+        radius = Sphere(radius).radius  # refuses a non-positive or non-finite radius here, not at step
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, radius=radius,
                         solver=None, tol=None, max_iters=None, scale=None, ns_schedule=None, ns_steps=None,
                         ns_dtype="float32", adjust_lr_fn=None, torch_arithmetic=False)
-        super().__init__(params, defaults, fallback=fallback, roles=roles, budget=None,
+        fb = dict(fallback or {})
+        fb.setdefault("weight_decay", weight_decay)
+        super().__init__(params, defaults, fallback=fb, roles=roles, budget=None,
                          project_on_init=project_on_init, on_manifold_tol=on_manifold_tol, nonfinite=nonfinite)
+        for group in self.param_groups:
+            if group["algorithm"] != "adamw":
+                group["weight_decay"] = 0.0  # a row of fixed norm has nothing to decay

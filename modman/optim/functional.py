@@ -35,9 +35,22 @@ def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nest
     return grad.to(buf.dtype).lerp(buf, momentum) if nesterov else buf
 
 
-def as_matrix(p: torch.Tensor) -> torch.Tensor:
-    """Conv weights (out, in, kh, kw) as (out, in·kh·kw); 2-D and 3-D (expert stacks) as they are."""
-    return p.reshape(p.shape[0], -1) if p.ndim >= 4 else p
+def as_matrix(p: torch.Tensor, flatten: bool | None = None) -> torch.Tensor:
+    """The matrix (or batch of matrices) a parameter is optimised as.
+
+    ``flatten=True``: (out, *rest) → (out, prod(rest)) — Conv1d/2d/3d weights, whose 3-D Conv1d
+    shape cannot be told apart from an expert stack by shape alone. ``flatten=False``: as is
+    (2-D matrices, 3-D stacks batched over dim 0). ``None`` (tensors given without roles):
+    flatten from 4 dimensions up, so a bare 3-D tensor is a stack.
+    """
+    if flatten is None:
+        flatten = p.ndim >= 4
+    return p.reshape(p.shape[0], -1) if flatten and p.ndim != 2 else p
+
+
+def is_copy(W: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether ``as_matrix`` had to copy p (non-contiguous), so in-place steps on W miss p."""
+    return W.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
 
 
 def stiefel_step(
@@ -63,19 +76,31 @@ def stiefel_step(
     for key, value in result.state.items():
         state[key] = value
     V = result.direction.to(compute.dtype) * (-lr * s)
+    stats = {
+        "tangent_residual": result.tangent_residual,
+        "duality_gap": result.duality_gap,
+        "iterations": result.iterations,
+        "msign_calls": result.msign_calls,
+    }
+    # A step that cannot move W (A = 0 from a zero gradient, or lr·A below W's rounding) must
+    # leave W bitwise as it is: neither the retraction's renormalisation nor the drift polish may
+    # touch it (a bf16 weight sits ~4e-3 off the manifold and would otherwise be re-polished).
+    if torch.equal(compute + V, compute):
+        stats["distance_to_manifold"] = manifold.gram_deviation(compute) / 2
+        return stats
     new = manifold.retract(compute, V, method="closed_form")
+    if not bool(torch.isfinite(new).all()):
+        # The closed form divides ‖M‖_F² by tr(M) (M = VᵀV/s²); for a step just above the
+        # underflow threshold ‖M‖_F² rounds to 0 while tr(M) does not, giving 0/0. The exact
+        # polar retraction has no such quotient.
+        new = manifold.retract(compute, V, method="polar")
     drift = manifold.gram_deviation(new)
     if bool((drift > drift_tol).any()):
         new = manifold.polish(new)
         drift = manifold.gram_deviation(new)
     W.copy_(new)
-    return {
-        "tangent_residual": result.tangent_residual,
-        "duality_gap": result.duality_gap,
-        "iterations": result.iterations,
-        "msign_calls": result.msign_calls,
-        "distance_to_manifold": drift / 2,  # ‖UᵀU − I‖₂ ≈ 2·max|σ − 1|
-    }
+    stats["distance_to_manifold"] = drift / 2  # ‖UᵀU − I‖₂ ≈ 2·max|σ − 1|
+    return stats
 
 
 def sphere_step(W: torch.Tensor, u: torch.Tensor, *, lr: float, manifold: Sphere) -> dict:
@@ -85,7 +110,11 @@ def sphere_step(W: torch.Tensor, u: torch.Tensor, *, lr: float, manifold: Sphere
     norms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
     moving = norms > 0
     a = g / torch.where(moving, norms, torch.ones_like(norms))
-    new = manifold.retract(compute, -lr * a)
+    V = -lr * a
+    # A row the step cannot move (lr·a below its rounding, lr = 0) is left bitwise: renormalising
+    # it would otherwise change its last bits although no step was taken.
+    moving = moving & (compute + V != compute).any(dim=-1, keepdim=True)
+    new = manifold.retract(compute, V)
     W.copy_(torch.where(moving, new, compute))
     return {"distance_to_manifold": manifold.distance(W)}
 
@@ -130,10 +159,21 @@ def _orthogonalize_like_torch(u, schedule, ns_steps, compute_dtype, eps=1e-7):
     tall = u.size(-2) > u.size(-1)
     if tall:
         X = X.mT
-    X = X / X.norm().clamp(min=eps)
-    for a, b, c in coefficients(schedule, ns_steps):
-        S = X @ X.mT
-        X = torch.addmm(X, torch.addmm(S, S, S, beta=b, alpha=c), X, beta=a)
+    if X.ndim == 2:
+        X = X / X.norm().clamp(min=eps)
+        for a, b, c in coefficients(schedule, ns_steps):
+            S = X @ X.mT
+            X = torch.addmm(X, torch.addmm(S, S, S, beta=b, alpha=c), X, beta=a)
+    else:
+        # A stack of matrices (expert weights): each matrix is normalised by its own Frobenius
+        # norm, the same arithmetic batched (torch.optim.Muon itself takes 2-D parameters only).
+        lead = X.shape[:-2]
+        X = X.reshape(-1, *X.shape[-2:])
+        X = X / torch.linalg.matrix_norm(X, keepdim=True).clamp(min=eps)
+        for a, b, c in coefficients(schedule, ns_steps):
+            S = X @ X.mT
+            X = torch.baddbmm(X, torch.baddbmm(S, S, S, beta=b, alpha=c), X, beta=a)
+        X = X.reshape(*lead, *X.shape[-2:])
     return X.mT if tall else X
 
 
@@ -160,20 +200,30 @@ def adamw_step(
     p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
 
 
-def manifold_muon(params, grads, states, *, lr, manifold=None, solver="dual_ascent", tol=None, max_iters=None,
-                  momentum=0.95, nesterov=True, drift_tol=2e-5, warm_keys=("dual",)):
+def manifold_muon(params, grads, states, *, lr, manifold=None, solver=None, tol=None, max_iters=None,
+                  momentum=0.95, nesterov=True, drift_tol=2e-5, warm_keys=("dual",), flatten=None):
     """Functional manifold Muon over lists of parameters, gradients and state dicts (in place).
 
-    Each state dict holds "momentum" (created if missing) and the solver's warm start.
-    Returns the per-parameter stats.
+    Each state dict holds "momentum" (created if missing, fp32 — fp64 for fp64 weights) and the
+    solver's warm start. ``solver=None`` uses ``modman.solvers.DEFAULT_SOLVER``; ``flatten`` as in
+    ``as_matrix``. Returns the per-parameter stats.
     """
+    from ..solvers import DEFAULT_SOLVER
+
     manifold = manifold or Stiefel()
+    solver = solver or DEFAULT_SOLVER
     stats = []
-    for p, g, state in zip(params, grads, states):
-        W, G = as_matrix(p), as_matrix(g)
+    for p, g, state in zip(params, grads, states, strict=True):
+        W, G = as_matrix(p, flatten), as_matrix(g, flatten)
+        # reshape copies a non-contiguous parameter; step the copy and write it back
+        writeback = is_copy(W, p)
+        if writeback:
+            W = W.clone()
         if "momentum" not in state:
             state["momentum"] = torch.zeros_like(W, dtype=torch.float32 if W.dtype != torch.float64 else W.dtype)
         u = momentum_update(G, state["momentum"], momentum, nesterov)
         stats.append(stiefel_step(W, u, state, lr=lr, manifold=manifold, solver=solver, tol=tol,
                                   max_iters=max_iters, drift_tol=drift_tol, warm_keys=warm_keys))
+        if writeback:
+            p.copy_(W.reshape(p.shape))
     return stats

@@ -39,7 +39,8 @@ def default_role(module: nn.Module | None, attr: str, p: torch.Tensor) -> str:
         return "stiefel"
     if attr == "weight" and isinstance(module, nn.Embedding):
         return "sphere"
-    if p.ndim == 3 and not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    # 3-D stacks only: a ConvTranspose1d weight (in, out, k) is a convolution, not experts
+    if p.ndim == 3 and not isinstance(module, nn.modules.conv._ConvNd):
         return "stiefel"
     return "fallback"
 
