@@ -1,0 +1,133 @@
+"""Atoms: one parameter each, with its manifold, its norm in RMS units, and its own-norm factor.
+
+For a weight W ∈ R^{d_out×d_in} on the Stiefel manifold with common singular value s
+(s = 1 unscaled, s = √(d_out/d_in) for ``scale="rms"``):
+
+    Linear/Conv   N(ΔW) = ‖ΔW‖_{RMS→RMS} = √(d_in/d_out)·‖ΔW‖₂   (tight: ΔW x for x along the top
+                  right singular vector); sensitivity = ‖W‖_{RMS→RMS} = s·√(d_in/d_out).
+                  Own norm: ‖ΔW‖₂ unscaled (factor √(d_in/d_out)), RMS→RMS scaled (factor 1).
+                  Conv weights are flattened to (out, in·k…): each output position is W_flat times
+                  one input patch, whose RMS is at most the largest per-position RMS of the input.
+    Embedding     rows on spheres of radius r: output row RMS = r/√d; N(ΔE) = maxᵣ‖ΔE_r‖₂/√d;
+                  own norm maxᵣ‖ΔE_r‖₂ (factor 1/√d); not homogeneous (the input is an index).
+    Bias          y = x + b: N(Δb) = ‖Δb‖₂/√d, independent of the input.
+    Gain          y = g ⊙ x: N(Δg) = ‖Δg‖_∞ (tight for x concentrated on one coordinate);
+                  sensitivity ‖g‖_∞ at the gains given at construction.
+
+Biases and gains are trained by the optimizer's AdamW fallback, which ignores lr_scale; they are
+atoms of mass 0 by default ("passengers": outside the norm and the budget). Give them a mass to
+put them inside the norm.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .module import Atom
+
+SCALES = (None, "rms")
+
+
+def _check_scale(scale):
+    if scale not in SCALES:
+        raise ValueError(f"scale must be None (unscaled Stiefel, spectral norm) or 'rms' "
+                         f"(RMS→RMS norm), as in ManifoldMuon; got {scale!r}")
+
+
+def _spectral(M: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.matrix_norm(M.detach().to(torch.float64), ord=2)
+
+
+class MatrixAtom(Atom):
+    """A Stiefel weight used as x ↦ W x (Linear, or Conv with W flattened to (out, in·k…))."""
+
+    def __init__(self, name, param, mass=1.0, scale=None, kind="linear"):
+        super().__init__(name, param, mass)
+        _check_scale(scale)
+        if param.ndim < 2:
+            raise ValueError(f"{name} has shape {tuple(param.shape)}; a matrix atom needs ≥ 2 dims")
+        self.scale = scale
+        self.kind = kind
+        self.d_out = param.shape[0]
+        self.d_in = math.prod(param.shape[1:])
+        s = 1.0 if scale is None else math.sqrt(self.d_out / self.d_in)
+        self.sensitivity = s * math.sqrt(self.d_in / self.d_out)
+
+    def bound(self, rho):
+        return self.sensitivity * rho
+
+    def rms_norm(self, delta):
+        return math.sqrt(self.d_in / self.d_out) * _spectral(delta.reshape(self.d_out, self.d_in))
+
+    def own_factor(self):
+        return math.sqrt(self.d_in / self.d_out) if self.scale is None else 1.0
+
+    def own_norm_name(self):
+        return "spectral" if self.scale is None else "rms→rms"
+
+
+class EmbeddingAtom(Atom):
+    """Rows of E on spheres of radius ``radius`` (ManifoldMuon's default radius is 1)."""
+
+    homogeneous = False
+    sensitivity = 0.0  # the input is an index: no input change to propagate
+
+    def __init__(self, name, param, mass=1.0, radius=1.0):
+        super().__init__(name, param, mass)
+        self.radius = float(radius)
+        self.dim = param.shape[-1]
+
+    def bound(self, rho):
+        return self.radius / math.sqrt(self.dim)
+
+    def rms_norm(self, delta):
+        return torch.linalg.vector_norm(delta.detach().to(torch.float64), dim=-1).max() / math.sqrt(self.dim)
+
+    def own_factor(self):
+        return 1.0 / math.sqrt(self.dim)
+
+    def own_norm_name(self):
+        return "ℓ2 per row"
+
+
+class BiasAtom(Atom):
+    """y = x + b (sensitivity 1)."""
+
+    homogeneous = False
+
+    def __init__(self, name, param, mass=0.0):
+        super().__init__(name, param, mass)
+        self.dim = param.numel()
+
+    def bound(self, rho):
+        return rho + float(torch.linalg.vector_norm(self.param.detach().double())) / math.sqrt(self.dim)
+
+    def rms_norm(self, delta):
+        return torch.linalg.vector_norm(delta.detach().to(torch.float64)) / math.sqrt(self.dim)
+
+    def own_factor(self):
+        return 1.0 / math.sqrt(self.dim)
+
+    def own_norm_name(self):
+        return "ℓ2"
+
+
+class GainAtom(Atom):
+    """y = g ⊙ x (norm gains); sensitivity ‖g‖_∞ at construction."""
+
+    def __init__(self, name, param, mass=0.0):
+        super().__init__(name, param, mass)
+        self.sensitivity = float(param.detach().abs().max()) if param.numel() else 0.0
+
+    def bound(self, rho):
+        return self.sensitivity * rho
+
+    def rms_norm(self, delta):
+        return delta.detach().to(torch.float64).abs().max()
+
+    def own_factor(self):
+        return 1.0
+
+    def own_norm_name(self):
+        return "ℓ∞"

@@ -1,0 +1,59 @@
+"""Bonds: weightless modules (mass 0) with their stated sensitivities and output bounds.
+
+Elementwise activations, sensitivity = max |φ'| of the unscaled torch function:
+    ReLU 1;  tanh 1;  GELU (exact erf form) Φ(x) + xφ(x), largest at x = √2: 1.1289;
+    SiLU σ(x)(1 + x(1 − σ(x))), largest at x ≈ 2.3994: 1.0998.
+Each satisfies |φ(x)| ≤ |x|, so the output RMS is at most the input's (bound ρ ↦ ρ).
+GELU's tanh approximation peaks at ≈ 1.1290 — below the 1.1289 + 1e-4 used for both.
+
+Normalisation (RMSNorm, LayerNorm without their gain/bias) maps x to x/rms(x) (after centering
+for LayerNorm): output RMS 1, Jacobian (I − x̂x̂ᵀ/d)/rms(x), so its sensitivity is 1/r for inputs
+of RMS (LayerNorm: standard deviation) ≥ r. It is not Lipschitz near 0: r is a stated assumption
+(``norm_min_rms``), not a theorem.
+
+Softmax attention is not globally Lipschitz (Kim et al. 2021). ``attention`` states the
+assumption under which it is budgeted: the attention pattern is held fixed, so the output is a
+convex combination of value rows (sensitivity 1 in the values, output RMS ≤ the values' bound);
+the change through queries and keys is not bounded. Tracing refuses attention; only a
+declaration (``declarations.py``) uses it, and says so in the budget table.
+"""
+from __future__ import annotations
+
+import math
+
+from .module import Bond
+
+# max |φ'(x)| of each activation, rounded up in the 4th decimal (MATH.md §4)
+ACTIVATION_SENSITIVITY = {
+    "relu": 1.0,
+    "tanh": 1.0,
+    "gelu": 1.1289 + 1e-4,
+    "silu": 1.0998 + 1e-4,
+    "identity": 1.0,
+}
+
+
+def activation(kind: str) -> Bond:
+    if kind not in ACTIVATION_SENSITIVITY:
+        raise ValueError(f"unknown activation {kind!r}; known: {sorted(ACTIVATION_SENSITIVITY)}")
+    return Bond(kind, ACTIVATION_SENSITIVITY[kind], lambda rho: rho)
+
+
+def identity(name: str = "identity") -> Bond:
+    """Reshapes, dropout in eval, flatten: the RMS of a flattened tensor is at most the largest
+    per-position RMS, so the bound and the sensitivity are 1."""
+    return Bond(name, 1.0, lambda rho: rho)
+
+
+def normalize(kind: str = "rmsnorm", min_rms: float = 1.0) -> Bond:
+    if not (isinstance(min_rms, (int, float)) and math.isfinite(min_rms) and min_rms > 0):
+        raise ValueError(f"norm_min_rms must be a positive number (the assumed smallest RMS of a "
+                         f"normalisation layer's input), got {min_rms!r}")
+    return Bond(kind, 1.0 / min_rms, lambda rho: 1.0,
+                assumption=f"{kind}: inputs have RMS ≥ {min_rms:g} (sensitivity 1/{min_rms:g})")
+
+
+def attention() -> Bond:
+    return Bond("attention", 1.0, lambda rho: rho,
+                assumption="attention: softmax(qkᵀ/√d)v treated as 1-Lipschitz in (q, k, v) jointly "
+                           "(modula's convention for its 1/d-scaled attention; not a bound for torch's 1/√d)")

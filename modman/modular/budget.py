@@ -1,0 +1,79 @@
+"""Learning-rate budgets from a module tree: {parameter name: lr_scale} and a printable table.
+
+Steepest descent with step η under the modular norm ‖Δw‖ = maxᵢ cᵢ·ρᵢ·Nᵢ(Δwᵢ) moves atom i by
+η/(cᵢρᵢ) in Nᵢ, i.e. by η/(cᵢρᵢkᵢ) in the optimizer's own norm of that weight (kᵢ = Nᵢ / own
+norm: √(d_in/d_out) for an unscaled Stiefel weight, 1 under scale="rms", 1/√d for embedding rows).
+So lr_scaleᵢ = 1/(cᵢρᵢkᵢ) (ρᵢ = 1 for atoms whose change does not scale with the input), and
+ManifoldMuon(lr=η, budget=...) bounds the first-order RMS change of the output per step by η.
+Atoms of mass 0 (passengers) are left out: the optimizer's fallback trains them.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .convert import ModularError, from_torch
+from .module import Bond, Module
+
+
+def _tree(model, **options) -> Module:
+    return model if isinstance(model, Module) else from_torch(model, **options)
+
+
+def _rows(tree: Module):
+    rows = []
+    for p in tree.placements():
+        a = p.atom
+        if math.isinf(p.coefficient):
+            rows.append((a, p, None))
+            continue
+        rho = p.input_bound if a.homogeneous else 1.0
+        denom = p.coefficient * rho * a.own_factor()
+        if not (denom > 0 and math.isfinite(denom)):
+            raise ModularError(f"{a.name}: its budget is undefined (coefficient {p.coefficient:g}, input bound "
+                               f"{rho:g}); a zero input bound means nothing reaches it — check the model")
+        rows.append((a, p, 1.0 / denom))
+    return rows
+
+
+def budget(model: nn.Module | Module, **options) -> dict[str, float]:
+    """{parameter name: lr_scale} for the weights of positive mass (names as in
+    ``model.named_parameters()``); ``options`` go to ``from_torch`` (scale, masses, …)."""
+    tree = _tree(model, **options)
+    if tree.mass <= 0:
+        raise ModularError("the model's module tree has no weight of positive mass, so there is nothing to "
+                           "budget; give weights a mass with from_torch(model, masses={name: 1.0}), or use "
+                           "budget='uniform'")
+    return {a.name: scale for a, _, scale in _rows(tree) if scale is not None}
+
+
+def _assumptions(tree: Module) -> list[str]:
+    out, stack = [], [tree]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, Bond) and m.assumption and m.assumption not in out:
+            out.append(m.assumption)
+        stack.extend(m.children())
+    return out
+
+
+def budget_table(model: nn.Module | Module, lr: float | None = None, **options) -> str:
+    """A table: parameter, shape, atom, mass, coefficient cᵢρᵢ, own norm, lr_scale (and lr × lr_scale)."""
+    tree = _tree(model, **options)
+    rows = _rows(tree)
+    head = f"{'parameter':<40} {'shape':<14} {'atom':<13} {'mass':>5} {'coef':>9} {'own norm':<11} {'lr_scale':>9}"
+    if lr is not None:
+        head += f" {'step':>9}"
+    lines = [head, "-" * len(head)]
+    for a, p, scale in rows:
+        coef = "∞" if scale is None else f"{p.coefficient * (p.input_bound if a.homogeneous else 1):.4g}"
+        line = (f"{a.name:<40} {str(tuple(a.param.shape)):<14} {type(a).__name__:<13} {a.mass:>5g} {coef:>9} "
+                f"{a.own_norm_name():<11} {('fallback' if scale is None else f'{scale:.4g}'):>9}")
+        if lr is not None:
+            line += f" {'' if scale is None else f'{lr * scale:.3g}':>9}"
+        lines.append(line)
+    lines.append(f"total mass {tree.mass:g}, sensitivity {tree.sensitivity:.4g}")
+    for text in _assumptions(tree):
+        lines.append(f"assumes {text}")
+    return "\n".join(lines)

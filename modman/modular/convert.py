@@ -1,0 +1,322 @@
+"""``from_torch``: an ordinary torch.nn model → a module tree.
+
+Order of lookup for each submodule: ``custom`` (by instance, class or parameter-name prefix),
+declarations (``declarations.py``), the known layers below, ``nn.Sequential`` (a composition of
+its children), and finally torch.fx tracing of the forward. Tracing builds, for every value in
+the graph, the chain of modules that produced it from the input; where two branches meet (a
+residual add, a concatenation, a product) the common prefix of their chains is factored out, so
+x + f(x) becomes compose(E, parallel(identity, F)) and E's weights are counted once.
+
+Refusals, each saying what to do: unknown layers, bare parameters used in a forward, a parameter
+reached twice (tied weights, a layer called twice), grouped convolutions, attention met by
+tracing, multiple inputs or outputs, and a model whose tree carries no mass.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import bonds
+from .atoms import BiasAtom, EmbeddingAtom, GainAtom, MatrixAtom, _check_scale
+from .module import Bond, Compose, Module, Parallel, compose
+
+
+class ModularError(ValueError):
+    """The model cannot be described as a module tree as given; the message says what to do."""
+
+
+@dataclass
+class Options:
+    scale: str | None = None
+    masses: dict = field(default_factory=dict)  # parameter name → mass (overrides the defaults)
+    norm_min_rms: float = 1.0
+    embedding_radius: float = 1.0
+    custom: dict = field(default_factory=dict)
+
+    def mass(self, name: str, default: float) -> float:
+        return float(self.masses.get(name, default))
+
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh"}
+_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu",
+                         torch.tanh: "tanh", F.tanh: "tanh"}
+_ACTIVATION_METHODS = {"relu": "relu", "tanh": "tanh"}
+_SHAPE_MODULES = (nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten)
+_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout}
+_SHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "float", "to", "type_as", "clone"}
+_META_METHODS = {"size", "dim"}
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_KNOWN_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention, *_CONVS, *_ACTIVATION_MODULES,
+                *_SHAPE_MODULES) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _join(prefix: str, attr: str) -> str:
+    return f"{prefix}.{attr}" if prefix else attr
+
+
+def _with_bias(core: Module, module: nn.Module, prefix: str, opts: Options) -> Module:
+    bias = getattr(module, "bias", None)
+    if bias is None or not bias.requires_grad:
+        return core
+    return Compose(core, BiasAtom(_join(prefix, "bias"), bias, opts.mass(_join(prefix, "bias"), 0.0)))
+
+
+def _norm_layer(module: nn.Module, prefix: str, opts: Options, kind: str) -> Module:
+    parts: list[Module] = [bonds.normalize(kind, opts.norm_min_rms)]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        parts.append(GainAtom(_join(prefix, "weight"), weight, opts.mass(_join(prefix, "weight"), 0.0)))
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.requires_grad:
+        parts.append(BiasAtom(_join(prefix, "bias"), bias, opts.mass(_join(prefix, "bias"), 0.0)))
+    return compose(*parts)
+
+
+def _known_layer(module: nn.Module, prefix: str, opts: Options) -> Module | None:
+    """The atom or bond for a layer torch ships, or None."""
+    if isinstance(module, nn.Linear):
+        name = _join(prefix, "weight")
+        core = MatrixAtom(name, module.weight, opts.mass(name, 1.0), opts.scale)
+        return _with_bias(core, module, prefix, opts)
+    if isinstance(module, _CONVS):
+        if module.groups != 1:
+            raise ModularError(f"{prefix}: grouped convolution (groups={module.groups}) is block-diagonal, "
+                               "not its flattened matrix; describe it with from_torch(custom={...})")
+        name = _join(prefix, "weight")
+        core = MatrixAtom(name, module.weight, opts.mass(name, 1.0), opts.scale, kind="conv")
+        return _with_bias(core, module, prefix, opts)
+    if isinstance(module, nn.Embedding):
+        name = _join(prefix, "weight")
+        return EmbeddingAtom(name, module.weight, opts.mass(name, 1.0), opts.embedding_radius)
+    for cls, kind in _ACTIVATION_MODULES.items():
+        if isinstance(module, cls):
+            return bonds.activation(kind)
+    if isinstance(module, _SHAPE_MODULES):
+        return bonds.identity(type(module).__name__.lower())
+    if isinstance(module, nn.LayerNorm):
+        return _norm_layer(module, prefix, opts, "layernorm")
+    if isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__ == "RMSNorm":
+        return _norm_layer(module, prefix, opts, "rmsnorm")
+    if isinstance(module, nn.MultiheadAttention):
+        raise ModularError(f"{prefix or 'the model'}: softmax attention is not Lipschitz without assumptions "
+                           "(Kim et al. 2021); describe the block with a declaration "
+                           "(modman.modular.declare) that states them, as declarations.py does for TinyCausalLM")
+    return None
+
+
+def _lookup_custom(module: nn.Module, prefix: str, opts: Options):
+    for key in (module, type(module), prefix):
+        try:
+            if key in opts.custom:
+                return opts.custom[key]
+        except TypeError:  # unhashable module
+            continue
+    return None
+
+
+def convert(module: nn.Module, prefix: str, opts: Options) -> Module:
+    """The module tree of ``module``, whose parameters are named under ``prefix``."""
+    from .declarations import DECLARATIONS
+
+    fn = _lookup_custom(module, prefix, opts)
+    if fn is not None:
+        return fn(module, prefix, opts)
+    qualname = f"{type(module).__module__}.{type(module).__qualname__}"
+    if qualname in DECLARATIONS:
+        return DECLARATIONS[qualname](module, prefix, opts)
+    known = _known_layer(module, prefix, opts)
+    if known is not None:
+        return known
+    if isinstance(module, nn.Sequential):
+        if len(module) == 0:
+            return bonds.identity("empty Sequential")
+        return compose(*(convert(child, _join(prefix, n), opts) for n, child in module.named_children()))
+    return _trace(module, prefix, opts)
+
+
+# --------------------------------------------------------------------------------- tracing
+class _Tracer(fx.Tracer):
+    """Stops at every submodule modman knows how to describe, so they stay call_module nodes."""
+
+    def __init__(self, opts: Options, prefix: str):
+        super().__init__()
+        self.opts, self.prefix = opts, prefix
+
+    def is_leaf_module(self, m, qualname):
+        from .declarations import DECLARATIONS
+
+        if _lookup_custom(m, _join(self.prefix, qualname), self.opts) is not None:
+            return True
+        if f"{type(m).__module__}.{type(m).__qualname__}" in DECLARATIONS:
+            return True
+        if isinstance(m, nn.Sequential):
+            return False
+        # a type test only: parameters are proxies while tracing, so no atom is built here
+        return isinstance(m, _KNOWN_TYPES) or type(m).__name__ == "RMSNorm"
+
+
+_META = object()  # values that are not activations (shapes, sizes)
+
+
+def _merge(chains: list[tuple], combine: str) -> tuple:
+    """Factor the common prefix out of several chains and join the rests in parallel."""
+    k = 0
+    while all(len(c) > k for c in chains) and all(c[k] is chains[0][k] for c in chains):
+        k += 1
+    rests = [compose(*c[k:]) if len(c) > k else bonds.identity() for c in chains]
+    return chains[0][:k] + (Parallel(*rests, combine=combine),)
+
+
+def _trace(module: nn.Module, prefix: str, opts: Options) -> Module:
+    name = prefix or type(module).__name__
+    try:
+        graph = _Tracer(opts, prefix).trace(module)
+    except Exception as exc:  # fx raises several types for data-dependent control flow
+        raise ModularError(
+            f"cannot describe {name} ({type(module).__name__}): it is not a layer modman knows and torch.fx "
+            f"could not trace its forward ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            f"Declare its structure with @modman.modular.declare({type(module).__name__}) or pass "
+            f"from_torch(model, custom={{{type(module).__name__}: fn}})") from exc
+    values: dict[fx.Node, object] = {}
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node is not inputs[0] and node.users:
+                raise ModularError(f"{name}: forward uses a second input {node.name!r}; the modular norm "
+                                   "describes single-input maps — declare the model with modman.modular.declare")
+            values[node] = ()
+        elif node.op == "get_attr":
+            raise ModularError(f"{name}: forward uses the bare tensor {_join(prefix, node.target)!r} directly; "
+                               "wrap it in a layer or describe the module with from_torch(custom={...})")
+        elif node.op == "call_module":
+            sub = module.get_submodule(node.target)
+            described = convert(sub, _join(prefix, node.target), opts)  # refusals name the layer first
+            values[node] = _single_input(node, values, name) + (described,)
+        elif node.op in ("call_function", "call_method"):
+            values[node] = _function(node, values, name)
+        elif node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node) or values.get(out) is _META:
+                raise ModularError(f"{name}: forward returns {type(out).__name__}, not one tensor; "
+                                   "declare the model with modman.modular.declare")
+            chain = values[out]
+            return compose(*chain) if chain else bonds.identity()
+    raise ModularError(f"{name}: traced graph has no output")
+
+
+def _tensor_args(node: fx.Node, values) -> list[tuple]:
+    out = []
+    for a in _flat(node.args) + _flat(node.kwargs):
+        if isinstance(a, fx.Node) and values[a] is not _META:
+            out.append(values[a])
+    return out
+
+
+def _flat(x) -> list:
+    if isinstance(x, (list, tuple)):
+        return [y for item in x for y in _flat(item)]
+    if isinstance(x, dict):
+        return [y for item in x.values() for y in _flat(item)]
+    return [x]
+
+
+def _single_input(node, values, name) -> tuple:
+    chains = _tensor_args(node, values)
+    if len(chains) != 1:
+        raise ModularError(f"{name}: {node.target} is called with {len(chains)} tensor inputs; modman describes "
+                           "single-input layers — declare the model with modman.modular.declare")
+    return chains[0]
+
+
+def _scalar_arg(node) -> float | None:
+    nums = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    return float(nums[0]) if nums else None
+
+
+def _function(node: fx.Node, values, name) -> object:
+    target = node.target
+    where = f"{name}: {node.op} {getattr(target, '__name__', target)!r}"
+    if node.op == "call_method" and target in _META_METHODS or target is getattr:
+        return _META
+    chains = _tensor_args(node, values)
+    if node.op == "call_function" and target in _ACTIVATION_FUNCTIONS or \
+            node.op == "call_method" and target in _ACTIVATION_METHODS:
+        kind = _ACTIVATION_FUNCTIONS.get(target) or _ACTIVATION_METHODS.get(target)
+        if kind == "gelu" and node.kwargs.get("approximate", "none") not in ("none", "tanh"):
+            raise ModularError(f"{where}: unknown GELU approximation")
+        return _single_input(node, values, name) + (bonds.activation(kind),)
+    if node.op == "call_function" and target in _SHAPE_FUNCTIONS or \
+            node.op == "call_method" and target in _SHAPE_METHODS:
+        return _single_input(node, values, name) + (bonds.identity(getattr(target, "__name__", str(target))),)
+    if target in (operator.add, operator.iadd, torch.add, "add", "__add__"):
+        if len(chains) >= 2:
+            return _merge(chains, "sum")
+        c = _scalar_arg(node) or 0.0
+        return _single_input(node, values, name) + (Bond(f"+{c:g}", 1.0, lambda r, c=c: r + abs(c)),)
+    if target in (operator.sub, torch.sub, "sub"):
+        if len(chains) >= 2:
+            return _merge(chains, "sum")  # ‖Δ(a − b)‖ ≤ ‖Δa‖ + ‖Δb‖, as for a sum
+        c = _scalar_arg(node) or 0.0
+        return _single_input(node, values, name) + (Bond(f"-{c:g}", 1.0, lambda r, c=c: r + abs(c)),)
+    if target in (operator.mul, operator.imul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+        if len(chains) >= 2:
+            if target in (operator.truediv, torch.div, "div"):
+                raise ModularError(f"{where}: division of two activations has no Lipschitz bound; "
+                                   "describe this module with from_torch(custom={...})")
+            return _merge(chains, "mul")
+        a = _scalar_arg(node)
+        if a is None:
+            raise ModularError(f"{where}: multiplies by a non-constant; describe it with from_torch(custom={{...}})")
+        if target in (operator.truediv, torch.div, "div"):
+            a = 1.0 / a
+        # a stage of sensitivity |a| after the chain scales every earlier weight's norm by |a|: a·m
+        return _single_input(node, values, name) + (Bond(f"×{a:g}", abs(a), lambda r, a=a: abs(a) * r),)
+    if node.op == "call_function" and target is torch.cat:
+        return _merge(chains, "cat")
+    if target in (F.scaled_dot_product_attention,):
+        raise ModularError(f"{where}: softmax attention is not Lipschitz without assumptions; declare the "
+                           "block with modman.modular.declare, stating them (see declarations.py)")
+    raise ModularError(f"{where} is not a function modman knows; describe the enclosing module with "
+                       "from_torch(model, custom={Class: fn}) or @modman.modular.declare(Class)")
+
+
+def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | None = None,
+               norm_min_rms: float = 1.0, embedding_radius: float = 1.0, custom: dict | None = None) -> Module:
+    """The module tree of ``model`` (see the module docstring); parameter names as in
+    ``model.named_parameters()``.
+
+    Args:
+        scale: the Stiefel scale the optimizer uses (None: spectral norm; "rms": RMS→RMS), which
+            sets each weight's sensitivity and own norm.
+        masses: {parameter name: mass}; defaults 1 for Linear/Conv/Embedding weights, 0 for
+            biases and norm gains (passengers, trained by the fallback).
+        norm_min_rms: the assumed smallest RMS of a normalisation layer's input.
+        embedding_radius: the row-sphere radius (ManifoldMuon's default 1).
+        custom: {module instance | class | name prefix: fn(module, prefix, options) -> Module}.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"from_torch needs a torch.nn.Module, got {type(model).__name__}")
+    _check_scale(scale)
+    opts = Options(scale=scale, masses=dict(masses or {}), norm_min_rms=norm_min_rms,
+                   embedding_radius=embedding_radius, custom=dict(custom or {}))
+    names = {id(p): n for n, p in model.named_parameters()}
+    unknown = set(opts.masses) - set(names.values())
+    if unknown:
+        raise ModularError(f"masses names unknown parameters {sorted(unknown)}; use names from model.named_parameters()")
+    tree = convert(model, "", opts)
+    seen: dict[int, str] = {}
+    for atom in tree.atoms():
+        if id(atom.param) in seen:
+            raise ModularError(
+                f"parameter {names.get(id(atom.param), atom.name)!r} is used twice (as {seen[id(atom.param)]!r} and "
+                f"{atom.name!r}: tied weights or a layer called twice). The modular norm counts a weight once per "
+                "use; untie the weights, or declare the model (modman.modular.declare) placing it once")
+        seen[id(atom.param)] = atom.name
+        if atom.name not in names.values() and id(atom.param) in names:
+            atom.name = names[id(atom.param)]
+    return tree

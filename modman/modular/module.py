@@ -1,0 +1,257 @@
+"""Modules, their composition rules, and the modular norm (MATH.md §4; Large et al. 2024).
+
+A module is a forward map with weights, described here by four numbers and a rule:
+
+- ``mass`` μ: its share of the learning rate (atoms 1 by default, bonds 0);
+- ``sensitivity``: a Lipschitz constant of the output w.r.t. the input, RMS → RMS, for weights
+  on their manifold;
+- ``bound(ρ)``: an upper bound on the output's RMS for inputs of RMS ≤ ρ;
+- the norm of a weight change, built from the atoms' norms by the rules below.
+
+All norms are measured on activations as RMS over the feature dimension, per example (per token,
+per spatial position); "well normed" means, to first order,
+‖f(w + Δw, x) − f(w, x)‖_RMS ≤ ‖Δw‖ for every input of RMS ≤ 1.
+
+Composition m₂ ∘ m₁ (m₁ first), μ = μ₁ + μ₂:
+    ‖(Δw₁, Δw₂)‖ = max(s₁‖Δw₁‖₁, s₂‖Δw₂‖₂),  s₁ = (μ/μ₁)·sens(m₂),  s₂ = μ/μ₂,
+    sensitivity multiplies, mass adds, and m₂ sees inputs bounded by bound₁(ρ).
+Parallel branches combined by sum or concatenation: ‖Δw‖ = maxᵢ (μ/μᵢ)‖Δwᵢ‖ᵢ; mass and
+sensitivity add (a sum's change is at most the sum of the changes; a concatenation's RMS at most
+their maximum). Combined by an elementwise product, branch i's change is further multiplied by
+the other branches' output bounds (stated assumption: ‖a ⊙ b‖_RMS ≤ ‖a‖_RMS·‖b‖_RMS, exact for
+flat vectors, loose by up to √d for spiky ones).
+Scalar multiple a·m: sensitivity and bound × |a|, the inner norm × |a|, mass unchanged.
+
+Flattening the tree gives every atom i a coefficient cᵢ with ‖Δw‖ = maxᵢ cᵢ·Nᵢ(Δwᵢ), where Nᵢ is
+the atom's norm in RMS units at unit input. Steepest descent of budget η under this max-norm
+moves atom i by η/cᵢ in Nᵢ — the learning-rate budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an atom sits in a tree: its coefficient c (the max-norm weight, ∞ for mass-0 atoms)
+    and the RMS bound ρ of the inputs it sees."""
+
+    atom: "Atom"
+    coefficient: float
+    input_bound: float
+
+
+class Module:
+    """Base class; subclasses set ``mass`` and ``sensitivity`` and implement ``bound``."""
+
+    mass: float = 0.0
+    sensitivity: float = 1.0
+
+    def bound(self, rho: float) -> float:
+        """Upper bound on the output RMS for inputs of RMS ≤ rho."""
+        raise NotImplementedError
+
+    def children(self) -> tuple["Module", ...]:
+        return ()
+
+    def _place(self, coefficient: float, rho: float) -> Iterator[Placement]:
+        """Yield every atom below with its accumulated coefficient and input bound."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ derived quantities
+    def placements(self) -> list[Placement]:
+        """Every atom with its coefficient in this tree (unit-RMS inputs at the root)."""
+        return list(self._place(1.0, 1.0))
+
+    def atoms(self) -> list["Atom"]:
+        return [p.atom for p in self.placements()]
+
+    def norm(self, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The modular norm maxᵢ cᵢ·ρᵢ-scaled Nᵢ(Δwᵢ) of a weight change given by parameter name.
+
+        Missing names count as zero change; atoms of mass 0 (passengers: biases and gains by
+        default) are outside the norm, so a change to them must be zero (else the result is ∞).
+        """
+        known = {p.atom.name for p in self.placements()}
+        unknown = set(deltas) - known
+        if unknown:
+            raise KeyError(f"norm() got changes for parameters not in this module: {sorted(unknown)}; "
+                           f"known: {sorted(known)}")
+        values = []
+        for p in self.placements():
+            if p.atom.name not in deltas:
+                continue
+            n = p.atom.rms_norm(deltas[p.atom.name]) * (p.input_bound if p.atom.homogeneous else 1.0)
+            if math.isinf(p.coefficient):
+                values.append(torch.where(n > 0, torch.full_like(n, math.inf), torch.zeros_like(n)))
+            else:
+                values.append(p.coefficient * n)
+        if not values:
+            return torch.zeros(())
+        return torch.stack([v.to(torch.float64) for v in values]).max()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mass={self.mass:g}, sensitivity={self.sensitivity:.4g})"
+
+
+class Atom(Module):
+    """A module holding one parameter. Subclasses give ``rms_norm`` (Nᵢ: the RMS change of the
+    output per unit input RMS), ``own_factor`` (Nᵢ / the optimizer's own norm of the step) and
+    ``homogeneous`` (whether the output change scales with the input's RMS)."""
+
+    homogeneous = True
+
+    def __init__(self, name: str, param: torch.Tensor, mass: float):
+        if not (isinstance(mass, (int, float)) and math.isfinite(mass) and mass >= 0):
+            raise ValueError(f"mass of {name!r} must be a finite number ≥ 0, got {mass!r}")
+        self.name = name
+        self.param = param
+        self.mass = float(mass)
+
+    def rms_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def own_factor(self) -> float:
+        raise NotImplementedError
+
+    def own_norm_name(self) -> str:
+        raise NotImplementedError
+
+    def _place(self, coefficient, rho):
+        yield Placement(self, coefficient, rho)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, shape={tuple(self.param.shape)}, mass={self.mass:g})"
+
+
+class Bond(Module):
+    """A module without weights (mass 0): activations, reshapes, normalisations, attention."""
+
+    mass = 0.0
+
+    def __init__(self, name: str, sensitivity: float, bound: Callable[[float], float], assumption: str = ""):
+        self.name = name
+        self.sensitivity = float(sensitivity)
+        self._bound = bound
+        self.assumption = assumption
+
+    def bound(self, rho):
+        return float(self._bound(rho))
+
+    def _place(self, coefficient, rho):
+        return iter(())
+
+    def __repr__(self) -> str:
+        return f"Bond({self.name}, sensitivity={self.sensitivity:.4g})"
+
+
+def _share(total: float, part: float) -> float:
+    """μ/μᵢ, with ∞ for a weightless part (it holds only bonds and passengers)."""
+    return total / part if part > 0 else math.inf
+
+
+class Compose(Module):
+    """m_n ∘ … ∘ m_1: ``Compose(m1, m2, …)`` applies m1 first (the order of nn.Sequential)."""
+
+    def __init__(self, *modules: Module):
+        if not modules:
+            raise ValueError("Compose needs at least one module")
+        self.modules = tuple(modules)
+        self.mass = sum(m.mass for m in modules)
+        self.sensitivity = math.prod(m.sensitivity for m in modules)
+
+    def children(self):
+        return self.modules
+
+    def bound(self, rho):
+        for m in self.modules:
+            rho = m.bound(rho)
+        return rho
+
+    def _place(self, coefficient, rho):
+        # The change of module k reaches the output through every later module: × their sensitivities.
+        after = [1.0] * len(self.modules)
+        for k in range(len(self.modules) - 2, -1, -1):
+            after[k] = after[k + 1] * self.modules[k + 1].sensitivity
+        for k, m in enumerate(self.modules):
+            if m.mass > 0:
+                yield from m._place(coefficient * _share(self.mass, m.mass) * after[k], rho)
+            else:
+                yield from m._place(math.inf, rho)
+            rho = m.bound(rho)
+
+
+class Parallel(Module):
+    """Branches applied to the same input, combined by ``"sum"``, ``"cat"`` or ``"mul"``."""
+
+    def __init__(self, *modules: Module, combine: str = "sum"):
+        if combine not in ("sum", "cat", "mul"):
+            raise ValueError(f"combine must be 'sum', 'cat' or 'mul', got {combine!r}")
+        if len(modules) < 2:
+            raise ValueError("Parallel needs at least two branches")
+        self.modules = tuple(modules)
+        self.combine = combine
+        self.mass = sum(m.mass for m in modules)
+        if combine == "mul":
+            # Δ(a ⊙ b) = Δa ⊙ b + a ⊙ Δb at unit input (the stated product assumption).
+            bounds = [m.bound(1.0) for m in modules]
+            self.sensitivity = sum(m.sensitivity * math.prod(b for j, b in enumerate(bounds) if j != i)
+                                   for i, m in enumerate(modules))
+        else:
+            self.sensitivity = sum(m.sensitivity for m in modules)
+
+    def children(self):
+        return self.modules
+
+    def bound(self, rho):
+        bounds = [m.bound(rho) for m in self.modules]
+        if self.combine == "cat":
+            return max(bounds)
+        if self.combine == "mul":
+            return math.prod(bounds)
+        return sum(bounds)
+
+    def _place(self, coefficient, rho):
+        bounds = [m.bound(rho) for m in self.modules]
+        for i, m in enumerate(self.modules):
+            extra = math.prod(b for j, b in enumerate(bounds) if j != i) if self.combine == "mul" else 1.0
+            c = coefficient * _share(self.mass, m.mass) * extra if m.mass > 0 else math.inf
+            yield from m._place(c, rho)
+
+
+class Scale(Module):
+    """a·m: the output, the sensitivity and the inner weights' norm all scale by |a|."""
+
+    def __init__(self, a: float, module: Module):
+        a = float(a)
+        if not math.isfinite(a) or a == 0:
+            raise ValueError(f"scalar multiple must be finite and nonzero, got {a}")
+        self.a = a
+        self.module = module
+        self.mass = module.mass
+        self.sensitivity = abs(a) * module.sensitivity
+
+    def children(self):
+        return (self.module,)
+
+    def bound(self, rho):
+        return abs(self.a) * self.module.bound(rho)
+
+    def _place(self, coefficient, rho):
+        yield from self.module._place(coefficient * abs(self.a), rho)
+
+
+def compose(*modules: Module) -> Module:
+    """m1 then m2 then …; a single module is returned as is."""
+    return modules[0] if len(modules) == 1 else Compose(*modules)
+
+
+def repeat(factory: Callable[[int], Module], n: int) -> Module:
+    """factory(0) then factory(1) … factory(n-1): n copies with their own weights."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"repeat needs n ≥ 1, got {n!r}")
+    return compose(*(factory(i) for i in range(n)))

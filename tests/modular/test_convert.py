@@ -1,0 +1,106 @@
+"""from_torch: what it describes, and the refusals that say what to do."""
+import pytest
+import torch
+from torch import nn
+
+from modman.modular import ModularError, budget, budget_table, from_torch
+from modman.toy.model import TinyCausalLM
+
+from .models import Concat, ResidualMLP
+
+
+def test_names_match_named_parameters():
+    for model in (ResidualMLP(5, 6, 3), Concat(4, 3, 2, 5), nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())):
+        names = {a.name for a in from_torch(model).atoms()}
+        assert names == {n for n, _ in model.named_parameters()}
+
+
+def test_residual_traced_counts_trunk_once():
+    tree = from_torch(ResidualMLP(5, 6, 3, blocks=2))
+    assert tree.mass == 6  # inp, 2×(f1, f2), out — each once
+
+
+def test_tiny_causal_lm_declared():
+    model = TinyCausalLM(vocab_size=20, d_model=16, n_layers=2, n_heads=2, max_len=8)
+    b = budget(model, scale="rms")
+    linear = {n for n, p in model.named_parameters() if p.ndim == 2}
+    assert set(b) == linear  # gains are passengers; every matrix (and the embedding) budgeted
+    assert b["layers.0.self_attn.q_proj.weight"] < b["layers.1.self_attn.q_proj.weight"]  # earlier: more sensitive path
+    assert "assumes attention" in budget_table(model)
+
+
+def test_tied_weights_refused():
+    model = TinyCausalLM(vocab_size=20, d_model=16, n_layers=1, n_heads=2, max_len=8, tie_embeddings=True)
+    with pytest.raises(ModularError, match="once per use"):
+        from_torch(model)
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.l(torch.relu(self.l(x)))
+
+
+def test_parameter_used_twice_refused():
+    with pytest.raises(ModularError, match="used twice"):
+        from_torch(Twice())
+
+
+class Weird(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.l(x)
+        return x
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.MultiheadAttention(8, 2)
+
+    def forward(self, x):
+        return self.a(x, x, x)[0]
+
+
+@pytest.mark.parametrize("model, message", [
+    (Weird(), "bare tensor 'w'"),
+    (Branchy(), "declare"),
+    (nn.Sequential(nn.Linear(4, 4), nn.Softmax(-1)), "softmax.*not a function modman knows"),
+    (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "grouped convolution"),
+    (Attn(), "attention"),
+])
+def test_refusals_say_what_to_do(model, message):
+    with pytest.raises(ModularError, match=message):
+        from_torch(model)
+
+
+def test_custom_description_accepted():
+    from modman.modular import MatrixAtom
+
+    tree = from_torch(Weird(), custom={Weird: lambda m, prefix, opts: MatrixAtom("w", m.w, 1.0, opts.scale)})
+    assert budget(tree) == {"w": pytest.approx(1.0)}
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="scale"):
+        from_torch(nn.Linear(2, 2), scale="spectral")
+    with pytest.raises(ModularError, match="unknown parameters"):
+        from_torch(nn.Linear(2, 2), masses={"nope": 1.0})
+    with pytest.raises(TypeError):
+        from_torch(torch.zeros(2))
