@@ -1,0 +1,172 @@
+"""Putting adapters into a model and managing them: apply, activate, disable, merge, unload.
+
+``apply_lora`` replaces each targeted nn.Linear (in place, at the same path) by a
+:class:`LoRALinear` wrapping it, freezes every base parameter, and makes the new adapter the
+active and only trainable one. A model may carry several named adapters; ``set_adapter`` chooses
+which are active (their outputs add) and trainable.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig, select_targets
+from .layer import LoRALinear
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in ("base_layer",):
+        raise ValueError(f"adapter_name must be a Python identifier (no dots), got {name!r}")
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRALinear modules by path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters present anywhere in the model, in order of creation."""
+    names: list[str] = []
+    for layer in lora_layers(model).values():
+        for name in layer.r:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", *,
+               seed: int | None = None) -> nn.Module:
+    """Add adapter ``adapter_name`` to the layers ``config`` targets; returns ``model``.
+
+    Every base parameter is frozen (requires_grad=False); the new adapter becomes the active
+    and only trainable one (others stay, inactive: see :func:`set_adapter`). ``seed`` makes the
+    factors' initialisation independent of the global RNG. All checks (targets, ranks, name)
+    run before the model is touched, so an error leaves it as it was.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    _check_adapter_name(adapter_name)
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}; pick another "
+                         "adapter_name or load into it with load_adapter")
+    targets = select_targets(model, config)
+    layers = lora_layers(model)
+    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for path, base in targets.items():
+        layer = layers.get(path)
+        if layer is None:
+            layer = LoRALinear(base)
+            _set_submodule(model, path, layer)
+        layer.add_adapter(adapter_name, config.r, config.scaling, config.dropout, config.init,
+                          generator=generator)
+    model.lora_configs = {**getattr(model, "lora_configs", {}), adapter_name: config}
+    set_adapter(model, adapter_name)
+    return model
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make ``names`` the active adapters (their updates add) and the only trainable ones."""
+    names = [names] if isinstance(names, str) else list(names)
+    present = adapter_names(model)
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"no adapter named {missing}; the model has {present}")
+    for layer in lora_layers(model).values():
+        if layer.merged_adapters:
+            layer.unmerge()
+        layer.active_adapters = [n for n in names if n in layer.r]
+        for name in layer.r:
+            trainable = name in names
+            layer.lora_A[name].weight.requires_grad_(trainable)
+            layer.lora_B[name].weight.requires_grad_(trainable)
+
+
+def disable_adapters(model: nn.Module) -> None:
+    """Run the base model alone (merged adapters are unmerged first)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+        layer.disabled = True
+
+
+def enable_adapters(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.disabled = False
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """``with adapters_disabled(model):`` runs the base model, then restores the adapters."""
+    disable_adapters(model)
+    try:
+        yield model
+    finally:
+        enable_adapters(model)
+
+
+def merge_lora(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Fold s·B A into each base weight (fp32 arithmetic, then cast) for the given adapters
+    (default: the active ones); the forward then skips them. Undo with :func:`unmerge_lora`."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to merge")
+    for layer in layers.values():
+        layer.merge(adapter_names)
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Subtract merged adapters from the base weights again (exact in fp32 up to rounding)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every LoRALinear by its base nn.Linear, merging the active adapters first when
+    ``merge``; the result is a plain model (base parameters stay frozen)."""
+    for path, layer in lora_layers(model).items():
+        if merge:
+            layer.merge()
+        _set_submodule(model, path, layer.base_layer)
+    if hasattr(model, "lora_configs"):
+        del model.lora_configs
+    return model
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """{``<path>.lora_A.weight`` / ``<path>.lora_B.weight``: tensor} for one adapter, the
+    adapter name dropped from the key as in PEFT's files."""
+    state = {}
+    for path, layer in lora_layers(model).items():
+        if adapter_name in layer.r:
+            state[f"{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            state[f"{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    if not state:
+        raise ValueError(f"the model has no adapter named {adapter_name!r}; it has "
+                         f"{adapter_names(model)}")
+    return state
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs of the factors of one adapter (default: the trainable ones)."""
+    out = []
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if len(parts) < 3 or parts[-3] not in ("lora_A", "lora_B"):
+            continue
+        if adapter_name is None and param.requires_grad or parts[-2] == adapter_name:
+            out.append((name, param))
+    return out

@@ -1,0 +1,192 @@
+"""Adapters on disk in PEFT's format, the interchange format of the LoRA ecosystem.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. Tensor keys are
+``base_model.model.<module path>.lora_A.weight`` (r × d_in) and ``….lora_B.weight`` (d_out × r);
+the in-memory adapter name is not part of the key. The config carries ``peft_type: "LORA"``,
+``r``, ``lora_alpha`` (scale α/r, or α/√r with ``use_rslora``), ``target_modules`` and the other
+LoraConfig fields PEFT reads. Module paths are those of the model object the adapter was applied
+to, so an adapter saved from a transformers model loads with ``peft.PeftModel.from_pretrained``
+on the same architecture, and an adapter PEFT saved loads here with :func:`load_adapter`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig, linear_modules
+from .inject import adapter_names, adapter_state_dict, apply_lora, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"base_model\.model\.(?P<path>.+)\.(?P<factor>lora_A|lora_B)\.weight")
+_INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "random": False}
+_INIT_FROM_PEFT = {True: "default", "gaussian": "gaussian", False: "random"}
+
+
+def _target_list(paths: list[str], model: nn.Module) -> list[str]:
+    """Leaf names when they select exactly ``paths`` among the model's Linear layers (the
+    familiar ["q_proj", …]); the full paths otherwise (e.g. with exclusions)."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    selected = {p for p in linear_modules(model) if p.rsplit(".", 1)[-1] in leaves}
+    return leaves if selected == set(paths) else sorted(paths)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
+                 base_model_name_or_path: str | None = None,
+                 task_type: str | None = "CAUSAL_LM") -> Path:
+    """Write adapter ``adapter_name`` of ``model`` to the folder ``path`` in PEFT's format."""
+    from safetensors.torch import save_file
+
+    configs = getattr(model, "lora_configs", {})
+    state = adapter_state_dict(model, adapter_name)
+    if adapter_name not in configs:
+        raise ValueError(f"adapter {adapter_name!r} has tensors but no LoRAConfig on the model "
+                         "(was it added by apply_lora or load_adapter?)")
+    config: LoRAConfig = configs[adapter_name]
+    paths = sorted({key.rsplit(".", 2)[0] for key in state})
+    if base_model_name_or_path is None:
+        hf_config = getattr(model, "config", None)
+        base_model_name_or_path = getattr(hf_config, "name_or_path", None) or None
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": _target_list(paths, model),
+        "exclude_modules": None,
+        "init_lora_weights": _INIT_TO_PEFT[config.init],
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+    tensors = {PREFIX + key: t.detach().contiguous().cpu() for key, t in state.items()}
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Write beside and rename, so a reader never sees half a file.
+    tmp_weights = folder / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    tmp_weights.replace(folder / WEIGHTS_NAME)
+    tmp_config = folder / f".{CONFIG_NAME}.tmp{os.getpid()}"
+    tmp_config.write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+    tmp_config.replace(folder / CONFIG_NAME)
+    return folder
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config dict and tensors of a PEFT LoRA folder, validated; nothing is applied."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found (a PEFT adapter folder holds {CONFIG_NAME} "
+                                    f"and {WEIGHTS_NAME})")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    unsupported = {
+        "use_dora": bool(config.get("use_dora")),
+        "bias": config.get("bias", "none") not in ("none", None),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "lora_bias": bool(config.get("lora_bias")),
+        "target_parameters": bool(config.get("target_parameters")),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{config_file}: {bad} not supported by modman.lora (plain LoRA on "
+                         "nn.Linear with one rank and alpha only)")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise ValueError(f"{config_file}: {key} must be a positive number, got "
+                             f"{config.get(key)!r}")
+    tensors = load_file(str(weights_file))
+    wrong = [k for k in tensors if not _KEY.fullmatch(k)]
+    if wrong:
+        raise ValueError(f"{weights_file}: keys not of the form base_model.model.<path>."
+                         f"lora_A|lora_B.weight: {wrong[:5]}")
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+                 ) -> nn.Module:
+    """Load the PEFT adapter at ``path`` into ``model`` as ``adapter_name``; returns ``model``.
+
+    The adapted modules are those named in the tensor file. If the model has no adapter of that
+    name it is created (and made active and trainable, as by :func:`apply_lora`); otherwise its
+    values are overwritten. Every module path and shape is checked first: an adapter for
+    other module names or shapes raises ValueError naming the file and modules, and the model
+    is left untouched.
+    """
+    config, tensors = read_adapter(path)
+    weights_file = Path(path) / WEIGHTS_NAME
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key)
+        factors.setdefault(match["path"], {})[match["factor"]] = tensor
+    r = int(config["r"])
+    linears = linear_modules(model)
+    problems = []
+    for module_path, pair in factors.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            problems.append(f"{module_path}: has {sorted(pair)} only")
+            continue
+        if module_path not in linears:
+            problems.append(f"{module_path}: no nn.Linear of that path in the model")
+            continue
+        base = linears[module_path]
+        expect = {"lora_A": (r, base.in_features), "lora_B": (base.out_features, r)}
+        for factor, shape in expect.items():
+            if tuple(pair[factor].shape) != shape:
+                problems.append(f"{module_path}.{factor}: shape {tuple(pair[factor].shape)}, "
+                                f"the model needs {shape}")
+    existing = adapter_name in adapter_names(model)
+    if existing and not problems:
+        have = {p for p, layer in lora_layers(model).items() if adapter_name in layer.r}
+        if have != set(factors):
+            problems.append(f"adapter {adapter_name!r} already exists on other modules "
+                            f"({sorted(have ^ set(factors))[:5]} differ)")
+    if problems:
+        listing = "; ".join(problems[:10]) + ("; …" if len(problems) > 10 else "")
+        raise ValueError(f"{weights_file} does not fit {type(model).__name__}: {listing}. "
+                         "The model was not changed.")
+    if not existing:
+        targets = "|".join(re.escape(p) for p in sorted(factors))
+        lora_config = LoRAConfig(
+            r=r, alpha=config["lora_alpha"], target_modules=f"(?:{targets})",
+            dropout=float(config.get("lora_dropout") or 0.0),
+            use_rslora=bool(config.get("use_rslora")),
+            init=_INIT_FROM_PEFT.get(config.get("init_lora_weights", True), "default"))
+        apply_lora(model, lora_config, adapter_name)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for module_path, pair in factors.items():
+            layer = layers[module_path]
+            if adapter_name in layer.merged_adapters:
+                layer.unmerge()  # the merged values are about to change
+            for factor in ("lora_A", "lora_B"):
+                weight = getattr(layer, factor)[adapter_name].weight
+                weight.copy_(pair[factor].to(device=weight.device, dtype=weight.dtype))
+    return model

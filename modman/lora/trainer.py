@@ -1,0 +1,255 @@
+"""A small fine-tuning loop: any optimizer, lr schedule, gradient accumulation, periodic
+evaluation, checkpoints with exact resume, a tqdm bar, JSON-lines metrics.
+
+One optimizer step at index t (0-based) uses lr_g(t) = lr_g · f(t) for each param group g, with
+f(t) = (t + 1)/warmup during warm-up, then 1 (``"constant"``) or (T − t)/(T − warmup)
+(``"linear"``, reaching 1/(T − warmup) at the last step). Its gradient is the mean of
+``grad_accum`` micro-batch losses, micro-batch m of step t being ``data(t, m)``.
+
+Exact resume: data are a function of (t, m), not of an iterator's position, and a checkpoint
+holds the trainable parameters, the optimizer state, the base lrs and the torch RNG state
+(dropout), so a run stopped after a checkpoint at step k and resumed reproduces the
+uninterrupted run bitwise on the same machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_NAME = "trainer_state.pt"
+SCHEDULES = ("constant", "linear")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """steps: optimizer steps; grad_accum: micro-batches per step; eval_every /
+    checkpoint_every: in steps (0 = never; a checkpoint is always written at the end when a
+    checkpoint_dir is given); max_grad_norm: clip the total gradient norm (None = off)."""
+
+    steps: int
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    max_grad_norm: float | None = None
+    progress: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup_steps >= self.steps and self.schedule == "linear":
+            raise ValueError(f"warmup_steps={self.warmup_steps} leaves no decay phase in "
+                             f"steps={self.steps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """f(t) of the module docstring."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    return (config.steps - step) / (config.steps - config.warmup_steps)
+
+
+def task_data(task, batch_size: int, seed: int = 0, split: str = "train"
+              ) -> Callable[[int, int], dict]:
+    """``data(t, m)`` for a ``modman.toy.tasks`` task: batch_size fresh problems drawn from
+    ``np.random.default_rng([seed, t, m])``, as model keyword arguments."""
+    def data(step: int, micro: int) -> dict:
+        batch = task.sample(batch_size, np.random.default_rng([seed, step, micro]), split)
+        return {"input_ids": batch.input_ids, "labels": batch.labels}
+    return data
+
+
+def eval_loss_fn(batches: list[dict]) -> Callable[[nn.Module], dict]:
+    """An ``eval_fn`` returning {"loss": mean loss over fixed ``batches``}."""
+    def evaluate(model: nn.Module) -> dict:
+        losses = [float(model(**batch).loss) for batch in batches]
+        return {"loss": sum(losses) / len(losses)}
+    return evaluate
+
+
+def _loss(output) -> torch.Tensor:
+    loss = output["loss"] if isinstance(output, dict) else getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError("the model's output has no loss: pass labels in the data batches")
+    return loss
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    optimizer: torch.optim.Optimizer
+    resumed_from: int
+
+
+def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+          data: Callable[[int, int], dict], config: TrainConfig, *,
+          eval_fn: Callable[[nn.Module], dict] | None = None,
+          checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
+          metrics_path: str | os.PathLike | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Fine-tune the trainable parameters of ``model``.
+
+    Args:
+        optimizer: a factory ``model -> torch.optim.Optimizer`` (see
+            ``modman.lora.optimizer_factory``); its group lrs are the schedule's peak values.
+        data: ``data(t, m)`` → keyword arguments for ``model`` including ``labels``.
+        eval_fn: called every ``eval_every`` steps and at the end, in eval mode without
+            gradients; its dict is logged with an ``eval_`` prefix.
+        checkpoint_dir: where ``trainer_state.pt`` (and, for LoRA models, the adapter in
+            PEFT format under ``adapter/``) are written; with ``resume`` an existing
+            checkpoint there is loaded and training continues after its step.
+        metrics_path: JSON-lines file, one record per step (step, loss, lr, tokens,
+            tokens_per_s, seconds) plus eval_* keys on evaluation steps; on resume, records past
+            the checkpoint are dropped.
+        stop_after: stop (after checkpointing) once this many steps are done: simulates an
+            interruption, and lets a long run proceed in pieces.
+
+    Raises FloatingPointError at the first non-finite loss, naming the step.
+    """
+    if not callable(optimizer):
+        raise TypeError("optimizer must be a factory model -> torch.optim.Optimizer")
+    opt = optimizer(model)
+    base_lrs = [float(g["lr"]) for g in opt.param_groups]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = 0
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt_dir is not None and resume and (ckpt_dir / CHECKPOINT_NAME).is_file():
+        start, base_lrs = _load_checkpoint(ckpt_dir / CHECKPOINT_NAME, trainable, opt)
+    records: list[dict] = []
+    metrics_file = None
+    if metrics_path is not None:
+        metrics_path = Path(metrics_path)
+        kept = []
+        if start and metrics_path.is_file():
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start]
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+        metrics_file = metrics_path.open("a")
+    end = config.steps if stop_after is None else min(config.steps, int(stop_after))
+    bar = None
+    if config.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=config.steps, initial=start, desc="lora", unit="step")
+    clock = time.perf_counter()
+    model.train()
+    try:
+        for step in range(start, end):
+            tick = time.perf_counter()
+            factor = lr_factor(step, config)
+            for group, lr in zip(opt.param_groups, base_lrs):
+                group["lr"] = lr * factor
+            opt.zero_grad(set_to_none=True)
+            total, tokens = 0.0, 0
+            for micro in range(config.grad_accum):
+                batch = data(step, micro)
+                loss = _loss(model(**batch))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {step + 1} "
+                                             f"(micro-batch {micro})")
+                (loss / config.grad_accum).backward()
+                total += float(loss.detach()) / config.grad_accum
+                tokens += int(batch["input_ids"].numel())
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+            opt.step()
+            step_seconds = time.perf_counter() - tick
+            done = step + 1
+            record = {"step": done, "loss": total, "lr": base_lrs[0] * factor, "tokens": tokens,
+                      "step_seconds": step_seconds, "tokens_per_s": tokens / step_seconds}
+            if eval_fn is not None and ((config.eval_every and done % config.eval_every == 0)
+                                        or done == config.steps):
+                record.update({f"eval_{k}": v for k, v in _evaluate(model, eval_fn).items()})
+            record["seconds"] = time.perf_counter() - clock
+            records.append(record)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+            if ckpt_dir is not None and ((config.checkpoint_every
+                                          and done % config.checkpoint_every == 0)
+                                         or done == end):
+                _save_checkpoint(ckpt_dir, model, trainable, opt, done, base_lrs)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    return TrainResult(history=records, optimizer=opt, resumed_from=start)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, eval_fn) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        result = eval_fn(model)
+    finally:
+        model.train(was_training)
+    if isinstance(result, (int, float)):
+        result = {"value": float(result)}
+    return {k: float(v) for k, v in result.items()}
+
+
+def _save_checkpoint(folder: Path, model: nn.Module, trainable: dict, opt, step: int,
+                     base_lrs: list[float]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "base_lrs": base_lrs,
+        "params": {n: p.detach().clone() for n, p in trainable.items()},
+        "optimizer": opt.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    tmp = folder / f".{CHECKPOINT_NAME}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    tmp.replace(folder / CHECKPOINT_NAME)  # atomic: a crash mid-write keeps the old checkpoint
+    if getattr(model, "lora_configs", None):
+        from .inject import lora_layers
+        from .peft_format import save_adapter
+
+        active = {n for layer in lora_layers(model).values() for n in layer.active_adapters}
+        for name in sorted(active):
+            save_adapter(model, folder / ("adapter" if name == "default" else f"adapter-{name}"),
+                         name)
+
+
+def _load_checkpoint(file: Path, trainable: dict, opt) -> tuple[int, list[float]]:
+    state = torch.load(file, weights_only=True)
+    saved = state["params"]
+    if set(saved) != set(trainable):
+        raise ValueError(f"{file} holds parameters {sorted(set(saved) ^ set(trainable))[:5]} "
+                         "that differ from the model's trainable ones; not resumed")
+    for name, tensor in saved.items():
+        if tensor.shape != trainable[name].shape:
+            raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model "
+                             f"{tuple(trainable[name].shape)}; not resumed")
+    opt.load_state_dict(state["optimizer"])
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            trainable[name].copy_(tensor)
+    torch.set_rng_state(state["rng"])
+    return int(state["step"]), [float(x) for x in state["base_lrs"]]

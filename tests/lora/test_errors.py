@@ -1,0 +1,81 @@
+"""Bad input: a clear error naming the parameter or module, and the model left as it was."""
+import pytest
+import torch
+
+from modman.lora import LoRAConfig, apply_lora, lora_layers, lora_lr, set_adapter
+
+from .lora_helpers import same_state, snapshot, tiny_model
+
+
+@pytest.mark.parametrize("r", [0, -1, 2.0, True])
+def test_rank_must_be_positive_int(r):
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        LoRAConfig(r)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"), ({"init": "pissa"}, "init"),
+    ({"target_modules": []}, "target_modules"), ({"target_modules": "(["}, "not a valid regex"),
+    ({"exclude": 3}, "exclude"),
+])
+def test_config_values_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRAConfig(4, **kwargs)
+
+
+def _untouched(model, call, error, match):
+    state = snapshot(model)
+    grads = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(error, match=match):
+        call()
+    assert same_state(state, snapshot(model)) and not lora_layers(model)
+    assert grads == [p.requires_grad for p in model.parameters()]
+
+
+def test_target_matching_nothing_lists_the_linear_modules():
+    model = tiny_model()
+    _untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules=["c_attn"])),
+               ValueError, r"matches no nn.Linear.*layers\.0\.self_attn\.q_proj.*lm_head")
+
+
+def test_rank_larger_than_the_layer():
+    model = tiny_model()
+    _untouched(model, lambda: apply_lora(model, LoRAConfig(40, target_modules="mlp")),
+               ValueError, r"r=40 exceeds min\(d_in, d_out\) = 32 of 'layers.0.mlp.gate_proj'")
+
+
+@pytest.mark.parametrize("target", [["embed_tokens"], ["input_layernorm"], ["self_attn"]])
+def test_non_linear_target(target):
+    model = tiny_model()
+    _untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules=target)),
+               TypeError, "nn.Linear layers only")
+
+
+def test_adapter_names_are_checked():
+    model = tiny_model()
+    _untouched(model, lambda: apply_lora(model, LoRAConfig(2), adapter_name="a.b"), ValueError,
+               "adapter_name")
+    apply_lora(model, LoRAConfig(2))
+    state = snapshot(model)
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        apply_lora(model, LoRAConfig(2))
+    with pytest.raises(ValueError, match=r"no adapter named \['other'\]"):
+        set_adapter(model, "other")
+    assert same_state(state, snapshot(model))
+
+
+def test_lora_lr_rule():
+    assert lora_lr(1e-4) == pytest.approx(1e-3)
+    assert lora_lr(1e-4, steps=1000) == pytest.approx(1e-3)
+    assert lora_lr(1e-4, steps=50) == pytest.approx(1.5e-3)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="full_ft_lr"):
+            lora_lr(bad)
+    with pytest.raises(ValueError, match="steps"):
+        lora_lr(1e-4, steps=0)
+
+
+def test_bf16_model_without_adapters_is_untouched_by_a_failed_apply():
+    model = tiny_model(dtype=torch.bfloat16)
+    _untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules="nothing_here")),
+               ValueError, "matches no nn.Linear")

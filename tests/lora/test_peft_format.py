@@ -1,0 +1,166 @@
+"""PEFT's adapter format: key layout, round trip, interop with peft itself both ways, and
+adapters that do not fit (clear error, model untouched)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modman.lora import (LoRAConfig, adapters_disabled, apply_lora, load_adapter, lora_layers,
+                         optimizer_factory, save_adapter)
+
+from .lora_helpers import same_state, snapshot, tiny_llama, tiny_model, tokens
+
+
+def train_steps(model, data, steps=5, lr=1e-2):
+    opt = optimizer_factory("adamw", lr)(model)
+    for step in range(steps):
+        batch = data(step)
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    return model
+
+
+def toy_data(step):
+    x = tokens(seed=step)
+    return {"input_ids": x, "labels": x}
+
+
+def llama_data(step):
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(step))
+    return {"input_ids": x, "labels": x}
+
+
+def test_key_layout_and_config(tmp_path):
+    model = apply_lora(tiny_model(), LoRAConfig(4, alpha=16, target_modules="attention",
+                                                use_rslora=True), "mine", seed=0)
+    save_adapter(model, tmp_path, "mine")
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    expected = {f"base_model.model.layers.{i}.self_attn.{p}.lora_{f}.weight"
+                for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj") for f in "AB"}
+    assert set(tensors) == expected  # adapter name not in the key
+    assert tensors["base_model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert tensors["base_model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (32, 4)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 16
+    assert config["use_rslora"] is True and config["bias"] == "none"
+    assert config["fan_in_fan_out"] is False and config["init_lora_weights"] is True
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_exclusions_are_saved_as_paths(tmp_path):
+    model = apply_lora(tiny_model(), LoRAConfig(2, exclude=[r"layers.0.mlp.up_proj"]), seed=0)
+    save_adapter(model, tmp_path)
+    targets = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert "layers.1.mlp.up_proj" in targets and "layers.0.mlp.up_proj" not in targets
+
+
+def test_round_trip(tmp_path):
+    model = train_steps(apply_lora(tiny_model(), LoRAConfig(4, dropout=0.1), seed=0), toy_data)
+    model.eval()
+    x = tokens(seed=99)
+    expected = model(x).logits
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(tiny_model(), tmp_path)
+    fresh.eval()
+    assert torch.equal(fresh(x).logits, expected)
+    assert set(lora_layers(fresh)) == set(lora_layers(model))
+    # Loading into an existing adapter of the same layout overwrites its values.
+    other = apply_lora(tiny_model(), LoRAConfig(4, dropout=0.1), seed=5)
+    load_adapter(other, tmp_path)
+    other.eval()
+    assert torch.equal(other(x).logits, expected)
+
+
+def test_modman_adapter_loads_in_peft_with_identical_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = train_steps(apply_lora(tiny_llama(), LoRAConfig(4), seed=0), llama_data)
+    model.eval()
+    x = llama_data(99)["input_ids"]
+    ours = model(input_ids=x).logits
+    with adapters_disabled(model):
+        base = model(input_ids=x).logits
+    assert (ours - base).abs().max() >= 1e-3  # the adapter moved the logits
+    save_adapter(model, tmp_path)
+    theirs_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    theirs = theirs_model(input_ids=x).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_peft_adapter_loads_into_modman_with_identical_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=32, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    theirs_model = peft.get_peft_model(tiny_llama(), config)
+    train_steps(theirs_model, llama_data)
+    theirs_model.eval()
+    x = llama_data(99)["input_ids"]
+    theirs = theirs_model(input_ids=x).logits
+    with theirs_model.disable_adapter():
+        base = theirs_model(input_ids=x).logits
+    assert (theirs - base).abs().max() >= 1e-3
+    theirs_model.save_pretrained(str(tmp_path))
+    ours_model = load_adapter(tiny_llama(), tmp_path).eval()
+    ours = ours_model(input_ids=x).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+    assert set(lora_layers(ours_model)) == {
+        f"model.layers.{i}.{p}" for i in range(2)
+        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def _saved(tmp_path, **config):
+    model = apply_lora(tiny_model(), LoRAConfig(4, **config), seed=0)
+    save_adapter(model, tmp_path)
+    return tmp_path
+
+
+def _assert_untouched_after(error, match, target, path):
+    state = snapshot(target)
+    layers = set(lora_layers(target))
+    with pytest.raises(error, match=match):
+        load_adapter(target, path)
+    assert same_state(state, snapshot(target)) and set(lora_layers(target)) == layers
+
+
+def test_adapter_for_other_shapes_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    from modman.toy import TinyCausalLM
+
+    wider = TinyCausalLM(40, 48, 2, 4, 16, seed=0)
+    _assert_untouched_after(ValueError, r"adapter_model.safetensors.*shape.*not changed", wider,
+                            path)
+
+
+def test_adapter_for_other_module_names_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    renamed = {k.replace("q_proj", "query"): v for k, v in tensors.items()}
+    save_file(renamed, str(path / "adapter_model.safetensors"))
+    _assert_untouched_after(ValueError, r"query: no nn.Linear of that path", tiny_model(), path)
+
+
+def test_adapter_with_other_rank_than_config_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    _assert_untouched_after(ValueError, r"shape \(4, 32\), the model needs \(8, 32\)",
+                            tiny_model(), path)
+
+
+def test_existing_adapter_on_other_modules_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    target = apply_lora(tiny_model(), LoRAConfig(4, target_modules="mlp"), seed=1)
+    _assert_untouched_after(ValueError, "already exists on other modules", target, path)
+
+
+def test_unsupported_or_missing_files_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    _assert_untouched_after(ValueError, "use_dora", tiny_model(), path)
+    (path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    _assert_untouched_after(ValueError, "peft_type", tiny_model(), path)
+    (path / "adapter_config.json").unlink()
+    _assert_untouched_after(FileNotFoundError, "adapter_config.json", tiny_model(), path)

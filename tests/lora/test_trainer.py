@@ -1,0 +1,125 @@
+"""The trainer: exact resume, gradient accumulation, schedules, metrics, evaluation, and the
+LoRA factors' manifolds under ManifoldMuon."""
+import json
+
+import pytest
+import torch
+
+from modman.lora import (LoRAConfig, TrainConfig, apply_lora, eval_loss_fn, lora_layers, lr_factor,
+                         optimizer_factory, task_data, train)
+from modman.manifolds import Stiefel
+from modman.toy import tasks
+
+from .lora_helpers import snapshot, tiny_model
+
+TASK = tasks.modular_addition(2, 13)
+
+
+def model_and_data(dropout=0.0):
+    from modman.toy import TinyCausalLM
+
+    model = TinyCausalLM(TASK.tokenizer.vocab_size, 32, 2, 4, 16, seed=0)
+    apply_lora(model, LoRAConfig(4, dropout=dropout), seed=0)
+    return model, task_data(TASK, 8, seed=3)
+
+
+def adapter_state(model):
+    return {k: v for k, v in snapshot(model).items() if ".lora_" in k}
+
+
+@pytest.mark.parametrize("name,lr,kwargs", [("adamw", 1e-2, {}),
+                                            ("manifold_muon", 0.05, {"solver": "projected"})])
+def test_resume_equals_uninterrupted(tmp_path, name, lr, kwargs):
+    config = TrainConfig(6, schedule="linear", warmup_steps=2, grad_accum=2, checkpoint_every=3)
+    factory = optimizer_factory(name, lr, **kwargs)
+    torch.manual_seed(0)
+    model, data = model_and_data(dropout=0.1)  # dropout: the RNG state must resume too
+    full = train(model, factory, data, config, metrics_path=tmp_path / "full.jsonl")
+    expected = adapter_state(model)
+
+    torch.manual_seed(0)
+    first, data = model_and_data(dropout=0.1)
+    part = train(first, factory, data, config, checkpoint_dir=tmp_path / "ckpt",
+                 metrics_path=tmp_path / "run.jsonl", stop_after=4)
+    assert part.history[-1]["step"] == 4
+    torch.manual_seed(123)  # a fresh process: different global RNG and a fresh model
+    second, data = model_and_data(dropout=0.1)
+    rest = train(second, factory, data, config, checkpoint_dir=tmp_path / "ckpt",
+                 metrics_path=tmp_path / "run.jsonl")
+    assert rest.resumed_from == 4
+    got = adapter_state(second)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert losses == [r["loss"] for r in full.history]
+    assert (tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    """Every modular_addition example scores the same number of tokens, so the mean of two
+    half-batch means is the full-batch mean, and so are the gradients (to rounding)."""
+    full_data = task_data(TASK, 8, seed=5)
+
+    def halves(step, micro):
+        batch = full_data(step, 0)
+        rows = slice(4 * micro, 4 * micro + 4)
+        return {k: v[rows] for k, v in batch.items()}
+
+    results = []
+    for data, accum in ((full_data, 1), (halves, 2)):
+        model, _ = model_and_data()
+        train(model, optimizer_factory("adamw", 1e-2), data, TrainConfig(3, grad_accum=accum))
+        results.append(adapter_state(model))
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], atol=1e-5, rtol=1e-4)
+
+
+def test_schedule_metrics_and_eval(tmp_path):
+    config = TrainConfig(5, schedule="linear", warmup_steps=1, eval_every=2)
+    assert [lr_factor(t, config) for t in range(5)] == [1.0, 1.0, 0.75, 0.5, 0.25]
+    assert [lr_factor(t, TrainConfig(3, warmup_steps=2)) for t in range(3)] == [0.5, 1.0, 1.0]
+    model, data = model_and_data()
+    eval_batch = [data(10**6, 0)]
+    result = train(model, optimizer_factory("adamw", 1e-2), data, config,
+                   eval_fn=eval_loss_fn(eval_batch), metrics_path=tmp_path / "m.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert records == result.history
+    assert [r["lr"] for r in records] == pytest.approx([1e-2 * f for f in (1, 1, .75, .5, .25)])
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 5]
+    assert all(r["tokens_per_s"] > 0 and r["tokens"] == 8 * data(0, 0)["input_ids"].shape[1]
+               or r["step"] > 0 for r in records)
+    assert records[-1]["eval_loss"] < records[0]["loss"]  # it learns
+
+
+def test_manifold_muon_keeps_A_on_stiefel_and_leaves_base_alone():
+    """The factors' manifolds, measured: A (r × d_in) keeps orthonormal rows, B moves freely
+    (Euclidean, from 0), the frozen base is bitwise unchanged (never projected)."""
+    model, data = model_and_data()
+    base = {k: v for k, v in snapshot(model).items() if ".lora_" not in k}
+    result = train(model, optimizer_factory("manifold_muon", 0.05, solver="projected"), data,
+                   TrainConfig(4))
+    stats = result.optimizer.last_step_stats
+    stiefel = Stiefel()
+    for path, layer in lora_layers(model).items():
+        A = layer.lora_A["default"].weight.detach()
+        torch.testing.assert_close(A @ A.T, torch.eye(4), atol=1e-5, rtol=0)
+        assert float(stiefel.distance(A)) < 1e-5
+        assert float(stats[f"{path}.lora_A.default.weight"]["distance_to_manifold"]) < 1e-5
+        assert layer.lora_B["default"].weight.abs().max() > 0
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+
+
+def test_bad_trainer_input():
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(0)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(5, schedule="cosine")
+    with pytest.raises(ValueError, match="optimizer name"):
+        optimizer_factory("sgd", 0.1)
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(2))
+
+    def no_labels(step, micro):
+        return {"input_ids": torch.zeros(2, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="no loss"):
+        train(model, optimizer_factory("adamw", 1e-3), no_labels, TrainConfig(1))
