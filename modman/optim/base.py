@@ -71,7 +71,7 @@ class ManifoldOptimizer(Optimizer):
         groups = self._build_groups(params, roles, budget, fb)
         # flatten: None = by shape (≥ 4-D flattened), True for Conv weights (see functional.as_matrix)
         defaults = dict(defaults, lr_scale=1.0, algorithm="adamw", manifold="euclidean",
-                        betas=fb["betas"], eps=fb["eps"], flatten=None)
+                        betas=fb["betas"], eps=fb["eps"], flatten=None, differentiable=False)
         self._constructing = True
         super().__init__(groups, defaults)
         self._constructing = False
@@ -367,8 +367,9 @@ class ManifoldOptimizer(Optimizer):
         """Load after checking the saved groups and every state tensor's shape.
 
         The check runs as the last load_state_dict pre-hook, so it sees the dict as any user
-        pre-hook left it; a mismatch raises before torch changes anything, and the given dict is
-        never mutated. Floating state keeps its saved dtype (fp32 momentum of bf16 weights).
+        pre-hook left it; a mismatch raises before torch changes anything. The given dict is
+        never mutated, then or later: the state tensors are copied, not shared. Floating state
+        keeps its saved dtype (fp32 momentum of bf16 weights).
         """
         checked: dict = {}
 
@@ -432,7 +433,12 @@ class ManifoldOptimizer(Optimizer):
                 if expect is not None and tuple(value.shape) != tuple(expect):
                     raise ValueError(f"state {key!r} for parameter {names[id(p)]} has shape {tuple(value.shape)}, "
                                      f"expected {tuple(expect)}; nothing was loaded")
-        return dict(state_dict, param_groups=new_groups)
+        # torch's load keeps a tensor that already has the right dtype/device (``.to`` is a no-op),
+        # so the optimizer would step the caller's tensors in place: opt2.load_state_dict(
+        # opt.state_dict()) would make two optimizers share momentum. Load copies instead.
+        state = {pid: {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in st.items()}
+                 for pid, st in state_dict["state"].items()}
+        return dict(state_dict, state=state, param_groups=new_groups)
 
     _EXTRA = {"nonfinite": "raise", "on_manifold_tol": 1e-5, "project_on_init": True, "last_step_stats": {},
               "last_step_skipped": False, "_fallback_defaults": None}

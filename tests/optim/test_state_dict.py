@@ -1,0 +1,255 @@
+"""state_dict, serialization, deepcopy, hooks and repr (TORCH_OPTIM_CHECKLIST.md)."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from modman.optim import ManifoldMuon, Muon
+
+from ._helpers import FAMILY, Problem, assert_same, make_opt, snapshot, assert_unchanged
+
+# ManifoldMuon also with the dual ascent, whose warm start (the dual) is carried across steps
+CONFIGS = [("manifold_muon", {}), ("manifold_muon", {"solver": "dual_ascent", "max_iters": 4}),
+           ("muon", {}), ("hyperspherical", {})]
+IDS = ["manifold_muon", "manifold_muon-dual_ascent", "muon", "hyperspherical"]
+
+
+def _named(prob):
+    return [("layer.weight", prob.W), ("layer.bias", prob.b)]
+
+
+def _resume_matches(kind, kw, transport):
+    prob = Problem(kind)
+    opt = make_opt(kind, _named(prob), **kw)
+    prob.train(opt, 10)
+    sd = opt.state_dict()
+    twin = prob.clone(kind)
+    opt2 = make_opt(kind, _named(twin), **kw)
+    opt2.load_state_dict(transport(sd))
+    assert_same(opt.state_dict(), opt2.state_dict(), "state_dict after load")
+    prob.train(opt, 10)
+    twin.train(opt2, 10)
+    for p, q in zip(prob.params, twin.params):
+        assert_same(p, q, "parameters 10 steps after resume")
+    assert_same(opt.state_dict(), opt2.state_dict(), "state_dict 10 steps after resume")
+    return opt, opt2
+
+
+@pytest.mark.parametrize("kind,kw", CONFIGS, ids=IDS)
+def test_exact_resume_from_state_dict(kind, kw):
+    opt, _ = _resume_matches(kind, kw, copy.deepcopy)
+    assert [g["param_names"] for g in opt.state_dict()["param_groups"]] == [["layer.weight"], ["layer.bias"]]
+    if kw.get("solver") == "dual_ascent":
+        dual = opt.state[opt.param_groups[0]["params"][0]]["dual"]
+        assert dual.shape == (4, 4) and torch.equal(dual, dual.mT), "the warm-start dual is saved"
+
+
+@pytest.mark.parametrize("kind,kw", CONFIGS, ids=IDS)
+def test_torch_save_and_load_weights_only(kind, kw):
+    def transport(sd):
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=True)
+
+    _resume_matches(kind, kw, transport)
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_bf16_state_keeps_fp32_momentum_through_load(kind):
+    prob = Problem(kind, dtype=torch.bfloat16)
+    opt = make_opt(kind, prob.params)
+    prob.train(opt, 3)
+    assert opt.state[prob.W]["momentum"].dtype == torch.float32
+    twin = prob.clone(kind)
+    opt2 = make_opt(kind, twin.params)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[twin.W]["momentum"].dtype == torch.float32
+    assert_same(opt.state_dict(), opt2.state_dict())
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_older_state_dict_without_newer_options_loads(kind):
+    prob = Problem(kind)
+    opt = make_opt(kind, prob.params)
+    prob.train(opt, 3)
+    sd = copy.deepcopy(opt.state_dict())
+    newer = ("flatten", "lr_scale", "max_iters", "tol", "ns_dtype", "radius")  # options added over time
+    for g in sd["param_groups"]:
+        for key in newer:
+            g.pop(key, None)
+    twin = prob.clone(kind)
+    opt2 = make_opt(kind, twin.params)
+    opt2.load_state_dict(sd)
+    for g, g_ref in zip(opt2.param_groups, opt.param_groups):
+        for key in newer:  # backfilled: the defaults (and the group's own structure)
+            assert g[key] == g_ref[key], key
+    prob.train(opt, 3)
+    twin.train(opt2, 3)
+    for p, q in zip(prob.params, twin.params):
+        assert_same(p, q)
+
+
+def test_older_pickled_optimizer_gets_new_attributes():
+    prob = Problem("manifold_muon")
+    opt = make_opt("manifold_muon", prob.params, nonfinite="skip")
+    state = opt.__getstate__()
+    for key in ("nonfinite", "on_manifold_tol", "project_on_init", "last_step_stats"):
+        state.pop(key)
+    old = ManifoldMuon.__new__(ManifoldMuon)
+    old.__setstate__(state)
+    assert old.nonfinite == "raise" and old.on_manifold_tol == 1e-5 and old.last_step_stats == {}
+    prob.train(old, 1)
+
+
+def _mismatches(kind):
+    prob = Problem(kind)
+    opt = make_opt(kind, prob.params)
+    prob.train(opt, 2)
+    good = opt.state_dict()
+    bad = []
+    sd = copy.deepcopy(good)  # one group too many
+    sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0]))
+    bad.append(("groups", sd))
+    sd = copy.deepcopy(good)  # a parameter too many in a group
+    sd["param_groups"][0]["params"].append(99)
+    bad.append(("parameter", sd))
+    sd = copy.deepcopy(good)  # momentum of another shape
+    pid = sd["param_groups"][0]["params"][0]
+    sd["state"][pid]["momentum"] = torch.zeros(3, 3)
+    bad.append(("shape", sd))
+    sd = copy.deepcopy(good)  # a group of another kind (state from an optimizer with other roles)
+    sd["param_groups"][0]["algorithm"] = "adamw"
+    bad.append(("algorithm", sd))
+    return prob, opt, bad
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_mismatched_state_dict_refused_with_nothing_changed(kind):
+    prob, opt, bad = _mismatches(kind)
+    n_hooks = len(opt._optimizer_load_state_dict_pre_hooks)
+    for what, sd in bad:
+        given = copy.deepcopy(sd)
+        snap = snapshot(opt, prob.params)
+        groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+        with pytest.raises(ValueError, match=what):
+            opt.load_state_dict(sd)
+        assert_unchanged(opt, prob.params, snap)
+        assert groups_before == [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        assert_same(given, sd, "the given state_dict")
+        assert len(opt._optimizer_load_state_dict_pre_hooks) == n_hooks, "the checking hook must not stay"
+    prob.train(opt, 1)  # still usable
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_load_state_dict_does_not_mutate_its_argument(kind):
+    prob = Problem(kind)
+    opt = make_opt(kind, prob.params)
+    prob.train(opt, 2)
+    sd = opt.state_dict()
+    given = copy.deepcopy(sd)
+    twin = prob.clone(kind)
+    opt2 = make_opt(kind, twin.params)
+    opt2.load_state_dict(sd)
+    twin.train(opt2, 2)
+    assert_same(given, sd)
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_deepcopy_keeps_every_public_attribute(kind):
+    prob = Problem(kind)
+    opt = make_opt(kind, prob.params, nonfinite="skip",
+                   **({"on_manifold_tol": 1e-4} if kind != "muon" else {}))
+    prob.train(opt, 2)
+    dup = copy.deepcopy(opt)
+    public = {k for k in vars(opt) if not k.startswith("_")}
+    assert public == {k for k in vars(dup) if not k.startswith("_")}
+    for key in public - {"state", "param_groups"}:
+        assert_same(getattr(opt, key), getattr(dup, key), key)
+    assert_same(opt.state_dict(), dup.state_dict())
+    # independent: stepping the copy leaves the original alone
+    snap = snapshot(opt, prob.params)
+    for p in dup.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    dup.step()
+    assert_unchanged(opt, prob.params, snap)
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_step_hooks_fire_in_order(kind):
+    prob = Problem(kind)
+    opt = make_opt(kind, prob.params)
+    log = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: log.append("global pre")),
+        register_optimizer_step_post_hook(lambda o, a, k: log.append("global post")),
+        opt.register_step_pre_hook(lambda o, a, k: log.append("pre")),
+        opt.register_step_post_hook(lambda o, a, k: log.append("post")),
+    ]
+    try:
+        closure = prob.closure(opt)
+        opt.step(lambda: log.append("step") or closure())
+    finally:
+        for h in handles:
+            h.remove()
+    assert log == ["global pre", "pre", "step", "post", "global post"]
+    log.clear()
+    prob.train(opt, 1)
+    assert log == [], "removed hooks must not fire"
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_state_dict_hooks_fire(kind):
+    prob = Problem(kind)
+    opt = make_opt(kind, prob.params)
+    prob.train(opt, 1)
+    log = []
+    opt.register_state_dict_pre_hook(lambda o: log.append("sd pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: log.append("sd post") or {**sd, "extra": 1})
+    sd = opt.state_dict()
+    assert sd["extra"] == 1 and log == ["sd pre", "sd post"]
+
+    def pre(o, sd):  # a user pre-hook rewrites the dict; the checks must see its result
+        log.append("load pre")
+        sd = copy.deepcopy(sd)
+        sd.pop("extra")
+        for g in sd["param_groups"]:
+            g["lr"] = 0.125
+        return sd
+
+    twin = prob.clone(kind)
+    opt2 = make_opt(kind, twin.params)
+    opt2.register_load_state_dict_pre_hook(pre)
+    opt2.register_load_state_dict_post_hook(lambda o: log.append("load post"))
+    opt2.load_state_dict(sd)
+    assert log[2:] == ["load pre", "load post"]
+    assert all(g["lr"] == 0.125 for g in opt2.param_groups)
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_repr_lists_the_groups(kind):
+    prob = Problem(kind)
+    text = repr(make_opt(kind, prob.params))
+    cls = {"manifold_muon": "ManifoldMuon", "muon": "Muon", "hyperspherical": "HypersphericalDescent"}[kind]
+    assert text.startswith(cls) and "Parameter Group 0" in text and "Parameter Group 1" in text
+    assert "algorithm: adamw" in text
+
+
+def test_named_params_keep_names_in_stats_and_state_dict():
+    prob = Problem("manifold_muon")
+    opt = make_opt("manifold_muon", _named(prob))
+    prob.train(opt, 1)
+    assert list(opt.last_step_stats) == ["layer.weight"]
+    assert "layer.weight" in opt.describe() and "layer.bias" in opt.describe()
+
+
+def test_unnamed_params_get_distinct_names_across_groups():
+    a, b = Problem("manifold_muon", seed=0), Problem("manifold_muon", seed=1)
+    opt = make_opt("manifold_muon", [{"params": [a.W]}, {"params": [b.W]}])
+    a.W.grad, b.W.grad = torch.ones_like(a.W), torch.ones_like(b.W)
+    opt.step()
+    assert len(opt.last_step_stats) == 2
