@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..linalg import msign
+from ..linalg.schedules import default_steps
 from ..manifolds import Sphere, Stiefel
 from ..solvers import solve_manifold_muon
 
@@ -116,7 +117,9 @@ def sphere_step(W: torch.Tensor, u: torch.Tensor, *, lr: float, manifold: Sphere
     moving = moving & (compute + V != compute).any(dim=-1, keepdim=True)
     new = manifold.retract(compute, V)
     W.copy_(torch.where(moving, new, compute))
-    return {"distance_to_manifold": manifold.distance(W)}
+    # the same keys as a Stiefel step; the ℓ2 direction is closed-form, so no gap and no iterations
+    return {"tangent_residual": manifold.tangent_residual(compute, a), "duality_gap": 0.0, "iterations": 0,
+            "msign_calls": 0, "distance_to_manifold": manifold.distance(W)}
 
 
 def muon_step(
@@ -136,6 +139,8 @@ def muon_step(
     ``torch_arithmetic=True`` orthogonalises exactly as torch.optim.Muon does (Frobenius
     normalisation with ε = 1e-7, addmm order), so modman.Muon can be compared bit for bit.
     """
+    if ns_steps is None:
+        ns_steps = default_steps(schedule)  # the schedule's own count (also for torch_arithmetic)
     if torch_arithmetic:
         update = _orthogonalize_like_torch(u, schedule, ns_steps, compute_dtype)
     else:
@@ -149,7 +154,10 @@ def muon_step(
         ratio = 1.0
     W.mul_(1 - lr * weight_decay)
     W.add_(update.to(W.dtype), alpha=-lr * ratio)
-    return {"msign_calls": 1}
+    # the same keys as a Stiefel step: every direction is tangent in Euclidean space; the gap of
+    # an uncertified Newton–Schulz polar factor is not computed (NaN), to keep Muon cheap
+    return {"tangent_residual": 0.0, "duality_gap": math.nan, "iterations": ns_steps, "msign_calls": 1,
+            "distance_to_manifold": 0.0}
 
 
 def _orthogonalize_like_torch(u, schedule, ns_steps, compute_dtype, eps=1e-7):
