@@ -1,0 +1,47 @@
+"""``spectrum_table``: one line per weight matrix, for a terminal or a log.
+
+Columns: parameter, shape (the matrix view after → when it differs), σ_min, σ_max, condition
+number, stable rank, distance to the weight's manifold (unscaled Stiefel unless told otherwise),
+the manifold, and how the numbers were obtained ("svd" exact; "lanczos" estimates whose σ_max, κ
+and distance are lower bounds, see ``spectra.py``).
+"""
+from __future__ import annotations
+
+from .spectra import EXACT_MAX_DIM, manifold_label, matrix_stats, named_matrices, resolve_manifolds
+
+
+def _shape(p, W) -> str:
+    s = "×".join(map(str, p.shape))
+    return s if tuple(p.shape) == tuple(W.shape) else f"{s} → {'×'.join(map(str, W.shape))}"
+
+
+def _num(x: float) -> str:
+    return "inf" if x == float("inf") else f"{x:.4g}"
+
+
+def spectrum_table(model_or_named_params, manifolds=None, *, exact_max_dim: int = EXACT_MAX_DIM) -> str:
+    """A text table of the spectra of every matrix parameter.
+
+    Args:
+        model_or_named_params: an nn.Module, a mapping name → tensor, or (name, tensor) pairs.
+        manifolds: the reference manifold per weight for the distance column: None (unscaled
+            Stiefel, where manifold Muon keeps every σ at 1), one manifold, a mapping, or a
+            modman optimizer (each parameter's own manifold); see ``resolve_manifolds``.
+        exact_max_dim: matrices with min(m, n) above this get Lanczos estimates instead of an SVD.
+
+    Raises ValueError when there is no parameter with ≥ 2 dimensions.
+    """
+    mats = named_matrices(model_or_named_params)
+    if not mats:
+        raise ValueError("spectrum_table: no matrix parameters (none with ≥ 2 dimensions)")
+    resolved = resolve_manifolds([n for n, _, _ in mats], manifolds)
+    rows = [("parameter", "shape", "σ_min", "σ_max", "cond", "stable rank", "distance", "manifold", "method")]
+    for name, p, W in mats:
+        st = matrix_stats(W, resolved[name], exact_max_dim=exact_max_dim)
+        rows.append((name, _shape(p, W), _num(st["sigma_min"]), _num(st["sigma_max"]), _num(st["condition"]),
+                     _num(st["stable_rank"]), _num(st["distance"]), manifold_label(resolved[name]),
+                     "svd" if st["exact"] else "lanczos"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

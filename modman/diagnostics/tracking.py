@@ -1,0 +1,149 @@
+"""Tracking: the recorded spectra of one training run, and the file format that stores runs.
+
+A file holds several runs (e.g. one per optimizer) as plain dicts, lists, numbers and tensors,
+saved with ``torch.save``, so ``torch.load(path, weights_only=True)`` reads it back without
+unpickling code. Layout (format ``FORMAT``):
+
+    {"format": FORMAT, "runs": {run name: {"every": int, "meta": {str: str|int|float},
+        "history": [ {str: number} ... ],          # e.g. loss/accuracy per step, free form
+        "params": {param name: {"shape": [int], "manifold": str,
+            "steps": int64 (T,),  <metric>: float64 (T,) for every metric in METRICS,
+            "exact": bool (T,),  "spectrum_steps": int64 (S,),  "spectra": float32 (S, r)}}}}}
+
+Metrics not measurable at a record (the update at the first step in callback mode) are NaN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT = "modman.diagnostics.tracking/1"
+# per record: the weight's spectrum statistics, then the last update ΔW = W_after − W_before and
+# the gradient G seen by that step
+METRICS = ("sigma_min", "sigma_max", "condition", "stable_rank", "distance",
+           "update_norm", "update_alignment", "grad_norm")
+
+
+@dataclass
+class ParamTrack:
+    """The records of one weight matrix (see the module docstring for the fields)."""
+
+    shape: tuple
+    manifold: str
+    steps: list = field(default_factory=list)
+    values: dict = field(default_factory=lambda: {k: [] for k in METRICS})
+    exact: list = field(default_factory=list)
+    spectrum_steps: list = field(default_factory=list)
+    spectra: list = field(default_factory=list)
+
+    def metric(self, key: str) -> torch.Tensor:
+        if key not in METRICS:
+            raise KeyError(f"unknown metric {key!r}; choose from {METRICS}")
+        return torch.tensor(self.values[key], dtype=torch.float64)
+
+    def spectrum_matrix(self) -> torch.Tensor:
+        """(S, r) singular values at the spectrum steps (a stack's matrices concatenated, sorted)."""
+        if not self.spectra:
+            return torch.zeros(0, 0)
+        return torch.stack([torch.as_tensor(s, dtype=torch.float32) for s in self.spectra])
+
+
+@dataclass
+class Tracking:
+    """One run: ``params`` name → ParamTrack, plus ``history`` and ``meta`` (free form)."""
+
+    every: int
+    params: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.params)
+
+    def metric(self, name: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(steps, values) of one metric of one weight."""
+        track = self._get(name)
+        return torch.tensor(track.steps, dtype=torch.int64), track.metric(key)
+
+    def spectra(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(steps (S,), singular values (S, r)) of one weight."""
+        track = self._get(name)
+        return torch.tensor(track.spectrum_steps, dtype=torch.int64), track.spectrum_matrix()
+
+    def _get(self, name: str) -> ParamTrack:
+        if name not in self.params:
+            raise KeyError(f"no tracked weight {name!r}; tracked: {self.names}")
+        return self.params[name]
+
+    def to_dict(self) -> dict:
+        params = {}
+        for name, t in self.params.items():
+            d = {"shape": [int(x) for x in t.shape], "manifold": str(t.manifold),
+                 "steps": torch.tensor(t.steps, dtype=torch.int64),
+                 "exact": torch.tensor(t.exact, dtype=torch.bool),
+                 "spectrum_steps": torch.tensor(t.spectrum_steps, dtype=torch.int64),
+                 "spectra": t.spectrum_matrix()}
+            for k in METRICS:
+                d[k] = t.metric(k)
+            params[name] = d
+        return {"every": int(self.every), "meta": dict(self.meta), "history": _plain_history(self.history),
+                "params": params}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tracking":
+        out = cls(every=int(d["every"]), history=list(d.get("history", [])), meta=dict(d.get("meta", {})))
+        for name, p in d["params"].items():
+            t = ParamTrack(shape=tuple(p["shape"]), manifold=p["manifold"])
+            t.steps = p["steps"].tolist()
+            t.exact = p["exact"].tolist()
+            for k in METRICS:
+                t.values[k] = p[k].tolist()
+            t.spectrum_steps = p["spectrum_steps"].tolist()
+            t.spectra = list(p["spectra"]) if p["spectra"].numel() else []
+            out.params[name] = t
+        return out
+
+
+def _plain_history(history) -> list:
+    out = []
+    for rec in history:
+        if not isinstance(rec, dict):
+            raise TypeError(f"history entries must be dicts of numbers, got {type(rec).__name__}")
+        row = {}
+        for k, v in rec.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            if not isinstance(v, (int, float, bool)):
+                raise TypeError(f"history value {k}={v!r:.40} is not a number")
+            row[str(k)] = v
+        out.append(row)
+    return out
+
+
+def save_tracking(path, runs) -> Path:
+    """Save runs {name: Tracking | SpectrumTracker} (or one of them, named "run") to ``path``."""
+    if not isinstance(runs, dict):
+        runs = {"run": runs}
+    if not runs:
+        raise ValueError("save_tracking: no runs to save")
+    plain = {}
+    for name, run in runs.items():
+        tracking = getattr(run, "tracking", run)
+        if not isinstance(tracking, Tracking):
+            raise TypeError(f"run {name!r} is a {type(run).__name__}, not a Tracking or SpectrumTracker")
+        plain[str(name)] = tracking.to_dict()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, "runs": plain}, path)
+    return path
+
+
+def load_tracking(path) -> dict[str, Tracking]:
+    """The runs saved by ``save_tracking``, as {name: Tracking} (read with weights_only=True)."""
+    data = torch.load(Path(path), weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a modman tracking file (format {FORMAT!r})")
+    return {name: Tracking.from_dict(d) for name, d in data["runs"].items()}
