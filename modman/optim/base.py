@@ -454,8 +454,9 @@ class ManifoldOptimizer(Optimizer):
         super().__setstate__(state)
         for k, v in self._EXTRA.items():  # an optimizer pickled before these existed
             self.__dict__.setdefault(k, copy.deepcopy(v))
-        if self._fallback_defaults is None:
-            self._fallback_defaults = {k: self.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        if self._fallback_defaults is None:  # from the fallback group if there is one
+            src = next((g for g in self.param_groups if g.get("algorithm") == "adamw"), self.defaults)
+            self._fallback_defaults = {k: src[k] for k in ("lr", "betas", "eps", "weight_decay")}
         self._constructing = False
         for group in self.param_groups:
             for k, v in self.defaults.items():
