@@ -47,7 +47,10 @@ class Stiefel:
 
     def __init__(self, scale: None | str | float = None):
         if scale is not None and scale != "rms":
-            scale = float(scale)
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                raise ValueError(f"Stiefel scale must be None, 'rms' or a positive float, got {scale!r}") from None
             if not math.isfinite(scale) or scale <= 0:
                 raise ValueError(f"Stiefel scale must be None, 'rms' or a positive float, got {scale}")
         self.scale = scale
@@ -125,11 +128,12 @@ class Stiefel:
         M = Vt.mT @ Vt
         trace = torch.diagonal(M, dim1=-2, dim2=-1).sum(-1)
         fro2 = (M * M).sum((-2, -1))
-        safe = trace > 0
-        eta2 = torch.where(safe, fro2 / torch.where(safe, trace, torch.ones_like(trace)), torch.zeros_like(trace))
-        # (I + η²P)^{-1/2} = I − (1 − 1/√(1+η²))·P with P = M/η².
-        coef = torch.where(safe, (1 - torch.rsqrt(1 + eta2)) / torch.where(safe, eta2, torch.ones_like(eta2)),
-                           torch.zeros_like(eta2))
+        eta2 = fro2 / torch.where(trace > 0, trace, torch.ones_like(trace))
+        # (I + η²P)^{-1/2} = I − (1 − 1/√(1+η²))·P with P = M/η²; 1 − (1+η²)^{-1/2} is written as
+        # −expm1(−½·log1p(η²)) so that tiny steps neither cancel to 0 nor divide 0 by 0.
+        safe = eta2 > 0
+        eta2_safe = torch.where(safe, eta2, torch.ones_like(eta2))
+        coef = torch.where(safe, -torch.expm1(-0.5 * torch.log1p(eta2_safe)) / eta2_safe, torch.zeros_like(eta2))
         Y = X - (X @ M) * coef[..., None, None]
         return Y.mT if is_wide(W.shape) else Y
 
