@@ -15,9 +15,10 @@ from .admm import solve_admm
 from .closed_form import solve_closed_form
 from .dual_ascent import solve_dual_ascent
 from .lyapunov import solve_lyapunov
+from .newton import msign_flops, solve_newton
 from .projected import solve_projected
 from .reduction import lift, reduce_tall
-from .result import SolveResult, certify, make_feasible, nuclear_norm, spectral_norm, sym
+from .result import SolveResult, certify, certify_gram, make_feasible, nuclear_norm, spectral_norm, sym
 
 # name -> (function, default tol, default max_iters)
 SOLVERS = {
@@ -26,8 +27,9 @@ SOLVERS = {
     "projected": (solve_projected, 0.0, 1),
     "admm": (solve_admm, 1e-4, 100),
     "lyapunov": (solve_lyapunov, 1e-4, 20),
+    "newton": (solve_newton, 2e-5, 80),
 }
-DEFAULT_SOLVER = "dual_ascent"
+DEFAULT_SOLVER = "newton"
 
 
 def register_solver(name: str, fn, default_tol: float, default_max_iters: int) -> None:
@@ -88,14 +90,20 @@ def solve_manifold_muon(
         raise ValueError(f"reduce must be True, False or 'auto', got {reduce!r}")
     m, n = Wt.shape[-2:]
     if reduce == "auto":
-        reduce = m >= 2 * n and solver not in ("closed_form", "projected") and not options.get("faithful")
+        # "newton" works on the n×n reduction of its own (no basis Q needed)
+        reduce = m >= 2 * n and solver not in ("closed_form", "projected", "newton") and not options.get("faithful")
     if reduce and m > n:
         W_r, G_r, Q = reduce_tall(Wt, Gn)
         out = fn(W_r, G_r, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
         out.direction = lift(Wt, Q, out.direction)
     else:
         out = fn(Wt, Gn, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
-    A, objective, residual, gap = certify(Wt, Gn, out.dual, out.direction, W.dtype)
+    if out.dual_value is not None and not (reduce and m > n) and W.dtype == dtype:
+        A, objective, residual, gap, flops = certify_gram(Wt, Gn, out.direction.to(dtype), out.dual_value, W.dtype)
+        equivalents = (out.msign_equivalents or 0.0) + flops / msign_flops(m, n)
+    else:
+        A, objective, residual, gap = certify(Wt, Gn, out.dual, out.direction, W.dtype)
+        equivalents = out.msign_equivalents if out.msign_equivalents is not None else float(out.msign_calls)
     objective = (objective * g_norm[..., 0, 0].double()).to(dtype)
     return SolveResult(
         direction=A.mT if wide else A,
@@ -105,6 +113,7 @@ def solve_manifold_muon(
         iterations=out.iterations,
         msign_calls=out.msign_calls,
         state=out.state,
+        msign_equivalents=equivalents,
     )
 
 

@@ -28,8 +28,12 @@ class SolveResult:
     objective: ⟨G, A⟩ in the units of G.
     tangent_residual: ‖WᵀA + AᵀW‖_F/‖A‖_F (tall orientation) of the returned direction.
     duality_gap: relative certified gap (D(Λ) − ⟨Gn, A⟩)/D(Λ) ≥ 0.
-    iterations, msign_calls: work done (Python ints; msign calls count Newton–Schulz runs).
+    iterations, msign_calls: work done (Python ints; msign calls count Newton–Schulz runs; an
+        eigh-based solver reports ⌈msign_equivalents⌉).
     state: warm start for the next call (``warm_start=``): {"dual": Λ, ...}.
+    msign_equivalents: work in units of one default msign (20mn² + 10n³ flops) on W's shape,
+        certificate included for solvers that use ``certify_gram``; for msign-based solvers the
+        number of msign calls (the certificate not counted).
     """
 
     direction: torch.Tensor
@@ -39,6 +43,7 @@ class SolveResult:
     iterations: int
     msign_calls: int
     state: dict = field(default_factory=dict)
+    msign_equivalents: float | None = None  # work in units of one default msign on W's shape
 
 
 def sym(M: torch.Tensor) -> torch.Tensor:
@@ -84,3 +89,51 @@ def certify(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: torch.Tens
     dual_value = nuclear_norm(G64 - 2 * W64 @ sym(dual.double()))
     gap = ((dual_value - objective) / dual_value.clamp(min=_TINY)).clamp(min=0)
     return A_f, objective, tangent_residual(W64, A64), gap
+
+
+def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value: torch.Tensor,
+                 out_dtype: torch.dtype):
+    """The cheaper certificate for solvers that know D(Λ) from the n×n identity.
+
+    W, Gn, A tall (…, m, n) in ``out_dtype`` (fp32 or fp64); ``dual_value`` = D(Λ) in fp64, from
+    the fp64 eigenvalues of M = CᵀC + N (equal to ‖Gn − 2WΛ‖_* when WᵀW = I; W's own deviation
+    from the manifold, ‖WᵀW − I‖, and the rounding of G⊥ enter D at that relative order).
+    The direction is certified as returned, in fp64:
+
+    - tangent residual from H = WᵀA (one fp64 m×n×n product); if it is above rounding level
+      (10·√n·eps of out_dtype) A is projected, A ← A − W sym(H), and H recomputed;
+    - ‖A‖₂² ≤ λ_max(AᵀA) + n·eps₆₄·‖AᵀA‖_F from an fp64 eigvalsh of the n×n Gram (eigvalsh is
+      backward stable, so the computed λ_max is off by at most that), then A is divided by
+      max(1, ‖A‖₂·(1 + √n·eps)) — the factor absorbs the rounding of the rescaled A to out_dtype;
+    - objective ⟨Gn, A⟩ and relative gap (D − ⟨Gn, A⟩)/D, clamped at 0 (0 when D = 0).
+    Returns (A_f, objective, tangent residual, gap, flops spent).
+    """
+    m, n = W.shape[-2:]
+    W64, A64 = W.double(), A.double()
+    H = W64.mT @ A64
+    flops = 2.0 * m * n * n * 2
+    eps = torch.finfo(out_dtype).eps
+    res = tangent_residual_from(H, A64)
+    if bool((res > 10 * n**0.5 * eps).any()):
+        A = (A64 - W64 @ sym(H)).to(out_dtype)
+        A64 = A.double()
+        H = W64.mT @ A64
+        flops += 2 * 2.0 * m * n * n * 2
+        res = tangent_residual_from(H, A64)
+    gram = sym(A64.mT @ A64)
+    flops += 2.0 * m * n * n * 2 + 10.0 * n**3
+    lmax = torch.linalg.eigvalsh(gram)[..., -1] + n * torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(gram)
+    norm = lmax.clamp(min=0).sqrt() * (1 + n**0.5 * eps)
+    c = torch.where(norm > 1, 1 / norm.clamp(min=_TINY), torch.ones_like(norm))
+    A_f = torch.where((c < 1)[..., None, None], (A64 * c[..., None, None]).to(out_dtype), A.to(out_dtype))
+    objective = (Gn.double() * A_f.double()).sum((-2, -1))
+    D = dual_value.double()
+    gap = torch.where(D > 0, (D - objective) / D.clamp(min=_TINY), torch.zeros_like(D)).clamp(min=0)
+    return A_f, objective, res, gap, flops
+
+
+def tangent_residual_from(H: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """‖H + Hᵀ‖_F/‖A‖_F for H = WᵀA (0 when A = 0)."""
+    num = torch.linalg.matrix_norm(H + H.mT)
+    den = torch.linalg.matrix_norm(A)
+    return num / den.clamp(min=_TINY) * (den > 0)

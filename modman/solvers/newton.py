@@ -1,0 +1,248 @@
+"""Newton's method on the n×n dual of the manifold-Muon subproblem, with smoothing continuation.
+
+The reduction (tall W, WᵀW = I, Gn = G/‖G‖_F). Write Gw = WᵀGn (n×n), S = skew(Gw),
+G⊥ = Gn − W·Gw and N = G⊥ᵀG⊥ (n×n, PSD). For a symmetric Λ,
+
+    Gn − 2WΛ = W·C + G⊥,     C = Gw − 2Λ = S + Y,   Y = sym(Gw) − 2Λ   (Y symmetric, free),
+
+and since WᵀG⊥ = 0, (Gn − 2WΛ)ᵀ(Gn − 2WΛ) = CᵀC + N =: M. So the dual D(Λ) = ‖Gn − 2WΛ‖_* is
+
+    f(Y) = tr(M^{1/2}) = tr(((S + Y)ᵀ(S + Y) + N)^{1/2}),   minimised over symmetric Y,
+
+an n×n problem whatever m is (m < 2n included): only Gw, G⊥, N and the final direction touch
+the m×n matrices. f is convex (a nuclear norm of an affine map), but non-smooth where M is
+singular, which is the normal case (rank-deficient G, m ≈ n, odd n). We therefore minimise the
+smoothed f_μ(Y) = tr((M + μ²I)^{1/2}) (the nuclear norm of [W C + G⊥; μI], still convex) and
+drive μ down (continuation). With M + μ²I = V diag(ℓ) Vᵀ, s = √ℓ, d = 1/s:
+
+    ∇f_μ(Y) = sym(C (M + μ²I)^{-1/2}),
+    ∇²f_μ(Y)[Δ] = sym(Δ (M + μ²I)^{-1/2} + C·L(ΔᵀC + CᵀΔ)),
+
+L the Fréchet derivative of X ↦ X^{-1/2}: L(E) = V (Φ ∘ VᵀEV) Vᵀ with
+Φ_ij = (s_i^{-1} − s_j^{-1})/(ℓ_i − ℓ_j) = −1/(s_i s_j (s_i + s_j)). In the eigenbasis (Y' = VᵀYV,
+C' = VᵀCV, so M' = diag(λ)) the first term is diagonal on symmetric matrices,
+Δ'_ij ↦ ½(d_i + d_j)Δ'_ij, and the second is negative semidefinite (X^{-1/2} is operator
+monotone decreasing), so P = ½(d_i + d_j) is a preconditioner with 0 ⪯ P^{-1/2}HP^{-1/2} ⪯ I.
+Each Newton step: one fp64 eigh of M, the Newton system by preconditioned CG in the eigenbasis
+(two n×n products per CG iteration), and an Armijo backtracking line search on f_μ.
+
+Primal recovery and gap estimate (n×n only). For any μ_p ≥ 0 let R = (M + μ_p²I)^{-1/2} and
+K = skew(C R). The direction A = W K + G⊥ R is tangent (WᵀA = K is skew) and, in exact arithmetic,
+
+    ⟨Gn, A⟩ = ⟨S, K⟩ + tr(N R),     AᵀA = KᵀK + R N R = X₀ − g² + (k g − g k),
+
+with X₀ = V diag(λ/(λ + μ_p²)) Vᵀ (so ‖X₀‖₂ ≤ 1), g = sym(C R), k = skew(C R); hence
+‖A‖₂² ≤ max λ/(λ+μ_p²) + ‖g‖_F² + 2‖k‖_F‖g‖_F and the relative gap of A/max(1, ‖A‖₂) against
+f(Y) is known from the eigendecomposition. Near-singular M makes the recovery sensitive to
+μ_p, so every iterate is scored over a small grid of μ_p (O(n²) each) and the best is kept.
+The iteration stops when that estimate is ≤ tol, or after ``max_iters`` Newton steps (returning
+the best iterate seen). The estimate only steers the iteration: the dispatcher certifies the
+returned direction with the products ``certify_gram`` in result.py performs (fp64 Gram of the
+actual A, fp64 eigenvalues of M for the dual value).
+
+Continuation: start at μ = mu0·‖M‖₂^{1/2} (cold) and divide μ by 1/shrink whenever the gap
+estimate is within 3× the part of it caused by smoothing, Σ(√λ − λ/√(λ+μ²))/f. A warm start
+(Λ and μ from the previous call) restarts at μ = max(μ_prev, 0.3·gap₀·‖M‖₂^{1/2}), because a
+small μ has a small Newton region and a changed G moves the optimum.
+
+Cost model (``msign_equivalents``; one msign-equivalent = 20mn² + 10n³ flops, the default
+10-iteration Newton–Schulz on the m×n matrix): tall products cost 2mn² flops each (×2 in fp64),
+an fp64 eigh with vectors 20n³, an fp64 eigvalsh 10n³, an fp64 n×n product 4n³. These weights
+are a flop model calibrated against timings on this team's CPU (an fp64 eigh of n = 784 took
+0.22 msign-times of a 1024×784 fp32 msign, i.e. ≈ 8n³ fp32-msign flops: the model is
+conservative); benchmarks/solvers.py reports measured time ratios next to it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .result import sym
+from .types import SolverOutput
+
+
+def skew(M: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (M - M.mT)
+
+
+def msign_flops(m: int, n: int) -> float:
+    """Flops of one default msign (10 quintic Newton–Schulz iterations) on an m×n matrix, m ≥ n."""
+    return 20.0 * m * n * n + 10.0 * n**3
+
+
+_MU_GRID = tuple(10.0**-e for e in range(1, 10))
+
+
+def _score(lam, Cp, Np_diag, mu_list, D):
+    """Best (gap estimate, μ_p) over candidate primal smoothings, all O(n²) (module docstring)."""
+    best = (math.inf, 0.0)
+    Sp = skew(Cp)
+    for mp in mu_list:
+        dp = 1.0 / (lam + mp * mp).sqrt() if mp > 0 else torch.where(lam > 0, lam.rsqrt(), torch.zeros_like(lam))
+        Q = Cp * dp
+        g, k = sym(Q), skew(Q)
+        obj = (Sp * k).sum() + (Np_diag * dp).sum()
+        gn, kn = (g * g).sum(), (k * k).sum().sqrt()
+        bound = (lam * dp * dp).max() + gn + 2 * kn * gn.sqrt()
+        gap = float((D - obj / bound.clamp(min=1).sqrt()) / D)
+        if gap < best[0]:
+            best = (gap, mp)
+    return best
+
+
+def _newton_one(S, N, Y, mu, tol, max_iters, mu0, shrink, cg_iters, cg_tol, warm):
+    """Minimise f over symmetric Y (fp64, n×n). Returns (Y, V, λ, μ_p, gap_est, μ, steps, cost)."""
+    n = S.shape[-1]
+    cost = 0.0
+    best = None
+    steps = 0
+    for it in range(max_iters + 1):
+        C = S + Y
+        M = sym(C.mT @ C + N)
+        lam, V = torch.linalg.eigh(M)
+        cost += 20.0 * n**3 + 4.0 * n**3
+        lam = lam.clamp(min=0)
+        scale = float(lam[-1].sqrt())
+        D = lam.sqrt().sum()
+        if scale == 0.0:  # M = 0: G = 0 up to the normalisation, A = 0 is optimal
+            return Y, V, lam, 0.0, 0.0, mu, steps, cost
+        Cp = V.mT @ C @ V
+        cost += 8.0 * n**3
+        Np_diag = lam - (Cp * Cp).sum(-2)  # diag(V'NV) = λ − diag(C'ᵀC')
+        if mu is None:
+            mu = mu0 * scale
+        grid = [mu] + [scale * e for e in _MU_GRID]
+        gap, mp = _score(lam, Cp, Np_diag, grid, float(D))
+        if best is None or gap < best[4]:
+            best = (Y, V, lam, mp, gap)
+        if gap <= tol or it == max_iters:
+            break
+        if it == 0 and warm:
+            mu = max(mu, 0.3 * gap * scale)
+        ell = lam + mu * mu
+        s = ell.sqrt()
+        d = 1.0 / s
+        smoothing = float((lam.sqrt() - lam * d).sum() / D)
+        if gap < 3 * smoothing and smoothing > 0.25 * tol:
+            mu = mu * shrink
+            ell = lam + mu * mu
+            s = ell.sqrt()
+            d = 1.0 / s
+        g = sym(Cp * d)
+        Phi = -1.0 / (s[:, None] * s[None, :] * (s[:, None] + s[None, :]))
+        Pd = 0.5 * (d[:, None] + d[None, :])
+
+        def hess(X):
+            T = X.mT @ Cp
+            return sym(X * d + Cp @ (Phi * (T + T.mT)))
+
+        # preconditioned CG on H X = −g (H ⪰ 0; stop on non-positive curvature)
+        X = torch.zeros_like(g)
+        r = -g
+        z = r / Pd
+        p = z
+        rz = (r * z).sum()
+        r0 = float(rz.sqrt())
+        for _ in range(cg_iters):
+            Hp = hess(p)
+            cost += 4.0 * n**3
+            pHp = (p * Hp).sum()
+            if not pHp > 0:
+                break
+            a = rz / pHp
+            X = X + a * p
+            r = r - a * Hp
+            z = r / Pd
+            rz_new = (r * z).sum()
+            if float(rz_new.sqrt()) <= cg_tol * r0:
+                break
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+        if not bool((X != 0).any()):
+            break
+        f0 = float(s.sum())
+        slope = float((g * X).sum())
+        step = V @ X @ V.mT
+        cost += 4.0 * n**3
+        t = 1.0
+        accepted = False
+        while t >= 2.0**-12:
+            Yn = sym(Y + t * step)
+            Cn = S + Yn
+            ln = torch.linalg.eigvalsh(sym(Cn.mT @ Cn + N)).clamp(min=0)
+            cost += 10.0 * n**3 + 2.0 * n**3
+            if float((ln + mu * mu).sqrt().sum()) <= f0 + 1e-4 * t * slope:
+                accepted = True
+                break
+            t *= 0.5
+        steps += 1
+        if not accepted:
+            # no measurable decrease of f_μ in fp64: smoothing too fine for this iterate
+            mu = mu / shrink if mu < 0.1 * scale else mu
+            continue
+        Y = Yn
+    Y, V, lam, mp, gap = best
+    return Y, V, lam, mp, gap, mu, steps, cost
+
+
+def solve_newton(W, Gn, *, tol, max_iters, warm_start, mu0=0.1, shrink=0.1, cg_iters=100, cg_tol=1e-2):
+    """Newton's method on the n×n dual (module docstring). W, Gn tall (…, m, n), WᵀW = I.
+
+    Returns the candidate direction A = W K + G⊥ R (tangent by construction), the dual Λ, and in
+    ``extras`` the fp64 n×n quantities the cheap certificate needs (Gw, N, Λ's M eigenvalues).
+    """
+    batch = W.shape[:-2]
+    m, n = W.shape[-2:]
+    Wf = W.reshape(-1, m, n)
+    Gf = Gn.reshape(-1, m, n)
+    dual_in = None
+    mu_in = None
+    if warm_start is not None and "dual" in warm_start:
+        dual_in = warm_start["dual"].reshape(-1, n, n)
+        if "mu" in warm_start:
+            mu_in = warm_start["mu"].reshape(-1)
+    A_out, dual_out, mu_out, dual_values = [], [], [], []
+    steps_total, cost_total = 0, 0.0
+    for b in range(Wf.shape[0]):
+        Wb, Gb = Wf[b], Gf[b]
+        Gw = Wb.double().mT @ Gb.double()
+        Gp = Gb.double() - Wb.double() @ Gw
+        N = sym(Gp.mT @ Gp)
+        cost = 3 * 2.0 * m * n * n * 2  # three fp64 tall products
+        S, Gs = skew(Gw), sym(Gw)
+        warm = dual_in is not None and bool(torch.isfinite(dual_in[b]).all())
+        Y = Gs - 2 * sym(dual_in[b].double()) if warm else torch.zeros_like(S)
+        mu = None
+        if warm and mu_in is not None and float(mu_in[b]) > 0:
+            mu = float(mu_in[b])
+        Y, V, lam, mp, gap, mu, steps, c = _newton_one(
+            S, N, Y, mu, tol, max_iters, mu0, shrink, cg_iters, cg_tol, warm)
+        cost += c
+        # primal: A = W K + G⊥ R with R = (M + μ_p²)^{-1/2} (pseudo-inverse root for μ_p = 0)
+        if mp > 0:
+            dp = 1.0 / (lam + mp * mp).sqrt()
+        else:
+            dp = torch.where(lam > 0, lam.rsqrt(), torch.zeros_like(lam))
+        C = S + Y
+        R = (V * dp) @ V.mT
+        K = skew(C @ R)
+        cost += 3 * 2.0 * n**3 * 2
+        # fp64: R has entries up to 1/μ_p on near-null directions of M, and G⊥ is tiny there;
+        # forming G⊥R in fp32 would leave errors eps₃₂/μ_p (measured: gaps ~6e-4).
+        A = (Wb.double() @ K + Gp @ R).to(W.dtype)
+        cost += 2 * 2.0 * m * n * n * 2
+        A_out.append(A)
+        dual_out.append(0.5 * (Gs - Y))
+        mu_out.append(mu if mu is not None else 0.0)
+        dual_values.append(lam.sqrt().sum())
+        steps_total += steps
+        cost_total += cost
+    nb = Wf.shape[0]
+    A = torch.stack(A_out).reshape(*batch, m, n)
+    dual = torch.stack(dual_out).reshape(*batch, n, n)
+    state = {"dual": dual.to(W.dtype), "mu": torch.tensor(mu_out, dtype=torch.float64).reshape(batch)}
+    equivalents = cost_total / nb / msign_flops(m, n)
+    return SolverOutput(direction=A, dual=dual.to(W.dtype), iterations=math.ceil(steps_total / nb),
+                        msign_calls=math.ceil(equivalents), state=state,
+                        dual_value=torch.stack(dual_values).reshape(batch), msign_equivalents=equivalents)
