@@ -68,6 +68,7 @@ class ManifoldOptimizer(Optimizer):
         self.last_step_stats: dict[str, dict[str, Any]] = {}
         self.last_step_skipped = False
         self._fallback_defaults = fb
+        self._budget_scale = defaults.get("scale")
         groups = self._build_groups(params, roles, budget, fb)
         # flatten: None = by shape (≥ 4-D flattened), True for Conv weights (see functional.as_matrix)
         defaults = dict(defaults, lr_scale=1.0, algorithm="adamw", manifold="euclidean",
@@ -107,7 +108,7 @@ class ManifoldOptimizer(Optimizer):
             return groups + ([fallback] if fallback["params"] else [])
         if any(isinstance(m, nn.Module) for m in items):
             raise TypeError("params must be all modules or all tensors/dicts/(name, tensor) pairs, not a mix")
-        if budget not in (None, "uniform"):
+        if budget not in (None, "uniform", "auto"):
             raise ValueError("budget needs modules (e.g. model.modules()) to know the network; got tensors")
         if isinstance(items[0], dict):
             user_groups = items
@@ -168,11 +169,20 @@ class ManifoldOptimizer(Optimizer):
             return {str(k): float(v) for k, v in budget.items()}
         if callable(budget):
             return {str(k): float(v) for k, v in budget(modules[0]).items()}
-        if budget == "modular":
+        if budget in ("modular", "auto"):
+            from ..modular import ModularError
             from ..modular import budget as modular_budget  # the entry point composes the layers
 
-            return modular_budget(modules[0])
-        raise ValueError(f"budget must be 'uniform', 'modular', a dict or a callable, got {budget!r}")
+            try:
+                return modular_budget(modules[0], scale=self._budget_scale)
+            except ModularError as err:
+                if budget == "modular":
+                    raise
+                warnings.warn(f"{type(self).__name__}: no modular budget for this model ({err}); every constrained "
+                              "weight steps lr (budget='uniform'). Pass budget='uniform' to silence this.",
+                              stacklevel=4)
+                return {}
+        raise ValueError(f"budget must be 'auto', 'uniform', 'modular', a dict or a callable, got {budget!r}")
 
     def _validate_groups(self, groups) -> None:
         """Every hyperparameter of every group, and every parameter's shape against its manifold."""

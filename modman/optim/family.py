@@ -40,7 +40,11 @@ class ManifoldMuon(ManifoldOptimizer):
         weight_decay: applies to the fallback group only (a Stiefel weight has fixed norm).
         solver, tol, max_iters: the subproblem solver (see ``modman.solvers.SOLVERS``).
         scale: None (unscaled Stiefel) or "rms" (s = √(d_out/d_in)), or a float.
-        budget: "uniform" (lr_scale 1), "modular" (from ``modman.modular.budget``), a dict
+        budget: "auto" (default: "modular" when given modules — falling back to "uniform" with a
+            warning when ``modman.modular`` cannot describe the model — and "uniform" for
+            tensors), "uniform" (lr_scale 1: every constrained weight steps lr), "modular"
+            (lr_scale from ``modman.modular.budget(model, scale=scale)``: lr is the step of the
+            whole network in the modular norm, roughly lr/L per layer of an L-layer MLP), a dict
             {parameter name: lr_scale} or a callable model → dict.
         project_on_init: move constrained weights onto their manifold (exact polar factor) at
             construction, warning once per moved weight. Pass False for pretrained models: the
@@ -67,7 +71,7 @@ class ManifoldMuon(ManifoldOptimizer):
     }
 
     def __init__(self, params, lr=0.1, momentum=0.95, nesterov=True, weight_decay=0.0, solver=None, tol=None,
-                 max_iters=None, scale=None, budget="uniform", project_on_init=True, on_manifold_tol=1e-5,
+                 max_iters=None, scale=None, budget="auto", project_on_init=True, on_manifold_tol=1e-5,
                  nonfinite="raise", fallback=None, roles=None):
         from ..solvers import DEFAULT_SOLVER
 
