@@ -114,6 +114,21 @@ def best_lr(runs: list[dict], lrs: list[float]) -> dict:
             "medians": {str(k): finite(v) for k, v in medians.items()}}
 
 
+def lower_thresholds(runs: list[dict], lrs: list[float], methods: list[str],
+                     thresholds=(0.5, 0.6, 0.7, 0.8, 0.9)) -> dict:
+    """Steps to lower accuracy thresholds, from the recorded curves: per threshold and method,
+    the best lr's median over seeds (as for the target). Read-only on the runs."""
+    out = {}
+    for thr in thresholds:
+        per = {}
+        for m in methods:
+            shifted = [dict(r, steps_to_target=next((s for s, a in r["curve"] if a >= thr), None))
+                       for r in runs if r["objective"] == m]
+            per[m] = best_lr(shifted, lrs)
+        out[str(thr)] = {m: {"steps": v["median_steps"], "lr": v["lr"]} for m, v in per.items()}
+    return out
+
+
 def build_start(teacher, task, eval_prompts, teacher_acc, out_dir, log):
     """The plateau student, then SFT on teacher samples until >= 25 % of the teacher."""
     student = pretrain(STUDENT_RECIPE)
@@ -283,7 +298,23 @@ def main() -> None:
     parser.add_argument("--recover-lr", type=float, default=1e-3)
     parser.add_argument("--recover-steps", type=int, default=60)
     parser.add_argument("--out", default=str(ROOT / "results" / "opd.json"))
+    parser.add_argument("--summarize", action="store_true",
+                        help="only recompute the summaries and plots of an existing --out")
     args = parser.parse_args()
+    if args.summarize:
+        out = Path(args.out)
+        merged = json.loads(out.read_text())
+        head = merged["headline"]
+        methods = sorted({r["objective"] for r in head["runs"]})
+        merged["steps_to_accuracy"] = lower_thresholds(head["runs"], head["lrs_swept"], methods)
+        merged["best_accuracy_within_cap"] = {
+            m: max(a for r in head["runs"] if r["objective"] == m for _, a in r["curve"])
+            for m in methods}
+        merged["plots"] = plot(merged, out.with_suffix(""))
+        out.write_text(json.dumps(merged, indent=1) + "\n")
+        print(json.dumps({k: merged[k] for k in ("steps_to_target", "steps_to_accuracy",
+                                                   "best_accuracy_within_cap")}, indent=1))
+        return
     torch.set_num_threads(1)
     parts = args.parts.split(",")
     lrs = [float(x) for x in args.lrs.split(",")]
