@@ -35,8 +35,8 @@ with X₀ = V diag(λ/(λ + μ_p²)) Vᵀ (so ‖X₀‖₂ ≤ 1), g = sym(C R)
 ‖A‖₂² ≤ max λ/(λ+μ_p²) + ‖g‖_F² + 2‖k‖_F‖g‖_F and the relative gap of A/max(1, ‖A‖₂) against
 f(Y) is known from the eigendecomposition. Near-singular M makes the recovery sensitive to
 μ_p, so every iterate is scored over a small grid of μ_p (O(n²) each) and the best is kept.
-The iteration stops when that estimate is ≤ tol, or after ``max_iters`` Newton steps (returning
-the best iterate seen). The estimate only steers the iteration: the dispatcher certifies the
+The iteration stops when that estimate is ≤ tol, after ``max_iters`` Newton steps, or when the
+estimate has not improved for 20 steps (returning the best iterate seen). The estimate only steers the iteration: the dispatcher certifies the
 returned direction with the products ``certify_gram`` in result.py performs (fp64 Gram of the
 actual A, fp64 eigenvalues of M for the dual value).
 
@@ -91,7 +91,7 @@ def _score(lam, Cp, Np_diag, mu_list, D):
     return best
 
 
-def _newton_one(S, N, Y, mu, tol, max_iters, mu0, shrink, cg_iters, cg_tol, warm):
+def _newton_one(S, N, Y, mu, tol, max_iters, mu0, shrink, cg_iters, cg_tol, warm, stall=20):
     """Minimise f over symmetric Y (fp64, n×n). Returns (Y, V, λ, μ_p, gap_est, μ, steps, cost)."""
     n = S.shape[-1]
     cost = 0.0
@@ -116,8 +116,11 @@ def _newton_one(S, N, Y, mu, tol, max_iters, mu0, shrink, cg_iters, cg_tol, warm
         gap, mp = _score(lam, Cp, Np_diag, grid, float(D))
         if best is None or gap < best[4]:
             best = (Y, V, lam, mp, gap)
+            best_it = it
         if gap <= tol or it == max_iters:
             break
+        if it - best_it >= stall:
+            break  # no better estimate for `stall` steps: the floor is elsewhere (e.g. W off the manifold)
         if it == 0 and warm:
             mu = max(mu, 0.3 * gap * scale)
         ell = lam + mu * mu

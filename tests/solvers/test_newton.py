@@ -99,7 +99,7 @@ def test_warm_start_never_worse_than_cold(shape, rank):
     cold = solve_manifold_muon(W, G, solver="newton")
     warm = solve_manifold_muon(W, G, solver="newton", warm_start=cold.state)
     assert warm.duality_gap.item() <= max(cold.duality_gap.item(), BAR)
-    assert warm.iterations == 0 and warm.msign_equivalents <= cold.msign_equivalents
+    assert warm.iterations <= cold.iterations and warm.msign_equivalents <= cold.msign_equivalents
     # a nearby problem (one momentum step): still certified within the bar
     G2 = 0.95 * G + 0.05 * G.norm() * torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(G.numel())
     nxt = solve_manifold_muon(W, G2, solver="newton", warm_start=cold.state)
