@@ -90,28 +90,39 @@ def run_one(job: dict) -> dict:
     trainer = Trainer(student, task, config, teacher=teacher,
                       optimizer=make_optimizer(job["optimizer"], job["lr"], job["fallback_lr"]))
     start = time.perf_counter()
-    records = trainer.train(job["cap"], target_accuracy=job["target"])
+    records, error = [], None
+    try:
+        trainer.train(job["cap"], target_accuracy=job["target"])
+    except (RuntimeError, FloatingPointError) as exc:
+        # A failed run (e.g. an optimizer's linear algebra) is recorded, not fatal to the sweep.
+        error = f"{type(exc).__name__} at step {trainer.step_count + 1}: {exc}"[:500]
+    records = trainer.history
     curve = [(r["step"], r["accuracy"]) for r in records if "accuracy" in r]
     hit = next((s for s, a in curve if a >= job["target"]), None)
     return {**{k: job[k] for k in ("objective", "optimizer", "lr", "seed")},
             "steps_to_target": hit, "curve": curve,
             "teacher_kl": [r.get("teacher_kl", r.get("teacher_kl_forward")) for r in records],
-            "seconds": time.perf_counter() - start, "steps_run": len(records)}
+            "seconds": time.perf_counter() - start, "steps_run": len(records), "error": error}
 
 
 def best_lr(runs: list[dict], lrs: list[float]) -> dict:
-    """Per lr the median over seeds (a miss counts as +inf); the lr with the smallest median."""
-    medians = {}
+    """Per lr the median over seeds (a miss counts as +inf); the lr with the smallest median.
+    Ties (in particular all misses) go to the higher median final accuracy, then the smaller lr."""
+    medians, finals = {}, {}
     for lr in lrs:
-        values = [r["steps_to_target"] for r in runs if r["lr"] == lr]
-        if values:
-            medians[lr] = statistics.median(math.inf if v is None else v for v in values)
+        chosen = [r for r in runs if r["lr"] == lr]
+        if chosen:
+            medians[lr] = statistics.median(
+                math.inf if r["steps_to_target"] is None else r["steps_to_target"] for r in chosen)
+            finals[lr] = statistics.median(r["curve"][-1][1] if r["curve"] else 0.0
+                                           for r in chosen)
     if not medians:
         return {"lr": None, "median_steps": None, "medians": {}}
-    lr = min(medians, key=lambda k: (medians[k], k))
+    lr = min(medians, key=lambda k: (medians[k], -finals[k], k))
     finite = lambda v: None if math.isinf(v) else v  # noqa: E731
     return {"lr": lr, "median_steps": finite(medians[lr]),
-            "medians": {str(k): finite(v) for k, v in medians.items()}}
+            "medians": {str(k): finite(v) for k, v in medians.items()},
+            "median_final_accuracy": {str(k): v for k, v in finals.items()}}
 
 
 def lower_thresholds(runs: list[dict], lrs: list[float], methods: list[str],
@@ -256,7 +267,7 @@ def plot(result: dict, out_prefix: Path) -> list[str]:
         fig.tight_layout()
         path = f"{out_prefix}_headline.png"
         fig.savefig(path, dpi=120)
-        written.append(path)
+        written.append(os.path.relpath(path, ROOT.parent))
     fg = result.get("forgetting")
     if fg:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -272,7 +283,7 @@ def plot(result: dict, out_prefix: Path) -> list[str]:
         fig.tight_layout()
         path = f"{out_prefix}_forgetting.png"
         fig.savefig(path, dpi=120)
-        written.append(path)
+        written.append(os.path.relpath(path, ROOT.parent))
     return written
 
 
@@ -306,6 +317,10 @@ def main() -> None:
         merged = json.loads(out.read_text())
         head = merged["headline"]
         methods = sorted({r["objective"] for r in head["runs"]})
+        head["best"] = {m: best_lr([r for r in head["runs"] if r["objective"] == m],
+                                   head["lrs_swept"]) for m in methods}
+        merged["steps_to_target"] = {m: head["best"][m]["median_steps"] for m in methods}
+        merged["lr"] = {m: head["best"][m]["lr"] for m in methods}
         merged["steps_to_accuracy"] = lower_thresholds(head["runs"], head["lrs_swept"], methods)
         merged["best_accuracy_within_cap"] = {
             m: max(a for r in head["runs"] if r["objective"] == m for _, a in r["curve"])
