@@ -303,10 +303,10 @@ def main() -> None:
     parser.add_argument("--manifold-lrs", default="2.5e-2,5e-2,1e-1")
     parser.add_argument("--new-task", default="subtraction",
                         choices=["subtraction", "modular_addition"])
-    parser.add_argument("--ft-lr", type=float, default=3e-4)
-    parser.add_argument("--ft-new-target", type=float, default=0.5)
+    parser.add_argument("--ft-lr", type=float, default=1e-4)
+    parser.add_argument("--ft-new-target", type=float, default=0.0)
     parser.add_argument("--ft-cap", type=int, default=400)
-    parser.add_argument("--recover-lr", type=float, default=1e-3)
+    parser.add_argument("--recover-lr", type=float, default=2.5e-4)
     parser.add_argument("--recover-steps", type=int, default=60)
     parser.add_argument("--out", default=str(ROOT / "results" / "opd.json"))
     parser.add_argument("--summarize", action="store_true",
@@ -326,6 +326,8 @@ def main() -> None:
             m: max(a for r in head["runs"] if r["objective"] == m for _, a in r["curve"])
             for m in methods}
         merged["plots"] = plot(merged, out.with_suffix(""))
+        merged.setdefault("commands", {})["summarize"] = "python " + " ".join(
+            [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
         out.write_text(json.dumps(merged, indent=1) + "\n")
         print(json.dumps({k: merged[k] for k in ("steps_to_target", "steps_to_accuracy",
                                                    "best_accuracy_within_cap")}, indent=1))
