@@ -71,7 +71,7 @@ def make_optimizer(name: str, lr: float, fallback_lr: float):
     if name == "manifold_muon":
         # project_on_init=False: a pretrained student is not on the manifold; the first steps
         # then retract it there (see the optimizer's docs).
-        return lambda m: ManifoldMuon(m.modules(), lr=lr, solver="projected",
+        return lambda m: ManifoldMuon(m.modules(), lr=lr, solver="projected", budget="uniform",
                                       project_on_init=False,
                                       fallback=dict(lr=fallback_lr, weight_decay=0.0))
     raise ValueError(name)

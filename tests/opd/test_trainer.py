@@ -29,6 +29,7 @@ OPTIMIZERS = {
     "muon": lambda m: Muon(m.modules(), lr=LR, weight_decay=0.0,
                            fallback=dict(lr=LR, weight_decay=0.0)),
     "manifold_muon": lambda m: ManifoldMuon(m.modules(), lr=3 * LR, solver="projected",
+                                            budget="uniform",
                                             project_on_init=False,
                                             fallback=dict(lr=LR, weight_decay=0.0)),
 }
