@@ -103,7 +103,12 @@ def stiefel_step(
         # polar retraction has no such quotient.
         new = manifold.retract(compute, V, method="polar")
     drift = manifold.gram_deviation(new)
-    if bool((drift > drift_tol).any()):
+    if bool((drift > 0.1).any()):
+        # Far off the manifold (project_on_init=False on pretrained weights): the polish quintic
+        # only converges for singular values near 1 (it diverges past √(5/3)), so project exactly.
+        new = manifold.project(new)
+        drift = manifold.gram_deviation(new)
+    elif bool((drift > drift_tol).any()):
         new = manifold.polish(new)
         drift = manifold.gram_deviation(new)
     W.copy_(new)
