@@ -214,7 +214,9 @@ def solve_newton(W, Gn, *, tol, max_iters, warm_start, mu0=0.1, shrink=0.1, cg_i
         N = sym(Gp.mT @ Gp)
         cost = 3 * 2.0 * m * n * n * 2  # three fp64 tall products
         S, Gs = skew(Gw), sym(Gw)
-        warm = dual_in is not None and bool(torch.isfinite(dual_in[b]).all())
+        # Square W: G⊥ = 0, N = 0 and the cold start Y = 0 is already optimal (the closed form
+        # A = W·msign(skew(WᵀG))); a warm start would only move Newton away from it.
+        warm = m != n and dual_in is not None and bool(torch.isfinite(dual_in[b]).all())
         Y = Gs - 2 * sym(dual_in[b].double()) if warm else torch.zeros_like(S)
         mu = None
         if warm and mu_in is not None and float(mu_in[b]) > 0:
