@@ -1,17 +1,23 @@
 """LoRA on the toy model: the learning-rate ratio to full fine-tuning, rank invariance of the
 1/r factor, which layers to adapt, AdamW vs Muon vs ManifoldMuon, and PEFT interop.
 
-    python benchmarks/lora.py [--steps 60] [--batch 32] [--seeds 0 1 2] [--phases ...]
+    python benchmarks/lora.py [--steps 100] [--batch 64] [--seeds 0 1 2] [--workers 2] [--phases ...]
 
 The base is ``modman.toy.pretrain("base")`` (d_model 128, 4 layers, 3-digit addition), fine-tuned
 on modular addition (mod 97) with fresh batches each step, constant lr, no weight decay. A run's
-score is the loss on a fixed held-out batch after the last step. LR search per configuration:
-a ×2 coarse pass on seed 0 (extended until its best is inside), a √2 refinement around it on
-seed 0, then all seeds on the best point and its two √2 neighbours; the best lr is the argmin of
-the seed medians, accepted only strictly inside (both √2 neighbours worse; otherwise the grid
-extends). Runs are cached in benchmarks/results/lora_runs.jsonl, so an interrupted benchmark
-resumes. Writes benchmarks/results/lora.json (machine, command, every measurement; ``lr_ratio``
-per rank) and lora_lr.png / lora_curves.png beside it.
+score is the loss on a fixed held-out batch (512 test problems) after the last step.
+
+LR search per configuration, every point on every seed (scores are seed medians):
+1. coarse ×2 grid lr0·{½, 1, 2}, extended by ×2 at an edge until the median argmin is strictly
+   inside;
+2. √2 refinement: the two √2 neighbours of the coarse optimum;
+3. the best lr is the argmin of the medians over the union grid, which then has both its √2
+   neighbours measured (checked, and the grid extends by √2 if ever not).
+All lrs are lr0·√2^k with the same lr0 for every LoRA sweep, so sweeps share grid points.
+
+Runs are cached in benchmarks/results/lora_runs_s<steps>_b<batch>.jsonl (one file per protocol;
+rerunning resumes). Writes benchmarks/results/lora.json (machine, command, every measurement;
+``lr_ratio`` per rank) and lora_lr.png / lora_curves.png beside it.
 """
 from __future__ import annotations
 
@@ -55,11 +61,54 @@ def machine() -> dict:
             "load_average_at_start": list(os.getloadavg())}
 
 
+_WORKER = {}
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    task = tasks.modular_addition(3, 97)
+    batch = task.sample(512, 12345, "test")
+    _WORKER["task"] = task
+    _WORKER["eval_fn"] = eval_loss_fn([{"input_ids": batch.input_ids, "labels": batch.labels}])
+
+
+def _one_run(job: dict) -> dict:
+    """One fine-tune; kind "full" (every parameter) or "lora". Runs in a worker process."""
+    if not _WORKER:
+        _worker_init(torch.get_num_threads())
+    kind, lr, seed = job["kind"], job["lr"], job["seed"]
+    torch.manual_seed(seed)
+    model = pretrain("base")  # loaded from the cache: a fresh copy of the base each run
+    if kind == "lora":
+        apply_lora(model, LoRAConfig(job["r"], alpha=job["alpha"], target_modules=job["target"]),
+                   seed=seed)
+    extra = {"solver": job["solver"]} if job["solver"] else {}
+    factory = optimizer_factory(job["optimizer"], lr, weight_decay=0.0, **extra)
+    data = task_data(_WORKER["task"], job["batch"], seed=seed)
+    start = time.perf_counter()
+    error = None
+    try:
+        result = train(model, factory, data, TrainConfig(job["steps"]),
+                       eval_fn=_WORKER["eval_fn"])
+        curve = [h["loss"] for h in result.history]
+        final = result.history[-1]["eval_loss"]
+        step_seconds = statistics.median(h["step_seconds"] for h in result.history)
+    except FloatingPointError as exc:  # a diverged run scores +inf
+        curve, final, step_seconds, error = [], float("inf"), float("nan"), str(exc)
+    if not math.isfinite(final):
+        final = float("inf")
+    return {**job, "final_loss": final, "curve": curve, "step_seconds": step_seconds,
+            "wall": time.perf_counter() - start, "error": error,
+            "trainable": count_parameters(model)["trainable"]}
+
+
+def lr_key(lr: float) -> str:
+    return f"{lr:.6g}"
+
+
 class Bench:
     def __init__(self, args, cache_file: Path):
         self.args = args
-        self.task = tasks.modular_addition(3, 97)
-        self.eval_fn = eval_loss_fn([self._eval_batch()])
         self.cache_file = cache_file
         self.cache = {}
         if self.cache_file.is_file():
@@ -67,93 +116,103 @@ class Bench:
                 if line.strip():
                     record = json.loads(line)
                     self.cache[record["key"]] = record
-
-    def _eval_batch(self) -> dict:
-        batch = self.task.sample(512, 12345, "test")
-        return {"input_ids": batch.input_ids, "labels": batch.labels}
+        self.pool = None
+        if args.workers > 1:
+            import multiprocessing as mp
+            self.pool = mp.get_context("spawn").Pool(args.workers, _worker_init, (args.threads,))
 
     def model(self):
-        return pretrain("base")  # loaded from the cache: a fresh copy of the base each run
+        return pretrain("base")
 
-    def run(self, kind: str, lr: float, seed: int, *, r: int = 0, target="all-linear",
+    def job(self, kind: str, lr: float, seed: int, *, r: int = 0, target="all-linear",
             optimizer: str = "adamw", alpha: float = 32, solver: str | None = None) -> dict:
-        """One fine-tune; kind "full" (every parameter) or "lora". Cached by its settings."""
         key = json.dumps([kind, round(lr, 12), seed, r, target, optimizer, alpha, solver,
                           self.args.steps, self.args.batch])
-        if key in self.cache:
-            return self.cache[key]
-        torch.manual_seed(seed)
-        model = self.model()
-        if kind == "lora":
-            apply_lora(model, LoRAConfig(r, alpha=alpha, target_modules=target), seed=seed)
-        extra = {"solver": solver} if solver else {}
-        factory = optimizer_factory(optimizer, lr, weight_decay=0.0, **extra)
-        data = task_data(self.task, self.args.batch, seed=seed)
-        start = time.perf_counter()
-        try:
-            result = train(model, factory, data, TrainConfig(self.args.steps),
-                           eval_fn=self.eval_fn)
-            curve = [h["loss"] for h in result.history]
-            final = result.history[-1]["eval_loss"]
-            step_seconds = statistics.median(h["step_seconds"] for h in result.history)
-        except FloatingPointError:
-            curve, final, step_seconds = [], float("inf"), float("nan")
-        if not math.isfinite(final):
-            final = float("inf")
-        record = {"key": key, "kind": kind, "lr": lr, "seed": seed, "r": r, "target": target,
-                  "optimizer": optimizer, "alpha": alpha, "final_loss": final, "curve": curve,
-                  "step_seconds": step_seconds, "wall": time.perf_counter() - start,
-                  "trainable": count_parameters(model)["trainable"]}
-        self.cache[key] = record
-        with self.cache_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"  {kind:4s} r={r:<2d} {str(target):10s} {optimizer:13s} lr={lr:.3g} seed={seed} "
-              f"loss={final:.4f} ({record['wall']:.0f}s)", flush=True)
-        return record
+        return {"key": key, "kind": kind, "lr": lr, "seed": seed, "r": r, "target": target,
+                "optimizer": optimizer, "alpha": alpha, "solver": solver,
+                "steps": self.args.steps, "batch": self.args.batch}
+
+    def run_many(self, jobs: list[dict]) -> list[dict]:
+        """Run the uncached jobs (in parallel with --workers), cache them, return all records."""
+        todo, seen = [], set()
+        for j in jobs:
+            if j["key"] not in self.cache and j["key"] not in seen:
+                todo.append(j)
+                seen.add(j["key"])
+        results = (self.pool.imap_unordered(_one_run, todo) if self.pool
+                   else map(_one_run, todo))
+        for record in results:
+            self.cache[record["key"]] = record
+            with self.cache_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"  {record['kind']:4s} r={record['r']:<2d} {str(record['target']):10s} "
+                  f"{record['optimizer']:13s} α={record['alpha']:<4g} lr={record['lr']:.3g} "
+                  f"seed={record['seed']} loss={record['final_loss']:.4f} "
+                  f"({record['wall']:.0f}s){' ' + record['error'] if record['error'] else ''}",
+                  flush=True)
+        return [self.cache[j["key"]] for j in jobs]
+
+    def run(self, kind: str, lr: float, seed: int, **settings) -> dict:
+        return self.run_many([self.job(kind, lr, seed, **settings)])[0]
 
     def sweep(self, lr0: float, **settings) -> dict:
         """The LR search of the module docstring; returns the grid, medians and the best lr."""
         seeds = self.args.seeds
+        per_seed: dict[float, list[float]] = {}
 
-        def loss(lr, seed):
-            return self.run(lr=lr, seed=seed, **settings)["final_loss"]
+        def measure(lrs):
+            lrs = [lr for lr in lrs if lr not in per_seed]
+            jobs = [self.job(lr=lr, seed=s, **settings) for lr in lrs for s in seeds]
+            records = self.run_many(jobs)
+            for i, lr in enumerate(lrs):
+                per_seed[lr] = [r["final_loss"] for r in records[i * len(seeds):
+                                                                 (i + 1) * len(seeds)]]
 
-        coarse = {lr0 * 2.0**k: None for k in (-1, 0, 1)}
-        for _ in range(6):
-            for lr in coarse:
-                coarse[lr] = loss(lr, seeds[0])
-            best = min(coarse, key=coarse.get)
-            lrs = sorted(coarse)
-            if best == lrs[0]:
-                coarse[lrs[0] / 2] = None
-            elif best == lrs[-1]:
-                coarse[lrs[-1] * 2] = None
+        def median(lr):
+            return statistics.median(per_seed[lr])
+
+        # 1. coarse ×2 grid, all seeds, extended until the median argmin is strictly inside
+        coarse = [lr0 / 2, lr0, lr0 * 2]
+        for _ in range(8):
+            measure(coarse)
+            best = min(coarse, key=median)
+            if best == coarse[0]:
+                coarse.insert(0, coarse[0] / 2)
+            elif best == coarse[-1]:
+                coarse.append(coarse[-1] * 2)
             else:
                 break
-        fine = {lr: coarse[lr] for lr in coarse}
-        for lr in (best / SQRT2, best * SQRT2):
-            fine[lr] = loss(lr, seeds[0])
-        centre = min(fine, key=fine.get)
-        medians: dict[float, float] = {}
-        for _ in range(4):
-            for lr in (centre / SQRT2, centre, centre * SQRT2):
-                if lr not in medians:
-                    medians[lr] = statistics.median(loss(lr, s) for s in seeds)
-            best = min(medians, key=medians.get)
-            lrs = sorted(medians)
-            inside = lrs[0] < best < lrs[-1]
-            if inside:
+        coarse_inside = coarse[0] < best < coarse[-1]
+        coarse_best = best
+        # 2. √2 refinement around the coarse median optimum
+        measure([best / SQRT2, best * SQRT2])
+        # 3. best over the union grid, with both √2 neighbours measured
+        for _ in range(6):
+            best = min(per_seed, key=median)
+            missing = [lr for lr in (best / SQRT2, best * SQRT2)
+                       if not any(math.isclose(lr, x, rel_tol=1e-9) for x in per_seed)]
+            if not missing:
                 break
-            centre = best
-        per_seed = {lr: [loss(lr, s) for s in seeds] for lr in sorted(medians)}
-        return {"settings": settings, "coarse_seed0": {f"{k:.6g}": v for k, v in
-                                                       sorted(coarse.items())},
-                "grid": [float(f"{lr:.6g}") for lr in sorted(medians)],
-                "median_loss": {f"{lr:.6g}": m for lr, m in sorted(medians.items())},
-                "per_seed": {f"{lr:.6g}": v for lr, v in per_seed.items()},
-                "best_lr": best, "best_median_loss": medians[best],
-                "best_seed_range": [min(per_seed[best]), max(per_seed[best])],
-                "optimum_strictly_inside": inside, "grid_spacing": SQRT2}
+            measure(missing)
+        grid = sorted(per_seed)
+        inside = grid[0] < best < grid[-1] and not missing
+        hi = max(per_seed[best])
+        return {"settings": settings,
+                "coarse_grid": [float(lr_key(lr)) for lr in coarse],
+                "coarse_best_lr": coarse_best, "coarse_optimum_strictly_inside": coarse_inside,
+                "grid": [float(lr_key(lr)) for lr in grid],
+                "median_loss": {lr_key(lr): median(lr) for lr in grid},
+                "per_seed": {lr_key(lr): per_seed[lr] for lr in grid},
+                "best_lr": best, "best_median_loss": median(best),
+                "best_seed_range": [min(per_seed[best]), hi],
+                "neighbour_median_loss": {lr_key(best / SQRT2): median(grid[grid.index(best) - 1])
+                                          if inside else None,
+                                          lr_key(best * SQRT2): median(grid[grid.index(best) + 1])
+                                          if inside else None},
+                "lrs_with_median_within_best_seed_range": [
+                    float(lr_key(lr)) for lr in grid if median(lr) <= hi],
+                "optimum_strictly_inside": inside, "grid_spacing": SQRT2,
+                "runs": len(grid) * len(seeds)}
 
 
 def interop(seed: int = 0) -> dict:
@@ -246,80 +305,217 @@ def interop(seed: int = 0) -> dict:
     return out
 
 
-def spread(curves: list[list[float]], upto: int) -> float:
-    """Mean over the first ``upto`` steps of the range of the losses across ranks."""
-    return statistics.mean(max(c[t] for c in curves) - min(c[t] for c in curves)
-                           for t in range(upto))
+def coincidence(curves: list[list[float]], upto: int) -> dict:
+    """How far apart the training-loss curves of different ranks are over steps 1..upto: the
+    mean over steps of the range across ranks, absolute and divided by the mean loss drop
+    over those steps (curve[0] − curve[upto−1], averaged over ranks)."""
+    if not all(curves) or any(len(c) < upto for c in curves):
+        return {"mean_range": None, "relative_to_loss_drop": None, "diverged": True}
+    rng = statistics.mean(max(c[t] for c in curves) - min(c[t] for c in curves)
+                          for t in range(upto))
+    drop = statistics.mean(c[0] - c[upto - 1] for c in curves)
+    return {"mean_range": rng, "relative_to_loss_drop": rng / drop if drop > 0 else None,
+            "diverged": False}
+
+
+def argmin_stability(sweep: dict, samples: int = 2000, seed: int = 0) -> dict:
+    """How well the seeds pin the optimum down: resample each lr's seeds with replacement,
+    take the argmin of the medians; the fraction of resamples choosing each lr."""
+    import random
+
+    rng = random.Random(seed)
+    per_seed = {float(k): v for k, v in sweep["per_seed"].items()}
+    counts = dict.fromkeys(per_seed, 0)
+    for _ in range(samples):
+        med = {lr: statistics.median(rng.choices(v, k=len(v))) for lr, v in per_seed.items()}
+        counts[min(med, key=med.get)] += 1
+    return {lr_key(lr): n / samples for lr, n in sorted(counts.items())}
+
+
+def summarize(result: dict) -> None:
+    """Post-hoc measures from recorded runs only (no training): the bootstrap argmin
+    distribution of every sweep, and how often ranks 4 and 16 land within 2x of each other."""
+    groups = [result.get(k, {}) for k in ("sweeps", "layer_sweeps", "optimizer_sweeps")]
+    for sweeps in groups:
+        for s in sweeps.values():
+            s["bootstrap_argmin_fraction"] = argmin_stability(s)
+            s["median_loss_spread_over_grid_excluding_diverged"] = (
+                max(v for v in s["median_loss"].values() if v < 2.0)
+                - min(s["median_loss"].values()))
+    sweeps = result.get("sweeps", {})
+    if "lora_r4" in sweeps and "lora_r16" in sweeps:
+        a = sweeps["lora_r4"]["bootstrap_argmin_fraction"]
+        b = sweeps["lora_r16"]["bootstrap_argmin_fraction"]
+        within = sum(pa * pb for la, pa in a.items() for lb, pb in b.items()
+                     if max(float(la), float(lb)) / min(float(la), float(lb)) < 2 - 1e-9)
+        result.setdefault("best_lora_lr_shift_r4_vs_r16", {})[
+            "bootstrap_probability_shift_below_2x"] = within
+
+
+def time_optimizers(args, configs: dict, steps: int = 15, rounds: int = 3) -> dict:
+    """Median seconds per step of each optimizer on LoRA r=4 (and full fine-tuning), measured
+    interleaved in one process (rounds × steps each) so background load hits them alike."""
+    _worker_init(args.threads)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, (kind, optimizer, lr, solver) in configs.items():
+            torch.manual_seed(0)
+            model = pretrain("base")
+            if kind == "lora":
+                apply_lora(model, LoRAConfig(4), seed=0)
+            extra = {"solver": solver} if solver else {}
+            result = train(model, optimizer_factory(optimizer, lr, **extra),
+                           task_data(_WORKER["task"], args.batch, seed=0), TrainConfig(steps))
+            times[name] += [h["step_seconds"] for h in result.history[1:]]
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def curves_phase(bench, args, lr: float, lr_from: str) -> dict:
+    """Training-loss curves of every rank at one lr, with α = 32 (the 1/r factor) and with
+    α = 32 r (no 1/r), on every seed; the coincidence measure of :func:`coincidence`."""
+    print(f"== early curves at lr {lr:.3g} ({lr_from}), with and without 1/r", flush=True)
+    ranks = sorted(args.ranks)
+    jobs = [bench.job("lora", lr, s, r=r, alpha=alpha)
+            for s in args.seeds for r in ranks for alpha in (32, 32 * r)]
+    bench.run_many(jobs)
+    upto = min(args.curve_steps, args.steps)
+    per_seed = {}
+    for s in args.seeds:
+        with_r = [bench.run("lora", lr, s, r=r)["curve"] for r in ranks]
+        without = [bench.run("lora", lr, s, r=r, alpha=32 * r)["curve"] for r in ranks]
+        per_seed[str(s)] = {
+            "with_1_over_r": {"first_steps": coincidence(with_r, upto),
+                              "all_steps": coincidence(with_r, args.steps)},
+            "without_1_over_r": {"first_steps": coincidence(without, upto),
+                                 "all_steps": coincidence(without, args.steps)},
+            "final_loss_with": [bench.run("lora", lr, s, r=r)["final_loss"] for r in ranks],
+            "final_loss_without": [bench.run("lora", lr, s, r=r, alpha=32 * r)["final_loss"]
+                                   for r in ranks]}
+
+    def med(cond, span, field):
+        vals = [p[cond][span][field] for p in per_seed.values()]
+        return statistics.median(vals) if all(v is not None for v in vals) else None
+
+    summary = {cond: {span: {f: med(cond, span, f) for f in ("mean_range",
+                                                             "relative_to_loss_drop")}
+                      for span in ("first_steps", "all_steps")}
+               for cond in ("with_1_over_r", "without_1_over_r")}
+    w = summary["with_1_over_r"]["first_steps"]["mean_range"]
+    wo = summary["without_1_over_r"]["first_steps"]["mean_range"]
+    return {
+        "lr": lr, "lr_from": lr_from, "ranks": ranks, "first_steps": upto,
+        "measure": "mean over steps 1..N of the range (max - min) across ranks of the "
+                   "training loss (same batches for every rank); also divided by the mean "
+                   "loss drop over those steps; median over seeds",
+        "without_1_over_r_means": "alpha = 32 r, i.e. scale 32 for every rank (r=1 "
+                                  "identical to with)",
+        "summary_median_over_seeds": summary,
+        "without_over_with_first_steps": wo / w if w and wo is not None else None,
+        "per_seed": per_seed,
+        "curves_seed0": {
+            "with_1_over_r": [bench.run("lora", lr, args.seeds[0], r=r)["curve"]
+                              for r in ranks],
+            "without_1_over_r": [bench.run("lora", lr, args.seeds[0], r=r,
+                                           alpha=32 * r)["curve"] for r in ranks]}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 1])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 4, 1])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel")
+    parser.add_argument("--curve-steps", type=int, default=20)
+    parser.add_argument("--curves-at", type=int, nargs="+", default=[16, 1],
+                        help="ranks whose best lr the curves are run at (16: the pre-set "
+                             "choice; 1: the smallest optimum, stable for every rank)")
+    parser.add_argument("--timing-steps", type=int, default=15)
     parser.add_argument("--phases", nargs="+",
                         default=["interop", "ratio", "curves", "layers", "optimizers"])
     parser.add_argument("--out", default=str(RESULTS / "lora.json"))
+    parser.add_argument("--summarize", action="store_true",
+                        help="no training: add the post-hoc measures to --out, report, plot")
     args = parser.parse_args()
+    if args.summarize:
+        out_path = Path(args.out)
+        result = json.loads(out_path.read_text())
+        summarize(result)
+        report(result)
+        plot(result, out_path.parent)
+        out_path.write_text(json.dumps(result, indent=2))
+        return
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)
+    cache = out_path.with_name(f"{out_path.stem}_runs_s{args.steps}_b{args.batch}.jsonl")
+    setup = {"base": "modman.toy.pretrain('base') (d_model 128, 4 layers)",
+             "task": "modular_addition(3 digits, mod 97)", "steps": args.steps,
+             "batch": args.batch, "seeds": args.seeds, "schedule": "constant",
+             "weight_decay": 0.0, "alpha": 32, "optimizer": "AdamW unless stated",
+             "score": "held-out loss (512 test problems) after the last step",
+             "lr_search": "coarse x2 grid on all seeds (median), extended until the optimum is "
+                          "strictly inside; sqrt2 refinement around it on all seeds; best = "
+                          "argmin of seed medians with both sqrt2 neighbours measured",
+             "runs_cache": cache.name}
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    if result.get("setup", {}).get("steps") != args.steps or \
+            result.get("setup", {}).get("batch") != args.batch:
+        result = {}  # another protocol: never mix its numbers into this one
     result.update({"command": "python " + " ".join(sys.argv), "machine": machine(),
-                   "setup": {"base": "modman.toy.pretrain('base') (d_model 128, 4 layers)",
-                             "task": "modular_addition(3 digits, mod 97)", "steps": args.steps,
-                             "batch": args.batch, "seeds": args.seeds, "schedule": "constant",
-                             "weight_decay": 0.0, "alpha": 32, "optimizer": "AdamW",
-                             "score": "held-out loss (512 test problems) after the last step"}})
+                   "setup": setup})
+    result.setdefault("phases_done", [])
 
-    def save():
+    def save(phase=None):
+        if phase and phase not in result["phases_done"]:
+            result["phases_done"].append(phase)
+        result["phases_not_done"] = [p for p in args.phases if p not in result["phases_done"]]
         out_path.write_text(json.dumps(result, indent=2))
 
-    cache = out_path.with_name(out_path.stem + "_runs.jsonl")
     bench = Bench(args, cache) if set(args.phases) - {"interop"} else None
+    lora_lr0 = 1e-2
     if "interop" in args.phases:
         print("== PEFT interop and merge parity", flush=True)
         result["interop"] = interop()
-        save()
+        save("interop")
     if "ratio" in args.phases:
         print("== LR ratio: full fine-tuning vs LoRA (all layers, α = 32)", flush=True)
         sweeps = {"full": bench.sweep(1e-3, kind="full")}
         result["sweeps"] = sweeps
+        save()
         for r in args.ranks:
-            sweeps[f"lora_r{r}"] = bench.sweep(1e-2, kind="lora", r=r)
+            sweeps[f"lora_r{r}"] = bench.sweep(lora_lr0, kind="lora", r=r)
             save()
         full_lr = sweeps["full"]["best_lr"]
         result["lr_ratio"] = {str(r): sweeps[f"lora_r{r}"]["best_lr"] / full_lr
                               for r in args.ranks}
-        lrs = [sweeps[f"lora_r{r}"]["best_lr"] for r in args.ranks if r >= 4]
-        result["best_lora_lr_moves_between_ranks_4_16"] = max(lrs) / min(lrs) if lrs else None
-        save()
+        if 4 in args.ranks and 16 in args.ranks:
+            a, b = sweeps["lora_r4"]["best_lr"], sweeps["lora_r16"]["best_lr"]
+            result["best_lora_lr_shift_r4_vs_r16"] = {
+                "r4": a, "r16": b, "factor": max(a, b) / min(a, b),
+                "bar": "< 2x", "passes": max(a, b) / min(a, b) < 2}
+        save("ratio")
     if "curves" in args.phases and "sweeps" in result:
-        print("== early curves with and without the 1/r factor", flush=True)
-        lr = result["sweeps"]["lora_r4"]["best_lr"]
-        with_r = [bench.run("lora", lr, 0, r=r)["curve"] for r in args.ranks]
-        without = [bench.run("lora", lr, 0, r=r, alpha=32 * r)["curve"] for r in args.ranks]
-        upto = min(20, args.steps)
-        ok = all(with_r) and all(without)
-        result["curves"] = {
-            "lr": lr, "ranks": args.ranks, "first_steps": upto,
-            "with_1_over_r": with_r, "without_1_over_r (alpha=32r)": without,
-            "mean_range_across_ranks_with": spread(with_r, upto) if ok else None,
-            "mean_range_across_ranks_without": spread(without, upto) if all(without) else
-            "diverged"}
-        save()
+        if "lr" in result.get("curves", {}):  # the single-lr layout of an earlier version
+            result["curves"] = {}
+        result.setdefault("curves", {})
+        for at in args.curves_at:
+            result["curves"][f"r{at}_optimum"] = curves_phase(
+                bench, args, result["sweeps"][f"lora_r{at}"]["best_lr"], f"lora_r{at} optimum")
+            save()
+        save("curves")
     if "layers" in args.phases:
         print("== which layers: attention-only vs MLP-only vs all, matched parameters", flush=True)
         model = bench.model()
         mlp_count = lora_parameter_count(model, LoRAConfig(4, target_modules="mlp"))
         r_att = rank_for_parameter_count(model, mlp_count, "attention")
         layers = {
-            "mlp_r4": bench.sweep(1e-2, kind="lora", r=4, target="mlp"),
-            f"attention_r{r_att}": bench.sweep(1e-2, kind="lora", r=r_att, target="attention"),
+            "mlp_r4": bench.sweep(lora_lr0, kind="lora", r=4, target="mlp"),
+            f"attention_r{r_att}": bench.sweep(lora_lr0, kind="lora", r=r_att,
+                                               target="attention"),
             "all_r4": result.get("sweeps", {}).get("lora_r4")
-            or bench.sweep(1e-2, kind="lora", r=4),
+            or bench.sweep(lora_lr0, kind="lora", r=4),
         }
         counts = {"mlp_r4": mlp_count,
                   f"attention_r{r_att}": lora_parameter_count(
@@ -335,54 +531,78 @@ def main() -> None:
             att["best_seed_range"][0] > layers[k]["best_seed_range"][1]
             for k in ("mlp_r4", "all_r4"))
         result["layer_sweeps"] = layers
-        save()
+        save("layers")
     if "optimizers" in args.phases:
         print("== optimizers on LoRA r=4, all layers", flush=True)
         opt = {"adamw": result.get("sweeps", {}).get("lora_r4")
-               or bench.sweep(1e-2, kind="lora", r=4),
-               "muon": bench.sweep(1e-2, kind="lora", r=4, optimizer="muon"),
-               "manifold_muon": bench.sweep(2e-2, kind="lora", r=4, optimizer="manifold_muon",
-                                            solver="projected")}
+               or bench.sweep(lora_lr0, kind="lora", r=4),
+               "muon": bench.sweep(lora_lr0, kind="lora", r=4, optimizer="muon"),
+               "manifold_muon": bench.sweep(lora_lr0, kind="lora", r=4,
+                                            optimizer="manifold_muon", solver="projected")}
+        result["optimizer_sweeps"] = opt
+        save()
+        print("   timing (interleaved, one process)", flush=True)
+        timing = time_optimizers(args, steps=args.timing_steps, configs={
+            "full_adamw": ("full", "adamw", result.get("sweeps", {}).get("full", {})
+                           .get("best_lr", 1e-3), None),
+            "adamw": ("lora", "adamw", opt["adamw"]["best_lr"], None),
+            "muon": ("lora", "muon", opt["muon"]["best_lr"], None),
+            "manifold_muon": ("lora", "manifold_muon", opt["manifold_muon"]["best_lr"],
+                              "projected"),
+            "manifold_muon_newton": ("lora", "manifold_muon", opt["manifold_muon"]["best_lr"],
+                                     "newton")})
         rows = {}
         for name, s in opt.items():
             runs = [bench.run(lr=s["best_lr"], seed=seed, **s["settings"]) for seed in args.seeds]
             rows[name] = {"best_lr": s["best_lr"], "median_final_loss": s["best_median_loss"],
                           "seed_range": s["best_seed_range"],
-                          "median_step_seconds": statistics.median(r["step_seconds"]
-                                                                   for r in runs),
+                          "median_step_seconds_in_sweep_runs": statistics.median(
+                              r["step_seconds"] for r in runs),
+                          "median_step_seconds_interleaved": timing[name],
                           "optimum_strictly_inside": s["optimum_strictly_inside"]}
+        rows["full_adamw_step_seconds_interleaved"] = timing["full_adamw"]
+        rows["manifold_muon_solver"] = (
+            "projected: the default solver (modman.solvers.DEFAULT_SOLVER = 'newton') is not "
+            f"fast here, {timing['manifold_muon_newton']:.3f} s/step vs "
+            f"{timing['manifold_muon']:.3f} s/step for 'projected' (interleaved timing)")
         rows["manifolds"] = {"lora_A": "Stiefel (unscaled, orthonormal rows) under ManifoldMuon "
                                        "(solver 'projected'); Euclidean for AdamW/Muon",
                              "lora_B": "Euclidean (Muon step) under ManifoldMuon",
                              "base": "frozen, never given to the optimizer"}
+        rows["timing_note"] = ("2 shared CPU cores under background load (see machine); "
+                               f"interleaved timing: 3 rounds x {args.timing_steps} steps per "
+                               "optimizer in one process, first step of each round dropped")
         result["optimizers"] = rows
-        result["optimizer_sweeps"] = opt
-        save()
+        save("optimizers")
+    if bench is not None and bench.pool is not None:
+        bench.pool.close()
+    summarize(result)
     report(result)
     plot(result, out_path.parent)
     save()
 
 
 def report(result: dict) -> None:
-    if "lr_ratio" in result:
+    if "sweeps" in result:
         print("\nconfig      best lr    median loss  seed range          inside")
         for name, s in result["sweeps"].items():
             lo, hi = s["best_seed_range"]
             print(f"{name:10s}  {s['best_lr']:.3g}  {s['best_median_loss']:.4f}       "
                   f"[{lo:.4f}, {hi:.4f}]  {s['optimum_strictly_inside']}")
+    if "lr_ratio" in result:
         print("lr_ratio", {k: round(v, 2) for k, v in result["lr_ratio"].items()})
-    if "curves" in result:
-        c = result["curves"]
-        print(f"early curves (first {c['first_steps']} steps), mean range across ranks: with 1/r "
-              f"{c['mean_range_across_ranks_with']}, without {c['mean_range_across_ranks_without']}")
+        print("r4 vs r16:", result.get("best_lora_lr_shift_r4_vs_r16"))
+    for name, c in result.get("curves", {}).items():
+        print(f"curves at lr {c['lr']:.3g} ({name}):", json.dumps(c["summary_median_over_seeds"]),
+              "without/with (first steps):", c["without_over_with_first_steps"])
     if "layers" in result:
         print("layers:", json.dumps(result["layers"], indent=1))
     if "optimizers" in result:
-        print("\noptimizer       best lr   median loss  s/step")
+        print("\noptimizer       best lr   median loss  s/step (interleaved)")
         for name, row in result["optimizers"].items():
-            if name != "manifolds":
+            if isinstance(row, dict) and "best_lr" in row:
                 print(f"{name:14s}  {row['best_lr']:.3g}  {row['median_final_loss']:.4f}  "
-                      f"{row['median_step_seconds']:.3f}")
+                      f"{row['median_step_seconds_interleaved']:.3f}")
     if "interop" in result:
         print("interop:", json.dumps(result["interop"], indent=1))
 
@@ -395,30 +615,33 @@ def plot(result: dict, folder: Path) -> None:
     if "sweeps" in result:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, s in result["sweeps"].items():
-            points = sorted((float(k), v) for k, v in s["coarse_seed0"].items())
-            ax.plot(*zip(*points), ":", alpha=0.5)
             med = sorted((float(k), v) for k, v in s["median_loss"].items())
-            ax.plot(*zip(*med), "o-", label=f"{name} (best {s['best_lr']:.2g})",
-                    color=ax.lines[-1].get_color())
+            line, = ax.plot(*zip(*med), "o-", label=f"{name} (best {s['best_lr']:.2g})")
+            for k, losses in s["per_seed"].items():
+                ax.plot([float(k)] * len(losses), losses, ".", color=line.get_color(),
+                        alpha=0.35)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("held-out loss after fine-tuning")
         ax.legend(fontsize=8)
-        ax.set_title("LR sweeps (dotted: seed 0 coarse; solid: median of seeds)")
+        ax.set_title("LR sweeps (line: median of seeds; dots: seeds)")
+        ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
         fig.tight_layout()
         fig.savefig(folder / "lora_lr.png", dpi=120)
-    if "curves" in result:
-        c = result["curves"]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
-        for ax, key, title in ((axes[0], "with_1_over_r", "α/r (α = 32)"),
-                               (axes[1], "without_1_over_r (alpha=32r)", "no 1/r (scale 32)")):
-            for r, curve in zip(c["ranks"], c[key]):
-                if curve:
-                    ax.plot(range(1, len(curve) + 1), curve, label=f"r={r}")
-            ax.set_title(f"{title}, lr {c['lr']:.2g}")
-            ax.set_xlabel("step")
-            ax.legend()
-        axes[0].set_ylabel("training loss")
+    if result.get("curves"):
+        rows = list(result["curves"].items())
+        fig, axes = plt.subplots(len(rows), 2, figsize=(9, 3.3 * len(rows)), squeeze=False)
+        for row, (name, c) in zip(axes, rows):
+            for ax, key, title in ((row[0], "with_1_over_r", "α/r (α = 32)"),
+                                   (row[1], "without_1_over_r", "no 1/r (scale 32)")):
+                for r, curve in zip(c["ranks"], c["curves_seed0"][key]):
+                    if curve:
+                        ax.plot(range(1, len(curve) + 1), curve, label=f"r={r}")
+                ax.set_title(f"{title}, lr {c['lr']:.2g} ({name}), seed 0", fontsize=9)
+                ax.set_yscale("log")
+                ax.set_xlabel("step")
+                ax.legend(fontsize=8)
+            row[0].set_ylabel("training loss")
         fig.tight_layout()
         fig.savefig(folder / "lora_curves.png", dpi=120)
 
