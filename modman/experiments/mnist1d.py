@@ -72,6 +72,7 @@ class RunResult:
     seconds_per_step: float = 0.0  # forward + backward + optimizer step, median
     optimizer_seconds_per_step: float = 0.0  # optimizer.step alone, median
     singular_values: dict[str, list[float]] = field(default_factory=dict)
+    duality_gap: float | None = None  # median over steps of the worst certified gap (ManifoldMuon)
     model: nn.Module | None = None
 
 
@@ -116,7 +117,7 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"{optimizer:>13}", leave=True)
-    step_times, opt_times = [], []
+    step_times, opt_times, gaps = [], [], []
     for step in range(steps):
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         t0 = time.perf_counter()
@@ -129,6 +130,11 @@ def train(
         schedule.step()
         step_times.append(t2 - t0)
         opt_times.append(t2 - t1)
+        stats = getattr(opt, "last_step_stats", None) or {}
+        step_gaps = [float(v["duality_gap"].max()) for v in stats.values()
+                     if isinstance(v.get("duality_gap"), torch.Tensor) and not bool(v["duality_gap"].isnan().any())]
+        if step_gaps:
+            gaps.append(max(step_gaps))
         if callback is not None:
             callback(step, model, opt)
         record = {"step": step, "loss": loss.item()}
@@ -148,6 +154,7 @@ def train(
     result.test_acc = accuracy(model, data["x_test"], data["y_test"])
     result.seconds_per_step = float(torch.tensor(step_times).median())
     result.optimizer_seconds_per_step = float(torch.tensor(opt_times).median())
+    result.duality_gap = float(torch.tensor(gaps).median()) if gaps else None
     result.singular_values = {
         name: torch.linalg.svdvals(p.detach().double()).tolist() for name, p in model.named_parameters() if p.ndim == 2
     }

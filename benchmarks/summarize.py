@@ -1,0 +1,70 @@
+"""Print the README's results table from benchmarks/results/*.json (never typed by hand).
+
+    python benchmarks/summarize.py
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def load(name: str):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fmt(x, spec=".3g"):
+    return "—" if x is None else format(x, spec)
+
+
+def main() -> None:
+    rows = ["| benchmark | result | file |", "| --- | --- | --- |"]
+    d = load("msign")
+    if d:
+        worst = max(b["max_abs_sigma_minus_1"] for b in d["bar"])
+        its = max(b["iterations"] for b in d["bar"])
+        rows.append(f"| msign fp32, κ = 1e3, log-spaced and flat-top, 4 shapes | max\\|σ−1\\| = {worst:.1e} "
+                    f"in {its} Polar Express iterations | msign.json |")
+    d = load("solvers")
+    if d:
+        for name, s in d.items():
+            if not isinstance(s, dict) or "msign_calls_per_step" not in s:
+                continue
+            gap = s.get("duality_gap")
+            gap = gap.get("max") if isinstance(gap, dict) else gap
+            res = s.get("tangent_residual")
+            res = res.get("max") if isinstance(res, dict) else res
+            rows.append(f"| solver `{name}` in training (warm starts) | {fmt(s['msign_calls_per_step'])} msign-eq/step, "
+                        f"max gap {fmt(gap, '.1e')}, max residual {fmt(res, '.1e')}, "
+                        f"{fmt(s.get('step_ratio_vs_own_muon'))}× own Muon, "
+                        f"{fmt(s.get('step_ratio_vs_torch_muon'))}× torch.optim.Muon | solvers.json |")
+    d = load("lr_transfer")
+    if d:
+        for opt, shifts in d["best_lr_shift"].items():
+            rows.append(f"| lr transfer, {opt} | best-lr shift: width 64→512 {shifts['width']:.2f}×, "
+                        f"depth 2→8 {shifts['depth']:.2f}× | lr_transfer.json |")
+    d = load("toy_pretrain")
+    if d:
+        rows.append(f"| toy LM d128×4, 3-digit addition | {d['test_accuracy']:.1%} held-out exact match after "
+                    f"{d['steps']} steps, {d['train_seconds']:.0f} s on a loaded machine | toy_pretrain.json |")
+    d = load("lora")
+    if d and "lr_ratio" in d:
+        ratios = ", ".join(f"r={k}: {v:.3g}" for k, v in sorted(d["lr_ratio"].items(), key=lambda kv: int(kv[0])))
+        rows.append(f"| LoRA lr ratio (best LoRA lr / best full-FT lr) | {ratios} | lora.json |")
+    d = load("opd")
+    if d:
+        stt = d["steps_to_target"]
+        rows.append(f"| OPD steps to {d.get('target_accuracy', 0.95):.0%} of teacher (cap {d.get('cap')}) | "
+                    f"opd {stt.get('opd')}, rl {stt.get('rl')}, sft {stt.get('sft')} | opd.json |")
+    d = load("tracking_overhead")
+    if d:
+        parts = ", ".join(f"{k} {v['overhead']:.1%}" for k, v in d["results"].items())
+        rows.append(f"| spectrum tracking every {d.get('every')} steps, overhead per step | {parts} | "
+                    "tracking_overhead.json |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
