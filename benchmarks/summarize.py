@@ -27,6 +27,12 @@ def main() -> None:
         its = max(b["iterations"] for b in d["bar"])
         rows.append(f"| msign fp32, κ = 1e3, log-spaced and flat-top, 4 shapes | max\\|σ−1\\| = {worst:.1e} "
                     f"in {its} Polar Express iterations | msign.json |")
+    d = load("main_job")
+    if d:
+        for r in d["runs"]:
+            rows.append(f"| `modman` main job ({d['args']['steps']} steps), {r['optimizer']} lr {r['lr']:g} | "
+                        f"train {r['train_acc']:.1%}, test {r['test_acc']:.1%}, "
+                        f"{r['optimizer_seconds_per_step'] * 1e3:.1f} ms per optimizer step | main_job.json |")
     d = load("solvers")
     if d:
         for name, s in d.items():
