@@ -1,15 +1,16 @@
 """LoRA on the toy model: the learning-rate ratio to full fine-tuning, rank invariance of the
 1/r factor, which layers to adapt, AdamW vs Muon vs ManifoldMuon, and PEFT interop.
 
-    python benchmarks/lora.py [--steps 100] [--batch 64] [--seeds 0 1 2] [--workers 2] [--phases ...]
+    python benchmarks/lora.py [--steps 100] [--batch 64] [--seeds 0 1 2] [--workers 2]
+                              [--phases ...] [--summarize]
 
 The base is ``modman.toy.pretrain("base")`` (d_model 128, 4 layers, 3-digit addition), fine-tuned
 on modular addition (mod 97) with fresh batches each step, constant lr, no weight decay. A run's
 score is the loss on a fixed held-out batch (512 test problems) after the last step.
 
 LR search per configuration, every point on every seed (scores are seed medians):
-1. coarse ×2 grid lr0·{½, 1, 2}, extended by ×2 at an edge until the median argmin is strictly
-   inside;
+1. coarse ×2 grid lr0·2^{-2..2} (16× wide), extended by ×2 at an edge until the median argmin
+   is strictly inside (a 3-point start stopped at a local dip of the flat LoRA landscape);
 2. √2 refinement: the two √2 neighbours of the coarse optimum;
 3. the best lr is the argmin of the medians over the union grid, which then has both its √2
    neighbours measured (checked, and the grid extends by √2 if ever not).
@@ -111,15 +112,22 @@ class Bench:
         self.args = args
         self.cache_file = cache_file
         self.cache = {}
-        if self.cache_file.is_file():
-            for line in self.cache_file.read_text().splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    self.cache[record["key"]] = record
+        self.reload()
         self.pool = None
         if args.workers > 1:
             import multiprocessing as mp
             self.pool = mp.get_context("spawn").Pool(args.workers, _worker_init, (args.threads,))
+
+    def reload(self) -> None:
+        """Pick up runs another process appended to the cache file."""
+        if self.cache_file.is_file():
+            for line in self.cache_file.read_text().splitlines():
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line being written right now
+                        continue
+                    self.cache.setdefault(record["key"], record)
 
     def model(self):
         return pretrain("base")
@@ -134,6 +142,8 @@ class Bench:
 
     def run_many(self, jobs: list[dict]) -> list[dict]:
         """Run the uncached jobs (in parallel with --workers), cache them, return all records."""
+        if any(j["key"] not in self.cache for j in jobs):
+            self.reload()
         todo, seen = [], set()
         for j in jobs:
             if j["key"] not in self.cache and j["key"] not in seen:
@@ -171,8 +181,10 @@ class Bench:
         def median(lr):
             return statistics.median(per_seed[lr])
 
-        # 1. coarse ×2 grid, all seeds, extended until the median argmin is strictly inside
-        coarse = [lr0 / 2, lr0, lr0 * 2]
+        # 1. coarse ×2 grid lr0·2^{-2..2} (at least 16× wide: a narrower one can stop at a
+        # local dip of a flat, noisy landscape), all seeds, extended at an edge while the
+        # median argmin is there
+        coarse = [lr0 * 2.0**k for k in (-2, -1, 0, 1, 2)]
         for _ in range(8):
             measure(coarse)
             best = min(coarse, key=median)
@@ -342,6 +354,14 @@ def summarize(result: dict) -> None:
             s["median_loss_spread_over_grid_excluding_diverged"] = (
                 max(v for v in s["median_loss"].values() if v < 2.0)
                 - min(s["median_loss"].values()))
+    seen = {}
+    for name, c in result.get("curves", {}).items():  # one entry per distinct lr
+        if "same_lr_as" in c:
+            continue
+        if c["lr"] in seen:
+            result["curves"][name] = {"lr": c["lr"], "same_lr_as": seen[c["lr"]]}
+        else:
+            seen[c["lr"]] = name
     sweeps = result.get("sweeps", {})
     if "lora_r4" in sweeps and "lora_r16" in sweeps:
         a = sweeps["lora_r4"]["bootstrap_argmin_fraction"]
@@ -455,8 +475,9 @@ def main() -> None:
              "batch": args.batch, "seeds": args.seeds, "schedule": "constant",
              "weight_decay": 0.0, "alpha": 32, "optimizer": "AdamW unless stated",
              "score": "held-out loss (512 test problems) after the last step",
-             "lr_search": "coarse x2 grid on all seeds (median), extended until the optimum is "
-                          "strictly inside; sqrt2 refinement around it on all seeds; best = "
+             "lr_search": "coarse x2 grid lr0*2^{-2..2} on all seeds (median), extended "
+                          "until the optimum is strictly inside; sqrt2 refinement around it "
+                          "on all seeds; best = "
                           "argmin of seed medians with both sqrt2 neighbours measured",
              "runs_cache": cache.name}
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
@@ -593,6 +614,9 @@ def report(result: dict) -> None:
         print("lr_ratio", {k: round(v, 2) for k, v in result["lr_ratio"].items()})
         print("r4 vs r16:", result.get("best_lora_lr_shift_r4_vs_r16"))
     for name, c in result.get("curves", {}).items():
+        if "same_lr_as" in c:
+            print(f"curves at lr {c['lr']:.3g} ({name}): same lr as {c['same_lr_as']}")
+            continue
         print(f"curves at lr {c['lr']:.3g} ({name}):", json.dumps(c["summary_median_over_seeds"]),
               "without/with (first steps):", c["without_over_with_first_steps"])
     if "layers" in result:
@@ -629,7 +653,7 @@ def plot(result: dict, folder: Path) -> None:
         fig.tight_layout()
         fig.savefig(folder / "lora_lr.png", dpi=120)
     if result.get("curves"):
-        rows = list(result["curves"].items())
+        rows = [(k, c) for k, c in result["curves"].items() if "curves_seed0" in c]
         fig, axes = plt.subplots(len(rows), 2, figsize=(9, 3.3 * len(rows)), squeeze=False)
         for row, (name, c) in zip(axes, rows):
             for ax, key, title in ((row[0], "with_1_over_r", "α/r (α = 32)"),
