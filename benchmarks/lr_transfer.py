@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -31,6 +30,7 @@ from torch import nn
 import modman
 from modman.modular import budget
 from modman.solvers import DEFAULT_SOLVER
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 OUT_MULT = 8.0
 SOLVER = "projected"
@@ -123,25 +123,6 @@ def sweep(opt_name, width, depth, center, x, y, args, log):
             "best_lr": center * 2 ** (best / 2), "best_loss": scores[best], "interior": interior}
 
 
-def machine_info():
-    cpu = platform.processor()
-    flags = []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name") and not cpu:
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split() if "bf16" in f or "amx" in f]
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "bf16_flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": sys.version.split()[0], "gpu": None}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true")
@@ -178,7 +159,7 @@ def main():
         results[opt_name] = res
     out = {
         "command": " ".join(["python"] + sys.argv),
-        "machine": machine_info(),
+        "machine": machine(),
         "solver": SOLVER, "default_solver_at_run": DEFAULT_SOLVER,
         "steps": args.steps, "batch": args.batch, "seeds": args.seeds, "out_mult": OUT_MULT,
         "grid_ratio": math.sqrt(2), "schedule": "linear decay to 0",

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 from modman import msign
 from modman.linalg import default_steps
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
 def spectrum_matrix(m, n, sv, seed):
@@ -44,25 +44,6 @@ def spectrum(kind, k, kappa):
 
 def max_dev(Y):
     return float((torch.linalg.svdvals(Y.double()) - 1).abs().max())
-
-
-def machine():
-    model, flags = platform.processor(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = [x for x in line.split(":", 1)[1].split() if "bf16" in x or x.startswith("amx")]
-                    break
-    except OSError:
-        pass
-    return {"cpu": model, "bf16_flags": sorted(set(flags)), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "gpu": None,
-            "python": platform.python_version()}
 
 
 def main():
@@ -101,7 +82,7 @@ def main():
 
     per_iter = {}
     K = 14
-    print(f"\nmax|σ−1| per iteration, 512×256 fp32 (log-spaced spectrum)")
+    print("\nmax|σ−1| per iteration, 512×256 fp32 (log-spaced spectrum)")
     for sched in ("polar_express", "keller", "convergent"):
         per_iter[sched] = {}
         for kappa in (1e1, 1e2, 1e3, 1e4):

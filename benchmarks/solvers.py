@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,25 +40,7 @@ import modman.optim.functional as F
 from modman import msign
 from modman.manifolds import Stiefel
 from modman.solvers import DEFAULT_SOLVER, SOLVERS, solve_manifold_muon
-
-
-def machine():
-    model, flags = platform.processor(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    break
-    except OSError:
-        pass
-    bf16 = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
-    return {"cpu": model, "bf16_flags": bf16 or "none (no avx512_bf16/amx_bf16 in /proc/cpuinfo: bf16 matmul is emulated)",
-            "avx512_flags": sorted(f for f in flags if f.startswith("avx512")),
-            "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "torch": torch.__version__, "gpu": None}
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
 def suite(solvers, large):

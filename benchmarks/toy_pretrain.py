@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,31 +21,9 @@ from pathlib import Path
 import torch
 
 from modman.toy.pretrain import RECIPES, checkpoint_path, store, train
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = Path(__file__).resolve().parent
-
-
-def machine() -> dict:
-    cpu, flags = platform.processor() or "unknown", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("unknown", "", platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                wanted = ("avx", "avx2", "avx512f", "avx512_bf16", "amx_tile", "fma")
-                flags = [f for f in line.split(":", 1)[1].split() if f in wanted]
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu,
-        "cpu_flags": flags,
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "gpu": None,
-        "load_average_at_start": list(os.getloadavg()),
-    }
 
 
 def main() -> None:

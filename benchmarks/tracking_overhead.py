@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,23 +28,7 @@ import torch
 from modman.data import load_mnist1d
 from modman.diagnostics import SpectrumTracker
 from modman.experiments.mnist1d import available_optimizers, train
-
-
-def machine(threads: int) -> dict:
-    model, flags = platform.processor(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = [x for x in line.split(":", 1)[1].split() if "bf16" in x or x.startswith("amx")]
-                    break
-    except OSError:
-        pass
-    return {"cpu": model, "cpu_flags": flags, "threads": threads, "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
 class TimedTracker:

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..linalg.msign import _msign_svd, resolve_compute_dtype
+from ..linalg.msign import resolve_compute_dtype
 
 
 def _sym(M: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ tracing, multiple inputs or outputs, and a model whose tree carries no mass.
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 

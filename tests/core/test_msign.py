@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from modman import msign
 from modman.linalg import SCHEDULES, default_steps
 
-from .oracle import polar_svd, svdvals64
+from .oracle import svdvals64
 
 
 def spectrum_matrix(m, n, sv, dtype=torch.float32, seed=0):

@@ -9,10 +9,9 @@ from torch import nn
 
 import modman
 from modman.modular import (ModularError, Parallel, Scale, activation, budget, budget_table, compose,
-                            from_torch, identity, repeat)
+                            repeat)
 from modman.modular.atoms import MatrixAtom
 
-from .helpers import put_on_manifold
 from .models import ResidualMLP, mlp
 
 

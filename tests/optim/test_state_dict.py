@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from modman.optim import ManifoldMuon, Muon
+from modman.optim import ManifoldMuon
 
 from ._helpers import FAMILY, Problem, assert_same, make_opt, snapshot, assert_unchanged
 

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from modman.manifolds import Stiefel
 from modman.solvers import SOLVERS, solve_manifold_muon

@@ -1,7 +1,6 @@
 """TinyCausalLM: shapes, causality, the Hugging Face loss convention, generation, persistence."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from modman.toy import IGNORE_INDEX, TinyCausalLM
 
