@@ -26,8 +26,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -39,27 +37,11 @@ from modman.lora import (LoRAConfig, TrainConfig, apply_lora, count_parameters, 
                          lora_parameter_count, optimizer_factory, rank_for_parameter_count,
                          task_data, train)
 from modman.toy import pretrain, tasks
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 SQRT2 = math.sqrt(2.0)
-
-
-def machine() -> dict:
-    cpu, flags = platform.processor() or "unknown", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("unknown", "", platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                wanted = ("avx", "avx2", "avx512f", "avx512_bf16", "amx_tile", "fma")
-                flags = [f for f in line.split(":", 1)[1].split() if f in wanted]
-    except OSError:
-        pass
-    return {"cpu_model": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-            "python": platform.python_version(), "gpu": None,
-            "load_average_at_start": list(os.getloadavg())}
 
 
 _WORKER = {}
