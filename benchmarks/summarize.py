@@ -46,6 +46,16 @@ def main() -> None:
                         f"max gap {fmt(gap, '.1e')}, max residual {fmt(res, '.1e')}, "
                         f"{fmt(s.get('step_ratio_vs_own_muon'))}× own Muon, "
                         f"{fmt(s.get('step_ratio_vs_torch_muon'))}× torch.optim.Muon | solvers.json |")
+    d = load("optimizers")
+    if d:
+        for spec, rows_ in d["models"].items():
+            parts = ", ".join(f"{n} {r['step_s_median']:.2f} s ({r['ratio_vs_own_muon_fp32']:.1f}×)"
+                              for n, r in rows_.items())
+            rows.append(f"| optimizer step, MLP {spec} (× own Muon fp32) | {parts} | optimizers.json |")
+    d = load("drift")
+    if d:
+        parts = ", ".join(f"lr {r['lr']}: {r['max_distance']:.1e}" for r in d["results"])
+        rows.append(f"| closed-form retraction drift, 10⁴ fp32 steps, max\\|σ−1\\| | {parts} | drift.json |")
     d = load("lr_transfer")
     if d:
         for opt, shifts in d["best_lr_shift"].items():

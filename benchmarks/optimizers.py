@@ -1,0 +1,134 @@
+"""Per-step cost of the optimizer family on the issue's MLPs (issue 3), side by side.
+
+MLP 784→1024→1024→10 and 784→2048→512→10 (bias-free), synthetic batch of 128. For each
+optimizer: median wall time of ``optimizer.step()`` over the timed steps (after one warm-up
+step), msign calls per constrained matrix, optimizer-state bytes, and an upper bound on a step's
+allocations. Optimizers run on identical copies of the model and alternate step by step.
+
+Memory (alloc MB*): torch.profiler with profile_memory=True around one step, the peak of the
+running sum of the allocator events recorded inside ops. Frees outside op events are missed, so
+this over-states the true peak (CPU has no max_memory_allocated): an upper bound, not a claim.
+
+    python benchmarks/optimizers.py [--steps 3] [--solvers projected,newton,dual_ascent]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pathlib
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
+
+import modman
+
+
+def mlp(dims):
+    layers = []
+    for i in range(len(dims) - 1):
+        layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def make(name, model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name.startswith("manifold_muon:"):
+            return modman.ManifoldMuon(model.modules(), lr=0.05, budget="uniform", solver=name.split(":")[1])
+        if name == "muon_fp32":
+            return modman.Muon(model.modules(), lr=0.02, ns_dtype="float32", weight_decay=0.0)
+        if name == "torch_muon":
+            return torch.optim.Muon(model.parameters(), lr=0.02, weight_decay=0.0)
+        if name == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    raise ValueError(name)
+
+
+def state_bytes(opt) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+def allocated_bytes_upper_bound(opt) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    running = peak = 0
+    for e in events:
+        running += e.cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=3, help="timed steps per optimizer")
+    p.add_argument("--solvers", default="projected,newton,dual_ascent")
+    p.add_argument("--models", default="784-1024-1024-10,784-2048-512-10")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    names = [f"manifold_muon:{s}" for s in args.solvers.split(",")] + ["muon_fp32", "torch_muon", "adamw"]
+    out = {"command": "python " + " ".join(sys.argv), "machine": machine(), "batch": 128,
+           "memory_method": "torch.profiler profile_memory: peak running sum of allocator events in one step",
+           "models": {}}
+    g = torch.Generator().manual_seed(0)
+    for spec in args.models.split(","):
+        dims = [int(d) for d in spec.split("-")]
+        base = mlp(dims)
+        x, y = torch.randn(128, dims[0], generator=g), torch.randint(0, dims[-1], (128,), generator=g)
+        models = {n: copy.deepcopy(base) for n in names}
+        opts = {n: make(n, models[n]) for n in names}
+        times = {n: [] for n in names}
+        calls = {n: [] for n in names}
+        largest = max(p.numel() * p.element_size() for p in base.parameters())
+        for step in range(args.steps + 1):
+            for k in range(len(names)):
+                n = names[(k + step) % len(names)]  # rotate the order every step
+                opts[n].zero_grad()
+                nn.functional.cross_entropy(models[n](x), y).backward()
+                t = time.perf_counter()
+                opts[n].step()
+                dt = time.perf_counter() - t
+                if step > 0:
+                    times[n].append(dt)
+                    st = getattr(opts[n], "last_step_stats", {})
+                    c = [v["msign_calls"] for v in st.values() if "msign_calls" in v]
+                    if c:
+                        calls[n].append(sum(c) / len(c))
+                print(f"{spec} step {step} {n}: {dt:.3f} s", flush=True)
+        rows = {}
+        for n in names:
+            opts[n].zero_grad()
+            nn.functional.cross_entropy(models[n](x), y).backward()
+            rows[n] = {"step_s_median": statistics.median(times[n]),
+                       "msign_calls_per_matrix": statistics.mean(calls[n]) if calls[n] else None,
+                       "state_bytes": state_bytes(opts[n]),
+                       "allocated_bytes_upper_bound": allocated_bytes_upper_bound(opts[n]),
+                       "largest_parameter_bytes": largest}
+        ref = rows["muon_fp32"]["step_s_median"]
+        for n in names:
+            rows[n]["ratio_vs_own_muon_fp32"] = rows[n]["step_s_median"] / ref
+            rows[n]["ratio_vs_torch_muon"] = rows[n]["step_s_median"] / rows["torch_muon"]["step_s_median"]
+        out["models"][spec] = rows
+        print(f"\n{spec}: {'optimizer':<26}{'s/step':>9}{'×Muon32':>9}{'×torchMuon':>11}{'msign':>7}"
+              f"{'state MB':>10}{'alloc MB*':>12}")
+        for n, r in rows.items():
+            print(f"{'':{len(spec) + 2}}{n:<26}{r['step_s_median']:>9.3f}{r['ratio_vs_own_muon_fp32']:>9.2f}"
+                  f"{r['ratio_vs_torch_muon']:>11.2f}{r['msign_calls_per_matrix'] or 0:>7.1f}"
+                  f"{r['state_bytes'] / 2**20:>10.1f}{r['allocated_bytes_upper_bound'] / 2**20:>12.1f}")
+        path = pathlib.Path(__file__).resolve().parent / "results" / "optimizers.json"
+        path.write_text(json.dumps(out, indent=1))
+    print("wrote benchmarks/results/optimizers.json")
+
+
+if __name__ == "__main__":
+    main()
