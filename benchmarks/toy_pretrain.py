@@ -73,7 +73,7 @@ def main() -> None:
     print(f"{args.recipe}: {result['test_accuracy']:.1%} held-out exact match on "
           f"{result['n_test']} prompts after {result['steps']} steps, "
           f"{result['train_seconds']:.0f} s training ({total_seconds:.0f} s total, "
-          f"{info['threads']} threads, {info['cpu_model']})")
+          f"{info['threads']} threads, {info['cpu']})")
 
 
 if __name__ == "__main__":
