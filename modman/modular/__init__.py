@@ -11,8 +11,8 @@ from .bonds import ACTIVATION_SENSITIVITY, activation, attention, identity, norm
 from .budget import budget, budget_table
 from .convert import ModularError, from_torch
 from .declarations import declare
-from .module import Atom, Bond, Compose, Module, Parallel, Placement, Scale, compose, repeat
+from .module import Atom, Bond, Compose, Module, Parallel, Placement, Scale, Tare, compose, repeat, tare
 
 __all__ = ["from_torch", "budget", "budget_table", "declare", "ModularError", "Module", "Atom", "Bond",
-           "Compose", "Parallel", "Scale", "compose", "repeat", "Placement", "MatrixAtom", "EmbeddingAtom",
+           "Compose", "Parallel", "Scale", "Tare", "compose", "repeat", "tare", "Placement", "MatrixAtom", "EmbeddingAtom",
            "BiasAtom", "GainAtom", "activation", "identity", "normalize", "attention", "ACTIVATION_SENSITIVITY"]

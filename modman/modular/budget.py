@@ -6,6 +6,15 @@ norm: √(d_in/d_out) for an unscaled Stiefel weight, 1 under scale="rms", 1/√
 So lr_scaleᵢ = 1/(cᵢρᵢkᵢ) (ρᵢ = 1 for atoms whose change does not scale with the input), and
 ManifoldMuon(lr=η, budget=...) bounds the first-order RMS change of the output per step by η.
 Atoms of mass 0 (passengers) are left out: the optimizer's fallback trains them.
+
+Masses and depth. With the default masses (1 per weight) a composition of L weights gives each a
+share μᵢ/μ = 1/L, and a plain ReLU MLP of L Stiefel layers gets lr_scale 1/L per layer (the
+worst case: the L changes can add up at the output). That is modula's plain MLP too, and it does
+not transfer across depth: on MNIST-1D the best lr grows ∝ L, i.e. the best per-layer step is
+the same at every depth (benchmarks/lr_transfer.py). Modula's depth recipe is for residual
+networks: blocks x ↦ (1 − 1/L)·x + (1/L)·block(x) with the stack of blocks tared to a fixed mass
+(``from_torch(model, tare={"blocks": 1.0})``, ``module.Tare``), which makes every coefficient
+independent of L.
 """
 from __future__ import annotations
 
@@ -14,7 +23,7 @@ import math
 from torch import nn
 
 from .convert import ModularError, from_torch
-from .module import Bond, Module
+from .module import Bond, Module, Tare
 
 
 def _tree(model, **options) -> Module:
@@ -54,6 +63,11 @@ def _assumptions(tree: Module) -> list[str]:
         m = stack.pop()
         if isinstance(m, Bond) and m.assumption and m.assumption not in out:
             out.append(m.assumption)
+        if isinstance(m, Tare):
+            names = [a.name for a in m.atoms() if a.mass > 0]
+            span = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
+            out.append(f"tared: {len(names)} weights ({span}) share mass {m.mass:g} "
+                       f"(the mass column is before taring: × {m.mass / m.module.mass:g})")
         stack.extend(m.children())
     return out
 
@@ -75,5 +89,5 @@ def budget_table(model: nn.Module | Module, lr: float | None = None, **options) 
         lines.append(line)
     lines.append(f"total mass {tree.mass:g}, sensitivity {tree.sensitivity:.4g}")
     for text in _assumptions(tree):
-        lines.append(f"assumes {text}")
+        lines.append(text if text.startswith("tared:") else f"assumes {text}")
     return "\n".join(lines)

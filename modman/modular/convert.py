@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from . import bonds
 from .atoms import BiasAtom, EmbeddingAtom, GainAtom, MatrixAtom, _check_scale
-from .module import Bond, Compose, Module, Parallel, compose
+from .module import Bond, Compose, Module, Parallel, Tare, compose
 
 
 class ModularError(ValueError):
@@ -36,6 +36,8 @@ class Options:
     norm_min_rms: float = 1.0
     embedding_radius: float = 1.0
     custom: dict = field(default_factory=dict)
+    tare: dict = field(default_factory=dict)  # submodule name → total mass of its weights
+    tared: set = field(default_factory=set)
 
     def mass(self, name: str, default: float) -> float:
         return float(self.masses.get(name, default))
@@ -120,6 +122,14 @@ def _lookup_custom(module: nn.Module, prefix: str, opts: Options):
 
 def convert(module: nn.Module, prefix: str, opts: Options) -> Module:
     """The module tree of ``module``, whose parameters are named under ``prefix``."""
+    tree = _convert(module, prefix, opts)
+    if prefix in opts.tare:
+        opts.tared.add(prefix)
+        return Tare(tree, opts.tare[prefix]) if tree.mass > 0 else tree
+    return tree
+
+
+def _convert(module: nn.Module, prefix: str, opts: Options) -> Module:
     from .declarations import DECLARATIONS
 
     fn = _lookup_custom(module, prefix, opts)
@@ -150,6 +160,8 @@ class _Tracer(fx.Tracer):
         from .declarations import DECLARATIONS
 
         if _lookup_custom(m, _join(self.prefix, qualname), self.opts) is not None:
+            return True
+        if _join(self.prefix, qualname) in self.opts.tare:  # keep it one node, so its subtree can be tared
             return True
         if f"{type(m).__module__}.{type(m).__qualname__}" in DECLARATIONS:
             return True
@@ -285,7 +297,8 @@ def _function(node: fx.Node, values, name) -> object:
 
 
 def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | None = None,
-               norm_min_rms: float = 1.0, embedding_radius: float = 1.0, custom: dict | None = None) -> Module:
+               norm_min_rms: float = 1.0, embedding_radius: float = 1.0, custom: dict | None = None,
+               tare: dict | None = None) -> Module:
     """The module tree of ``model`` (see the module docstring); parameter names as in
     ``model.named_parameters()``.
 
@@ -297,17 +310,34 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
         norm_min_rms: the assumed smallest RMS of a normalisation layer's input.
         embedding_radius: the row-sphere radius (ManifoldMuon's default 1).
         custom: {module instance | class | name prefix: fn(module, prefix, options) -> Module}.
+        tare: {submodule name (as in ``model.named_modules()``): total mass}. The weights below
+            that submodule keep their relative masses but share this total (modula's ``tare``;
+            see ``module.Tare``). The recipe for depth transfer in a residual network: blocks
+            x ↦ (1 − 1/L)·x + (1/L)·block(x) held in one container, tared to a fixed mass, so
+            that adding blocks neither starves the input/output layers nor the blocks.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_torch needs a torch.nn.Module, got {type(model).__name__}")
     _check_scale(scale)
     opts = Options(scale=scale, masses=dict(masses or {}), norm_min_rms=norm_min_rms,
-                   embedding_radius=embedding_radius, custom=dict(custom or {}))
+                   embedding_radius=embedding_radius, custom=dict(custom or {}), tare=dict(tare or {}))
+    submodules = dict(model.named_modules())
+    for key, total in opts.tare.items():
+        if key not in submodules:
+            raise ModularError(f"tare names {key!r}, which is not a submodule of the model; use names from "
+                               "model.named_modules() (a container holding the blocks, e.g. an nn.Sequential)")
+        if not (isinstance(total, (int, float)) and not isinstance(total, bool) and 0 < total < float("inf")):
+            raise ModularError(f"tare[{key!r}] must be a finite mass > 0, got {total!r}")
     names = {id(p): n for n, p in model.named_parameters()}
     unknown = set(opts.masses) - set(names.values())
     if unknown:
         raise ModularError(f"masses names unknown parameters {sorted(unknown)}; use names from model.named_parameters()")
     tree = convert(model, "", opts)
+    missed = set(opts.tare) - opts.tared
+    if missed:
+        raise ModularError(f"tare names {sorted(missed)}, but the description of the model never reached them as one "
+                           "module (a custom description or declaration above them describes their layers); tare "
+                           "inside that description with modman.modular.tare")
     seen: dict[int, str] = {}
     for atom in tree.atoms():
         if id(atom.param) in seen:

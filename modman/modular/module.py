@@ -21,6 +21,8 @@ their maximum). Combined by an elementwise product, branch i's change is further
 the other branches' output bounds (stated assumption: ‖a ⊙ b‖_RMS ≤ ‖a‖_RMS·‖b‖_RMS, exact for
 flat vectors, loose by up to √d for spiky ones).
 Scalar multiple a·m: sensitivity and bound × |a|, the inner norm × |a|, mass unchanged.
+Tare (modula's ``tare``): the same module with its total mass set to μ', every inner mass
+scaled by μ'/μ. Inner coefficients depend only on mass ratios, so only the shares outside change.
 
 Flattening the tree gives every atom i a coefficient cᵢ with ‖Δw‖ = maxᵢ cᵢ·Nᵢ(Δwᵢ), where Nᵢ is
 the atom's norm in RMS units at unit input. Steepest descent of budget η under this max-norm
@@ -243,6 +245,47 @@ class Scale(Module):
 
     def _place(self, coefficient, rho):
         yield from self.module._place(coefficient * abs(self.a), rho)
+
+
+class Tare(Module):
+    """``module`` with its total mass set to ``mass`` (modula's ``tare``): every atom inside keeps
+    its share of the module's mass, and the module as a whole takes ``mass`` in enclosing compositions.
+
+    Equivalent to multiplying every inner mass by mass/μ (coefficients inside a tree depend only on
+    mass ratios, so the inner placements are unchanged; the factor μ_outer/μ_module of the
+    enclosing composition is what moves). A weightless module (μ = 0) stays weightless.
+
+    Why (Large et al. 2024, modula's ResMLP and GPT): with L residual blocks
+    x ↦ (1 − 1/L)·x + (1/L)·block(x), each block has sensitivity 1 and its weights' norm is scaled
+    by 1/L. If every block kept mass 1, the total mass L + 2 would grow with depth and the input
+    and output layers' step η/(L + 2) would vanish; taring the stack of blocks to a fixed mass M
+    gives every block mass M/L, so its coefficient (μ/(M/L))·(1/L) = μ/M and the input and output
+    coefficients μ = 2 + M are all independent of L: one lr for every depth.
+    """
+
+    def __init__(self, module: Module, mass: float = 1.0):
+        if not (isinstance(mass, (int, float)) and math.isfinite(mass) and mass > 0):
+            raise ValueError(f"tare mass must be a finite number > 0, got {mass!r}")
+        self.module = module
+        self.mass = float(mass) if module.mass > 0 else 0.0
+        self.sensitivity = module.sensitivity
+
+    def children(self):
+        return (self.module,)
+
+    def bound(self, rho):
+        return self.module.bound(rho)
+
+    def _place(self, coefficient, rho):
+        yield from self.module._place(coefficient, rho)
+
+    def __repr__(self) -> str:
+        return f"Tare({self.module!r}, mass={self.mass:g})"
+
+
+def tare(module: Module, mass: float = 1.0) -> Module:
+    """``module`` with total mass ``mass`` (see ``Tare``)."""
+    return Tare(module, mass)
 
 
 def compose(*modules: Module) -> Module:

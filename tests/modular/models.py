@@ -65,3 +65,30 @@ class ConvNet(nn.Module):
 
     def forward(self, x):
         return self.c2(torch.relu(self.c1(x)))
+
+
+class ModulaBlock(nn.Module):
+    """h ↦ (1 − 1/B)·h + (1/B)·act(W h) (modula's residual block, sensitivity 1)."""
+
+    def __init__(self, width, blocks, act="relu"):
+        super().__init__()
+        self.lin = nn.Linear(width, width, bias=False)
+        self.act = ACTS[act]()
+        self.a = 1.0 / blocks
+
+    def forward(self, h):
+        return h * (1 - self.a) + self.act(self.lin(h)) * self.a
+
+
+class ModulaResMLP(nn.Module):
+    """inp → act → B modula blocks (held in one nn.Sequential, ``blocks``) → out."""
+
+    def __init__(self, d_in, width, d_out, blocks=2, act="relu"):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width, bias=False)
+        self.act = ACTS[act]()
+        self.blocks = nn.Sequential(*(ModulaBlock(width, blocks, act) for _ in range(blocks)))
+        self.out = nn.Linear(width, d_out, bias=False)
+
+    def forward(self, x):
+        return self.out(self.blocks(self.act(self.inp(x))))
