@@ -149,22 +149,28 @@ def singular_values(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torc
 def stats_from_extremes(W: torch.Tensor, s_max: torch.Tensor, s_min: torch.Tensor, fro_sq: torch.Tensor,
                         manifold) -> dict:
     """{sigma_min, sigma_max, condition, stable_rank, distance} as floats from per-matrix σ_max,
-    σ_min and ‖W‖_F² (tensors shaped like W's batch); a stack reports its worst matrix."""
-    cond = torch.where(s_min > 0, s_max / torch.where(s_min > 0, s_min, 1.0), math.inf)
-    stable = torch.where(s_max > 0, fro_sq / torch.where(s_max > 0, s_max, 1.0) ** 2, 0.0)
-    if isinstance(manifold, Stiefel):
-        scale = manifold.scale_for(W.shape)
-        dist = torch.maximum((s_max / scale - 1).abs(), (s_min / scale - 1).abs())
-    elif isinstance(manifold, Euclidean):
-        dist = torch.zeros_like(s_max)
-    else:
-        dist = manifold.distance(W.detach()).double()
+    σ_min and ‖W‖_F² (tensors shaped like W's batch); a stack reports its worst matrix.
+
+    The arithmetic runs on Python floats after one transfer: a tracker calls this for every
+    weight at every record, and a dozen tiny tensor ops cost more than the statistics."""
+    rows = torch.stack([t.detach().double().reshape(-1) for t in (s_max, s_min, fro_sq)]).tolist()
+    scale = manifold.scale_for(W.shape) if isinstance(manifold, Stiefel) else None
+    cond, stable, dist = [], [], []
+    for hi, lo, fro in zip(*rows):
+        cond.append(hi / lo if lo > 0 else math.inf)
+        stable.append(fro / hi**2 if hi > 0 else 0.0)
+        if scale is not None:
+            dist.append(max(abs(hi / scale - 1), abs(lo / scale - 1)))
+    if isinstance(manifold, Euclidean):
+        dist = [0.0]
+    elif scale is None:
+        dist = manifold.distance(W.detach()).double().reshape(-1).tolist()
     return {
-        "sigma_min": float(s_min.min()),
-        "sigma_max": float(s_max.max()),
-        "condition": float(cond.max()),
-        "stable_rank": float(stable.mean()),
-        "distance": float(dist.max()),
+        "sigma_min": min(rows[1]),
+        "sigma_max": max(rows[0]),
+        "condition": max(cond),
+        "stable_rank": sum(stable) / len(stable),
+        "distance": max(dist),
     }
 
 

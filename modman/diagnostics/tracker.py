@@ -31,7 +31,7 @@ import math
 import torch
 
 from .estimators import power_iteration
-from .spectra import (EXACT_MAX_DIM, manifold_label, matrix_stats, named_matrices, resolve_manifolds, singular_values,
+from .spectra import (EXACT_MAX_DIM, manifold_label, named_matrices, resolve_manifolds, singular_values,
                       stats_from_extremes)
 from .tracking import ParamTrack, Tracking, save_tracking
 
@@ -137,9 +137,11 @@ class SpectrumTracker:
             track = self.tracking.params[name]
             exact_here = exact if exact is not None else (spectrum_step or min(shape[-2:]) <= self.exact_max_dim)
             if exact_here:
-                st = matrix_stats(W, self._manifolds[name], exact=True, spectrum=True)
+                s = singular_values(W)  # (…, r) descending, fp64
+                st = stats_from_extremes(W, s[..., 0], s[..., -1], (s * s).sum(-1), self._manifolds[name])
                 track.spectrum_steps.append(int(step))
-                track.spectra.append(st["spectrum"].reshape(-1).sort(descending=True).values)
+                # a matrix's spectrum is sorted already; a stack's is concatenated, then sorted
+                track.spectra.append(s.float() if s.ndim == 1 else s.reshape(-1).sort(descending=True).values.float())
             else:
                 s_max = self._power(name, "top", W, smallest=False)
                 s_min = self._power(name, "bottom", W, smallest=True, shift=1.01 * s_max**2)
@@ -162,17 +164,24 @@ class SpectrumTracker:
     def _update_metrics(self, name, track, W, grad, W_before, shape, exact) -> None:
         upd_norm = align = grad_norm = math.nan
         G = grad.detach().reshape(shape).to(torch.float32) if grad is not None else None
-        if G is not None:
-            grad_norm = float(torch.linalg.vector_norm(G))
         if W_before is not None:
             D = (W - W_before).to(torch.float32)
-            if exact:
-                upd_norm = float(singular_values(D, torch.float32)[..., 0].max())
+            if exact:  # fp32 suffices: only σ₁ is wanted, to ≈ 1e-7 relative
+                upd = singular_values(D, torch.float32)[..., 0].max()
             else:
-                upd_norm = float(self._power(name, "update", D, smallest=False).max())
-            d_norm = float(torch.linalg.vector_norm(D))
-            if G is not None and d_norm > 0 and grad_norm > 0:
-                align = -float((D * G).sum()) / (d_norm * grad_norm)
+                upd = self._power(name, "update", D, smallest=False).max()
+            # one transfer for every scalar: a record's cost is mostly per-operation overhead
+            scalars = [upd.double(), torch.linalg.vector_norm(D).double()]
+            if G is not None:
+                scalars += [torch.linalg.vector_norm(G).double(), (D * G).sum().double()]
+            values = torch.stack(scalars).tolist()
+            upd_norm, d_norm = values[0], values[1]
+            if G is not None:
+                grad_norm, inner = values[2], values[3]
+                if d_norm > 0 and grad_norm > 0:
+                    align = -inner / (d_norm * grad_norm)
+        elif G is not None:
+            grad_norm = float(torch.linalg.vector_norm(G))
         track.values["update_norm"].append(upd_norm)
         track.values["update_alignment"].append(align)
         track.values["grad_norm"].append(grad_norm)
