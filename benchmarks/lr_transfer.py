@@ -1,15 +1,25 @@
 """Learning-rate transfer on MNIST-1D: does the best lr stay put as width and depth grow?
 
-Model: a bias-free ReLU MLP, 40 → width → … → 10 (depth = number of Linear layers), logits
-multiplied by a fixed OUT_MULT (part of the model, so the modular budget sees it as a scalar
-multiple). Optimizers: ManifoldMuon(scale="rms", budget from modman.modular.budget) and AdamW
-(torch.optim.AdamW, default PyTorch init). Each (optimizer, width, depth, lr) is trained for
-STEPS steps of batch BATCH with a linear decay to 0, for SEEDS seeds; the score is the median
-over seeds of the final full-train-set cross-entropy. The lr grid is spaced by √2 and extended
-until the best lr is strictly inside it.
+Models (depth = number of Linear layers, logits multiplied by a fixed OUT_MULT, part of the
+model, so the modular budget sees it as a scalar multiple):
+- ``mlp``: a bias-free ReLU MLP, 40 → width → … → 10. The modular budget gives each of its L
+  layers the share 1/L (default masses), so lr_scale = 1/(L·OUT_MULT).
+- ``resmlp``: modula's ResMLP (Large et al. 2024): 40 → width, ReLU, B = depth − 2 blocks
+  h ↦ (1 − 1/B)·h + (1/B)·relu(W h), width → 10, with the stack of blocks tared to mass 1
+  (``budget(model, tare={"blocks": 1.0})``): every lr_scale is then independent of B ≥ 1. At
+  depth 2 it is the MLP (same weights for a seed), so both share the depth-2 runs.
+Optimizers: ManifoldMuon(scale="rms", budget from modman.modular.budget) and AdamW
+(torch.optim.AdamW, default PyTorch init). Each (optimizer, model, width, depth, lr) is trained
+for STEPS steps of batch BATCH with a linear decay to 0, for SEEDS seeds; the score is the median
+over seeds of the final full-train-set cross-entropy. The lr grid is a √2 lattice extended until
+the best lr is strictly inside it. Reported per axis: the shift of the best lr (max/min), a
+sub-grid estimate (parabola through the minimum and its neighbours in log lr), and a bootstrap
+over seeds (resampled with replacement per configuration).
 
-    OMP_NUM_THREADS=1 python benchmarks/lr_transfer.py          # quick (≈ 300 steps)
+    OMP_NUM_THREADS=1 python benchmarks/lr_transfer.py          # quick (300 steps)
     OMP_NUM_THREADS=1 python benchmarks/lr_transfer.py --full   # 1000 steps, more widths
+    # split over processes: runs go to a shared cache (results/lr_transfer_runs_*.jsonl)
+    python benchmarks/lr_transfer.py --opt manifold_muon --arch mlp --no-write & ...
 
 Prints a table and writes benchmarks/results/lr_transfer.json and lr_transfer.png.
 """
@@ -52,6 +62,39 @@ class MLP(nn.Module):
         return self.net(x) * OUT_MULT
 
 
+class Block(nn.Module):
+    """h ↦ (1 − 1/B)·h + (1/B)·relu(W h): modula's residual block with a 1/B multiplier
+    (sensitivity (1 − 1/B) + 1/B·1 = 1, output bound ρ ↦ ρ)."""
+
+    def __init__(self, width: int, blocks: int):
+        super().__init__()
+        self.lin = nn.Linear(width, width, bias=False)
+        self.a = 1.0 / blocks
+
+    def forward(self, h):
+        return h * (1 - self.a) + torch.relu(self.lin(h)) * self.a
+
+
+class ResMLP(nn.Module):
+    """40 → width, ReLU, B = depth − 2 residual blocks, width → 10 (depth = #Linear, as for MLP).
+    At depth 2 there are no blocks and the model (weights included, for a given seed) is MLP's."""
+
+    def __init__(self, width: int, depth: int, d_in: int = 40, d_out: int = 10):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width, bias=False)
+        self.blocks = nn.Sequential(*(Block(width, depth - 2) for _ in range(depth - 2)))
+        self.out = nn.Linear(width, d_out, bias=False)
+
+    def forward(self, x):
+        return self.out(self.blocks(torch.relu(self.inp(x)))) * OUT_MULT
+
+
+ARCHS = {"mlp": MLP, "resmlp": ResMLP}
+# modula's mass allocation for residual networks: input and output layers mass 1, the stack of
+# blocks tared to total mass 1 (blocks.tare() in modula's ResMLP/GPT)
+BUDGET_OPTIONS = {"mlp": {}, "resmlp": {"tare": {"blocks": 1.0}}}
+
+
 def load_data(seed: int = 0):
     try:
         from modman.data.mnist1d import load_mnist1d
@@ -67,14 +110,14 @@ def load_data(seed: int = 0):
         return x, torch.tensor(d["y"], dtype=torch.long)
 
 
-def train(opt_name, width, depth, lr, seed, x, y, steps, batch):
+def train(opt_name, arch, width, depth, lr, seed, x, y, steps, batch):
     torch.manual_seed(seed)
-    model = MLP(width, depth)
+    model = ARCHS[arch](width, depth)
     if opt_name == "manifold_muon":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "moved onto the manifold" at init
             opt = modman.ManifoldMuon(model.modules(), lr=lr, scale="rms", solver=SOLVER,
-                                      budget=budget(model, scale="rms"))
+                                      budget=budget(model, scale="rms", **BUDGET_OPTIONS[arch]))
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps)
@@ -92,35 +135,135 @@ def train(opt_name, width, depth, lr, seed, x, y, steps, batch):
     return final if math.isfinite(final) else float("inf")
 
 
-def sweep(opt_name, width, depth, center, x, y, args, log):
-    """Median final loss over seeds on a √2 grid, extended until the minimum is interior."""
-    scores: dict[int, float] = {}  # k → median loss at lr = center·2^(k/2)
+class Runs:
+    """Per-seed final losses, cached in a JSONL file shared by parallel processes (--opt/--arch)."""
+
+    def __init__(self, path: Path, args, x, y):
+        self.path, self.args, self.x, self.y = path, args, x, y
+        self.cache: dict[str, float] = {}
+
+    def key(self, opt_name, arch, width, depth, k, seed):
+        arch = "mlp" if depth == 2 else arch  # ResMLP at depth 2 is MLP (same weights for a seed)
+        return f"{opt_name}|{arch}|{width}|{depth}|{k}|{seed}|{self.args.steps}|{self.args.batch}|{OUT_MULT}"
+
+    def refresh(self):
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line another process is writing
+                    continue
+                self.cache[r["key"]] = r["loss"]
+
+    def losses(self, opt_name, arch, width, depth, k):
+        """Final losses of every seed at lr = LATTICE[opt]·2^(k/2)."""
+        self.refresh()
+        out = []
+        for seed in range(self.args.seeds):
+            key = self.key(opt_name, arch, width, depth, k, seed)
+            if key not in self.cache:
+                lr = LATTICE[opt_name] * 2 ** (k / 2)
+                loss = train(opt_name, arch, width, depth, lr, seed, self.x, self.y, self.args.steps, self.args.batch)
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"key": key, "loss": loss}) + "\n")
+                self.cache[key] = loss
+            out.append(self.cache[key])
+        return out
+
+
+def _median(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def sweep(runs, opt_name, arch, width, depth, log):
+    """Median final loss over seeds on a √2 grid, extended until the minimum is interior.
+
+    The grid is the lattice LATTICE[opt]·2^(k/2) for every configuration (so best lrs of
+    different configurations differ by powers of √2); START[...] only says where to begin."""
+    k0 = START.get((opt_name, arch if depth != 2 else "mlp", depth), 0)
+    per_seed: dict[int, list[float]] = {}
 
     def score(k):
-        if k not in scores:
-            lr = center * 2 ** (k / 2)
-            losses = sorted(train(opt_name, width, depth, lr, s, x, y, args.steps, args.batch)
-                            for s in range(args.seeds))
-            scores[k] = losses[len(losses) // 2]
-            log(f"  {opt_name:14s} w={width:<4d} L={depth} lr={lr:.4g} median loss={scores[k]:.4f}")
-        return scores[k]
+        if k not in per_seed:
+            per_seed[k] = runs.losses(opt_name, arch, width, depth, k)
+            lr = LATTICE[opt_name] * 2 ** (k / 2)
+            log(f"  {opt_name:14s} {arch:6s} w={width:<4d} L={depth} lr={lr:.4g} "
+                f"median loss={_median(per_seed[k]):.4f}")
+        return _median(per_seed[k])
 
-    for k in range(-2, 3):
+    for k in range(k0 - 2, k0 + 3):
         score(k)
     for _ in range(12):
-        best = min(scores, key=scores.get)
-        lo, hi = min(scores), max(scores)
+        med = {k: _median(v) for k, v in per_seed.items()}
+        best = min(med, key=med.get)
+        lo, hi = min(med), max(med)
         if best == lo:
             score(lo - 1)
         elif best == hi:
             score(hi + 1)
         else:
             break
-    best = min(scores, key=scores.get)
-    ks = sorted(scores)
-    interior = ks[0] < best < ks[-1]
-    return {"grid": [center * 2 ** (k / 2) for k in ks], "median_loss": [scores[k] for k in ks],
-            "best_lr": center * 2 ** (best / 2), "best_loss": scores[best], "interior": interior}
+    ks = sorted(per_seed)
+    med = [_median(per_seed[k]) for k in ks]
+    best = ks[min(range(len(ks)), key=med.__getitem__)]
+    return {"grid": [LATTICE[opt_name] * 2 ** (k / 2) for k in ks], "k": ks, "median_loss": med,
+            "per_seed_loss": [per_seed[k] for k in ks],
+            "best_lr": LATTICE[opt_name] * 2 ** (best / 2), "best_loss": min(med),
+            "best_lr_fit": _parabola_argmin(ks, med, opt_name),
+            "interior": ks[0] < best < ks[-1]}
+
+
+def _parabola_argmin(ks, med, opt_name):
+    """Sub-grid estimate of the best lr: vertex of the parabola through the minimum and its two
+    neighbours in (log lr, loss) (None unless the minimum is interior and the parabola convex)."""
+    i = min(range(len(ks)), key=med.__getitem__)
+    if i == 0 or i == len(ks) - 1:
+        return None
+    a, b, c = med[i - 1], med[i], med[i + 1]
+    curv = a - 2 * b + c
+    if curv <= 0:
+        return None
+    off = 0.5 * (a - c) / curv  # in grid steps, within (−½, ½)
+    return LATTICE[opt_name] * 2 ** ((ks[i] + off) / 2)
+
+
+def bootstrap_shift(res_by_value, opt_name, n=2000, seed=0):
+    """Best-lr shift (max/min over the axis) with the seeds resampled with replacement, per
+    configuration (the same resampled seeds at every lr of one configuration, as the seeds share
+    init and batches across lrs). Returns percentiles and the share of resamples below 2×."""
+    import random
+
+    rng = random.Random(seed)
+    shifts = []
+    for _ in range(n):
+        best = []
+        for r in res_by_value.values():
+            n_seeds = len(r["per_seed_loss"][0])
+            pick = [rng.randrange(n_seeds) for _ in range(n_seeds)]
+            med = [_median([losses[j] for j in pick]) for losses in r["per_seed_loss"]]
+            best.append(r["k"][min(range(len(med)), key=med.__getitem__)])
+        shifts.append(2 ** ((max(best) - min(best)) / 2))
+    shifts.sort()
+
+    def q(p):
+        return shifts[min(len(shifts) - 1, int(p * len(shifts)))]
+
+    return {"p05": q(0.05), "median": q(0.5), "p95": q(0.95), "share_below_2x": sum(v < 2 - 1e-9 for v in shifts) / n,
+            "resamples": n}
+
+
+# lr lattice per optimizer (as in the first run: centres 0.5 and 3e-3), and where each sweep
+# starts (the previous run's optimum, to save time; the grid is still extended until interior)
+LATTICE = {"manifold_muon": 0.5, "adamw": 3e-3}
+START = {("manifold_muon", "mlp", 8): 7, ("adamw", "mlp", 8): 3, ("manifold_muon", "resmlp", 8): 3,
+         ("manifold_muon", "resmlp", 4): 3, ("adamw", "resmlp", 8): 3, ("adamw", "resmlp", 4): 3}
+DESCRIPTIONS = {
+    "mlp": "bias-free ReLU MLP 40→width…→10, depth = #Linear",
+    "resmlp": "40→width, ReLU, depth−2 residual blocks h ↦ (1−1/B)h + (1/B)·relu(W h), width→10; "
+              "depth = #Linear; ManifoldMuon budget with the blocks tared to mass 1 (modula's ResMLP)",
+}
 
 
 def main():
@@ -129,58 +272,78 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--opt", choices=["manifold_muon", "adamw"], action="append",
+                    help="only these optimizers (runs are cached, so parallel processes can split the work)")
+    ap.add_argument("--arch", choices=list(ARCHS), action="append", help="only these architectures")
+    ap.add_argument("--no-write", action="store_true", help="fill the runs cache only")
     args = ap.parse_args()
     args.steps = args.steps or (1000 if args.full else 300)
     widths = [64, 128, 256, 512] if args.full else [64, 512]
-    depths = [2, 4, 8] if args.full else [2, 8]
+    depths = {"mlp": [2, 4, 8] if args.full else [2, 8], "resmlp": [2, 4, 8]}
     base_width, base_depth = 64, 2
+    opts = args.opt or ["manifold_muon", "adamw"]
+    archs = args.arch or list(ARCHS)
     x, y = load_data()
     t0 = time.time()
-    lines = []
+    RESULTS.mkdir(exist_ok=True)
+    runs = Runs(RESULTS / f"lr_transfer_runs_s{args.steps}_b{args.batch}.jsonl", args, x, y)
 
     def log(msg):
         print(msg, flush=True)
-        lines.append(msg)
 
-    centers = {"manifold_muon": 0.5, "adamw": 3e-3}
     results = {}
-    for opt_name in ("manifold_muon", "adamw"):
-        res = {"width": {}, "depth": {}}
-        for w in widths:
-            res["width"][str(w)] = sweep(opt_name, w, base_depth, centers[opt_name], x, y, args, log)
-        for d in depths:
-            if d == base_depth:
-                res["depth"][str(d)] = res["width"][str(base_width)]
-            else:
-                res["depth"][str(d)] = sweep(opt_name, base_width, d, centers[opt_name], x, y, args, log)
-        for axis in ("width", "depth"):
-            best = [r["best_lr"] for r in res[axis].values()]
-            res[f"{axis}_shift"] = max(best) / min(best)
-        results[opt_name] = res
+    for opt_name in opts:
+        results[opt_name] = {}
+        for arch in archs:
+            res = {"depth": {}}
+            if arch == "mlp":  # the width axis at depth 2 (ResMLP at depth 2 is the same model)
+                res["width"] = {str(w): sweep(runs, opt_name, arch, w, base_depth, log) for w in widths}
+            for d in depths[arch]:
+                res["depth"][str(d)] = sweep(runs, opt_name, arch, base_width, d, log)
+            for axis in [a for a in ("width", "depth") if a in res]:
+                best = [r["best_lr"] for r in res[axis].values()]
+                res[f"{axis}_shift"] = max(best) / min(best)
+                fits = [r["best_lr_fit"] for r in res[axis].values()]
+                res[f"{axis}_shift_fit"] = max(fits) / min(fits) if all(fits) else None
+                res[f"{axis}_shift_bootstrap"] = bootstrap_shift(res[axis], opt_name)
+                if axis == "depth":  # the bar's endpoints 2 → 8 (ResMLP also has 4)
+                    ends = {k: res[axis][k] for k in ("2", "8")}
+                    b = [r["best_lr"] for r in ends.values()]
+                    res["depth_2_8_shift"] = max(b) / min(b)
+                    res["depth_2_8_shift_bootstrap"] = bootstrap_shift(ends, opt_name)
+            results[opt_name][arch] = res
+    if args.no_write:
+        return
     out = {
         "command": " ".join(["python"] + sys.argv),
         "machine": machine(),
         "solver": SOLVER, "default_solver_at_run": DEFAULT_SOLVER,
         "steps": args.steps, "batch": args.batch, "seeds": args.seeds, "out_mult": OUT_MULT,
         "grid_ratio": math.sqrt(2), "schedule": "linear decay to 0",
-        "model": "bias-free ReLU MLP 40→width…→10, depth = #Linear; base width 64, base depth 2",
-        "manifold_muon": "ManifoldMuon(scale='rms', budget=modman.modular.budget(model, scale='rms'))",
+        "models": DESCRIPTIONS, "base": {"width": base_width, "depth": base_depth},
+        "manifold_muon": "ManifoldMuon(scale='rms', budget=modman.modular.budget(model, scale='rms', **BUDGET_OPTIONS[arch]))",
+        "budget_options": BUDGET_OPTIONS,
         "adamw": "torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0)",
         "results": results,
-        "best_lr_shift": {o: {"width": results[o]["width_shift"], "depth": results[o]["depth_shift"]}
+        "best_lr_shift": {o: {a: {k: v for k, v in r.items() if "shift" in k} for a, r in results[o].items()}
                           for o in results},
-        "all_interior": all(r["interior"] for o in results for a in ("width", "depth")
-                            for r in results[o][a].values()),
+        "all_interior": all(r["interior"] for o in results for a in results[o] for axis in ("width", "depth")
+                            for r in results[o][a].get(axis, {}).values()),
         "seconds": time.time() - t0,
+        "runs_cache": runs.path.name,
     }
     print()
-    print(f"{'optimizer':<14} {'axis':<6} {'value':>6} {'best lr':>9} {'loss':>8} interior")
+    print(f"{'optimizer':<14} {'arch':<7} {'axis':<6} {'value':>6} {'best lr':>9} {'fit':>9} {'loss':>8} interior")
     for o in results:
-        for axis in ("width", "depth"):
-            for v, r in results[o][axis].items():
-                print(f"{o:<14} {axis:<6} {v:>6} {r['best_lr']:>9.4g} {r['best_loss']:>8.4f} {r['interior']}")
-            print(f"{o:<14} {axis:<6} shift of best lr: {results[o][axis + '_shift']:.3g}×")
-    RESULTS.mkdir(exist_ok=True)
+        for a, res in results[o].items():
+            for axis in [ax for ax in ("width", "depth") if ax in res]:
+                for v, r in res[axis].items():
+                    fit = f"{r['best_lr_fit']:.4g}" if r["best_lr_fit"] else "-"
+                    print(f"{o:<14} {a:<7} {axis:<6} {v:>6} {r['best_lr']:>9.4g} {fit:>9} {r['best_loss']:>8.4f} "
+                          f"{r['interior']}")
+                bs = res[f"{axis}_shift_bootstrap"]
+                print(f"{o:<14} {a:<7} {axis:<6} shift of best lr: {res[axis + '_shift']:.3g}× (bootstrap over seeds "
+                      f"5–95 %: {bs['p05']:.3g}–{bs['p95']:.3g}×, share < 2×: {bs['share_below_2x']:.2f})")
     (RESULTS / "lr_transfer.json").write_text(json.dumps(out, indent=2))
     try:
         import matplotlib
@@ -188,17 +351,18 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
-        for i, o in enumerate(results):
-            for j, axis in enumerate(("width", "depth")):
-                ax = axes[i][j]
-                for v, r in results[o][axis].items():
-                    ax.plot(r["grid"], r["median_loss"], marker="o", label=f"{axis} {v}")
-                ax.set_xscale("log")
-                ax.set_title(f"{o}: {axis} (best-lr shift {results[o][axis + '_shift']:.2g}×)")
-                ax.set_xlabel("lr")
-                ax.set_ylabel("median final train loss")
-                ax.legend(fontsize=7)
+        panels = [(o, a, axis) for o in results for a in results[o] for axis in ("width", "depth")
+                  if axis in results[o][a]]
+        fig, axes = plt.subplots(len(results), 3, figsize=(14, 3.6 * len(results)), squeeze=False)
+        for ax, (o, a, axis) in zip(axes.flat, panels):
+            res = results[o][a]
+            for v, r in res[axis].items():
+                ax.plot(r["grid"], r["median_loss"], marker="o", label=f"{axis} {v}")
+            ax.set_xscale("log")
+            ax.set_title(f"{o} {a}: {axis} (best-lr shift {res[axis + '_shift']:.2g}×)", fontsize=9)
+            ax.set_xlabel("lr")
+            ax.set_ylabel("median final train loss")
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(RESULTS / "lr_transfer.png", dpi=110)
     except Exception as exc:  # the JSON is the result; a missing plot is reported, not fatal
