@@ -2,12 +2,14 @@
 
 MLP 784→1024→1024→10 and 784→2048→512→10 (bias-free), synthetic batch of 128. For each
 optimizer: median wall time of ``optimizer.step()`` over the timed steps (after one warm-up
-step), msign calls per constrained matrix, optimizer-state bytes, and an upper bound on a step's
-allocations. Optimizers run on identical copies of the model and alternate step by step.
+step), msign calls per constrained matrix, optimizer-state bytes, and the peak temporary memory
+of one step. Optimizers run on identical copies of the model and alternate step by step.
 
-Memory (alloc MB*): torch.profiler with profile_memory=True around one step, the peak of the
-running sum of the allocator events recorded inside ops. Frees outside op events are missed, so
-this over-states the true peak (CPU has no max_memory_allocated): an upper bound, not a claim.
+Memory (peak MB): ``modman.diagnostics.peak_temporary_bytes`` around one steady-state step —
+live-storage accounting in a TorchDispatchMode (CPU has no max_memory_allocated): every storage
+an op allocates inside the step counts from its allocation until it is freed; storages that
+existed before (parameters, gradients, state) do not. Scratch space inside a kernel (LAPACK
+workspaces) is not seen; benchmarks/step_memory.py cross-checks against peak RSS.
 
     python benchmarks/optimizers.py [--steps 3] [--solvers projected,newton,dual_ascent]
 """
@@ -28,6 +30,7 @@ from torch import nn
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 import modman
+from modman.diagnostics.memory import METHOD, peak_temporary_bytes
 
 
 def mlp(dims):
@@ -56,17 +59,9 @@ def state_bytes(opt) -> int:
                if isinstance(v, torch.Tensor))
 
 
-def allocated_bytes_upper_bound(opt) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        opt.step()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
-    running = peak = 0
-    for e in events:
-        running += e.cpu_memory_usage
-        peak = max(peak, running)
-    return peak
+def peak_step_bytes(opt) -> int:
+    """Peak bytes allocated and alive at once during one ``opt.step()`` (dispatch accounting)."""
+    return peak_temporary_bytes(opt.step, attribute=False).peak_bytes
 
 
 def main() -> None:
@@ -78,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(1)
     names = [f"manifold_muon:{s}" for s in args.solvers.split(",")] + ["muon_fp32", "torch_muon", "adamw"]
     out = {"command": "python " + " ".join(sys.argv), "machine": machine(), "batch": 128,
-           "memory_method": "torch.profiler profile_memory: peak running sum of allocator events in one step",
+           "memory_method": "peak_temporary_bytes of one steady-state step: " + METHOD,
            "models": {}}
     g = torch.Generator().manual_seed(0)
     for spec in args.models.split(","):
@@ -112,7 +107,7 @@ def main() -> None:
             rows[n] = {"step_s_median": statistics.median(times[n]),
                        "msign_calls_per_matrix": statistics.mean(calls[n]) if calls[n] else None,
                        "state_bytes": state_bytes(opts[n]),
-                       "allocated_bytes_upper_bound": allocated_bytes_upper_bound(opts[n]),
+                       "peak_temporary_bytes": peak_step_bytes(opts[n]),
                        "largest_parameter_bytes": largest}
         ref = rows["muon_fp32"]["step_s_median"]
         for n in names:
@@ -120,11 +115,11 @@ def main() -> None:
             rows[n]["ratio_vs_torch_muon"] = rows[n]["step_s_median"] / rows["torch_muon"]["step_s_median"]
         out["models"][spec] = rows
         print(f"\n{spec}: {'optimizer':<26}{'s/step':>9}{'×Muon32':>9}{'×torchMuon':>11}{'msign':>7}"
-              f"{'state MB':>10}{'alloc MB*':>12}")
+              f"{'state MB':>10}{'peak MB':>12}")
         for n, r in rows.items():
             print(f"{'':{len(spec) + 2}}{n:<26}{r['step_s_median']:>9.3f}{r['ratio_vs_own_muon_fp32']:>9.2f}"
                   f"{r['ratio_vs_torch_muon']:>11.2f}{r['msign_calls_per_matrix'] or 0:>7.1f}"
-                  f"{r['state_bytes'] / 2**20:>10.1f}{r['allocated_bytes_upper_bound'] / 2**20:>12.1f}")
+                  f"{r['state_bytes'] / 2**20:>10.1f}{r['peak_temporary_bytes'] / 2**20:>12.1f}")
         path = pathlib.Path(__file__).resolve().parent / "results" / "optimizers.json"
         path.write_text(json.dumps(out, indent=1))
     print("wrote benchmarks/results/optimizers.json")

@@ -10,8 +10,12 @@
   including ‖ΔW‖₂ of the step and its alignment with the gradient; ``save_tracking`` /
   ``load_tracking`` store runs in a file a notebook reloads.
 - ``plots``: spectra per layer, singular-value trajectories, optimizers compared (matplotlib).
+- ``peak_temporary_bytes(fn) -> MemoryReport``: peak bytes a function (one optimizer step)
+  allocates on CPU, by live-storage accounting in a dispatch mode; ``peak_rss_bytes`` is the
+  peak-RSS cross-check (``memory.py`` says what each counts).
 """
 from .estimators import LanczosEstimate, lanczos_svals, sigma_max_estimate, stable_rank_estimate
+from .memory import MemoryReport, peak_rss_bytes, peak_temporary_bytes
 from .spectra import matrix_stats, named_matrices, resolve_manifolds, singular_values, spectral_norm
 from .table import spectrum_table
 from .tracker import SpectrumTracker
@@ -21,4 +25,5 @@ __all__ = [
     "spectrum_table", "matrix_stats", "named_matrices", "resolve_manifolds", "singular_values", "spectral_norm",
     "lanczos_svals", "LanczosEstimate", "sigma_max_estimate", "stable_rank_estimate",
     "SpectrumTracker", "Tracking", "METRICS", "save_tracking", "load_tracking",
+    "peak_temporary_bytes", "peak_rss_bytes", "MemoryReport",
 ]
