@@ -17,8 +17,11 @@ fixed (``modman.diagnostics.memory.RSS_ENV``), which steps three times:
 3. ``peak_rss_bytes(opt.step)`` alone on the next step (``rss_plain_x``).
 
 All are steady-state steps (state exists, warm start in place). ``peak_x`` = dispatch peak /
-(m·n·4), ``rss_x`` = RSS peak of the same step / (m·n·4); rss_x clearly above peak_x is memory no
-dispatched op returned.
+(m·n·4), ``rss_x`` = RSS peak of the same step / (m·n·4), ``rss_plain_x`` = RSS of the next step
+without the mode. The mode's own Python objects cost ~1–7 MB of RSS (measured: rss_x − rss_plain_x
+≈ 2.2× on 1024×784, 0.25× on 32768×64), so compare peak_x with rss_plain_x first: it agrees to
+≤ 0.05× except where consecutive steps differ (warm-started lyapunov/anderson); an RSS clearly
+above both is memory no dispatched op returned (e.g. LAPACK workspaces).
 
 An iterative solver whose default step exceeds --limit-s is measured again with
 ``max_iters=--capped-iters``, noted in the row: an estimate of the default's peak, which is
