@@ -20,7 +20,7 @@ All are steady-state steps (state exists, warm start in place). ``peak_x`` = dis
 (m·n·4), ``rss_x`` = RSS peak of the same step / (m·n·4), ``rss_plain_x`` = RSS of the next step
 without the mode. The mode's own Python objects cost ~1–7 MB of RSS (measured: rss_x − rss_plain_x
 ≈ 2.2× on 1024×784, 0.25× on 32768×64), so compare peak_x with rss_plain_x first: it agrees to
-≤ 0.05× except where consecutive steps differ (warm-started lyapunov/anderson); an RSS clearly
+≤ 0.06× except where consecutive steps differ (warm-started lyapunov/anderson); an RSS clearly
 above both is memory no dispatched op returned (e.g. LAPACK workspaces).
 
 An iterative solver whose default step exceeds --limit-s is measured again with
