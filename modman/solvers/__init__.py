@@ -12,6 +12,7 @@ import torch
 
 from ..linalg.msign import resolve_compute_dtype
 from .admm import solve_admm
+from .anderson import solve_anderson
 from .closed_form import solve_closed_form
 from .dual_ascent import solve_dual_ascent
 from .lyapunov import solve_lyapunov
@@ -28,8 +29,9 @@ SOLVERS = {
     "admm": (solve_admm, 1e-4, 100),
     "lyapunov": (solve_lyapunov, 1e-4, 20),
     "newton": (solve_newton, 2e-5, 80),
+    "anderson": (solve_anderson, 5e-5, 80),
 }
-DEFAULT_SOLVER = "newton"
+DEFAULT_SOLVER = "anderson"
 
 
 def register_solver(name: str, fn, default_tol: float, default_max_iters: int) -> None:
@@ -91,7 +93,7 @@ def solve_manifold_muon(
     m, n = Wt.shape[-2:]
     if reduce == "auto":
         # "newton" works on the n×n reduction of its own (no basis Q needed)
-        reduce = m >= 2 * n and solver not in ("closed_form", "projected", "newton") and not options.get("faithful")
+        reduce = m >= 2 * n and solver not in ("closed_form", "projected", "newton", "anderson") and not options.get("faithful")
     if reduce and m > n:
         W_r, G_r, Q = reduce_tall(Wt, Gn)
         out = fn(W_r, G_r, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)

@@ -32,7 +32,7 @@ def test_very_tall_weight_steps_in_order_mn_temporary_memory():
 
     Method: live-storage accounting in a dispatch mode (modman.diagnostics.peak_temporary_bytes;
     tests/diagnostics/test_memory.py checks it on known answers and against peak RSS). Measured
-    for the default solver ("newton"): 15.0·mn·4 bytes, of which 10·mn·4 are certify_gram's fp64
+    for the default solver ("anderson"; "newton" the same): 15.0·mn·4 bytes, of which 10·mn·4 are certify_gram's fp64
     copies (W, A, Gn, A_f and ⟨Gn, A_f⟩'s product, solvers/result.py) and the rest m×n fp32
     copies (u, W/s, Gn, A, A_f). The bound 16·mn·4 is the measured value plus one m×n fp32: a
     change that adds a full-size temporary fails here. Issue #4's target (≤ 3× the parameter) is
