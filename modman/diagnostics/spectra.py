@@ -141,22 +141,33 @@ def singular_values(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torc
     In fp64 the eigenvalues σᵢ² carry an absolute error ≈ 1e-16·σ₁², so each σᵢ is accurate to
     ≈ 1e-8·σ₁ (far below fp32 weight precision) at about two thirds of the cost of svdvals.
     """
+    return gram_eigenvalues(W, dtype).flip(-1).clamp(min=0).sqrt()
+
+
+@torch.no_grad()
+def gram_eigenvalues(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Eigenvalues σᵢ² (ascending, unclamped) of the smaller Gram matrix of W, in ``dtype``."""
     X = W.detach().to(dtype)
     gram = X.mT @ X if X.shape[-2] >= X.shape[-1] else X @ X.mT
-    return torch.linalg.eigvalsh(gram).flip(-1).clamp(min=0).sqrt()
+    return torch.linalg.eigvalsh(gram)
 
 
 def stats_from_extremes(W: torch.Tensor, s_max: torch.Tensor, s_min: torch.Tensor, fro_sq: torch.Tensor,
                         manifold) -> dict:
     """{sigma_min, sigma_max, condition, stable_rank, distance} as floats from per-matrix σ_max,
-    σ_min and ‖W‖_F² (tensors shaped like W's batch); a stack reports its worst matrix.
-
-    The arithmetic runs on Python floats after one transfer: a tracker calls this for every
-    weight at every record, and a dozen tiny tensor ops cost more than the statistics."""
+    σ_min and ‖W‖_F² (tensors shaped like W's batch); a stack reports its worst matrix."""
     rows = torch.stack([t.detach().double().reshape(-1) for t in (s_max, s_min, fro_sq)]).tolist()
+    return stats_from_floats(W, *rows, manifold)
+
+
+def stats_from_floats(W: torch.Tensor, s_max: list, s_min: list, fro_sq: list, manifold) -> dict:
+    """``stats_from_extremes`` on Python floats (one entry per matrix of W's batch).
+
+    A tracker computes these for every weight at every record, where a dozen tiny tensor ops
+    would cost more than the statistics."""
     scale = manifold.scale_for(W.shape) if isinstance(manifold, Stiefel) else None
     cond, stable, dist = [], [], []
-    for hi, lo, fro in zip(*rows):
+    for hi, lo, fro in zip(s_max, s_min, fro_sq):
         cond.append(hi / lo if lo > 0 else math.inf)
         stable.append(fro / hi**2 if hi > 0 else 0.0)
         if scale is not None:
@@ -166,8 +177,8 @@ def stats_from_extremes(W: torch.Tensor, s_max: torch.Tensor, s_min: torch.Tenso
     elif scale is None:
         dist = manifold.distance(W.detach()).double().reshape(-1).tolist()
     return {
-        "sigma_min": min(rows[1]),
-        "sigma_max": max(rows[0]),
+        "sigma_min": min(s_min),
+        "sigma_max": max(s_max),
         "condition": max(cond),
         "stable_rank": sum(stable) / len(stable),
         "distance": max(dist),

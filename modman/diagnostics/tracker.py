@@ -15,14 +15,19 @@ gradient's Frobenius norm and the alignment
 
 (1 for plain gradient descent; Muon-type steps trade it for a flat spectrum).
 
-Cost. Small matrices (min(m, n) ≤ ``exact_max_dim``) get their exact spectrum (the fp64 Gram's
-eigenvalues) at every record. Large ones get it every ``spectrum_every`` steps (default 5k);
-their records in between use warm-started power iterations
-(``estimators.power_iteration``): σ_max and σ_min of W and ‖ΔW‖₂ from the vectors the previous
-record left, a few matrix–vector products each, since W moves little in k steps. These are
-one-sided (σ_max, ‖ΔW‖₂, κ, distance from below; σ_min, stable rank from above) and ``exact``
-marks which records are which. Between records the tracker only counts steps; the cost per
-k steps is one weight copy and one record.
+Cost. Small matrices (min(m, n) ≤ ``exact_max_dim``, default 64) get their exact spectrum (the
+fp64 Gram's eigenvalues) at every record. Larger ones get it every ``spectrum_every`` steps
+(default 5k); their records in between use warm-started power iterations on the small Gram
+(σ_max, and σ_min through the shifted Gram, three iterations each; stacks use
+``estimators.power_iteration``) from the
+vectors the previous record left, since W moves little in k steps. These are one-sided (σ_max,
+κ, distance from below; σ_min, stable rank from above) and ``exact`` marks which records are
+which. The update norm ‖ΔW‖₂ is exact on spectrum steps only, for every matrix: in between it
+is a warm-started power estimate on the small Gram of ΔW (from below), because its exact value
+needs a second eigendecomposition per weight. At these sizes a record's cost is the number of
+tensor operations and LAPACK calls, not their flops: an exact fp64 eigvalsh at n = 128 costs a
+third of an MNIST-1D training step (``benchmarks/tracking_overhead.py``). Between records the
+tracker only counts steps; the cost per k steps is one weight copy and one record.
 """
 from __future__ import annotations
 
@@ -31,9 +36,14 @@ import math
 import torch
 
 from .estimators import power_iteration
-from .spectra import (EXACT_MAX_DIM, manifold_label, named_matrices, resolve_manifolds, singular_values,
-                      stats_from_extremes)
+from .spectra import (gram_eigenvalues, manifold_label, named_matrices, resolve_manifolds,
+                      singular_values, stats_from_extremes, stats_from_floats)
 from .tracking import ParamTrack, Tracking, save_tracking
+
+# Up to this min(m, n) an exact spectrum at every record costs less than the estimators' per-op
+# overhead (an fp64 eigvalsh at n = 64 ≈ 0.1 ms; at n = 128 ≈ 0.6 ms, a third of an MNIST-1D
+# training step)
+TRACK_EXACT_MAX_DIM = 64
 
 
 class SpectrumTracker:
@@ -46,13 +56,13 @@ class SpectrumTracker:
         spectrum_every: exact spectra of the large matrices every this many steps (a multiple of
             ``every``; "auto" is 5·every, None never: their records then all use estimates).
         exact_max_dim: matrices with min(m, n) up to this get an exact spectrum at every record
-            (for them one small eigendecomposition costs less than the iterations' overhead).
+            (for them one small eigendecomposition costs less than the estimators' overhead).
         power_iters: power iterations per estimate at the records in between.
         meta: free-form {str: str | number} stored with the run.
     """
 
     def __init__(self, model_or_named_params, *, every: int = 10, manifolds=None,
-                 spectrum_every: int | None | str = "auto", exact_max_dim: int = EXACT_MAX_DIM, power_iters: int = 6,
+                 spectrum_every: int | None | str = "auto", exact_max_dim: int = TRACK_EXACT_MAX_DIM, power_iters: int = 6,
                  meta: dict | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int ≥ 1, got {every!r}")
@@ -136,12 +146,22 @@ class SpectrumTracker:
             W = self._view(p, shape)
             track = self.tracking.params[name]
             exact_here = exact if exact is not None else (spectrum_step or min(shape[-2:]) <= self.exact_max_dim)
-            if exact_here:
+            if exact_here and W.ndim == 2:  # the common case, in as few tensor ops as possible
+                ev = gram_eigenvalues(W)  # σᵢ², ascending, fp64
+                lo2, hi2, fro_sq = torch.stack([ev[0], ev[-1], ev.sum()]).tolist()
+                st = stats_from_floats(W, [math.sqrt(max(hi2, 0.0))], [math.sqrt(max(lo2, 0.0))], [fro_sq],
+                                       self._manifolds[name])
+                track.spectrum_steps.append(int(step))
+                track.spectra.append(ev.flip(0).clamp(min=0).sqrt().float())
+            elif exact_here:
                 s = singular_values(W)  # (…, r) descending, fp64
                 st = stats_from_extremes(W, s[..., 0], s[..., -1], (s * s).sum(-1), self._manifolds[name])
                 track.spectrum_steps.append(int(step))
                 # a matrix's spectrum is sorted already; a stack's is concatenated, then sorted
                 track.spectra.append(s.float() if s.ndim == 1 else s.reshape(-1).sort(descending=True).values.float())
+            elif W.ndim == 2:
+                hi, lo, fro_sq = self._gram_extremes(name, W)
+                st = stats_from_floats(W, [hi], [min(lo, hi)], [fro_sq], self._manifolds[name])
             else:
                 s_max = self._power(name, "top", W, smallest=False)
                 s_min = self._power(name, "bottom", W, smallest=True, shift=1.01 * s_max**2)
@@ -151,8 +171,11 @@ class SpectrumTracker:
             track.exact.append(bool(exact_here))
             for key in ("sigma_min", "sigma_max", "condition", "stable_rank", "distance"):
                 track.values[key].append(st[key])
+            # ‖ΔW‖₂ needs an eigendecomposition of its own, which on a small model costs as much as
+            # W's: exact on spectrum steps (and when forced), a warm-started estimate in between
+            exact_update = exact if exact is not None else spectrum_step
             self._update_metrics(name, track, W, p.grad, before.get(name) if before else None, shape,
-                                exact_here)
+                                exact_update)
 
     def _power(self, name: str, which: str, X: torch.Tensor, smallest: bool, shift=None) -> torch.Tensor:
         v = self._vectors.get((name, which))
@@ -161,23 +184,50 @@ class SpectrumTracker:
         self._vectors[(name, which)] = v if bool((estimate > 0).all()) else None
         return estimate
 
+    def _gram_power(self, name: str, which: str, g: torch.Tensor, iters: int = 3) -> torch.Tensor:
+        """Largest eigenvalue of the symmetric g from below (a Rayleigh quotient): power iteration
+        warm-started from the last record's vector, two tensor ops per iteration (at these
+        sizes the per-op overhead is the cost, not the products)."""
+        v = self._vectors.get((name, which))
+        if v is None or v.shape != (g.shape[0],):
+            v = torch.linspace(1.0, 2.0, g.shape[0], dtype=g.dtype)  # deterministic cold start
+            iters = 10 * iters
+        for _ in range(iters):
+            v = torch.nn.functional.normalize(g @ v, dim=0)
+        self._vectors[(name, which)] = v
+        return v @ (g @ v)
+
+    def _gram_extremes(self, name: str, W: torch.Tensor) -> tuple[float, float, float]:
+        """(σ_max from below, σ_min from above, ‖W‖_F²) of a matrix from its small Gram, in W's
+        precision (fp32 at least): estimates, so the fp64 product of the exact path buys nothing."""
+        X = W if W.dtype in (torch.float32, torch.float64) else W.float()
+        g = X.mT @ X if X.shape[0] >= X.shape[1] else X @ X.mT
+        top = self._gram_power(name, "top", g)
+        shift = 1.01 * top
+        bottom = shift - self._gram_power(name, "bottom", shift * torch.eye(g.shape[0], dtype=g.dtype) - g)
+        hi2, lo2, fro_sq = torch.stack([top, bottom, g.diagonal().sum()]).tolist()
+        return math.sqrt(max(hi2, 0.0)), math.sqrt(max(lo2, 0.0)), fro_sq
+
     def _update_metrics(self, name, track, W, grad, W_before, shape, exact) -> None:
         upd_norm = align = grad_norm = math.nan
         G = grad.detach().reshape(shape).to(torch.float32) if grad is not None else None
         if W_before is not None:
             D = (W - W_before).to(torch.float32)
             if exact:  # fp32 suffices: only σ₁ is wanted, to ≈ 1e-7 relative
-                upd = singular_values(D, torch.float32)[..., 0].max()
+                upd = gram_eigenvalues(D, torch.float32)[..., -1].max().clamp(min=0).sqrt()
+            elif D.ndim == 2:
+                upd = self._gram_power(name, "update", D.mT @ D if D.shape[0] >= D.shape[1] else D @ D.mT)
+                upd = upd.clamp(min=0).sqrt()
             else:
                 upd = self._power(name, "update", D, smallest=False).max()
             # one transfer for every scalar: a record's cost is mostly per-operation overhead
-            scalars = [upd.double(), torch.linalg.vector_norm(D).double()]
+            scalars = [upd.to(torch.float32), (D * D).sum()]
             if G is not None:
-                scalars += [torch.linalg.vector_norm(G).double(), (D * G).sum().double()]
+                scalars += [(G * G).sum(), (D * G).sum()]
             values = torch.stack(scalars).tolist()
-            upd_norm, d_norm = values[0], values[1]
+            upd_norm, d_norm = values[0], math.sqrt(values[1])
             if G is not None:
-                grad_norm, inner = values[2], values[3]
+                grad_norm, inner = math.sqrt(values[2]), values[3]
                 if d_norm > 0 and grad_norm > 0:
                     align = -inner / (d_norm * grad_norm)
         elif G is not None:
