@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from .solvers import DEFAULT_SOLVER
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     from .experiments.mnist1d import available_optimizers
@@ -31,9 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated, from {','.join(available_optimizers())}")
     p.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
                    help="learning rate for one optimizer, e.g. --lr adamw=3e-3 (repeatable)")
-    p.add_argument("--solver", default="projected",
-                   help="ManifoldMuon's subproblem solver (default 'projected': one msign per step, its certified "
-                        "gap reported; 'newton' certifies gap ≤ 1e-4 but costs far more per step on CPU)")
+    p.add_argument("--solver", default=DEFAULT_SOLVER,
+                   help=f"ManifoldMuon's subproblem solver (default {DEFAULT_SOLVER!r}, the library's: certified gap "
+                        "≤ 1e-4; 'projected' is one msign per step and reports the gap it leaves, ~0.1)")
     p.add_argument("--out", default="modman-out", help="output folder (default ./modman-out)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
