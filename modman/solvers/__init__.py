@@ -91,11 +91,6 @@ def solve_manifold_muon(
     if reduce not in (True, False, "auto"):
         raise ValueError(f"reduce must be True, False or 'auto', got {reduce!r}")
     m, n = Wt.shape[-2:]
-    if solver == "anderson" and m == n:
-        # square W: the closed form is the exact optimum, certified on W as it is; the n×n
-        # identity behind "anderson"'s dual value assumes WᵀW = I, and a weight that drifted
-        # 3e-5 off the manifold in fp32 training then certified gaps up to 5e-4 (measured)
-        fn, options = SOLVERS["closed_form"][0], {}
     if reduce == "auto":
         # "newton" works on the n×n reduction of its own (no basis Q needed)
         reduce = m >= 2 * n and solver not in ("closed_form", "projected", "newton", "anderson") and not options.get("faithful")
