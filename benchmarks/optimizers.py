@@ -16,6 +16,7 @@ workspaces) is not seen; benchmarks/step_memory.py cross-checks against peak RSS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import pathlib
@@ -59,6 +60,21 @@ def state_bytes(opt) -> int:
                if isinstance(v, torch.Tensor))
 
 
+@contextlib.contextmanager
+def solver_override(opt, solver):
+    """Within the block, every group of ``opt`` that has a subproblem solver uses ``solver``
+    (None: no change)."""
+    groups = [g for g in opt.param_groups if "solver" in g] if solver else []
+    saved = [g["solver"] for g in groups]
+    for g in groups:
+        g["solver"] = solver
+    try:
+        yield
+    finally:
+        for g, s in zip(groups, saved):
+            g["solver"] = s
+
+
 def peak_step_bytes(opt) -> int:
     """Peak bytes allocated and alive at once during one ``opt.step()`` (dispatch accounting)."""
     return peak_temporary_bytes(opt.step, attribute=False).peak_bytes
@@ -100,20 +116,12 @@ def main() -> None:
                 n = names[(k + step) % len(names)]  # rotate the order every step
                 if step >= W0 and args.slow_budget is not None and warmup[n] > args.slow_budget:
                     continue
-                cheap = n.startswith("manifold_muon:") and step < W0 - 1
-                if cheap:
-                    for grp in opts[n].param_groups:
-                        if "solver" in grp:
-                            grp["solver"], grp["_solver"] = "projected", grp["solver"]
                 opts[n].zero_grad()
                 nn.functional.cross_entropy(models[n](x), y).backward()
-                t = time.perf_counter()
-                opts[n].step()
-                dt = time.perf_counter() - t
-                if cheap:
-                    for grp in opts[n].param_groups:
-                        if "_solver" in grp:
-                            grp["solver"] = grp.pop("_solver")
+                with solver_override(opts[n], "projected" if step < W0 - 1 else None):
+                    t = time.perf_counter()
+                    opts[n].step()
+                    dt = time.perf_counter() - t
                 if step == W0 - 1:
                     warmup[n] = dt
                 if step >= W0:
