@@ -3,10 +3,12 @@
 One iteration on X (m×n, m ≤ n) is  S = X Xᵀ;  B = b·S + c·S²;  X ← a·X + B X.  Three kernels:
 
 - ``_sym_kernel`` computes C = α·A Aᵀ + β·D for A (M×K) and a symmetric D (M×M). C is symmetric,
-  so only the tiles on and below the diagonal are computed (nt(nt+1)/2 of nt² programs) and each
-  off-diagonal tile is also stored transposed into its mirror position. With A = X, α = 1, β = 0
-  it is the Gram matrix X Xᵀ; with A = D = S (symmetric, so S² = S Sᵀ), α = c, β = b it is the
-  polynomial B = b·S + c·S², the b·S term fused into the epilogue.
+  so only the tiles on and below a diagonal band are computed and each tile strictly below it is
+  also stored transposed into its mirror position: about half the work of a full product. Tiles
+  may be rectangular (BLOCK_N = R·BLOCK_M): Hopper reaches its best rate with 128×256 tiles, which
+  a square-tile triangle could not use. With A = X, α = 1, β = 0 it is the Gram matrix X Xᵀ; with
+  A = D = S (symmetric, so S² = S Sᵀ), α = c, β = b it is the polynomial B = b·S + c·S², the b·S
+  term fused into the epilogue.
 - ``_apply_kernel`` computes Y = a·X + B X, a plain GEMM with the a·X term fused into the epilogue.
 
 All products accumulate in fp32 and round once on store, in the dtype of the output (the compute
@@ -58,71 +60,92 @@ def _to_output(acc, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 @triton.jit
 def _sym_kernel(
     A, D, C,
-    M, K,
+    M, K, n_batch,
     sa_b, sa_r, sa_c,
     sd_b, sd_r, sd_c,
     sc_b, sc_r, sc_c,
     alpha, beta,
     HAS_D: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """C = alpha·A Aᵀ (+ beta·D), lower-triangle tiles only, each mirrored into the upper one."""
-    n_tiles = tl.cdiv(M, BLOCK)
-    per_batch = n_tiles * (n_tiles + 1) // 2
-    pid = tl.program_id(0)
-    batch = pid // per_batch
-    t = pid % per_batch
-    # Row-major enumeration of the lower triangle: tile t lies in row i with i(i+1)/2 ≤ t.
-    # The float square root can be off by one near perfect squares; the two corrections fix it.
-    i = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    i = tl.where((i + 1) * (i + 2) // 2 <= t, i + 1, i)
-    i = tl.where(i * (i + 1) // 2 > t, i - 1, i)
-    j = t - i * (i + 1) // 2
+    """C = alpha·A Aᵀ (+ beta·D) for the tiles on and below a diagonal band, mirrored above it.
 
-    batch64 = batch.to(tl.int64)
-    A += batch64 * sa_b
-    C += batch64 * sc_b
-    rows = (i * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    cols = (j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    Tiles are BLOCK_M × BLOCK_N with BLOCK_N = R·BLOCK_M. Row tile i (rows i·BLOCK_M …) takes the
+    column tiles j = 0 … i // R. Tile j = i // R holds the diagonal: the R row tiles sharing it
+    cover an R·BLOCK_M square diagonal block, each entry once, so they store without mirroring.
+    Every tile j < i // R lies strictly below the diagonal and is also stored transposed into its
+    mirror position. Row tiles come in groups of R with p + 1 tiles each in group p, so tile t of
+    a matrix lies in group p = ⌊(√(8⌊t/R⌋ + 1) − 1)/2⌋. Tiles past the last row tile (a partial
+    last group) are fully masked.
+
+    Each program takes tiles pid, pid + programs, …: one tile when the grid has one program per
+    tile; with PERSISTENT a grid of one program per SM walks the tiles with the tile and K loops
+    flattened, so the next tile's loads overlap this tile's epilogue. ``n_batch`` also keys the
+    autotuner.
+    """
+    R: tl.constexpr = BLOCK_N // BLOCK_M
+    n_rows = tl.cdiv(M, BLOCK_M)
+    n_groups = tl.cdiv(n_rows, R)
+    per_batch = R * (n_groups * (n_groups + 1) // 2)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    row_ok = rows < M
-    col_ok = cols < M
-    a_ptrs = A + rows[:, None] * sa_r + ks[None, :] * sa_c
-    at_ptrs = A + ks[:, None] * sa_c + cols[None, :] * sa_r
+    for tile in tl.range(tl.program_id(0), n_batch * per_batch, tl.num_programs(0), flatten=PERSISTENT):
+        batch = tile // per_batch
+        t = tile % per_batch
+        u = t // R
+        # The float square root can be off by one near perfect squares; the two corrections fix it.
+        p = ((tl.sqrt((8 * u + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+        p = tl.where((p + 1) * (p + 2) // 2 <= u, p + 1, p)
+        p = tl.where(p * (p + 1) // 2 > u, p - 1, p)
+        o = t - R * (p * (p + 1) // 2)
+        i = R * p + o // (p + 1)
+        j = o % (p + 1)
 
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = ks < K - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        at = tl.load(at_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if INTERP_BF16:
-            a = a.to(tl.float32)
-            at = at.to(tl.float32)
-        acc = tl.dot(a, at, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * sa_c
-        at_ptrs += BLOCK_K * sa_c
+        batch64 = batch.to(tl.int64)
+        a_mat = A + batch64 * sa_b
+        c_mat = C + batch64 * sc_b
+        rows = (i * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = (j * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < M
+        col_ok = cols < M
+        a_ptrs = a_mat + rows[:, None] * sa_r + ks[None, :] * sa_c
+        at_ptrs = a_mat + ks[:, None] * sa_c + cols[None, :] * sa_r
 
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    acc = acc * alpha
-    if HAS_D:
-        D += batch64 * sd_b
-        d = tl.load(D + rows[:, None] * sd_r + cols[None, :] * sd_c, mask=out_ok, other=0.0)
-        acc += beta * d.to(tl.float32)
-    out = _to_output(acc, C.dtype.element_ty, INTERP_BF16)
-    tl.store(C + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=out_ok)
-    if i != j:
-        # The mirror tile (j, i) is this tile transposed; a diagonal tile is stored once only.
-        tl.store(C + cols[:, None] * sc_r + rows[None, :] * sc_c, tl.trans(out),
-                 mask=col_ok[:, None] & row_ok[None, :])
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = ks < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            at = tl.load(at_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if INTERP_BF16:
+                a = a.to(tl.float32)
+                at = at.to(tl.float32)
+            acc = tl.dot(a, at, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * sa_c
+            at_ptrs += BLOCK_K * sa_c
+
+        out_ok = row_ok[:, None] & col_ok[None, :]
+        acc = acc * alpha
+        if HAS_D:
+            d = tl.load(D + batch64 * sd_b + rows[:, None] * sd_r + cols[None, :] * sd_c, mask=out_ok, other=0.0)
+            acc += beta * d.to(tl.float32)
+        out = _to_output(acc, C.dtype.element_ty, INTERP_BF16)
+        tl.store(c_mat + rows[:, None] * sc_r + cols[None, :] * sc_c, out, mask=out_ok)
+        # The mirror (the tile transposed), except for the band, whose tiles are stored once.
+        # (A scalar condition is folded into the row bound: the interpreter rejects a mask
+        # combined with a scalar boolean.)
+        mirror_ok = rows < tl.where(j == i // R, 0, M)
+        tl.store(c_mat + cols[:, None] * sc_r + rows[None, :] * sc_c, tl.trans(out),
+                 mask=col_ok[:, None] & mirror_ok[None, :])
 
 
 @triton.jit
 def _apply_kernel(
     B, X, Y,
-    M, N,
+    M, N, n_batch,
     sb_b, sb_r, sb_c,
     sx_b, sx_r, sx_c,
     sy_b, sy_r, sy_c,
@@ -131,80 +154,98 @@ def _apply_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Y = a·X + B X for B (M×M) and X (M×N)."""
+    """Y = a·X + B X for B (M×M) and X (M×N); tiles walked as in ``_sym_kernel``."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    batch = pid // (tiles_m * tiles_n)
-    pid = pid % (tiles_m * tiles_n)
-    # Grouped ordering: GROUP_M row-tiles sweep the columns together, so the X column panels they
-    # share stay in L2.
-    pid_m, pid_n = tl.swizzle2d(pid // tiles_n, pid % tiles_n, tiles_m, tiles_n, GROUP_M)
-
-    batch64 = batch.to(tl.int64)
-    B += batch64 * sb_b
-    X += batch64 * sx_b
-    Y += batch64 * sy_b
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    per_batch = tiles_m * tiles_n
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    row_ok = rows < M
-    col_ok = cols < N
-    b_ptrs = B + rows[:, None] * sb_r + ks[None, :] * sb_c
-    x_ptrs = X + ks[:, None] * sx_r + cols[None, :] * sx_c
+    for tile in tl.range(tl.program_id(0), n_batch * per_batch, tl.num_programs(0), flatten=PERSISTENT):
+        batch = tile // per_batch
+        t = tile % per_batch
+        # Grouped ordering: GROUP_M row-tiles sweep the columns together, so the X column panels
+        # they share stay in L2.
+        pid_m, pid_n = tl.swizzle2d(t // tiles_n, t % tiles_n, tiles_m, tiles_n, GROUP_M)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, M, BLOCK_K):
-        k_ok = ks < M - k0
-        b = tl.load(b_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if INTERP_BF16:
-            b = b.to(tl.float32)
-            x = x.to(tl.float32)
-        acc = tl.dot(b, x, acc, input_precision=PRECISION)
-        b_ptrs += BLOCK_K * sb_c
-        x_ptrs += BLOCK_K * sx_r
+        batch64 = batch.to(tl.int64)
+        x_mat = X + batch64 * sx_b
+        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < M
+        col_ok = cols < N
+        b_ptrs = B + batch64 * sb_b + rows[:, None] * sb_r + ks[None, :] * sb_c
+        x_ptrs = x_mat + ks[:, None] * sx_r + cols[None, :] * sx_c
 
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    x_tile = tl.load(X + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=out_ok, other=0.0)
-    acc += a_coef * x_tile.to(tl.float32)
-    tl.store(Y + rows[:, None] * sy_r + cols[None, :] * sy_c, _to_output(acc, Y.dtype.element_ty, INTERP_BF16), mask=out_ok)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, M, BLOCK_K):
+            k_ok = ks < M - k0
+            b = tl.load(b_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if INTERP_BF16:
+                b = b.to(tl.float32)
+                x = x.to(tl.float32)
+            acc = tl.dot(b, x, acc, input_precision=PRECISION)
+            b_ptrs += BLOCK_K * sb_c
+            x_ptrs += BLOCK_K * sx_r
+
+        out_ok = row_ok[:, None] & col_ok[None, :]
+        x_tile = tl.load(x_mat + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=out_ok, other=0.0)
+        acc += a_coef * x_tile.to(tl.float32)
+        tl.store(Y + batch64 * sy_b + rows[:, None] * sy_r + cols[None, :] * sy_c,
+                 _to_output(acc, Y.dtype.element_ty, INTERP_BF16), mask=out_ok)
 
 
 # --- configurations ---------------------------------------------------------------------------
 # The fixed fallback is used in the interpreter (autotuning there would only cost time), when
 # MODMAN_TRITON_AUTOTUNE=0, and on GPUs older than Ampere. Interpreter tiles are small so that the
-# test shapes (tens to a few hundred rows) exercise several tiles, the mirrored stores and masks.
-FALLBACK_SYM = dict(BLOCK=64, BLOCK_K=32, num_warps=4, num_stages=3)
-FALLBACK_APPLY = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-INTERPRETER_SYM = dict(BLOCK=32, BLOCK_K=32)
-INTERPRETER_APPLY = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+# test shapes (tens to a few hundred rows) exercise several tiles, the diagonal band, the mirrored
+# stores, a partial last group of row tiles, and the masks.
+FALLBACK_SYM = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, PERSISTENT=False, num_warps=4, num_stages=3)
+FALLBACK_APPLY = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=False, num_warps=4, num_stages=3)
+INTERPRETER_SYM = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, PERSISTENT=False)
+INTERPRETER_APPLY = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, PERSISTENT=False)
+# A persistent grid in the interpreter: few programs, so that each walks several tiles.
+INTERPRETER_PROGRAMS = 3
 
 
 def _sym_configs(major: int) -> list:
-    # Square tiles: the mirrored store needs tile (i, j) and (j, i) to have the same shape.
-    if major >= 9:  # Hopper: larger tiles, deeper pipelines, 8 warps for 128×128 wgmma tiles
-        grid = [(128, 64, 3, 8), (128, 64, 4, 8), (128, 128, 3, 8), (128, 32, 4, 4),
-                (64, 64, 4, 4), (64, 128, 3, 4), (128, 64, 5, 4)]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, persistent); BLOCK_N a multiple of BLOCK_M.
+    if major >= 9:  # Hopper: 128×256 wgmma tiles with two warp groups, deep pipelines
+        grid = [(128, 256, 64, 3, 8, False), (128, 256, 64, 4, 8, False), (128, 256, 64, 3, 8, True),
+                (128, 256, 64, 4, 8, True), (128, 256, 128, 2, 8, False), (128, 256, 128, 2, 8, True),
+                (128, 128, 64, 4, 8, False), (128, 128, 128, 3, 8, False),
+                (64, 128, 64, 4, 4, False), (64, 64, 128, 3, 4, False), (64, 256, 64, 4, 4, False)]
     else:  # Ampere (sm80/86/89): less shared memory per SM, so shallower pipelines
-        grid = [(128, 32, 3, 4), (128, 32, 4, 8), (128, 64, 3, 8), (64, 64, 3, 4),
-                (64, 32, 4, 4), (64, 64, 4, 4)]
-    return [triton.Config(dict(BLOCK=bm, BLOCK_K=bk), num_stages=s, num_warps=w)
-            for bm, bk, s, w in grid]
+        grid = [(128, 128, 32, 4, 4, False), (128, 128, 32, 3, 8, False), (128, 256, 32, 3, 8, False),
+                (64, 128, 32, 4, 4, False), (64, 64, 32, 4, 4, False), (64, 64, 64, 3, 4, False)]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PERSISTENT=p), num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w, p in grid]
 
 
 def _apply_configs(major: int) -> list:
     if major >= 9:
-        grid = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
-                (128, 256, 32, 4, 8), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+        grid = [(128, 256, 64, 3, 8, False), (128, 256, 64, 3, 8, True), (128, 256, 32, 4, 8, True),
+                (128, 256, 128, 2, 8, False), (128, 256, 64, 4, 8, True),
+                (128, 128, 64, 4, 8, False), (128, 128, 64, 3, 4, False), (128, 256, 32, 4, 8, False),
+                (64, 256, 64, 4, 4, False), (128, 64, 64, 4, 4, False), (64, 128, 64, 4, 4, False),
+                (64, 64, 64, 4, 4, False)]
     else:
-        grid = [(128, 128, 32, 4, 8), (128, 256, 32, 3, 8), (128, 64, 32, 4, 4),
-                (64, 128, 32, 4, 4), (128, 128, 64, 3, 8), (64, 64, 32, 4, 4)]
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in grid]
+        grid = [(128, 128, 32, 4, 8, False), (128, 256, 32, 3, 8, False), (128, 64, 32, 4, 4, False),
+                (64, 128, 32, 4, 4, False), (128, 128, 64, 3, 8, False), (64, 64, 32, 4, 4, False)]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=p),
+                          num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w, p in grid]
+
+
+def _without_persistent(configs: list) -> list:
+    """MODMAN_TRITON_PERSISTENT=0 drops the persistent configurations (for a Triton build whose
+    loop flattening fails to compile them)."""
+    if os.environ.get("MODMAN_TRITON_PERSISTENT", "1") != "0":
+        return configs
+    return [c for c in configs if not c.kwargs["PERSISTENT"]]
 
 
 _TUNED: dict = {}
@@ -215,9 +256,9 @@ def _tuned(kind: str, major: int):
     key = (kind, major)
     if key not in _TUNED:
         if kind == "sym":
-            _TUNED[key] = triton.autotune(_sym_configs(major), key=["M", "K", "HAS_D", "sa_r", "sa_c"])(_sym_kernel)
+            _TUNED[key] = triton.autotune(_without_persistent(_sym_configs(major)), key=["M", "K", "n_batch", "HAS_D", "sa_r", "sa_c"])(_sym_kernel)
         else:
-            _TUNED[key] = triton.autotune(_apply_configs(major), key=["M", "N", "sx_r", "sx_c"])(_apply_kernel)
+            _TUNED[key] = triton.autotune(_without_persistent(_apply_configs(major)), key=["M", "N", "n_batch", "sx_r", "sx_c"])(_apply_kernel)
     return _TUNED[key]
 
 
@@ -228,6 +269,20 @@ def _mode(X: torch.Tensor):
     major = torch.cuda.get_device_capability(X.device)[0]
     autotune = os.environ.get("MODMAN_TRITON_AUTOTUNE", "1") != "0" and major >= 8
     return autotune, major
+
+
+_SMS: dict = {}
+
+
+def _programs(tiles: int, meta: dict, device: torch.device) -> tuple:
+    """The launch grid: a program per tile, or with PERSISTENT at most one per SM."""
+    if not meta["PERSISTENT"]:
+        return (tiles,)
+    if INTERPRETED:
+        return (min(tiles, INTERPRETER_PROGRAMS),)
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return (min(tiles, _SMS[device]),)
 
 
 def _dot_flags(dtype: torch.dtype):
@@ -243,12 +298,13 @@ def launch_sym(A: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, D: t
     batch, M, K = A.shape
     interp_bf16, precision = _dot_flags(A.dtype)
     Dv = D if D is not None else C  # a valid pointer that the kernel never reads when HAS_D=False
-    args = (A, Dv, C, M, K, *A.stride(), *Dv.stride(), *C.stride(), float(alpha), float(beta))
+    args = (A, Dv, C, M, K, batch, *A.stride(), *Dv.stride(), *C.stride(), float(alpha), float(beta))
     autotune, major = _mode(A)
 
     def grid(meta):
-        n_tiles = triton.cdiv(M, meta["BLOCK"])
-        return (batch * (n_tiles * (n_tiles + 1) // 2),)
+        ratio = meta["BLOCK_N"] // meta["BLOCK_M"]
+        groups = triton.cdiv(triton.cdiv(M, meta["BLOCK_M"]), ratio)
+        return _programs(batch * ratio * (groups * (groups + 1) // 2), meta, A.device)
 
     if autotune:
         _tuned("sym", major)[grid](*args, HAS_D=D is not None, INTERP_BF16=interp_bf16, PRECISION=precision)
@@ -261,11 +317,11 @@ def launch_apply(B: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, a: float):
     """Y ← a·X + B X on 3-D tensors; Y must not overlap B or X (checked by the caller)."""
     batch, M, N = X.shape
     interp_bf16, precision = _dot_flags(X.dtype)
-    args = (B, X, Y, M, N, *B.stride(), *X.stride(), *Y.stride(), float(a))
+    args = (B, X, Y, M, N, batch, *B.stride(), *X.stride(), *Y.stride(), float(a))
     autotune, major = _mode(X)
 
     def grid(meta):
-        return (batch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return _programs(batch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta, X.device)
 
     if autotune:
         _tuned("apply", major)[grid](*args, INTERP_BF16=interp_bf16, PRECISION=precision)

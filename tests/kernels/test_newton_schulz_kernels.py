@@ -32,13 +32,19 @@ def _errors(result, reference):
     return diff.mean().item(), diff.max().item()
 
 
-def _within_bar(result, torch_result, reference, dtype, what):
+def _within_bar(result, torch_result, reference, dtype, what, terms=1.0):
     mean_bar, max_bar = BARS[dtype]
     k_mean, k_max = _errors(result, reference)
     t_mean, t_max = _errors(torch_result, reference)
-    # Only where the torch path happens to be exact (e.g. a 1×1 product) is one unit roundoff of
-    # the reference's size allowed instead of exactness; otherwise the bar is the plain ratio.
-    floor = torch.finfo(dtype).eps / 2 * reference.abs().max().item() if t_max == 0 else 0.0
+    # The ratio bar needs a statistic: with fewer than 16 entries an error is one or a few draws of
+    # rounding, and the torch path can be lucky (seen on an H100: 1×1 fp32, three iterations, torch
+    # 1.8e-7 against 2.3e-6, both within rounding). There the bar is the forward-error bound of
+    # the computation instead: unit roundoff × the sum of the magnitudes of its terms (``terms``,
+    # Σ |a| + |b| + |c| over the iterations for Newton–Schulz) × the result's size. Otherwise the
+    # bar is the plain ratio.
+    floor = 0.0
+    if reference.numel() < 16:
+        floor = torch.finfo(dtype).eps / 2 * terms * reference.abs().max().item()
     if os.environ.get("MODMAN_REPORT_ERRORS"):
         print(f"ERR {what} {dtype} mean {k_mean:.3e}/{t_mean:.3e}={k_mean / max(t_mean, 1e-300):.3f} "
               f"max {k_max:.3e}/{t_max:.3e}={k_max / max(t_max, 1e-300):.3f}")
@@ -75,7 +81,7 @@ def test_gram_poly_matches_float64_within_bar(shape, dtype):
     reference = b * Sd + c * Sd @ Sd
     torch_result = torch.baddbmm(S.unsqueeze(0) if S.ndim == 2 else S, S.unsqueeze(0) if S.ndim == 2 else S,
                                  S.unsqueeze(0) if S.ndim == 2 else S, beta=b, alpha=c).reshape(S.shape)
-    _within_bar(kernels.gram_poly(S, b, c), torch_result, reference, dtype, "b·S + c·S²")
+    _within_bar(kernels.gram_poly(S, b, c), torch_result, reference, dtype, "b·S + c·S²", abs(b) + abs(c))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -88,7 +94,8 @@ def test_apply_poly_matches_float64_within_bar(shape, dtype):
     reference = a * X.double().cpu() + B.double().cpu() @ X.double().cpu()
     X3, B3 = (X, B) if X.ndim == 3 else (X[None], B[None])
     torch_result = torch.baddbmm(X3, B3, X3, beta=a, alpha=1.0).reshape(X.shape)
-    _within_bar(kernels.apply_poly(B, X, a), torch_result, reference, dtype, "a·X + B X")
+    terms = abs(a) + B.double().abs().max().item()
+    _within_bar(kernels.apply_poly(B, X, a), torch_result, reference, dtype, "a·X + B X", terms)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -107,7 +114,8 @@ def test_newton_schulz_matches_torch_path_within_bar(shape, dtype):
     reference = torch_newton_schulz(Xw.double().cpu(), coeffs)
     result = kernels.newton_schulz(Xw, coeffs)
     assert result.shape == Xw.shape and result.dtype == dtype
-    _within_bar(result, torch_result, reference, dtype, f"newton_schulz {steps} its")
+    terms = sum(abs(a) + abs(b) + abs(c) for a, b, c in coeffs)
+    _within_bar(result, torch_result, reference, dtype, f"newton_schulz {steps} its", terms)
 
 
 def test_tall_input_is_iterated_transposed():
@@ -134,14 +142,52 @@ def test_batched_equals_one_by_one():
 
 
 def test_gram_mirrors_off_diagonal_tiles():
-    """Only lower-triangle tiles are computed: the upper ones must be their exact transposes."""
-    X = _random((100, 70), torch.float32)
+    """Only tiles on and below the diagonal band are computed: those above are exact transposes."""
+    from modman.kernels import _triton_ns as impl
+
+    X = _random((300, 70), torch.float32)
     S = kernels.gram(X)
-    block = 32 if INTERPRETED else 64  # a multiple of every configured tile size is not needed:
-    lower = torch.tril(torch.ones(100, 100, dtype=torch.bool, device=DEVICE), diagonal=-block)
-    # Entries at least one full tile below the diagonal lie in off-diagonal tiles.
+    # The band is BLOCK_N wide (R row tiles share one diagonal block); entries at least one band
+    # width below the diagonal lie in mirrored tiles whatever the chosen configuration.
+    configs = [impl.INTERPRETER_SYM] if INTERPRETED else \
+        [impl.FALLBACK_SYM] + [c.kwargs for c in impl._sym_configs(torch.cuda.get_device_capability()[0])]
+    band = max(c["BLOCK_N"] for c in configs)
+    lower = torch.tril(torch.ones(300, 300, dtype=torch.bool, device=DEVICE), diagonal=-band)
+    assert lower.any()
     assert torch.equal(S[lower], S.mT[lower])
-    assert torch.allclose(S, X @ X.mT, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(S, X @ X.mT, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", [(32, 32, False), (32, 64, False), (16, 64, False), (32, 64, True)], ids=str)
+def test_gram_is_right_for_every_tile_ratio(tiles, monkeypatch):
+    """R = BLOCK_N / BLOCK_M of 1, 2 and 4, on sizes that leave the last group of row tiles partial;
+    and a persistent grid (a few programs walking all tiles, across the batch)."""
+    from modman.kernels import _triton_ns as impl
+
+    if not INTERPRETED:
+        pytest.skip("the configuration override applies to the interpreter's fixed tiles")
+    monkeypatch.setitem(impl.INTERPRETER_SYM, "BLOCK_M", tiles[0])
+    monkeypatch.setitem(impl.INTERPRETER_SYM, "BLOCK_N", tiles[1])
+    monkeypatch.setitem(impl.INTERPRETER_SYM, "PERSISTENT", tiles[2])
+    for shape in [(2, 70, 33), (97, 20), (1, 5)]:
+        X = _random(shape, torch.float32, seed=shape[0])
+        m = shape[-2]
+        poison = lambda: torch.full((*shape[:-2], m, m), float("nan"), device=DEVICE)  # noqa: E731
+        S = kernels.gram(X, out=poison())  # every entry must be written
+        assert torch.allclose(S, X @ X.mT, rtol=1e-5, atol=1e-5), (tiles, shape)
+        P = kernels.gram_poly(S, 0.5, -2.0, out=poison())
+        assert torch.allclose(P, 0.5 * S - 2.0 * S @ S, rtol=1e-4, atol=1e-4), (tiles, shape)
+
+
+def test_persistent_apply_walks_every_tile(monkeypatch):
+    from modman.kernels import _triton_ns as impl
+
+    if not INTERPRETED:
+        pytest.skip("the configuration override applies to the interpreter's fixed tiles")
+    monkeypatch.setitem(impl.INTERPRETER_APPLY, "PERSISTENT", True)
+    B, X = _random((3, 40, 40), torch.float32, seed=3), _random((3, 40, 70), torch.float32, seed=4)
+    Y = kernels.apply_poly(B, X, 0.75, out=torch.full_like(X, float("nan")))
+    assert torch.allclose(Y, 0.75 * X + B @ X, rtol=1e-5, atol=1e-5)
 
 
 def test_input_is_not_modified():
@@ -157,6 +203,29 @@ def test_gram_matrix_argument_skips_the_first_product():
     assert torch.equal(kernels.newton_schulz(X, PE[:2], gram_matrix=S), kernels.newton_schulz(X, PE[:2]))
     with pytest.raises(ValueError, match="gram_matrix"):
         kernels.newton_schulz(X, PE[:2], gram_matrix=S[:5, :5])
+
+
+@pytest.mark.skipif(INTERPRETED, reason="CUDA graphs need a GPU")
+def test_graph_replay_equals_eager_launches(monkeypatch):
+    from modman.kernels import _graphs
+
+    kernels.clear_graph_cache()
+    X1, X2 = _random((2, 96, 160), torch.bfloat16, seed=1), _random((2, 96, 160), torch.bfloat16, seed=2)
+    assert _graphs.wanted(X1)
+    first, second = kernels.newton_schulz(X1, PE[:4]), kernels.newton_schulz(X2, PE[:4])
+    assert len(_graphs._cache) == 1  # one shape, one graph, replayed for the second input
+    again = kernels.newton_schulz(X1, PE[:4])
+    assert torch.equal(first, again) and first.data_ptr() != again.data_ptr()  # no aliasing
+    monkeypatch.setenv("MODMAN_TRITON_GRAPHS", "0")
+    assert not _graphs.wanted(X1)
+    assert torch.equal(first, kernels.newton_schulz(X1, PE[:4]))
+    assert torch.equal(second, kernels.newton_schulz(X2, PE[:4]))
+    monkeypatch.delenv("MODMAN_TRITON_GRAPHS")
+    for k in range(_graphs.MAX_ENTRIES + 2):  # least recently used graphs are dropped
+        kernels.newton_schulz(_random((8 + k, 24), torch.float32), PE[:2])
+    assert len(_graphs._cache) == _graphs.MAX_ENTRIES
+    kernels.clear_graph_cache()
+    assert not _graphs._cache
 
 
 # --- msign end to end ------------------------------------------------------------------------
@@ -195,9 +264,11 @@ def test_auto_backend_stays_on_torch_on_cpu():
 def test_available_and_worth_it():
     assert kernels.available()
     assert not kernels.worth_it(torch.empty(2048, 2048))  # CPU: never chosen by "auto"
-    fake = types.SimpleNamespace(is_cuda=True, ndim=3, shape=(8, 1024, 4096))
+    fake = types.SimpleNamespace(is_cuda=True, ndim=3, shape=(8, 1024, 4096), dtype=torch.bfloat16)
     assert kernels.worth_it(fake)
-    assert not kernels.worth_it(types.SimpleNamespace(is_cuda=True, ndim=2, shape=(512, 4096)))
+    assert not kernels.worth_it(types.SimpleNamespace(is_cuda=True, ndim=2, shape=(512, 4096), dtype=torch.bfloat16))
+    # fp32 runs without tensor cores in the kernels: measured slower than cuBLAS, so never "auto".
+    assert not kernels.worth_it(types.SimpleNamespace(is_cuda=True, ndim=3, shape=(8, 1024, 4096), dtype=torch.float32))
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 4, 4), (2, 0, 3), (2, 3, 0)], ids=str)
