@@ -25,15 +25,22 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["available", "worth_it", "newton_schulz", "gram", "gram_poly", "apply_poly"]
+from . import _graphs
+
+__all__ = ["available", "worth_it", "newton_schulz", "gram", "gram_poly", "apply_poly", "clear_graph_cache"]
+
+clear_graph_cache = _graphs.clear
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# backend="auto" uses the kernels only from this size on. Below it the launch overhead and
-# cuBLAS's head start make the saving uncertain; at 1024² and above the half-tile symmetric
-# products save a third of the flops. This threshold has not been measured on a GPU yet (see
-# benchmarks/kernels.py): it is a conservative guess to be replaced by a measured crossover.
+# backend="auto" uses the kernels for 16-bit compute from this size on. Measured on an H100
+# (benchmarks/results/kernels-nvidia-h100-80gb-hbm3.json, bf16, the whole default msign):
+# 2.19× eager torch at 1024² (launch-bound; the kernels replay a CUDA graph, 0.97× torch in one),
+# 1.04–1.09× at 1024²×8 and 2048², 1.24–1.37× from 2048²×8 to 8192². Smaller sizes were not measured.
 MIN_DIM_AUTO = 1024
+# fp32 products run as IEEE fp32 (no tf32), without tensor cores: there the kernels were 0.52× of
+# cuBLAS at 1024² on the H100 (…-float32.json), so "auto" keeps fp32 on torch.
+AUTO_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _interpreter_requested() -> bool:
@@ -56,8 +63,8 @@ def available() -> bool:
 
 
 def worth_it(X: torch.Tensor) -> bool:
-    """Whether backend="auto" should use the kernels for X: a CUDA tensor with min dim ≥ 1024."""
-    return bool(X.is_cuda and X.ndim >= 2 and min(X.shape[-2:]) >= MIN_DIM_AUTO)
+    """Whether backend="auto" should use the kernels for X: a bf16/fp16 CUDA tensor, min dim ≥ 1024."""
+    return bool(X.is_cuda and X.ndim >= 2 and X.dtype in AUTO_DTYPES and min(X.shape[-2:]) >= MIN_DIM_AUTO)
 
 
 def _impl():
@@ -212,6 +219,9 @@ def newton_schulz(
         gram_matrix: optionally X Xᵀ for the first iteration (in X's orientation with m ≤ n),
             as msign's normalisation already computes it.
 
+    On CUDA, a launch-bound run (batch·m²·n ≤ 2³³) is captured once into a CUDA graph and
+    replayed (``modman.kernels._graphs``); the result is bit-identical to launching eagerly.
+
     Returns:
         A new tensor of X's shape and dtype; X is not modified. No autograd graph is recorded.
         A NaN anywhere in a matrix spreads to that whole matrix (the iteration count is fixed,
@@ -234,6 +244,16 @@ def newton_schulz(
                              f"got {tuple(gram_matrix.shape)}")
         gram_matrix = _as3(gram_matrix)
 
+    Y = _graphs.run(_iterate, Y, coeffs, gram_matrix) if _graphs.wanted(Y) else _iterate(Y, coeffs, gram_matrix)
+    if X.ndim == 2:
+        Y = Y[0]
+    return Y.mT if transposed else Y
+
+
+def _iterate(Y: torch.Tensor, coeffs: list, gram_matrix: torch.Tensor | None) -> torch.Tensor:
+    """The launches of ``newton_schulz`` on a checked (batch, m, n) Y with m ≤ n: 3 per iteration."""
+    impl = _impl()
+    batch, m, n = Y.shape
     S = torch.empty((batch, m, m), dtype=Y.dtype, device=Y.device)
     B = torch.empty_like(S)
     buffers = [torch.empty((batch, m, n), dtype=Y.dtype, device=Y.device) for _ in range(min(2, len(coeffs)))]
@@ -248,6 +268,4 @@ def newton_schulz(
         nxt = buffers[i % 2]
         impl.launch_apply(B, Y, nxt, a)
         Y = nxt
-    if X.ndim == 2:
-        Y = Y[0]
-    return Y.mT if transposed else Y
+    return Y
