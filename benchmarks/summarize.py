@@ -84,6 +84,13 @@ def main() -> None:
         parts = ", ".join(f"{k} {v['overhead']:.1%}" for k, v in d["results"].items())
         rows.append(f"| spectrum tracking every {d.get('every')} steps, overhead per step | {parts} | "
                     "tracking_overhead.json |")
+    for path in sorted(RESULTS.glob("kernels-*.json")):
+        d = json.loads(path.read_text())
+        parts = ", ".join(f"{r['n']}²×{r['batch']} {r['speedup']:.2f}× ({r['triton_tflops']:.0f} TF/s)"
+                          for r in d["rows"])
+        peer = "eager/compile" if all(r.get("compile_ms") for r in d["rows"]) else "eager"
+        rows.append(f"| Triton msign ({d['dtype']}, {d['steps']} its) on {d['machine']['gpu']}, × faster of torch "
+                    f"{peer} | {parts} | {path.name} |")
     print("\n".join(rows))
 
 
