@@ -200,6 +200,19 @@ class SpectrumTracker:
         self._vectors[(name, which)] = v
         return v @ (g @ v)
 
+    def _update_power(self, name: str, D: torch.Tensor, iters: int = 2) -> torch.Tensor:
+        """‖D‖₂ from below: power iteration on D itself (v ← Dᵀ D v), warm-started from the last
+        record's vector. No Gram matrix: two matrix-vector products per iteration instead of a
+        matrix product, which at k steps between records is most of this estimate's cost."""
+        v = self._vectors.get((name, "update"))
+        if v is None or v.shape != (D.shape[1],) or v.dtype != D.dtype:
+            v = torch.linspace(1.0, 2.0, D.shape[1], dtype=D.dtype)  # deterministic cold start
+            iters = 15 * iters
+        for _ in range(iters):
+            v = torch.nn.functional.normalize(D.mT @ (D @ v), dim=0)
+        self._vectors[(name, "update")] = v
+        return torch.linalg.vector_norm(D @ v)
+
     def _gram_extremes(self, name: str, W: torch.Tensor) -> tuple[float, float, float]:
         """(σ_max from below, σ_min from above, ‖W‖_F²) of a matrix from its small fp64 Gram g:
         σ_max² by warm-started power iteration, σ_min² by warm-started inverse iteration through
@@ -231,8 +244,7 @@ class SpectrumTracker:
             if exact:  # fp32 suffices: only σ₁ is wanted, to ≈ 1e-7 relative
                 upd = gram_eigenvalues(D, torch.float32)[..., -1].max().clamp(min=0).sqrt()
             elif D.ndim == 2:
-                upd = self._gram_power(name, "update", D.mT @ D if D.shape[0] >= D.shape[1] else D @ D.mT)
-                upd = upd.clamp(min=0).sqrt()
+                upd = self._update_power(name, D)
             else:
                 upd = self._power(name, "update", D, smallest=False).max()
             # one transfer for every scalar: a record's cost is mostly per-operation overhead
