@@ -205,6 +205,23 @@ def test_gram_matrix_argument_skips_the_first_product():
         kernels.newton_schulz(X, PE[:2], gram_matrix=S[:5, :5])
 
 
+def test_autotune_configurations_are_well_formed(monkeypatch):
+    """Every configuration: BLOCK_N a multiple of BLOCK_M (the band needs R = BLOCK_N / BLOCK_M
+    whole), and MODMAN_TRITON_PERSISTENT=0 drops exactly the persistent ones."""
+    from modman.kernels import _triton_ns as impl
+
+    for major in (8, 9):
+        sym, apply = impl._sym_configs(major), impl._apply_configs(major)
+        assert all(c.kwargs["BLOCK_N"] % c.kwargs["BLOCK_M"] == 0 for c in sym)
+        monkeypatch.setenv("MODMAN_TRITON_PERSISTENT", "0")
+        for configs in (sym, apply):
+            kept = impl._without_persistent(configs)
+            assert kept and not any(c.kwargs["PERSISTENT"] for c in kept)
+            assert len(kept) == sum(not c.kwargs["PERSISTENT"] for c in configs)
+        monkeypatch.delenv("MODMAN_TRITON_PERSISTENT")
+        assert impl._without_persistent(sym) == sym
+
+
 @pytest.mark.skipif(INTERPRETED, reason="CUDA graphs need a GPU")
 def test_graph_replay_equals_eager_launches(monkeypatch):
     from modman.kernels import _graphs
