@@ -19,6 +19,7 @@ single products ``gram``, ``gram_poly``, ``apply_poly``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -67,16 +68,29 @@ def worth_it(X: torch.Tensor) -> bool:
     return bool(X.is_cuda and X.ndim >= 2 and X.dtype in AUTO_DTYPES and min(X.shape[-2:]) >= MIN_DIM_AUTO)
 
 
+MIN_TRITON = (3, 3)  # tl.range(flatten=…), used by the persistent kernels
+
+
 def _impl():
     """The kernel module, imported on first use; raises a clear error when it cannot run."""
     try:
-        from . import _triton_ns
+        import triton
     except ImportError as e:  # triton missing or broken
         raise RuntimeError(
             "modman.kernels needs Triton (pip install 'modman[triton]'); "
             f"importing it failed: {e}. Use msign(..., backend='torch') instead."
         ) from e
+    version = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
+    if version < MIN_TRITON:
+        raise RuntimeError(f"modman.kernels needs Triton ≥ {'.'.join(map(str, MIN_TRITON))}, found "
+                           f"{triton.__version__}; upgrade it or use msign(..., backend='torch').")
+    from . import _triton_ns
     return _triton_ns
+
+
+def _on_device(T: torch.Tensor):
+    """Launch on T's GPU: Triton launches on the current device, which need not be T's."""
+    return torch.cuda.device(T.device) if T.is_cuda else contextlib.nullcontext()
 
 
 def _check_device(X: torch.Tensor, impl) -> None:
@@ -152,7 +166,8 @@ def gram(X: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     X3 = _as3(X)
     S = _out(out, (X3.shape[0], X3.shape[1], X3.shape[1]), X3, [X3])
     if S.numel():
-        impl.launch_sym(X3, S, 1.0, 0.0, None)
+        with _on_device(X3):
+            impl.launch_sym(X3, S, 1.0, 0.0, None)
     return S if X.ndim == 3 else S[0]
 
 
@@ -166,7 +181,8 @@ def gram_poly(S: torch.Tensor, b: float, c: float, *, out: torch.Tensor | None =
     S3 = _as3(S)
     B = _out(out, tuple(S3.shape), S3, [S3])
     if B.numel():
-        impl.launch_sym(S3, B, float(c), float(b), S3)
+        with _on_device(S3):
+            impl.launch_sym(S3, B, float(c), float(b), S3)
     return B if S.ndim == 3 else B[0]
 
 
@@ -183,7 +199,8 @@ def apply_poly(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor 
     B3, X3 = _as3(B), _as3(X)
     Y = _out(out, tuple(X3.shape), X3, [B3, X3])
     if Y.numel():
-        impl.launch_apply(B3, X3, Y, float(a))
+        with _on_device(X3):
+            impl.launch_apply(B3, X3, Y, float(a))
     return Y if X.ndim == 3 else Y[0]
 
 
@@ -219,8 +236,9 @@ def newton_schulz(
         gram_matrix: optionally X Xᵀ for the first iteration (in X's orientation with m ≤ n),
             as msign's normalisation already computes it.
 
-    On CUDA, a launch-bound run (batch·m²·n ≤ 2³³) is captured once into a CUDA graph and
-    replayed (``modman.kernels._graphs``); the result is bit-identical to launching eagerly.
+    On CUDA, a launch-bound run (batch·m²·n ≤ 2³³) is captured into a CUDA graph the second
+    time its shape is seen and replayed after that (``modman.kernels._graphs``): the same
+    kernels and configurations as an eager launch on a contiguous copy of X, so the same bits.
 
     Returns:
         A new tensor of X's shape and dtype; X is not modified. No autograd graph is recorded.
@@ -257,15 +275,16 @@ def _iterate(Y: torch.Tensor, coeffs: list, gram_matrix: torch.Tensor | None) ->
     S = torch.empty((batch, m, m), dtype=Y.dtype, device=Y.device)
     B = torch.empty_like(S)
     buffers = [torch.empty((batch, m, n), dtype=Y.dtype, device=Y.device) for _ in range(min(2, len(coeffs)))]
-    for i, (a, b, c) in enumerate(coeffs):
-        if i == 0 and gram_matrix is not None:
-            S_i = gram_matrix
-        else:
-            impl.launch_sym(Y, S, 1.0, 0.0, None)
-            S_i = S
-        impl.launch_sym(S_i, B, c, b, S_i)
-        # Ping-pong between two buffers: the product reads Y while writing the other one.
-        nxt = buffers[i % 2]
-        impl.launch_apply(B, Y, nxt, a)
-        Y = nxt
+    with _on_device(Y):
+        for i, (a, b, c) in enumerate(coeffs):
+            if i == 0 and gram_matrix is not None:
+                S_i = gram_matrix
+            else:
+                impl.launch_sym(Y, S, 1.0, 0.0, None)
+                S_i = S
+            impl.launch_sym(S_i, B, c, b, S_i)
+            # Ping-pong between two buffers: the product reads Y while writing the other one.
+            nxt = buffers[i % 2]
+            impl.launch_apply(B, Y, nxt, a)
+            Y = nxt
     return Y

@@ -88,7 +88,10 @@ def _sym_kernel(
     flattened, so the next tile's loads overlap this tile's epilogue. ``n_batch`` also keys the
     autotuner.
     """
+    tl.static_assert(BLOCK_N % BLOCK_M == 0, "BLOCK_N must be a multiple of BLOCK_M")
     R: tl.constexpr = BLOCK_N // BLOCK_M
+    # Pointer steps along K in int64: BLOCK_K × a stride past 2²⁴ would wrap in int32.
+    a_step = BLOCK_K * tl.cast(sa_c, tl.int64)
     n_rows = tl.cdiv(M, BLOCK_M)
     n_groups = tl.cdiv(n_rows, R)
     per_batch = R * (n_groups * (n_groups + 1) // 2)
@@ -124,8 +127,8 @@ def _sym_kernel(
                 a = a.to(tl.float32)
                 at = at.to(tl.float32)
             acc = tl.dot(a, at, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * sa_c
-            at_ptrs += BLOCK_K * sa_c
+            a_ptrs += a_step
+            at_ptrs += a_step
 
         out_ok = row_ok[:, None] & col_ok[None, :]
         acc = acc * alpha
@@ -162,6 +165,8 @@ def _apply_kernel(
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_batch = tiles_m * tiles_n
+    b_step = BLOCK_K * tl.cast(sb_c, tl.int64)
+    x_step = BLOCK_K * tl.cast(sx_r, tl.int64)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     for tile in tl.range(tl.program_id(0), n_batch * per_batch, tl.num_programs(0), flatten=PERSISTENT):
         batch = tile // per_batch
@@ -188,8 +193,8 @@ def _apply_kernel(
                 b = b.to(tl.float32)
                 x = x.to(tl.float32)
             acc = tl.dot(b, x, acc, input_precision=PRECISION)
-            b_ptrs += BLOCK_K * sb_c
-            x_ptrs += BLOCK_K * sx_r
+            b_ptrs += b_step
+            x_ptrs += x_step
 
         out_ok = row_ok[:, None] & col_ok[None, :]
         x_tile = tl.load(x_mat + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=out_ok, other=0.0)

@@ -229,18 +229,28 @@ def test_graph_replay_equals_eager_launches(monkeypatch):
     kernels.clear_graph_cache()
     X1, X2 = _random((2, 96, 160), torch.bfloat16, seed=1), _random((2, 96, 160), torch.bfloat16, seed=2)
     assert _graphs.wanted(X1)
-    first, second = kernels.newton_schulz(X1, PE[:4]), kernels.newton_schulz(X2, PE[:4])
-    assert len(_graphs._cache) == 1  # one shape, one graph, replayed for the second input
-    again = kernels.newton_schulz(X1, PE[:4])
+    first = kernels.newton_schulz(X1, PE[:4])  # first sight of the key: eager, nothing captured
+    assert not _graphs._cache
+    second = kernels.newton_schulz(X2, PE[:4])  # second: captured, then replayed
+    assert len(_graphs._cache) == 1
+    again = kernels.newton_schulz(X1, PE[:4])  # replay with other data in the static input
     assert torch.equal(first, again) and first.data_ptr() != again.data_ptr()  # no aliasing
+    gram = kernels.gram(X1)
+    with_gram = [kernels.newton_schulz(X1, PE[:4], gram_matrix=gram) for _ in range(3)]
+    assert all(torch.equal(first, r) for r in with_gram)
     monkeypatch.setenv("MODMAN_TRITON_GRAPHS", "0")
     assert not _graphs.wanted(X1)
-    assert torch.equal(first, kernels.newton_schulz(X1, PE[:4]))
     assert torch.equal(second, kernels.newton_schulz(X2, PE[:4]))
     monkeypatch.delenv("MODMAN_TRITON_GRAPHS")
-    for k in range(_graphs.MAX_ENTRIES + 2):  # least recently used graphs are dropped
-        kernels.newton_schulz(_random((8 + k, 24), torch.float32), PE[:2])
-    assert len(_graphs._cache) == _graphs.MAX_ENTRIES
+    # The byte budget drops the least recently used graphs: room for the last three of these.
+    shapes = [(1, m, 24) for m in (8, 9, 10, 11)]
+    sizes = [_graphs._bytes(torch.empty(s, device="meta")) for s in shapes]
+    monkeypatch.setattr(_graphs, "MAX_BYTES", sum(sizes[1:]) + 1)
+    monkeypatch.setattr(_graphs, "wanted", lambda Y: True)
+    for shape in shapes:
+        for _ in range(2):
+            kernels.newton_schulz(_random(shape, torch.float32), PE[:2])
+    assert [k[0] for k in _graphs._cache] == shapes[1:]
     kernels.clear_graph_cache()
     assert not _graphs._cache
 
@@ -329,6 +339,14 @@ def test_mismatched_and_unsupported_inputs():
         kernels.newton_schulz(X, [(1.0, 2.0)])
     with pytest.raises(ValueError, match="finite"):
         kernels.newton_schulz(X, [(1.0, float("nan"), 0.0)])
+
+
+def test_old_triton_is_a_clear_error(monkeypatch):
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.2.0")  # tl.range has no flatten= before 3.3
+    with pytest.raises(RuntimeError, match="Triton ≥ 3.3, found 3.2.0"):
+        kernels.gram(_random((4, 6), torch.float32))
 
 
 def test_cpu_without_interpreter_is_a_clear_error():
