@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from modman.manifolds import Stiefel
 from modman.solvers import DEFAULT_SOLVER, SOLVERS, solve_manifold_muon
 
+from solvers.problems import low_rank
 from core.oracle import sdp_bracket
 from core.test_subproblem import check_certificate, problems, tall
 
@@ -61,7 +62,7 @@ def test_objective_within_gap_of_sdp_oracle(solver, prob):
 def test_sdp_oracle_fixed_cases(shape, rank, solver):
     g = torch.Generator().manual_seed(31 + shape[0] + 10 * rank)
     W = Stiefel().random(shape, generator=g, dtype=torch.float64)
-    G = torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(rank, shape[1], generator=g, dtype=torch.float64)
+    G = low_rank(shape, rank, g)
     gn = G.norm().item()
     lo, hi = sdp_bracket(tall(W), tall(G) / gn)
     res = solve_manifold_muon(W, G, solver=solver)
@@ -102,7 +103,7 @@ def test_scale_invariance(c, dtype, solver):
 def test_warm_start_never_worse_than_cold(shape, rank, solver):
     g = torch.Generator().manual_seed(7)
     W = Stiefel().random(shape, generator=g, dtype=torch.float64)
-    G = torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(rank, shape[1], generator=g, dtype=torch.float64)
+    G = low_rank(shape, rank, g)
     cold = solve_manifold_muon(W, G, solver=solver)
     warm = solve_manifold_muon(W, G, solver=solver, warm_start=cold.state)
     assert warm.duality_gap.item() <= max(cold.duality_gap.item(), BAR)

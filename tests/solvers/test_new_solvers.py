@@ -12,6 +12,7 @@ from modman.manifolds import Stiefel
 from modman.solvers import SOLVERS, solve_manifold_muon
 from modman.solvers.reduction import reduce_tall
 
+from solvers.problems import low_rank
 from core.oracle import sdp_bracket
 from core.test_subproblem import check_certificate, problems, tall
 
@@ -84,7 +85,7 @@ def test_scale_invariance(solver, c):
 def test_warm_start_from_own_solution_never_worse(solver, shape, rank):
     g = torch.Generator().manual_seed(7)
     W = Stiefel().random(shape, generator=g, dtype=torch.float64)
-    G = torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(rank, shape[1], generator=g, dtype=torch.float64)
+    G = low_rank(shape, rank, g)
     cold = solve_manifold_muon(W, G, solver=solver)
     warm = solve_manifold_muon(W, G, solver=solver, warm_start=cold.state)
     assert warm.duality_gap.item() <= cold.duality_gap.item() + 1e-12
@@ -128,7 +129,7 @@ def test_reduction_basis_orthogonal_to_W_and_exact(shape, rank):
     W = Stiefel().random(shape, generator=g, dtype=torch.float64)
     G = W @ torch.randn(shape[1], shape[1], generator=g, dtype=torch.float64)
     if rank:
-        G = G + torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(rank, shape[1], generator=g, dtype=torch.float64)
+        G = G + low_rank(shape, rank, g)
     G = G / G.norm()
     W_r, G_r, Q = reduce_tall(W, G)
     assert torch.linalg.matrix_norm(W.mT @ Q, 2).item() <= 1e-12
