@@ -158,17 +158,25 @@ def test_gram_mirrors_off_diagonal_tiles():
     assert torch.allclose(S, X @ X.mT, rtol=1e-5, atol=1e-5)
 
 
+def _fixed_config(impl, kind: str, monkeypatch) -> dict:
+    """The fixed configuration the launches will use, to override in a test: the interpreter's,
+    or on a GPU the fallback with autotuning switched off (so loop flattening is compiled too)."""
+    if INTERPRETED:
+        return getattr(impl, f"INTERPRETER_{kind}")
+    monkeypatch.setenv("MODMAN_TRITON_AUTOTUNE", "0")
+    return getattr(impl, f"FALLBACK_{kind}")
+
+
 @pytest.mark.parametrize("tiles", [(32, 32, False), (32, 64, False), (16, 64, False), (32, 64, True)], ids=str)
 def test_gram_is_right_for_every_tile_ratio(tiles, monkeypatch):
     """R = BLOCK_N / BLOCK_M of 1, 2 and 4, on sizes that leave the last group of row tiles partial;
     and a persistent grid (a few programs walking all tiles, across the batch)."""
     from modman.kernels import _triton_ns as impl
 
-    if not INTERPRETED:
-        pytest.skip("the configuration override applies to the interpreter's fixed tiles")
-    monkeypatch.setitem(impl.INTERPRETER_SYM, "BLOCK_M", tiles[0])
-    monkeypatch.setitem(impl.INTERPRETER_SYM, "BLOCK_N", tiles[1])
-    monkeypatch.setitem(impl.INTERPRETER_SYM, "PERSISTENT", tiles[2])
+    config = _fixed_config(impl, "SYM", monkeypatch)
+    monkeypatch.setitem(config, "BLOCK_M", tiles[0])
+    monkeypatch.setitem(config, "BLOCK_N", tiles[1])
+    monkeypatch.setitem(config, "PERSISTENT", tiles[2])
     for shape in [(2, 70, 33), (97, 20), (1, 5)]:
         X = _random(shape, torch.float32, seed=shape[0])
         m = shape[-2]
@@ -182,9 +190,7 @@ def test_gram_is_right_for_every_tile_ratio(tiles, monkeypatch):
 def test_persistent_apply_walks_every_tile(monkeypatch):
     from modman.kernels import _triton_ns as impl
 
-    if not INTERPRETED:
-        pytest.skip("the configuration override applies to the interpreter's fixed tiles")
-    monkeypatch.setitem(impl.INTERPRETER_APPLY, "PERSISTENT", True)
+    monkeypatch.setitem(_fixed_config(impl, "APPLY", monkeypatch), "PERSISTENT", True)
     B, X = _random((3, 40, 40), torch.float32, seed=3), _random((3, 40, 70), torch.float32, seed=4)
     Y = kernels.apply_poly(B, X, 0.75, out=torch.full_like(X, float("nan")))
     assert torch.allclose(Y, 0.75 * X + B @ X, rtol=1e-5, atol=1e-5)
