@@ -80,21 +80,12 @@ def _check_configs() -> int:
             for cfg in configs:
                 meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 try:
-                    if kind == "sym":
+                    if kind == "sym":  # b·S + c·S² with b = 0.5, c = −1
                         out, want = torch.full_like(S, float("nan")), 0.5 * S.float() - S.float() @ S.float()
-                        tiles = impl.triton.cdiv(300, meta["BLOCK_M"])
-                        groups = impl.triton.cdiv(tiles, meta["BLOCK_N"] // meta["BLOCK_M"])
-                        grid = impl._programs(3 * (meta["BLOCK_N"] // meta["BLOCK_M"]) * groups * (groups + 1) // 2,
-                                              meta, S.device)
-                        impl._sym_kernel[grid](S, S, out, 300, 300, 3, *S.stride(), *S.stride(), *out.stride(),
-                                               -1.0, 0.5, HAS_D=True, INTERP_BF16=False,
-                                               PRECISION=impl._dot_flags(dtype)[1], **meta)
-                    else:
+                        impl.launch_sym(S, out, -1.0, 0.5, S, config=meta)
+                    else:  # a·X + B X with a = 0.5, B = S
                         out, want = torch.full_like(X, float("nan")), 0.5 * X.float() + S.float() @ X.float()
-                        grid = impl._programs(3 * impl.triton.cdiv(300, meta["BLOCK_M"]) * impl.triton.cdiv(520, meta["BLOCK_N"]),
-                                              meta, X.device)
-                        impl._apply_kernel[grid](S, X, out, 300, 520, 3, *S.stride(), *X.stride(), *out.stride(), 0.5,
-                                                 INTERP_BF16=False, PRECISION=impl._dot_flags(dtype)[1], **meta)
+                        impl.launch_apply(S, X, out, 0.5, config=meta)
                     torch.cuda.synchronize()
                     err = ((out.float() - want).norm() / want.norm()).item()
                     ok = err < tol

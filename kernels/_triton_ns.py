@@ -298,38 +298,43 @@ def _dot_flags(dtype: torch.dtype):
     return interp_bf16, precision
 
 
-def launch_sym(A: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, D: torch.Tensor | None):
+def _launch(kind: str, kernel, grid, args: tuple, X: torch.Tensor, config: dict | None, **flags) -> None:
+    """Launch with ``config`` when given (for checking one configuration), else autotuned or with
+    the fixed configuration of the interpreter or the fallback."""
+    if config is None:
+        autotune, major = _mode(X)
+        if autotune:
+            _tuned(kind, major)[grid](*args, **flags)
+            return
+        fixed = {"sym": (INTERPRETER_SYM, FALLBACK_SYM), "apply": (INTERPRETER_APPLY, FALLBACK_APPLY)}[kind]
+        config = fixed[0] if INTERPRETED else fixed[1]
+    kernel[grid](*args, **flags, **config)
+
+
+def launch_sym(A: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, D: torch.Tensor | None,
+               config: dict | None = None):
     """C ← alpha·A Aᵀ + beta·D on 3-D tensors; C must not overlap A or D (checked by the caller)."""
     batch, M, K = A.shape
     interp_bf16, precision = _dot_flags(A.dtype)
     Dv = D if D is not None else C  # a valid pointer that the kernel never reads when HAS_D=False
     args = (A, Dv, C, M, K, batch, *A.stride(), *Dv.stride(), *C.stride(), float(alpha), float(beta))
-    autotune, major = _mode(A)
 
     def grid(meta):
         ratio = meta["BLOCK_N"] // meta["BLOCK_M"]
         groups = triton.cdiv(triton.cdiv(M, meta["BLOCK_M"]), ratio)
         return _programs(batch * ratio * (groups * (groups + 1) // 2), meta, A.device)
 
-    if autotune:
-        _tuned("sym", major)[grid](*args, HAS_D=D is not None, INTERP_BF16=interp_bf16, PRECISION=precision)
-    else:
-        cfg = dict(INTERPRETER_SYM) if INTERPRETED else dict(FALLBACK_SYM)
-        _sym_kernel[grid](*args, HAS_D=D is not None, INTERP_BF16=interp_bf16, PRECISION=precision, **cfg)
+    _launch("sym", _sym_kernel, grid, args, A, config, HAS_D=D is not None, INTERP_BF16=interp_bf16,
+            PRECISION=precision)
 
 
-def launch_apply(B: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, a: float):
+def launch_apply(B: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, a: float, config: dict | None = None):
     """Y ← a·X + B X on 3-D tensors; Y must not overlap B or X (checked by the caller)."""
     batch, M, N = X.shape
     interp_bf16, precision = _dot_flags(X.dtype)
     args = (B, X, Y, M, N, batch, *B.stride(), *X.stride(), *Y.stride(), float(a))
-    autotune, major = _mode(X)
 
     def grid(meta):
         return _programs(batch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta, X.device)
 
-    if autotune:
-        _tuned("apply", major)[grid](*args, INTERP_BF16=interp_bf16, PRECISION=precision)
-    else:
-        cfg = dict(INTERPRETER_APPLY) if INTERPRETED else dict(FALLBACK_APPLY)
-        _apply_kernel[grid](*args, INTERP_BF16=interp_bf16, PRECISION=precision, **cfg)
+    _launch("apply", _apply_kernel, grid, args, X, config, INTERP_BF16=interp_bf16, PRECISION=precision)
