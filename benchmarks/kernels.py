@@ -64,39 +64,43 @@ def _graphed(fn):
     return replay
 
 
-def _check_configs() -> int:
+def _check_configs(dtypes: list) -> int:
     """Launch each autotune configuration of both kernels directly on odd shapes, bf16 and fp32,
     and compare with torch: the autotuner keeps whichever is fastest, so every one must be right.
-    Returns the number of failing configurations (compile errors included)."""
+    On Hopper the descriptor-load (TMA) configurations too, on a shape whose rows are 16-byte
+    aligned (their layout rule) but end inside tiles. Returns the number of failing
+    configurations (compile errors included)."""
     from modman.kernels import _triton_ns as impl
 
     major = torch.cuda.get_device_capability()[0]
     failures = 0
-    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float32, 1e-5)):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        X = torch.randn(3, 300, 520, device="cuda", generator=g).to(dtype) / 30
-        S = (X.float() @ X.float().mT).to(dtype)
-        for kind, configs in (("sym", impl._sym_configs(major)), ("apply", impl._apply_configs(major))):
-            for cfg in configs:
-                meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                try:
-                    if kind == "sym":  # b·S + c·S² with b = 0.5, c = −1
-                        out, want = torch.full_like(S, float("nan")), 0.5 * S.float() - S.float() @ S.float()
-                        impl.launch_sym(S, out, -1.0, 0.5, S, config=meta)
-                    else:  # a·X + B X with a = 0.5, B = S
-                        out, want = torch.full_like(X, float("nan")), 0.5 * X.float() + S.float() @ X.float()
-                        impl.launch_apply(S, X, out, 0.5, config=meta)
-                    torch.cuda.synchronize()
-                    err = ((out.float() - want).norm() / want.norm()).item()
-                    ok = err < tol
-                except impl.triton.runtime.errors.OutOfResources as e:
-                    # Too large for this GPU in this dtype: the autotuner skips such a configuration.
-                    print(f"{kind:>5} {str(dtype):>14} n/a {e}  {meta}", flush=True)
-                    continue
-                except Exception as e:  # a compile failure is a finding, reported per configuration
-                    err, ok = repr(e)[:200], False
-                failures += not ok
-                print(f"{kind:>5} {str(dtype):>14} {'ok ' if ok else 'BAD'} {err}  {meta}", flush=True)
+    for tma in (True, False) if impl.tma_wanted(major, impl.TMA_MIN_WORK) else (False,):
+        for dtype in dtypes:
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            g = torch.Generator(device="cuda").manual_seed(0)
+            X = torch.randn(3, 296 if tma else 300, 520, device="cuda", generator=g).to(dtype) / 30
+            S = (X.float() @ X.float().mT).to(dtype)
+            for kind, configs in (("sym", impl._sym_configs(major, tma)), ("apply", impl._apply_configs(major, tma))):
+                for cfg in configs:
+                    meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    try:
+                        if kind == "sym":  # b·S + c·S² with b = 0.5, c = −1
+                            out, want = torch.full_like(S, float("nan")), 0.5 * S.float() - S.float() @ S.float()
+                            impl.launch_sym(S, out, -1.0, 0.5, S, config=meta, tma=tma)
+                        else:  # a·X + B X with a = 0.5, B = S
+                            out, want = torch.full_like(X, float("nan")), 0.5 * X.float() + S.float() @ X.float()
+                            impl.launch_apply(S, X, out, 0.5, config=meta, tma=tma)
+                        torch.cuda.synchronize()
+                        err = ((out.float() - want).norm() / want.norm()).item()
+                        ok = err < tol
+                    except impl.triton.runtime.errors.OutOfResources as e:
+                        # Too large for this GPU in this dtype: the autotuner skips such a configuration.
+                        print(f"{kind:>5} {str(dtype):>14} tma={tma:d} n/a {e}  {meta}", flush=True)
+                        continue
+                    except Exception as e:  # a compile failure is a finding, reported per configuration
+                        err, ok = repr(e)[:200], False
+                    failures += not ok
+                    print(f"{kind:>5} {str(dtype):>14} tma={tma:d} {'ok ' if ok else 'BAD'} {err}  {meta}", flush=True)
     print(f"{failures} failing configurations")
     return failures
 
@@ -106,7 +110,8 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="include 8192² (slow; needs ~5 GiB)")
     parser.add_argument("--sizes", type=int, nargs="*", help="override the sizes")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="timing dtype (default bfloat16); with --check-configs, only this dtype")
     parser.add_argument("--breakdown", action="store_true", help="also time each product alone")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--check-configs", action="store_true",
@@ -132,17 +137,19 @@ def main() -> int:
 
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
     if args.check_configs:
-        return _check_configs()
+        return _check_configs([getattr(torch, args.dtype)] if args.dtype else [torch.bfloat16, torch.float32])
     steps = default_steps("polar_express")
     coeffs = coefficients("polar_express", steps)
     sizes = args.sizes or ([1024, 2048, 4096, 8192] if args.full else [1024, 2048, 4096])
     gpu = torch.cuda.get_device_name()
+    args.dtype = args.dtype or "bfloat16"
     dtype = getattr(torch, args.dtype)
     compiled = None if args.no_compile else torch.compile(torch_newton_schulz, dynamic=False)
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")  # noqa: E731
 
     machine = dict(gpu=gpu, capability=list(torch.cuda.get_device_capability()), cpu=platform.processor(),
-                   torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0])
+                   torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0],
+                   tma_loads=kernels._impl().tma_wanted(torch.cuda.get_device_capability()[0], kernels._impl().TMA_MIN_WORK))
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") + ("" if dtype == torch.bfloat16 else f"-{args.dtype}")
     path = args.out or pathlib.Path(__file__).resolve().parent / "results" / f"kernels-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

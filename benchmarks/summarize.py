@@ -89,7 +89,8 @@ def main() -> None:
         parts = ", ".join(f"{r['n']}²×{r['batch']} {r['speedup']:.2f}× ({r['triton_tflops']:.0f} TF/s)"
                           for r in d["rows"])
         peer = "eager/compile" if all(r.get("compile_ms") for r in d["rows"]) else "eager"
-        rows.append(f"| Triton msign ({d['dtype']}, {d['steps']} its) on {d['machine']['gpu']}, × faster of torch "
+        off = ", TMA loads off" if d["machine"].get("tma_loads") is False else ""
+        rows.append(f"| Triton msign ({d['dtype']}, {d['steps']} its{off}) on {d['machine']['gpu']}, × faster of torch "
                     f"{peer} | {parts} | {path.name} |")
     print("\n".join(rows))
 

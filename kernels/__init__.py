@@ -36,8 +36,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # backend="auto" uses the kernels for 16-bit compute from this size on. Measured on an H100
 # (benchmarks/results/kernels-nvidia-h100-80gb-hbm3.json, bf16, the whole default msign):
-# 2.19× eager torch at 1024² (launch-bound; the kernels replay a CUDA graph, 0.97× torch in one),
-# 1.04–1.09× at 1024²×8 and 2048², 1.24–1.37× from 2048²×8 to 8192². Smaller sizes were not measured.
+# 2.2–2.9× eager torch at 1024² (launch-bound; the kernels replay a CUDA graph, 0.86–0.97× torch
+# in one), 1.06–1.27× at 1024²×8 and 2048², 1.29–1.42× from 2048²×8 to 8192². Smaller sizes were
+# not measured.
 MIN_DIM_AUTO = 1024
 # fp32 products run as IEEE fp32 (no tf32), without tensor cores: there the kernels were 0.52× of
 # cuBLAS at 1024² on the H100 (…-float32.json), so "auto" keeps fp32 on torch.
@@ -272,6 +273,8 @@ def _iterate(Y: torch.Tensor, coeffs: list, gram_matrix: torch.Tensor | None) ->
     """The launches of ``newton_schulz`` on a checked (batch, m, n) Y with m ≤ n: 3 per iteration."""
     impl = _impl()
     batch, m, n = Y.shape
+    if impl.tma_wanted(impl._mode(Y)[1], batch * m * m * n):
+        Y = Y.contiguous()  # descriptor loads need unit stride along rows: one copy, then every launch uses them
     S = torch.empty((batch, m, m), dtype=Y.dtype, device=Y.device)
     B = torch.empty_like(S)
     buffers = [torch.empty((batch, m, n), dtype=Y.dtype, device=Y.device) for _ in range(min(2, len(coeffs)))]

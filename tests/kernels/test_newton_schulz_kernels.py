@@ -196,6 +196,82 @@ def test_persistent_apply_walks_every_tile(monkeypatch):
     assert torch.allclose(Y, 0.75 * X + B @ X, rtol=1e-5, atol=1e-5)
 
 
+def _tma_comparable(monkeypatch) -> None:
+    """Descriptor loads on for the launches that follow, on a GPU with the fixed configuration so
+    that the autotuner cannot pick different tiles for the two load paths."""
+    from modman.kernels import _triton_ns as impl
+
+    if not INTERPRETED:
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("descriptor (TMA) loads need a Hopper or newer GPU")
+        monkeypatch.setenv("MODMAN_TRITON_AUTOTUNE", "0")
+    if not impl._HAS_DESCRIPTORS:
+        pytest.skip("this Triton has no tl.make_tensor_descriptor")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tma_loads_give_the_same_bits_as_pointer_loads(dtype, monkeypatch):
+    """Descriptor (TMA) loads read the same tiles as masked pointer loads, zero padding included:
+    on shapes whose rows end inside a tile, where the flat row descriptors run into the next
+    matrix of the batch and the 3-D one of X must stop at its own matrix."""
+    from modman.kernels import _triton_ns as impl
+
+    _tma_comparable(monkeypatch)
+    results = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("MODMAN_TRITON_TMA", setting)
+        assert impl.tma_wanted(0 if INTERPRETED else 9, 1) == (setting == "1")
+        for shape in [(2, 40, 24), (72, 136), (3, 40, 40)]:
+            X = _random(shape, dtype, seed=len(shape))
+            assert impl.tma_layout(X if X.ndim == 3 else X[None], flat=True)
+            S = kernels.gram(X)
+            B = kernels.gram_poly(S, 0.5, -1.0)
+            results[setting, shape] = (S, B, kernels.apply_poly(B, X, 0.3), kernels.newton_schulz(X, PE[:2]))
+    for key, pointer in results.items():
+        if key[0] == "0":
+            assert all(torch.equal(p, t) for p, t in zip(pointer, results["1", key[1]])), key
+
+
+def test_tma_loads_keep_a_nan_in_its_own_matrix(monkeypatch):
+    _tma_comparable(monkeypatch)
+    monkeypatch.setenv("MODMAN_TRITON_TMA", "1")
+    X = _random((2, 40, 24), torch.float32)  # 40 rows: the second matrix starts inside a tile
+    X[1, 0, 5] = float("nan")
+    out = kernels.newton_schulz(X, PE[:2])
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+    assert torch.equal(out[0], kernels.newton_schulz(X[0], PE[:2]))
+
+
+def test_tma_layout_rule():
+    """Descriptors need unit stride along rows and 16-byte aligned strides; flat ones also need
+    the matrices of a batch stacked without gaps. Anything else takes the pointer loads."""
+    from modman.kernels import _triton_ns as impl
+
+    assert impl.tma_layout(torch.empty(2, 8, 4), flat=True)
+    assert not impl.tma_layout(torch.empty(2, 8, 6), flat=True)  # 24-byte rows
+    assert impl.tma_layout(torch.empty(2, 8, 8, dtype=torch.bfloat16), flat=True)
+    assert not impl.tma_layout(torch.empty(2, 8, 8).mT, flat=False)  # column-major
+    padded = torch.empty(2, 12, 8)[:, :8]  # gaps between the matrices
+    assert impl.tma_layout(padded, flat=False) and not impl.tma_layout(padded, flat=True)
+    assert not impl.tma_layout(torch.empty(33)[1:].view(1, 4, 8), flat=True)  # base off by 4 bytes
+
+
+def test_tma_is_chosen_for_large_launches_on_hopper(monkeypatch):
+    from modman.kernels import _triton_ns as impl
+
+    if not impl._HAS_DESCRIPTORS:
+        pytest.skip("this Triton has no tl.make_tensor_descriptor")
+    monkeypatch.setattr(impl, "INTERPRETED", False)
+    monkeypatch.delenv("MODMAN_TRITON_TMA", raising=False)
+    assert impl.tma_wanted(9, impl.TMA_MIN_WORK) and impl.tma_wanted(10, 2**40)
+    assert not impl.tma_wanted(9, impl.TMA_MIN_WORK - 1)  # small launches: descriptors cost more than they save
+    assert not impl.tma_wanted(8, 2**40)  # Ampere has no tensor memory accelerator
+    monkeypatch.setenv("MODMAN_TRITON_TMA", "0")
+    assert not impl.tma_wanted(9, 2**40)
+    monkeypatch.setenv("MODMAN_TRITON_TMA", "1")
+    assert impl.tma_wanted(8, 1)  # forced: the layout alone decides
+
+
 def test_input_is_not_modified():
     X = _random((30, 50), torch.bfloat16)
     before = X.clone()
