@@ -273,7 +273,7 @@ def _iterate(Y: torch.Tensor, coeffs: list, gram_matrix: torch.Tensor | None) ->
     """The launches of ``newton_schulz`` on a checked (batch, m, n) Y with m ≤ n: 3 per iteration."""
     impl = _impl()
     batch, m, n = Y.shape
-    if impl.tma_wanted(impl._mode(Y)[1], batch * m * m * n):
+    if impl.tma_wanted(impl._mode(Y)[1], batch * m * m * n) and (n * Y.element_size()) % 16 == 0:
         Y = Y.contiguous()  # descriptor loads need unit stride along rows: one copy, then every launch uses them
     S = torch.empty((batch, m, m), dtype=Y.dtype, device=Y.device)
     B = torch.empty_like(S)

@@ -338,8 +338,9 @@ def _dot_flags(dtype: torch.dtype):
 # masks. Measured on an H100 (bf16, benchmarks/results/kernels-nvidia-h100-80gb-hbm3*.json), the
 # whole default msign at 4096²×8 ran 1.34× torch with them and 1.15× without (MODMAN_TRITON_TMA=0;
 # separate runs, each against torch timed in the same run; an earlier pointer-load run gave 1.28×);
-# per product X Xᵀ took 0.92 ms and b·S + c·S² 1.06 ms, against 0.97 and 1.15 ms with pointer loads. Each program builds its descriptors
-# in global memory first, which does not pay on small launches: at 1024², batch 1 (a CUDA-graph
+# per product X Xᵀ took 0.92 ms and b·S + c·S² 1.06 ms, against 0.97 and 1.15 ms with pointer
+# loads. Each program builds its descriptors in global memory first, which does not pay on small
+# launches: at 1024², batch 1 (a CUDA-graph
 # replay) the run took 0.30 ms with them against 0.26 ms without, so they start at TMA_MIN_WORK
 # (batch·m²·k; 1024²×8 and 2048² gained). MODMAN_TRITON_TMA=0 turns them off; =1 forces them
 # wherever the layout allows, whatever the size, the interpreter included (for tests).
@@ -351,19 +352,31 @@ def tma_wanted(major: int, work: int) -> bool:
     """Whether a launch of ``work`` = batch·m²·k on a GPU of this generation (0: the interpreter)
     uses descriptor loads (when its tensors' layout allows, see ``tma_layout``)."""
     setting = os.environ.get("MODMAN_TRITON_TMA", "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"MODMAN_TRITON_TMA must be 'auto', '0' or '1', got {setting!r}")
     if setting == "0" or not _HAS_DESCRIPTORS:
         return False
     return setting == "1" or (not INTERPRETED and major >= 9 and work >= TMA_MIN_WORK)
 
 
+# Descriptor shapes and the kernels' tile coordinates (batch·M + row) are 32-bit: a flat view stays
+# below this many rows, the largest tile included.
+_MAX_FLAT_ROWS = 2**31 - 256
+
+
 def tma_layout(T: torch.Tensor, flat: bool) -> bool:
-    """Whether a 3-D tensor can be read through a descriptor: unit stride along rows, other strides
-    and the base 16-byte aligned (the hardware's rule); ``flat`` descriptors view the batch as
-    one tall matrix, which also needs the matrices stacked without gaps."""
+    """Whether a 3-D tensor can be read through a descriptor: unit stride along rows, the other
+    strides and the base 16-byte aligned (the hardware's rule), and no overlap (each stride at
+    least the extent of the dimension inside it: no expanded, broadcast rows or matrices).
+    ``flat`` descriptors view the batch as one tall matrix, which also needs the matrices
+    stacked without gaps and fewer than 2³¹ rows in all."""
     size = T.element_size()
-    batch, rows, _ = T.shape
-    return (T.stride(2) == 1 and T.data_ptr() % 16 == 0 and (T.stride(1) * size) % 16 == 0
-            and (T.stride(0) * size) % 16 == 0 and (not flat or batch == 1 or T.stride(0) == rows * T.stride(1)))
+    batch, rows, cols = T.shape
+    if T.stride(2) != 1 or T.data_ptr() % 16 or (T.stride(1) * size) % 16 or (T.stride(0) * size) % 16:
+        return False
+    if (rows > 1 and T.stride(1) < cols) or (batch > 1 and T.stride(0) < rows * T.stride(1)):
+        return False
+    return not flat or ((batch == 1 or T.stride(0) == rows * T.stride(1)) and batch * rows < _MAX_FLAT_ROWS)
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -372,7 +385,9 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 
 def _ensure_allocator() -> None:
-    """Kernels that build descriptors need Triton's allocator; keep one the user has set."""
+    """Kernels that build descriptors need Triton's allocator; keep one the user has set. (Ours is
+    set in the caller's context, where the user's other Triton kernels will find it too: it is
+    torch's caching allocator on the current stream, as Triton's own examples use.)"""
     try:
         from triton.runtime import _allocation
         unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
@@ -404,6 +419,8 @@ def launch_sym(A: torch.Tensor, C: torch.Tensor, alpha: float, beta: float, D: t
     batch, M, K = A.shape
     if tma is None:
         tma = tma_wanted(_mode(A)[1], batch * M * M * K) and tma_layout(A, flat=True)
+    elif tma and not tma_layout(A, flat=True):
+        raise ValueError(f"tma=True needs a descriptor-compatible A (see tma_layout); strides {A.stride()}")
     interp_bf16, precision = _dot_flags(A.dtype)
     Dv = D if D is not None else C  # a valid pointer that the kernel never reads when HAS_D=False
     args = (A, Dv, C, M, K, batch, *A.stride(), *Dv.stride(), *C.stride(), float(alpha), float(beta))
@@ -423,6 +440,9 @@ def launch_apply(B: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, a: float, co
     batch, M, N = X.shape
     if tma is None:
         tma = tma_wanted(_mode(X)[1], batch * M * M * N) and tma_layout(B, flat=True) and tma_layout(X, flat=False)
+    elif tma and not (tma_layout(B, flat=True) and tma_layout(X, flat=False)):
+        raise ValueError(f"tma=True needs descriptor-compatible B and X (see tma_layout); strides "
+                         f"{B.stride()} and {X.stride()}")
     interp_bf16, precision = _dot_flags(X.dtype)
     args = (B, X, Y, M, N, batch, *B.stride(), *X.stride(), *Y.stride(), float(a))
 

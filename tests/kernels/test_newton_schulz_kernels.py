@@ -213,23 +213,30 @@ def _tma_comparable(monkeypatch) -> None:
 def test_tma_loads_give_the_same_bits_as_pointer_loads(dtype, monkeypatch):
     """Descriptor (TMA) loads read the same tiles as masked pointer loads, zero padding included:
     on shapes whose rows end inside a tile, where the flat row descriptors run into the next
-    matrix of the batch and the 3-D one of X must stop at its own matrix."""
+    matrix of the batch and the 3-D one of X must stop at its own matrix; and on padded rows
+    (row stride > row length), where the K bound must be the length, not the stride."""
     from modman.kernels import _triton_ns as impl
 
     _tma_comparable(monkeypatch)
+    used = []
+    launch = impl._launch
+    monkeypatch.setattr(impl, "_launch", lambda *a, **flags: used.append(flags["TMA"]) or launch(*a, **flags))
+    padded = _random((3, 40, 32), dtype, seed=9)[:, :, :24]
     results = {}
     for setting in ("0", "1"):
         monkeypatch.setenv("MODMAN_TRITON_TMA", setting)
         assert impl.tma_wanted(0 if INTERPRETED else 9, 1) == (setting == "1")
-        for shape in [(2, 40, 24), (72, 136), (3, 40, 40)]:
-            X = _random(shape, dtype, seed=len(shape))
-            assert impl.tma_layout(X if X.ndim == 3 else X[None], flat=True)
+        for name, X in [("batch", _random((2, 40, 24), dtype, seed=2)), ("wide", _random((72, 136), dtype, seed=3)),
+                        ("square", _random((3, 40, 40), dtype, seed=4)), ("padded", padded)]:
+            used.clear()
             S = kernels.gram(X)
             B = kernels.gram_poly(S, 0.5, -1.0)
-            results[setting, shape] = (S, B, kernels.apply_poly(B, X, 0.3), kernels.newton_schulz(X, PE[:2]))
-    for key, pointer in results.items():
-        if key[0] == "0":
-            assert all(torch.equal(p, t) for p, t in zip(pointer, results["1", key[1]])), key
+            Y = kernels.apply_poly(B, X, 0.3)
+            assert used == [setting == "1"] * 3, (name, used)  # the load path really taken
+            results[setting, name] = (S, B, Y, kernels.newton_schulz(X, PE[:2]))
+    for (setting, name), pointer in results.items():
+        if setting == "0":
+            assert all(torch.equal(p, t) for p, t in zip(pointer, results["1", name])), name
 
 
 def test_tma_loads_keep_a_nan_in_its_own_matrix(monkeypatch):
@@ -254,6 +261,10 @@ def test_tma_layout_rule():
     padded = torch.empty(2, 12, 8)[:, :8]  # gaps between the matrices
     assert impl.tma_layout(padded, flat=False) and not impl.tma_layout(padded, flat=True)
     assert not impl.tma_layout(torch.empty(33)[1:].view(1, 4, 8), flat=True)  # base off by 4 bytes
+    assert not impl.tma_layout(torch.empty(36).as_strided((2, 4, 4), (18, 4, 1)), flat=False)  # 72-byte batch stride
+    assert not impl.tma_layout(torch.empty(8).expand(3, 40, 8), flat=True)  # broadcast rows and matrices
+    assert not impl.tma_layout(torch.empty(320).as_strided((3, 40, 8), (0, 8, 1)), flat=False)  # one matrix thrice
+    assert not impl.tma_layout(torch.empty(64).as_strided((1, 4, 8), (32, 4, 1)), flat=True)  # overlapping rows
 
 
 def test_tma_is_chosen_for_large_launches_on_hopper(monkeypatch):
@@ -270,6 +281,9 @@ def test_tma_is_chosen_for_large_launches_on_hopper(monkeypatch):
     assert not impl.tma_wanted(9, 2**40)
     monkeypatch.setenv("MODMAN_TRITON_TMA", "1")
     assert impl.tma_wanted(8, 1)  # forced: the layout alone decides
+    monkeypatch.setenv("MODMAN_TRITON_TMA", "off")
+    with pytest.raises(ValueError, match="MODMAN_TRITON_TMA"):
+        impl.tma_wanted(9, 2**40)
 
 
 def test_input_is_not_modified():
