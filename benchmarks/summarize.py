@@ -84,6 +84,12 @@ def main() -> None:
         parts = ", ".join(f"{k} {v['overhead']:.1%}" for k, v in d["results"].items())
         rows.append(f"| spectrum tracking every {d.get('every')} steps, overhead per step | {parts} | "
                     "tracking_overhead.json |")
+    d = load("tracker_accuracy")
+    if d:
+        parts = ", ".join(f"{k} σ_max {v['sigma_max']['median']:.0e}, σ_min {v['sigma_min']['median']:.0e}, "
+                          f"‖ΔW‖₂ {v['update_norm']['median']:.0e}" for k, v in d["results"].items())
+        rows.append(f"| tracker estimates between spectrum steps, median relative error | {parts} | "
+                    "tracker_accuracy.json |")
     for path in sorted(RESULTS.glob("kernels-*.json")):
         d = json.loads(path.read_text())
         parts = ", ".join(f"{r['n']}²×{r['batch']} {r['speedup']:.2f}× ({r['triton_tflops']:.0f} TF/s)"

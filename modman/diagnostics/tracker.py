@@ -21,24 +21,28 @@ fp64 Gram's eigenvalues) at every record. Larger ones get it every ``spectrum_ev
 the vectors the previous record left, since W moves little in k steps: σ_max by power
 iteration, σ_min by inverse iteration through one Cholesky factor, two iterations each (stacks
 use ``estimators.power_iteration``). These are one-sided (σ_max, κ, distance from below; σ_min,
-stable rank from above); measured on the MNIST-1D MLP against exact spectra at every record,
-median relative errors 1e-6 (σ_max) and 1e-10 (σ_min) under AdamW, 2e-3 and 6e-6 under Muon,
-worst 0.4 right after a jump. ``exact`` marks which records are which. The update norm ‖ΔW‖₂ is
-exact on spectrum steps only, for every matrix: in between it is a warm-started power estimate,
-two iterations of v ← ΔWᵀΔW v on ΔW itself (from below; the same iteration as on ΔW's Gram,
-which measured median error 1e-4 under AdamW but 8 % under Muon, whose flat update spectrum
-power iteration resolves slowly), because its exact value needs a second
+stable rank from above, up to rounding of order κ²·1e-16); measured on the MNIST-1D MLP against
+exact spectra at every record (``benchmarks/tracker_accuracy.py``), median relative errors 1e-6
+(σ_max) and 1e-10 (σ_min) under AdamW, 2e-3 and 6e-6 under Muon, worst 0.44 right after a jump.
+``exact`` marks which records are which. The update norm ‖ΔW‖₂ is exact on spectrum steps only,
+for every matrix: in between it is a warm-started power estimate, two iterations of
+v ← ΔWᵀΔW v on ΔW itself (from below; median error 9e-5 under AdamW but 8 % under Muon, whose
+flat update spectrum power iteration resolves slowly), because its exact value needs a second
 eigendecomposition per weight. At these sizes a record's cost is the number of tensor
-operations and LAPACK calls, not their flops: an exact fp64 eigvalsh at n = 128 costs a third of
-an MNIST-1D training step (``benchmarks/tracking_overhead.py``). Between records the tracker only
-counts steps; the cost per k steps is one weight copy and one record.
+operations and LAPACK calls, not their flops, so on CPU the small linear algebra goes through
+NumPy and SciPy (``small_linalg``: about half torch's per-call cost), on GPU through torch;
+``benchmarks/tracking_overhead.py`` measures a record every 10 steps at 8 % of an AdamW step on
+MNIST-1D. Between records the tracker only counts steps; the cost per k steps is one weight
+copy and one record.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from . import small_linalg
 from .estimators import power_iteration
 from .spectra import (gram_eigenvalues, manifold_label, named_matrices, resolve_manifolds,
                       singular_values, stats_from_extremes, stats_from_floats)
@@ -48,6 +52,12 @@ from .tracking import ParamTrack, Tracking, save_tracking
 # overhead (an fp64 eigvalsh at n = 64 ≈ 0.1 ms; at n = 128 ≈ 0.6 ms, a third of an MNIST-1D
 # training step)
 TRACK_EXACT_MAX_DIM = 64
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """v/‖v‖ (0 stays 0): three tensor ops, against F.normalize's five (at n = 128 the ops' fixed
+    cost is the cost)."""
+    return v / torch.linalg.vector_norm(v).clamp(min=torch.finfo(v.dtype).tiny)
 
 
 class SpectrumTracker:
@@ -146,17 +156,18 @@ class SpectrumTracker:
         step) gives the update metrics, else they are NaN. ``exact`` forces (True) or forbids
         (False) exact spectra; by default small matrices and spectrum steps get them."""
         spectrum_step = self.spectrum_every is not None and step % self.spectrum_every == 0
+        pending = []
         for name, p, shape in self._params:
             W = self._view(p, shape)
             track = self.tracking.params[name]
             exact_here = exact if exact is not None else (spectrum_step or min(shape[-2:]) <= self.exact_max_dim)
             if exact_here and W.ndim == 2:  # the common case, in as few tensor ops as possible
-                ev = gram_eigenvalues(W)  # σᵢ², ascending, fp64
-                lo2, hi2, fro_sq = torch.stack([ev[0], ev[-1], ev.sum()]).tolist()
-                st = stats_from_floats(W, [math.sqrt(max(hi2, 0.0))], [math.sqrt(max(lo2, 0.0))], [fro_sq],
-                                       self._manifolds[name])
+                # σᵢ², ascending, fp64: one transfer, then Python
+                ev = small_linalg.gram_eigenvalues(W) if W.device.type == "cpu" else gram_eigenvalues(W).tolist()
+                sv = [math.sqrt(max(x, 0.0)) for x in reversed(ev)]
+                st = stats_from_floats(W, [sv[0]], [sv[-1]], [math.fsum(ev)], self._manifolds[name])
                 track.spectrum_steps.append(int(step))
-                track.spectra.append(ev.flip(0).clamp(min=0).sqrt().float())
+                track.spectra.append(torch.tensor(sv, dtype=torch.float32))
             elif exact_here:
                 s = singular_values(W)  # (…, r) descending, fp64
                 st = stats_from_extremes(W, s[..., 0], s[..., -1], (s * s).sum(-1), self._manifolds[name])
@@ -178,8 +189,16 @@ class SpectrumTracker:
             # ‖ΔW‖₂ needs an eigendecomposition of its own, which on a small model costs as much as
             # W's: exact on spectrum steps (and when forced), a warm-started estimate in between
             exact_update = exact if exact is not None else spectrum_step
-            self._update_metrics(name, track, W, p.grad, before.get(name) if before else None, shape,
-                                exact_update)
+            pending.append(self._update_metrics(name, W, p.grad, before.get(name) if before else None,
+                                                shape, exact_update))
+        # every weight's update scalars in one transfer: at these sizes a record's cost is the
+        # number of tensor operations, not their flops
+        flat = [t for _, t in pending if isinstance(t, torch.Tensor)]
+        values = iter(torch.cat(flat).tolist() if flat else [])
+        for (name, _, _), (grad_norm, scalars) in zip(self._params, pending):
+            if isinstance(scalars, torch.Tensor):
+                scalars = [next(values) for _ in range(5)]
+            self._store_update_metrics(self.tracking.params[name], grad_norm, scalars)
 
     def _power(self, name: str, which: str, X: torch.Tensor, smallest: bool, shift=None) -> torch.Tensor:
         v = self._vectors.get((name, which))
@@ -193,11 +212,11 @@ class SpectrumTracker:
         warm-started from the last record's vector, two tensor ops per iteration (at these
         sizes the per-op overhead is the cost, not the products)."""
         v = self._vectors.get((name, which))
-        if v is None or v.shape != (g.shape[0],):
+        if not isinstance(v, torch.Tensor) or v.shape != (g.shape[0],):
             v = torch.linspace(1.0, 2.0, g.shape[0], dtype=g.dtype)  # deterministic cold start
             iters = 15 * iters
         for _ in range(iters):
-            v = torch.nn.functional.normalize(g @ v, dim=0)
+            v = _unit(g @ v)
         self._vectors[(name, which)] = v
         return v @ (g @ v)
 
@@ -210,7 +229,7 @@ class SpectrumTracker:
             v = torch.linspace(1.0, 2.0, D.shape[1], dtype=D.dtype)  # deterministic cold start
             iters = 15 * iters
         for _ in range(iters):
-            v = torch.nn.functional.normalize(D.mT @ (D @ v), dim=0)
+            v = _unit(D.mT @ (D @ v))
         self._vectors[(name, "update")] = v
         return torch.linalg.vector_norm(D @ v)
 
@@ -218,7 +237,14 @@ class SpectrumTracker:
         """(σ_max from below, σ_min from above, ‖W‖_F²) of a matrix from its small fp64 Gram g:
         σ_max² by warm-started power iteration, σ_min² by warm-started inverse iteration through
         one Cholesky factor of g (the shifted power iteration converges far too slowly at the
-        bottom of an AdamW spectrum). A singular g falls back to σ_min = 0 from the shift."""
+        bottom of an AdamW spectrum). A singular g falls back to σ_min = 0 from the shift.
+        On CPU the same steps run through SciPy's BLAS and LAPACK (``_gram_extremes_cpu``)."""
+        if W.device.type == "cpu":
+            return self._gram_extremes_cpu(name, W)
+        return self._gram_extremes_torch(name, W)
+
+    def _gram_extremes_torch(self, name: str, W: torch.Tensor) -> tuple[float, float, float]:
+        """``_gram_extremes`` in torch (any device; used on GPU)."""
         X = W.double()
         g = X.mT @ X if X.shape[0] >= X.shape[1] else X @ X.mT
         top = self._gram_power(name, "top", g)
@@ -226,10 +252,10 @@ class SpectrumTracker:
         if int(info) == 0:
             v = self._vectors.get((name, "bottom"))
             iters = 2
-            if v is None or v.shape != (g.shape[0],):
+            if not isinstance(v, torch.Tensor) or v.shape != (g.shape[0],):
                 v, iters = torch.linspace(1.0, 2.0, g.shape[0], dtype=g.dtype), 15
             for _ in range(iters):
-                v = torch.nn.functional.normalize(torch.cholesky_solve(v[:, None], L)[:, 0], dim=0)
+                v = _unit(torch.cholesky_solve(v[:, None], L)[:, 0])
             self._vectors[(name, "bottom")] = v
             bottom = v @ (g @ v)
         else:
@@ -237,30 +263,71 @@ class SpectrumTracker:
         hi2, lo2, fro_sq = torch.stack([top, bottom, g.diagonal().sum()]).tolist()
         return math.sqrt(max(hi2, 0.0)), math.sqrt(max(lo2, 0.0)), fro_sq
 
-    def _update_metrics(self, name, track, W, grad, W_before, shape, exact) -> None:
-        upd_norm = align = grad_norm = math.nan
+    def _gram_extremes_cpu(self, name: str, W: torch.Tensor) -> tuple[float, float, float]:
+        """``_gram_extremes`` on CPU, through ``small_linalg`` (the same iterations, half the time)."""
+        g = small_linalg.gram_upper(small_linalg.numpy_matrix(W))
+        top, v = small_linalg.top_eigenvalue(g, *self._start_np(name, "top", g.shape[0], 2, 30))
+        self._vectors[(name, "top")] = v
+        bottom, v = small_linalg.bottom_eigenvalue(g, *self._start_np(name, "bottom", g.shape[0], 2, 15))
+        self._vectors[(name, "bottom")] = v
+        return math.sqrt(max(top, 0.0)), math.sqrt(max(bottom, 0.0)), float(np.trace(g))
+
+    def _start_np(self, name: str, which: str, n: int, warm: int, cold: int, dtype=np.float64):
+        """(start vector, iterations) of a CPU power iteration: the last record's vector, or a
+        deterministic cold start with more iterations."""
+        v = self._vectors.get((name, which))
+        if isinstance(v, np.ndarray) and v.shape == (n,) and v.dtype == dtype:
+            return v, warm
+        return np.linspace(1.0, 2.0, n, dtype=dtype), cold
+
+    def _update_metrics(self, name, W, grad, W_before, shape, exact):
+        """(grad_norm, scalars): with the weights before the step, ``scalars`` is
+        [‖ΔW‖₂, ‖ΔW‖_F², ⟨ΔW, G⟩, ⟨G, ΔW⟩, ‖G‖_F²] (G = 0 without a gradient), as floats on CPU
+        or as an fp32 tensor read back for all weights at once, and ``grad_norm`` is None (it is
+        in the scalars); without them, no scalars and the gradient's norm (NaN without one)."""
         G = grad.detach().reshape(shape).to(torch.float32) if grad is not None else None
-        if W_before is not None:
-            D = (W - W_before).to(torch.float32)
-            if exact:  # fp32 suffices: only σ₁ is wanted, to ≈ 1e-7 relative
-                upd = gram_eigenvalues(D, torch.float32)[..., -1].max().clamp(min=0).sqrt()
-            elif D.ndim == 2:
-                upd = self._update_power(name, D)
-            else:
-                upd = self._power(name, "update", D, smallest=False).max()
-            # one transfer for every scalar: a record's cost is mostly per-operation overhead
-            d, g = D.reshape(-1), (G.reshape(-1) if G is not None else None)
-            scalars = [upd.to(torch.float32), torch.dot(d, d)]
-            if G is not None:
-                scalars += [torch.dot(g, g), torch.dot(d, g)]
-            values = torch.stack(scalars).tolist()
-            upd_norm, d_norm = values[0], math.sqrt(values[1])
-            if G is not None:
-                grad_norm, inner = math.sqrt(values[2]), values[3]
+        if W_before is None:
+            return (float(torch.linalg.vector_norm(G)) if G is not None else math.nan), None
+        D = (W - W_before).to(torch.float32)
+        if D.device.type == "cpu" and D.ndim == 2:
+            return self._update_metrics_cpu(name, D, G, exact)
+        return self._update_metrics_torch(name, D, G, exact)
+
+    def _update_metrics_torch(self, name, D: torch.Tensor, G: torch.Tensor | None, exact: bool):
+        """``_update_metrics`` in torch (any device; used on GPU and for stacks)."""
+        if exact:  # fp32 suffices: only σ₁ is wanted, to ≈ 1e-7 relative
+            upd = gram_eigenvalues(D, torch.float32)[..., -1].max().clamp(min=0).sqrt()
+        elif D.ndim == 2:
+            upd = self._update_power(name, D)
+        else:
+            upd = self._power(name, "update", D, smallest=False).max().float()
+        # ‖ΔW‖_F², ⟨ΔW, G⟩ and ‖G‖_F² as the 2×2 Gram matrix of the two flattened tensors
+        rows = torch.stack([D.reshape(-1), G.reshape(-1) if G is not None else torch.zeros_like(D).reshape(-1)])
+        return (None if G is not None else math.nan), torch.cat([upd.reshape(1), (rows @ rows.mT).reshape(-1)])
+
+    def _update_metrics_cpu(self, name, D: torch.Tensor, G: torch.Tensor | None, exact: bool):
+        """``_update_metrics`` of a CPU matrix through ``small_linalg``: the scalars as floats."""
+        d = D.numpy()
+        if exact:
+            upd = math.sqrt(max(float(np.linalg.eigvalsh(small_linalg.gram_upper(d), UPLO="U")[-1]), 0.0))
+        else:
+            upd, v = small_linalg.spectral_norm(d, *self._start_np(name, "update", d.shape[1], 2, 30, np.float32))
+            self._vectors[(name, "update")] = v
+        d = d.reshape(-1)
+        g = G.numpy().reshape(-1) if G is not None else np.zeros_like(d)
+        inner = float(d @ g)
+        return (None if G is not None else math.nan), [upd, float(d @ d), inner, inner, float(g @ g)]
+
+    @staticmethod
+    def _store_update_metrics(track, grad_norm, update) -> None:
+        upd_norm = align = math.nan
+        if update is not None:
+            upd_norm, d_sq, inner, _, g_sq = update
+            d_norm = math.sqrt(max(d_sq, 0.0))
+            if grad_norm is None:
+                grad_norm = math.sqrt(max(g_sq, 0.0))
                 if d_norm > 0 and grad_norm > 0:
                     align = -inner / (d_norm * grad_norm)
-        elif G is not None:
-            grad_norm = float(torch.linalg.vector_norm(G))
         track.values["update_norm"].append(upd_norm)
         track.values["update_alignment"].append(align)
         track.values["grad_norm"].append(grad_norm)

@@ -1,0 +1,79 @@
+"""The tracker's CPU linear algebra (NumPy/SciPy) against torch.linalg in float64, and the
+tracker's CPU path against its torch path (the one GPUs take) on the same weights."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modman.diagnostics import SpectrumTracker
+from modman.diagnostics import small_linalg as sl
+
+
+def _matrix(m, n, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(m, n, generator=g, dtype=torch.float64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 40), seed=st.integers(0, 10**6))
+def test_gram_eigenvalues_are_the_squared_singular_values(m, n, seed):
+    W = _matrix(m, n, seed)
+    s = torch.linalg.svdvals(W)  # descending, min(m, n) of them
+    ev = sl.gram_eigenvalues(W)
+    assert len(ev) == min(m, n) and ev == sorted(ev)
+    np.testing.assert_allclose(ev, (s**2).flip(0).numpy(), rtol=1e-10, atol=1e-12 * float(s[0]) ** 2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(2, 30), n=st.integers(2, 30), seed=st.integers(0, 10**6), iters=st.integers(1, 4))
+def test_iterations_are_one_sided_and_converge(m, n, seed, iters):
+    """Power iteration bounds λ_max from below, inverse iteration λ_min from above (Rayleigh
+    quotients), at any number of iterations; from a cold start with many they reach the exact
+    eigenvalues. ‖D‖₂ by power iteration on D is a lower bound too."""
+    X = _matrix(m, n, seed)
+    exact = torch.linalg.eigvalsh(X.mT @ X if m >= n else X @ X.mT)
+    lo, hi = float(exact[0]), float(exact[-1])
+    g = sl.gram_upper(X.numpy())
+    k = g.shape[0]
+    top, _ = sl.top_eigenvalue(g, np.linspace(1.0, 2.0, k), iters)
+    assert top <= hi * (1 + 1e-12)
+    bottom, v = sl.bottom_eigenvalue(g, np.linspace(1.0, 2.0, k), iters)
+    if v is not None:  # positive definite: a factor exists
+        assert bottom >= lo - 1e-9 * hi
+    norm, _ = sl.spectral_norm(X.numpy(), np.linspace(1.0, 2.0, n), iters)
+    assert norm <= math.sqrt(hi) * (1 + 1e-12)
+    top, _ = sl.top_eigenvalue(g, np.linspace(1.0, 2.0, k), 2000)
+    assert top == pytest.approx(hi, rel=1e-6)
+
+
+def test_bottom_of_a_singular_gram_is_zero():
+    X = _matrix(6, 3, 0) @ _matrix(3, 8, 1)  # rank 3 in exact arithmetic; its Gram XXᵀ is 6×6
+    g = sl.gram_upper(X.numpy())
+    bottom, _ = sl.bottom_eigenvalue(g, np.ones(6), 2)  # rounding may leave a tiny positive pivot
+    assert 0.0 <= bottom <= 1e-12 * float(np.trace(g))
+    X[0] = 0.0  # a zero row of the wide X: the Gram XXᵀ has a zero pivot, no Cholesky factor
+    bottom, v = sl.bottom_eigenvalue(sl.gram_upper(X.numpy()), np.ones(6), 2)
+    assert v is None and bottom == 0.0
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (40, 48), (33, 33)], ids=str)
+def test_tracker_cpu_path_equals_its_torch_path(shape):
+    """Same iterations from the same start, two libraries: the σ extremes and the update scalars
+    agree to rounding, warm starts included."""
+    W0 = _matrix(*shape, 3).float()
+    W1 = W0 + 1e-2 * _matrix(*shape, 4).float()
+    G = _matrix(*shape, 5).float()
+    cpu = SpectrumTracker({"w": W0.clone()})
+    ref = SpectrumTracker({"w": W0.clone()})
+    for W in (W0, W1, W0):  # a cold start, then warm ones
+        a = cpu._gram_extremes("w", W)
+        b = ref._gram_extremes_torch("w", W)
+        assert a == pytest.approx(b, rel=1e-9)
+    for exact in (True, False, False):
+        D = W1 - W0
+        _, a = cpu._update_metrics_cpu("w", D, G, exact)
+        _, b = ref._update_metrics_torch("w", D, G, exact)
+        assert a == pytest.approx(b.tolist(), rel=1e-4, abs=1e-6)  # fp32 sums in different orders
