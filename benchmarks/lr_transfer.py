@@ -21,7 +21,8 @@ over seeds (resampled with replacement per configuration).
     # split over processes: runs go to a shared cache (results/lr_transfer_runs_*.jsonl)
     python benchmarks/lr_transfer.py --opt manifold_muon --arch mlp --no-write & ...
 
-Prints a table and writes benchmarks/results/lr_transfer.json and lr_transfer.png.
+Prints a table and writes benchmarks/results/lr_transfer.json and lr_transfer.png (with --grid 4:
+lr_transfer_grid4.json and .png).
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ class Runs:
 
     def key(self, opt_name, arch, width, depth, k, seed):
         arch = "mlp" if depth == 2 else arch  # ResMLP at depth 2 is MLP (same weights for a seed)
-        return f"{opt_name}|{arch}|{width}|{depth}|{k}|{seed}|{self.args.steps}|{self.args.batch}|{OUT_MULT}"
+        return f"{opt_name}|{arch}|{width}|{depth}|{_half_steps(k)}|{seed}|{self.args.steps}|{self.args.batch}|{OUT_MULT}"
 
     def refresh(self):
         if self.path.is_file():
@@ -156,13 +157,13 @@ class Runs:
                 self.cache[r["key"]] = r["loss"]
 
     def losses(self, opt_name, arch, width, depth, k):
-        """Final losses of every seed at lr = LATTICE[opt]·2^(k/2)."""
+        """Final losses of every seed at lr = LATTICE[opt]·2^(k/PER_OCTAVE)."""
         self.refresh()
         out = []
         for seed in range(self.args.seeds):
             key = self.key(opt_name, arch, width, depth, k, seed)
             if key not in self.cache:
-                lr = LATTICE[opt_name] * 2 ** (k / 2)
+                lr = _lr(opt_name, k)
                 loss = train(opt_name, arch, width, depth, lr, seed, self.x, self.y, self.args.steps, self.args.batch)
                 with open(self.path, "a") as f:
                     f.write(json.dumps({"key": key, "loss": loss}) + "\n")
@@ -178,24 +179,24 @@ def _median(v):
 
 
 def sweep(runs, opt_name, arch, width, depth, log):
-    """Median final loss over seeds on a √2 grid, extended until the minimum is interior.
+    """Median final loss over seeds on the lr grid, extended until the minimum is interior.
 
-    The grid is the lattice LATTICE[opt]·2^(k/2) for every configuration (so best lrs of
-    different configurations differ by powers of √2); START[...] only says where to begin."""
-    k0 = START.get((opt_name, arch if depth != 2 else "mlp", depth), 0)
+    The grid is the lattice LATTICE[opt]·2^(k/PER_OCTAVE) for every configuration (so best lrs
+    of different configurations differ by whole grid steps); START[...] only says where to begin."""
+    k0 = START.get((opt_name, arch if depth != 2 else "mlp", depth), 0) * PER_OCTAVE // 2
     per_seed: dict[int, list[float]] = {}
 
     def score(k):
         if k not in per_seed:
             per_seed[k] = runs.losses(opt_name, arch, width, depth, k)
-            lr = LATTICE[opt_name] * 2 ** (k / 2)
+            lr = _lr(opt_name, k)
             log(f"  {opt_name:14s} {arch:6s} w={width:<4d} L={depth} lr={lr:.4g} "
                 f"median loss={_median(per_seed[k]):.4f}")
         return _median(per_seed[k])
 
     for k in range(k0 - 2, k0 + 3):
         score(k)
-    for _ in range(12):
+    for _ in range(6 * PER_OCTAVE):  # up to six octaves beyond the start
         med = {k: _median(v) for k, v in per_seed.items()}
         best = min(med, key=med.get)
         lo, hi = min(med), max(med)
@@ -208,9 +209,9 @@ def sweep(runs, opt_name, arch, width, depth, log):
     ks = sorted(per_seed)
     med = [_median(per_seed[k]) for k in ks]
     best = ks[min(range(len(ks)), key=med.__getitem__)]
-    return {"grid": [LATTICE[opt_name] * 2 ** (k / 2) for k in ks], "k": ks, "median_loss": med,
+    return {"grid": [_lr(opt_name, k) for k in ks], "k": ks, "median_loss": med,
             "per_seed_loss": [per_seed[k] for k in ks],
-            "best_lr": LATTICE[opt_name] * 2 ** (best / 2), "best_loss": min(med),
+            "best_lr": _lr(opt_name, best), "best_loss": min(med),
             "best_lr_fit": _parabola_argmin(ks, med, opt_name),
             "interior": ks[0] < best < ks[-1]}
 
@@ -226,7 +227,7 @@ def _parabola_argmin(ks, med, opt_name):
     if curv <= 0:
         return None
     off = 0.5 * (a - c) / curv  # in grid steps, within (−½, ½)
-    return LATTICE[opt_name] * 2 ** ((ks[i] + off) / 2)
+    return _lr(opt_name, ks[i] + off)
 
 
 def bootstrap_shift(res_by_value, opt_name, n=2000, seed=0):
@@ -244,7 +245,7 @@ def bootstrap_shift(res_by_value, opt_name, n=2000, seed=0):
             pick = [rng.randrange(n_seeds) for _ in range(n_seeds)]
             med = [_median([losses[j] for j in pick]) for losses in r["per_seed_loss"]]
             best.append(r["k"][min(range(len(med)), key=med.__getitem__)])
-        shifts.append(2 ** ((max(best) - min(best)) / 2))
+        shifts.append(2 ** ((max(best) - min(best)) / PER_OCTAVE))
     shifts.sort()
 
     def q(p):
@@ -255,7 +256,21 @@ def bootstrap_shift(res_by_value, opt_name, n=2000, seed=0):
 
 
 # lr lattice per optimizer (as in the first run: centres 0.5 and 3e-3), and where each sweep
-# starts (the previous run's optimum, to save time; the grid is still extended until interior)
+# starts, in √2 steps (the previous run's optimum, to save time; the grid is still extended
+# until interior). The grid has PER_OCTAVE points per doubling (--grid: 2, a √2 grid, or 4).
+PER_OCTAVE = 2
+
+
+def _lr(opt_name: str, k: float) -> float:
+    return LATTICE[opt_name] * 2 ** (k / PER_OCTAVE)
+
+
+def _half_steps(k: int) -> str:
+    """Grid index k in √2 steps, the runs cache's unit, so that finer grids reuse √2-grid runs."""
+    half = k * 2 / PER_OCTAVE
+    return str(int(half)) if half == int(half) else repr(half)
+
+
 LATTICE = {"manifold_muon": 0.5, "adamw": 3e-3}
 START = {("manifold_muon", "mlp", 8): 7, ("adamw", "mlp", 8): 3, ("manifold_muon", "resmlp", 8): 3,
          ("manifold_muon", "resmlp", 4): 3, ("adamw", "resmlp", 8): 3, ("adamw", "resmlp", 4): 3}
@@ -276,7 +291,11 @@ def main():
                     help="only these optimizers (runs are cached, so parallel processes can split the work)")
     ap.add_argument("--arch", choices=list(ARCHS), action="append", help="only these architectures")
     ap.add_argument("--no-write", action="store_true", help="fill the runs cache only")
+    ap.add_argument("--grid", type=int, choices=[2, 4], default=2,
+                    help="lr grid points per doubling: 2 (a √2 grid) or 4 (a 2^¼ grid)")
     args = ap.parse_args()
+    global PER_OCTAVE
+    PER_OCTAVE = args.grid
     args.steps = args.steps or (1000 if args.full else 300)
     widths = [64, 128, 256, 512] if args.full else [64, 512]
     depths = {"mlp": [2, 4, 8] if args.full else [2, 8], "resmlp": [2, 4, 8]}
@@ -319,7 +338,7 @@ def main():
         "machine": machine(),
         "solver": SOLVER, "default_solver_at_run": DEFAULT_SOLVER,
         "steps": args.steps, "batch": args.batch, "seeds": args.seeds, "out_mult": OUT_MULT,
-        "grid_ratio": math.sqrt(2), "schedule": "linear decay to 0",
+        "grid_ratio": 2 ** (1 / PER_OCTAVE), "schedule": "linear decay to 0",
         "models": DESCRIPTIONS, "base": {"width": base_width, "depth": base_depth},
         "manifold_muon": "ManifoldMuon(scale='rms', budget=modman.modular.budget(model, scale='rms', **BUDGET_OPTIONS[arch]))",
         "budget_options": BUDGET_OPTIONS,
@@ -344,7 +363,8 @@ def main():
                 bs = res[f"{axis}_shift_bootstrap"]
                 print(f"{o:<14} {a:<7} {axis:<6} shift of best lr: {res[axis + '_shift']:.3g}× (bootstrap over seeds "
                       f"5–95 %: {bs['p05']:.3g}–{bs['p95']:.3g}×, share < 2×: {bs['share_below_2x']:.2f})")
-    (RESULTS / "lr_transfer.json").write_text(json.dumps(out, indent=2))
+    name = "lr_transfer" if PER_OCTAVE == 2 else f"lr_transfer_grid{PER_OCTAVE}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
     try:
         import matplotlib
 
@@ -364,7 +384,7 @@ def main():
             ax.set_ylabel("median final train loss")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(RESULTS / "lr_transfer.png", dpi=110)
+        fig.savefig(RESULTS / f"{name}.png", dpi=110)
     except Exception as exc:  # the JSON is the result; a missing plot is reported, not fatal
         print(f"plot not written: {exc}")
 

@@ -56,15 +56,18 @@ def main() -> None:
     if d:
         parts = ", ".join(f"lr {r['lr']}: {r['max_distance']:.1e}" for r in d["results"])
         rows.append(f"| closed-form retraction drift, 10⁴ fp32 steps, max\\|σ−1\\| | {parts} | drift.json |")
-    d = load("lr_transfer")
-    if d:
+    for name in ("lr_transfer", "lr_transfer_grid4"):
+        d = load(name)
+        if not d:
+            continue
+        grid = f"grid ×{d['grid_ratio']:.3g}"
         for opt, archs in d["best_lr_shift"].items():
             for arch, sh in archs.items():
                 parts = []
                 if "width_shift" in sh:
                     parts.append(f"width 64→512 {sh['width_shift']:.2f}×")
                 parts.append(f"depth 2→8 {sh['depth_2_8_shift']:.2f}× (fit {sh.get('depth_shift_fit', 0):.2f}×)")
-                rows.append(f"| lr transfer, {opt}, {arch} | best-lr shift: {', '.join(parts)} | lr_transfer.json |")
+                rows.append(f"| lr transfer, {opt}, {arch}, {grid} | best-lr shift: {', '.join(parts)} | {name}.json |")
     d = load("toy_pretrain")
     if d:
         rows.append(f"| toy LM d128×4, 3-digit addition | {d['test_accuracy']:.1%} held-out exact match after "
