@@ -12,6 +12,8 @@ triangle is formed (dsyrk) and read (dsymv, dpotrf).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy.linalg import blas, lapack
@@ -32,8 +34,21 @@ def gram_upper(X: np.ndarray) -> np.ndarray:
 
 
 def gram_eigenvalues(W: torch.Tensor) -> list[float]:
-    """σᵢ² of a CPU matrix, ascending, from its smaller fp64 Gram matrix (its exact spectrum)."""
-    return np.linalg.eigvalsh(gram_upper(numpy_matrix(W)), UPLO="U").tolist()
+    """σᵢ² of a CPU matrix, ascending, from its smaller fp64 Gram matrix (its exact spectrum);
+    all NaN for a matrix with a NaN or an infinity (where LAPACK would fail to converge)."""
+    g = gram_upper(numpy_matrix(W))
+    if not np.isfinite(g).all():
+        return [math.nan] * g.shape[0]
+    return np.linalg.eigvalsh(g, UPLO="U").tolist()
+
+
+def largest_singular_value(D: np.ndarray) -> float:
+    """‖D‖₂ exactly, from the largest eigenvalue of D's smaller Gram matrix in D's dtype (NaN for
+    a matrix with a NaN or an infinity)."""
+    g = gram_upper(D)
+    if not np.isfinite(g).all():
+        return math.nan
+    return math.sqrt(max(float(np.linalg.eigvalsh(g, UPLO="U")[-1]), 0.0))
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

@@ -176,7 +176,8 @@ class SpectrumTracker:
                 track.spectra.append(s.float() if s.ndim == 1 else s.reshape(-1).sort(descending=True).values.float())
             elif W.ndim == 2:
                 hi, lo, fro_sq = self._gram_extremes(name, W)
-                st = stats_from_floats(W, [hi], [min(lo, hi)], [fro_sq], self._manifolds[name])
+                st = stats_from_floats(W, [hi], [lo if math.isnan(hi) else min(lo, hi)], [fro_sq],
+                                       self._manifolds[name])
             else:
                 s_max = self._power(name, "top", W, smallest=False)
                 s_min = self._power(name, "bottom", W, smallest=True, shift=1.01 * s_max**2)
@@ -266,6 +267,8 @@ class SpectrumTracker:
     def _gram_extremes_cpu(self, name: str, W: torch.Tensor) -> tuple[float, float, float]:
         """``_gram_extremes`` on CPU, through ``small_linalg`` (the same iterations, half the time)."""
         g = small_linalg.gram_upper(small_linalg.numpy_matrix(W))
+        if not np.isfinite(g).all():  # a NaN or ∞ in W: nothing to estimate, and keep the warm starts
+            return math.nan, math.nan, math.nan
         top, v = small_linalg.top_eigenvalue(g, *self._start_np(name, "top", g.shape[0], 2, 30))
         self._vectors[(name, "top")] = v
         bottom, v = small_linalg.bottom_eigenvalue(g, *self._start_np(name, "bottom", g.shape[0], 2, 15))
@@ -309,7 +312,7 @@ class SpectrumTracker:
         """``_update_metrics`` of a CPU matrix through ``small_linalg``: the scalars as floats."""
         d = D.numpy()
         if exact:
-            upd = math.sqrt(max(float(np.linalg.eigvalsh(small_linalg.gram_upper(d), UPLO="U")[-1]), 0.0))
+            upd = small_linalg.largest_singular_value(d)
         else:
             upd, v = small_linalg.spectral_norm(d, *self._start_np(name, "update", d.shape[1], 2, 30, np.float32))
             self._vectors[(name, "update")] = v

@@ -77,3 +77,22 @@ def test_tracker_cpu_path_equals_its_torch_path(shape):
         _, a = cpu._update_metrics_cpu("w", D, G, exact)
         _, b = ref._update_metrics_torch("w", D, G, exact)
         assert a == pytest.approx(b.tolist(), rel=1e-4, abs=1e-6)  # fp32 sums in different orders
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_weight_is_recorded_as_nan_not_raised(bad):
+    """LAPACK fails to converge on a NaN Gram: the tracker records NaN statistics instead of
+    stopping the training loop, for exact (small) and estimated (large) weights alike, on
+    record steps with and without spectra."""
+    model = torch.nn.Sequential(torch.nn.Linear(96, 80, bias=False), torch.nn.Linear(80, 5, bias=False))
+    tracker = SpectrumTracker(model, every=1, spectrum_every=2)
+    before = {name: W.clone() for name, W in tracker._copy_weights().items()}
+    with torch.no_grad():
+        model[0].weight[3, 4] = bad
+        model[1].weight[2, 7] = bad
+    for step in (1, 2):  # an estimated record, then a spectrum step
+        tracker.record(step, before=before)
+    for name in ("0.weight", "1.weight"):
+        values = tracker.tracking.params[name].values
+        for key in ("sigma_max", "sigma_min", "condition", "stable_rank", "distance", "update_norm"):
+            assert all(math.isnan(v) for v in values[key]), (name, key, values[key])
