@@ -18,9 +18,6 @@ import numpy as np
 import torch
 from scipy.linalg import blas, lapack
 
-_TINY = np.finfo(np.float64).tiny
-
-
 def numpy_matrix(W: torch.Tensor, dtype=torch.float64) -> np.ndarray:
     """A CPU matrix as a NumPy array of ``dtype`` (a view when it already is one)."""
     return W.detach().to(dtype).numpy()
@@ -52,7 +49,9 @@ def largest_singular_value(D: np.ndarray) -> float:
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
-    return v / max(float(np.linalg.norm(v)), _TINY)
+    """v/‖v‖ in v's dtype; a zero vector stays zero."""
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 0 else v
 
 
 def top_eigenvalue(g: np.ndarray, v: np.ndarray, iters: int) -> tuple[float, np.ndarray]:

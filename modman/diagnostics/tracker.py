@@ -60,6 +60,14 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / torch.linalg.vector_norm(v).clamp(min=torch.finfo(v.dtype).tiny)
 
 
+def _gram_eigenvalues_or_nan(W: torch.Tensor) -> list[float]:
+    """``gram_eigenvalues`` as floats; all NaN where LAPACK fails on a NaN or ∞ in W."""
+    try:
+        return gram_eigenvalues(W).tolist()
+    except torch.linalg.LinAlgError:
+        return [math.nan] * min(W.shape[-2:])
+
+
 class SpectrumTracker:
     """Records spectra of every matrix parameter every ``every`` steps (see the module docstring).
 
@@ -163,7 +171,7 @@ class SpectrumTracker:
             exact_here = exact if exact is not None else (spectrum_step or min(shape[-2:]) <= self.exact_max_dim)
             if exact_here and W.ndim == 2:  # the common case, in as few tensor ops as possible
                 # σᵢ², ascending, fp64: one transfer, then Python
-                ev = small_linalg.gram_eigenvalues(W) if W.device.type == "cpu" else gram_eigenvalues(W).tolist()
+                ev = small_linalg.gram_eigenvalues(W) if W.device.type == "cpu" else _gram_eigenvalues_or_nan(W)
                 sv = [math.sqrt(max(x, 0.0)) for x in reversed(ev)]
                 st = stats_from_floats(W, [sv[0]], [sv[-1]], [math.fsum(ev)], self._manifolds[name])
                 track.spectrum_steps.append(int(step))
@@ -194,18 +202,29 @@ class SpectrumTracker:
                                                 shape, exact_update))
         # every weight's update scalars in one transfer: at these sizes a record's cost is the
         # number of tensor operations, not their flops
-        flat = [t for _, t in pending if isinstance(t, torch.Tensor)]
-        values = iter(torch.cat(flat).tolist() if flat else [])
+        by_device: dict = {}
+        for _, t in pending:
+            if isinstance(t, torch.Tensor):
+                by_device.setdefault(t.device, []).append(t)
+        values = {device: iter(torch.cat(ts).tolist()) for device, ts in by_device.items()}
         for (name, _, _), (grad_norm, scalars) in zip(self._params, pending):
             if isinstance(scalars, torch.Tensor):
-                scalars = [next(values) for _ in range(5)]
+                scalars = [next(values[scalars.device]) for _ in range(5)]
             self._store_update_metrics(self.tracking.params[name], grad_norm, scalars)
+
+    def _keep(self, name: str, which: str, v, estimate) -> None:
+        """Keep v as the next record's start vector unless its estimate is 0 or not finite: a zero
+        (zero matrix) or NaN vector would stay one, so the next record must start cold."""
+        if isinstance(estimate, torch.Tensor):
+            ok = bool((torch.isfinite(estimate) & (estimate > 0)).all())
+        else:
+            ok = math.isfinite(estimate) and estimate > 0
+        self._vectors[(name, which)] = v if ok else None
 
     def _power(self, name: str, which: str, X: torch.Tensor, smallest: bool, shift=None) -> torch.Tensor:
         v = self._vectors.get((name, which))
         estimate, v = power_iteration(X, v, iters=self.power_iters, smallest=smallest, shift=shift)
-        # a zero matrix leaves v = 0, which would stay 0: start cold next time
-        self._vectors[(name, which)] = v if bool((estimate > 0).all()) else None
+        self._keep(name, which, v, estimate)
         return estimate
 
     def _gram_power(self, name: str, which: str, g: torch.Tensor, iters: int = 2) -> torch.Tensor:
@@ -218,8 +237,9 @@ class SpectrumTracker:
             iters = 15 * iters
         for _ in range(iters):
             v = _unit(g @ v)
-        self._vectors[(name, which)] = v
-        return v @ (g @ v)
+        estimate = v @ (g @ v)
+        self._keep(name, which, v, estimate)
+        return estimate
 
     def _update_power(self, name: str, D: torch.Tensor, iters: int = 2) -> torch.Tensor:
         """‖D‖₂ from below: power iteration on D itself (v ← Dᵀ D v), warm-started from the last
@@ -231,8 +251,9 @@ class SpectrumTracker:
             iters = 15 * iters
         for _ in range(iters):
             v = _unit(D.mT @ (D @ v))
-        self._vectors[(name, "update")] = v
-        return torch.linalg.vector_norm(D @ v)
+        estimate = torch.linalg.vector_norm(D @ v)
+        self._keep(name, "update", v, estimate)
+        return estimate
 
     def _gram_extremes(self, name: str, W: torch.Tensor) -> tuple[float, float, float]:
         """(σ_max from below, σ_min from above, ‖W‖_F²) of a matrix from its small fp64 Gram g:
@@ -257,8 +278,8 @@ class SpectrumTracker:
                 v, iters = torch.linspace(1.0, 2.0, g.shape[0], dtype=g.dtype), 15
             for _ in range(iters):
                 v = _unit(torch.cholesky_solve(v[:, None], L)[:, 0])
-            self._vectors[(name, "bottom")] = v
             bottom = v @ (g @ v)
+            self._keep(name, "bottom", v, bottom)
         else:
             bottom = torch.zeros((), dtype=g.dtype)
         hi2, lo2, fro_sq = torch.stack([top, bottom, g.diagonal().sum()]).tolist()
@@ -270,9 +291,9 @@ class SpectrumTracker:
         if not np.isfinite(g).all():  # a NaN or ∞ in W: nothing to estimate, and keep the warm starts
             return math.nan, math.nan, math.nan
         top, v = small_linalg.top_eigenvalue(g, *self._start_np(name, "top", g.shape[0], 2, 30))
-        self._vectors[(name, "top")] = v
+        self._keep(name, "top", v, top)
         bottom, v = small_linalg.bottom_eigenvalue(g, *self._start_np(name, "bottom", g.shape[0], 2, 15))
-        self._vectors[(name, "bottom")] = v
+        self._keep(name, "bottom", v, bottom)
         return math.sqrt(max(top, 0.0)), math.sqrt(max(bottom, 0.0)), float(np.trace(g))
 
     def _start_np(self, name: str, which: str, n: int, warm: int, cold: int, dtype=np.float64):
@@ -299,7 +320,10 @@ class SpectrumTracker:
     def _update_metrics_torch(self, name, D: torch.Tensor, G: torch.Tensor | None, exact: bool):
         """``_update_metrics`` in torch (any device; used on GPU and for stacks)."""
         if exact:  # fp32 suffices: only σ₁ is wanted, to ≈ 1e-7 relative
-            upd = gram_eigenvalues(D, torch.float32)[..., -1].max().clamp(min=0).sqrt()
+            try:
+                upd = gram_eigenvalues(D, torch.float32)[..., -1].max().clamp(min=0).sqrt()
+            except torch.linalg.LinAlgError:  # a NaN or ∞ in ΔW
+                upd = torch.tensor(math.nan, device=D.device)
         elif D.ndim == 2:
             upd = self._update_power(name, D)
         else:
@@ -315,7 +339,7 @@ class SpectrumTracker:
             upd = small_linalg.largest_singular_value(d)
         else:
             upd, v = small_linalg.spectral_norm(d, *self._start_np(name, "update", d.shape[1], 2, 30, np.float32))
-            self._vectors[(name, "update")] = v
+            self._keep(name, "update", v, upd)
         d = d.reshape(-1)
         g = G.numpy().reshape(-1) if G is not None else np.zeros_like(d)
         inner = float(d @ g)

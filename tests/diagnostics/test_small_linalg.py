@@ -45,8 +45,18 @@ def test_iterations_are_one_sided_and_converge(m, n, seed, iters):
         assert bottom >= lo - 1e-9 * hi
     norm, _ = sl.spectral_norm(X.numpy(), np.linspace(1.0, 2.0, n), iters)
     assert norm <= math.sqrt(hi) * (1 + 1e-12)
-    top, _ = sl.top_eigenvalue(g, np.linspace(1.0, 2.0, k), 2000)
-    assert top == pytest.approx(hi, rel=1e-6)
+
+
+def test_iterations_converge_from_a_cold_start():
+    X = _matrix(30, 12, 7)
+    exact = torch.linalg.eigvalsh(X.mT @ X)
+    g = sl.gram_upper(X.numpy())
+    top, _ = sl.top_eigenvalue(g, np.linspace(1.0, 2.0, 12), 500)
+    bottom, _ = sl.bottom_eigenvalue(g, np.linspace(1.0, 2.0, 12), 200)
+    assert top == pytest.approx(float(exact[-1]), rel=1e-10)
+    assert bottom == pytest.approx(float(exact[0]), rel=1e-10)
+    norm, _ = sl.spectral_norm(X.numpy(), np.linspace(1.0, 2.0, 12), 500)
+    assert norm == pytest.approx(math.sqrt(float(exact[-1])), rel=1e-10)
 
 
 def test_bottom_of_a_singular_gram_is_zero():
@@ -69,9 +79,11 @@ def test_tracker_cpu_path_equals_its_torch_path(shape):
     cpu = SpectrumTracker({"w": W0.clone()})
     ref = SpectrumTracker({"w": W0.clone()})
     for W in (W0, W1, W0):  # a cold start, then warm ones
-        a = cpu._gram_extremes("w", W)
+        a = cpu._gram_extremes_cpu("w", W)
         b = ref._gram_extremes_torch("w", W)
         assert a == pytest.approx(b, rel=1e-9)
+    assert isinstance(cpu._vectors["w", "top"], np.ndarray) and isinstance(ref._vectors["w", "top"], torch.Tensor)
+    assert cpu._gram_extremes("w", W1) == pytest.approx(ref._gram_extremes_torch("w", W1), rel=1e-9)  # CPU dispatch
     for exact in (True, False, False):
         D = W1 - W0
         _, a = cpu._update_metrics_cpu("w", D, G, exact)
@@ -96,3 +108,51 @@ def test_a_non_finite_weight_is_recorded_as_nan_not_raised(bad):
         values = tracker.tracking.params[name].values
         for key in ("sigma_max", "sigma_min", "condition", "stable_rank", "distance", "update_norm"):
             assert all(math.isnan(v) for v in values[key]), (name, key, values[key])
+
+
+@pytest.mark.parametrize("path", ["cpu", "torch"])
+def test_a_zero_matrix_or_update_does_not_freeze_the_warm_start(path):
+    """A zero W (or ΔW) leaves a zero power-iteration vector, which would stay zero for ever:
+    the next record must start cold and find the real σ_max and ‖ΔW‖₂."""
+    W = _matrix(80, 70, 8).float()
+    G = _matrix(80, 70, 9).float()
+    tracker = SpectrumTracker({"w": W.clone()})
+    extremes = tracker._gram_extremes_cpu if path == "cpu" else tracker._gram_extremes_torch
+    update = tracker._update_metrics_cpu if path == "cpu" else tracker._update_metrics_torch
+    assert extremes("w", torch.zeros_like(W))[0] == 0.0
+    assert extremes("w", W)[0] == pytest.approx(float(torch.linalg.matrix_norm(W.double(), ord=2)), rel=1e-3)
+    update("w", torch.zeros_like(W), G, False)
+    D = 1e-2 * _matrix(80, 70, 10).float()
+    upd = update("w", D, G, False)[1][0]
+    assert float(upd) == pytest.approx(float(torch.linalg.matrix_norm(D.double(), ord=2)), rel=0.2)
+
+
+def test_record_gathers_every_weight_its_own_update_scalars():
+    """One record over 2-D weights (NumPy path) and stacks (torch path), one weight without a
+    gradient and one without its weights-before: each gets its own ‖ΔW‖₂ (exact, as on a
+    spectrum step), ‖G‖_F and alignment −⟨ΔW, G⟩/(‖ΔW‖_F ‖G‖_F)."""
+    shapes = {"a": (30, 20), "s1": (2, 12, 10), "b": (16, 24), "s2": (3, 8, 6)}
+    W = {k: _matrix(int(np.prod(v[:-1])), v[-1], i).float().reshape(v) for i, (k, v) in enumerate(shapes.items())}
+    params = {k: torch.nn.Parameter(w.clone()) for k, w in W.items()}
+    before = {k: (w - 1e-2 * _matrix(int(np.prod(w.shape[:-1])), w.shape[-1], 20 + i).float().reshape(w.shape))
+              for i, (k, w) in enumerate(W.items()) if k != "b"}
+    for i, k in enumerate(("a", "s1", "b")):  # s2 has no gradient
+        params[k].grad = _matrix(int(np.prod(W[k].shape[:-1])), W[k].shape[-1], 40 + i).float().reshape(W[k].shape)
+    tracker = SpectrumTracker(params)
+    tracker.record(5, before=before, exact=True)
+    for k, p in params.items():
+        values = {key: v[-1] for key, v in tracker.tracking.params[k].values.items()}
+        G = p.grad
+        assert (math.isnan(values["grad_norm"]) if G is None
+                else values["grad_norm"] == pytest.approx(float(G.double().norm()), rel=1e-5)), k
+        if k not in before:
+            assert math.isnan(values["update_norm"]) and math.isnan(values["update_alignment"])
+            continue
+        D = (p.detach() - before[k]).double()
+        exact = float(torch.linalg.matrix_norm(D, ord=2).max())
+        assert values["update_norm"] == pytest.approx(exact, rel=1e-4), k
+        if G is None:
+            assert math.isnan(values["update_alignment"])
+        else:
+            cos = -float((D * G.double()).sum()) / (float(D.norm()) * float(G.double().norm()))
+            assert values["update_alignment"] == pytest.approx(cos, rel=1e-4, abs=1e-6), k
