@@ -298,7 +298,7 @@ def main():
     PER_OCTAVE = args.grid
     args.steps = args.steps or (1000 if args.full else 300)
     widths = [64, 128, 256, 512] if args.full else [64, 512]
-    depths = {"mlp": [2, 4, 8] if args.full else [2, 8], "resmlp": [2, 4, 8]}
+    depths = {"mlp": [2, 4, 8] if args.full else [2, 8], "resmlp": [2, 3, 4, 8]}
     base_width, base_depth = 64, 2
     opts = args.opt or ["manifold_muon", "adamw"]
     archs = args.arch or list(ARCHS)
@@ -325,11 +325,16 @@ def main():
                 fits = [r["best_lr_fit"] for r in res[axis].values()]
                 res[f"{axis}_shift_fit"] = max(fits) / min(fits) if all(fits) else None
                 res[f"{axis}_shift_bootstrap"] = bootstrap_shift(res[axis], opt_name)
-                if axis == "depth":  # the bar's endpoints 2 → 8 (ResMLP also has 4)
-                    ends = {k: res[axis][k] for k in ("2", "8")}
-                    b = [r["best_lr"] for r in ends.values()]
-                    res["depth_2_8_shift"] = max(b) / min(b)
-                    res["depth_2_8_shift_bootstrap"] = bootstrap_shift(ends, opt_name)
+                if axis == "depth":  # the bar's endpoints 2 → 8 (ResMLP also has 3 and 4)
+                    for lo in ("2", "3"):
+                        if lo not in res[axis]:
+                            continue
+                        # ResMLP from depth 3 on: at least one block, so the same total mass
+                        # (input 1, blocks tared to 1, output 1) at every depth
+                        ends = {k: res[axis][k] for k in (lo, "8")}
+                        b = [r["best_lr"] for r in ends.values()]
+                        res[f"depth_{lo}_8_shift"] = max(b) / min(b)
+                        res[f"depth_{lo}_8_shift_bootstrap"] = bootstrap_shift(ends, opt_name)
             results[opt_name][arch] = res
     if args.no_write:
         return

@@ -66,7 +66,10 @@ def main() -> None:
                 parts = []
                 if "width_shift" in sh:
                     parts.append(f"width 64→512 {sh['width_shift']:.2f}×")
-                parts.append(f"depth 2→8 {sh['depth_2_8_shift']:.2f}× (fit {sh.get('depth_shift_fit', 0):.2f}×)")
+                parts.append(f"depth 2→8 {sh['depth_2_8_shift']:.2f}× (all depths by parabola fits "
+                             f"{sh.get('depth_shift_fit', 0):.2f}×)")
+                if "depth_3_8_shift" in sh:
+                    parts.append(f"depth 3→8 {sh['depth_3_8_shift']:.2f}×")
                 rows.append(f"| lr transfer, {opt}, {arch}, {grid} | best-lr shift: {', '.join(parts)} | {name}.json |")
     d = load("toy_pretrain")
     if d:
