@@ -165,14 +165,11 @@ def stats_from_floats(W: torch.Tensor, s_max: list, s_min: list, fro_sq: list, m
 
     A tracker computes these for every weight at every record, where a dozen tiny tensor ops
     would cost more than the statistics."""
+    if any(math.isnan(v) for v in (*s_max, *s_min, *fro_sq)):  # a NaN or ∞ in any matrix of W
+        return dict.fromkeys(("sigma_min", "sigma_max", "condition", "stable_rank", "distance"), math.nan)
     scale = manifold.scale_for(W.shape) if isinstance(manifold, Stiefel) else None
     cond, stable, dist = [], [], []
     for hi, lo, fro in zip(s_max, s_min, fro_sq):
-        if math.isnan(hi) or math.isnan(lo) or math.isnan(fro):  # a weight with NaN or ∞ in it
-            cond.append(math.nan)
-            stable.append(math.nan)
-            dist.append(math.nan)
-            continue
         cond.append(hi / lo if lo > 0 else math.inf)
         stable.append(fro / hi**2 if hi > 0 else 0.0)
         if scale is not None:

@@ -68,6 +68,14 @@ def _gram_eigenvalues_or_nan(W: torch.Tensor) -> list[float]:
         return [math.nan] * min(W.shape[-2:])
 
 
+def _singular_values_or_nan(W: torch.Tensor) -> torch.Tensor:
+    """``singular_values`` of a stack; all NaN where LAPACK fails on a NaN or ∞ in it."""
+    try:
+        return singular_values(W)
+    except torch.linalg.LinAlgError:
+        return torch.full((*W.shape[:-2], min(W.shape[-2:])), math.nan, dtype=torch.float64, device=W.device)
+
+
 class SpectrumTracker:
     """Records spectra of every matrix parameter every ``every`` steps (see the module docstring).
 
@@ -177,7 +185,7 @@ class SpectrumTracker:
                 track.spectrum_steps.append(int(step))
                 track.spectra.append(torch.tensor(sv, dtype=torch.float32))
             elif exact_here:
-                s = singular_values(W)  # (…, r) descending, fp64
+                s = _singular_values_or_nan(W)  # (…, r) descending, fp64
                 st = stats_from_extremes(W, s[..., 0], s[..., -1], (s * s).sum(-1), self._manifolds[name])
                 track.spectrum_steps.append(int(step))
                 # a matrix's spectrum is sorted already; a stack's is concatenated, then sorted

@@ -97,14 +97,17 @@ def test_a_non_finite_weight_is_recorded_as_nan_not_raised(bad):
     stopping the training loop, for exact (small) and estimated (large) weights alike, on
     record steps with and without spectra."""
     model = torch.nn.Sequential(torch.nn.Linear(96, 80, bias=False), torch.nn.Linear(80, 5, bias=False))
-    tracker = SpectrumTracker(model, every=1, spectrum_every=2)
+    params = dict(model.named_parameters())
+    params["stack"] = torch.nn.Parameter(torch.randn(2, 30, 20))  # a stack: the torch path
+    tracker = SpectrumTracker(params, every=1, spectrum_every=2)
     before = {name: W.clone() for name, W in tracker._copy_weights().items()}
     with torch.no_grad():
         model[0].weight[3, 4] = bad
         model[1].weight[2, 7] = bad
+        params["stack"][1, 3, 4] = bad
     for step in (1, 2):  # an estimated record, then a spectrum step
         tracker.record(step, before=before)
-    for name in ("0.weight", "1.weight"):
+    for name in ("0.weight", "1.weight", "stack"):
         values = tracker.tracking.params[name].values
         for key in ("sigma_max", "sigma_min", "condition", "stable_rank", "distance", "update_norm"):
             assert all(math.isnan(v) for v in values[key]), (name, key, values[key])
@@ -156,3 +159,14 @@ def test_record_gathers_every_weight_its_own_update_scalars():
         else:
             cos = -float((D * G.double()).sum()) / (float(D.norm()) * float(G.double().norm()))
             assert values["update_alignment"] == pytest.approx(cos, rel=1e-4, abs=1e-6), k
+
+
+def test_a_stack_with_one_bad_matrix_reports_nan():
+    """A stack reports its worst matrix; a NaN in one of them must not hide behind max()."""
+    from modman.diagnostics.spectra import stats_from_floats
+    from modman.manifolds import Stiefel
+
+    stats = stats_from_floats(torch.empty(2, 4, 3), [2.0, math.nan], [1.0, math.nan], [5.0, math.nan], Stiefel())
+    assert all(math.isnan(v) for v in stats.values())
+    stats = stats_from_floats(torch.empty(2, 4, 3), [2.0, 3.0], [1.0, 0.5], [5.0, 9.0], Stiefel())
+    assert stats["sigma_max"] == 3.0 and stats["sigma_min"] == 0.5 and stats["condition"] == 6.0
