@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
+# `python -m` would put the repository root first on sys.path, where the top-level kernels/ folder
+# (installed as modman.kernels) shadows Hugging Face's `kernels` package that transformers imports.
+export PYTHONSAFEPATH=1
 python -m pytest tests --ignore=tests/kernels -q "$@"
 if python -c "import triton" 2>/dev/null; then
   TRITON_INTERPRET=1 python -m pytest tests/kernels -q "$@"
