@@ -19,7 +19,7 @@ from .lyapunov import solve_lyapunov
 from .newton import msign_flops, solve_newton
 from .projected import solve_projected
 from .reduction import lift, reduce_tall
-from .result import SolveResult, certify, certify_gram, make_feasible, nuclear_norm, spectral_norm, sym
+from .result import SolveResult, certify, certify_gram, certify_with_norm, make_feasible, nuclear_norm, spectral_norm, sym
 
 # name -> (function, default tol, default max_iters)
 SOLVERS = {
@@ -101,10 +101,10 @@ def solve_manifold_muon(
     else:
         out = fn(Wt, Gn, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
     if out.dual_value is not None and not (reduce and m > n) and W.dtype == dtype:
-        A, objective, residual, gap, flops = certify_gram(Wt, Gn, out.direction.to(dtype), out.dual_value, W.dtype)
+        A, objective, residual, gap, flops, norm = certify_gram(Wt, Gn, out.direction.to(dtype), out.dual_value, W.dtype)
         equivalents = (out.msign_equivalents or 0.0) + flops / msign_flops(m, n)
     else:
-        A, objective, residual, gap = certify(Wt, Gn, out.dual, out.direction, W.dtype)
+        A, objective, residual, gap, norm = certify_with_norm(Wt, Gn, out.dual, out.direction, W.dtype)
         equivalents = out.msign_equivalents if out.msign_equivalents is not None else float(out.msign_calls)
     objective = (objective * g_norm[..., 0, 0].double()).to(dtype)
     return SolveResult(
@@ -116,6 +116,7 @@ def solve_manifold_muon(
         msign_calls=out.msign_calls,
         state=out.state,
         msign_equivalents=equivalents,
+        direction_norm=norm.to(dtype),
     )
 
 

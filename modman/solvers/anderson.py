@@ -31,7 +31,7 @@ training: 1.7e-4 after three maps from a cold or warm start, 1.5e-5 after four, 
 scaled polar factor still had 1.5e-2).
 
 Cost (fp64, n×n except where said): per map one eigh of M and about six n×n products
-(≈ 0.4 msign-equivalents at m = 3n); each recovery one eigvalsh, two eigh and about eight
+(≈ 0.4 msign-equivalents at m = 3n); each recovery one eigvalsh (the dual value), two eigh and about eight
 products, tried only once the residual predicts success; setup and the final direction four
 tall m×n×n products. The model ``msign_equivalents`` uses the weights of ``newton.py``.
 
@@ -67,10 +67,13 @@ def recover(K: torch.Tensor, N: torch.Tensor, S: torch.Tensor, D: float):
     Singular values t of G⊥X^{1/2} below 1e-7·D/n are dropped (they add at most 1e-7·D to φ):
     where G⊥ is only rounding (square W, G normal to the manifold) T⁺ would amplify it."""
     n = K.shape[-1]
-    s_max = float(torch.linalg.eigvalsh(sym(K.mT @ K))[-1].clamp(min=0).sqrt())
-    if s_max > 1:
-        K = K / s_max
+    # K is skew, so I + K² = I − KᵀK has eigenvalues 1 − σᵢ(K)²: one eigh gives both X and ‖K‖₂;
+    # scaling K by 1/s keeps the eigenvectors and maps 1 − σ² to 1 − σ²/s²
     ex, U = torch.linalg.eigh(sym(torch.eye(n, dtype=K.dtype) + K @ K))
+    s_max2 = 1.0 - float(ex[0])
+    if s_max2 > 1:
+        K = K / math.sqrt(s_max2)
+        ex = 1.0 - (1.0 - ex) / s_max2
     Xh = (U * ex.clamp(min=0).sqrt()) @ U.mT
     et, Ut = torch.linalg.eigh(sym(Xh @ N @ Xh))
     t = et.clamp(min=0).sqrt()
@@ -113,7 +116,7 @@ def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype):
             D = float(torch.linalg.eigvalsh(sym(C64.mT @ C64 + N)).clamp(min=0).sqrt().sum())
             best_D = min(best_D, D)
             phi, K, R = recover((V @ skew(Kp) @ V.mT).double(), N, S, D)
-            cost += 10.0 * n**3 + 4.0 * n**3 + 10.0 * n**3 + 40.0 * n**3 + 8 * 4.0 * n**3 + w * 4.0 * n**3
+            cost += 10.0 * n**3 + 4.0 * n**3 + 40.0 * n**3 + 8 * 4.0 * n**3 + w * 4.0 * n**3
             if best is None or phi > best[0]:
                 best = (phi, K, R, x64)
             if best_D - best[0] <= tol * best_D:
@@ -193,7 +196,7 @@ def solve_anderson(W, Gn, *, tol, max_iters, warm_start, depth=4, fast_iters=24,
             D = min(D, float(d.sum()))
             phi, K, R = recover(V @ skew((V.mT @ C @ V) * _inv_or_zero(d)) @ V.mT, N, S, D)
             best = (phi, K, R, x)
-            cost += 70.0 * n**3
+            cost += 60.0 * n**3
         _, K, R, lam_best = best
         A_out.append(W64 @ K + Gp @ R)
         cost += 2 * 4.0 * m * n * n

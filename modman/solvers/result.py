@@ -34,6 +34,8 @@ class SolveResult:
     msign_equivalents: work in units of one default msign (20mn² + 10n³ flops) on W's shape,
         certificate included for solvers that use ``certify_gram``; for msign-based solvers the
         number of msign calls (the certificate not counted).
+    direction_norm: ‖direction‖₂ as the certificate measured it (fp64 Gram eigenvalue, ≤ 1), so
+        a caller that rescales the step to unit length need not form the Gram again.
     """
 
     direction: torch.Tensor
@@ -44,6 +46,7 @@ class SolveResult:
     msign_calls: int
     state: dict = field(default_factory=dict)
     msign_equivalents: float | None = None  # work in units of one default msign on W's shape
+    direction_norm: torch.Tensor | None = None
 
 
 def sym(M: torch.Tensor) -> torch.Tensor:
@@ -64,9 +67,13 @@ def nuclear_norm(M: torch.Tensor) -> torch.Tensor:
 
 def make_feasible(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """Tangent-project A at W (tall, WᵀW = I) and rescale it into the spectral unit ball."""
+    return _feasible_and_norm(W, A)[0]
+
+
+def _feasible_and_norm(W: torch.Tensor, A: torch.Tensor):
     Ap = A - W @ sym(W.mT @ A)
     norm = spectral_norm(Ap)
-    return Ap / norm.clamp(min=1.0)[..., None, None]
+    return Ap / norm.clamp(min=1.0)[..., None, None], norm.clamp(max=1.0)
 
 
 def tangent_residual(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -82,13 +89,20 @@ def certify(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: torch.Tens
 
     W, Gn, A are tall (…, m, n); dual is symmetric (…, n, n). Computed in fp64.
     """
+    return certify_with_norm(W, Gn, dual, A, out_dtype)[:4]
+
+
+def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: torch.Tensor,
+                      out_dtype: torch.dtype):
+    """``certify``, plus ‖A_f‖₂ (min(1, ‖P(A)‖₂) from the fp64 Gram eigenvalue)."""
     W64, G64, A64 = W.double(), Gn.double(), A.double()
-    A_f = make_feasible(W64, A64).to(out_dtype)
+    A_f, norm = _feasible_and_norm(W64, A64)
+    A_f = A_f.to(out_dtype)
     A64 = A_f.double()  # certify what is actually returned, rounding included
     objective = (G64 * A64).sum((-2, -1))
     dual_value = nuclear_norm(G64 - 2 * W64 @ sym(dual.double()))
     gap = ((dual_value - objective) / dual_value.clamp(min=_TINY)).clamp(min=0)
-    return A_f, objective, tangent_residual(W64, A64), gap
+    return A_f, objective, tangent_residual(W64, A64), gap, norm
 
 
 def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value: torch.Tensor,
@@ -106,7 +120,7 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
       backward stable, so the computed λ_max is off by at most that), then A is divided by
       max(1, ‖A‖₂·(1 + √n·eps)) — the factor absorbs the rounding of the rescaled A to out_dtype;
     - objective ⟨Gn, A⟩ and relative gap (D − ⟨Gn, A⟩)/D, clamped at 0 (0 when D = 0).
-    Returns (A_f, objective, tangent residual, gap, flops spent).
+    Returns (A_f, objective, tangent residual, gap, flops spent, ‖A_f‖₂ bound).
     """
     m, n = W.shape[-2:]
     W64, A64 = W.double(), A.double()
@@ -129,7 +143,7 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
     objective = (Gn.double() * A_f.double()).sum((-2, -1))
     D = dual_value.double()
     gap = torch.where(D > 0, (D - objective) / D.clamp(min=_TINY), torch.zeros_like(D)).clamp(min=0)
-    return A_f, objective, res, gap, flops
+    return A_f, objective, res, gap, flops, norm * c
 
 
 def tangent_residual_from(H: torch.Tensor, A: torch.Tensor) -> torch.Tensor:

@@ -79,8 +79,19 @@ def test_transpose_equivariance(solver, prob):
         return
     a = solve_manifold_muon(W, G, solver=solver)
     b = solve_manifold_muon(W.mT, G.mT, solver=solver)
-    torch.testing.assert_close(b.direction, a.direction.mT, atol=1e-10, rtol=0)
-    torch.testing.assert_close(b.duality_gap, a.duality_gap, atol=1e-10, rtol=0)
+    if solver == "newton":  # all-fp64 and deterministic: the same direction to rounding
+        torch.testing.assert_close(b.direction, a.direction.mT, atol=1e-10, rtol=0)
+        torch.testing.assert_close(b.duality_gap, a.duality_gap, atol=1e-10, rtol=0)
+    else:
+        # anderson's maps run in fp32, and BLAS rounding there depends on the operands' alignment,
+        # so the two calls may stop at different iterates; where the optimum is not unique their
+        # directions differ by far more than rounding (measured: 4e-3 with both gaps ~1e-6).
+        # What must agree is the certified value: each objective is within its gap of the optimum.
+        lo = torch.maximum(a.objective, b.objective)
+        hi = torch.minimum(a.objective / (1 - a.duality_gap), b.objective / (1 - b.duality_gap))
+        assert float(lo) <= float(hi) * (1 + 1e-12) + 1e-300
+        spread = (a.duality_gap + b.duality_gap) * hi + 1e-12 * hi.abs()
+        assert float((a.objective - b.objective).abs()) <= float(spread)
 
 
 @pytest.mark.parametrize("solver", ACCURATE)
