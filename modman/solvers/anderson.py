@@ -49,8 +49,9 @@ import math
 import torch
 
 from .closed_form import solve_closed_form
-from .newton import msign_flops, skew, solve_newton
+from .newton import msign_flops, newton_core, skew, tall_frame
 from .result import sym
+from .subspace import solve_on_subspace
 from .types import SolverOutput
 
 def _inv_or_zero(x: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
@@ -149,10 +150,38 @@ def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype):
     return best, best_D, maps, cost, False
 
 
-def solve_anderson(W, Gn, *, tol, max_iters, warm_start, depth=4, fast_iters=24, stall=1.5,
-                   map_dtype=torch.float32):
+def anderson_core(Gw, N, dual_in, *, tol, max_iters, depth=4, fast_iters=24, stall=1.5,
+                  map_dtype=torch.float32):
+    """The n×n part for one matrix: (K, R, Λ, D, info, flops) from Gw = WᵀGn and N (fp64), the
+    direction being A = W K + G⊥ R; a stall or the cap hands the best dual to ``newton_core``."""
+    n = Gw.shape[-1]
+    S = skew(Gw)
+    warm = dual_in is not None and bool(torch.isfinite(dual_in).all())
+    x = sym(dual_in.double()) if warm else 0.5 * sym(Gw)
+    best, D, maps, ok, cost = None, math.inf, 0, False, 0.0
+    if max_iters > 0:
+        best, D, maps, cost, ok = _anderson_one(Gw, N, S, x, tol, min(fast_iters, max_iters), depth, stall, map_dtype)
+    if not ok and max_iters > maps:
+        # stalled or capped: newton from the best dual so far (it certifies the same way)
+        start = best[3] if best is not None else x
+        K, R, lam, D_nw, _, steps, c = newton_core(Gw, N, start, None, tol=tol, max_iters=max_iters - maps)
+        return K, R, lam, D_nw, {"iterations": maps + steps}, cost + c
+    if best is None:  # max_iters = 0 or no recovery tried: recover from the last dual
+        C = Gw - 2 * x
+        lam, V = torch.linalg.eigh(sym(C.mT @ C + N))
+        d = lam.clamp(min=0).sqrt()
+        D = min(D, float(d.sum()))
+        phi, K, R = recover(V @ skew((V.mT @ C @ V) * _inv_or_zero(d)) @ V.mT, N, S, D)
+        best = (phi, K, R, x)
+        cost += 60.0 * n**3
+    _, K, R, lam_best = best
+    return K, R, lam_best, D, {"iterations": maps}, cost
+
+
+def solve_anderson(W, Gn, *, tol, max_iters, warm_start, **options):
     """Anderson-accelerated fixed point with primal recovery (module docstring); W, Gn tall
-    (…, m, n), WᵀW = I. ``max_iters`` caps the maps plus newton's steps after a stall."""
+    (…, m, n), WᵀW = I. ``max_iters`` caps the maps plus newton's steps after a stall. A gradient
+    of low rank is solved on the subspace it spans (``subspace.py``)."""
     batch = W.shape[:-2]
     m, n = W.shape[-2:]
     if m == n:
@@ -161,53 +190,29 @@ def solve_anderson(W, Gn, *, tol, max_iters, warm_start, depth=4, fast_iters=24,
         # a square weight 3e-5 off the manifold in fp32 training certified gaps up to 5e-4
         return solve_closed_form(W, Gn, tol=tol, max_iters=max_iters, warm_start=None)
     Wf, Gf = W.reshape(-1, m, n), Gn.reshape(-1, m, n)
-    dual_in = warm_start["dual"].reshape(-1, n, n) if warm_start is not None and "dual" in warm_start else None
-    A_out, dual_out, values, iters, flops = [], [], [], 0, 0.0
+    warm_start = warm_start or {}
+    dual_in = warm_start["dual"].reshape(-1, n, n) if "dual" in warm_start else None
+    sub_in = warm_start["subspace"].reshape(-1) if "subspace" in warm_start else None
+    A_out, dual_out, values, subspaces, iters, flops = [], [], [], [], 0, 0.0
+
+    def core(Gw, N, dual, tol_):
+        return anderson_core(Gw, N, dual, tol=tol_, max_iters=max_iters, **options)
+
     for b in range(Wf.shape[0]):
-        W64, G64 = Wf[b].double().contiguous(), Gf[b].double().contiguous()
-        Bm = W64.mT @ G64
-        Gp = G64 - W64 @ Bm
-        N = sym(Gp.mT @ Gp)
-        S = skew(Bm)
-        cost = 3 * 4.0 * m * n * n
-        warm = dual_in is not None and bool(torch.isfinite(dual_in[b]).all())
-        x = sym(dual_in[b].double()) if warm else 0.5 * sym(Bm)
-        best, D, maps, ok = None, math.inf, 0, False
-        if max_iters > 0:
-            best, D, maps, c, ok = _anderson_one(Bm, N, S, x, tol, min(fast_iters, max_iters), depth, stall,
-                                                 map_dtype)
-            cost += c
-        if not ok and max_iters > maps:
-            # stalled or capped: newton from the best dual so far (it certifies the same way)
-            start = best[3] if best is not None else x
-            out = solve_newton(Wf[b:b + 1], Gf[b:b + 1], tol=tol, max_iters=max_iters - maps,
-                               warm_start={"dual": start.to(W.dtype)[None]})
-            nw_D = float(out.dual_value.reshape(()))
-            A_out.append(out.direction[0].double())
-            dual_out.append(out.dual[0].double())
-            values.append(nw_D)
-            iters += maps + out.iterations
-            flops += cost + out.msign_equivalents * msign_flops(m, n)
-            continue
-        if best is None:  # max_iters = 0 or no recovery tried: recover from the last dual
-            C = Bm - 2 * x
-            lam, V = torch.linalg.eigh(sym(C.mT @ C + N))
-            d = lam.clamp(min=0).sqrt()
-            D = min(D, float(d.sum()))
-            phi, K, R = recover(V @ skew((V.mT @ C @ V) * _inv_or_zero(d)) @ V.mT, N, S, D)
-            best = (phi, K, R, x)
-            cost += 60.0 * n**3
-        _, K, R, lam_best = best
+        W64, Gw, Gp, N, cost = tall_frame(Wf[b], Gf[b])
+        K, R, lam, D, info, c = solve_on_subspace(core, Gw, N, None if dual_in is None else dual_in[b], tol,
+                                                  try_subspace=sub_in is None or sub_in[b] < n)
         A_out.append(W64 @ K + Gp @ R)
-        cost += 2 * 4.0 * m * n * n
-        dual_out.append(lam_best)
+        dual_out.append(lam)
         values.append(D)
-        iters += maps
-        flops += cost
+        subspaces.append(info["subspace"])
+        iters += info["iterations"]
+        flops += cost + c + 2 * 4.0 * m * n * n
     nb = Wf.shape[0]
     A = torch.stack(A_out).to(W.dtype).reshape(*batch, m, n)
     dual = torch.stack(dual_out).to(W.dtype).reshape(*batch, n, n)
     equivalents = flops / nb / msign_flops(m, n)
+    state = {"dual": dual, "subspace": torch.tensor(subspaces, dtype=torch.float64).reshape(batch)}
     return SolverOutput(direction=A, dual=dual, iterations=math.ceil(iters / nb), msign_calls=math.ceil(equivalents),
-                        state={"dual": dual}, dual_value=torch.tensor(values, dtype=torch.float64).reshape(batch),
+                        state=state, dual_value=torch.tensor(values, dtype=torch.float64).reshape(batch),
                         msign_equivalents=equivalents)

@@ -59,6 +59,7 @@ import math
 import torch
 
 from .result import sym
+from .subspace import solve_on_subspace
 from .types import SolverOutput
 
 
@@ -189,11 +190,42 @@ def _newton_one(S, N, Y, mu, tol, max_iters, mu0, shrink, cg_iters, cg_tol, warm
     return Y, V, lam, mp, gap, mu, steps, cost
 
 
-def solve_newton(W, Gn, *, tol, max_iters, warm_start, mu0=0.1, shrink=0.1, cg_iters=100, cg_tol=1e-2):
+def newton_core(Gw, N, dual_in, mu_in, *, tol, max_iters, mu0=0.1, shrink=0.1, cg_iters=100, cg_tol=1e-2,
+                square=False):
+    """The n×n part of ``solve_newton`` for one matrix: from Gw = WᵀGn and N = G⊥ᵀG⊥ (fp64) to
+    (K, R, Λ, D, μ, steps, cost) with the direction A = W K + G⊥ R and D = D(Λ) in fp64.
+
+    ``dual_in``/``mu_in``: the warm start (or None). ``square``: W is square (N = 0), where the
+    cold start Y = 0 is already optimal (the closed form A = W·msign(skew(WᵀG))) and a warm
+    start would only move Newton away from it.
+    """
+    n = Gw.shape[-1]
+    S, Gs = skew(Gw), sym(Gw)
+    warm = not square and dual_in is not None and bool(torch.isfinite(dual_in).all())
+    Y = Gs - 2 * sym(dual_in.double()) if warm else torch.zeros_like(S)
+    mu = None
+    if warm and mu_in is not None and float(mu_in) > 0:
+        mu = float(mu_in)
+    Y, V, lam, mp, gap, mu, steps, cost = _newton_one(
+        S, N, Y, mu, tol, max_iters, mu0, shrink, cg_iters, cg_tol, warm)
+    # primal: A = W K + G⊥ R with R = (M + μ_p²)^{-1/2} (pseudo-inverse root for μ_p = 0)
+    if mp > 0:
+        dp = 1.0 / (lam + mp * mp).sqrt()
+    else:
+        dp = torch.where(lam > 0, lam.rsqrt(), torch.zeros_like(lam))
+    C = S + Y
+    R = (V * dp) @ V.mT
+    K = skew(C @ R)
+    cost += 3 * 2.0 * n**3 * 2
+    return K, R, 0.5 * (Gs - Y), float(lam.sqrt().sum()), (mu if mu is not None else 0.0), steps, cost
+
+
+def solve_newton(W, Gn, *, tol, max_iters, warm_start, **options):
     """Newton's method on the n×n dual (module docstring). W, Gn tall (…, m, n), WᵀW = I.
 
-    Returns the candidate direction A = W K + G⊥ R (tangent by construction), the dual Λ, and in
-    ``extras`` the fp64 n×n quantities the cheap certificate needs (Gw, N, Λ's M eigenvalues).
+    Returns the candidate direction A = W K + G⊥ R (tangent by construction), the dual Λ, and
+    the fp64 dual value D(Λ) the cheap certificate needs. A gradient of low rank is solved on the
+    subspace it spans (``subspace.py``).
     """
     batch = W.shape[:-2]
     m, n = W.shape[-2:]
@@ -205,49 +237,48 @@ def solve_newton(W, Gn, *, tol, max_iters, warm_start, mu0=0.1, shrink=0.1, cg_i
         dual_in = warm_start["dual"].reshape(-1, n, n)
         if "mu" in warm_start:
             mu_in = warm_start["mu"].reshape(-1)
-    A_out, dual_out, mu_out, dual_values = [], [], [], []
+    sub_in = warm_start.get("subspace") if warm_start is not None else None
+    sub_in = None if sub_in is None else sub_in.reshape(-1)
+    A_out, dual_out, mu_out, sub_out, dual_values = [], [], [], [], []
     steps_total, cost_total = 0, 0.0
     for b in range(Wf.shape[0]):
-        Wb, Gb = Wf[b], Gf[b]
-        Gw = Wb.double().mT @ Gb.double()
-        Gp = Gb.double() - Wb.double() @ Gw
-        N = sym(Gp.mT @ Gp)
-        cost = 3 * 2.0 * m * n * n * 2  # three fp64 tall products
-        S, Gs = skew(Gw), sym(Gw)
-        # Square W: G⊥ = 0, N = 0 and the cold start Y = 0 is already optimal (the closed form
-        # A = W·msign(skew(WᵀG))); a warm start would only move Newton away from it.
-        warm = m != n and dual_in is not None and bool(torch.isfinite(dual_in[b]).all())
-        Y = Gs - 2 * sym(dual_in[b].double()) if warm else torch.zeros_like(S)
-        mu = None
-        if warm and mu_in is not None and float(mu_in[b]) > 0:
-            mu = float(mu_in[b])
-        Y, V, lam, mp, gap, mu, steps, c = _newton_one(
-            S, N, Y, mu, tol, max_iters, mu0, shrink, cg_iters, cg_tol, warm)
+        W64, Gw, Gp, N, cost = tall_frame(Wf[b], Gf[b])
+
+        def core(Gw_, N_, dual_, tol_):
+            K, R, lam, D, mu, steps, c = newton_core(
+                Gw_, N_, dual_, None if mu_in is None else mu_in[b], tol=tol_, max_iters=max_iters,
+                square=m == n, **options)
+            return K, R, lam, D, {"mu": mu, "steps": steps}, c
+
+        K, R, lam, D, info, c = solve_on_subspace(core, Gw, N, None if dual_in is None else dual_in[b], tol,
+                                                  try_subspace=m != n and (sub_in is None or sub_in[b] < n))
         cost += c
-        # primal: A = W K + G⊥ R with R = (M + μ_p²)^{-1/2} (pseudo-inverse root for μ_p = 0)
-        if mp > 0:
-            dp = 1.0 / (lam + mp * mp).sqrt()
-        else:
-            dp = torch.where(lam > 0, lam.rsqrt(), torch.zeros_like(lam))
-        C = S + Y
-        R = (V * dp) @ V.mT
-        K = skew(C @ R)
-        cost += 3 * 2.0 * n**3 * 2
         # fp64: R has entries up to 1/μ_p on near-null directions of M, and G⊥ is tiny there;
         # forming G⊥R in fp32 would leave errors eps₃₂/μ_p (measured: gaps ~6e-4).
-        A = (Wb.double() @ K + Gp @ R).to(W.dtype)
+        A_out.append((W64 @ K + Gp @ R).to(W.dtype))
         cost += 2 * 2.0 * m * n * n * 2
-        A_out.append(A)
-        dual_out.append(0.5 * (Gs - Y))
-        mu_out.append(mu if mu is not None else 0.0)
-        dual_values.append(lam.sqrt().sum())
-        steps_total += steps
+        dual_out.append(lam)
+        mu_out.append(info["mu"])
+        sub_out.append(info["subspace"])
+        dual_values.append(torch.tensor(D, dtype=torch.float64))
+        steps_total += info["steps"]
         cost_total += cost
     nb = Wf.shape[0]
     A = torch.stack(A_out).reshape(*batch, m, n)
     dual = torch.stack(dual_out).reshape(*batch, n, n)
-    state = {"dual": dual.to(W.dtype), "mu": torch.tensor(mu_out, dtype=torch.float64).reshape(batch)}
+    state = {"dual": dual.to(W.dtype), "mu": torch.tensor(mu_out, dtype=torch.float64).reshape(batch),
+             "subspace": torch.tensor(sub_out, dtype=torch.float64).reshape(batch)}
     equivalents = cost_total / nb / msign_flops(m, n)
     return SolverOutput(direction=A, dual=dual.to(W.dtype), iterations=math.ceil(steps_total / nb),
                         msign_calls=math.ceil(equivalents), state=state,
                         dual_value=torch.stack(dual_values).reshape(batch), msign_equivalents=equivalents)
+
+
+def tall_frame(W: torch.Tensor, Gn: torch.Tensor):
+    """fp64 (W, Gw = WᵀGn, G⊥ = Gn − W·Gw, N = G⊥ᵀG⊥) of one tall matrix, and their flops."""
+    m, n = W.shape
+    W64, G64 = W.double().contiguous(), Gn.double().contiguous()
+    Gw = W64.mT @ G64
+    Gp = G64 - W64 @ Gw
+    N = sym(Gp.mT @ Gp)
+    return W64, Gw, Gp, N, 3 * 2.0 * m * n * n * 2  # three fp64 tall products
