@@ -11,7 +11,7 @@ an op allocates inside the step counts from its allocation until it is freed; st
 existed before (parameters, gradients, state) do not. Scratch space inside a kernel (LAPACK
 workspaces) is not seen; benchmarks/step_memory.py cross-checks against peak RSS.
 
-    python benchmarks/optimizers.py [--steps 3] [--solvers projected,newton,dual_ascent] [--slow-budget S]
+    python benchmarks/optimizers.py [--steps 3] [--solvers projected,newton,dual_ascent] [--slow-budget S] [--merge]
 """
 from __future__ import annotations
 
@@ -80,6 +80,20 @@ def peak_step_bytes(opt) -> int:
     return peak_temporary_bytes(opt.step, attribute=False).peak_bytes
 
 
+def merged(path: pathlib.Path, new: dict) -> dict:
+    """The existing results with this run's rows put in (per model, per optimizer)."""
+    old = json.loads(path.read_text())
+    commands = old["command"] if isinstance(old["command"], dict) else {m: old["command"] for m in old["models"]}
+    for spec, rows in new["models"].items():
+        for n, row in old["models"].get(spec, {}).items():
+            row.setdefault("command", commands.get(spec, old["command"]))
+        old["models"].setdefault(spec, {}).update(rows)
+        commands[spec] = commands.get(spec, "") + f"; rows {', '.join(rows)} replaced by: {new['command']}"
+    old["command"] = commands
+    old["machine_of_last_merge"] = new["machine"]
+    return old
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3, help="timed steps per optimizer")
@@ -94,6 +108,9 @@ def main() -> None:
                         "timed further nor memory-profiled; its row reports the warm-up step")
     p.add_argument("--profile-slow", action="store_true",
                    help="profile one step's peak temporary bytes even for optimizers over --slow-budget")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the rows measured now in the existing optimizers.json (each merged "
+                        "row records its own command; ratios are always to the Muon rows of the same run)")
     args = p.parse_args()
     torch.set_num_threads(1)
     names = [f"manifold_muon:{s}" for s in args.solvers.split(",")] + ["muon_fp32", "torch_muon", "adamw"]
@@ -118,6 +135,8 @@ def main() -> None:
                 n = names[(k + step) % len(names)]  # rotate the order every step
                 if step >= W0 and args.slow_budget is not None and warmup[n] > args.slow_budget:
                     continue
+                if step < W0 - 1 and not n.startswith("manifold_muon:"):
+                    continue  # a Muon or AdamW step costs the same at any step: warm up once
                 opts[n].zero_grad()
                 nn.functional.cross_entropy(models[n](x), y).backward()
                 with solver_override(opts[n], "projected" if step < W0 - 1 else None):
@@ -159,6 +178,8 @@ def main() -> None:
         for n in names:
             rows[n]["ratio_vs_own_muon_fp32"] = rows[n]["step_s_median"] / ref
             rows[n]["ratio_vs_torch_muon"] = rows[n]["step_s_median"] / rows["torch_muon"]["step_s_median"]
+        for n in names:
+            rows[n]["command"] = out["command"]
         out["models"][spec] = rows
         print(f"\n{spec}: {'optimizer':<26}{'s/step':>9}{'×Muon32':>9}{'×torchMuon':>11}{'msign':>7}"
               f"{'state MB':>10}{'peak MB':>12}")
@@ -167,7 +188,7 @@ def main() -> None:
                   f"{r['ratio_vs_torch_muon']:>11.2f}{r['msign_calls_per_matrix'] or 0:>7.1f}"
                   f"{r['state_bytes'] / 2**20:>10.1f}{(r['peak_temporary_bytes'] or 0) / 2**20:>12.1f}")
         path = pathlib.Path(__file__).resolve().parent / "results" / "optimizers.json"
-        path.write_text(json.dumps(out, indent=1))
+        path.write_text(json.dumps(merged(path, out) if args.merge else out, indent=1))
     print("wrote benchmarks/results/optimizers.json")
 
 

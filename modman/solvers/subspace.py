@@ -29,7 +29,7 @@ import torch
 
 from .result import sym
 
-MAX_FRACTION = 0.5
+MAX_FRACTION = 0.75
 _RTOL = 1e-12  # eigenvalues of BBᵀ + BᵀB + N below this fraction of the largest are outside S
 
 
