@@ -123,9 +123,16 @@ class Stiefel:
         return Q.mT if is_wide(W.shape) else Q
 
     def _retract_closed_form(self, W, V):
-        s = self.scale_for(W.shape)
-        X, Vt = to_tall(W + V), to_tall(V) / s
-        M = Vt.mT @ Vt
+        factor = self.closed_form_factor(W.shape, V)
+        return self.apply_closed_form(W + V, factor)
+
+    def closed_form_factor(self, shape, V: torch.Tensor) -> torch.Tensor:
+        """F = −c·M (n×n, tall orientation) with M = VᵀV/s², so that the closed-form retraction of
+        W + V is X + X·F for X = W + V (see ``apply_closed_form``): the two halves let a caller
+        overwrite V with W + V in between, holding one m×n temporary less."""
+        s = self.scale_for(shape)
+        Vt = to_tall(V)
+        M = (Vt.mT @ Vt) / (s * s)
         trace = torch.diagonal(M, dim1=-2, dim2=-1).sum(-1)
         fro2 = (M * M).sum((-2, -1))
         eta2 = fro2 / torch.where(trace > 0, trace, torch.ones_like(trace))
@@ -134,8 +141,15 @@ class Stiefel:
         safe = eta2 > 0
         eta2_safe = torch.where(safe, eta2, torch.ones_like(eta2))
         coef = torch.where(safe, -torch.expm1(-0.5 * torch.log1p(eta2_safe)) / eta2_safe, torch.zeros_like(eta2))
-        Y = X - (X @ M) * coef[..., None, None]
-        return Y.mT if is_wide(W.shape) else Y
+        return M * (-coef)[..., None, None]
+
+    @staticmethod
+    def apply_closed_form(X: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """X + X·F in X's orientation (X = W + V, F from ``closed_form_factor``), one new tensor."""
+        Xt = to_tall(X)
+        Y = torch.baddbmm(Xt, Xt, factor) if Xt.ndim == 3 else (
+            torch.addmm(Xt, Xt, factor) if Xt.ndim == 2 else Xt + Xt @ factor)
+        return Y.mT if is_wide(X.shape) else Y
 
     def polish(self, W: torch.Tensor, steps: int = 1) -> torch.Tensor:
         """Pull a nearly orthogonal W back onto the manifold without an SVD.
@@ -159,8 +173,9 @@ class Stiefel:
         ‖UᵀU − I‖₂ = max_i |σᵢ² − 1| ≈ 2·max_i |σᵢ − 1| near the manifold. Power iteration
         under-estimates; this is a monitor for re-projection, not a certificate.
         """
-        U = to_tall(W) / self.scale_for(W.shape)
-        E = U.mT @ U
+        Wt = to_tall(W)
+        s = self.scale_for(W.shape)
+        E = (Wt.mT @ Wt) / (s * s)  # UᵀU for U = W/s without forming U
         E.diagonal(dim1=-2, dim2=-1).sub_(1)
         # A fixed, generic start vector (not an eigenvector of structured E, unlike all-ones).
         v = torch.cos(torch.arange(E.shape[-1], dtype=E.dtype, device=E.device) * 2.39996 + 0.5)

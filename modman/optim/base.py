@@ -349,14 +349,17 @@ class ManifoldOptimizer(Optimizer):
         if "momentum" not in state:
             mdtype = torch.float64 if W.dtype == torch.float64 else torch.float32
             state["momentum"] = torch.zeros(W.shape, dtype=mdtype, device=W.device)
-        u = F.momentum_update(G, state["momentum"], group["momentum"], group["nesterov"])
         eta = lr * _scalar(group["lr_scale"])
         if algorithm == "manifold_muon":
-            out = F.stiefel_step(W, u, state, lr=eta, manifold=self._manifold(group), solver=group["solver"],
+            # no local name for u: stiefel_step releases it after the solve (a step's peak memory)
+            out = F.stiefel_step(W, F.momentum_update(G, state["momentum"], group["momentum"], group["nesterov"]),
+                                 state, lr=eta, manifold=self._manifold(group), solver=group["solver"],
                                  tol=group["tol"], max_iters=group.get("max_iters"),
                                  drift_tol=2 * self.on_manifold_tol,
                                  warm_keys=tuple(k for k in state if k not in _RESERVED) or ("dual",))
-        elif algorithm == "hyperspherical":
+            return self._writeback(p, W, writeback, out)
+        u = F.momentum_update(G, state["momentum"], group["momentum"], group["nesterov"])
+        if algorithm == "hyperspherical":
             out = F.sphere_step(W, u, lr=eta, manifold=self._manifold(group))
         elif algorithm == "muon":
             out = F.muon_step(W, u, lr=eta, weight_decay=group["weight_decay"], schedule=group["ns_schedule"],
@@ -364,6 +367,10 @@ class ManifoldOptimizer(Optimizer):
                               adjust_lr=group["adjust_lr_fn"], torch_arithmetic=group["torch_arithmetic"])
         else:
             raise ValueError(f"unknown algorithm {algorithm!r}")
+        return self._writeback(p, W, writeback, out)
+
+    @staticmethod
+    def _writeback(p, W, writeback, out):
         if writeback:
             p.copy_(W.reshape(p.shape))
         return out

@@ -67,41 +67,51 @@ def stiefel_step(
     drift_tol: float,
     warm_keys: tuple[str, ...],
 ) -> dict:
-    """One manifold-Muon step on W (a matrix view of the parameter), in place. Returns stats."""
+    """One manifold-Muon step on W (a matrix view of the parameter), in place. Returns stats.
+
+    Memory: u is released after the solve (pass a temporary the caller does not keep), and the
+    step V is formed in place in the solver's direction and then overwritten with W + V, so at
+    most two m×n temporaries are alive outside the solver (``benchmarks/step_memory.py``).
+    """
     s = manifold.scale_for(W.shape)
     compute = W.to(torch.float32) if W.dtype in (torch.bfloat16, torch.float16) else W
-    U = compute / s
+    U = compute if s == 1 else compute / s
     warm = {k: state[k] for k in warm_keys if k in state}
     result = solve_manifold_muon(U, u.to(U.dtype), solver=solver, tol=tol, max_iters=max_iters,
                                  warm_start=warm or None)
+    del u, U
     for key, value in result.state.items():
         state[key] = value
-    A = result.direction.to(compute.dtype)
-    # The step has length η in W's norm only if ‖A‖₂ = 1. An optimal A is on the unit sphere,
-    # but an inexact solver (few iterations, warm start) may return a feasible A inside the ball;
-    # scaling it out to the sphere keeps it tangent and can only raise ⟨u, A⟩ (measured: dual
-    # ascent with 3 iterations gave a step 0.22 % short).
-    norm = result.direction_norm.to(A.dtype)  # the certificate's fp64 measure of ‖A‖₂
-    A = A / torch.where(norm > 0, norm, torch.ones_like(norm))[..., None, None]
-    V = A * (-lr * s)
     stats = {
         "tangent_residual": result.tangent_residual,
         "duality_gap": result.duality_gap,
         "iterations": result.iterations,
         "msign_calls": result.msign_calls,
     }
+    # The step has length η in W's norm only if ‖A‖₂ = 1. An optimal A is on the unit sphere,
+    # but an inexact solver (few iterations, warm start) may return a feasible A inside the ball;
+    # scaling it out to the sphere keeps it tangent and can only raise ⟨u, A⟩ (measured: dual
+    # ascent with 3 iterations gave a step 0.22 % short). ‖A‖₂ is the certificate's fp64 measure.
+    norm = result.direction_norm
+    V = result.direction.to(compute.dtype)  # the solver's own tensor: scaled in place into V = −η·s·A
+    del result
+    V.mul_(((-lr * s) / torch.where(norm > 0, norm, torch.ones_like(norm))).to(V.dtype)[..., None, None])
+    factor = manifold.closed_form_factor(W.shape, V)
+    X = V.add_(compute)  # W + V
+    del V
     # A step that cannot move W (A = 0 from a zero gradient, or lr·A below W's rounding) must
     # leave W bitwise as it is: neither the retraction's renormalisation nor the drift polish may
     # touch it (a bf16 weight sits ~4e-3 off the manifold and would otherwise be re-polished).
-    if torch.equal(compute + V, compute):
+    if torch.equal(X, compute):
         stats["distance_to_manifold"] = manifold.gram_deviation(compute) / 2
         return stats
-    new = manifold.retract(compute, V, method="closed_form")
-    if not bool(torch.isfinite(new).all()):
+    new = manifold.apply_closed_form(X, factor)
+    if not bool(torch.isfinite(new.sum())):  # a NaN or ∞ anywhere reaches the sum (no m×n mask)
         # The closed form divides ‖M‖_F² by tr(M) (M = VᵀV/s²); for a step just above the
         # underflow threshold ‖M‖_F² rounds to 0 while tr(M) does not, giving 0/0. The exact
-        # polar retraction has no such quotient.
-        new = manifold.retract(compute, V, method="polar")
+        # polar retraction of W + V has no such quotient.
+        new = manifold.project(X)
+    del X
     drift = manifold.gram_deviation(new)
     if bool((drift > 0.1).any()):
         # Far off the manifold (project_on_init=False on pretrained weights): the polish quintic

@@ -85,15 +85,21 @@ def solve_manifold_muon(
     Wt = (W.mT if wide else W).to(dtype)
     Gt = (G.mT if wide else G).to(dtype)
     g_norm = torch.linalg.matrix_norm(Gt, keepdim=True)
-    Gn = Gt / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm))
+    m, n = Wt.shape[-2:]
     if solver == "dual_ascent" and options.get("faithful"):
         options["G_raw"] = Gt
     if reduce not in (True, False, "auto"):
         raise ValueError(f"reduce must be True, False or 'auto', got {reduce!r}")
-    m, n = Wt.shape[-2:]
     if reduce == "auto":
         # "newton" works on the n×n reduction of its own (no basis Q needed)
         reduce = m >= 2 * n and solver not in ("closed_form", "projected", "newton", "anderson") and not options.get("faithful")
+    # anderson and newton on a non-square W, certified by certify_gram, take G as it is with its
+    # fp64 scale (g_scale) and read it a row block at a time: no normalised m×n copy (peak memory)
+    if solver in ("anderson", "newton") and m != n and not reduce and W.dtype == dtype:
+        Gn = Gt
+        options["g_scale"] = 1 / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm)).double()
+    else:
+        Gn = Gt / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm))
     if reduce and m > n:
         W_r, G_r, Q = reduce_tall(Wt, Gn)
         out = fn(W_r, G_r, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
@@ -101,7 +107,8 @@ def solve_manifold_muon(
     else:
         out = fn(Wt, Gn, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
     if out.dual_value is not None and not (reduce and m > n) and W.dtype == dtype:
-        A, objective, residual, gap, flops, norm = certify_gram(Wt, Gn, out.direction.to(dtype), out.dual_value, W.dtype)
+        A, objective, residual, gap, flops, norm = certify_gram(Wt, Gn, out.direction.to(dtype), out.dual_value, W.dtype,
+                                                                g_scale=options.get("g_scale"))
         equivalents = (out.msign_equivalents or 0.0) + flops / msign_flops(m, n)
     else:
         A, objective, residual, gap, norm = certify_with_norm(Wt, Gn, out.dual, out.direction, W.dtype)

@@ -49,7 +49,7 @@ import math
 import torch
 
 from .closed_form import solve_closed_form
-from .newton import msign_flops, newton_core, skew, tall_frame
+from .newton import assemble, msign_flops, newton_core, skew, tall_frame
 from .result import sym
 from .subspace import solve_on_subspace
 from .types import SolverOutput
@@ -178,10 +178,11 @@ def anderson_core(Gw, N, dual_in, *, tol, max_iters, depth=4, fast_iters=24, sta
     return K, R, lam_best, D, {"iterations": maps}, cost
 
 
-def solve_anderson(W, Gn, *, tol, max_iters, warm_start, **options):
+def solve_anderson(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options):
     """Anderson-accelerated fixed point with primal recovery (module docstring); W, Gn tall
-    (…, m, n), WᵀW = I. ``max_iters`` caps the maps plus newton's steps after a stall. A gradient
-    of low rank is solved on the subspace it spans (``subspace.py``)."""
+    (…, m, n), WᵀW = I; ``g_scale`` as in ``solve_newton``. ``max_iters`` caps the maps plus
+    newton's steps after a stall. A gradient of low rank is solved on the subspace it spans
+    (``subspace.py``)."""
     batch = W.shape[:-2]
     m, n = W.shape[-2:]
     if m == n:
@@ -193,23 +194,26 @@ def solve_anderson(W, Gn, *, tol, max_iters, warm_start, **options):
     warm_start = warm_start or {}
     dual_in = warm_start["dual"].reshape(-1, n, n) if "dual" in warm_start else None
     sub_in = warm_start["subspace"].reshape(-1) if "subspace" in warm_start else None
-    A_out, dual_out, values, subspaces, iters, flops = [], [], [], [], 0, 0.0
+    dual_out, values, subspaces, iters, flops = [], [], [], 0, 0.0
 
     def core(Gw, N, dual, tol_):
         return anderson_core(Gw, N, dual, tol=tol_, max_iters=max_iters, **options)
 
+    scales = g_scale.reshape(-1) if g_scale is not None else None
+    A = torch.empty_like(Wf)
     for b in range(Wf.shape[0]):
-        W64, Gw, Gp, N, cost = tall_frame(Wf[b], Gf[b])
+        sc = 1.0 if scales is None else scales[b]
+        Gw, N, cost = tall_frame(Wf[b], Gf[b], sc)
         K, R, lam, D, info, c = solve_on_subspace(core, Gw, N, None if dual_in is None else dual_in[b], tol,
                                                   try_subspace=sub_in is None or sub_in[b] < n)
-        A_out.append(W64 @ K + Gp @ R)
+        assemble(A[b], Wf[b], Gf[b], Gw, K, R, sc)
         dual_out.append(lam)
         values.append(D)
         subspaces.append(info["subspace"])
         iters += info["iterations"]
         flops += cost + c + 2 * 4.0 * m * n * n
     nb = Wf.shape[0]
-    A = torch.stack(A_out).to(W.dtype).reshape(*batch, m, n)
+    A = A.reshape(*batch, m, n)
     dual = torch.stack(dual_out).to(W.dtype).reshape(*batch, n, n)
     equivalents = flops / nb / msign_flops(m, n)
     state = {"dual": dual, "subspace": torch.tensor(subspaces, dtype=torch.float64).reshape(batch)}

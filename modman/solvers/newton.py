@@ -58,6 +58,7 @@ import math
 
 import torch
 
+from ..linalg.blocked import combine_rows, gram64, row_blocks
 from .result import sym
 from .subspace import solve_on_subspace
 from .types import SolverOutput
@@ -220,8 +221,9 @@ def newton_core(Gw, N, dual_in, mu_in, *, tol, max_iters, mu0=0.1, shrink=0.1, c
     return K, R, 0.5 * (Gs - Y), float(lam.sqrt().sum()), (mu if mu is not None else 0.0), steps, cost
 
 
-def solve_newton(W, Gn, *, tol, max_iters, warm_start, **options):
-    """Newton's method on the n×n dual (module docstring). W, Gn tall (…, m, n), WᵀW = I.
+def solve_newton(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options):
+    """Newton's method on the n×n dual (module docstring). W, Gn tall (…, m, n), WᵀW = I; with
+    ``g_scale`` (fp64, (…, 1, 1)) Gn is unnormalised and the normalised gradient is Gn·g_scale.
 
     Returns the candidate direction A = W K + G⊥ R (tangent by construction), the dual Λ, and
     the fp64 dual value D(Λ) the cheap certificate needs. A gradient of low rank is solved on the
@@ -239,10 +241,13 @@ def solve_newton(W, Gn, *, tol, max_iters, warm_start, **options):
             mu_in = warm_start["mu"].reshape(-1)
     sub_in = warm_start.get("subspace") if warm_start is not None else None
     sub_in = None if sub_in is None else sub_in.reshape(-1)
-    A_out, dual_out, mu_out, sub_out, dual_values = [], [], [], [], []
+    dual_out, mu_out, sub_out, dual_values = [], [], [], []
     steps_total, cost_total = 0, 0.0
+    scales = g_scale.reshape(-1) if g_scale is not None else None
+    A = torch.empty_like(Wf)
     for b in range(Wf.shape[0]):
-        W64, Gw, Gp, N, cost = tall_frame(Wf[b], Gf[b])
+        sc = 1.0 if scales is None else scales[b]
+        Gw, N, cost = tall_frame(Wf[b], Gf[b], sc)
 
         def core(Gw_, N_, dual_, tol_):
             K, R, lam, D, mu, steps, c = newton_core(
@@ -253,9 +258,7 @@ def solve_newton(W, Gn, *, tol, max_iters, warm_start, **options):
         K, R, lam, D, info, c = solve_on_subspace(core, Gw, N, None if dual_in is None else dual_in[b], tol,
                                                   try_subspace=m != n and (sub_in is None or sub_in[b] < n))
         cost += c
-        # fp64: R has entries up to 1/μ_p on near-null directions of M, and G⊥ is tiny there;
-        # forming G⊥R in fp32 would leave errors eps₃₂/μ_p (measured: gaps ~6e-4).
-        A_out.append((W64 @ K + Gp @ R).to(W.dtype))
+        assemble(A[b], Wf[b], Gf[b], Gw, K, R, sc)
         cost += 2 * 2.0 * m * n * n * 2
         dual_out.append(lam)
         mu_out.append(info["mu"])
@@ -264,7 +267,7 @@ def solve_newton(W, Gn, *, tol, max_iters, warm_start, **options):
         steps_total += info["steps"]
         cost_total += cost
     nb = Wf.shape[0]
-    A = torch.stack(A_out).reshape(*batch, m, n)
+    A = A.reshape(*batch, m, n)
     dual = torch.stack(dual_out).reshape(*batch, n, n)
     state = {"dual": dual.to(W.dtype), "mu": torch.tensor(mu_out, dtype=torch.float64).reshape(batch),
              "subspace": torch.tensor(sub_out, dtype=torch.float64).reshape(batch)}
@@ -274,11 +277,21 @@ def solve_newton(W, Gn, *, tol, max_iters, warm_start, **options):
                         dual_value=torch.stack(dual_values).reshape(batch), msign_equivalents=equivalents)
 
 
-def tall_frame(W: torch.Tensor, Gn: torch.Tensor):
-    """fp64 (W, Gw = WᵀGn, G⊥ = Gn − W·Gw, N = G⊥ᵀG⊥) of one tall matrix, and their flops."""
+def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):
+    """(Gw = WᵀGn, N = G⊥ᵀG⊥ with G⊥ = Gn − W·Gw, flops) of one tall matrix for Gn = G·g_scale,
+    in fp64, summed over row blocks (no whole-matrix fp64 copies)."""
     m, n = W.shape
-    W64, G64 = W.double().contiguous(), Gn.double().contiguous()
-    Gw = W64.mT @ G64
-    Gp = G64 - W64 @ Gw
-    N = sym(Gp.mT @ Gp)
-    return W64, Gw, Gp, N, 3 * 2.0 * m * n * n * 2  # three fp64 tall products
+    Gw = gram64(W, G) * g_scale
+    N = None
+    for sl in row_blocks(m):
+        Gp = G[sl].double() * g_scale - W[sl].double() @ Gw
+        N = Gp.mT @ Gp if N is None else N.add_(Gp.mT @ Gp)
+    return Gw, sym(N), 3 * 2.0 * m * n * n * 2  # three fp64 tall products
+
+
+def assemble(out: torch.Tensor, W: torch.Tensor, G: torch.Tensor, Gw: torch.Tensor, K: torch.Tensor,
+             R: torch.Tensor, g_scale=1.0) -> torch.Tensor:
+    """out ← A = W K + G⊥ R = W (K − Gw R) + Gn R (Gn = G·g_scale), row block by row block in fp64
+    (R has entries up to 1/μ_p on near-null directions of M where G⊥ is tiny: an fp32 product
+    would leave errors eps₃₂/μ_p, measured as gaps ~6e-4), rounded once into ``out``."""
+    return combine_rows(out, W, K - Gw @ R, G, R * g_scale)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..linalg.blocked import combine_rows, dot64, gram64
+
 _TINY = 1e-30
 
 
@@ -106,7 +108,7 @@ def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: 
 
 
 def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value: torch.Tensor,
-                 out_dtype: torch.dtype):
+                 out_dtype: torch.dtype, g_scale: torch.Tensor | None = None):
     """The cheaper certificate for solvers that know D(Λ) from the n×n identity.
 
     W, Gn, A tall (…, m, n) in ``out_dtype`` (fp32 or fp64); ``dual_value`` = D(Λ) in fp64, from
@@ -120,30 +122,43 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
       backward stable, so the computed λ_max is off by at most that), then A is divided by
       max(1, ‖A‖₂·(1 + √n·eps)) — the factor absorbs the rounding of the rescaled A to out_dtype;
     - objective ⟨Gn, A⟩ and relative gap (D − ⟨Gn, A⟩)/D, clamped at 0 (0 when D = 0).
+    A is overwritten (it is the solver's own output); ``g_scale`` (fp64, (…, 1, 1)): Gn is given
+    unnormalised and the normalised gradient is Gn·g_scale. All m×n work is in fp64 row blocks.
     Returns (A_f, objective, tangent residual, gap, flops spent, ‖A_f‖₂ bound).
     """
     m, n = W.shape[-2:]
-    W64, A64 = W.double(), A.double()
-    H = W64.mT @ A64
+    # fp64 sums over row blocks (linalg/blocked.py): no whole-matrix fp64 copies
+    A = A.to(out_dtype)
+    H = gram64(W, A)
     flops = 2.0 * m * n * n * 2
     eps = torch.finfo(out_dtype).eps
-    res = tangent_residual_from(H, A64)
+    gram = sym(gram64(A))
+    res = _residual(H, gram)
     if bool((res > 10 * n**0.5 * eps).any()):
-        A = (A64 - W64 @ sym(H)).to(out_dtype)
-        A64 = A.double()
-        H = W64.mT @ A64
-        flops += 2 * 2.0 * m * n * n * 2
-        res = tangent_residual_from(H, A64)
-    gram = sym(A64.mT @ A64)
+        combine_rows(A, A, None, W, -sym(H))
+        H = gram64(W, A)
+        gram = sym(gram64(A))
+        flops += 3 * 2.0 * m * n * n * 2
+        res = _residual(H, gram)
     flops += 2.0 * m * n * n * 2 + 10.0 * n**3
     lmax = torch.linalg.eigvalsh(gram)[..., -1] + n * torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(gram)
     norm = lmax.clamp(min=0).sqrt() * (1 + n**0.5 * eps)
     c = torch.where(norm > 1, 1 / norm.clamp(min=_TINY), torch.ones_like(norm))
-    A_f = torch.where((c < 1)[..., None, None], (A64 * c[..., None, None]).to(out_dtype), A.to(out_dtype))
-    objective = (Gn.double() * A_f.double()).sum((-2, -1))
+    if bool((c < 1).any()):
+        combine_rows(A, A, scale=c[..., None, None])  # A·c in fp64, rounded once
+    objective = dot64(Gn, A)
+    if g_scale is not None:
+        objective = objective * g_scale[..., 0, 0]
     D = dual_value.double()
     gap = torch.where(D > 0, (D - objective) / D.clamp(min=_TINY), torch.zeros_like(D)).clamp(min=0)
-    return A_f, objective, res, gap, flops, norm * c
+    return A, objective, res, gap, flops, norm * c
+
+
+def _residual(H: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """‖H + Hᵀ‖_F/‖A‖_F for H = WᵀA, with ‖A‖_F² = tr(AᵀA) (0 when A = 0)."""
+    num = torch.linalg.matrix_norm(H + H.mT)
+    den = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1).clamp(min=0).sqrt()
+    return num / den.clamp(min=_TINY) * (den > 0)
 
 
 def tangent_residual_from(H: torch.Tensor, A: torch.Tensor) -> torch.Tensor:

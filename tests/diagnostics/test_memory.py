@@ -177,9 +177,10 @@ def _rss_probe_script() -> str:
 def test_peak_rss_of_a_fresh_process_agrees_with_dispatch_accounting():
     """Independent check: peak RSS (VmHWM) of a fresh process with glibc's mmap threshold fixed.
 
-    On two overlapping 16 MiB temporaries and on the 32768×64 manifold-Muon step (≈15 m×n fp32,
-    ≈120 MiB) the two methods agree within 5 % (measured: 0.1 %); 5 % of the step is less than
-    one m×n temporary (8 MiB), so a full-size allocation the dispatch count missed would fail.
+    On two overlapping 16 MiB temporaries and on the 32768×64 manifold-Muon step (≈3 m×n fp32,
+    ≈24 MiB, through the functional API, which keeps its own reference to u) the two methods agree
+    within 5 % (measured: 0.1 %); 5 % of the step is less than one m×n temporary (8 MiB), so a
+    full-size allocation the dispatch count missed would fail.
     And the blind spot the docstring names is real: an fp64 eigh's LAPACK workspace shows in RSS
     (measured 3× the input) but not in the dispatch count (1×, the returned eigenvectors).
     """
@@ -196,7 +197,7 @@ def test_peak_rss_of_a_fresh_process_agrees_with_dispatch_accounting():
     assert two <= r["two_dispatch"] < two + 1024
     assert abs(r["two_rss"] - two) <= 0.05 * two, r
     mn = 32768 * 64 * 4
-    assert r["step_dispatch"] >= 4 * mn, r  # not vacuous: several m×n temporaries
+    assert r["step_dispatch"] >= 2 * mn, r  # not vacuous: several m×n temporaries
     assert abs(r["step_rss"] - r["step_dispatch"]) <= 0.05 * r["step_dispatch"], r
     # the documented blind spot: LAPACK's eigh workspace (≈ 2n² doubles) is seen by RSS only
     S = 512 * 512 * 8

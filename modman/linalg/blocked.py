@@ -1,0 +1,58 @@
+"""fp64 reductions over tall matrices, one block of rows at a time.
+
+The certificate and the solvers need n×n products of m×n matrices (XᵀY) and inner products in
+fp64. Casting whole fp32 operands to fp64 costs 2× their size per copy; summing the products of
+row blocks cast one at a time gives the same fp64 result (to summation order) with temporaries of
+at most ``BLOCK_FRACTION`` of an operand. Every function takes (…, m, n) batches.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK_FRACTION = 1 / 8  # an fp64 block of rows is at most this fraction of the fp32 operand's bytes
+
+
+def row_blocks(m: int):
+    """Slices of ⌈m/16⌉ rows (an fp64 block is then ≤ 1/8 of the fp32 operand), at least 64 rows
+    each so that every block is still an efficient matrix product."""
+    step = max(64, math.ceil(m * BLOCK_FRACTION / 2))
+    return [slice(i, min(i + step, m)) for i in range(0, m, step)]
+
+
+def gram64(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
+    """XᵀY (XᵀX when Y is None) in fp64, (…, n, n), summed over row blocks."""
+    out = None
+    for sl in row_blocks(X.shape[-2]):
+        xb = X[..., sl, :].double()
+        yb = xb if Y is None else Y[..., sl, :].double()
+        term = xb.mT @ yb
+        out = term if out is None else out.add_(term)
+    return out
+
+
+def dot64(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """⟨X, Y⟩ over the last two dims in fp64, summed over row blocks."""
+    out = None
+    for sl in row_blocks(X.shape[-2]):
+        term = (X[..., sl, :].double() * Y[..., sl, :].double()).sum((-2, -1))
+        out = term if out is None else out + term
+    return out
+
+
+def combine_rows(out: torch.Tensor, X: torch.Tensor, P: torch.Tensor | None = None, Y: torch.Tensor | None = None,
+                 Q: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """out ← X·P + Y·Q (P None: X itself; Y None: no second term; then × ``scale``, shaped (…, 1, 1)),
+    each row block computed in fp64 and rounded once into ``out``'s dtype (P, Q fp64 (…, n, n)).
+    ``out`` may be X or Y itself: each block is read before it is written."""
+    for sl in row_blocks(X.shape[-2]):
+        acc = X[..., sl, :].double()
+        if P is not None:
+            acc = acc @ P
+        if Y is not None:
+            acc = acc + Y[..., sl, :].double() @ Q
+        if scale is not None:
+            acc = acc * scale
+        out[..., sl, :] = acc
+    return out

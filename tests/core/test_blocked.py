@@ -1,0 +1,39 @@
+"""modman.linalg.blocked: fp64 sums over row blocks equal the whole-matrix fp64 products."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modman.linalg.blocked import combine_rows, dot64, gram64, row_blocks
+
+
+@st.composite
+def operands(draw):
+    m = draw(st.integers(1, 300))  # up to five 64-row blocks
+    n = draw(st.integers(1, 12))
+    batch = draw(st.sampled_from([(), (3,)]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    return [torch.randn(*batch, m, n, generator=g) for _ in range(2)] + [
+        torch.randn(*batch, n, n, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def test_row_blocks_cover_every_row_once():
+    for m in (1, 63, 64, 65, 1000, 4096, 32768):
+        rows = [i for sl in row_blocks(m) for i in range(sl.start, sl.stop)]
+        assert rows == list(range(m))
+        assert max(sl.stop - sl.start for sl in row_blocks(m)) <= max(64, -(-m // 16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(operands())
+def test_blocked_products_equal_the_fp64_products(ops):
+    X, Y, P, Q = ops
+    X64, Y64 = X.double(), Y.double()
+    torch.testing.assert_close(gram64(X), X64.mT @ X64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gram64(X, Y), X64.mT @ Y64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dot64(X, Y), (X64 * Y64).sum((-2, -1)), rtol=1e-12, atol=1e-12)
+    out = torch.empty_like(X)
+    combine_rows(out, X, P, Y, Q)
+    assert torch.equal(out, (X64 @ P + Y64 @ Q).float())  # one rounding of the fp64 result
+    c = torch.rand(X.shape[:-2] + (1, 1), dtype=torch.float64)
+    combine_rows(X, X, scale=c)  # in place
+    assert torch.equal(X, (X64 * c).float())
