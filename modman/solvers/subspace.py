@@ -66,8 +66,10 @@ def solve_on_subspace(core, Gw: torch.Tensor, N: torch.Tensor, dual: torch.Tenso
     Nr = sym(U.mT @ N @ U)
     K, R, lam, _, info, c = core(Gr, Nr, None if dual is None else U.mT @ dual.double() @ U, tol)
     K, R, lam = U @ K @ U.mT, U @ R @ U.mT, sym(U @ lam @ U.mT)
-    # the dual value of the lifted Λ on the full problem: what lies outside S (rounding) is counted
-    C = Gw - 2 * lam
+    # the dual value on the full problem of the lifted dual that certified the reduced one (the
+    # core's ``certificate_dual``, else Λ): what lies outside S (rounding) is counted
+    cert = info.pop("certificate_dual", None)
+    C = Gw - 2 * (lam if cert is None else sym(U @ cert @ U.mT))
     D = float(torch.linalg.eigvalsh(sym(C.mT @ C + N)).clamp(min=0).sqrt().sum())
     info["subspace"] = k
     return K, R, lam, D, info, flops + c + 2 * 4.0 * n * n * k * 4 + 4.0 * n**3 + 10.0 * n**3

@@ -173,3 +173,27 @@ def test_batched_equals_per_matrix(solver):
 
 def test_default_solver_is_accurate():
     assert DEFAULT_SOLVER in ACCURATE and SOLVERS[DEFAULT_SOLVER][1] <= BAR
+
+
+@pytest.mark.parametrize("shape", [(40, 32), (30, 24), (64, 40)])
+def test_singular_n_is_solved_by_the_continuation(shape, monkeypatch):
+    """m < 2n makes N = G⊥ᵀG⊥ singular (rank ≤ m − n), where Su's map stalls: the fixed point on
+    N + εI with ε decreasing (anderson._continuation) reaches the bar without newton, and a warm
+    start resumes at the ε it stopped at (state["shift"]), with fewer maps than cold."""
+    import modman.solvers.anderson as anderson
+
+    calls = []
+    real = anderson.newton_core
+    monkeypatch.setattr(anderson, "newton_core", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(shape[0])
+    W = Stiefel().random(shape, generator=g, dtype=torch.float64).float()
+    G = torch.randn(shape, generator=g)
+    cold = solve_manifold_muon(W, G, solver="anderson")
+    check_certificate(W, G, cold)
+    assert cold.duality_gap.item() <= BAR and calls == []
+    assert 0 < float(cold.state["shift"]) <= 1e-5
+    G2 = 0.95 * G + 0.05 * torch.randn(shape, generator=g)
+    warm = solve_manifold_muon(W, G2, solver="anderson", warm_start=cold.state)
+    check_certificate(W, G2, warm)
+    assert warm.duality_gap.item() <= BAR and calls == []
+    assert warm.iterations < cold.iterations

@@ -117,19 +117,17 @@ def test_full_rank_gradient_is_solved_unreduced_and_not_tested_again(monkeypatch
 
 def test_rounding_outside_the_subspace_stays_in_the_certificate():
     """An fp32 low-rank gradient is low-rank only to its rounding: the reduction is used, and the
-    dual value it reports is that of the full problem (checked against the SDP-free fp64 nuclear
-    norm of Gn − 2WΛ)."""
+    dual value it reports, objective/(1 − gap), is a true upper bound of the full problem's
+    optimum (the SDP oracle's bracket), within the bar of it."""
     g = torch.Generator().manual_seed(3)
-    W = Stiefel().random((60, 24), generator=g, dtype=torch.float64).float()
-    G = low_rank((60, 24), 3, g).float()
+    W = Stiefel().random((30, 12), generator=g, dtype=torch.float64).float()
+    G = low_rank((30, 12), 2, g).float()
     res = solve_manifold_muon(W, G)
-    assert float(res.state["subspace"]) <= 6
+    assert float(res.state["subspace"]) <= 4
     check_certificate(W, G, res)
-    W64, G64 = W.double(), G.double()
-    Gn = G64 / G64.norm()
-    lam = sym(res.state["dual"].double())
-    D = torch.linalg.svdvals(Gn - 2 * W64 @ lam).sum()
-    objective = res.objective.double() / G64.norm()
-    gap = float((D - objective) / D)
-    assert gap <= BAR
-    assert abs(gap - float(res.duality_gap)) <= 1e-5
+    G64 = G.double()
+    lo, hi = sdp_bracket(W.double(), G64 / G64.norm())
+    objective = float(res.objective) / float(G64.norm())
+    D = objective / (1 - float(res.duality_gap))
+    assert D >= lo * (1 - 1e-6)  # an upper bound of the optimum
+    assert objective <= hi * (1 + 1e-6) and (D - objective) / D <= BAR
