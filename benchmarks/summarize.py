@@ -42,7 +42,8 @@ def main() -> None:
             gap = gap.get("max") if isinstance(gap, dict) else gap
             res = s.get("tangent_residual")
             res = res.get("max") if isinstance(res, dict) else res
-            rows.append(f"| solver `{name}` in training (warm starts) | {fmt(s['msign_calls_per_step'])} msign-eq/step, "
+            meq = s.get("msign_equivalents_per_step", s["msign_calls_per_step"])
+            rows.append(f"| solver `{name}` in training (warm starts) | {fmt(meq)} msign-eq/matrix/step, "
                         f"max gap {fmt(gap, '.1e')}, max residual {fmt(res, '.1e')}, "
                         f"{fmt(s.get('step_ratio_vs_own_muon'))}× own Muon, "
                         f"{fmt(s.get('step_ratio_vs_torch_muon'))}× torch.optim.Muon | solvers.json |")
@@ -52,6 +53,14 @@ def main() -> None:
             parts = ", ".join(f"{n} {r['step_s_median']:.2f} s ({r['ratio_vs_own_muon_fp32']:.1f}×)"
                               for n, r in rows_.items())
             rows.append(f"| optimizer step, MLP {spec} (× own Muon fp32) | {parts} | optimizers.json |")
+    d = load("step_memory")
+    if d:
+        for shape, rows_ in d["shapes"].items():
+            parts = ", ".join(f"{n.replace('manifold_muon:', '')} {r['peak_x']:.2f}×" + (" (capped iterations)" if "note" in r else "")
+                              for n, r in rows_.items()
+                              if "peak_x" in r and n in ("manifold_muon:anderson", "manifold_muon:newton",
+                                                         "manifold_muon:projected", "muon_fp32", "adamw"))
+            rows.append(f"| peak temporary memory of one step, {shape} (× the parameter) | {parts} | step_memory.json |")
     d = load("drift")
     if d:
         parts = ", ".join(f"lr {r['lr']}: {r['max_distance']:.1e}" for r in d["results"])
