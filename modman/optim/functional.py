@@ -103,7 +103,15 @@ def stiefel_step(
     # leave W bitwise as it is: neither the retraction's renormalisation nor the drift polish may
     # touch it (a bf16 weight sits ~4e-3 off the manifold and would otherwise be re-polished).
     if torch.equal(X, compute):
-        stats["distance_to_manifold"] = manifold.gram_deviation(compute) / 2
+        drift = manifold.gram_deviation(compute)
+        if bool((drift > 0.1).any()) and bool((stats["duality_gap"] > 0).any()):
+            # far off the manifold (project_on_init=False) and a nonzero gradient (D > 0) but no
+            # usable step (the certificate returns A = 0 when its direction is worse than none, as
+            # the n×n identities assume WᵀW = I): still land W on the manifold. A zero gradient
+            # (gap 0) leaves W bitwise as it is.
+            W.copy_(manifold.project(compute))
+            drift = manifold.gram_deviation(W)
+        stats["distance_to_manifold"] = drift / 2
         return stats
     new = manifold.apply_closed_form(X, factor)
     if not bool(torch.isfinite(new.sum())):  # a NaN or ∞ anywhere reaches the sum (no m×n mask)

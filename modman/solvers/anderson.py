@@ -215,10 +215,10 @@ def anderson_core(Gw, N, dual_in, *, tol, max_iters, depth=4, fast_iters=24, sta
         best, D, maps, cost, ok, last = _anderson_one(Gw, N, S, x, tol, min(fast_iters, max_iters), depth, stall,
                                                       map_dtype)
     plain = maps
-    # stalled (singular N): the same maps on N + εI, ε decreasing. Warm: first a short try at the ε
+    # stalled (singular N): the same maps on N + εI, ε decreasing. Warm: first a try (60 maps) at the ε
     # the previous solve ended with (often enough when the momentum moved little), then from 100×
     # that ε (at most 1e-5); cold: from 1e-2.
-    attempts = [(shift_in, 10), (min(1e-5, 100 * shift_in), 4 * max_iters)] if warm and shift_in > 0 else \
+    attempts = [(shift_in, 60), (min(1e-5, 100 * shift_in), 4 * max_iters)] if warm and shift_in > 0 else \
         [(1e-5 if warm else 1e-2, 4 * max_iters)]
     for start, budget in attempts:
         if ok or max_iters <= plain:
@@ -276,13 +276,13 @@ def solve_anderson(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options
     A = torch.empty_like(Wf)
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
-        Gw, N, cost = tall_frame(Wf[b], Gf[b], sc)
+        Gw, N, Z, cost = tall_frame(Wf[b], Gf[b], sc)
         prev = 0.0 if shift_in is None else float(shift_in[b])
         K, R, lam, D, info, c = solve_on_subspace(lambda *a: core(*a, shift=prev), Gw, N,
                                                   None if dual_in is None else dual_in[b], tol,
                                                   try_subspace=sub_in is None or sub_in[b] < n)
         shifts.append(info["shift"])
-        assemble(A[b], Wf[b], Gf[b], Gw, K, R, sc)
+        assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
         dual_out.append(lam)
         values.append(D)
         subspaces.append(info["subspace"])

@@ -121,7 +121,8 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
     - ‖A‖₂² ≤ λ_max(AᵀA) + n·eps₆₄·‖AᵀA‖_F from an fp64 eigvalsh of the n×n Gram (eigvalsh is
       backward stable, so the computed λ_max is off by at most that), then A is divided by
       max(1, ‖A‖₂·(1 + √n·eps)) — the factor absorbs the rounding of the rescaled A to out_dtype;
-    - objective ⟨Gn, A⟩ and relative gap (D − ⟨Gn, A⟩)/D, clamped at 0 (0 when D = 0).
+    - objective ⟨Gn, A⟩ and relative gap (D − ⟨Gn, A⟩)/D, clamped at 0 (0 when D = 0); a direction
+      with a negative objective (G normal to the manifold up to rounding) is replaced by A = 0.
     A is overwritten (it is the solver's own output); ``g_scale`` (fp64, (…, 1, 1)): Gn is given
     unnormalised and the normalised gradient is Gn·g_scale. All m×n work is in fp64 row blocks.
     Returns (A_f, objective, tangent residual, gap, flops spent, ‖A_f‖₂ bound).
@@ -149,6 +150,11 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
     objective = dot64(Gn, A)
     if g_scale is not None:
         objective = objective * g_scale[..., 0, 0]
+    worse = objective < 0  # worse than A = 0 (G normal to the manifold, up to rounding): return 0
+    if bool(worse.any()):
+        A.masked_fill_(worse[..., None, None], 0.0)
+        objective = torch.where(worse, torch.zeros_like(objective), objective)
+        c = torch.where(worse, torch.zeros_like(c), c)
     D = dual_value.double()
     gap = torch.where(D > 0, (D - objective) / D.clamp(min=_TINY), torch.zeros_like(D)).clamp(min=0)
     return A, objective, res, gap, flops, norm * c
