@@ -33,8 +33,10 @@ def main() -> None:
             rows.append(f"| `modman` main job ({d['args']['steps']} steps), {r['optimizer']} lr {r['lr']:g} | "
                         f"train {r['train_acc']:.1%}, test {r['test_acc']:.1%}, "
                         f"{r['optimizer_seconds_per_step'] * 1e3:.1f} ms per optimizer step | main_job.json |")
-    d = load("solvers")
-    if d:
+    for file, label in (("solvers", "784→256→256→10"), ("solvers_h1024", "784→1024→1024→10")):
+        d = load(file)
+        if not d:
+            continue
         for name, s in d.items():
             if not isinstance(s, dict) or "msign_calls_per_step" not in s:
                 continue
@@ -43,10 +45,16 @@ def main() -> None:
             res = s.get("tangent_residual")
             res = res.get("max") if isinstance(res, dict) else res
             meq = s.get("msign_equivalents_per_step", s["msign_calls_per_step"])
-            rows.append(f"| solver `{name}` in training (warm starts) | {fmt(meq)} msign-eq/matrix/step, "
+            rows.append(f"| solver `{name}` in training, MLP {label} (warm starts) | {fmt(meq)} msign-eq/matrix/step, "
                         f"max gap {fmt(gap, '.1e')}, max residual {fmt(res, '.1e')}, "
                         f"{fmt(s.get('step_ratio_vs_own_muon'))}× own Muon, "
-                        f"{fmt(s.get('step_ratio_vs_torch_muon'))}× torch.optim.Muon | solvers.json |")
+                        f"{fmt(s.get('step_ratio_vs_torch_muon'))}× torch.optim.Muon | {file}.json |")
+    d = load("first_steps")
+    if d:
+        parts = ", ".join(f"{r['step_s']:.1f}" for r in d["steps"])
+        gap = max(m["duality_gap"] for r in d["steps"] for m in r["matrices"])
+        rows.append(f"| first steps, {d['model']} ({d['optimizer'].split('(')[0]} default solver) | seconds per step: "
+                    f"{parts}; max certified gap {gap:.1e} | first_steps.json |")
     d = load("optimizers")
     if d:
         for spec, rows_ in d["models"].items():
