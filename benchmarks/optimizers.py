@@ -88,7 +88,9 @@ def merged(path: pathlib.Path, new: dict) -> dict:
         for n, row in old["models"].get(spec, {}).items():
             row.setdefault("command", commands.get(spec, old["command"]))
         old["models"].setdefault(spec, {}).update(rows)
-        commands[spec] = commands.get(spec, "") + f"; rows {', '.join(rows)} replaced by: {new['command']}"
+        note = f"; rows {', '.join(rows)} replaced by: {new['command']}"
+        if not commands.get(spec, "").endswith(note):  # results are written after every model
+            commands[spec] = commands.get(spec, "") + note
     old["command"] = commands
     old["machine_of_last_merge"] = new["machine"]
     return old
