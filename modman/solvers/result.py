@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..linalg.blocked import combine_rows, dot64, gram64
+from ..linalg.blocked import combine_rows, dot64, gram64, row_blocks
 
 _TINY = 1e-30
 
@@ -69,13 +69,9 @@ def nuclear_norm(M: torch.Tensor) -> torch.Tensor:
 
 def make_feasible(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """Tangent-project A at W (tall, WᵀW = I) and rescale it into the spectral unit ball."""
-    return _feasible_and_norm(W, A)[0]
-
-
-def _feasible_and_norm(W: torch.Tensor, A: torch.Tensor):
     Ap = A - W @ sym(W.mT @ A)
     norm = spectral_norm(Ap)
-    return Ap / norm.clamp(min=1.0)[..., None, None], norm.clamp(max=1.0)
+    return Ap / norm.clamp(min=1.0)[..., None, None]
 
 
 def tangent_residual(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -96,15 +92,28 @@ def certify(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: torch.Tens
 
 def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: torch.Tensor,
                       out_dtype: torch.dtype):
-    """``certify``, plus ‖A_f‖₂ (min(1, ‖P(A)‖₂) from the fp64 Gram eigenvalue)."""
-    W64, G64, A64 = W.double(), Gn.double(), A.double()
-    A_f, norm = _feasible_and_norm(W64, A64)
-    A_f = A_f.to(out_dtype)
-    A64 = A_f.double()  # certify what is actually returned, rounding included
-    objective = (G64 * A64).sum((-2, -1))
-    dual_value = nuclear_norm(G64 - 2 * W64 @ sym(dual.double()))
+    """``certify``, plus ‖A_f‖₂ (min(1, ‖P(A)‖₂) from the fp64 Gram eigenvalue).
+
+    All m×n work runs in fp64 row blocks (``linalg/blocked.py``): P(A) = A − W·sym(WᵀA) is never
+    formed in full; its Gram comes from n×n products, and A_f = P(A)/max(1, ‖P(A)‖₂) is written
+    block by block, rounded once. ‖Gn − 2WΛ‖_* from the Gram of Gn − 2WΛ summed over blocks.
+    """
+    S = sym(gram64(W, A))
+    gram_a, gram_w, WtA = gram64(A), gram64(W), gram64(W, A)
+    gram_p = sym(gram_a - WtA.mT @ S - S @ WtA + S @ gram_w @ S)  # P(A)ᵀP(A)
+    norm = torch.linalg.eigvalsh(gram_p)[..., -1].clamp(min=0).sqrt()
+    A_f = torch.empty(A.shape, dtype=out_dtype, device=A.device)
+    combine_rows(A_f, A, None, W, -S, scale=(1 / norm.clamp(min=1.0))[..., None, None])
+    objective = dot64(Gn, A_f)
+    lam = sym(dual.double())
+    gram_z = None
+    for sl in row_blocks(W.shape[-2]):
+        Z = Gn[..., sl, :].double() - 2 * W[..., sl, :].double() @ lam
+        gram_z = Z.mT @ Z if gram_z is None else gram_z.add_(Z.mT @ Z)
+    dual_value = torch.linalg.eigvalsh(sym(gram_z)).clamp(min=0).sqrt().sum(-1)
     gap = ((dual_value - objective) / dual_value.clamp(min=_TINY)).clamp(min=0)
-    return A_f, objective, tangent_residual(W64, A64), gap, norm
+    residual = _residual(gram64(W, A_f), gram64(A_f))
+    return A_f, objective, residual, gap, norm.clamp(max=1.0)
 
 
 def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value: torch.Tensor,
