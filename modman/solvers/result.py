@@ -98,12 +98,12 @@ def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: 
     formed in full; its Gram comes from n×n products, and A_f = P(A)/max(1, ‖P(A)‖₂) is written
     block by block, rounded once. ‖Gn − 2WΛ‖_* from the Gram of Gn − 2WΛ summed over blocks.
     """
+    # few n×n fp64 matrices alive at once: where n ≈ m each is 1.5× an fp32 parameter
     S = sym(gram64(W, A))
-    gram_a, gram_w, WtA = gram64(A), gram64(W), gram64(W, A)
-    gram_p = sym(gram_a - WtA.mT @ S - S @ WtA + S @ gram_w @ S)  # P(A)ᵀP(A)
-    norm = torch.linalg.eigvalsh(gram_p)[..., -1].clamp(min=0).sqrt()
+    norm = _blocked_gram_eig_max(A, W, S).sqrt()  # ‖P(A)‖₂ from P(A)ᵀP(A), summed over row blocks
     A_f = torch.empty(A.shape, dtype=out_dtype, device=A.device)
     combine_rows(A_f, A, None, W, -S, scale=(1 / norm.clamp(min=1.0))[..., None, None])
+    del S
     objective = dot64(Gn, A_f)
     lam = sym(dual.double())
     gram_z = None
@@ -111,9 +111,22 @@ def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: 
         Z = Gn[..., sl, :].double() - 2 * W[..., sl, :].double() @ lam
         gram_z = Z.mT @ Z if gram_z is None else gram_z.add_(Z.mT @ Z)
     dual_value = torch.linalg.eigvalsh(sym(gram_z)).clamp(min=0).sqrt().sum(-1)
+    del gram_z, lam
     gap = ((dual_value - objective) / dual_value.clamp(min=_TINY)).clamp(min=0)
-    residual = _residual(gram64(W, A_f), gram64(A_f))
+    H = gram64(W, A_f)
+    num = torch.linalg.matrix_norm(H + H.mT)
+    den = dot64(A_f, A_f).clamp(min=0).sqrt()
+    residual = num / den.clamp(min=_TINY) * (den > 0)
     return A_f, objective, residual, gap, norm.clamp(max=1.0)
+
+
+def _blocked_gram_eig_max(A: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """λ_max of (A − W S)ᵀ(A − W S) (≥ 0), the Gram summed over fp64 row blocks."""
+    gram = None
+    for sl in row_blocks(A.shape[-2]):
+        P = A[..., sl, :].double() - W[..., sl, :].double() @ S
+        gram = P.mT @ P if gram is None else gram.add_(P.mT @ P)
+    return torch.linalg.eigvalsh(sym(gram))[..., -1].clamp(min=0)
 
 
 def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value: torch.Tensor,
