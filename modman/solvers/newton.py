@@ -263,14 +263,14 @@ def solve_newton(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options):
         dual_out.append(lam)
         mu_out.append(info["mu"])
         sub_out.append(info["subspace"])
-        dual_values.append(torch.tensor(D, dtype=torch.float64))
+        dual_values.append(torch.tensor(D, dtype=torch.float64, device=W.device))
         steps_total += info["steps"]
         cost_total += cost
     nb = Wf.shape[0]
     A = A.reshape(*batch, m, n)
     dual = torch.stack(dual_out).reshape(*batch, n, n)
-    state = {"dual": dual.to(W.dtype), "mu": torch.tensor(mu_out, dtype=torch.float64).reshape(batch),
-             "subspace": torch.tensor(sub_out, dtype=torch.float64).reshape(batch)}
+    state = {"dual": dual.to(W.dtype), "mu": torch.tensor(mu_out, dtype=torch.float64, device=W.device).reshape(batch),
+             "subspace": torch.tensor(sub_out, dtype=torch.float64, device=W.device).reshape(batch)}
     equivalents = cost_total / nb / msign_flops(m, n)
     return SolverOutput(direction=A, dual=dual.to(W.dtype), iterations=math.ceil(steps_total / nb),
                         msign_calls=math.ceil(equivalents), state=state,
@@ -285,7 +285,9 @@ def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):
     ‖A‖₂ (measured: 1.29 on a 1024×784 layer, certified gap 0.13)."""
     m, n = W.shape
     Gw = gram64(W, G) * g_scale
-    Z = torch.linalg.solve(sym(gram64(W)), Gw)
+    L, info = torch.linalg.cholesky_ex(sym(gram64(W)))
+    # a rank-deficient W (a zero or pruned weight, project_on_init=False) has no (WᵀW)⁻¹: take Z = Gw
+    Z = torch.cholesky_solve(Gw, L) if int(info) == 0 else Gw
     N = None
     for sl in row_blocks(m):
         Gp = G[sl].double() * g_scale - W[sl].double() @ Z

@@ -40,7 +40,7 @@ def subspace_basis(Gw: torch.Tensor, N: torch.Tensor) -> tuple[torch.Tensor | No
     lam, V = torch.linalg.eigh(P)
     flops = 2 * 4.0 * n**3 + 20.0 * n**3
     if not float(lam[-1]) > 0:
-        return None, flops
+        return None, flops  # G = 0: nothing to reduce, and nothing learnt about later gradients
     keep = lam > _RTOL * lam[-1]
     k = int(keep.sum())
     if k > MAX_FRACTION * n:
@@ -59,7 +59,9 @@ def solve_on_subspace(core, Gw: torch.Tensor, N: torch.Tensor, dual: torch.Tenso
     U, flops = subspace_basis(Gw, N) if try_subspace else (None, 0.0)
     if U is None:
         K, R, lam, D, info, c = core(Gw, N, dual, tol)
-        info["subspace"] = n
+        # n marks a gradient that filled the space (the test is skipped from then on); a zero
+        # gradient says nothing about the next one, so it is marked 0 and the test runs again
+        info["subspace"] = 0 if try_subspace and not bool(Gw.any() or N.any()) else n
         return K, R, lam, D, info, flops + c
     k = U.shape[-1]
     Gr = U.mT @ Gw @ U

@@ -197,3 +197,42 @@ def test_singular_n_is_solved_by_the_continuation(shape, monkeypatch):
     check_certificate(W, G2, warm)
     assert warm.duality_gap.item() <= BAR and calls == []
     assert warm.iterations < cold.iterations
+
+
+@pytest.mark.parametrize("tail", [1e-7, 1e-9])
+def test_recovery_value_is_that_of_the_rescaled_direction(tail):
+    """anderson accepts a recovery on φ, so φ must be the value of the direction the certificate
+    will return: with a spectral tail near eigh's rounding, R ~ 1/t once put ‖A‖₂ at 1.05 while
+    φ assumed ≤ 1 (the continuation then stopped at a certified gap of 1e-2)."""
+    import modman.solvers.anderson as anderson
+    from modman.solvers.newton import skew, tall_frame
+
+    g = torch.Generator().manual_seed(1)
+    m, n = 120, 60
+    W = Stiefel().random((m, n), generator=g, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    s = torch.full((n,), tail, dtype=torch.float64)
+    s[:2] = torch.tensor([1.0, 0.7])
+    Gn = (U * s) @ V.mT
+    Gn = Gn / Gn.norm()
+    Gw, N, Z, _ = tall_frame(W, Gn)
+    for seed in range(5):
+        K = skew(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        K = 0.999 * K / torch.linalg.matrix_norm(K, 2)
+        phi, K2, R = anderson.recover(K, N, skew(Gw), 1.0)
+        A = W @ K2 + (Gn - W @ Z) @ R
+        A = A / torch.linalg.matrix_norm(A, 2).clamp(min=1.0)
+        assert phi <= float((Gn * A).sum()) + 1e-9
+
+
+@pytest.mark.parametrize("solver", ACCURATE)
+def test_rank_deficient_weight_does_not_crash(solver):
+    """WᵀW singular (a zero or duplicated weight): no (WᵀW)⁻¹, the solve still returns a feasible A."""
+    g = torch.Generator().manual_seed(0)
+    Q = Stiefel().random((40, 8), generator=g)
+    for W in (torch.zeros(40, 16), torch.cat([Q, Q], 1)):
+        G = torch.randn(40, 16, generator=g)
+        res = solve_manifold_muon(W, G, solver=solver)
+        assert torch.isfinite(res.direction).all() and torch.isfinite(res.duality_gap).all()
+        assert torch.linalg.matrix_norm(res.direction.double(), 2) <= 1 + 1e-6
