@@ -113,10 +113,7 @@ def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: 
     dual_value = torch.linalg.eigvalsh(sym(gram_z)).clamp(min=0).sqrt().sum(-1)
     del gram_z, lam
     gap = ((dual_value - objective) / dual_value.clamp(min=_TINY)).clamp(min=0)
-    H = gram64(W, A_f)
-    num = torch.linalg.matrix_norm(H + H.mT)
-    den = dot64(A_f, A_f).clamp(min=0).sqrt()
-    residual = num / den.clamp(min=_TINY) * (den > 0)
+    residual = _residual(gram64(W, A_f), dot64(A_f, A_f))
     return A_f, objective, residual, gap, norm.clamp(max=1.0)
 
 
@@ -156,13 +153,13 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
     flops = 2.0 * m * n * n * 2
     eps = torch.finfo(out_dtype).eps
     gram = sym(gram64(A))
-    res = _residual(H, gram)
+    res = _residual(H, torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1))
     if bool((res > 10 * n**0.5 * eps).any()):
         combine_rows(A, A, None, W, -sym(H))
         H = gram64(W, A)
         gram = sym(gram64(A))
         flops += 3 * 2.0 * m * n * n * 2
-        res = _residual(H, gram)
+        res = _residual(H, torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1))
     flops += 2.0 * m * n * n * 2 + 10.0 * n**3
     lmax = torch.linalg.eigvalsh(gram)[..., -1] + n * torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(gram)
     norm = lmax.clamp(min=0).sqrt() * (1 + n**0.5 * eps)
@@ -182,15 +179,8 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
     return A, objective, res, gap, flops, norm * c
 
 
-def _residual(H: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """‖H + Hᵀ‖_F/‖A‖_F for H = WᵀA, with ‖A‖_F² = tr(AᵀA) (0 when A = 0)."""
+def _residual(H: torch.Tensor, a_sq: torch.Tensor) -> torch.Tensor:
+    """‖H + Hᵀ‖_F/‖A‖_F for H = WᵀA and a_sq = ‖A‖_F² (0 when A = 0)."""
     num = torch.linalg.matrix_norm(H + H.mT)
-    den = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1).clamp(min=0).sqrt()
-    return num / den.clamp(min=_TINY) * (den > 0)
-
-
-def tangent_residual_from(H: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """‖H + Hᵀ‖_F/‖A‖_F for H = WᵀA (0 when A = 0)."""
-    num = torch.linalg.matrix_norm(H + H.mT)
-    den = torch.linalg.matrix_norm(A)
+    den = a_sq.clamp(min=0).sqrt()
     return num / den.clamp(min=_TINY) * (den > 0)
