@@ -53,10 +53,9 @@ import math
 import torch
 
 from .closed_form import solve_closed_form
-from .newton import assemble, msign_flops, newton_core, skew, tall_frame
+from .newton import newton_core, skew, solve_tall
 from .result import sym
-from .subspace import solve_on_subspace
-from .types import SolverOutput
+
 
 def _inv_or_zero(x: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
     """1/x, with 0 where x is a square root of an eigenvalue that eigh cannot tell from 0:
@@ -263,46 +262,14 @@ def solve_anderson(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options
     """Anderson-accelerated fixed point with primal recovery (module docstring); W, Gn tall
     (…, m, n), WᵀW = I; ``g_scale`` as in ``solve_newton``. ``max_iters`` caps the maps plus
     newton's steps after a stall. A gradient of low rank is solved on the subspace it spans
-    (``subspace.py``)."""
-    batch = W.shape[:-2]
-    m, n = W.shape[-2:]
-    if m == n:
+    (``subspace.py``). State: the dual, the subspace size and the continuation's last shift."""
+    if W.shape[-1] == W.shape[-2]:
         # the closed form is the exact optimum, and without a dual_value the dispatcher certifies
         # it on W as it is: the n×n identity behind this solver's dual value assumes WᵀW = I, and
         # a square weight 3e-5 off the manifold in fp32 training certified gaps up to 5e-4
         return solve_closed_form(W, Gn, tol=tol, max_iters=max_iters, warm_start=None)
-    Wf, Gf = W.reshape(-1, m, n), Gn.reshape(-1, m, n)
-    warm_start = warm_start or {}
-    dual_in = warm_start["dual"].reshape(-1, n, n) if "dual" in warm_start else None
-    sub_in = warm_start["subspace"].reshape(-1) if "subspace" in warm_start else None
-    shift_in = warm_start["shift"].reshape(-1) if "shift" in warm_start else None
-    dual_out, values, subspaces, shifts, iters, flops = [], [], [], [], 0, 0.0
 
     def core(Gw, N, dual, tol_, shift=0.0):
         return anderson_core(Gw, N, dual, tol=tol_, max_iters=max_iters, shift_in=shift, **options)
 
-    scales = g_scale.reshape(-1) if g_scale is not None else None
-    A = torch.empty_like(Wf)
-    for b in range(Wf.shape[0]):
-        sc = 1.0 if scales is None else scales[b]
-        Gw, N, Z, cost = tall_frame(Wf[b], Gf[b], sc)
-        prev = 0.0 if shift_in is None else float(shift_in[b])
-        K, R, lam, D, info, c = solve_on_subspace(lambda *a: core(*a, shift=prev), Gw, N,
-                                                  None if dual_in is None else dual_in[b], tol,
-                                                  try_subspace=sub_in is None or sub_in[b] < n)
-        shifts.append(info["shift"])
-        assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
-        dual_out.append(lam)
-        values.append(D)
-        subspaces.append(info["subspace"])
-        iters += info["iterations"]
-        flops += cost + c + 2 * 4.0 * m * n * n
-    nb = Wf.shape[0]
-    A = A.reshape(*batch, m, n)
-    dual = torch.stack(dual_out).to(W.dtype).reshape(*batch, n, n)
-    equivalents = flops / nb / msign_flops(m, n)
-    state = {"dual": dual, "subspace": torch.tensor(subspaces, dtype=torch.float64, device=W.device).reshape(batch),
-             "shift": torch.tensor(shifts, dtype=torch.float64, device=W.device).reshape(batch)}
-    return SolverOutput(direction=A, dual=dual, iterations=math.ceil(iters / nb), msign_calls=math.ceil(equivalents),
-                        state=state, dual_value=torch.tensor(values, dtype=torch.float64, device=W.device).reshape(batch),
-                        msign_equivalents=equivalents)
+    return solve_tall(W, Gn, core, tol=tol, warm_start=warm_start, g_scale=g_scale, carried=("shift",))

@@ -227,54 +227,59 @@ def solve_newton(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options):
 
     Returns the candidate direction A = W K + G⊥ R (tangent by construction), the dual Λ, and
     the fp64 dual value D(Λ) the cheap certificate needs. A gradient of low rank is solved on the
-    subspace it spans (``subspace.py``).
+    subspace it spans (``subspace.py``). State: the dual, the subspace size and the smoothing μ.
     """
+    square = W.shape[-1] == W.shape[-2]
+
+    def core(Gw, N, dual, tol_, mu=None):
+        K, R, lam, D, mu, steps, c = newton_core(Gw, N, dual, mu, tol=tol_, max_iters=max_iters,
+                                                 square=square, **options)
+        return K, R, lam, D, {"mu": mu, "iterations": steps}, c
+
+    return solve_tall(W, Gn, core, tol=tol, warm_start=warm_start, g_scale=g_scale, carried=("mu",))
+
+
+def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
+    """The loop the n×n dual solvers share, over the matrices of a batch (…, m, n), m ≥ n: the
+    frame (Gw, N, Z) of ``tall_frame``, then ``core(Gw, N, Λ_in, tol, **warm) -> (K, R, Λ, D,
+    info, flops)`` (on the subspace of a low-rank gradient, ``subspace.py``), then the direction
+    A = W K + G⊥ R by ``assemble``. ``info["iterations"]`` is averaged; the scalar entries named
+    in ``carried`` go into the state and come back to ``core`` as keywords on the next call, with
+    the dual Λ and the subspace size. ``msign_equivalents`` counts every flop of the step."""
     batch = W.shape[:-2]
     m, n = W.shape[-2:]
-    Wf = W.reshape(-1, m, n)
-    Gf = Gn.reshape(-1, m, n)
-    dual_in = None
-    mu_in = None
-    if warm_start is not None and "dual" in warm_start:
-        dual_in = warm_start["dual"].reshape(-1, n, n)
-        if "mu" in warm_start:
-            mu_in = warm_start["mu"].reshape(-1)
-    sub_in = warm_start.get("subspace") if warm_start is not None else None
-    sub_in = None if sub_in is None else sub_in.reshape(-1)
-    dual_out, mu_out, sub_out, dual_values = [], [], [], []
-    steps_total, cost_total = 0, 0.0
+    Wf, Gf = W.reshape(-1, m, n), Gn.reshape(-1, m, n)
+    warm = warm_start or {}
+    dual_in = warm["dual"].reshape(-1, n, n) if "dual" in warm else None
+    sub_in = warm["subspace"].reshape(-1) if "subspace" in warm else None
+    carried_in = {k: warm[k].reshape(-1) for k in carried if k in warm}
     scales = g_scale.reshape(-1) if g_scale is not None else None
     A = torch.empty_like(Wf)
+    duals, values, iters, flops = [], [], 0, 0.0
+    kept = {k: [] for k in ("subspace",) + tuple(carried)}
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
         Gw, N, Z, cost = tall_frame(Wf[b], Gf[b], sc)
-
-        def core(Gw_, N_, dual_, tol_):
-            K, R, lam, D, mu, steps, c = newton_core(
-                Gw_, N_, dual_, None if mu_in is None else mu_in[b], tol=tol_, max_iters=max_iters,
-                square=m == n, **options)
-            return K, R, lam, D, {"mu": mu, "steps": steps}, c
-
-        K, R, lam, D, info, c = solve_on_subspace(core, Gw, N, None if dual_in is None else dual_in[b], tol,
-                                                  try_subspace=m != n and (sub_in is None or sub_in[b] < n))
-        cost += c
+        prev = {k: float(v[b]) for k, v in carried_in.items()}
+        K, R, lam, D, info, c = solve_on_subspace(
+            lambda *a: core(*a, **prev), Gw, N, None if dual_in is None else dual_in[b], tol,
+            try_subspace=m != n and (sub_in is None or sub_in[b] < n))
         assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
-        cost += 2 * 2.0 * m * n * n * 2
-        dual_out.append(lam)
-        mu_out.append(info["mu"])
-        sub_out.append(info["subspace"])
-        dual_values.append(torch.tensor(D, dtype=torch.float64, device=W.device))
-        steps_total += info["steps"]
-        cost_total += cost
+        duals.append(lam)
+        values.append(D)
+        for k in kept:
+            kept[k].append(info[k])
+        iters += info["iterations"]
+        flops += cost + c + 2 * 4.0 * m * n * n  # + the assemble's two fp64 tall products
     nb = Wf.shape[0]
-    A = A.reshape(*batch, m, n)
-    dual = torch.stack(dual_out).reshape(*batch, n, n)
-    state = {"dual": dual.to(W.dtype), "mu": torch.tensor(mu_out, dtype=torch.float64, device=W.device).reshape(batch),
-             "subspace": torch.tensor(sub_out, dtype=torch.float64, device=W.device).reshape(batch)}
-    equivalents = cost_total / nb / msign_flops(m, n)
-    return SolverOutput(direction=A, dual=dual.to(W.dtype), iterations=math.ceil(steps_total / nb),
+    dual = torch.stack(duals).to(W.dtype).reshape(*batch, n, n)
+    state = {"dual": dual, **{k: torch.tensor(v, dtype=torch.float64, device=W.device).reshape(batch)
+                              for k, v in kept.items()}}
+    equivalents = flops / nb / msign_flops(m, n)
+    return SolverOutput(direction=A.reshape(*batch, m, n), dual=dual, iterations=math.ceil(iters / nb),
                         msign_calls=math.ceil(equivalents), state=state,
-                        dual_value=torch.stack(dual_values).reshape(batch), msign_equivalents=equivalents)
+                        dual_value=torch.tensor(values, dtype=torch.float64, device=W.device).reshape(batch),
+                        msign_equivalents=equivalents)
 
 
 def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):
