@@ -440,15 +440,17 @@ class TinyCausalLM(nn.Module):
         return model.to(map_location)
 
 
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
+                          label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean of −log softmax(logits[:, t])[labels[:, t+1]] over positions whose label ≠ -100.
 
-    With no scored position at all the loss is an exact 0 that still carries a graph, rather
-    than the 0/0 = NaN a plain mean would give.
+    ``label_smoothing`` ε scores against (1 − ε)·onehot + ε/V instead of the one-hot label
+    (``torch.nn.functional.cross_entropy``'s definition). With no scored position at all the loss
+    is an exact 0 that still carries a graph, rather than the 0/0 = NaN a plain mean would give.
     """
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+                            reduction="sum", label_smoothing=label_smoothing)
     count = (shift_labels != IGNORE_INDEX).sum()
     return total / count.clamp(min=1)

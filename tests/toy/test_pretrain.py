@@ -38,6 +38,34 @@ def test_hash_ignores_the_name_and_sees_every_other_field():
         pretrain("nonexistent")
 
 
+def test_label_smoothing_keeps_old_hashes_and_is_validated():
+    # the field was added later: a recipe without it keeps the hash (and cached checkpoint) it had
+    assert RECIPES["base"].hash() == "430fb1e1ecbfd5e8"
+    smoothed = dataclasses.replace(TINY, label_smoothing=0.1)
+    assert smoothed.hash() != TINY.hash()
+    assert RECIPES["base-ls"].hash() == dataclasses.replace(RECIPES["base"], label_smoothing=0.1).hash()
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            dataclasses.replace(TINY, label_smoothing=bad)
+
+
+def test_label_smoothing_bounds_confidence():
+    """Trained on the same batches, the smoothed model puts more log-prob on tokens it never
+    saw as answers (its worst-case log-prob is bounded by the smoothing; the plain one's is not)."""
+    recipe = dataclasses.replace(TINY, steps=60, lr=1e-2, warmup_steps=5)
+    plain, _ = train(recipe)
+    smooth, _ = train(dataclasses.replace(recipe, label_smoothing=0.3))
+    batch = recipe.make_task().sample(32, 0, "test")
+    scored = batch.labels[:, 1:] != -100
+
+    def min_logprob(model):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(batch.input_ids).logits[:, :-1].float(), -1)
+        return lp[scored].min()
+
+    assert min_logprob(smooth) > min_logprob(plain) + 1.0
+
+
 def test_base_recipe_meets_the_issue_shape():
     model = RECIPES["base"].make_model()
     assert (model.config.d_model, model.config.n_layers) == (128, 4)
