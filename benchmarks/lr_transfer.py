@@ -22,7 +22,7 @@ over seeds (resampled with replacement per configuration).
     python benchmarks/lr_transfer.py --opt manifold_muon --arch mlp --no-write & ...
 
 Prints a table and writes benchmarks/results/lr_transfer.json and lr_transfer.png (with --grid 4:
-lr_transfer_grid4.json and .png).
+lr_transfer_grid4.json and .png; with --out-mult 32: lr_transfer_out32.json and .png).
 """
 from __future__ import annotations
 
@@ -272,8 +272,14 @@ def _half_steps(k: int) -> str:
 
 
 LATTICE = {"manifold_muon": 0.5, "adamw": 3e-3}
-START = {("manifold_muon", "mlp", 8): 7, ("adamw", "mlp", 8): 3, ("manifold_muon", "resmlp", 8): 3,
-         ("manifold_muon", "resmlp", 4): 3, ("adamw", "resmlp", 8): 3, ("adamw", "resmlp", 4): 3}
+START = {("manifold_muon", "mlp", 8): 7, ("adamw", "mlp", 8): 3,
+         **{(o, "resmlp", d): 3 for o in ("manifold_muon", "adamw") for d in (4, 6, 8, 10)}}
+# Reported depth spans (name: (#Linear from, #Linear to)). depth_2_8 is the bar's 2 → 8 in
+# Linear layers. ResMLP's depth 2 has no block (total mass 2: input and output); from depth 3 on
+# the blocks are tared to mass 1 (total mass 3 at every depth), so depth_3_8 compares members of
+# one mass allocation, and blocks_2_8 is the bar's 2 → 8 counted in residual blocks, modula's
+# depth for residual networks (#Linear = blocks + 2).
+DEPTH_SPANS = {"depth_2_8": ("2", "8"), "depth_3_8": ("3", "8"), "blocks_2_8": ("4", "10")}
 DESCRIPTIONS = {
     "mlp": "bias-free ReLU MLP 40→width…→10, depth = #Linear",
     "resmlp": "40→width, ReLU, depth−2 residual blocks h ↦ (1−1/B)h + (1/B)·relu(W h), width→10; "
@@ -282,6 +288,7 @@ DESCRIPTIONS = {
 
 
 def main():
+    global PER_OCTAVE, OUT_MULT
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--steps", type=int, default=None)
@@ -293,12 +300,14 @@ def main():
     ap.add_argument("--no-write", action="store_true", help="fill the runs cache only")
     ap.add_argument("--grid", type=int, choices=[2, 4], default=2,
                     help="lr grid points per doubling: 2 (a √2 grid) or 4 (a 2^¼ grid)")
+    ap.add_argument("--out-mult", type=float, default=OUT_MULT,
+                    help="the models' fixed logit multiplier (results go to a file named after it)")
     args = ap.parse_args()
-    global PER_OCTAVE
     PER_OCTAVE = args.grid
+    OUT_MULT = args.out_mult
     args.steps = args.steps or (1000 if args.full else 300)
     widths = [64, 128, 256, 512] if args.full else [64, 512]
-    depths = {"mlp": [2, 4, 8] if args.full else [2, 8], "resmlp": [2, 3, 4, 8]}
+    depths = {"mlp": [2, 4, 8] if args.full else [2, 8], "resmlp": [2, 3, 4, 6, 8, 10]}
     base_width, base_depth = 64, 2
     opts = args.opt or ["manifold_muon", "adamw"]
     archs = args.arch or list(ARCHS)
@@ -325,16 +334,14 @@ def main():
                 fits = [r["best_lr_fit"] for r in res[axis].values()]
                 res[f"{axis}_shift_fit"] = max(fits) / min(fits) if all(fits) else None
                 res[f"{axis}_shift_bootstrap"] = bootstrap_shift(res[axis], opt_name)
-                if axis == "depth":  # the bar's endpoints 2 → 8 (ResMLP also has 3 and 4)
-                    for lo in ("2", "3"):
-                        if lo not in res[axis]:
+                if axis == "depth":
+                    for name, (lo, hi) in DEPTH_SPANS.items():
+                        if lo not in res[axis] or hi not in res[axis]:
                             continue
-                        # ResMLP from depth 3 on: at least one block, so the same total mass
-                        # (input 1, blocks tared to 1, output 1) at every depth
-                        ends = {k: res[axis][k] for k in (lo, "8")}
+                        ends = {k: res[axis][k] for k in (lo, hi)}
                         b = [r["best_lr"] for r in ends.values()]
-                        res[f"depth_{lo}_8_shift"] = max(b) / min(b)
-                        res[f"depth_{lo}_8_shift_bootstrap"] = bootstrap_shift(ends, opt_name)
+                        res[f"{name}_shift"] = max(b) / min(b)
+                        res[f"{name}_shift_bootstrap"] = bootstrap_shift(ends, opt_name)
             results[opt_name][arch] = res
     if args.no_write:
         return
@@ -368,13 +375,15 @@ def main():
                 bs = res[f"{axis}_shift_bootstrap"]
                 print(f"{o:<14} {a:<7} {axis:<6} shift of best lr: {res[axis + '_shift']:.3g}× (bootstrap over seeds "
                       f"5–95 %: {bs['p05']:.3g}–{bs['p95']:.3g}×, share < 2×: {bs['share_below_2x']:.2f})")
-    name = "lr_transfer" if PER_OCTAVE == 2 else f"lr_transfer_grid{PER_OCTAVE}"
+    name = "lr_transfer" + ("" if PER_OCTAVE == 2 else f"_grid{PER_OCTAVE}") + (
+        "" if OUT_MULT == 8.0 else f"_out{OUT_MULT:g}")
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         panels = [(o, a, axis) for o in results for a in results[o] for axis in ("width", "depth")
                   if axis in results[o][a]]
@@ -384,6 +393,7 @@ def main():
             for v, r in res[axis].items():
                 ax.plot(r["grid"], r["median_loss"], marker="o", label=f"{axis} {v}")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
             ax.set_title(f"{o} {a}: {axis} (best-lr shift {res[axis + '_shift']:.2g}×)", fontsize=9)
             ax.set_xlabel("lr")
             ax.set_ylabel("median final train loss")

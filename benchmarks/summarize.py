@@ -73,11 +73,11 @@ def main() -> None:
     if d:
         parts = ", ".join(f"lr {r['lr']}: {r['max_distance']:.1e}" for r in d["results"])
         rows.append(f"| closed-form retraction drift, 10⁴ fp32 steps, max\\|σ−1\\| | {parts} | drift.json |")
-    for name in ("lr_transfer", "lr_transfer_grid4"):
+    for name in ("lr_transfer", "lr_transfer_grid4", "lr_transfer_out32"):
         d = load(name)
         if not d:
             continue
-        grid = f"grid ×{d['grid_ratio']:.3g}"
+        grid = f"grid ×{d['grid_ratio']:.3g}, logits ×{d['out_mult']:g}"
         for opt, archs in d["best_lr_shift"].items():
             for arch, sh in archs.items():
                 parts = []
@@ -87,6 +87,8 @@ def main() -> None:
                              f"{sh.get('depth_shift_fit', 0):.2f}×)")
                 if "depth_3_8_shift" in sh:
                     parts.append(f"depth 3→8 {sh['depth_3_8_shift']:.2f}×")
+                if "blocks_2_8_shift" in sh:
+                    parts.append(f"blocks 2→8 {sh['blocks_2_8_shift']:.2f}×")
                 rows.append(f"| lr transfer, {opt}, {arch}, {grid} | best-lr shift: {', '.join(parts)} | {name}.json |")
     d = load("toy_pretrain")
     if d:
