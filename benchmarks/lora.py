@@ -4,9 +4,11 @@
     python benchmarks/lora.py [--steps 100] [--batch 64] [--seeds 0 1 2] [--workers 2]
                               [--phases ...] [--summarize]
 
-The base is ``modman.toy.pretrain("base")`` (d_model 128, 4 layers, 3-digit addition), fine-tuned
-on modular addition (mod 97) with fresh batches each step, constant lr, no weight decay. A run's
-score is the loss on a fixed held-out batch (512 test problems) after the last step.
+The base is ``modman.toy.pretrain("base")`` (d_model 128, 4 layers, 3-digit addition; ``--base
+base-ls``: the same recipe with label smoothing 0.1, see the README on the lr ratio), fine-tuned
+on modular addition (mod 97; ``--task subtraction``: 3-digit subtraction) with fresh batches each
+step, constant lr, no weight decay. A run's score is the loss on a fixed held-out batch (512 test
+problems) after the last step.
 
 LR search per configuration, every point on every seed (scores are seed medians):
 1. coarse ×2 grid lr0·2^{-2..2} (16× wide), extended by ×2 at an edge until the median argmin
@@ -18,7 +20,7 @@ All lrs are lr0·√2^k with the same lr0 for every LoRA sweep, so sweeps share 
 
 Runs are cached in benchmarks/results/lora_runs_s<steps>_b<batch>.jsonl (one file per protocol;
 rerunning resumes). Writes benchmarks/results/lora.json (machine, command, every measurement;
-``lr_ratio`` per rank) and lora_lr.png / lora_curves.png beside it.
+``lr_ratio`` per rank) and lora_lr.png / lora_curves.png beside it (named after --out).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from modman.lora import (LoRAConfig, TrainConfig, apply_lora, count_parameters, 
                          lora_parameter_count, optimizer_factory, rank_for_parameter_count,
                          task_data, train)
 from modman.toy import pretrain, tasks
+from modman.toy.pretrain import RECIPES
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = Path(__file__).resolve().parent
@@ -45,23 +48,27 @@ SQRT2 = math.sqrt(2.0)
 
 
 _WORKER = {}
+# The fine-tuning tasks (--task): the base knows 3-digit addition; mod97 asks for (a + b) mod 97,
+# subtraction for a − b, both with reversed answers.
+TASKS = {"mod97": ("modular_addition(3 digits, mod 97)", lambda: tasks.modular_addition(3, 97)),
+         "subtraction": ("subtraction(3 digits)", lambda: tasks.subtraction(3))}
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, task_name: str = "mod97") -> None:
     torch.set_num_threads(threads)
-    task = tasks.modular_addition(3, 97)
+    task = TASKS[task_name][1]()
     batch = task.sample(512, 12345, "test")
-    _WORKER["task"] = task
+    _WORKER["task"], _WORKER["task_name"] = task, task_name
     _WORKER["eval_fn"] = eval_loss_fn([{"input_ids": batch.input_ids, "labels": batch.labels}])
 
 
 def _one_run(job: dict) -> dict:
     """One fine-tune; kind "full" (every parameter) or "lora". Runs in a worker process."""
-    if not _WORKER:
-        _worker_init(torch.get_num_threads())
+    if _WORKER.get("task_name") != job["task"]:
+        _worker_init(torch.get_num_threads(), job["task"])
     kind, lr, seed = job["kind"], job["lr"], job["seed"]
     torch.manual_seed(seed)
-    model = pretrain("base")  # loaded from the cache: a fresh copy of the base each run
+    model = pretrain(job["base"])  # loaded from the cache: a fresh copy of the base each run
     if kind == "lora":
         apply_lora(model, LoRAConfig(job["r"], alpha=job["alpha"], target_modules=job["target"]),
                    seed=seed)
@@ -98,7 +105,8 @@ class Bench:
         self.pool = None
         if args.workers > 1:
             import multiprocessing as mp
-            self.pool = mp.get_context("spawn").Pool(args.workers, _worker_init, (args.threads,))
+            self.pool = mp.get_context("spawn").Pool(args.workers, _worker_init,
+                                                     (args.threads, args.task))
 
     def reload(self) -> None:
         """Pick up runs another process appended to the cache file."""
@@ -112,14 +120,16 @@ class Bench:
                     self.cache.setdefault(record["key"], record)
 
     def model(self):
-        return pretrain("base")
+        return pretrain(self.args.base)
 
     def job(self, kind: str, lr: float, seed: int, *, r: int = 0, target="all-linear",
             optimizer: str = "adamw", alpha: float = 32, solver: str | None = None) -> dict:
+        base, task = self.args.base, self.args.task
         key = json.dumps([kind, round(lr, 12), seed, r, target, optimizer, alpha, solver,
-                          self.args.steps, self.args.batch])
-        return {"key": key, "kind": kind, "lr": lr, "seed": seed, "r": r, "target": target,
-                "optimizer": optimizer, "alpha": alpha, "solver": solver,
+                          self.args.steps, self.args.batch] + ([base] if base != "base" else [])
+                         + ([task] if task != "mod97" else []))
+        return {"key": key, "base": base, "task": task, "kind": kind, "lr": lr, "seed": seed,
+                "r": r, "target": target, "optimizer": optimizer, "alpha": alpha, "solver": solver,
                 "steps": self.args.steps, "batch": self.args.batch}
 
     def run_many(self, jobs: list[dict]) -> list[dict]:
@@ -357,12 +367,12 @@ def summarize(result: dict) -> None:
 def time_optimizers(args, configs: dict, steps: int = 15, rounds: int = 3) -> dict:
     """Median seconds per step of each optimizer on LoRA r=4 (and full fine-tuning), measured
     interleaved in one process (rounds × steps each) so background load hits them alike."""
-    _worker_init(args.threads)
+    _worker_init(args.threads, args.task)
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, (kind, optimizer, lr, solver) in configs.items():
             torch.manual_seed(0)
-            model = pretrain("base")
+            model = pretrain(args.base)
             if kind == "lora":
                 apply_lora(model, LoRAConfig(4), seed=0)
             extra = {"solver": solver} if solver else {}
@@ -436,6 +446,10 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=15)
     parser.add_argument("--phases", nargs="+",
                         default=["interop", "ratio", "curves", "layers", "optimizers"])
+    parser.add_argument("--base", default="base", choices=["base", "base-ls", "base-ls-256"],
+                        help="the pretrained recipe fine-tuned (base-ls: label smoothing 0.1)")
+    parser.add_argument("--task", default="mod97", choices=list(TASKS),
+                        help="the fine-tuning task")
     parser.add_argument("--out", default=str(RESULTS / "lora.json"))
     parser.add_argument("--summarize", action="store_true",
                         help="no training: add the post-hoc measures to --out, report, plot")
@@ -445,15 +459,18 @@ def main() -> None:
         result = json.loads(out_path.read_text())
         summarize(result)
         report(result)
-        plot(result, out_path.parent)
+        plot(result, out_path.parent, out_path.stem)
         out_path.write_text(json.dumps(result, indent=2))
         return
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)
     cache = out_path.with_name(f"{out_path.stem}_runs_s{args.steps}_b{args.batch}.jsonl")
-    setup = {"base": "modman.toy.pretrain('base') (d_model 128, 4 layers)",
-             "task": "modular_addition(3 digits, mod 97)", "steps": args.steps,
+    recipe = RECIPES[args.base]
+    pretrain(args.base)  # trained once here, before the workers load it
+    setup = {"base": f"modman.toy.pretrain({args.base!r}) (d_model {recipe.d_model}, "
+                     f"{recipe.n_layers} layers, label smoothing {recipe.label_smoothing})",
+             "task": TASKS[args.task][0], "steps": args.steps,
              "batch": args.batch, "seeds": args.seeds, "schedule": "constant",
              "weight_decay": 0.0, "alpha": 32, "optimizer": "AdamW unless stated",
              "score": "held-out loss (512 test problems) after the last step",
@@ -581,7 +598,7 @@ def main() -> None:
         bench.pool.close()
     summarize(result)
     report(result)
-    plot(result, out_path.parent)
+    plot(result, out_path.parent, out_path.stem)
     save()
 
 
@@ -613,7 +630,7 @@ def report(result: dict) -> None:
         print("interop:", json.dumps(result["interop"], indent=1))
 
 
-def plot(result: dict, folder: Path) -> None:
+def plot(result: dict, folder: Path, stem: str = "lora") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -633,7 +650,7 @@ def plot(result: dict, folder: Path) -> None:
         ax.set_title("LR sweeps (line: median of seeds; dots: seeds)")
         ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
         fig.tight_layout()
-        fig.savefig(folder / "lora_lr.png", dpi=120)
+        fig.savefig(folder / f"{stem}_lr.png", dpi=120)
     if result.get("curves"):
         rows = [(k, c) for k, c in result["curves"].items() if "curves_seed0" in c]
         fig, axes = plt.subplots(len(rows), 2, figsize=(9, 3.3 * len(rows)), squeeze=False)
@@ -649,7 +666,7 @@ def plot(result: dict, folder: Path) -> None:
                 ax.legend(fontsize=8)
             row[0].set_ylabel("training loss")
         fig.tight_layout()
-        fig.savefig(folder / "lora_curves.png", dpi=120)
+        fig.savefig(folder / f"{stem}_curves.png", dpi=120)
 
 
 if __name__ == "__main__":

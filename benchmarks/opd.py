@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -447,6 +448,9 @@ def main() -> None:
     parser.add_argument("--recover-lr", type=float, default=2.5e-4)
     parser.add_argument("--recover-steps", type=int, default=100)
     parser.add_argument("--kl-prompts", type=int, default=128)
+    parser.add_argument("--teacher-smoothing", type=float, default=0.0,
+                        help="label smoothing of the teacher's pretraining (0: the plain recipe, "
+                             "which puts log-prob -20..-36 on wrong digits)")
     parser.add_argument("--out", default=str(ROOT / "results" / "opd.json"))
     parser.add_argument("--summarize", action="store_true",
                         help="only recompute the summaries and plots of an existing --out")
@@ -484,7 +488,8 @@ def main() -> None:
     wall = time.perf_counter()
 
     task = tasks.addition(3)
-    teacher = pretrain(TEACHER_RECIPE)
+    teacher_recipe = dataclasses.replace(TEACHER_RECIPE, label_smoothing=args.teacher_smoothing)
+    teacher = pretrain(teacher_recipe)
     teacher.eval()
     eval_batch = task.encode(task.test_prompts()[:args.eval_prompts])
     teacher_acc = task.evaluate(teacher, eval_batch)
@@ -495,8 +500,9 @@ def main() -> None:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "machine": machine(),
         "task": "addition(3), reversed answer: 4 digits + <eos>",
-        "teacher": {"recipe": "opd-teacher (d_model 64, 2 layers, 1500 steps)",
-                    "recipe_hash": TEACHER_RECIPE.hash(), "accuracy": teacher_acc},
+        "teacher": {"recipe": "opd-teacher (d_model 64, 2 layers, 1500 steps, label smoothing "
+                              f"{args.teacher_smoothing:g})",
+                    "recipe_hash": teacher_recipe.hash(), "accuracy": teacher_acc},
         "target_accuracy": target,
         "cap": args.cap, "seeds": seeds,
         "per_step": {"prompts": args.prompts, "group_size": args.group,
