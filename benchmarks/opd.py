@@ -32,6 +32,10 @@ on (near-deterministic, hence always correct) teacher samples gets the full answ
 target every step. And with a 5-token answer (3 informative digits) a per-token reward carries
 little more than the 0/1 sequence reward: the blog's 7-10x is for long reasoning traces.
 
+``--task keyvalue`` runs the headline on recall of a fixed 256-key table with 8-digit values (a
+9-token completion, teacher and student recipes in HEADLINE_TASKS), where a per-token reward
+should matter more than on a 4-digit sum.
+
 Forgetting: the teacher model is fine-tuned (SFT on correct answers, AdamW ``--ft-lr``) on a new
 task (subtraction by default) until the new task reaches ``--ft-new-target`` and addition has
 fallen below half the original (or ``--ft-cap``); then, from that model, (a) OPD with the
@@ -80,6 +84,22 @@ TEACHER_RECIPE = Recipe(name="opd-teacher", d_model=64, n_layers=2, n_heads=4, s
 # clicks (the same recipe reaches 100 % by step 750 of a 900-step run).
 STUDENT_RECIPE = Recipe(name="opd-student", d_model=48, n_layers=2, n_heads=4, steps=400)
 
+# The headline's tasks (--task): (description, task, teacher recipe, student recipe). keyvalue is
+# a fixed table of 256 keys with 8-digit values (a 9-token completion): a dense per-token reward
+# says which digit is wrong, where the 0/1 sequence reward only says that one is.
+KV = {"n_keys": 256, "value_len": 8}
+HEADLINE_TASKS = {
+    "addition": ("addition(3), reversed answer: 4 digits + <eos>", lambda: tasks.addition(3),
+                 TEACHER_RECIPE, STUDENT_RECIPE),
+    "keyvalue": ("keyvalue(256 keys of 4 letters, 8-digit values): recall of a fixed table, "
+                 "9-token completion", lambda: tasks.keyvalue(**KV),
+                 Recipe(name="opd-kv-teacher", task="keyvalue", task_kwargs=KV, d_model=64,
+                        n_layers=2, n_heads=4, steps=1500),
+                 # 60 steps: the format and a few values, far below the teacher
+                 Recipe(name="opd-kv-student", task="keyvalue", task_kwargs=KV, d_model=48,
+                        n_layers=2, n_heads=4, steps=60, warmup_steps=20)),
+}
+
 
 def make_optimizer(name: str, lr: float, fallback_lr: float):
     if name == "adamw":
@@ -99,7 +119,7 @@ def make_optimizer(name: str, lr: float, fallback_lr: float):
 def run_one(job: dict) -> dict:
     """One training run from the saved start; returns its accuracy curve and steps to target."""
     torch.set_num_threads(1)
-    task = tasks.addition(3)
+    task = HEADLINE_TASKS[job["task"]][1]()
     student = TinyCausalLM.load(job["start"])
     teacher = TinyCausalLM.load(job["teacher"])
     config = OPDConfig(objective=job["objective"], prompts_per_step=job["prompts"],
@@ -171,9 +191,9 @@ def lower_thresholds(runs: list[dict], lrs: list[float], methods: list[str],
     return out
 
 
-def build_start(teacher, task, eval_prompts, teacher_acc, out_dir, log):
+def build_start(teacher, task, eval_prompts, teacher_acc, out_dir, log, recipe=STUDENT_RECIPE):
     """The plateau student, then SFT on teacher samples until >= 25 % of the teacher."""
-    student = pretrain(STUDENT_RECIPE)
+    student = pretrain(recipe)
     trainer = Trainer(student, task, OPDConfig(objective="sft", prompts_per_step=32, group_size=1,
                                                eval_every=5, eval_prompts=eval_prompts,
                                                seed=1234),
@@ -448,6 +468,8 @@ def main() -> None:
     parser.add_argument("--recover-lr", type=float, default=2.5e-4)
     parser.add_argument("--recover-steps", type=int, default=100)
     parser.add_argument("--kl-prompts", type=int, default=128)
+    parser.add_argument("--task", default="addition", choices=list(HEADLINE_TASKS),
+                        help="the headline's task (diagnosis and forgetting: addition only)")
     parser.add_argument("--teacher-smoothing", type=float, default=0.0,
                         help="label smoothing of the teacher's pretraining (0: the plain recipe, "
                              "which puts log-prob -20..-36 on wrong digits)")
@@ -487,8 +509,11 @@ def main() -> None:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     wall = time.perf_counter()
 
-    task = tasks.addition(3)
-    teacher_recipe = dataclasses.replace(TEACHER_RECIPE, label_smoothing=args.teacher_smoothing)
+    description, make_task, teacher_recipe, student_recipe = HEADLINE_TASKS[args.task]
+    if args.task != "addition" and ({"diagnosis", "forgetting"} & set(parts)):
+        raise SystemExit("--parts diagnosis and forgetting are defined on addition; use --task addition")
+    task = make_task()
+    teacher_recipe = dataclasses.replace(teacher_recipe, label_smoothing=args.teacher_smoothing)
     teacher = pretrain(teacher_recipe)
     teacher.eval()
     eval_batch = task.encode(task.test_prompts()[:args.eval_prompts])
@@ -499,9 +524,9 @@ def main() -> None:
     result = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "machine": machine(),
-        "task": "addition(3), reversed answer: 4 digits + <eos>",
-        "teacher": {"recipe": "opd-teacher (d_model 64, 2 layers, 1500 steps, label smoothing "
-                              f"{args.teacher_smoothing:g})",
+        "task": description,
+        "teacher": {"recipe": f"{teacher_recipe.name} (d_model 64, 2 layers, 1500 steps, label "
+                              f"smoothing {args.teacher_smoothing:g})",
                     "recipe_hash": teacher_recipe.hash(), "accuracy": teacher_acc},
         "target_accuracy": target,
         "cap": args.cap, "seeds": seeds,
@@ -515,15 +540,16 @@ def main() -> None:
     common = None
     if "headline" in parts or "optimizers" in parts or "diagnosis" in parts:
         start_path, start_info = build_start(teacher, task, args.eval_prompts, teacher_acc, tmp,
-                                             log)
+                                             log, student_recipe)
         result["student_start"] = {
-            "recipe": "opd-student (d_model 48, 2 layers, 400 steps) + SFT on teacher samples "
-                      "(32/step, AdamW 2e-3)", "recipe_hash": STUDENT_RECIPE.hash(), **start_info,
+            "recipe": f"{student_recipe.name} (d_model 48, 2 layers, {student_recipe.steps} steps) "
+                      "+ SFT on teacher samples (32/step, AdamW 2e-3)",
+            "recipe_hash": student_recipe.hash(), **start_info,
             "fraction_of_teacher": start_info["accuracy"] / teacher_acc}
         log(f"student start accuracy {start_info['accuracy']:.3f} after "
             f"{start_info['sft_steps']} SFT steps")
-        common = dict(start=str(start_path), teacher=str(teacher_path), prompts=args.prompts,
-                      group=args.group, eval_every=args.eval_every,
+        common = dict(task=args.task, start=str(start_path), teacher=str(teacher_path),
+                      prompts=args.prompts, group=args.group, eval_every=args.eval_every,
                       eval_prompts=args.eval_prompts, target=target, cap=args.cap)
 
     def save():
