@@ -95,10 +95,13 @@ def main() -> None:
         rows.append(f"| toy LM d128×4, 3-digit addition | {d['test_accuracy']:.1%} held-out exact match after "
                     f"{d['steps']} steps, {d['train_seconds']:.0f} s training on {d['machine']['threads']} threads "
                     f"(bar: ≥ 95 % within 300 s) | toy_pretrain.json |")
-    d = load("lora")
-    if d and "lr_ratio" in d:
-        ratios = ", ".join(f"r={k}: {v:.3g}" for k, v in sorted(d["lr_ratio"].items(), key=lambda kv: int(kv[0])))
-        rows.append(f"| LoRA lr ratio (best LoRA lr / best full-FT lr) | {ratios} | lora.json |")
+    for name in ("lora", "lora_base-ls_sub", "lora_base-ls-256_sub"):
+        d = load(name)
+        if d and "lr_ratio" in d:
+            setup = d["setup"]
+            ratios = ", ".join(f"r={k}: {v:.3g}" for k, v in sorted(d["lr_ratio"].items(), key=lambda kv: int(kv[0])))
+            rows.append(f"| LoRA lr ratio (best LoRA lr / best full-FT lr): {setup['base']} on "
+                        f"{setup['task']}, {setup['steps']} steps | {ratios} | {name}.json |")
     d = load("opd")
     if d:
         stt = d["steps_to_target"]
