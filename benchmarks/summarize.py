@@ -102,11 +102,13 @@ def main() -> None:
             ratios = ", ".join(f"r={k}: {v:.3g}" for k, v in sorted(d["lr_ratio"].items(), key=lambda kv: int(kv[0])))
             rows.append(f"| LoRA lr ratio (best LoRA lr / best full-FT lr): {setup['base']} on "
                         f"{setup['task']}, {setup['steps']} steps | {ratios} | {name}.json |")
-    d = load("opd")
-    if d:
-        stt = d["steps_to_target"]
-        rows.append(f"| OPD steps to {d.get('target_accuracy', 0.95):.0%} of teacher (cap {d.get('cap')}) | "
-                    f"opd {stt.get('opd')}, rl {stt.get('rl')}, sft {stt.get('sft')} | opd.json |")
+    for name in ("opd", "opd_smoothed_teacher"):
+        d = load(name)
+        if d:
+            stt = d["steps_to_target"]
+            rows.append(f"| OPD steps to {d.get('target_accuracy', 0.95):.0%} of teacher (cap {d.get('cap')}), "
+                        f"teacher {d['teacher']['recipe']} | "
+                        f"opd {stt.get('opd')}, rl {stt.get('rl')}, sft {stt.get('sft')} | {name}.json |")
     d = load("tracking_overhead")
     if d:
         parts = ", ".join(f"{k} {v['overhead']:.1%}" for k, v in d["results"].items())
