@@ -5,7 +5,8 @@
                               [--phases ...] [--summarize]
 
 The base is ``modman.toy.pretrain("base")`` (d_model 128, 4 layers, 3-digit addition; ``--base
-base-ls``: the same recipe with label smoothing 0.1, see the README on the lr ratio), fine-tuned
+base-ls``: the same recipe with label smoothing 0.1; ``base-ls-256``: that at d_model 256; see
+the README on the lr ratio), fine-tuned
 on modular addition (mod 97; ``--task subtraction``: 3-digit subtraction) with fresh batches each
 step, constant lr, no weight decay. A run's score is the loss on a fixed held-out batch (512 test
 problems) after the last step.
@@ -18,9 +19,10 @@ LR search per configuration, every point on every seed (scores are seed medians)
    neighbours measured (checked, and the grid extends by √2 if ever not).
 All lrs are lr0·√2^k with the same lr0 for every LoRA sweep, so sweeps share grid points.
 
-Runs are cached in benchmarks/results/lora_runs_s<steps>_b<batch>.jsonl (one file per protocol;
-rerunning resumes). Writes benchmarks/results/lora.json (machine, command, every measurement;
-``lr_ratio`` per rank) and lora_lr.png / lora_curves.png beside it (named after --out).
+Runs are cached in benchmarks/results/<out>_runs_s<steps>_b<batch>.jsonl, named after --out (one
+file per protocol; rerunning resumes). Writes --out (default benchmarks/results/lora.json:
+machine, command, every measurement; ``lr_ratio`` per rank) and <out>_lr.png / <out>_curves.png
+beside it.
 """
 from __future__ import annotations
 
@@ -125,8 +127,11 @@ class Bench:
     def job(self, kind: str, lr: float, seed: int, *, r: int = 0, target="all-linear",
             optimizer: str = "adamw", alpha: float = 32, solver: str | None = None) -> dict:
         base, task = self.args.base, self.args.task
+        # the base by its recipe hash (an edited recipe must not reuse old runs); the first
+        # protocol's keys (base, mod97) carry neither, so its cache stays valid
         key = json.dumps([kind, round(lr, 12), seed, r, target, optimizer, alpha, solver,
-                          self.args.steps, self.args.batch] + ([base] if base != "base" else [])
+                          self.args.steps, self.args.batch]
+                         + ([f"{base}-{RECIPES[base].hash()}"] if base != "base" else [])
                          + ([task] if task != "mod97" else []))
         return {"key": key, "base": base, "task": task, "kind": kind, "lr": lr, "seed": seed,
                 "r": r, "target": target, "optimizer": optimizer, "alpha": alpha, "solver": solver,

@@ -473,10 +473,17 @@ def main() -> None:
     parser.add_argument("--teacher-smoothing", type=float, default=0.0,
                         help="label smoothing of the teacher's pretraining (0: the plain recipe, "
                              "which puts log-prob -20..-36 on wrong digits)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "opd.json"))
+    parser.add_argument("--out", default=None,
+                        help="default results/opd.json for the addition task and plain teacher, "
+                             "else results/opd_<task>[_teacher_ls<ε>].json (parts merge into "
+                             "--out, so other settings must not share it)")
     parser.add_argument("--summarize", action="store_true",
                         help="only recompute the summaries and plots of an existing --out")
     args = parser.parse_args()
+    if args.out is None:
+        name = "opd" if (args.task, args.teacher_smoothing) == ("addition", 0.0) else (
+            f"opd_{args.task}" + (f"_teacher_ls{args.teacher_smoothing:g}" if args.teacher_smoothing else ""))
+        args.out = str(ROOT / "results" / f"{name}.json")
     if args.summarize:
         out = Path(args.out)
         merged = json.loads(out.read_text())

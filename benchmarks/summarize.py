@@ -102,7 +102,7 @@ def main() -> None:
             ratios = ", ".join(f"r={k}: {v:.3g}" for k, v in sorted(d["lr_ratio"].items(), key=lambda kv: int(kv[0])))
             rows.append(f"| LoRA lr ratio (best LoRA lr / best full-FT lr): {setup['base']} on "
                         f"{setup['task']}, {setup['steps']} steps | {ratios} | {name}.json |")
-    for name in ("opd", "opd_smoothed_teacher"):
+    for name in ("opd", "opd_addition_teacher_ls0.1"):
         d = load(name)
         if d:
             stt = d["steps_to_target"]
