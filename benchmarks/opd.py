@@ -325,7 +325,9 @@ def forgetting(teacher, args, log) -> dict:
     torch.manual_seed(0)
     old = tasks.addition(3)
     new = {"subtraction": tasks.subtraction(3),
-           "modular_addition": tasks.modular_addition(3, 97)}[args.new_task]
+           "modular_addition": tasks.modular_addition(3, 97),
+           # prompts of letters, not digits: the model can tell the tasks apart
+           "keyvalue": tasks.keyvalue(256, value_len=4)}[args.new_task]
     old_batch = old.encode(old.test_prompts()[:args.eval_prompts])
     new_batch = new.encode(new.test_prompts()[:args.eval_prompts])
     kl_batch = old.encode(old.test_prompts()[:args.kl_prompts])
@@ -460,7 +462,7 @@ def main() -> None:
     parser.add_argument("--muon-lrs", default="6.25e-4,1.25e-3,2.5e-3,5e-3")
     parser.add_argument("--manifold-lrs", default="2.5e-3,5e-3,1e-2,2e-2")
     parser.add_argument("--new-task", default="subtraction",
-                        choices=["subtraction", "modular_addition"])
+                        choices=["subtraction", "modular_addition", "keyvalue"])
     parser.add_argument("--ft-lr", type=float, default=1e-3)
     parser.add_argument("--ft-batch", type=int, default=32)
     parser.add_argument("--ft-new-target", type=float, default=0.8)
