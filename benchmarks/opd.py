@@ -335,7 +335,11 @@ def forgetting(teacher, args, log) -> dict:
     original_old, original_new = evaluate(teacher)
     # The teacher object was frozen by earlier Trainers (requires_grad False): the copy is not.
     model = copy.deepcopy(teacher).requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.ft_lr, weight_decay=0.0)
+    if args.ft_lora:  # LoRA fine-tune (the base frozen), merged into a plain model afterwards
+        from modman.lora import LoRAConfig, apply_lora
+        apply_lora(model, LoRAConfig(args.ft_lora))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.ft_lr,
+                            weight_decay=0.0)
     import numpy as np
     rng = np.random.default_rng(0)
     ft_steps, acc_old, acc_new = 0, original_old, original_new
@@ -358,11 +362,15 @@ def forgetting(teacher, args, log) -> dict:
             ft_curve.append((ft_steps, acc_old, acc_new))
             log(f"  fine-tune step {ft_steps}: addition {acc_old:.3f}, {new.name} {acc_new:.3f}")
     model.eval()
+    if args.ft_lora:
+        from modman.lora import unload_lora
+        model = unload_lora(model, merge=True).requires_grad_(True)
     ft_kl = kl_to_reference(model, teacher, old, kl_batch)
     result = {"new_task": new.name,
               "original": {"addition": original_old, "new_task": original_new},
               "fine_tune": {"steps": ft_steps, "lr": args.ft_lr, "curve": ft_curve,
                             "batch": args.ft_batch, "new_task_target": args.ft_new_target,
+                            "lora_rank": args.ft_lora or None,
                             "reached": bool(acc_old < 0.5 * original_old
                                             and acc_new >= args.ft_new_target),
                             "addition": acc_old, "new_task": acc_new,
@@ -464,6 +472,8 @@ def main() -> None:
     parser.add_argument("--new-task", default="subtraction",
                         choices=["subtraction", "modular_addition", "keyvalue"])
     parser.add_argument("--ft-lr", type=float, default=1e-3)
+    parser.add_argument("--ft-lora", type=int, default=0,
+                        help="fine-tune the new task with LoRA of this rank (0: every weight)")
     parser.add_argument("--ft-batch", type=int, default=32)
     parser.add_argument("--ft-new-target", type=float, default=0.8)
     parser.add_argument("--ft-cap", type=int, default=2000)
