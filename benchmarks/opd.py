@@ -73,6 +73,7 @@ sys.path.insert(0, str(ROOT))
 from toy_pretrain import machine  # noqa: E402  (the shared machine-info record)
 
 from modman import ManifoldMuon, Muon  # noqa: E402
+from modman.lora import LoRAConfig, apply_lora, unload_lora  # noqa: E402
 from modman.opd import OPDConfig, Trainer  # noqa: E402
 from modman.toy import TinyCausalLM, tasks  # noqa: E402
 from modman.toy.pretrain import Recipe, pretrain  # noqa: E402
@@ -336,7 +337,6 @@ def forgetting(teacher, args, log) -> dict:
     # The teacher object was frozen by earlier Trainers (requires_grad False): the copy is not.
     model = copy.deepcopy(teacher).requires_grad_(True)
     if args.ft_lora:  # LoRA fine-tune (the base frozen), merged into a plain model afterwards
-        from modman.lora import LoRAConfig, apply_lora
         apply_lora(model, LoRAConfig(args.ft_lora))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.ft_lr,
                             weight_decay=0.0)
@@ -363,7 +363,6 @@ def forgetting(teacher, args, log) -> dict:
             log(f"  fine-tune step {ft_steps}: addition {acc_old:.3f}, {new.name} {acc_new:.3f}")
     model.eval()
     if args.ft_lora:
-        from modman.lora import unload_lora
         model = unload_lora(model, merge=True).requires_grad_(True)
     ft_kl = kl_to_reference(model, teacher, old, kl_batch)
     result = {"new_task": new.name,
