@@ -37,11 +37,14 @@ little more than the 0/1 sequence reward: the blog's 7-10x is for long reasoning
 should matter more than on a 4-digit sum.
 
 Forgetting: the teacher model is fine-tuned (SFT on correct answers, AdamW ``--ft-lr``) on a new
-task (subtraction by default) until the new task reaches ``--ft-new-target`` and addition has
-fallen below half the original (or ``--ft-cap``); then, from that model, (a) OPD with the
-original model as teacher on addition prompts and (b) SFT on the model's own samples of addition
-prompts, the same number of steps and lr; both report addition and new-task accuracy and the KL
-to the original (per sequence, on a fixed set of held-out addition prompts, 4 samples each).
+task (key-value lookup by default: prompts of letters) with ``--ft-old-fraction`` of each batch
+from addition (the blog's mid-training mixed chat data in; without it one step of the new task
+already breaks addition's format), until the new task reaches ``--ft-new-target`` and addition
+has fallen below ``--ft-old-below`` of the original (or ``--ft-cap``); then, from that model, (a)
+OPD with the original model as teacher on addition prompts and (b) SFT on the model's own
+samples of addition prompts, the same number of steps, each at each of ``--recover-lrs``; both
+report addition and new-task accuracy and the KL to the original (per sequence, on a fixed set
+of held-out addition prompts, 4 samples each).
 
 Optimizers: OPD from the headline start with AdamW (the headline's best OPD lr), Muon and
 ManifoldMuon (solver "projected"), one seed, a small lr sweep each, the headline's cap and
@@ -345,12 +348,19 @@ def forgetting(teacher, args, log) -> dict:
     ft_steps, acc_old, acc_new = 0, original_old, original_new
     ft_curve = [(0, acc_old, acc_new)]
     model.train()
-    # SFT on correct answers of the new task only, until the new task is learned
-    # (>= --ft-new-target) and the old one has lost at least half its accuracy, or the cap.
-    while ((acc_old >= 0.5 * original_old or acc_new < args.ft_new_target)
-           and ft_steps < args.ft_cap):
-        batch = new.sample(args.ft_batch, rng, "train")
+    # SFT on correct answers of the new task, with a fraction --ft-old-fraction of each batch
+    # from the old task (the blog's mid-training mixed chat data into the documents), until the
+    # new task is learned (>= --ft-new-target) and the old one has fallen below --ft-old-below of
+    # its accuracy, or the cap.
+    n_old = round(args.ft_old_fraction * args.ft_batch)
+    degraded = lambda acc: acc < args.ft_old_below * original_old  # noqa: E731
+    while (not degraded(acc_old) or acc_new < args.ft_new_target) and ft_steps < args.ft_cap:
+        batch = new.sample(args.ft_batch - n_old, rng, "train")
         loss = model(batch.input_ids, batch.labels, attention_mask=batch.attention_mask).loss
+        if n_old:  # the mean over both tasks' sequences, each task's loss a per-token mean
+            extra = old.sample(n_old, rng, "train")
+            loss_old = model(extra.input_ids, extra.labels, attention_mask=extra.attention_mask).loss
+            loss = (loss * (args.ft_batch - n_old) + loss_old * n_old) / args.ft_batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -370,8 +380,9 @@ def forgetting(teacher, args, log) -> dict:
               "fine_tune": {"steps": ft_steps, "lr": args.ft_lr, "curve": ft_curve,
                             "batch": args.ft_batch, "new_task_target": args.ft_new_target,
                             "lora_rank": args.ft_lora or None,
-                            "reached": bool(acc_old < 0.5 * original_old
-                                            and acc_new >= args.ft_new_target),
+                            "old_task_fraction": args.ft_old_fraction,
+                            "old_below": args.ft_old_below,
+                            "reached": bool(degraded(acc_old) and acc_new >= args.ft_new_target),
                             "addition": acc_old, "new_task": acc_new,
                             "kl_to_original": ft_kl},
               "kl_to_original_definition":
@@ -379,30 +390,41 @@ def forgetting(teacher, args, log) -> dict:
                   f"of the first {args.kl_prompts} held-out addition prompts x 4"}
     log(f"  after fine-tune: addition {acc_old:.3f}, {new.name} {acc_new:.3f}, "
         f"KL to original {ft_kl:.2f}")
-    for name, config in (("opd", OPDConfig(objective="opd", prompts_per_step=args.prompts,
-                                           group_size=args.group, eval_every=0, seed=0)),
-                         ("sft_self", OPDConfig(objective="sft", sft_source="student",
-                                                prompts_per_step=args.prompts,
-                                                group_size=args.group, eval_every=0, seed=0))):
-        student = copy.deepcopy(model)
-        trainer = Trainer(student, old, config, teacher=teacher,
-                          optimizer=make_optimizer("adamw", args.recover_lr, args.recover_lr))
-        curve = [{"step": 0, "addition": acc_old, "new_task": acc_new, "kl_to_original": ft_kl}]
-        start = time.perf_counter()
-        for step in range(1, args.recover_steps + 1):
-            trainer.step()
-            if step % 10 == 0 or step == args.recover_steps:
-                student.eval()
-                a_old, a_new = evaluate(student)
-                kl = kl_to_reference(student, teacher, old, kl_batch)
-                curve.append({"step": step, "addition": a_old, "new_task": a_new,
-                              "kl_to_original": kl})
-                log(f"  {name} step {step}: addition {a_old:.3f}, {new.name} {a_new:.3f}, "
-                    f"KL to original {kl:.3f}")
-        result[name] = {"lr": args.recover_lr, "steps": args.recover_steps, "curve": curve,
-                        "seconds": time.perf_counter() - start,
-                        **{k: curve[-1][k] for k in ("addition", "new_task",
-                                                     "kl_to_original")}}
+    configs = {"opd": OPDConfig(objective="opd", prompts_per_step=args.prompts,
+                                group_size=args.group, eval_every=0, seed=0),
+               "sft_self": OPDConfig(objective="sft", sft_source="student",
+                                     prompts_per_step=args.prompts, group_size=args.group,
+                                     eval_every=0, seed=0)}
+    sweep = {name: [] for name in configs}
+    for lr in [float(x) for x in args.recover_lrs.split(",")]:
+        for name, config in configs.items():
+            student = copy.deepcopy(model)
+            trainer = Trainer(student, old, config, teacher=teacher,
+                              optimizer=make_optimizer("adamw", lr, lr))
+            curve = [{"step": 0, "addition": acc_old, "new_task": acc_new, "kl_to_original": ft_kl}]
+            start = time.perf_counter()
+            for step in range(1, args.recover_steps + 1):
+                trainer.step()
+                if step % 10 == 0 or step == args.recover_steps:
+                    student.eval()
+                    a_old, a_new = evaluate(student)
+                    kl = kl_to_reference(student, teacher, old, kl_batch)
+                    curve.append({"step": step, "addition": a_old, "new_task": a_new,
+                                  "kl_to_original": kl})
+                    log(f"  {name} lr {lr:g} step {step}: addition {a_old:.3f}, "
+                        f"{new.name} {a_new:.3f}, KL to original {kl:.3f}")
+            sweep[name].append({"lr": lr, "steps": args.recover_steps, "curve": curve,
+                                "seconds": time.perf_counter() - start,
+                                **{k: curve[-1][k] for k in ("addition", "new_task",
+                                                             "kl_to_original")}})
+    # Per method, the lr whose final model is best on both tasks together (the largest sum of
+    # the two accuracies): the goal is the old task back without losing the new one.
+    for name, runs in sweep.items():
+        result[name] = max(runs, key=lambda r: r["addition"] + r["new_task"])
+    result["recovery_sweep"] = {name: [{k: r[k] for k in ("lr", "addition", "new_task",
+                                                          "kl_to_original")} for r in runs]
+                                for name, runs in sweep.items()}
+    result["recovery_lr_rule"] = "per method, the lr maximizing final addition + new-task accuracy"
     return result
 
 
@@ -445,7 +467,7 @@ def plot(result: dict, out_prefix: Path) -> list[str]:
         ax.set_ylabel("held-out accuracy (greedy)")
         ax.legend(fontsize=7)
         ax_kl.set_xlabel("recovery step")
-        ax_kl.set_ylabel("KL(model || original) per sequence, addition prompts")
+        ax_kl.set_ylabel("KL(model || original) per sequence")
         ax_kl.legend(fontsize=7)
         fig.tight_layout()
         path = f"{out_prefix}_forgetting.png"
@@ -468,15 +490,21 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=256)
     parser.add_argument("--muon-lrs", default="6.25e-4,1.25e-3,2.5e-3,5e-3")
     parser.add_argument("--manifold-lrs", default="2.5e-3,5e-3,1e-2,2e-2")
-    parser.add_argument("--new-task", default="subtraction",
+    parser.add_argument("--new-task", default="keyvalue",
                         choices=["subtraction", "modular_addition", "keyvalue"])
     parser.add_argument("--ft-lr", type=float, default=1e-3)
     parser.add_argument("--ft-lora", type=int, default=0,
                         help="fine-tune the new task with LoRA of this rank (0: every weight)")
     parser.add_argument("--ft-batch", type=int, default=32)
     parser.add_argument("--ft-new-target", type=float, default=0.8)
+    parser.add_argument("--ft-old-fraction", type=float, default=0.25,
+                        help="fraction of each fine-tuning batch drawn from the old task")
+    parser.add_argument("--ft-old-below", type=float, default=0.9,
+                        help="the fine-tune stops once the old task is below this fraction of "
+                             "its original accuracy (and the new one is learned)")
     parser.add_argument("--ft-cap", type=int, default=2000)
-    parser.add_argument("--recover-lr", type=float, default=2.5e-4)
+    parser.add_argument("--recover-lrs", default="6.25e-5,1.25e-4,2.5e-4",
+                        help="recovery lrs (OPD and SFT each); per method the best is reported")
     parser.add_argument("--recover-steps", type=int, default=100)
     parser.add_argument("--kl-prompts", type=int, default=128)
     parser.add_argument("--task", default="addition", choices=list(HEADLINE_TASKS),
@@ -576,8 +604,9 @@ def main() -> None:
         result["seconds_" + "+".join(parts)] = time.perf_counter() - wall
         merged = json.loads(out.read_text()) if out.exists() else {}
         commands = {**merged.get("commands", {}), **{part: result["command"] for part in parts}}
+        machines = {**merged.get("machines", {}), **{part: result["machine"] for part in parts}}
         merged.update(result)
-        merged["commands"] = commands
+        merged["commands"], merged["machines"] = commands, machines
         tmp_out = out.with_name(out.name + f".tmp{os.getpid()}")
         tmp_out.write_text(json.dumps(merged, indent=1) + "\n")
         tmp_out.replace(out)
