@@ -5,14 +5,15 @@
                               [--phases ...] [--summarize]
 
 The base is ``modman.toy.pretrain("base")`` (d_model 128, 4 layers, 3-digit addition; ``--base
-base-ls``: the same recipe with label smoothing 0.1; ``base-ls-256``: that at d_model 256; see
-the README on the lr ratio), fine-tuned
+base-ls``: the same recipe with label smoothing 0.1; ``base-ls-256``, ``base-ls-512``: that at
+d_model 256 and 512; see the README on the lr ratio), fine-tuned
 on modular addition (mod 97; ``--task subtraction``: 3-digit subtraction) with fresh batches each
 step, constant lr, no weight decay. A run's score is the loss on a fixed held-out batch (512 test
 problems) after the last step.
 
 LR search per configuration, every point on every seed (scores are seed medians):
-1. coarse ×2 grid lr0·2^{-2..2} (16× wide), extended by ×2 at an edge until the median argmin
+1. coarse ×2 grid lr0·2^{-2..2} (16× wide; lr0 = 1e-3 for full fine-tuning and 1e-2 for LoRA
+   unless --lr0 says otherwise), extended by ×2 at an edge until the median argmin
    is strictly inside (a 3-point start stopped at a local dip of the flat LoRA landscape);
 2. √2 refinement: the two √2 neighbours of the coarse optimum;
 3. the best lr is the argmin of the medians over the union grid, which then has both its √2
@@ -451,10 +452,15 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=15)
     parser.add_argument("--phases", nargs="+",
                         default=["interop", "ratio", "curves", "layers", "optimizers"])
-    parser.add_argument("--base", default="base", choices=["base", "base-ls", "base-ls-256"],
+    parser.add_argument("--base", default="base",
+                        choices=["base", "base-ls", "base-ls-256", "base-ls-512"],
                         help="the pretrained recipe fine-tuned (base-ls: label smoothing 0.1)")
     parser.add_argument("--task", default="mod97", choices=list(TASKS),
                         help="the fine-tuning task")
+    parser.add_argument("--lr0", type=float, nargs=2, default=[1e-3, 1e-2],
+                        metavar=("FULL", "LORA"),
+                        help="centres of the coarse grids; keep each on its default's lattice "
+                             "(1e-3·√2^k, 1e-2·√2^k) so sweeps of different runs share points")
     parser.add_argument("--out", default=str(RESULTS / "lora.json"))
     parser.add_argument("--summarize", action="store_true",
                         help="no training: add the post-hoc measures to --out, report, plot")
@@ -479,6 +485,7 @@ def main() -> None:
              "batch": args.batch, "seeds": args.seeds, "schedule": "constant",
              "weight_decay": 0.0, "alpha": 32, "optimizer": "AdamW unless stated",
              "score": "held-out loss (512 test problems) after the last step",
+             "lr0": {"full": args.lr0[0], "lora": args.lr0[1]},
              "lr_search": "coarse x2 grid lr0*2^{-2..2} on all seeds (median), extended "
                           "until the optimum is strictly inside; sqrt2 refinement around it "
                           "on all seeds; best = "
@@ -499,14 +506,14 @@ def main() -> None:
         out_path.write_text(json.dumps(result, indent=2))
 
     bench = Bench(args, cache) if set(args.phases) - {"interop"} else None
-    lora_lr0 = 1e-2
+    full_lr0, lora_lr0 = args.lr0
     if "interop" in args.phases:
         print("== PEFT interop and merge parity", flush=True)
         result["interop"] = interop()
         save("interop")
     if "ratio" in args.phases:
         print("== LR ratio: full fine-tuning vs LoRA (all layers, α = 32)", flush=True)
-        sweeps = {"full": bench.sweep(1e-3, kind="full")}
+        sweeps = {"full": bench.sweep(full_lr0, kind="full")}
         result["sweeps"] = sweeps
         save()
         for r in args.ranks:

@@ -95,7 +95,7 @@ def main() -> None:
         rows.append(f"| toy LM d128×4, 3-digit addition | {d['test_accuracy']:.1%} held-out exact match after "
                     f"{d['steps']} steps, {d['train_seconds']:.0f} s training on {d['machine']['threads']} threads "
                     f"(bar: ≥ 95 % within 300 s) | toy_pretrain.json |")
-    for name in ("lora", "lora_base-ls_sub", "lora_base-ls-256_sub"):
+    for name in ("lora", "lora_base-ls_sub", "lora_base-ls-256_sub", "lora_base-ls-512_sub"):
         d = load(name)
         if d and "lr_ratio" in d:
             setup = d["setup"]
