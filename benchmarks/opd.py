@@ -323,10 +323,10 @@ def kl_to_reference(model, reference, task, batch, samples: int = 4, seed: int =
     return float((lp - teacher_logprobs(reference, r)).sum(1).mean())
 
 
-def forgetting(teacher, args, log) -> dict:
+def forgetting(teacher, args, log, seed: int = 0) -> dict:
     """Fine-tune on a new task until it is learned and addition has degraded; then OPD (the
     original model as teacher, addition prompts) vs SFT on the model's own addition samples."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     old = tasks.addition(3)
     new = {"subtraction": tasks.subtraction(3),
            "modular_addition": tasks.modular_addition(3, 97),
@@ -344,7 +344,7 @@ def forgetting(teacher, args, log) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.ft_lr,
                             weight_decay=0.0)
     import numpy as np
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     ft_steps, acc_old, acc_new = 0, original_old, original_new
     ft_curve = [(0, acc_old, acc_new)]
     model.train()
@@ -375,7 +375,7 @@ def forgetting(teacher, args, log) -> dict:
     if args.ft_lora:
         model = unload_lora(model, merge=True).requires_grad_(True)
     ft_kl = kl_to_reference(model, teacher, old, kl_batch)
-    result = {"new_task": new.name,
+    result = {"seed": seed, "new_task": new.name,
               "original": {"addition": original_old, "new_task": original_new},
               "fine_tune": {"steps": ft_steps, "lr": args.ft_lr, "curve": ft_curve,
                             "batch": args.ft_batch, "new_task_target": args.ft_new_target,
@@ -391,10 +391,10 @@ def forgetting(teacher, args, log) -> dict:
     log(f"  after fine-tune: addition {acc_old:.3f}, {new.name} {acc_new:.3f}, "
         f"KL to original {ft_kl:.2f}")
     configs = {"opd": OPDConfig(objective="opd", prompts_per_step=args.prompts,
-                                group_size=args.group, eval_every=0, seed=0),
+                                group_size=args.group, eval_every=0, seed=seed),
                "sft_self": OPDConfig(objective="sft", sft_source="student",
                                      prompts_per_step=args.prompts, group_size=args.group,
-                                     eval_every=0, seed=0)}
+                                     eval_every=0, seed=seed)}
     sweep = {name: [] for name in configs}
     for lr in [float(x) for x in args.recover_lrs.split(",")]:
         for name, config in configs.items():
@@ -426,6 +426,20 @@ def forgetting(teacher, args, log) -> dict:
                                 for name, runs in sweep.items()}
     result["recovery_lr_rule"] = "per method, the lr maximizing final addition + new-task accuracy"
     return result
+
+
+def forgetting_summary(runs: list[dict]) -> dict:
+    """Each seed's end points (after the fine-tune; OPD and SFT at their chosen lr) and their
+    medians over seeds; the curves and sweeps are kept for the first seed only."""
+    keys = ("addition", "new_task", "kl_to_original")
+    per_seed = [{"seed": r["seed"], "fine_tune_steps": r["fine_tune"]["steps"],
+                 "fine_tune_reached": r["fine_tune"]["reached"],
+                 **{stage: {**({"lr": r[stage]["lr"]} if stage != "fine_tune" else {}),
+                            **{k: r[stage][k] for k in keys}}
+                    for stage in ("fine_tune", "opd", "sft_self")}} for r in runs]
+    median = {stage: {k: statistics.median(s[stage][k] for s in per_seed) for k in keys}
+              for stage in ("fine_tune", "opd", "sft_self")}
+    return {"per_seed": per_seed, "median_over_seeds": median}
 
 
 def plot(result: dict, out_prefix: Path) -> list[str]:
@@ -497,13 +511,15 @@ def main() -> None:
                         help="fine-tune the new task with LoRA of this rank (0: every weight)")
     parser.add_argument("--ft-batch", type=int, default=32)
     parser.add_argument("--ft-new-target", type=float, default=0.8)
-    parser.add_argument("--ft-old-fraction", type=float, default=0.25,
+    parser.add_argument("--ft-old-fraction", type=float, default=0.125,
                         help="fraction of each fine-tuning batch drawn from the old task")
     parser.add_argument("--ft-old-below", type=float, default=0.9,
                         help="the fine-tune stops once the old task is below this fraction of "
                              "its original accuracy (and the new one is learned)")
     parser.add_argument("--ft-cap", type=int, default=2000)
-    parser.add_argument("--recover-lrs", default="6.25e-5,1.25e-4,2.5e-4",
+    parser.add_argument("--ft-seeds", default="0,1,2",
+                        help="seeds of the forgetting part (fine-tune data and order, recovery)")
+    parser.add_argument("--recover-lrs", default="3.125e-5,6.25e-5,1.25e-4,2.5e-4",
                         help="recovery lrs (OPD and SFT each); per method the best is reported")
     parser.add_argument("--recover-steps", type=int, default=100)
     parser.add_argument("--kl-prompts", type=int, default=128)
@@ -666,7 +682,8 @@ def main() -> None:
         result["diagnosis"] = diagnose(start_path, teacher_path, args, lr, target, log)
         save()
     if "forgetting" in parts:
-        result["forgetting"] = forgetting(teacher, args, log)
+        runs = [forgetting(teacher, args, log, int(seed)) for seed in args.ft_seeds.split(",")]
+        result["forgetting"] = {**runs[0], **forgetting_summary(runs)}
         save()
     save()
     merged = json.loads(out.read_text())
