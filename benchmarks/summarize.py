@@ -109,6 +109,14 @@ def main() -> None:
             rows.append(f"| OPD steps to {d.get('target_accuracy', 0.95):.0%} of teacher (cap {d.get('cap')}), "
                         f"teacher {d['teacher']['recipe']} | "
                         f"opd {stt.get('opd')}, rl {stt.get('rl')}, sft {stt.get('sft')} | {name}.json |")
+    fg = (load("opd") or {}).get("forgetting", {})
+    if "median_over_seeds" in fg:
+        m = fg["median_over_seeds"]
+        cell = "; ".join(f"{stage}: old {m[stage]['addition']:.0%}, new {m[stage]['new_task']:.0%}, "
+                         f"KL {m[stage]['kl_to_original']:.1f}"
+                         for stage in ("fine_tune", "opd", "sft_self"))
+        rows.append(f"| forgetting recovery, median of {len(fg['per_seed'])} seeds (addition after a "
+                    f"{fg['new_task']} fine-tune; 100 recovery steps) | {cell} | opd.json |")
     d = load("tracking_overhead")
     if d:
         parts = ", ".join(f"{k} {v['overhead']:.1%}" for k, v in d["results"].items())
