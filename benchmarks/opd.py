@@ -395,28 +395,11 @@ def forgetting(teacher, args, log, seed: int = 0) -> dict:
                "sft_self": OPDConfig(objective="sft", sft_source="student",
                                      prompts_per_step=args.prompts, group_size=args.group,
                                      eval_every=0, seed=seed)}
-    sweep = {name: [] for name in configs}
-    for lr in [float(x) for x in args.recover_lrs.split(",")]:
-        for name, config in configs.items():
-            student = copy.deepcopy(model)
-            trainer = Trainer(student, old, config, teacher=teacher,
-                              optimizer=make_optimizer("adamw", lr, lr))
-            curve = [{"step": 0, "addition": acc_old, "new_task": acc_new, "kl_to_original": ft_kl}]
-            start = time.perf_counter()
-            for step in range(1, args.recover_steps + 1):
-                trainer.step()
-                if step % 10 == 0 or step == args.recover_steps:
-                    student.eval()
-                    a_old, a_new = evaluate(student)
-                    kl = kl_to_reference(student, teacher, old, kl_batch)
-                    curve.append({"step": step, "addition": a_old, "new_task": a_new,
-                                  "kl_to_original": kl})
-                    log(f"  {name} lr {lr:g} step {step}: addition {a_old:.3f}, "
-                        f"{new.name} {a_new:.3f}, KL to original {kl:.3f}")
-            sweep[name].append({"lr": lr, "steps": args.recover_steps, "curve": curve,
-                                "seconds": time.perf_counter() - start,
-                                **{k: curve[-1][k] for k in ("addition", "new_task",
-                                                             "kl_to_original")}})
+    start_point = {"addition": acc_old, "new_task": acc_new, "kl_to_original": ft_kl}
+    sweep = {name: [recover(model, teacher, old, new.name, config, lr, evaluate, kl_batch,
+                            start_point, args.recover_steps, log)
+                    for lr in (float(x) for x in args.recover_lrs.split(","))]
+             for name, config in configs.items()}
     # Per method, the lr whose final model is best on both tasks together (the largest sum of
     # the two accuracies): the goal is the old task back without losing the new one.
     for name, runs in sweep.items():
@@ -428,14 +411,36 @@ def forgetting(teacher, args, log, seed: int = 0) -> dict:
     return result
 
 
+def recover(model, teacher, old, new_name, config, lr, evaluate, kl_batch, start_point: dict,
+            steps: int, log) -> dict:
+    """``steps`` of ``config``'s objective from a copy of ``model`` (AdamW at ``lr``), with the
+    original ``teacher``, on the old task's prompts; both tasks' accuracy and the KL to the
+    original every 10 steps."""
+    student = copy.deepcopy(model)
+    trainer = Trainer(student, old, config, teacher=teacher,
+                      optimizer=make_optimizer("adamw", lr, lr))
+    curve = [{"step": 0, **start_point}]
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        trainer.step()
+        if step % 10 == 0 or step == steps:
+            student.eval()
+            a_old, a_new = evaluate(student)
+            kl = kl_to_reference(student, teacher, old, kl_batch)
+            curve.append({"step": step, "addition": a_old, "new_task": a_new, "kl_to_original": kl})
+            log(f"  {config.objective} lr {lr:g} step {step}: addition {a_old:.3f}, "
+                f"{new_name} {a_new:.3f}, KL to original {kl:.3f}")
+    return {"lr": lr, "steps": steps, "curve": curve, "seconds": time.perf_counter() - start,
+            **{k: curve[-1][k] for k in ("addition", "new_task", "kl_to_original")}}
+
+
 def forgetting_summary(runs: list[dict]) -> dict:
-    """Each seed's end points (after the fine-tune; OPD and SFT at their chosen lr) and their
+    """Each seed's end points and lrs (after the fine-tune; OPD and SFT at their chosen lr) and their
     medians over seeds; the curves and sweeps are kept for the first seed only."""
     keys = ("addition", "new_task", "kl_to_original")
     per_seed = [{"seed": r["seed"], "fine_tune_steps": r["fine_tune"]["steps"],
                  "fine_tune_reached": r["fine_tune"]["reached"],
-                 **{stage: {**({"lr": r[stage]["lr"]} if stage != "fine_tune" else {}),
-                            **{k: r[stage][k] for k in keys}}
+                 **{stage: {k: r[stage][k] for k in ("lr", *keys)}
                     for stage in ("fine_tune", "opd", "sft_self")}} for r in runs]
     median = {stage: {k: statistics.median(s[stage][k] for s in per_seed) for k in keys}
               for stage in ("fine_tune", "opd", "sft_self")}
