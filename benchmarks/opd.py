@@ -34,7 +34,13 @@ little more than the 0/1 sequence reward: the blog's 7-10x is for long reasoning
 
 ``--task keyvalue`` runs the headline on recall of a fixed 256-key table with 8-digit values (a
 9-token completion, teacher and student recipes in HEADLINE_TASKS), where a per-token reward
-should matter more than on a 4-digit sum.
+should matter more than on a 4-digit sum. ``--task addition5`` is 5-digit addition (a 7-token
+completion; the d_model 64 teacher needs 4000 steps, the student 1000 are still on the plateau).
+``--start-fraction`` sets where the start SFT stops (default 0.25 of the teacher; the bar allows
+up to 0.5): a start far below the teacher is where a 0/1 sequence reward is rare and RL has the
+least signal. ``--grad-clip`` clips every method's gradient norm alike (none by default); at 1.0
+it lets OPD take lrs where its heavy-tailed advantages otherwise collapse it. Settings other
+than the defaults write results/opd_<task>[_teacher_ls<ε>][_start<f>][_clip<c>].json.
 
 Forgetting: the teacher model is fine-tuned (SFT on correct answers, AdamW ``--ft-lr``) on a new
 task (key-value lookup by default: prompts of letters) with ``--ft-old-fraction`` of each batch
@@ -92,6 +98,7 @@ STUDENT_RECIPE = Recipe(name="opd-student", d_model=48, n_layers=2, n_heads=4, s
 # a fixed table of 256 keys with 8-digit values (a 9-token completion): a dense per-token reward
 # says which digit is wrong, where the 0/1 sequence reward only says that one is.
 KV = {"n_keys": 256, "value_len": 8}
+A5 = {"n_digits": 5, "format": "reversed"}
 HEADLINE_TASKS = {
     "addition": ("addition(3), reversed answer: 4 digits + <eos>", lambda: tasks.addition(3),
                  TEACHER_RECIPE, STUDENT_RECIPE),
@@ -102,6 +109,13 @@ HEADLINE_TASKS = {
                  # 60 steps: the format and a few values, far below the teacher
                  Recipe(name="opd-kv-student", task="keyvalue", task_kwargs=KV, d_model=48,
                         n_layers=2, n_heads=4, steps=60, warmup_steps=20)),
+    # Five digits: a 7-token completion. The d_model 64 teacher needs 4000 steps to leave the
+    # plateau (1500 leave it at 0 %); the 1000-step student is still on it.
+    "addition5": ("addition(5), reversed answer: 6 digits + <eos>", lambda: tasks.addition(5),
+                  Recipe(name="opd5-teacher", task_kwargs=A5, d_model=64, n_layers=2, n_heads=4,
+                         steps=4000),
+                  Recipe(name="opd5-student", task_kwargs=A5, d_model=48, n_layers=2, n_heads=4,
+                         steps=1000)),
 }
 
 
@@ -128,7 +142,8 @@ def run_one(job: dict) -> dict:
     teacher = TinyCausalLM.load(job["teacher"])
     config = OPDConfig(objective=job["objective"], prompts_per_step=job["prompts"],
                        group_size=job["group"], eval_every=job["eval_every"],
-                       eval_prompts=job["eval_prompts"], seed=job["seed"])
+                       eval_prompts=job["eval_prompts"], seed=job["seed"],
+                       grad_clip=job.get("grad_clip"))
     torch.manual_seed(job["seed"])
     trainer = Trainer(student, task, config, teacher=teacher,
                       optimizer=make_optimizer(job["optimizer"], job["lr"], job["fallback_lr"]))
@@ -195,8 +210,9 @@ def lower_thresholds(runs: list[dict], lrs: list[float], methods: list[str],
     return out
 
 
-def build_start(teacher, task, eval_prompts, teacher_acc, out_dir, log, recipe=STUDENT_RECIPE):
-    """The plateau student, then SFT on teacher samples until >= 25 % of the teacher."""
+def build_start(teacher, task, eval_prompts, teacher_acc, out_dir, log, recipe=STUDENT_RECIPE,
+                fraction: float = 0.25):
+    """The plateau student, then SFT on teacher samples until >= ``fraction`` of the teacher."""
     student = pretrain(recipe)
     trainer = Trainer(student, task, OPDConfig(objective="sft", prompts_per_step=32, group_size=1,
                                                eval_every=5, eval_prompts=eval_prompts,
@@ -204,7 +220,7 @@ def build_start(teacher, task, eval_prompts, teacher_acc, out_dir, log, recipe=S
                       teacher=teacher, optimizer=make_optimizer("adamw", 2e-3, 2e-3))
     acc = trainer.evaluate()
     history = [(0, acc)]
-    while acc < 0.25 * teacher_acc and trainer.step_count < 1000:
+    while acc < fraction * teacher_acc and trainer.step_count < 1000:
         record = trainer.step()
         if "accuracy" in record:
             acc = record["accuracy"]
@@ -506,6 +522,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--grad-clip", type=float, default=None,
+                        help="clip each step's gradient norm (all methods alike); none by default")
+    parser.add_argument("--start-fraction", type=float, default=0.25,
+                        help="the student start is SFT'd until it reaches this fraction of the "
+                             "teacher's accuracy (the bar allows up to 0.5)")
     parser.add_argument("--eval-prompts", type=int, default=256)
     parser.add_argument("--muon-lrs", default="6.25e-4,1.25e-3,2.5e-3,5e-3")
     parser.add_argument("--manifold-lrs", default="2.5e-3,5e-3,1e-2,2e-2")
@@ -541,8 +562,12 @@ def main() -> None:
                         help="only recompute the summaries and plots of an existing --out")
     args = parser.parse_args()
     if args.out is None:
-        name = "opd" if (args.task, args.teacher_smoothing) == ("addition", 0.0) else (
-            f"opd_{args.task}" + (f"_teacher_ls{args.teacher_smoothing:g}" if args.teacher_smoothing else ""))
+        default = (args.task, args.teacher_smoothing, args.start_fraction, args.grad_clip) == (
+            "addition", 0.0, 0.25, None)
+        name = "opd" if default else (
+            f"opd_{args.task}" + (f"_teacher_ls{args.teacher_smoothing:g}" if args.teacher_smoothing else "")
+            + (f"_start{args.start_fraction:g}" if args.start_fraction != 0.25 else "")
+            + (f"_clip{args.grad_clip:g}" if args.grad_clip else ""))
         args.out = str(ROOT / "results" / f"{name}.json")
     if args.summarize:
         out = Path(args.out)
@@ -598,6 +623,7 @@ def main() -> None:
         "target_accuracy": target,
         "cap": args.cap, "seeds": seeds,
         "per_step": {"prompts": args.prompts, "group_size": args.group,
+                     "grad_clip": args.grad_clip,
                      "sequences": args.prompts * args.group,
                      "max_new_tokens": task.max_new_tokens},
         "eval": {"prompts": args.eval_prompts, "every": args.eval_every},
@@ -607,17 +633,19 @@ def main() -> None:
     common = None
     if "headline" in parts or "optimizers" in parts or "diagnosis" in parts:
         start_path, start_info = build_start(teacher, task, args.eval_prompts, teacher_acc, tmp,
-                                             log, student_recipe)
+                                             log, student_recipe, args.start_fraction)
         result["student_start"] = {
             "recipe": f"{student_recipe.name} (d_model 48, 2 layers, {student_recipe.steps} steps) "
                       "+ SFT on teacher samples (32/step, AdamW 2e-3)",
             "recipe_hash": student_recipe.hash(), **start_info,
+            "sft_until_fraction": args.start_fraction,
             "fraction_of_teacher": start_info["accuracy"] / teacher_acc}
         log(f"student start accuracy {start_info['accuracy']:.3f} after "
             f"{start_info['sft_steps']} SFT steps")
         common = dict(task=args.task, start=str(start_path), teacher=str(teacher_path),
                       prompts=args.prompts, group=args.group, eval_every=args.eval_every,
-                      eval_prompts=args.eval_prompts, target=target, cap=args.cap)
+                      eval_prompts=args.eval_prompts, target=target, cap=args.cap,
+                      grad_clip=args.grad_clip)
 
     def save():
         # Parts may run as separate processes (--parts): merge into what is already there, so
