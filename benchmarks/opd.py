@@ -561,13 +561,15 @@ def main() -> None:
     parser.add_argument("--summarize", action="store_true",
                         help="only recompute the summaries and plots of an existing --out")
     args = parser.parse_args()
+    if not 0.0 < args.start_fraction <= 0.5:
+        parser.error(f"--start-fraction must be in (0, 0.5] (the bar: at most half the "
+                     f"teacher's accuracy), got {args.start_fraction}")
     if args.out is None:
-        default = (args.task, args.teacher_smoothing, args.start_fraction, args.grad_clip) == (
-            "addition", 0.0, 0.25, None)
-        name = "opd" if default else (
-            f"opd_{args.task}" + (f"_teacher_ls{args.teacher_smoothing:g}" if args.teacher_smoothing else "")
-            + (f"_start{args.start_fraction:g}" if args.start_fraction != 0.25 else "")
-            + (f"_clip{args.grad_clip:g}" if args.grad_clip else ""))
+        # One file per setting: each option left at its default adds nothing to the name.
+        suffix = "".join(f"_{tag}{getattr(args, dest):g}" for tag, dest in (
+            ("teacher_ls", "teacher_smoothing"), ("start", "start_fraction"), ("clip", "grad_clip"))
+            if getattr(args, dest) != parser.get_default(dest))
+        name = "opd" if (args.task, suffix) == ("addition", "") else f"opd_{args.task}{suffix}"
         args.out = str(ROOT / "results" / f"{name}.json")
     if args.summarize:
         out = Path(args.out)
@@ -635,7 +637,8 @@ def main() -> None:
         start_path, start_info = build_start(teacher, task, args.eval_prompts, teacher_acc, tmp,
                                              log, student_recipe, args.start_fraction)
         result["student_start"] = {
-            "recipe": f"{student_recipe.name} (d_model 48, 2 layers, {student_recipe.steps} steps) "
+            "recipe": f"{student_recipe.name} (d_model {student_recipe.d_model}, "
+                      f"{student_recipe.n_layers} layers, {student_recipe.steps} steps) "
                       "+ SFT on teacher samples (32/step, AdamW 2e-3)",
             "recipe_hash": student_recipe.hash(), **start_info,
             "sft_until_fraction": args.start_fraction,
