@@ -41,6 +41,7 @@ _TASKS = {
     "modular_addition": tasks_module.modular_addition,
     "subtraction": tasks_module.subtraction,
     "keyvalue": tasks_module.keyvalue,
+    "substitution": tasks_module.substitution,
 }
 
 

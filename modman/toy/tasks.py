@@ -17,6 +17,8 @@ Tasks:
   fine-tuning a model pretrained on addition.
 - :func:`subtraction` — ``"523-045="`` → a−b with a ≥ b, n digits.
 - :func:`keyvalue` — ``"qzkd:"`` → a random value string; a fixed table of known entropy.
+- :func:`substitution` — a random string → its image under a fixed substitution cipher: a long
+  answer (``length`` + 1 tokens) whose characters are independent.
 
 Train/test splits of the arithmetic tasks partition the problem space (a, b) by a seeded hash:
 a pair is held out iff splitmix64(seed, a, b) < test_fraction·2⁶⁴. Training batches never contain
@@ -443,3 +445,89 @@ def keyvalue(n_keys: int = 256, *, key_len: int = 4, value_len: int = 4,
     """Key→value memorisation; ``task.bits`` is the information the model must store."""
     return KeyValueTask(n_keys, key_len=key_len, value_len=value_len, key_alphabet=key_alphabet,
                         value_alphabet=value_alphabet, seed=seed, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------ long answers
+
+class SubstitutionTask(Task):
+    """``"qzkdamwe…:"`` → the same string through a fixed random substitution cipher.
+
+    The prompt is ``length`` characters drawn uniformly from ``alphabet``; the answer maps each
+    through a seeded permutation of ``alphabet`` (with ``per_position=True`` a different one at
+    every position: ``length``·|alphabet| independent facts to learn), so answer character j
+    depends on prompt character j alone. A long answer of independent tokens: a per-token reward says which of the
+    ``length`` characters is wrong, a 0/1 sequence reward only that one is (the case for which
+    on-policy distillation reports its largest gain over RL). The test set is ``n_test`` fixed
+    random prompts; training draws never return one of them.
+    """
+
+    name = "substitution"
+
+    def __init__(self, length: int = 16, *, alphabet: str = string.ascii_lowercase,
+                 per_position: bool = False, seed: int = 0, n_test: int = 500,
+                 tokenizer: CharTokenizer | None = None):
+        super().__init__(tokenizer)
+        for name, value in (("length", length), ("n_test", n_test)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if len(set(alphabet)) != len(alphabet) or len(alphabet) < 2:
+            raise ValueError(f"alphabet must hold at least 2 distinct characters, got {alphabet!r}")
+        if ":" in alphabet:
+            raise ValueError("alphabet must not contain the separator ':'")
+        self.tokenizer.encode(alphabet)  # every character must be a token
+        if n_test > len(alphabet) ** length // 2:
+            raise ValueError(f"n_test={n_test} is more than half of the "
+                             f"{len(alphabet) ** length} prompts of length {length}")
+        self.length, self.alphabet, self.seed, self.n_test = length, alphabet, seed, n_test
+        self.per_position = bool(per_position)
+        rng = np.random.default_rng([seed, 0xC1F])
+        orders = [rng.permutation(len(alphabet)) for _ in range(length if per_position else 1)]
+        # keys[j]: the cipher of answer position j
+        self.keys = [{c: alphabet[i] for c, i in zip(alphabet, orders[min(j, len(orders) - 1)])}
+                     for j in range(length)]
+        self._test_prompts: list[str] | None = None
+        self._test_set: set[str] = set()
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.length + 1
+
+    def answer(self, prompt: str) -> str:
+        body = prompt[:-1]
+        if not prompt.endswith(":") or len(body) != self.length or any(c not in self.keys[0] for c in body):
+            raise ValueError(f"prompt {prompt!r} is not {self.length} characters of the alphabet "
+                             f"followed by ':'")
+        return "".join(key[c] for key, c in zip(self.keys, body))
+
+    def _random(self, n: int, rng: np.random.Generator) -> list[str]:
+        rows = rng.integers(0, len(self.alphabet), size=(n, self.length))
+        return ["".join(self.alphabet[i] for i in row) + ":" for row in rows]
+
+    def _draw(self, n, split, rng):
+        if split == "test":
+            test = self.test_prompts()
+            return [test[i] for i in rng.integers(0, len(test), size=n)]
+        self.test_prompts()
+        out: list[str] = []
+        while len(out) < n:
+            out += [p for p in self._random(n - len(out), rng) if p not in self._test_set]
+        return out
+
+    def test_prompts(self) -> list[str]:
+        if self._test_prompts is None:
+            rng = np.random.default_rng([self.seed, 0x7E57])
+            seen: dict[str, None] = {}
+            while len(seen) < self.n_test:
+                for p in self._random(self.n_test, rng):
+                    seen.setdefault(p)
+            self._test_prompts = list(seen)[:self.n_test]
+            self._test_set = set(self._test_prompts)
+        return list(self._test_prompts)
+
+
+def substitution(length: int = 16, *, alphabet: str = string.ascii_lowercase,
+                 per_position: bool = False, seed: int = 0, n_test: int = 500,
+                 tokenizer: CharTokenizer | None = None) -> SubstitutionTask:
+    """A random string → its image under a fixed substitution cipher (``length`` + 1 tokens)."""
+    return SubstitutionTask(length, alphabet=alphabet, per_position=per_position, seed=seed,
+                            n_test=n_test, tokenizer=tokenizer)

@@ -146,6 +146,50 @@ def test_keyvalue_table_and_bits():
     assert set(task.test_prompts()) == {k + ":" for k in task.table}
 
 
+@given(st.integers(1, 12), st.booleans(), st.integers(0, 2**32 - 1))
+def test_substitution_is_a_cipher_per_position(length, per_position, seed):
+    task = tasks.substitution(length, per_position=per_position, seed=seed, n_test=5)
+    alphabet = task.alphabet
+    # each position's key is a permutation of the alphabet: the answer is invertible character by
+    # character, and shared across positions unless per_position
+    for key in task.keys:
+        assert sorted(key) == sorted(key.values()) == sorted(alphabet)
+    if not per_position:
+        assert all(key == task.keys[0] for key in task.keys)
+    prompt = "".join(alphabet[(7 * j) % len(alphabet)] for j in range(length)) + ":"
+    answer = task.answer(prompt)
+    assert len(answer) == length == task.max_new_tokens - 1
+    assert all(task.keys[j][c] == answer[j] for j, c in enumerate(prompt[:-1]))
+    # answer position j depends on prompt position j alone
+    j = length // 2
+    other = alphabet[(alphabet.index(prompt[j]) + 1) % len(alphabet)]
+    changed = task.answer(prompt[:j] + other + prompt[j + 1:])
+    assert [a != b for a, b in zip(answer, changed)] == [i == j for i in range(length)]
+
+
+def test_substitution_splits_and_errors():
+    task = tasks.substitution(6, per_position=True, n_test=40)
+    test = task.test_prompts()
+    assert len(set(test)) == 40 and test == tasks.substitution(6, per_position=True, n_test=40).test_prompts()
+    assert task.keys != tasks.substitution(6, per_position=True, seed=1, n_test=40).keys
+    assert len({str(k) for k in task.keys}) > 1
+    train = task.sample(2000, 0).prompts
+    assert not set(train) & set(test)
+    assert set(task.sample(50, 0, split="test").prompts) <= set(test)
+    batch = task.sample(3, 1)
+    assert task.score(batch.prompts, batch.targets).all()
+    with pytest.raises(ValueError, match="not 6 characters"):
+        task.answer("abc:")
+    with pytest.raises(ValueError, match="not 6 characters"):
+        task.answer("ABCDEF:")
+    with pytest.raises(ValueError, match="length"):
+        tasks.substitution(0)
+    with pytest.raises(ValueError, match="n_test"):
+        tasks.substitution(1, n_test=20)
+    with pytest.raises(ValueError, match="separator"):
+        tasks.substitution(3, alphabet="ab:")
+
+
 def test_evaluate_scores_generated_text():
     task = tasks.addition(1, n_test=20)
     model = TinyCausalLM(TOK.vocab_size, 16, 1, 2, 16, seed=0)
