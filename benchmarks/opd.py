@@ -99,6 +99,7 @@ STUDENT_RECIPE = Recipe(name="opd-student", d_model=48, n_layers=2, n_heads=4, s
 # says which digit is wrong, where the 0/1 sequence reward only says that one is.
 KV = {"n_keys": 256, "value_len": 8}
 A5 = {"n_digits": 5, "format": "reversed"}
+SUB = {"length": 16, "per_position": True}
 HEADLINE_TASKS = {
     "addition": ("addition(3), reversed answer: 4 digits + <eos>", lambda: tasks.addition(3),
                  TEACHER_RECIPE, STUDENT_RECIPE),
@@ -116,6 +117,15 @@ HEADLINE_TASKS = {
                          steps=4000),
                   Recipe(name="opd5-student", task_kwargs=A5, d_model=48, n_layers=2, n_heads=4,
                          steps=1000)),
+    # A 17-token completion of independent characters (a different substitution cipher at each of
+    # 16 positions: 416 facts): the long answer where a per-token reward should matter most. The
+    # teacher reaches 100 % at 2000 steps (800 leave it at 3 %).
+    "substitution": ("substitution(16, per position): a fixed cipher per position of a random "
+                     "16-letter string, 17-token completion", lambda: tasks.substitution(**SUB),
+                     Recipe(name="opd-sub-teacher", task="substitution", task_kwargs=SUB,
+                            d_model=64, n_layers=2, n_heads=4, max_len=40, steps=2000),
+                     Recipe(name="opd-sub-student", task="substitution", task_kwargs=SUB,
+                            d_model=48, n_layers=2, n_heads=4, max_len=40, steps=300)),
 }
 
 
@@ -226,6 +236,9 @@ def build_start(teacher, task, eval_prompts, teacher_acc, out_dir, log, recipe=S
             acc = record["accuracy"]
             history.append((record["step"], acc))
             log(f"  start SFT step {record['step']}: accuracy {acc:.3f}")
+    if acc < fraction * teacher_acc:
+        raise RuntimeError(f"the start SFT stopped at its cap of {trainer.step_count} steps with "
+                           f"accuracy {acc:.3f}, below {fraction:g} of the teacher's {teacher_acc:.3f}")
     if not acc <= 0.5 * teacher_acc:
         raise RuntimeError(f"start accuracy {acc:.3f} overshot 50 % of the teacher's "
                            f"{teacher_acc:.3f}; use a smaller eval interval")
@@ -619,8 +632,9 @@ def main() -> None:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "machine": machine(),
         "task": description,
-        "teacher": {"recipe": f"{teacher_recipe.name} (d_model 64, 2 layers, 1500 steps, label "
-                              f"smoothing {args.teacher_smoothing:g})",
+        "teacher": {"recipe": f"{teacher_recipe.name} (d_model {teacher_recipe.d_model}, "
+                              f"{teacher_recipe.n_layers} layers, {teacher_recipe.steps} steps, label "
+                              f"smoothing {teacher_recipe.label_smoothing:g})",
                     "recipe_hash": teacher_recipe.hash(), "accuracy": teacher_acc},
         "target_accuracy": target,
         "cap": args.cap, "seeds": seeds,

@@ -102,12 +102,16 @@ def main() -> None:
             ratios = ", ".join(f"r={k}: {v:.3g}" for k, v in sorted(d["lr_ratio"].items(), key=lambda kv: int(kv[0])))
             rows.append(f"| LoRA lr ratio (best LoRA lr / best full-FT lr): {setup['base']} on "
                         f"{setup['task']}, {setup['steps']} steps | {ratios} | {name}.json |")
-    for name in ("opd", "opd_addition_teacher_ls0.1"):
+    # every headline setting benchmarks/opd.py has written (one file per setting)
+    for name in sorted(p.stem for p in RESULTS.glob("opd*.json")):
         d = load(name)
-        if d:
+        if d and "steps_to_target" in d:
             stt = d["steps_to_target"]
             rows.append(f"| OPD steps to {d.get('target_accuracy', 0.95):.0%} of teacher (cap {d.get('cap')}), "
-                        f"teacher {d['teacher']['recipe']} | "
+                        f"{d.get('task', 'addition(3)').split(':')[0]}, teacher {d['teacher']['recipe']}, "
+                        f"start {d['student_start']['accuracy']:.0%}"
+                        + (f", grad clip {d['per_step']['grad_clip']:g}" if d["per_step"].get("grad_clip") else "")
+                        + " | "
                         f"opd {stt.get('opd')}, rl {stt.get('rl')}, sft {stt.get('sft')} | {name}.json |")
     fg = (load("opd") or {}).get("forgetting", {})
     if "median_over_seeds" in fg:
