@@ -105,6 +105,8 @@ def main() -> None:
     # every headline setting benchmarks/opd.py has written (one file per setting)
     for name in sorted(p.stem for p in RESULTS.glob("opd*.json")):
         d = load(name)
+        if d and "promoted_from" in d:  # opd.json's own headline (its promoted one has its own row)
+            d = {**d, **d["addition_headline"]}
         if d and "steps_to_target" in d:
             stt = d["steps_to_target"]
             rows.append(f"| OPD steps to {d.get('target_accuracy', 0.95):.0%} of teacher (cap {d.get('cap')}), "

@@ -2,6 +2,7 @@
 RL/OPD ratio is a labelled lower bound when only OPD reaches the target, and the KL-to-original
 estimate is zero for a model against its own copy."""
 import copy
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -63,3 +64,23 @@ def test_kl_to_reference_of_a_copy_is_zero(bench):
         0.0, abs=1e-5)
     other = tiny_model(1)
     assert bench.kl_to_reference(model, other, task, batch, samples=64) > 0
+
+
+def test_promote_moves_own_headline_aside_once(bench, tmp_path):
+    dst, src, bad = tmp_path / "opd.json", tmp_path / "opd_other.json", tmp_path / "bad.json"
+    own = {"steps_to_target": {"opd": None, "rl": None, "sft": 350}, "lr": {"opd": 1e-3}, "seeds": [0],
+           "cap": 500, "task": "addition(3)", "forgetting": {"x": 1}}
+    other = {"steps_to_target": {"opd": 1280, "rl": None, "sft": 100}, "lr": {"opd": 5e-4},
+             "seeds": [0, 1, 2], "cap": 8000, "task": "substitution(16)", "rl_over_opd": ">6.2"}
+    dst.write_text(json.dumps(own))
+    src.write_text(json.dumps(other))
+    bad.write_text(json.dumps({"cap": 10}))
+    with pytest.raises(ValueError, match="no headline"):
+        bench.promote(bad, dst)
+    assert json.loads(dst.read_text()) == own  # refused: nothing written
+    for _ in range(2):  # promoting again must not overwrite the saved own headline
+        bench.promote(src, dst)
+        merged = json.loads(dst.read_text())
+        assert {k: merged[k] for k in other} == other
+        assert merged[bench.OWN_HEADLINE] == {k: v for k, v in own.items() if k != "forgetting"}
+        assert merged["forgetting"] == own["forgetting"] and merged["promoted_from"] == src.name
