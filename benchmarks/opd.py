@@ -39,7 +39,8 @@ completion; the d_model 64 teacher needs 4000 steps, the student 1000 are still 
 ``--task substitution`` maps a random 16-letter string through a different fixed cipher at each
 position (a 17-token completion of 16 independent characters, 416 facts): the long answer where
 a 0/1 sequence reward says least about which token is wrong. A shared cipher is learned all at
-once (the start SFT jumped from 0 to 98 % in 5 steps), hence one per position.
+once (in a single-seed probe the start SFT jumped from 0 to 98 % in 5 steps), hence one per
+position.
 ``--start-fraction`` sets where the start SFT stops (default 0.25 of the teacher; the bar allows
 up to 0.5): a start far below the teacher is where a 0/1 sequence reward is rare and RL has the
 least signal. ``--grad-clip`` clips every method's gradient norm alike (none by default); at 1.0
@@ -125,7 +126,7 @@ HEADLINE_TASKS = {
                          steps=1000)),
     # A 17-token completion of independent characters (a different substitution cipher at each of
     # 16 positions: 416 facts): the long answer where a per-token reward should matter most. The
-    # teacher reaches 100 % at 2000 steps (800 leave it at 3 %).
+    # teacher reaches 100 % at 2000 steps (in a probe, 800 left it at 3 %).
     "substitution": ("substitution(16, per position): a fixed cipher per position of a random "
                      "16-letter string, 17-token completion", lambda: tasks.substitution(**SUB),
                      Recipe(name="opd-sub-teacher", task="substitution", task_kwargs=SUB,
@@ -153,6 +154,8 @@ def promote(src: Path, dst: Path) -> None:
         raise ValueError(f"{src} has no headline result (missing {missing})")
     if "promoted_from" not in merged:
         merged[OWN_HEADLINE] = {k: merged[k] for k in HEADLINE_KEYS if k in merged}
+    for k in HEADLINE_KEYS:  # nothing of an earlier headline survives at the top level
+        merged.pop(k, None)
     merged.update({k: source[k] for k in HEADLINE_KEYS if k in source})
     merged["promoted_from"] = src.name
     merged["promoted_note"] = (f"the top-level headline keys are {src.name}'s (the setting that "
@@ -160,6 +163,12 @@ def promote(src: Path, dst: Path) -> None:
                                f"and 'optimizers' are on addition(3), whose own headline summary "
                                f"is '{OWN_HEADLINE}'")
     dst.write_text(json.dumps(merged, indent=1) + "\n")
+
+
+def own_headline(merged: dict) -> dict:
+    """The part of a results file that holds its own headline keys: the top level, or
+    OWN_HEADLINE once another setting's headline has been promoted into it."""
+    return merged.setdefault(OWN_HEADLINE, {}) if "promoted_from" in merged else merged
 
 
 def make_optimizer(name: str, lr: float, fallback_lr: float):
@@ -627,8 +636,7 @@ def main() -> None:
     if args.summarize:
         out = Path(args.out)
         merged = json.loads(out.read_text())
-        # a file whose top-level headline was promoted from another keeps its own under OWN_HEADLINE
-        own = merged[OWN_HEADLINE] if "promoted_from" in merged else merged
+        own = own_headline(merged)
         head = merged["headline"]
         methods = sorted({r["objective"] for r in head["runs"]})
         head["best"] = {m: best_lr([r for r in head["runs"] if r["objective"] == m],
@@ -713,7 +721,9 @@ def main() -> None:
         merged = json.loads(out.read_text()) if out.exists() else {}
         commands = {**merged.get("commands", {}), **{part: result["command"] for part in parts}}
         machines = {**merged.get("machines", {}), **{part: result["machine"] for part in parts}}
-        merged.update(result)
+        # a promoted file's top-level headline is another setting's: this run's goes beside it
+        own_headline(merged).update({k: v for k, v in result.items() if k in HEADLINE_KEYS})
+        merged.update({k: v for k, v in result.items() if k not in HEADLINE_KEYS})
         merged["commands"], merged["machines"] = commands, machines
         tmp_out = out.with_name(out.name + f".tmp{os.getpid()}")
         tmp_out.write_text(json.dumps(merged, indent=1) + "\n")
@@ -744,7 +754,7 @@ def main() -> None:
                                                     result["steps_to_target"].get("rl"), args.cap)
                 save()
         if "optimizers" in parts:
-            earlier = json.loads(out.read_text()) if out.exists() else {}
+            earlier = own_headline(json.loads(out.read_text())) if out.exists() else {}
             best_adamw = ((result.get("lr") or earlier.get("lr") or {}).get("opd")) or 1e-3
             grid = {"adamw": [best_adamw],
                     "muon": [float(x) for x in args.muon_lrs.split(",")],
@@ -769,7 +779,7 @@ def main() -> None:
                 "cap": args.cap, "target_accuracy": common["target"]}
             save()
     if "diagnosis" in parts:
-        earlier = json.loads(out.read_text()) if out.exists() else {}
+        earlier = own_headline(json.loads(out.read_text())) if out.exists() else {}
         lr = ((result.get("lr") or earlier.get("lr") or {}).get("opd")) or 2.5e-4
         result["diagnosis"] = diagnose(start_path, teacher_path, args, lr, target, log)
         save()
@@ -779,7 +789,7 @@ def main() -> None:
         save()
     save()
     merged = json.loads(out.read_text())
-    merged["plots"] = plot(merged, out.with_suffix(""))
+    merged["plots"] = plot({**merged, **own_headline(merged)}, out.with_suffix(""))
     out.write_text(json.dumps(merged, indent=1) + "\n")
     log(json.dumps({k: result.get(k) for k in ("steps_to_target", "lr", "rl_over_opd", "cap")}))
 

@@ -38,14 +38,6 @@ tall m×n×n products. The model ``msign_equivalents`` uses the weights of ``new
 When it converges: fast when M stays well conditioned (full-rank G⊥, m ≥ 2n — the usual case
 for a layer's momentum). When N is singular (m < 2n, where rank N ≤ m − n, or a rank-deficient
 G) the map has no contraction (measured on 512×392: the residual hovers at 0.5–1 for 40 maps).
-Why (``benchmarks/dual_face.py``, the Jacobian of the map at an optimal dual, fp64): for m < 2n
-the optimal duals form a face, not a point. The Jacobian has eigenvalue 1 with multiplicity
-exactly k(k+1), k = (n − p)/2, p = m − n = rank N (110, 156 and 182 on 40×30, 36×30 and 34×30),
-which are the directions along which D stays optimal. Every other mode contracts only by
-0.94–0.99 per map, where on 60×20 (m ≥ 2n) the slowest mode contracts by 0.58. In training the
-previous step's dual is a poor start: on a 1024×784 layer at step 10 it certified a gap of 0.18.
-The final stage below then contracted by ~0.93 per map, which took 30 fp64 maps and 5
-recoveries (55 msign-equivalents).
 Then the same maps run on N + εI, ε = 10⁻²…10⁻¹⁰ of ‖BᵀB + N‖_F, each stage warm-starting the
 next (``_continuation``): a 1024×784 layer, cold, full-rank G, reaches a certified gap of 1e-5
 in ~70 maps, 13–18 s on one core, where newton took 130–180 s and stopped at 1.6e-4. A warm
@@ -53,6 +45,16 @@ start resumes at the ε the previous solve ended with (state["shift"]). Only if 
 short does ``newton`` take over from the best dual. A gradient of low rank is first reduced to
 the subspace it spans (``subspace.py``). Square W (N = 0) is the closed form (``closed_form.py``),
 exact in one msign.
+
+Why the plain map stalls (``benchmarks/dual_face.py``: the Jacobian of the map at a dual certified
+to ≤ 3e-7, fp64, two seeds per shape). For m < 2n the optimal duals form a face, not a point:
+the Jacobian has eigenvalue +1 with multiplicity k(k+1), k = (n − p)/2, p = m − n = rank N (110,
+156 and 182 on 40×30, 36×30 and 34×30; 180 on 35×30, where n − p is odd), the directions along
+which D stays optimal, and every other mode contracts only by 0.90–0.996 per map (0.46–0.57 on
+60×20, m ≥ 2n). In training the warm start does not help much either: on the 1024×784 layer of
+the 784→1024→1024→10 MLP (step 10, a probe, no results file) the previous step's dual
+certified a gap of 0.18 on the new problem, and the final continuation stage contracted by ~0.93
+per map: 30 fp64 maps and 5 recoveries, 55 msign-equivalents.
 """
 from __future__ import annotations
 

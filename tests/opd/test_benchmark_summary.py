@@ -69,7 +69,7 @@ def test_kl_to_reference_of_a_copy_is_zero(bench):
 def test_promote_moves_own_headline_aside_once(bench, tmp_path):
     dst, src, bad = tmp_path / "opd.json", tmp_path / "opd_other.json", tmp_path / "bad.json"
     own = {"steps_to_target": {"opd": None, "rl": None, "sft": 350}, "lr": {"opd": 1e-3}, "seeds": [0],
-           "cap": 500, "task": "addition(3)", "forgetting": {"x": 1}}
+           "cap": 500, "task": "addition(3)", "steps_to_accuracy": {"0.5": {}}, "forgetting": {"x": 1}}
     other = {"steps_to_target": {"opd": 1280, "rl": None, "sft": 100}, "lr": {"opd": 5e-4},
              "seeds": [0, 1, 2], "cap": 8000, "task": "substitution(16)", "rl_over_opd": ">6.2"}
     dst.write_text(json.dumps(own))
@@ -84,3 +84,7 @@ def test_promote_moves_own_headline_aside_once(bench, tmp_path):
         assert {k: merged[k] for k in other} == other
         assert merged[bench.OWN_HEADLINE] == {k: v for k, v in own.items() if k != "forgetting"}
         assert merged["forgetting"] == own["forgetting"] and merged["promoted_from"] == src.name
+        assert "steps_to_accuracy" not in merged  # the source has none: addition's must not stay
+        # what later runs write and read as this file's own headline
+        assert bench.own_headline(merged) is merged[bench.OWN_HEADLINE]
+    assert bench.own_headline(own) is own

@@ -173,8 +173,11 @@ def test_substitution_splits_and_errors():
     assert len(set(test)) == 40 and test == tasks.substitution(6, per_position=True, n_test=40).test_prompts()
     assert task.keys != tasks.substitution(6, per_position=True, seed=1, n_test=40).keys
     assert len({str(k) for k in task.keys}) > 1
-    train = task.sample(2000, 0).prompts
-    assert not set(train) & set(test)
+    # a space of 26 prompts, half of them held out: training draws must avoid every one
+    tiny = tasks.substitution(1, n_test=13)
+    assert len(set(tiny.test_prompts())) == 13
+    train = tiny.sample(500, 0).prompts
+    assert not set(train) & set(tiny.test_prompts()) and len(set(train)) == 13
     assert set(task.sample(50, 0, split="test").prompts) <= set(test)
     batch = task.sample(3, 1)
     assert task.score(batch.prompts, batch.targets).all()
