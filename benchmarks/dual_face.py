@@ -9,13 +9,13 @@ E = sym(WᵀGn) − 2Λ, the fixed-point map of ``modman.solvers.anderson`` is
     R = S P − P S,  P = V diag(d) Vᵀ         (the Lyapunov equation P E' + E' P = S P − P S).
 
 At a dual from ``newton`` (fp64 W from a QR, asked for tol 1e-12; the certified gap it reached
-is reported: 2e-14 to 3e-7) the Jacobian of T is built column by column by central differences on an
-orthonormal basis of symmetric matrices. Reported per shape and seed: how many eigenvalues are
-within 1e-3 of +1 (real part; imaginary part below 1e-3: the directions along which every E is
-optimal, so the dual's optimal set is a face of that dimension), the largest modulus among the
-others (the rate of the slowest contracting mode), whether any modulus exceeds 1 + 1e-3, and,
-for comparison, k(k+1) with k = (n − p)/2, p = m − n (the rank of N), for even n − p. With m ≥ 2n, N is
-nonsingular and no eigenvalue sits at 1.
+is reported: 2e-14 to 3e-7) the Jacobian of T is built column by column by central differences
+on an orthonormal basis of symmetric matrices. Reported per shape and seed: how many eigenvalues
+are within 1e-3 of +1 (real part; imaginary part below 1e-3: the directions along which every E
+is optimal, so the dual's optimal set is a face of that dimension), the largest modulus among
+the others (the rate of the slowest contracting mode), whether any modulus exceeds 1 + 1e-3,
+and, for comparison, k(k+1) with k = (n − p)/2, p = m − n (the rank of N), for even n − p.
+With m ≥ 2n, N is nonsingular and no eigenvalue sits at 1.
 """
 from __future__ import annotations
 

@@ -455,10 +455,10 @@ class SubstitutionTask(Task):
     The prompt is ``length`` characters drawn uniformly from ``alphabet``; the answer maps each
     through a seeded permutation of ``alphabet`` (with ``per_position=True`` a different one at
     every position: ``length``·|alphabet| independent facts to learn), so answer character j
-    depends on prompt character j alone. A long answer of independent tokens: a per-token reward says which of the
-    ``length`` characters is wrong, a 0/1 sequence reward only that one is (the case for which
-    on-policy distillation reports its largest gain over RL). The test set is ``n_test`` fixed
-    random prompts; training draws never return one of them.
+    depends on prompt character j alone. A long answer of independent tokens: a per-token
+    reward says which of the ``length`` characters is wrong, a 0/1 sequence reward only that one
+    is (the case for which on-policy distillation reports its largest gain over RL). The test set
+    is ``n_test`` fixed random prompts; training draws never return one of them.
     """
 
     name = "substitution"
@@ -481,12 +481,11 @@ class SubstitutionTask(Task):
         self.length, self.alphabet, self.seed, self.n_test = length, alphabet, seed, n_test
         self.per_position = bool(per_position)
         rng = np.random.default_rng([seed, 0xC1F])
-        orders = [rng.permutation(len(alphabet)) for _ in range(length if per_position else 1)]
+        orders = ([rng.permutation(len(alphabet)) for _ in range(length)] if per_position
+                  else [rng.permutation(len(alphabet))] * length)
         # keys[j]: the cipher of answer position j
-        self.keys = [{c: alphabet[i] for c, i in zip(alphabet, orders[min(j, len(orders) - 1)])}
-                     for j in range(length)]
-        self._test_prompts: list[str] | None = None
-        self._test_set: set[str] = set()
+        self.keys = [{c: alphabet[i] for c, i in zip(alphabet, order)} for order in orders]
+        self._test_prompts: dict[str, None] | None = None
 
     @property
     def max_new_tokens(self) -> int:
@@ -503,26 +502,29 @@ class SubstitutionTask(Task):
         rows = rng.integers(0, len(self.alphabet), size=(n, self.length))
         return ["".join(self.alphabet[i] for i in row) + ":" for row in rows]
 
-    def _draw(self, n, split, rng):
-        if split == "test":
-            test = self.test_prompts()
-            return [test[i] for i in rng.integers(0, len(test), size=n)]
-        self.test_prompts()
-        out: list[str] = []
-        while len(out) < n:
-            out += [p for p in self._random(n - len(out), rng) if p not in self._test_set]
-        return out
-
-    def test_prompts(self) -> list[str]:
+    def _held_out(self) -> dict[str, None]:
+        """The test prompts, in order, as a dict (for O(1) membership); a fixed function of seed."""
         if self._test_prompts is None:
             rng = np.random.default_rng([self.seed, 0x7E57])
             seen: dict[str, None] = {}
             while len(seen) < self.n_test:
                 for p in self._random(self.n_test, rng):
                     seen.setdefault(p)
-            self._test_prompts = list(seen)[:self.n_test]
-            self._test_set = set(self._test_prompts)
-        return list(self._test_prompts)
+            self._test_prompts = dict.fromkeys(list(seen)[:self.n_test])
+        return self._test_prompts
+
+    def _draw(self, n, split, rng):
+        held_out = self._held_out()
+        if split == "test":
+            test = list(held_out)
+            return [test[i] for i in rng.integers(0, len(test), size=n)]
+        out: list[str] = []
+        while len(out) < n:
+            out += [p for p in self._random(n - len(out), rng) if p not in held_out]
+        return out
+
+    def test_prompts(self) -> list[str]:
+        return list(self._held_out())
 
 
 def substitution(length: int = 16, *, alphabet: str = string.ascii_lowercase,
