@@ -5,8 +5,8 @@
 
 (1) Suite: certified duality gap and tangent residual vs msign calls for every solver in
     modman.solvers.SOLVERS at caps max_iters ∈ {1, 4, 16, default}, cold start, fp32, on
-    64×16 and 256×64 (and 1024×256 with --suite-large), full-rank and rank-n/8 G; closed_form
-    on square 64×64 and 256×256.
+    64×16 and 256×64 (and 1024×256 with --suite-large), full-rank and rank-n/8 G (closed_form,
+    which has no iterations, once per problem), and on square 64×64 and 256×256.
 (2) Training with warm starts: for every iterative solver s, modman.ManifoldMuon(model.modules(),
     solver=s, budget="uniform", lr=0.05) on its own copy of a bias-free MLP 784→H→H→10, next to
     modman.Muon(ns_dtype="float32", ns_schedule="keller") (own Muon, same precision as the
@@ -37,7 +37,6 @@ import torch
 
 import modman
 import modman.optim.functional as F
-from modman import msign
 from modman.manifolds import Stiefel
 from modman.solvers import DEFAULT_SOLVER, SOLVERS, solve_manifold_muon
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
@@ -65,12 +64,13 @@ def suite(solvers, large):
             r = n if rank == "full" else max(1, n // 8)
             G = torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)
             for s in solvers:
-                for cap in (1, 4, 16, None):
+                for cap in ((None,) if s == "closed_form" else (1, 4, 16, None)):
                     run(W, G, s, cap, m, n, rank)
-    for n in (64, 256):  # closed_form: square only
+    for n in (64, 256):
         W = Stiefel().random((n, n), generator=g)
         G = torch.randn(n, n, generator=g)
-        run(W, G, "closed_form", None, n, n, "full")
+        for s in solvers:
+            run(W, G, s, None, n, n, "full")
     return rows
 
 
@@ -99,9 +99,6 @@ def training(solvers, hidden, steps, warmup, lr, slow_steps):
     times = {k: [] for k in names}
     mats = {s: [] for s in solvers}
     loss_log = {k: [] for k in names}
-    cf = []
-    square = 2  # index of the H×H layer in base
-    square_name = None
     for step in range(steps):
         idx = torch.randint(0, 2048, (128,))
         k = step % len(names)
@@ -129,25 +126,13 @@ def training(solvers, hidden, steps, warmup, lr, slow_steps):
                     row["matrices"][pname]["msign_equivalents"] = meq
                 if step >= warmup:
                     mats[name].append(row)
-                if name == "newton" and step >= warmup:
-                    Wsq, Gsq, rnew = None, None, None
-                    for W_, G_, r_ in captured:
-                        if W_.shape[-1] == W_.shape[-2]:
-                            Wsq, Gsq, rnew = W_, G_, r_
-                    if Wsq is not None:
-                        t0 = time.perf_counter(); msign(Gsq, schedule="keller"); t_ms = time.perf_counter() - t0
-                        t0 = time.perf_counter(); real(Wsq, Gsq, solver="newton", warm_start=None); t_nw = time.perf_counter() - t0
-                        t0 = time.perf_counter(); rc = real(Wsq, Gsq, solver="closed_form"); t_cf = time.perf_counter() - t0
-                        cf.append({"step": step, "gap": rc.duality_gap.item(), "res": rc.tangent_residual.item(),
-                                   "msign_calls": rc.msign_calls, "t_cf": t_cf, "t_newton_cold": t_nw, "t_msign_keller_fp32": t_ms,
-                                   "newton_warm_gap": rnew.duality_gap.item()})
         print(f"step {step} " + " ".join(f"{n}={times[n][-1]:.2f}s" if step >= warmup and times[n] and len(times[n]) else f"{n}:loss={loss_log[n][-1]:.3f}"
                                           for n in names if loss_log[n]), flush=True)
     F.solve_manifold_muon = real
-    return times, mats, cf, loss_log
+    return times, mats, loss_log
 
 
-def summarize(times, mats, cf, loss_log, solvers):
+def summarize(times, mats, loss_log, solvers):
     own, tm = statistics.median(times["own_muon"]), statistics.median(times["torch_muon"])
     out = {}
     for s in solvers:
@@ -169,19 +154,9 @@ def summarize(times, mats, cf, loss_log, solvers):
             "timed_steps": len(times[s]),
             "matrices_per_step": n_mat,
             "final_loss": loss_log[s][-1],
-        }
-    if cf:
-        out["closed_form"] = {
-            "applies_to": "square W only: measured on the H×H middle layer (U, momentum as the newton copy saw them), not a full-step run",
-            "msign_calls_per_step": statistics.mean(c["msign_calls"] for c in cf),
-            "tangent_residual": {"median": statistics.median(c["res"] for c in cf), "max": max(c["res"] for c in cf)},
-            "duality_gap": {"median": statistics.median(c["gap"] for c in cf), "max": max(c["gap"] for c in cf)},
-            "step_ratio_vs_own_muon": None,
-            "step_ratio_vs_torch_muon": None,
-            "step_ratio_note": "no full step exists (the 784→H and H→10 layers are not square); per matrix instead:",
-            "square_layer_solve_ratio_vs_keller_fp32_msign": statistics.median(c["t_cf"] / c["t_msign_keller_fp32"] for c in cf),
-            "square_layer_solve_ratio_vs_newton_cold": statistics.median(c["t_cf"] / c["t_newton_cold"] for c in cf),
-            "timed_steps": len(cf),
+            "per_matrix": {name: {"msign_equivalents": statistics.mean(r["matrices"][name]["msign_equivalents"] for r in mats[s]),
+                                  "duality_gap_max": max(r["matrices"][name]["duality_gap"] for r in mats[s])}
+                           for name in mats[s][0]["matrices"]},
         }
     out["_muon"] = {"own_muon_step_s_median": own, "torch_muon_step_s_median": tm,
                     "own_muon_final_loss": loss_log["own_muon"][-1], "torch_muon_final_loss": loss_log["torch_muon"][-1]}
@@ -197,7 +172,7 @@ def plot(rows, summary, solvers, path):
         print("matplotlib not installed: no plot")
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for s in list(solvers) + ["closed_form"]:
+    for s in solvers:
         pts = [(r["msign_equivalents"] or r["msign_calls"], max(r["gap"], 1e-16)) for r in rows if r["solver"] == s]
         if pts:
             a1.scatter(*zip(*pts), label=s, s=14)
@@ -221,7 +196,7 @@ def main():
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--slow-steps", type=int, default=None,
                     help="stop stepping dual_ascent and admm after this many steps (they are the slowest)")
-    ap.add_argument("--solvers", default=",".join(s for s in SOLVERS if s != "closed_form"))
+    ap.add_argument("--solvers", default=",".join(SOLVERS))
     ap.add_argument("--skip-suite", action="store_true")
     ap.add_argument("--suite-large", action="store_true")
     ap.add_argument("--suite-only", action="store_true",
@@ -244,8 +219,8 @@ def main():
         plot(rows, {k: v for k, v in out.items() if k in solvers or k == "_muon"}, solvers, os.path.splitext(args.out)[0] + ".png")
         return
     slow = {s: args.slow_steps for s in ("dual_ascent", "admm")} if args.slow_steps else {}
-    times, mats, cf, loss_log = training(solvers, args.hidden, args.steps, args.warmup, args.lr, slow)
-    summary = summarize(times, mats, cf, loss_log, solvers)
+    times, mats, loss_log = training(solvers, args.hidden, args.steps, args.warmup, args.lr, slow)
+    summary = summarize(times, mats, loss_log, solvers)
     out = {"machine": machine(), "threads": torch.get_num_threads(),
            "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python " + " ".join(sys.argv),
            "default_solver": DEFAULT_SOLVER,
@@ -267,7 +242,7 @@ def main():
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"\n{'solver':12s} {'msign/step':>10s} {'gap med':>9s} {'gap max':>9s} {'res med':>9s} {'res max':>9s} {'/own':>7s} {'/torch':>7s}")
-    for s in solvers + (["closed_form"] if "closed_form" in summary else []):
+    for s in solvers:
         r = summary[s]
         f = lambda v: "n/a" if v is None else f"{v:.2f}"
         print(f"{s:12s} {r['msign_calls_per_step']:10.1f} {r['duality_gap']['median']:9.1e} {r['duality_gap']['max']:9.1e} "

@@ -95,7 +95,7 @@ def solve_manifold_muon(
         reduce = m >= 2 * n and solver not in ("closed_form", "projected", "newton", "anderson") and not options.get("faithful")
     # anderson and newton on a non-square W, certified by certify_gram, take G as it is with its
     # fp64 scale (g_scale) and read it a row block at a time: no normalised m×n copy (peak memory)
-    if solver in ("anderson", "newton") and m != n and not reduce and W.dtype == dtype:
+    if solver in ("anderson", "newton", "closed_form") and m != n and not reduce and W.dtype == dtype:
         Gn = Gt
         options["g_scale"] = 1 / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm)).double()
     else:

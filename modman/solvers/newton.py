@@ -259,7 +259,7 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
     kept = {k: [] for k in ("subspace",) + tuple(carried)}
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
-        Gw, N, Z, cost = tall_frame(Wf[b], Gf[b], sc)
+        Gw, N, Z, _, cost = tall_frame(Wf[b], Gf[b], sc)
         prev = {k: float(v[b]) for k, v in carried_in.items()}
         K, R, lam, D, info, c = solve_on_subspace(
             lambda *a: core(*a, **prev), Gw, N, None if dual_in is None else dual_in[b], tol,
@@ -283,21 +283,22 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
 
 
 def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):
-    """(Gw = WᵀGn, N = G⊥ᵀG⊥, Z, flops) of one tall matrix for Gn = G·g_scale, in fp64, summed
+    """(Gw = WᵀGn, N = G⊥ᵀG⊥, Z, WᵀW, flops) of one tall matrix for Gn = G·g_scale, in fp64, summed
     over row blocks (no whole-matrix fp64 copies). G⊥ = Gn − W·Z with Z = (WᵀW)⁻¹Gw is orthogonal
     to the W given, not just to an orthonormal W: an fp32 weight is orthonormal only to ~1e-7,
     and the direction's G⊥·R, with R ~ 1/t on nearly null directions, would amplify WᵀG⊥ into
     ‖A‖₂ (measured: 1.29 on a 1024×784 layer, certified gap 0.13)."""
     m, n = W.shape
     Gw = gram64(W, G) * g_scale
-    L, info = torch.linalg.cholesky_ex(sym(gram64(W)))
+    gram_w = sym(gram64(W))
+    L, info = torch.linalg.cholesky_ex(gram_w)
     # a rank-deficient W (a zero or pruned weight, project_on_init=False) has no (WᵀW)⁻¹: take Z = Gw
     Z = torch.cholesky_solve(Gw, L) if int(info) == 0 else Gw
     N = None
     for sl in row_blocks(m):
         Gp = G[sl].double() * g_scale - W[sl].double() @ Z
         N = Gp.mT @ Gp if N is None else N.add_(Gp.mT @ Gp)
-    return Gw, sym(N), Z, 4 * 2.0 * m * n * n * 2 + 2.0 * n**3  # four fp64 tall products, a solve
+    return Gw, sym(N), Z, gram_w, 4 * 2.0 * m * n * n * 2 + 2.0 * n**3  # four fp64 tall products, a solve
 
 
 def assemble(out: torch.Tensor, W: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, K: torch.Tensor,
