@@ -38,23 +38,22 @@ tall m×n×n products. The model ``msign_equivalents`` uses the weights of ``new
 When it converges: fast when M stays well conditioned (full-rank G⊥, m ≥ 2n — the usual case
 for a layer's momentum). When N is singular (m < 2n, where rank N ≤ m − n, or a rank-deficient
 G) the map has no contraction (measured on 512×392: the residual hovers at 0.5–1 for 40 maps).
-Then the same maps run on N + εI, ε = 10⁻²…10⁻¹⁰ of ‖BᵀB + N‖_F, each stage warm-starting the
-next (``_continuation``): a 1024×784 layer, cold, full-rank G, reaches a certified gap of 1e-5
-in ~70 maps, 13–18 s on one core, where newton took 130–180 s and stopped at 1.6e-4. A warm
-start resumes at the ε the previous solve ended with (state["shift"]). Only if that too falls
-short does ``newton`` take over from the best dual. A gradient of low rank is first reduced to
-the subspace it spans (``subspace.py``). Square W (N = 0) is the closed form (``closed_form.py``),
-exact in one msign.
+m < 2n (square included) therefore goes straight to the closed form (``closed_form.py``, exact in
+one eigh); for m ≥ 2n a gradient of low rank is first reduced to the subspace it spans
+(``subspace.py``), and if the maps still stall or run out before the tolerance, the closed form
+finishes the solve. (Until the closed form was found, a continuation on N + εI, ε = 10⁻²…10⁻¹⁰,
+and then ``newton`` did: 55 msign-equivalents and ~11 s a step on the 1024×784 layer below,
+against 5.3 and ~1.2 s now.)
 
 Why the plain map stalls (``benchmarks/dual_face.py``: the Jacobian of the map at a dual certified
 to ≤ 3e-7, fp64, two seeds per shape). For m < 2n the optimal duals form a face, not a point:
 the Jacobian has eigenvalue +1 with multiplicity k(k+1), k = (n − p)/2, p = m − n = rank N (110,
 156 and 182 on 40×30, 36×30 and 34×30; 180 on 35×30, where n − p is odd), the directions along
 which D stays optimal, and every other mode contracts only by 0.90–0.996 per map (0.46–0.57 on
-60×20, m ≥ 2n). In training the warm start does not help much either: on the 1024×784 layer of
+60×20, m ≥ 2n). In training the warm start did not help much either: on the 1024×784 layer of
 the 784→1024→1024→10 MLP (step 10, a probe, no results file) the previous step's dual
-certified a gap of 0.18 on the new problem, and the final continuation stage contracted by ~0.93
-per map: 30 fp64 maps and 5 recoveries, 55 msign-equivalents.
+certified a gap of 0.18 on the new problem, and the last continuation stage contracted by ~0.93
+per map.
 """
 from __future__ import annotations
 
@@ -62,8 +61,8 @@ import math
 
 import torch
 
-from .closed_form import solve_closed_form
-from .newton import newton_core, skew, solve_tall
+from .closed_form import closed_form_core, solve_closed_form
+from .newton import skew, solve_tall
 from .result import sym
 
 
@@ -109,13 +108,8 @@ def recover(K: torch.Tensor, N: torch.Tensor, S: torch.Tensor, D: float):
     return phi, K, R
 
 
-def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype, shift=0.0, recover_primal=True,
-                  recover_first=False):
+def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype):
     """Fixed-point maps from the dual x, in ``map_dtype``; recoveries and dual values in fp64.
-    ``shift``: the maps use N + shift·I (the continuation below); recoveries always the true N.
-    ``recover_primal=False``: no recoveries, stop on a stall or after ``fast_iters`` maps;
-    ``recover_first``: recover at the first map whatever its residual (a warm start may already
-    be optimal while the map's residual, large where N is singular, does not say so).
     Returns (best primal (φ, K, R, Λ) or None, (min fp64 D at the recoveries, its dual), maps,
     flops, converged, the last dual)."""
     n = B.shape[-1]
@@ -123,8 +117,6 @@ def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype, shift=0.
     cost = 0.0
     best, best_D = None, (math.inf, None)
     Bm, Nm, x = B.to(map_dtype), N.to(map_dtype), x.to(map_dtype)
-    if shift:
-        Nm = Nm + shift * torch.eye(n, dtype=map_dtype, device=Nm.device)
     X, F = [], []
     defects = []
     # the recovery's gap ≈ 5e-3·‖sym WᵀA‖_F² (measured at n = 256): try it once that predicts success
@@ -142,7 +134,7 @@ def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype, shift=0.
         defect = float(torch.linalg.matrix_norm(sym(Kp)))
         defects.append(defect)
         cost += w * 4.0 * n**3
-        if recover_primal and (defect <= check or maps == fast_iters or (recover_first and maps == 1)):
+        if defect <= check or maps == fast_iters:
             # the certificate's numbers in fp64: D(Λ) of this iterate and φ of its top block
             x64 = x.double()
             C64 = B - 2 * x64
@@ -183,76 +175,25 @@ def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype, shift=0.
     return best, best_D, maps, cost, False, x.double()
 
 
-def _continuation(B, N, S, x, tol, max_maps, depth, start=1e-2):
-    """The fixed point on the regularised problems N + εI, ε = 10⁻²…10⁻¹⁰ × ‖BᵀB + N‖_F, each stage
-    warm-starting the next. A singular N (m < 2n, or a rank-deficient gradient) leaves the plain
-    map without contraction (measured on 512×392: the residual hovers at 0.5–1 for 40 maps); with
-    N + εI it contracts again. N + εI is the dual of the problem with √ε·I appended to G⊥ in
-    fresh rows, whose optimum approaches the true one as ε → 0 (the smoothing of ``newton.py``,
-    f_μ with μ² = ε). Stages with ε ≥ 3·10⁻⁵ run in fp32 without recoveries; from ε ≤ 10⁻⁵ the
-    maps run in fp64 (M's condition number passes 10⁵) and recover the true problem's primal,
-    stopping at the tolerance. Measured cold, full-rank G: 1024×784 reaches gap 1e-5 in 71 maps
-    (13 s on one core, where newton took 179 s); 512×392 in 60 maps (2.2 s, newton 6.8–17 s).
-    A warm start (a dual from the previous step) begins at ``start`` < 10⁻²: the coarse stages
-    would only pull it away from the optimum (``anderson_core`` picks it from the ε the previous
-    solve ended with: measured on the third step of a 1024×784 layer, from that ε = 10⁻¹⁰ the
-    stages fell short and newton took 144 s, from 10⁻⁸ 75 maps, 18 s, from 10⁻⁵ 164 maps, 39 s;
-    on the second step the previous ε itself was enough). Returns what ``_anderson_one`` returns,
-    over all stages, and the last ε (relative)."""
-    scale2 = float(torch.linalg.matrix_norm(sym(B.mT @ B + N)))  # ≥ λ_max of the cold M
-    eps = start * scale2
-    best, best_D, total, cost = None, (math.inf, None), 0, 0.0
-    while total < max_maps and eps >= 1e-10 * scale2:
-        final = eps <= 1e-5 * scale2
-        b, D, maps, c, ok, x = _anderson_one(B, N, S, x, tol, min(30, max_maps - total), depth,
-                                             0.0 if final else 1.5, torch.float64 if eps < 3e-5 * scale2 else torch.float32,
-                                             shift=eps, recover_primal=final, recover_first=final and total == 0)
-        total += maps
-        cost += c
-        best_D = min(best_D, D, key=lambda v: v[0])
-        if b is not None and (best is None or b[0] > best[0]):
-            best = b
-        if ok:
-            return best, best_D, total, cost, True, x, eps / scale2
-        eps *= 0.1
-    return best, best_D, total, cost, False, x, eps / scale2
-
-
 def anderson_core(Gw, N, dual_in, *, tol, max_iters, depth=4, fast_iters=24, stall=1.5,
-                  map_dtype=torch.float32, shift_in=0.0):
+                  map_dtype=torch.float32):
     """The n×n part for one matrix: (K, R, Λ, D, info, flops) from Gw = WᵀGn and N (fp64), the
-    direction being A = W K + G⊥ R: the plain maps; after a stall the continuation on N + εI
-    (starting at ``shift_in``, the previous solve's last ε, when warm); if that falls short too,
-    ``newton_core`` from the best dual."""
+    direction being A = W K + G⊥ R: the plain maps; if they stall or run out before the tolerance
+    with iterations left, the closed form (``closed_form.py``, exact in one eigh)."""
     n = Gw.shape[-1]
     S = skew(Gw)
     warm = dual_in is not None and bool(torch.isfinite(dual_in).all())
     x = sym(dual_in.double()) if warm else 0.5 * sym(Gw)
-    best, D, maps, ok, cost, shift = None, (math.inf, None), 0, False, 0.0, 0.0
+    best, D, maps, ok, cost = None, (math.inf, None), 0, False, 0.0
     if max_iters > 0:
-        best, D, maps, cost, ok, last = _anderson_one(Gw, N, S, x, tol, min(fast_iters, max_iters), depth, stall,
-                                                      map_dtype)
-    plain = maps
-    # stalled (singular N): the same maps on N + εI, ε decreasing. Warm: first a try (60 maps) at the ε
-    # the previous solve ended with (often enough when the momentum moved little), then from 100×
-    # that ε (at most 1e-5); cold: from 1e-2.
-    attempts = [(shift_in, 60), (min(1e-5, 100 * shift_in), 4 * max_iters)] if warm and shift_in > 0 else \
-        [(1e-5 if warm else 1e-2, 4 * max_iters)]
-    for start, budget in attempts:
-        if ok or max_iters <= plain:
-            break
-        b2, D2, maps2, c2, ok, last, shift = _continuation(Gw, N, S, x, tol, budget, depth, start=start)
-        cost += c2
-        maps += maps2
-        D = min(D, D2, key=lambda v: v[0])
-        if b2 is not None and (best is None or b2[0] > best[0]):
-            best = b2
-        x = best[3] if best is not None else x
-    if not ok and max_iters > plain:
-        # still short of the tolerance: newton from the best dual so far (it certifies the same way)
-        start = best[3] if best is not None else x
-        K, R, lam, D_nw, _, steps, c = newton_core(Gw, N, start, None, tol=tol, max_iters=max_iters - plain)
-        return K, R, lam, D_nw, {"iterations": maps + steps, "shift": shift}, cost + c
+        best, D, maps, cost, ok, x = _anderson_one(Gw, N, S, x, tol, min(fast_iters, max_iters), depth, stall,
+                                                   map_dtype)
+    if not ok and max_iters > maps:
+        # a singular N (rank-deficient gradient) leaves the map without contraction: the exact answer
+        K, R, lam, c = closed_form_core(Gw, N)
+        C = Gw - 2 * lam
+        D_cf = float(torch.linalg.eigvalsh(sym(C.mT @ C + N)).clamp(min=0).sqrt().sum())
+        return K, R, lam, D_cf, {"iterations": maps}, cost + c + 2 * (4.0 * n**3 + 10.0 * n**3)
     if best is None:  # max_iters = 0 or no recovery tried: recover from the last dual
         C = Gw - 2 * x
         lam, V = torch.linalg.eigh(sym(C.mT @ C + N))
@@ -265,21 +206,24 @@ def anderson_core(Gw, N, dual_in, *, tol, max_iters, depth=4, fast_iters=24, sta
     # lam_best (the best primal's dual) warm-starts the next step: measured in training, the dual
     # that certified the least D instead costs a second recovery in most steps. D is certified by
     # its own dual, which subspace.py needs to recompute D on the full problem.
-    return K, R, lam_best, D[0], {"iterations": maps, "shift": shift, "certificate_dual": D[1]}, cost
+    return K, R, lam_best, D[0], {"iterations": maps, "certificate_dual": D[1]}, cost
 
 
 def solve_anderson(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options):
     """Anderson-accelerated fixed point with primal recovery (module docstring); W, Gn tall
-    (…, m, n), WᵀW = I; ``g_scale`` as in ``solve_newton``. ``max_iters`` caps the maps plus
-    newton's steps after a stall. A gradient of low rank is solved on the subspace it spans
-    (``subspace.py``). State: the dual, the subspace size and the continuation's last shift."""
-    if W.shape[-1] == W.shape[-2]:
-        # the closed form is the exact optimum, and without a dual_value the dispatcher certifies
-        # it on W as it is: the n×n identity behind this solver's dual value assumes WᵀW = I, and
-        # a square weight 3e-5 off the manifold in fp32 training certified gaps up to 5e-4
-        return solve_closed_form(W, Gn, tol=tol, max_iters=max_iters, warm_start=None)
+    (…, m, n), WᵀW = I; ``g_scale`` as in ``solve_newton``. ``max_iters`` caps the maps. A
+    gradient of low rank is solved on the subspace it spans (``subspace.py``). m < 2n (square
+    included) is the closed form. State: the dual and the subspace size."""
+    m, n = W.shape[-2:]
+    if m < 2 * n:
+        # N = G⊥ᵀG⊥ has rank ≤ m − n < n: the map cannot contract (module docstring), and the
+        # closed form is exact. A square W is certified by the dispatcher on W as it is (the n×n
+        # identity behind this solver's dual value assumes WᵀW = I: a square weight 3e-5 off the
+        # manifold in fp32 training certified gaps up to 5e-4); a tall one by its D(Λ) for W as it is
+        return solve_closed_form(W, Gn, tol=tol, max_iters=max_iters, warm_start=None,
+                                 g_scale=None if m == n else g_scale)
 
-    def core(Gw, N, dual, tol_, shift=0.0):
-        return anderson_core(Gw, N, dual, tol=tol_, max_iters=max_iters, shift_in=shift, **options)
+    def core(Gw, N, dual, tol_):
+        return anderson_core(Gw, N, dual, tol=tol_, max_iters=max_iters, **options)
 
-    return solve_tall(W, Gn, core, tol=tol, warm_start=warm_start, g_scale=g_scale, carried=("shift",))
+    return solve_tall(W, Gn, core, tol=tol, warm_start=warm_start, g_scale=g_scale)

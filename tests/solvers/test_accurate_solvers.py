@@ -1,5 +1,6 @@
-"""The accurate solvers — "newton" (Newton on the n×n dual with smoothing continuation) and
-"anderson" (Su's fixed point, Anderson-accelerated, primal recovery, newton after a stall) —
+"""The accurate solvers — "newton" (Newton on the n×n dual with smoothing continuation),
+"anderson" (Su's fixed point, Anderson-accelerated, primal recovery, the closed form after a
+stall) and "closed_form" (exact, every shape) —
 against independent fp64 references: numpy/LAPACK SVDs for feasibility, the cvxpy/Clarabel SDP bracket for the optimum
 (tests/core/oracle.py)."""
 from __future__ import annotations
@@ -175,35 +176,35 @@ def test_default_solver_is_accurate():
     assert DEFAULT_SOLVER in ACCURATE and SOLVERS[DEFAULT_SOLVER][1] <= BAR
 
 
-@pytest.mark.parametrize("shape", [(40, 32), (30, 24), (64, 40)])
-def test_singular_n_is_solved_by_the_continuation(shape, monkeypatch):
-    """m < 2n makes N = G⊥ᵀG⊥ singular (rank ≤ m − n), where Su's map stalls: the fixed point on
-    N + εI with ε decreasing (anderson._continuation) reaches the bar without newton, and a warm
-    start resumes at the ε it stopped at (state["shift"]), with fewer maps than cold."""
+@pytest.mark.parametrize("shape,rank", [((40, 32), None), ((30, 24), None), ((64, 40), None), ((90, 40), 35)])
+def test_singular_n_is_solved_by_the_closed_form(shape, rank, monkeypatch):
+    """A singular N = G⊥ᵀG⊥ — m < 2n (rank N ≤ m − n) or a rank-deficient G — leaves Su's map
+    without contraction: m < 2n goes straight to the closed form (no maps), a stalled map hands
+    over to it; either way at the bar and at the closed-form solver's value."""
     import modman.solvers.anderson as anderson
 
     calls = []
-    real = anderson.newton_core
-    monkeypatch.setattr(anderson, "newton_core", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = anderson.closed_form_core
+    monkeypatch.setattr(anderson, "closed_form_core", lambda *a, **k: calls.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(shape[0])
     W = Stiefel().random(shape, generator=g, dtype=torch.float64).float()
-    G = torch.randn(shape, generator=g)
-    cold = solve_manifold_muon(W, G, solver="anderson")
-    check_certificate(W, G, cold)
-    assert cold.duality_gap.item() <= BAR and calls == []
-    assert 0 < float(cold.state["shift"]) <= 1e-5
-    G2 = 0.95 * G + 0.05 * torch.randn(shape, generator=g)
-    warm = solve_manifold_muon(W, G2, solver="anderson", warm_start=cold.state)
-    check_certificate(W, G2, warm)
-    assert warm.duality_gap.item() <= BAR and calls == []
-    assert warm.iterations < cold.iterations
+    G = torch.randn(shape, generator=g) if rank is None else low_rank(shape, rank, g).float()
+    res = solve_manifold_muon(W, G, solver="anderson")
+    check_certificate(W, G, res)
+    assert res.duality_gap.item() <= BAR
+    if shape[0] < 2 * shape[1]:
+        assert res.iterations == 0
+    else:
+        assert res.iterations > 0 and calls == [1]
+    exact = solve_manifold_muon(W, G, solver="closed_form")
+    assert abs(res.objective.item() - exact.objective.item()) <= BAR * exact.objective.item()
 
 
 @pytest.mark.parametrize("tail", [1e-7, 1e-9])
 def test_recovery_value_is_that_of_the_rescaled_direction(tail):
     """anderson accepts a recovery on φ, so φ must be the value of the direction the certificate
     will return: with a spectral tail near eigh's rounding, R ~ 1/t once put ‖A‖₂ at 1.05 while
-    φ assumed ≤ 1 (the continuation then stopped at a certified gap of 1e-2)."""
+    φ assumed ≤ 1 (a solve then stopped at a certified gap of 1e-2)."""
     import modman.solvers.anderson as anderson
     from modman.solvers.newton import skew, tall_frame
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import modman.solvers.subspace as subspace
@@ -66,6 +66,7 @@ def test_reduced_solve_matches_the_full_one(solver, prob, dtype, wide):
     if wide:
         W, G = W.mT, G.mT
     n = min(W.shape)
+    assume(solver != "anderson" or max(W.shape) >= 2 * n)  # anderson takes m < 2n to the closed form
     res = solve_manifold_muon(W, G, solver=solver)
     assert 1 <= float(res.state["subspace"]) <= 2 * r < n
     _, gap = check_certificate(W, G, res)
@@ -92,7 +93,8 @@ def test_reduced_solve_against_the_sdp_oracle(shape, rank, in_span, solver):
     W = Stiefel().random(shape, generator=g, dtype=torch.float64)
     G = W @ low_rank((shape[1], shape[1]), rank, g) if in_span else low_rank(shape, rank, g)
     res = solve_manifold_muon(W, G, solver=solver)
-    assert float(res.state["subspace"]) <= 2 * rank
+    if solver == "newton" or shape[0] >= 2 * shape[1]:  # anderson takes m < 2n to the closed form
+        assert float(res.state["subspace"]) <= 2 * rank
     check_certificate(W, G, res)
     gn = G.norm().item()
     lo, hi = sdp_bracket(W, G / gn)
