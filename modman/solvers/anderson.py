@@ -217,11 +217,9 @@ def solve_anderson(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options
     m, n = W.shape[-2:]
     if m < 2 * n:
         # N = G⊥ᵀG⊥ has rank ≤ m − n < n: the map cannot contract (module docstring), and the
-        # closed form is exact. A square W is certified by the dispatcher on W as it is (the n×n
-        # identity behind this solver's dual value assumes WᵀW = I: a square weight 3e-5 off the
-        # manifold in fp32 training certified gaps up to 5e-4); a tall one by its D(Λ) for W as it is
-        return solve_closed_form(W, Gn, tol=tol, max_iters=max_iters, warm_start=None,
-                                 g_scale=None if m == n else g_scale)
+        # closed form is exact (its D(Λ) is computed for W as it is, which matters for a square
+        # weight off the manifold: the n×n identity of the maps assumes WᵀW = I)
+        return solve_closed_form(W, Gn, tol=tol, max_iters=max_iters, warm_start=None, g_scale=g_scale)
 
     def core(Gw, N, dual, tol_):
         return anderson_core(Gw, N, dual, tol=tol_, max_iters=max_iters, **options)

@@ -12,7 +12,7 @@ one) gives a skew one of the same norm. So {tangent A, ‖A‖₂ ≤ 1} = {ΩW 
 
 No iteration and no warm start. Checked against the certified fixed point on 40×30, 60×20,
 50×50, 35×30, 100×10, 64×63 (objectives equal to within the iterative solver's gap, 1e-7–1e-9).
-Square W (m = n) is the special case A = W msign(skew(WᵀG)).
+Square W (m = n) is the special case A = W msign(skew(WᵀG)) (k = 0 below).
 
 Small form. skew(G Wᵀ) has rank ≤ 2n: with Gn = W B + G⊥ and G⊥ = U_k diag(t) V_kᵀ (the eigh of
 N = G⊥ᵀG⊥, k = rank G⊥ ≤ min(n, m − n)), in the orthonormal basis [W, U_k] it is the
@@ -44,7 +44,7 @@ import math
 
 import torch
 
-from ..linalg import msign
+from ..linalg.blocked import combine_rows
 from .newton import assemble, msign_flops, tall_frame
 from .result import sym
 from .types import SolverOutput
@@ -61,18 +61,24 @@ def _pinv_psd(X: torch.Tensor) -> torch.Tensor:
     return (V * torch.where(keep, 1 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))) @ V.mT
 
 
-def closed_form_core(B: torch.Tensor, N: torch.Tensor):
-    """(K, R, Λ, flops) for one tall problem from B = WᵀGn and N = G⊥ᵀG⊥ (fp64 n×n): the direction
-    is A = W K + G⊥ R and Λ the optimal dual (module docstring)."""
+def closed_form_core(B: torch.Tensor, N: torch.Tensor | None):
+    """(K, R, Λ, flops) for one tall problem from B = WᵀGn and N = G⊥ᵀG⊥ (fp64 n×n; None for a
+    square W, where G⊥ is rounding): the direction is A = W K + G⊥ R and Λ the optimal dual
+    (module docstring)."""
     n = B.shape[-1]
     S = _skew(B)
-    t2, V = torch.linalg.eigh(sym(N))
-    t = t2.clamp(min=0).sqrt()
-    # ‖M‖_* ≥ ‖[S; P/2]‖_F sets the scale of what may be dropped; below ~√eps·t_max eigh cannot
-    # resolve t at all
-    scale = float(torch.sqrt((S * S).sum() + 0.25 * t2.clamp(min=0).sum()))
-    keep = t > max(1e-6 * scale / n, 10 * n * torch.finfo(torch.float64).eps ** 0.5 * float(t[-1]))
-    Vk, tk = V[:, keep], t[keep]
+    flops = 0.0
+    if N is None:
+        Vk, tk = B.new_zeros(n, 0), B.new_zeros(0)
+    else:
+        t2, V = torch.linalg.eigh(sym(N))
+        t = t2.clamp(min=0).sqrt()
+        flops += 2 * 10.0 * n**3
+        # ‖M‖_* ≥ ‖[S; P/2]‖_F sets the scale of what may be dropped; below ~√eps·t_max eigh cannot
+        # resolve t at all
+        scale = float(torch.sqrt((S * S).sum() + 0.25 * t2.clamp(min=0).sum()))
+        keep = t > max(1e-6 * scale / n, 10 * n * torch.finfo(torch.float64).eps ** 0.5 * float(t[-1]))
+        Vk, tk = V[:, keep], t[keep]
     k = int(tk.numel())
     d = n + k
     M = torch.zeros(d, d, dtype=torch.float64, device=B.device)
@@ -87,16 +93,18 @@ def closed_form_core(B: torch.Tensor, N: torch.Tensor):
     cols = (M @ (U * inv)) @ U[:n].mT  # the first n columns of msign(M), d×n
     K = _skew(cols[:n])
     R = Vk @ (cols[n:] / tk[:, None])
-    # the optimal dual from |M| = U diag(σ) Uᵀ: H = 2·(Schur complement of its k×k block)
-    Y = (U * sig) @ U.mT
-    H = Y[:n, :n]
+    # the optimal dual from |M| = U diag(σ) Uᵀ: H = 2·(Schur complement of its k×k block); with
+    # k = 0, K·H = 2·msign(S)|S| = 2S is skew and Λ = ½ sym B
+    lam = 0.5 * sym(B)
     if k:
-        H = H - Y[:n, n:] @ _pinv_psd(Y[n:, n:]) @ Y[n:, :n]
-    lam = 0.5 * (sym(B) - sym(K @ (2 * H)))
-    # fp64 flops, weighted 2 (newton.py's model): two eigh (10n³, 10d³), MᵀM, the columns, Y, the
-    # Schur complement and K·H
-    flops = 2 * (10.0 * n**3 + 2.0 * d**3 + 10.0 * d**3 + 2.0 * d**3 + 2.0 * d * d * n + 2.0 * d**3
-                 + 10.0 * k**3 + 4.0 * n * n * k + 2.0 * n**3)
+        Y = (U * sig) @ U.mT
+        H = Y[:n, :n] - Y[:n, n:] @ _pinv_psd(Y[n:, n:]) @ Y[n:, :n]
+        lam = lam - sym(K @ H)
+    # fp64 flops, weighted 2 (newton.py's model): the eigh (10d³), MᵀM, the columns, Y, the Schur
+    # complement and K·H
+    flops += 2 * (2.0 * d**3 + 10.0 * d**3 + 2.0 * d**3 + 2.0 * d * d * n)
+    if k:
+        flops += 2 * (2.0 * d**3 + 10.0 * k**3 + 4.0 * n * n * k + 2.0 * n**3)
     return K, R, lam, flops
 
 
@@ -106,18 +114,10 @@ def dual_value(N: torch.Tensor, Z: torch.Tensor, gram_w: torch.Tensor, lam: torc
     return float(torch.linalg.eigvalsh(sym(N + C.mT @ gram_w @ C)).clamp(min=0).sqrt().sum())
 
 
-def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None, schedule="polar_express",
-                      msign_dtype=None):
+def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
     """The closed form (module docstring); W, Gn (…, m, n) with m ≥ n, WᵀW = I. ``g_scale``: Gn is
-    given unnormalised and the normalised gradient is Gn·g_scale (as for ``solve_anderson``).
-    Square W: one msign (``schedule``, ``msign_dtype``), certified by the dispatcher on W as it
-    is with Λ = ½ sym(WᵀGn)."""
+    given unnormalised and the normalised gradient is Gn·g_scale (as for ``solve_anderson``)."""
     m, n = W.shape[-2:]
-    if m == n:
-        M = W.mT @ Gn
-        A = W @ msign(_skew(M), schedule=schedule, compute_dtype=msign_dtype)
-        dual = 0.5 * sym(M)
-        return SolverOutput(direction=A, dual=dual, iterations=0, msign_calls=1, state={"dual": dual})
     batch = W.shape[:-2]
     Wf, Gf = W.reshape(-1, m, n), Gn.reshape(-1, m, n)
     scales = g_scale.reshape(-1) if g_scale is not None else None
@@ -125,13 +125,17 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None, schedu
     duals, values, flops = [], [], 0.0
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
-        _, N, Z, gram_w, cost = tall_frame(Wf[b], Gf[b], sc)
-        K, R, lam, c = closed_form_core(Z, N)
-        assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
+        _, N, Z, gram_w, cost = tall_frame(Wf[b], Gf[b], sc, square_skips_normal=True)
+        square = m == n and not N.any()  # an invertible square W: G⊥ = 0, R = 0
+        K, R, lam, c = closed_form_core(Z, None if square else N)
+        if square:
+            combine_rows(A[b], Wf[b], K)
+        else:
+            assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
         duals.append(lam)
         values.append(dual_value(N, Z, gram_w, lam))
-        # + the assembly's two tall products; D(Λ): three n×n products and an eigvalsh
-        flops += cost + c + 2 * 4.0 * m * n * n + 2 * (6.0 * n**3 + 10.0 * n**3)
+        # + the assembly's tall products (one for a square W); D(Λ): three n×n products, an eigvalsh
+        flops += cost + c + (1 if square else 2) * 4.0 * m * n * n + 2 * (6.0 * n**3 + 10.0 * n**3)
     nb = Wf.shape[0]
     dual = torch.stack(duals).to(W.dtype).reshape(*batch, n, n)
     equivalents = flops / nb / msign_flops(m, n)

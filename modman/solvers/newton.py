@@ -69,8 +69,12 @@ def skew(M: torch.Tensor) -> torch.Tensor:
 
 
 def msign_flops(m: int, n: int) -> float:
-    """Flops of one default msign (10 quintic Newton–Schulz iterations) on an m×n matrix, m ≥ n."""
-    return 20.0 * m * n * n + 10.0 * n**3
+    """Flops of one default msign on an m×n matrix, m ≥ n: 10 quintic Newton–Schulz iterations of
+    three products each (XᵀX and the polynomial applied to X, 2mn² each; S², 2n³), counting a
+    multiply-add as two flops like every other count here. torch's FlopCounterMode measures the
+    same on msign (tests/solvers/test_cost_model.py); until 2026-12 this read 20mn² + 10n³, half,
+    which doubled every flop-modelled msign-equivalent."""
+    return 40.0 * m * n * n + 20.0 * n**3
 
 
 _MU_GRID = tuple(10.0**-e for e in range(1, 10))
@@ -282,18 +286,22 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
                         msign_equivalents=equivalents)
 
 
-def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):
+def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0, square_skips_normal: bool = False):
     """(Gw = WᵀGn, N = G⊥ᵀG⊥, Z, WᵀW, flops) of one tall matrix for Gn = G·g_scale, in fp64, summed
     over row blocks (no whole-matrix fp64 copies). G⊥ = Gn − W·Z with Z = (WᵀW)⁻¹Gw is orthogonal
     to the W given, not just to an orthonormal W: an fp32 weight is orthonormal only to ~1e-7,
     and the direction's G⊥·R, with R ~ 1/t on nearly null directions, would amplify WᵀG⊥ into
-    ‖A‖₂ (measured: 1.29 on a 1024×784 layer, certified gap 0.13)."""
+    ‖A‖₂ (measured: 1.29 on a 1024×784 layer, certified gap 0.13). ``square_skips_normal``: for an
+    invertible square W, G⊥ = Gn − W·W⁻¹Gn is rounding, and N = 0 is returned without its two
+    tall products."""
     m, n = W.shape
     Gw = gram64(W, G) * g_scale
     gram_w = sym(gram64(W))
     L, info = torch.linalg.cholesky_ex(gram_w)
     # a rank-deficient W (a zero or pruned weight, project_on_init=False) has no (WᵀW)⁻¹: take Z = Gw
     Z = torch.cholesky_solve(Gw, L) if int(info) == 0 else Gw
+    if square_skips_normal and m == n and int(info) == 0:
+        return Gw, torch.zeros_like(Gw), Z, gram_w, 2 * 2.0 * m * n * n * 2 + 2.0 * n**3
     N = None
     for sl in row_blocks(m):
         Gp = G[sl].double() * g_scale - W[sl].double() @ Z
