@@ -74,10 +74,11 @@ def closed_form_core(B: torch.Tensor, N: torch.Tensor | None):
         t2, V = torch.linalg.eigh(sym(N))
         t = t2.clamp(min=0).sqrt()
         flops += 2 * 10.0 * n**3
-        # ‖M‖_* ≥ ‖[S; P/2]‖_F sets the scale of what may be dropped; below ~√eps·t_max eigh cannot
-        # resolve t at all
+        # ‖M‖_* ≥ ‖[S; P/2]‖_F sets the scale of what may be dropped (each direction adds at most
+        # t to the value); R ~ 1/t, and t from the eigh of the Gram N is accurate to eps·t_max²/t:
+        # as for σ below, directions under 1e-5·t_max are dropped
         scale = float(torch.sqrt((S * S).sum() + 0.25 * t2.clamp(min=0).sum()))
-        keep = t > max(1e-6 * scale / n, 10 * n * torch.finfo(torch.float64).eps ** 0.5 * float(t[-1]))
+        keep = t > max(1e-6 * scale / n, 1e-5 * float(t[-1]))
         Vk, tk = V[:, keep], t[keep]
     k = int(tk.numel())
     d = n + k
@@ -85,12 +86,18 @@ def closed_form_core(B: torch.Tensor, N: torch.Tensor | None):
     M[:n, :n] = S
     M[n:, :n] = 0.5 * tk[:, None] * Vk.mT
     M[:n, n:] = -M[n:, :n].mT
-    sig2, U = torch.linalg.eigh(sym(M.mT @ M))
+    # eigh reads one triangle of MᵀM: no symmetrised copy (the d×d fp64 temporaries are the
+    # step's peak memory where d ≈ m)
+    sig2, U = torch.linalg.eigh(M.mT @ M)
     sig = sig2.clamp(min=0).sqrt()
-    # σ resolved by the eigh of the squared matrix (as for t); the rest of the polar factor is 0
-    inv = torch.where(sig > 10 * d * torch.finfo(torch.float64).eps ** 0.5 * float(sig[-1]),
-                      1 / sig.clamp(min=1e-300), torch.zeros_like(sig))
-    cols = (M @ (U * inv)) @ U[:n].mT  # the first n columns of msign(M), d×n
+    # msign(M) = M U diag(1/σ) Uᵀ. The eigh of the squared matrix leaves ‖M u_j‖ off σ_j by a
+    # factor 1 + O(eps·σ_max²/σ_j²) (and Q's columns off orthogonal by as much), so directions
+    # below τ·σ_max map to 0: τ = 1e-5 keeps that error ≤ 2e-6 and drops at most τ·σ_max per
+    # direction (τ = 1.5e-4 dropped 1e-4 of the value on a rank-deficient momentum; 1e-7 let
+    # rounding-level directions in, gaps 4e-2 on rank-2 gradients)
+    inv = torch.where(sig > 1e-5 * float(sig[-1]), 1 / sig.clamp(min=1e-300), torch.zeros_like(sig))
+    cols = (M @ U).mul_(inv) @ U[:n].mT  # the first n columns of msign(M), d×n
+    del M
     K = _skew(cols[:n])
     R = Vk @ (cols[n:] / tk[:, None])
     # the optimal dual from |M| = U diag(σ) Uᵀ: H = 2·(Schur complement of its k×k block); with
@@ -100,8 +107,8 @@ def closed_form_core(B: torch.Tensor, N: torch.Tensor | None):
         Y = (U * sig) @ U.mT
         H = Y[:n, :n] - Y[:n, n:] @ _pinv_psd(Y[n:, n:]) @ Y[n:, :n]
         lam = lam - sym(K @ H)
-    # fp64 flops, weighted 2 (newton.py's model): the eigh (10d³), MᵀM, the columns, Y, the Schur
-    # complement and K·H
+    # fp64 flops, weighted 2 (newton.py's model): MᵀM, the eigh (10d³), M U, the columns; then Y,
+    # the Schur complement and K·H
     flops += 2 * (2.0 * d**3 + 10.0 * d**3 + 2.0 * d**3 + 2.0 * d * d * n)
     if k:
         flops += 2 * (2.0 * d**3 + 10.0 * k**3 + 4.0 * n * n * k + 2.0 * n**3)
@@ -125,9 +132,9 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
     duals, values, flops = [], [], 0.0
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
-        _, N, Z, gram_w, cost = tall_frame(Wf[b], Gf[b], sc, square_skips_normal=True)
+        Gw, N, Z, gram_w, cost = tall_frame(Wf[b], Gf[b], sc, square_skips_normal=True)
         square = m == n and not N.any()  # an invertible square W: G⊥ = 0, R = 0
-        K, R, lam, c = closed_form_core(Z, None if square else N)
+        K, R, lam, c = closed_form_core(Gw, None if square else N)
         if square:
             combine_rows(A[b], Wf[b], K)
         else:
