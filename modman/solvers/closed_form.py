@@ -80,12 +80,17 @@ def closed_form_core(B: torch.Tensor, N: torch.Tensor | None):
         scale = float(torch.sqrt((S * S).sum() + 0.25 * t2.clamp(min=0).sum()))
         keep = t > max(1e-6 * scale / n, 1e-5 * float(t[-1]))
         Vk, tk = V[:, keep], t[keep]
+        del V, t2, t
     k = int(tk.numel())
     d = n + k
-    M = torch.zeros(d, d, dtype=torch.float64, device=B.device)
-    M[:n, :n] = S
-    M[n:, :n] = 0.5 * tk[:, None] * Vk.mT
-    M[:n, n:] = -M[n:, :n].mT
+    if k:
+        M = torch.zeros(d, d, dtype=torch.float64, device=B.device)
+        M[:n, :n] = S
+        M[n:, :n] = 0.5 * tk[:, None] * Vk.mT
+        M[:n, n:] = -M[n:, :n].mT
+    else:
+        M = S
+    del S
     # eigh reads one triangle of MᵀM: no symmetrised copy (the d×d fp64 temporaries are the
     # step's peak memory where d ≈ m)
     sig2, U = torch.linalg.eigh(M.mT @ M)
@@ -100,12 +105,15 @@ def closed_form_core(B: torch.Tensor, N: torch.Tensor | None):
     del M
     K = _skew(cols[:n])
     R = Vk @ (cols[n:] / tk[:, None])
+    del cols, Vk
     # the optimal dual from |M| = U diag(σ) Uᵀ: H = 2·(Schur complement of its k×k block); with
     # k = 0, K·H = 2·msign(S)|S| = 2S is skew and Λ = ½ sym B
     lam = 0.5 * sym(B)
     if k:
-        Y = (U * sig) @ U.mT
-        H = Y[:n, :n] - Y[:n, n:] @ _pinv_psd(Y[n:, n:]) @ Y[n:, :n]
+        Us = U * sig
+        Y12 = Us[:n] @ U[n:].mT  # Y is symmetric: Y₂₁ = Y₁₂ᵀ
+        H = Us[:n] @ U[:n].mT - Y12 @ _pinv_psd(Us[n:] @ U[n:].mT) @ Y12.mT
+        del Us, U
         lam = lam - sym(K @ H)
     # fp64 flops, weighted 2 (newton.py's model): MᵀM, the eigh (10d³), M U, the columns; then Y,
     # the Schur complement and K·H
@@ -135,12 +143,14 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
         Gw, N, Z, gram_w, cost = tall_frame(Wf[b], Gf[b], sc, square_skips_normal=True)
         square = m == n and not N.any()  # an invertible square W: G⊥ = 0, R = 0
         K, R, lam, c = closed_form_core(Gw, None if square else N)
+        values.append(dual_value(N, Z, gram_w, lam))
+        duals.append(lam)
+        del Gw, N, gram_w  # the n×n fp64 working set is the peak where n ≈ m
         if square:
             combine_rows(A[b], Wf[b], K)
         else:
             assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
-        duals.append(lam)
-        values.append(dual_value(N, Z, gram_w, lam))
+        del K, R, Z
         # + the assembly's tall products (one for a square W); D(Λ): three n×n products, an eigvalsh
         flops += cost + c + (1 if square else 2) * 4.0 * m * n * n + 2 * (6.0 * n**3 + 10.0 * n**3)
     nb = Wf.shape[0]

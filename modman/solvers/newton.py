@@ -293,7 +293,7 @@ def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0, square_skips_norma
     and the direction's G⊥·R, with R ~ 1/t on nearly null directions, would amplify WᵀG⊥ into
     ‖A‖₂ (measured: 1.29 on a 1024×784 layer, certified gap 0.13). ``square_skips_normal``: for an
     invertible square W, G⊥ = Gn − W·W⁻¹Gn is rounding, and N = 0 is returned without its two
-    tall products."""
+    tall products (as a 0-d tensor, which broadcasts)."""
     m, n = W.shape
     Gw = gram64(W, G) * g_scale
     gram_w = sym(gram64(W))
@@ -301,7 +301,7 @@ def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0, square_skips_norma
     # a rank-deficient W (a zero or pruned weight, project_on_init=False) has no (WᵀW)⁻¹: take Z = Gw
     Z = torch.cholesky_solve(Gw, L) if int(info) == 0 else Gw
     if square_skips_normal and m == n and int(info) == 0:
-        return Gw, torch.zeros_like(Gw), Z, gram_w, 2 * 2.0 * m * n * n * 2 + 2.0 * n**3
+        return Gw, Gw.new_zeros(()), Z, gram_w, 2 * 2.0 * m * n * n * 2 + 2.0 * n**3
     N = None
     for sl in row_blocks(m):
         Gp = G[sl].double() * g_scale - W[sl].double() @ Z
