@@ -109,7 +109,7 @@ def test_iteration_cap_returns_feasible_direction(solver, dtype):
     assert (torch.linalg.matrix_norm(H + H.mT) / torch.linalg.matrix_norm(A)).item() <= eps
 
 
-@pytest.mark.parametrize("solver", NEW + ["newton", "anderson"])
+@pytest.mark.parametrize("solver", NEW + ["newton", "anderson", "closed_form"])
 def test_zero_nonfinite_and_n_equal_one(solver):
     W = Stiefel().random((6, 1), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     res = solve_manifold_muon(W, torch.zeros_like(W), solver=solver)
