@@ -49,12 +49,14 @@ def main() -> None:
             per_seed.append({"seed": seed, "test_acc": r.test_acc, "train_acc": r.train_acc,
                              "optimizer_s_per_step": r.optimizer_seconds_per_step,
                              "median_max_gap": r.duality_gap, "curve": curve})
+            gap = "n/a" if r.duality_gap is None else f"{r.duality_gap:.1e}"
             print(f"{solver:12s} seed {seed}: test {r.test_acc:.3f} train {r.train_acc:.3f} "
-                  f"step {r.optimizer_seconds_per_step * 1e3:.1f} ms gap {r.duality_gap:.1e}", flush=True)
+                  f"step {r.optimizer_seconds_per_step * 1e3:.1f} ms gap {gap}", flush=True)
         runs[solver] = {"per_seed": per_seed,
                         "test_acc_mean": statistics.mean(s["test_acc"] for s in per_seed),
                         "optimizer_s_per_step_median": statistics.median(s["optimizer_s_per_step"] for s in per_seed),
-                        "median_max_gap": statistics.median(s["median_max_gap"] for s in per_seed)}
+                        "median_max_gap": None if None in [s["median_max_gap"] for s in per_seed]
+                        else statistics.median(s["median_max_gap"] for s in per_seed)}
     out = {"command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python " + " ".join(sys.argv),
            "machine": machine(), "setup": "modman.experiments.mnist1d.train('manifold_muon', solver=s): MLP "
            "40→128→128→10, batch 512, lr 0.1 linear decay, budget 'uniform'; same seeds for every solver",

@@ -31,7 +31,7 @@ training: 1.7e-4 after three maps from a cold or warm start, 1.5e-5 after four, 
 scaled polar factor still had 1.5e-2).
 
 Cost (fp64, n×n except where said): per map one eigh of M and about six n×n products
-(≈ 0.4 msign-equivalents at m = 3n); each recovery one eigvalsh (the dual value), two eigh and about eight
+(≈ 0.2 msign-equivalents at m = 3n); each recovery one eigvalsh (the dual value), two eigh and about eight
 products, tried only once the residual predicts success; setup and the final direction four
 tall m×n×n products. The model ``msign_equivalents`` uses the weights of ``newton.py``.
 
@@ -42,8 +42,8 @@ m < 2n (square included) therefore goes straight to the closed form (``closed_fo
 one eigh); for m ≥ 2n a gradient of low rank is first reduced to the subspace it spans
 (``subspace.py``), and if the maps still stall or run out before the tolerance, the closed form
 finishes the solve. (Until the closed form was found, a continuation on N + εI, ε = 10⁻²…10⁻¹⁰,
-and then ``newton`` did: 55 msign-equivalents and ~11 s a step on the 1024×784 layer below,
-against 5.3 and ~1.2 s now.)
+and then ``newton`` did: 27 msign-equivalents (55 in the unit then used, which was half a
+default msign) and ~11 s a step on the 1024×784 layer below, against 2.6 and ~1.2 s now.)
 
 Why the plain map stalls (``benchmarks/dual_face.py``: the Jacobian of the map at a dual certified
 to ≤ 3e-7, fp64, two seeds per shape). For m < 2n the optimal duals form a face, not a point:

@@ -22,17 +22,20 @@ N = G⊥ᵀG⊥, k = rank G⊥ ≤ min(n, m − n)), in the orthonormal basis [W
 
 and A = W K + U_k Bb with [K; Bb] the first n columns of msign(M), i.e. A = W K + G⊥ R,
 R = V_k diag(1/t) Bb (``assemble`` in newton.py; U_k is never formed). The polar factor comes
-from one fp64 eigh of MᵀM (on one CPU core faster than Newton–Schulz at this size, and exact; an
-fp32 eigh of the squared matrix loses the small singular values: measured gaps up to 1).
-Directions of G⊥ with t below 1e-6·‖[S; P/2]‖_F/n are dropped (each would add at most t to the
-value, and R ~ 1/t would amplify rounding).
+from one fp64 eigh of MᵀM (on one CPU core faster than Newton–Schulz at this size; an fp32 eigh
+of the squared matrix loses the small singular values: measured gaps up to 1). Directions of G⊥
+with t below 1e-5·t_max and of M with σ below 1e-5·σ_max are dropped (each would add at most t
+or σ to the value; below that the squared eigh cannot place them, and R ~ 1/t would amplify
+rounding): "exact" therefore means to ~1e-5 of the value on a gradient with a long spectral
+tail (tests/solvers/test_closed_form.py), at rounding otherwise.
 
 Certificate. The optimal symmetric dual of the Λ-form (MATH.md §3) follows from the same eigh:
 with Y = |M| = (MᵀM)^{1/2} in blocks (n, k), H = 2(Y₁₁ − Y₁₂Y₂₂⁺Y₂₁) (twice a Schur complement)
 and Λ = ½(sym B − sym(K H)); checked: D(Λ) = ‖Gn − 2WΛ‖_* equals ‖M‖_* to rounding on all the
-shapes above, m < 2n included. D(Λ) is computed for W as it is, not assumed orthonormal:
-Gn − 2WΛ = G⊥ + W(Z − 2Λ) with Z = (WᵀW)⁻¹WᵀGn and WᵀG⊥ = 0, so its Gram is
-N + (Z − 2Λ)ᵀWᵀW(Z − 2Λ) (n×n); weak duality makes it an upper bound for any W.
+shapes above, m < 2n included. D(Λ) is computed for W as it is (``result.dual_value``: the Gram
+of Gn − 2WΛ over fp64 row blocks), neither assumed orthonormal nor of full rank, so weak duality
+makes it an upper bound for any W (a rank-deficient W once certified gap 0 for a direction above
+the optimum when D came from the n×n identity of the frame, which assumes WᵀG⊥ = 0).
 
 Cost (fp64; d = n + k ≤ min(m, 2n)): the frame (four tall m×n×n products), eigh of N, MᵀM and
 its eigh, about four d³ products, one n×n eigvalsh for D, and the two tall products of the
@@ -46,7 +49,7 @@ import torch
 
 from ..linalg.blocked import combine_rows
 from .newton import assemble, msign_flops, tall_frame
-from .result import sym
+from .result import dual_value, sym
 from .types import SolverOutput
 
 
@@ -123,12 +126,6 @@ def closed_form_core(B: torch.Tensor, N: torch.Tensor | None):
     return K, R, lam, flops
 
 
-def dual_value(N: torch.Tensor, Z: torch.Tensor, gram_w: torch.Tensor, lam: torch.Tensor) -> float:
-    """D(Λ) = ‖Gn − 2WΛ‖_* for W as it is: the eigenvalues of N + CᵀWᵀW C, C = Z − 2Λ."""
-    C = Z - 2 * lam
-    return float(torch.linalg.eigvalsh(sym(N + C.mT @ gram_w @ C)).clamp(min=0).sqrt().sum())
-
-
 def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
     """The closed form (module docstring); W, Gn (…, m, n) with m ≥ n, WᵀW = I. ``g_scale``: Gn is
     given unnormalised and the normalised gradient is Gn·g_scale (as for ``solve_anderson``)."""
@@ -140,19 +137,20 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
     duals, values, flops = [], [], 0.0
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
-        Gw, N, Z, gram_w, cost = tall_frame(Wf[b], Gf[b], sc, square_skips_normal=True)
+        Gw, N, Z, cost = tall_frame(Wf[b], Gf[b], sc, square_skips_normal=True)
         square = m == n and not N.any()  # an invertible square W: G⊥ = 0, R = 0
         K, R, lam, c = closed_form_core(Gw, None if square else N)
-        values.append(dual_value(N, Z, gram_w, lam))
+        values.append(float(dual_value(Wf[b], Gf[b], lam, sc)))
         duals.append(lam)
-        del Gw, N, gram_w  # the n×n fp64 working set is the peak where n ≈ m
+        del Gw, N  # the n×n fp64 working set is the peak where n ≈ m
         if square:
             combine_rows(A[b], Wf[b], K)
         else:
             assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
         del K, R, Z
-        # + the assembly's tall products (one for a square W); D(Λ): three n×n products, an eigvalsh
-        flops += cost + c + (1 if square else 2) * 4.0 * m * n * n + 2 * (6.0 * n**3 + 10.0 * n**3)
+        # + the assembly's tall products (one for a square W); D(Λ): two fp64 tall products (W·Λ
+        # and the Gram, summed over row blocks) and an eigvalsh (10n³, as everywhere here)
+        flops += cost + c + (1 if square else 2) * 4.0 * m * n * n + 2 * 4.0 * m * n * n + 2 * 10.0 * n**3
     nb = Wf.shape[0]
     dual = torch.stack(duals).to(W.dtype).reshape(*batch, n, n)
     equivalents = flops / nb / msign_flops(m, n)

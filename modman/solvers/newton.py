@@ -45,12 +45,12 @@ estimate is within 3× the part of it caused by smoothing, Σ(√λ − λ/√(�
 (Λ and μ from the previous call) restarts at μ = max(μ_prev, 0.3·gap₀·‖M‖₂^{1/2}), because a
 small μ has a small Newton region and a changed G moves the optimum.
 
-Cost model (``msign_equivalents``; one msign-equivalent = 20mn² + 10n³ flops, the default
-10-iteration Newton–Schulz on the m×n matrix): tall products cost 2mn² flops each (×2 in fp64),
-an fp64 eigh with vectors 20n³, an fp64 eigvalsh 10n³, an fp64 n×n product 4n³. These weights
-are a flop model calibrated against timings on this team's CPU (an fp64 eigh of n = 784 took
-0.22 msign-times of a 1024×784 fp32 msign, i.e. ≈ 8n³ fp32-msign flops: the model is
-conservative); benchmarks/solvers.py reports measured time ratios next to it.
+Cost model (``msign_equivalents``; one msign-equivalent = 40mn² + 20n³ flops, the default
+10-iteration Newton–Schulz on the m×n matrix, ``msign_flops``): tall products cost 2mn² flops
+each (×2 in fp64), an fp64 eigh with vectors 20n³, an fp64 eigvalsh 10n³, an fp64 n×n product
+4n³. These weights are a flop model checked against timings (an fp64 eigh of 1024² took 5.2×
+an fp64 1024³ product on one EPYC core, i.e. ~10n³ flops of time, ×2 for fp64);
+benchmarks/solvers.py reports measured time ratios next to it.
 """
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
     kept = {k: [] for k in ("subspace",) + tuple(carried)}
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
-        Gw, N, Z, _, cost = tall_frame(Wf[b], Gf[b], sc)
+        Gw, N, Z, cost = tall_frame(Wf[b], Gf[b], sc)
         prev = {k: float(v[b]) for k, v in carried_in.items()}
         K, R, lam, D, info, c = solve_on_subspace(
             lambda *a: core(*a, **prev), Gw, N, None if dual_in is None else dual_in[b], tol,
@@ -287,7 +287,7 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
 
 
 def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0, square_skips_normal: bool = False):
-    """(Gw = WᵀGn, N = G⊥ᵀG⊥, Z, WᵀW, flops) of one tall matrix for Gn = G·g_scale, in fp64, summed
+    """(Gw = WᵀGn, N = G⊥ᵀG⊥, Z, flops) of one tall matrix for Gn = G·g_scale, in fp64, summed
     over row blocks (no whole-matrix fp64 copies). G⊥ = Gn − W·Z with Z = (WᵀW)⁻¹Gw is orthogonal
     to the W given, not just to an orthonormal W: an fp32 weight is orthonormal only to ~1e-7,
     and the direction's G⊥·R, with R ~ 1/t on nearly null directions, would amplify WᵀG⊥ into
@@ -296,17 +296,16 @@ def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0, square_skips_norma
     tall products (as a 0-d tensor, which broadcasts)."""
     m, n = W.shape
     Gw = gram64(W, G) * g_scale
-    gram_w = sym(gram64(W))
-    L, info = torch.linalg.cholesky_ex(gram_w)
+    L, info = torch.linalg.cholesky_ex(sym(gram64(W)))
     # a rank-deficient W (a zero or pruned weight, project_on_init=False) has no (WᵀW)⁻¹: take Z = Gw
     Z = torch.cholesky_solve(Gw, L) if int(info) == 0 else Gw
     if square_skips_normal and m == n and int(info) == 0:
-        return Gw, Gw.new_zeros(()), Z, gram_w, 2 * 2.0 * m * n * n * 2 + 2.0 * n**3
+        return Gw, Gw.new_zeros(()), Z, 2 * 2.0 * m * n * n * 2 + 2.0 * n**3
     N = None
     for sl in row_blocks(m):
         Gp = G[sl].double() * g_scale - W[sl].double() @ Z
         N = Gp.mT @ Gp if N is None else N.add_(Gp.mT @ Gp)
-    return Gw, sym(N), Z, gram_w, 4 * 2.0 * m * n * n * 2 + 2.0 * n**3  # four fp64 tall products, a solve
+    return Gw, sym(N), Z, 4 * 2.0 * m * n * n * 2 + 2.0 * n**3  # four fp64 tall products, a solve
 
 
 def assemble(out: torch.Tensor, W: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, K: torch.Tensor,

@@ -33,7 +33,7 @@ class SolveResult:
     iterations, msign_calls: work done (Python ints; msign calls count Newton–Schulz runs; an
         eigh-based solver reports ⌈msign_equivalents⌉).
     state: warm start for the next call (``warm_start=``): {"dual": Λ, ...}.
-    msign_equivalents: work in units of one default msign (20mn² + 10n³ flops) on W's shape,
+    msign_equivalents: work in units of one default msign (40mn² + 20n³ flops) on W's shape,
         certificate included for solvers that use ``certify_gram``; for msign-based solvers the
         number of msign calls (the certificate not counted).
     direction_norm: ‖direction‖₂ as the certificate measured it (fp64 Gram eigenvalue, ≤ 1), so
@@ -101,20 +101,32 @@ def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: 
     # few n×n fp64 matrices alive at once: where n ≈ m each is 1.5× an fp32 parameter
     S = sym(gram64(W, A))
     norm = _blocked_gram_eig_max(A, W, S).sqrt()  # ‖P(A)‖₂ from P(A)ᵀP(A), summed over row blocks
+    # rounding A_f to out_dtype can raise its norm by ~√n·eps (as in certify_gram: a bf16 40×30
+    # direction measured 1.0009 without this factor)
+    bound = norm * (1 + A.shape[-1] ** 0.5 * torch.finfo(out_dtype).eps)
+    scale = 1 / bound.clamp(min=1.0)
     A_f = torch.empty(A.shape, dtype=out_dtype, device=A.device)
-    combine_rows(A_f, A, None, W, -S, scale=(1 / norm.clamp(min=1.0))[..., None, None])
+    combine_rows(A_f, A, None, W, -S, scale=scale[..., None, None])
     del S
     objective = dot64(Gn, A_f)
-    lam = sym(dual.double())
-    gram_z = None
-    for sl in row_blocks(W.shape[-2]):
-        Z = Gn[..., sl, :].double() - 2 * W[..., sl, :].double() @ lam
-        gram_z = Z.mT @ Z if gram_z is None else gram_z.add_(Z.mT @ Z)
-    dual_value = torch.linalg.eigvalsh(sym(gram_z)).clamp(min=0).sqrt().sum(-1)
-    del gram_z, lam
-    gap = ((dual_value - objective) / dual_value.clamp(min=_TINY)).clamp(min=0)
+    D = dual_value(W, Gn, dual)
+    gap = ((D - objective) / D.clamp(min=_TINY)).clamp(min=0)
     residual = _residual(gram64(W, A_f), dot64(A_f, A_f))
-    return A_f, objective, residual, gap, norm.clamp(max=1.0)
+    return A_f, objective, residual, gap, bound * scale
+
+
+def dual_value(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, g_scale=None) -> torch.Tensor:
+    """D(Λ) = ‖Gn − 2WΛ‖_* (Gn·g_scale when given) for W as it is — neither assumed orthonormal
+    nor of full rank, so by weak duality an upper bound of the optimum for any W and symmetric Λ —
+    from the eigenvalues of its Gram summed over fp64 row blocks (exact up to that Gram's rounding:
+    eigenvalues to ~eps·‖Gn‖², singular values near 0 to ~√eps·‖Gn‖)."""
+    lam = sym(dual.double())
+    gram = None
+    for sl in row_blocks(W.shape[-2]):
+        Gb = Gn[..., sl, :].double()
+        Z = (Gb if g_scale is None else Gb * g_scale) - 2 * W[..., sl, :].double() @ lam
+        gram = Z.mT @ Z if gram is None else gram.add_(Z.mT @ Z)
+    return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
 
 
 def _blocked_gram_eig_max(A: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:

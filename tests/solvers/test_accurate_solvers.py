@@ -217,7 +217,7 @@ def test_recovery_value_is_that_of_the_rescaled_direction(tail):
     s[:2] = torch.tensor([1.0, 0.7])
     Gn = (U * s) @ V.mT
     Gn = Gn / Gn.norm()
-    Gw, N, Z, _, _ = tall_frame(W, Gn)
+    Gw, N, Z, _ = tall_frame(W, Gn)
     for seed in range(5):
         K = skew(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
         K = 0.999 * K / torch.linalg.matrix_norm(K, 2)
