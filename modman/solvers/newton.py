@@ -59,7 +59,7 @@ import math
 import torch
 
 from ..linalg.blocked import combine_rows, gram64, row_blocks
-from .result import sym
+from .result import dual_value, sym
 from .subspace import solve_on_subspace
 from .types import SolverOutput
 
@@ -269,6 +269,11 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
             lambda *a: core(*a, **prev), Gw, N, None if dual_in is None else dual_in[b], tol,
             try_subspace=m != n and (sub_in is None or sub_in[b] < n))
         assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
+        if Z is Gw:
+            # a rank-deficient W (tall_frame's fallback): the n×n identity behind D assumes
+            # WᵀG⊥ = 0 and may under-state D (measured: gap 0 above the optimum); D(Λ) of W as it is
+            D = float(dual_value(Wf[b], Gf[b], lam, sc))
+            c += 2 * 4.0 * m * n * n + 2 * 10.0 * n**3
         duals.append(lam)
         values.append(D)
         for k in kept:
@@ -297,7 +302,8 @@ def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0, square_skips_norma
     m, n = W.shape
     Gw = gram64(W, G) * g_scale
     L, info = torch.linalg.cholesky_ex(sym(gram64(W)))
-    # a rank-deficient W (a zero or pruned weight, project_on_init=False) has no (WᵀW)⁻¹: take Z = Gw
+    # a rank-deficient W (a zero or pruned weight, project_on_init=False) has no (WᵀW)⁻¹: take
+    # Z = Gw itself (callers test ``Z is Gw``: their n×n identities do not hold then)
     Z = torch.cholesky_solve(Gw, L) if int(info) == 0 else Gw
     if square_skips_normal and m == n and int(info) == 0:
         return Gw, Gw.new_zeros(()), Z, 2 * 2.0 * m * n * n * 2 + 2.0 * n**3

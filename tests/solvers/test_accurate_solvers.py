@@ -237,3 +237,13 @@ def test_rank_deficient_weight_does_not_crash(solver):
         res = solve_manifold_muon(W, G, solver=solver)
         assert torch.isfinite(res.direction).all() and torch.isfinite(res.duality_gap).all()
         assert torch.linalg.matrix_norm(res.direction.double(), 2) <= 1 + 1e-6
+    # there the frame's n×n identity for D assumes WᵀG⊥ = 0, which fails: D is recomputed as
+    # ‖Gn − 2WΛ‖_* of the returned Λ for W as it is (numpy SVD here). (The direction itself is then
+    # only as tangent as one projection A − W·sym(WᵀA) makes it: exact only for WᵀW = I.)
+    g2 = torch.Generator().manual_seed(5)
+    W = Stiefel().random((9, 4), generator=g2, dtype=torch.float64) @ low_rank((4, 4), 3, g2)
+    G = torch.randn(9, 4, generator=g2, dtype=torch.float64)
+    res = solve_manifold_muon(W, G, solver=solver)
+    D = float(res.objective) / (1 - float(res.duality_gap))
+    lam = res.state["dual"]
+    assert D == pytest.approx(float(torch.linalg.svdvals(G - 2 * G.norm() * W @ lam).sum()), rel=1e-10)
