@@ -49,6 +49,12 @@ def main() -> None:
                         f"max gap {fmt(gap, '.1e')}, max residual {fmt(res, '.1e')}, "
                         f"{fmt(s.get('step_ratio_vs_own_muon'))}× own Muon, "
                         f"{fmt(s.get('step_ratio_vs_torch_muon'))}× torch.optim.Muon | {file}.json |")
+    d = load("mnist1d_solvers")
+    if d:
+        parts = ", ".join(f"{s} {r['test_acc_mean']:.3f} ({r['optimizer_s_per_step_median'] * 1e3:.0f} ms)"
+                          for s, r in d["solvers"].items())
+        rows.append(f"| MNIST-1D per solver ({len(d['seeds'])} seeds × {d['steps']} steps): test accuracy "
+                    f"(optimizer step) | {parts} | mnist1d_solvers.json |")
     d = load("first_steps")
     if d:
         parts = ", ".join(f"{r['step_s']:.1f}" for r in d["steps"])
@@ -66,7 +72,8 @@ def main() -> None:
         for shape, rows_ in d["shapes"].items():
             parts = ", ".join(f"{n.replace('manifold_muon:', '')} {r['peak_x']:.2f}×" + (" (capped iterations)" if "note" in r else "")
                               for n, r in rows_.items()
-                              if "peak_x" in r and n in ("manifold_muon:anderson", "manifold_muon:newton",
+                              if "peak_x" in r and n in ("manifold_muon:anderson", "manifold_muon:closed_form",
+                                                         "manifold_muon:newton",
                                                          "manifold_muon:projected", "muon_fp32", "adamw"))
             rows.append(f"| peak temporary memory of one step, {shape} (× the parameter) | {parts} | step_memory.json |")
     d = load("drift")
