@@ -61,7 +61,7 @@ import math
 
 import torch
 
-from .closed_form import closed_form_core, solve_closed_form
+from .closed_form import closed_form_core, normal_coordinates, solve_closed_form
 from .newton import skew, solve_tall
 from .result import sym
 
@@ -190,7 +190,9 @@ def anderson_core(Gw, N, dual_in, *, tol, max_iters, depth=4, fast_iters=24, sta
                                                    map_dtype)
     if not ok and max_iters > maps:
         # a singular N (rank-deficient gradient) leaves the map without contraction: the exact answer
-        K, R, lam, c = closed_form_core(Gw, N)
+        P, to_r, c0 = normal_coordinates(Gw, N)
+        K, Bb, lam, c = closed_form_core(Gw, P)
+        R, c = to_r @ Bb, c + c0
         C = Gw - 2 * lam
         D_cf = float(torch.linalg.eigvalsh(sym(C.mT @ C + N)).clamp(min=0).sqrt().sum())
         return K, R, lam, D_cf, {"iterations": maps}, cost + c + 2 * (4.0 * n**3 + 10.0 * n**3)

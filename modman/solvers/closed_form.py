@@ -14,20 +14,23 @@ No iteration and no warm start. Checked against the certified fixed point on 40�
 50×50, 35×30, 100×10, 64×63 (objectives equal to within the iterative solver's gap, 1e-7–1e-9).
 Square W (m = n) is the special case A = W msign(skew(WᵀG)) (k = 0 below).
 
-Small form. skew(G Wᵀ) has rank ≤ 2n: with Gn = W B + G⊥ and G⊥ = U_k diag(t) V_kᵀ (the eigh of
-N = G⊥ᵀG⊥, k = rank G⊥ ≤ min(n, m − n)), in the orthonormal basis [W, U_k] it is the
-(n+k)×(n+k) skew matrix
+Small form. skew(G Wᵀ) has rank ≤ 2n: with Gn = W B + G⊥ and U (m×k) an orthonormal basis of
+G⊥'s span, U ⟂ W (k ≤ min(n, m − n)), in the basis [W, U] it is the (n+k)×(n+k) skew matrix
 
-    M = [[S, −Pᵀ/2], [P/2, 0]],   S = skew(B),  P = diag(t) V_kᵀ,
+    M = [[S, −Pᵀ/2], [P/2, 0]],   S = skew(B),  P = UᵀGn,
 
-and A = W K + U_k Bb with [K; Bb] the first n columns of msign(M), i.e. A = W K + G⊥ R,
-R = V_k diag(1/t) Bb (``assemble`` in newton.py; U_k is never formed). The polar factor comes
-from one fp64 eigh of MᵀM (on one CPU core faster than Newton–Schulz at this size; an fp32 eigh
-of the squared matrix loses the small singular values: measured gaps up to 1). Directions of G⊥
-with t below 1e-5·t_max and of M with σ below 1e-5·σ_max are dropped (each would add at most t
-or σ to the value; below that the squared eigh cannot place them, and R ~ 1/t would amplify
-rounding): "exact" therefore means to ~1e-5 of the value on a gradient with a long spectral
-tail (tests/solvers/test_closed_form.py), at rounding otherwise.
+and A = W K + U Bb with [K; Bb] the first n columns of msign(M). The basis:
+- m < 2n (``complement_coordinates``): the last m − n columns of the Householder QR of W,
+  exactly ⟂ W, rotated by the eigh of the small (m−n)² Gram of P; A = W K + U Bb directly.
+- m ≥ 2n (``normal_coordinates``): U_k = G⊥ V_k diag(1/t) from the eigh of N = G⊥ᵀG⊥, so
+  P = diag(t) V_kᵀ and A = W K + G⊥ R with R = V_k diag(1/t) Bb (``assemble`` in newton.py; U is
+  never formed).
+The polar factor comes from one fp64 eigh of MᵀM (on one CPU core faster than Newton–Schulz at
+this size; an fp32 eigh of the squared matrix loses the small singular values: measured gaps up
+to 1). Directions of G⊥ with t below 1e-5·t_max and of M with σ below 1e-5·σ_max are dropped
+(each would add at most t or σ to the value; below that an eigh of a Gram cannot place them, and
+R ~ 1/t would amplify rounding): "exact" therefore means to ~1e-5 of the value on a gradient with
+a long spectral tail (tests/solvers/test_closed_form.py), at rounding otherwise.
 
 Certificate. The optimal symmetric dual of the Λ-form (MATH.md §3) follows from the same eigh:
 with Y = |M| = (MᵀM)^{1/2} in blocks (n, k), H = 2(Y₁₁ − Y₁₂Y₂₂⁺Y₂₁) (twice a Schur complement)
@@ -37,10 +40,11 @@ of Gn − 2WΛ over fp64 row blocks), neither assumed orthonormal nor of full ra
 makes it an upper bound for any W (a rank-deficient W once certified gap 0 for a direction above
 the optimum when D came from the n×n identity of the frame, which assumes WᵀG⊥ = 0).
 
-Cost (fp64; d = n + k ≤ min(m, 2n)): the frame (four tall m×n×n products; two for a square W),
-the eigh of N, MᵀM and its eigh, about three d³ products, D(Λ) (two tall products and an n×n
-eigvalsh) and the assembly (two tall products; one for a square W). Measured in training
-(benchmarks/results/solvers*.json): 2.6 msign-equivalents on 1024×784, 1.5 on 1024², 3.4 on
+Cost (fp64; d = n + k ≤ min(m, 2n)): the basis (m < 2n: one tall product for B, the QR of W and
+two thin products; m ≥ 2n: the frame's four tall products and the eigh of N), MᵀM and its eigh,
+about three d³ products, D(Λ) (two tall products and an n×n eigvalsh) and the assembly (two
+tall products; one for a square W, whose frame also skips N). Measured in training
+(benchmarks/results/solvers*.json): 2.2 msign-equivalents on 1024×784, 1.5 on 1024², 3.4 on
 784×256 (where n + k = 2n and ``anderson``'s n×n fixed point is cheaper).
 """
 from __future__ import annotations
@@ -49,7 +53,7 @@ import math
 
 import torch
 
-from ..linalg.blocked import combine_rows
+from ..linalg.blocked import combine_rows, gram64
 from .newton import assemble, msign_flops, tall_frame
 from .result import dual_value, sym
 from .types import SolverOutput
@@ -66,36 +70,60 @@ def _pinv_psd(X: torch.Tensor) -> torch.Tensor:
     return (V * torch.where(keep, 1 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))) @ V.mT
 
 
-def closed_form_core(B: torch.Tensor, N: torch.Tensor | None):
-    """(K, R, Λ, flops) for one tall problem from B = WᵀGn and N = G⊥ᵀG⊥ (fp64 n×n; None for a
-    square W, where G⊥ is rounding): the direction is A = W K + G⊥ R and Λ the optimal dual
-    (module docstring)."""
+def _resolved(t2: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Which directions of G⊥ to keep, from the eigenvalues t² of its Gram (in any basis). The
+    value ‖M‖_* ≥ ‖[S; P/2]‖_F sets the scale of what may be dropped (each direction adds at
+    most t to the value); t from the eigh of a Gram is accurate to eps·t_max²/t, and R ~ 1/t: as
+    for σ in ``closed_form_core``, directions under 1e-5·t_max go."""
     n = B.shape[-1]
-    S = _skew(B)
-    flops = 0.0
-    if N is None:
-        Vk, tk = B.new_zeros(n, 0), B.new_zeros(0)
-    else:
-        t2, V = torch.linalg.eigh(sym(N))
-        t = t2.clamp(min=0).sqrt()
-        flops += 2 * 10.0 * n**3
-        # ‖M‖_* ≥ ‖[S; P/2]‖_F sets the scale of what may be dropped (each direction adds at most
-        # t to the value); R ~ 1/t, and t from the eigh of the Gram N is accurate to eps·t_max²/t:
-        # as for σ below, directions under 1e-5·t_max are dropped
-        scale = float(torch.sqrt((S * S).sum() + 0.25 * t2.clamp(min=0).sum()))
-        keep = t > max(1e-6 * scale / n, 1e-5 * float(t[-1]))
-        Vk, tk = V[:, keep], t[keep]
-        del V, t2, t
-    k = int(tk.numel())
+    t = t2.clamp(min=0).sqrt()
+    scale = float(torch.sqrt((_skew(B) ** 2).sum() + 0.25 * t2.clamp(min=0).sum()))
+    return t > max(1e-6 * scale / n, 1e-5 * float(t.max())) if t.numel() else t > 0
+
+
+def normal_coordinates(B: torch.Tensor, N: torch.Tensor):
+    """(P, V_k·diag(1/t_k), flops): coordinates P = diag(t_k) V_kᵀ (k×n) of G⊥ in the basis
+    U_k = G⊥ V_k diag(1/t_k) from the eigh of N = G⊥ᵀG⊥ (fp64), and the map from U_k-coordinates
+    back to R in A = W K + G⊥ R."""
+    t2, V = torch.linalg.eigh(sym(N))
+    keep = _resolved(t2, B)
+    t = t2[keep].sqrt()
+    return t[:, None] * V[:, keep].mT, V[:, keep] / t, 2 * 10.0 * B.shape[-1] ** 3
+
+
+def complement_coordinates(W: torch.Tensor, G: torch.Tensor, B: torch.Tensor, g_scale=1.0):
+    """(U, P, flops) for m < 2n: U (m×k, fp64) an orthonormal basis of the part of W's complement
+    that G⊥ resolvably spans and P = UᵀGn (k×n), from the Householder QR of W (exactly ⟂ W, W
+    orthonormal or not) and the eigh of the small (m−n)² Gram of W⊥ᵀGn — no n×n eigh of N and no
+    division by t when lifting back."""
+    m, n = W.shape
+    a, tau = torch.geqrf(W.double())
+    E = torch.zeros(m, m - n, dtype=torch.float64, device=W.device)
+    E[n:] = torch.eye(m - n, dtype=torch.float64, device=W.device)
+    Wp = torch.ormqr(a, tau, E)  # the last m − n columns of Q
+    del a, E
+    P = gram64(Wp, G) * g_scale
+    t2, V = torch.linalg.eigh(P @ P.mT)
+    V = V[:, _resolved(t2, B)]
+    k, p = V.shape[-1], m - n
+    flops = 2 * (2.0 * m * n * n + 4.0 * m * n * p + 2.0 * m * n * p + 2.0 * p * p * n + 10.0 * p**3
+                 + 2.0 * m * p * k + 2.0 * p * k * n)
+    return Wp @ V, V.mT @ P, flops
+
+
+def closed_form_core(B: torch.Tensor, P: torch.Tensor):
+    """(K, Bb, Λ, flops) for one tall problem from B = WᵀGn (fp64 n×n) and the coordinates P
+    (k×n, fp64; k = 0 for a square W) of G⊥ in an orthonormal basis U of its span, U ⟂ W: the
+    direction is A = W K + U Bb and Λ the optimal dual (module docstring)."""
+    n, k = B.shape[-1], P.shape[-2]
     d = n + k
     if k:
         M = torch.zeros(d, d, dtype=torch.float64, device=B.device)
-        M[:n, :n] = S
-        M[n:, :n] = 0.5 * tk[:, None] * Vk.mT
+        M[:n, :n] = _skew(B)
+        M[n:, :n] = 0.5 * P
         M[:n, n:] = -M[n:, :n].mT
     else:
-        M = S
-    del S
+        M = _skew(B)
     # eigh reads one triangle of MᵀM: no symmetrised copy (the d×d fp64 temporaries are the
     # step's peak memory where d ≈ m)
     sig2, U = torch.linalg.eigh(M.mT @ M)
@@ -108,9 +136,8 @@ def closed_form_core(B: torch.Tensor, N: torch.Tensor | None):
     inv = torch.where(sig > 1e-5 * float(sig[-1]), 1 / sig.clamp(min=1e-300), torch.zeros_like(sig))
     cols = (M @ U).mul_(inv) @ U[:n].mT  # the first n columns of msign(M), d×n
     del M
-    K = _skew(cols[:n])
-    R = Vk @ (cols[n:] / tk[:, None])
-    del cols, Vk
+    K, Bb = _skew(cols[:n]), cols[n:]
+    del cols
     # the optimal dual from |M| = U diag(σ) Uᵀ: H = 2·(Schur complement of its k×k block); with
     # k = 0, K·H = 2·msign(S)|S| = 2S is skew and Λ = ½ sym B
     lam = 0.5 * sym(B)
@@ -122,10 +149,10 @@ def closed_form_core(B: torch.Tensor, N: torch.Tensor | None):
         lam = lam - sym(K @ H)
     # fp64 flops, weighted 2 (newton.py's model): MᵀM, the eigh (10d³), M U, the columns; then the
     # three blocks of Y, the Schur complement (an eigh of k×k, two products) and K·H
-    flops += 2 * (2.0 * d**3 + 10.0 * d**3 + 2.0 * d**3 + 2.0 * d * d * n)
+    flops = 2 * (2.0 * d**3 + 10.0 * d**3 + 2.0 * d**3 + 2.0 * d * d * n)
     if k:
         flops += 2 * (2.0 * d * (n * n + n * k + k * k) + 10.0 * k**3 + 4.0 * n * n * k + 2.0 * n**3)
-    return K, R, lam, flops
+    return K, Bb, lam, flops
 
 
 def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
@@ -139,20 +166,36 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
     duals, values, flops = [], [], 0.0
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
-        Gw, N, Z, cost = tall_frame(Wf[b], Gf[b], sc, square_skips_normal=True)
-        square = m == n and not N.any()  # an invertible square W: G⊥ = 0, R = 0
-        K, R, lam, c = closed_form_core(Gw, None if square else N)
-        values.append(float(dual_value(Wf[b], Gf[b], lam, sc)))
-        duals.append(lam)
-        del Gw, N  # the n×n fp64 working set is the peak where n ≈ m
-        if square:
-            combine_rows(A[b], Wf[b], K)
+        Wb, Gb = Wf[b], Gf[b]
+        if n < m < 2 * n:
+            # m < 2n: G⊥ spans up to all of W's complement, whose basis a QR gives directly (no
+            # eigh of N, no 1/t): A = W K + W⊥ Bb
+            Gw = gram64(Wb, Gb) * sc
+            U, P, cost = complement_coordinates(Wb, Gb, Gw, sc)
+            K, Bb, lam, c = closed_form_core(Gw, P)
+            values.append(float(dual_value(Wb, Gb, lam, sc)))
+            combine_rows(A[b], Wb, K, U, Bb)
+            del U, P
+            cost += 2 * 2.0 * m * n * n  # Gw
+            assembly = 2 * (2.0 * m * n * n + 2.0 * m * n * Bb.shape[-2])
         else:
-            assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
-        del K, R, Z
-        # + the assembly's tall products (one for a square W); D(Λ): two fp64 tall products (W·Λ
-        # and the Gram, summed over row blocks) and an eigvalsh (10n³, as everywhere here)
-        flops += cost + c + (1 if square else 2) * 4.0 * m * n * n + 2 * 4.0 * m * n * n + 2 * 10.0 * n**3
+            Gw, N, Z, cost = tall_frame(Wb, Gb, sc, square_skips_normal=True)
+            square = m == n and not N.any()  # an invertible square W: G⊥ = 0, R = 0
+            P, to_r, c0 = (Gw.new_zeros(0, n), None, 0.0) if square else normal_coordinates(Gw, N)
+            K, Bb, lam, c = closed_form_core(Gw, P)
+            c += c0
+            values.append(float(dual_value(Wb, Gb, lam, sc)))
+            del N, P  # the n×n fp64 working set is the peak where n ≈ m
+            if square:
+                combine_rows(A[b], Wb, K)
+            else:
+                assemble(A[b], Wb, Gb, Z, K, to_r @ Bb, sc)
+            del Z
+            assembly = (1 if square else 2) * 4.0 * m * n * n
+        duals.append(lam)
+        del Gw, K, Bb
+        # D(Λ): two fp64 tall products (W·Λ and the Gram, summed over row blocks) and an eigvalsh
+        flops += cost + c + assembly + 2 * 4.0 * m * n * n + 2 * 10.0 * n**3
     nb = Wf.shape[0]
     dual = torch.stack(duals).to(W.dtype).reshape(*batch, n, n)
     equivalents = flops / nb / msign_flops(m, n)
