@@ -21,7 +21,8 @@ G⊥'s span, U ⟂ W (k ≤ min(n, m − n)), in the basis [W, U] it is the (n+k
 
 and A = W K + U Bb with [K; Bb] the first n columns of msign(M). The basis:
 - m < 2n (``complement_coordinates``): the last m − n columns of the Householder QR of W,
-  exactly ⟂ W, rotated by the eigh of the small (m−n)² Gram of P; A = W K + U Bb directly.
+  exactly ⟂ W, rotated by the eigh of the small (m−n)² Gram of P; A = W K + U Bb directly. A
+  square W has no complement: k = 0, M = S.
 - m ≥ 2n (``normal_coordinates``): U_k = G⊥ V_k diag(1/t) from the eigh of N = G⊥ᵀG⊥, so
   P = diag(t) V_kᵀ and A = W K + G⊥ R with R = V_k diag(1/t) Bb (``assemble`` in newton.py; U is
   never formed).
@@ -43,8 +44,8 @@ the optimum when D came from the n×n identity of the frame, which assumes WᵀG
 Cost (fp64; d = n + k ≤ min(m, 2n)): the basis (m < 2n: one tall product for B, the QR of W and
 two thin products; m ≥ 2n: the frame's four tall products and the eigh of N), MᵀM and its eigh,
 about three d³ products, D(Λ) (two tall products and an n×n eigvalsh) and the assembly (two
-tall products; one for a square W, whose frame also skips N). Measured in training
-(benchmarks/results/solvers*.json): 2.2 msign-equivalents on 1024×784, 1.5 on 1024², 3.4 on
+tall products; one for a square W). Measured in training
+(benchmarks/results/solvers*.json): 2.2 msign-equivalents on 1024×784, 1.4–1.5 on 1024², 3.4 on
 784×256 (where n + k = 2n and ``anderson``'s n×n fixed point is cheaper).
 """
 from __future__ import annotations
@@ -54,20 +55,9 @@ import math
 import torch
 
 from ..linalg.blocked import combine_rows, gram64
-from .newton import assemble, msign_flops, tall_frame
+from .newton import assemble, msign_flops, skew, tall_frame
 from .result import dual_value, sym
 from .types import SolverOutput
-
-
-def _skew(X: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (X - X.mT)
-
-
-def _pinv_psd(X: torch.Tensor) -> torch.Tensor:
-    """Pseudo-inverse of a symmetric PSD matrix (eigenvalues below 1e-12 of the largest → 0)."""
-    lam, V = torch.linalg.eigh(sym(X))
-    keep = lam > 1e-12 * lam[-1].clamp(min=1e-300)
-    return (V * torch.where(keep, 1 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))) @ V.mT
 
 
 def _resolved(t2: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -77,7 +67,7 @@ def _resolved(t2: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     for σ in ``closed_form_core``, directions under 1e-5·t_max go."""
     n = B.shape[-1]
     t = t2.clamp(min=0).sqrt()
-    scale = float(torch.sqrt((_skew(B) ** 2).sum() + 0.25 * t2.clamp(min=0).sum()))
+    scale = float(torch.sqrt((skew(B) ** 2).sum() + 0.25 * t2.clamp(min=0).sum()))
     return t > max(1e-6 * scale / n, 1e-5 * float(t.max())) if t.numel() else t > 0
 
 
@@ -97,6 +87,8 @@ def complement_coordinates(W: torch.Tensor, G: torch.Tensor, B: torch.Tensor, g_
     orthonormal or not) and the eigh of the small (m−n)² Gram of W⊥ᵀGn — no n×n eigh of N and no
     division by t when lifting back."""
     m, n = W.shape
+    if m == n:  # no complement (a singular square W's own null space is left out: the certificate shows it)
+        return W.new_zeros(m, 0, dtype=torch.float64), B.new_zeros(0, n), 0.0
     a, tau = torch.geqrf(W.double())
     E = torch.zeros(m, m - n, dtype=torch.float64, device=W.device)
     E[n:] = torch.eye(m - n, dtype=torch.float64, device=W.device)
@@ -119,11 +111,11 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
     d = n + k
     if k:
         M = torch.zeros(d, d, dtype=torch.float64, device=B.device)
-        M[:n, :n] = _skew(B)
+        M[:n, :n] = skew(B)
         M[n:, :n] = 0.5 * P
         M[:n, n:] = -M[n:, :n].mT
     else:
-        M = _skew(B)
+        M = skew(B)
     # eigh reads one triangle of MᵀM: no symmetrised copy (the d×d fp64 temporaries are the
     # step's peak memory where d ≈ m)
     sig2, U = torch.linalg.eigh(M.mT @ M)
@@ -136,7 +128,7 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
     inv = torch.where(sig > 1e-5 * float(sig[-1]), 1 / sig.clamp(min=1e-300), torch.zeros_like(sig))
     cols = (M @ U).mul_(inv) @ U[:n].mT  # the first n columns of msign(M), d×n
     del M
-    K, Bb = _skew(cols[:n]), cols[n:]
+    K, Bb = skew(cols[:n]), cols[n:]
     del cols
     # the optimal dual from |M| = U diag(σ) Uᵀ: H = 2·(Schur complement of its k×k block); with
     # k = 0, K·H = 2·msign(S)|S| = 2S is skew and Λ = ½ sym B
@@ -144,7 +136,7 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
     if k:
         Us = U * sig
         Y12 = Us[:n] @ U[n:].mT  # Y is symmetric: Y₂₁ = Y₁₂ᵀ
-        H = Us[:n] @ U[:n].mT - Y12 @ _pinv_psd(Us[n:] @ U[n:].mT) @ Y12.mT
+        H = Us[:n] @ U[:n].mT - Y12 @ torch.linalg.pinv(Us[n:] @ U[n:].mT, hermitian=True, rtol=1e-12) @ Y12.mT
         del Us, U
         lam = lam - sym(K @ H)
     # fp64 flops, weighted 2 (newton.py's model): MᵀM, the eigh (10d³), M U, the columns; then the
@@ -167,31 +159,27 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
         Wb, Gb = Wf[b], Gf[b]
-        if n < m < 2 * n:
-            # m < 2n: G⊥ spans up to all of W's complement, whose basis a QR gives directly (no
-            # eigh of N, no 1/t): A = W K + W⊥ Bb
+        Gw = None
+        if m < 2 * n:
+            # G⊥ spans up to all of W's complement (nothing for a square W), whose basis a QR gives
+            # directly (no eigh of N, no 1/t): A = W K + W⊥ Bb
             Gw = gram64(Wb, Gb) * sc
             U, P, cost = complement_coordinates(Wb, Gb, Gw, sc)
             K, Bb, lam, c = closed_form_core(Gw, P)
-            values.append(float(dual_value(Wb, Gb, lam, sc)))
-            combine_rows(A[b], Wb, K, U, Bb)
-            del U, P
+            combine_rows(A[b], Wb, K, *((U, Bb) if P.shape[-2] else ()))
+            assembly = 2 * (2.0 * m * n * n + 2.0 * m * n * P.shape[-2])
             cost += 2 * 2.0 * m * n * n  # Gw
-            assembly = 2 * (2.0 * m * n * n + 2.0 * m * n * Bb.shape[-2])
+            del U, P
         else:
-            Gw, N, Z, cost = tall_frame(Wb, Gb, sc, square_skips_normal=True)
-            square = m == n and not N.any()  # an invertible square W: G⊥ = 0, R = 0
-            P, to_r, c0 = (Gw.new_zeros(0, n), None, 0.0) if square else normal_coordinates(Gw, N)
+            Gw, N, Z, cost = tall_frame(Wb, Gb, sc)
+            P, to_r, c0 = normal_coordinates(Gw, N)
+            del N  # the n×n fp64 working set is the peak where n ≈ m
             K, Bb, lam, c = closed_form_core(Gw, P)
             c += c0
-            values.append(float(dual_value(Wb, Gb, lam, sc)))
-            del N, P  # the n×n fp64 working set is the peak where n ≈ m
-            if square:
-                combine_rows(A[b], Wb, K)
-            else:
-                assemble(A[b], Wb, Gb, Z, K, to_r @ Bb, sc)
-            del Z
-            assembly = (1 if square else 2) * 4.0 * m * n * n
+            assemble(A[b], Wb, Gb, Z, K, to_r @ Bb, sc)
+            assembly = 2 * 4.0 * m * n * n
+            del Z, P
+        values.append(float(dual_value(Wb, Gb, lam, sc)))
         duals.append(lam)
         del Gw, K, Bb
         # D(Λ): two fp64 tall products (W·Λ and the Gram, summed over row blocks) and an eigvalsh

@@ -291,22 +291,18 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
                         msign_equivalents=equivalents)
 
 
-def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0, square_skips_normal: bool = False):
+def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):
     """(Gw = WᵀGn, N = G⊥ᵀG⊥, Z, flops) of one tall matrix for Gn = G·g_scale, in fp64, summed
     over row blocks (no whole-matrix fp64 copies). G⊥ = Gn − W·Z with Z = (WᵀW)⁻¹Gw is orthogonal
     to the W given, not just to an orthonormal W: an fp32 weight is orthonormal only to ~1e-7,
     and the direction's G⊥·R, with R ~ 1/t on nearly null directions, would amplify WᵀG⊥ into
-    ‖A‖₂ (measured: 1.29 on a 1024×784 layer, certified gap 0.13). ``square_skips_normal``: for an
-    invertible square W, G⊥ = Gn − W·W⁻¹Gn is rounding, and N = 0 is returned without its two
-    tall products (as a 0-d tensor, which broadcasts)."""
+    ‖A‖₂ (measured: 1.29 on a 1024×784 layer, certified gap 0.13)."""
     m, n = W.shape
     Gw = gram64(W, G) * g_scale
     L, info = torch.linalg.cholesky_ex(sym(gram64(W)))
     # a rank-deficient W (a zero or pruned weight, project_on_init=False) has no (WᵀW)⁻¹: take
     # Z = Gw itself (callers test ``Z is Gw``: their n×n identities do not hold then)
     Z = torch.cholesky_solve(Gw, L) if int(info) == 0 else Gw
-    if square_skips_normal and m == n and int(info) == 0:
-        return Gw, Gw.new_zeros(()), Z, 2 * 2.0 * m * n * n * 2 + 2.0 * n**3
     N = None
     for sl in row_blocks(m):
         Gp = G[sl].double() * g_scale - W[sl].double() @ Z
