@@ -45,7 +45,7 @@ Cost (fp64; d = n + k ≤ min(m, 2n)): the basis (m < 2n: one tall product for B
 two thin products; m ≥ 2n: the frame's four tall products and the eigh of N), MᵀM and its eigh,
 about three d³ products, D(Λ) (two tall products and an n×n eigvalsh) and the assembly (two
 tall products; one for a square W). Measured in training
-(benchmarks/results/solvers*.json): 2.2 msign-equivalents on 1024×784, 1.4–1.5 on 1024², 3.4 on
+(benchmarks/results/solvers*.json): 2.2 msign-equivalents on 1024×784, 1.4 on 1024², 3.3 on
 784×256 (where n + k = 2n and ``anderson``'s n×n fixed point is cheaper).
 """
 from __future__ import annotations
