@@ -42,9 +42,11 @@ makes it an upper bound for any W (a rank-deficient W once certified gap 0 for a
 the optimum when D came from the n×n identity of the frame, which assumes WᵀG⊥ = 0).
 
 Cost (fp64; d = n + k ≤ min(m, 2n)): the basis (m < 2n: one tall product for B, the QR of W and
-two thin products; m ≥ 2n: the frame's four tall products and the eigh of N), MᵀM and its eigh,
-about three d³ products, D(Λ) (two tall products and an n×n eigvalsh) and the assembly (two
-tall products; one for a square W). Measured in training
+two thin products; m ≥ 2n: the frame's four tall products and the eigh of N), MᵀM from the
+blocks of M and its eigh, about two d²n products (``closed_form_core``), D(Λ) (two tall products
+and an n×n eigvalsh) and the assembly (two tall products; one for a square W). Memory: the d×d
+fp64 MᵀM and its eigenvectors during the eigh, then the eigenvectors alone (scaled in place for
+|M|), next to a few n×n fp64 matrices. Measured in training
 (benchmarks/results/solvers*.json): 2.2 msign-equivalents on 1024×784, 1.4 on 1024², 3.3 on
 784×256 (where n + k = 2n and ``anderson``'s n×n fixed point is cheaper).
 """
@@ -106,19 +108,25 @@ def complement_coordinates(W: torch.Tensor, G: torch.Tensor, B: torch.Tensor, g_
 def closed_form_core(B: torch.Tensor, P: torch.Tensor):
     """(K, Bb, Λ, flops) for one tall problem from B = WᵀGn (fp64 n×n) and the coordinates P
     (k×n, fp64; k = 0 for a square W) of G⊥ in an orthonormal basis U of its span, U ⟂ W: the
-    direction is A = W K + U Bb and Λ the optimal dual (module docstring)."""
+    direction is A = W K + U Bb and Λ the optimal dual (module docstring).
+
+    M = [[S, −Pᵀ/2], [P/2, 0]] is never formed: MᵀM = [[−S² + PᵀP/4, ·], [−PS/2, PPᵀ/4]] (the
+    zero block saves 2n²k + 4nk² + 2k³ flops over a d×d product), and the first n columns of
+    msign(M) = M·R with R = (MᵀM)^{−1/2}[:, :n] = U diag(1/σ) U₁ᵀ (d×n) are [S R₁ − PᵀR₂/2; P R₁/2].
+    The d×d fp64 matrices alive at once (the step's peak memory where d ≈ m) are MᵀM and U during
+    the eigh, then U alone."""
     n, k = B.shape[-1], P.shape[-2]
     d = n + k
+    S = skew(B)
+    # eigh reads the lower triangle (UPLO="L"): the (1,2) block is left at zero, never read
+    MtM = B.new_zeros(d, d)
+    torch.mm(S, S, out=MtM[:n, :n]).neg_()  # SᵀS = −S²
     if k:
-        M = torch.zeros(d, d, dtype=torch.float64, device=B.device)
-        M[:n, :n] = skew(B)
-        M[n:, :n] = 0.5 * P
-        M[:n, n:] = -M[n:, :n].mT
-    else:
-        M = skew(B)
-    # eigh reads one triangle of MᵀM: no symmetrised copy (the d×d fp64 temporaries are the
-    # step's peak memory where d ≈ m)
-    sig2, U = torch.linalg.eigh(M.mT @ M)
+        MtM[:n, :n].addmm_(P.mT, P, alpha=0.25)
+        torch.mm(P, S, out=MtM[n:, :n]).mul_(-0.5)
+        torch.mm(P, P.mT, out=MtM[n:, n:]).mul_(0.25)
+    sig2, U = torch.linalg.eigh(MtM)
+    del MtM
     sig = sig2.clamp(min=0).sqrt()
     # msign(M) = M U diag(1/σ) Uᵀ. The eigh of the squared matrix leaves ‖M u_j‖ off σ_j by a
     # factor 1 + O(eps·σ_max²/σ_j²) (and the columns off orthogonal by as much), so directions
@@ -126,22 +134,35 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
     # direction (τ = 1.5e-4 dropped 1e-4 of the value on a rank-deficient momentum; 1e-7 let
     # rounding-level directions in, gaps 4e-2 on rank-2 gradients)
     inv = torch.where(sig > 1e-5 * float(sig[-1]), 1 / sig.clamp(min=1e-300), torch.zeros_like(sig))
-    cols = (M @ U).mul_(inv) @ U[:n].mT  # the first n columns of msign(M), d×n
-    del M
-    K, Bb = skew(cols[:n]), cols[n:]
-    del cols
+    R = U @ (inv[:, None] * U[:n].mT)  # d×n
+    K = S @ R[:n]
+    if k:
+        K.addmm_(P.mT, R[n:], alpha=-0.5)
+        Bb = (P @ R[:n]).mul_(0.5)
+    else:
+        Bb = P.new_zeros(0, n)
+    del R, S
+    K = skew(K)
     # the optimal dual from |M| = U diag(σ) Uᵀ: H = 2·(Schur complement of its k×k block); with
     # k = 0, K·H = 2·msign(S)|S| = 2S is skew and Λ = ½ sym B
-    lam = 0.5 * sym(B)
+    lam = sym(B).mul_(0.5)
     if k:
-        Us = U * sig
-        Y12 = Us[:n] @ U[n:].mT  # Y is symmetric: Y₂₁ = Y₁₂ᵀ
-        H = Us[:n] @ U[:n].mT - Y12 @ torch.linalg.pinv(Us[n:] @ U[n:].mT, hermitian=True, rtol=1e-12) @ Y12.mT
-        del Us, U
-        lam = lam - sym(K @ H)
-    # fp64 flops, weighted 2 (newton.py's model): MᵀM, the eigh (10d³), M U, the columns; then the
-    # three blocks of Y, the Schur complement (an eigh of k×k, two products) and K·H
-    flops = 2 * (2.0 * d**3 + 10.0 * d**3 + 2.0 * d**3 + 2.0 * d * d * n)
+        # Y = V Vᵀ with V = U diag(√σ), scaled in place (U is not needed after R)
+        V = U.mul_(sig.sqrt())
+        del U
+        Y12 = V[:n] @ V[n:].mT  # Y is symmetric: Y₂₁ = Y₁₂ᵀ
+        H = V[:n] @ V[:n].mT
+        Y22 = V[n:] @ V[n:].mT
+        del V
+        H -= Y12 @ torch.linalg.pinv(Y22, hermitian=True, rtol=1e-12) @ Y12.mT
+        del Y12, Y22
+        KH = K @ H
+        del H
+        lam.sub_(KH, alpha=0.5).sub_(KH.mT, alpha=0.5)  # Λ −= sym(K·H), n×n temporaries kept few
+    # fp64 flops, weighted 2 (newton.py's model): MᵀM by blocks, the eigh (10d³), R and the
+    # columns; then the three blocks of Y, the Schur complement (an eigh of k×k, two products) and K·H
+    flops = 2 * (2.0 * n**3 + 4.0 * n * n * k + 2.0 * k * k * n + 10.0 * d**3 + 2.0 * d * d * n
+                 + 2.0 * n**3 + 4.0 * n * n * k)
     if k:
         flops += 2 * (2.0 * d * (n * n + n * k + k * k) + 10.0 * k**3 + 4.0 * n * n * k + 2.0 * n**3)
     return K, Bb, lam, flops
@@ -163,7 +184,7 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
         if m < 2 * n:
             # G⊥ spans up to all of W's complement (nothing for a square W), whose basis a QR gives
             # directly (no eigh of N, no 1/t): A = W K + W⊥ Bb
-            Gw = gram64(Wb, Gb) * sc
+            Gw = gram64(Wb, Gb).mul_(sc)
             U, P, cost = complement_coordinates(Wb, Gb, Gw, sc)
             K, Bb, lam, c = closed_form_core(Gw, P)
             combine_rows(A[b], Wb, K, *((U, Bb) if P.shape[-2] else ()))

@@ -58,7 +58,7 @@ import math
 
 import torch
 
-from ..linalg.blocked import combine_rows, gram64, row_blocks
+from ..linalg.blocked import add_gram, combine_rows, gram64, row_blocks
 from .result import dual_value, sym
 from .subspace import solve_on_subspace
 from .types import SolverOutput
@@ -306,7 +306,7 @@ def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):
     N = None
     for sl in row_blocks(m):
         Gp = G[sl].double() * g_scale - W[sl].double() @ Z
-        N = Gp.mT @ Gp if N is None else N.add_(Gp.mT @ Gp)
+        N = add_gram(N, Gp, Gp)
     return Gw, sym(N), Z, 4 * 2.0 * m * n * n * 2 + 2.0 * n**3  # four fp64 tall products, a solve
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..linalg.blocked import combine_rows, dot64, gram64, row_blocks
+from ..linalg.blocked import add_gram, combine_rows, dot64, gram64, row_blocks
 
 _TINY = 1e-30
 
@@ -125,7 +125,7 @@ def dual_value(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, g_scale=No
     for sl in row_blocks(W.shape[-2]):
         Gb = Gn[..., sl, :].double()
         Z = (Gb if g_scale is None else Gb * g_scale) - 2 * W[..., sl, :].double() @ lam
-        gram = Z.mT @ Z if gram is None else gram.add_(Z.mT @ Z)
+        gram = add_gram(gram, Z, Z)
     return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
 
 
@@ -134,7 +134,7 @@ def _blocked_gram_eig_max(A: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> 
     gram = None
     for sl in row_blocks(A.shape[-2]):
         P = A[..., sl, :].double() - W[..., sl, :].double() @ S
-        gram = P.mT @ P if gram is None else gram.add_(P.mT @ P)
+        gram = add_gram(gram, P, P)
     return torch.linalg.eigvalsh(sym(gram))[..., -1].clamp(min=0)
 
 

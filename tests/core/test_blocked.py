@@ -3,24 +3,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modman.linalg.blocked import combine_rows, dot64, gram64, row_blocks
+from modman.linalg.blocked import MIN_BLOCK_ROWS, combine_rows, dot64, gram64, row_blocks
 
 
 @st.composite
 def operands(draw):
-    m = draw(st.integers(1, 300))  # up to five 64-row blocks
+    m = draw(st.integers(1, 5 * MIN_BLOCK_ROWS))  # up to five row blocks
     n = draw(st.integers(1, 12))
-    batch = draw(st.sampled_from([(), (3,)]))
+    batch = draw(st.sampled_from([(), (3,), (2, 2)]))  # each path of add_gram
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     return [torch.randn(*batch, m, n, generator=g) for _ in range(2)] + [
         torch.randn(*batch, n, n, generator=g, dtype=torch.float64) for _ in range(2)]
 
 
 def test_row_blocks_cover_every_row_once():
-    for m in (1, 63, 64, 65, 1000, 4096, 32768):
+    for m in (1, 63, 64, 65, 127, 128, 129, 1000, 4096, 32768):
         rows = [i for sl in row_blocks(m) for i in range(sl.start, sl.stop)]
         assert rows == list(range(m))
-        assert max(sl.stop - sl.start for sl in row_blocks(m)) <= max(64, -(-m // 16))
+        assert max(sl.stop - sl.start for sl in row_blocks(m)) <= max(MIN_BLOCK_ROWS, -(-m // 16))
 
 
 @settings(max_examples=40, deadline=None)
