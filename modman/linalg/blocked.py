@@ -29,11 +29,11 @@ def add_gram(out: torch.Tensor | None, X: torch.Tensor, Y: torch.Tensor) -> torc
     Gram's time)."""
     if out is None:
         return X.mT @ Y
-    if out.ndim == 2:
+    if out.ndim == X.ndim == Y.ndim == 2:
         return out.addmm_(X.mT, Y)
-    if out.ndim == 3:
+    if out.ndim == X.ndim == Y.ndim == 3 and X.shape[0] == Y.shape[0] == out.shape[0]:
         return out.baddbmm_(X.mT, Y)
-    return out.add_(X.mT @ Y)
+    return out.add_(X.mT @ Y)  # other batch shapes, broadcasting X against Y as matmul does
 
 
 def gram64(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:

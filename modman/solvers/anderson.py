@@ -195,7 +195,7 @@ def anderson_core(Gw, N, dual_in, *, tol, max_iters, depth=4, fast_iters=24, sta
         R, c = to_r @ Bb, c + c0
         C = Gw - 2 * lam
         D_cf = float(torch.linalg.eigvalsh(sym(C.mT @ C + N)).clamp(min=0).sqrt().sum())
-        return K, R, lam, D_cf, {"iterations": maps}, cost + c + 2 * (4.0 * n**3 + 10.0 * n**3)
+        return K, R, lam, D_cf, {"iterations": maps}, cost + c + 2 * 4.0 * n**3 + 10.0 * n**3
     if best is None:  # max_iters = 0 or no recovery tried: recover from the last dual
         C = Gw - 2 * x
         lam, V = torch.linalg.eigh(sym(C.mT @ C + N))

@@ -119,13 +119,14 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
     d = n + k
     S = skew(B)
     # eigh reads the lower triangle (UPLO="L"): the (1,2) block is left at zero, never read
+    # (in-place addmm_ into views, not mm(out=…): out= refuses inputs that require grad)
     MtM = B.new_zeros(d, d)
-    torch.mm(S, S, out=MtM[:n, :n]).neg_()  # SᵀS = −S²
+    MtM[:n, :n].addmm_(S, S, alpha=-1.0)  # SᵀS = −S²
     if k:
         MtM[:n, :n].addmm_(P.mT, P, alpha=0.25)
-        torch.mm(P, S, out=MtM[n:, :n]).mul_(-0.5)
-        torch.mm(P, P.mT, out=MtM[n:, n:]).mul_(0.25)
-    sig2, U = torch.linalg.eigh(MtM)
+        MtM[n:, :n].addmm_(P, S, alpha=-0.5)
+        MtM[n:, n:].addmm_(P, P.mT, alpha=0.25)
+    sig2, U = torch.linalg.eigh(MtM, UPLO="L")
     del MtM
     sig = sig2.clamp(min=0).sqrt()
     # msign(M) = M U diag(1/σ) Uᵀ. The eigh of the squared matrix leaves ‖M u_j‖ off σ_j by a
@@ -164,7 +165,7 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
     flops = 2 * (2.0 * n**3 + 4.0 * n * n * k + 2.0 * k * k * n + 10.0 * d**3 + 2.0 * d * d * n
                  + 2.0 * n**3 + 4.0 * n * n * k)
     if k:
-        flops += 2 * (2.0 * d * (n * n + n * k + k * k) + 10.0 * k**3 + 4.0 * n * n * k + 2.0 * n**3)
+        flops += 2 * (2.0 * d * (n * n + n * k + k * k) + 10.0 * k**3 + 2.0 * n * k * k + 2.0 * n * n * k + 2.0 * n**3)
     return K, Bb, lam, flops
 
 
@@ -203,8 +204,9 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
         values.append(float(dual_value(Wb, Gb, lam, sc)))
         duals.append(lam)
         del Gw, K, Bb
-        # D(Λ): two fp64 tall products (W·Λ and the Gram, summed over row blocks) and an eigvalsh
-        flops += cost + c + assembly + 2 * 4.0 * m * n * n + 2 * 10.0 * n**3
+        # D(Λ): two fp64 tall products (W·Λ and the Gram, summed over row blocks) and an fp64
+        # eigvalsh (10n³ in newton.py's model, as in certify_gram; it had been counted twice that here)
+        flops += cost + c + assembly + 2 * 4.0 * m * n * n + 10.0 * n**3
     nb = Wf.shape[0]
     dual = torch.stack(duals).to(W.dtype).reshape(*batch, n, n)
     equivalents = flops / nb / msign_flops(m, n)

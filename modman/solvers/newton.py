@@ -49,7 +49,8 @@ Cost model (``msign_equivalents``; one msign-equivalent = 40mn² + 20n³ flops, 
 10-iteration Newton–Schulz on the m×n matrix, ``msign_flops``): tall products cost 2mn² flops
 each (×2 in fp64), an fp64 eigh with vectors 20n³, an fp64 eigvalsh 10n³, an fp64 n×n product
 4n³. These weights are a flop model checked against timings (an fp64 eigh of 1024² took 5.2×
-an fp64 1024³ product on one EPYC core, i.e. ~10n³ flops of time, ×2 for fp64);
+an fp64 1024³ product on one EPYC core, i.e. ~10n³ flops of time, ×2 for fp64; an eigvalsh
+0.43–0.48× an eigh at n = 256…1024);
 benchmarks/solvers.py reports measured time ratios next to it.
 """
 from __future__ import annotations
@@ -273,7 +274,7 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
             # a rank-deficient W (tall_frame's fallback): the n×n identity behind D assumes
             # WᵀG⊥ = 0 and may under-state D (measured: gap 0 above the optimum); D(Λ) of W as it is
             D = float(dual_value(Wf[b], Gf[b], lam, sc))
-            c += 2 * 4.0 * m * n * n + 2 * 10.0 * n**3
+            c += 2 * 4.0 * m * n * n + 10.0 * n**3
         duals.append(lam)
         values.append(D)
         for k in kept:

@@ -37,3 +37,13 @@ def test_blocked_products_equal_the_fp64_products(ops):
     c = torch.rand(X.shape[:-2] + (1, 1), dtype=torch.float64)
     combine_rows(X, X, scale=c)  # in place
     assert torch.equal(X, (X64 * c).float())
+
+
+def test_gram64_broadcasts_batches_like_matmul():
+    """X and Y with different batch shapes broadcast as X.mT @ Y does, over several row blocks."""
+    g = torch.Generator().manual_seed(0)
+    m = 2 * MIN_BLOCK_ROWS + 3
+    for sx, sy in [((), (3,)), ((3,), ()), ((1,), (3,)), ((2, 1), (1, 3))]:
+        X = torch.randn(*sx, m, 5, generator=g)
+        Y = torch.randn(*sy, m, 5, generator=g)
+        torch.testing.assert_close(gram64(X, Y), X.double().mT @ Y.double(), rtol=1e-12, atol=1e-12)

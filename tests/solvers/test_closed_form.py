@@ -147,3 +147,20 @@ def test_batched_equals_per_matrix():
             ri = solve_manifold_muon(W[i], G[i], solver="closed_form")
             torch.testing.assert_close(rb.direction[i], ri.direction, atol=1e-12, rtol=0)
             torch.testing.assert_close(rb.duality_gap[i], ri.duality_gap, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("solver", ["closed_form", "anderson"])
+@pytest.mark.parametrize("shape", [(40, 30), (30, 30), (100, 20)])
+def test_a_weight_that_requires_grad_is_solved_like_a_plain_tensor(solver, shape):
+    """Called directly on an nn.Parameter with grad mode on (outside an optimizer's no_grad), the
+    solve runs and returns the direction it returns for the plain tensor (a review found the
+    closed form's mm(out=…) raising there)."""
+    g = torch.Generator().manual_seed(shape[0] + shape[1])
+    W = Stiefel().random(shape, generator=g, dtype=torch.float64)
+    G = torch.randn(shape, generator=g, dtype=torch.float64)
+    plain = solve_manifold_muon(W, G, solver=solver)
+    with torch.enable_grad():
+        res = solve_manifold_muon(torch.nn.Parameter(W.clone()), G, solver=solver)
+    torch.testing.assert_close(res.direction.detach(), plain.direction, rtol=0, atol=1e-12)
+    assert abs(float(res.duality_gap) - float(plain.duality_gap)) <= 1e-12
+    assert float(plain.duality_gap) <= 1e-5
