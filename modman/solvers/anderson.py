@@ -43,7 +43,7 @@ one eigh); for m ≥ 2n a gradient of low rank is first reduced to the subspace 
 (``subspace.py``), and if the maps still stall or run out before the tolerance, the closed form
 finishes the solve. (Until the closed form was found, a continuation on N + εI, ε = 10⁻²…10⁻¹⁰,
 and then ``newton`` did: 27 msign-equivalents (55 in the unit then used, which was half a
-default msign) and ~11 s a step on the 1024×784 layer below, against 2.2 and ~0.9 s now.)
+default msign) and ~11 s a step on the 1024×784 layer below, against 2.0 and ~0.75 s now.)
 
 Why the plain map stalls (``benchmarks/dual_face.py``: the Jacobian of the map at a dual certified
 to ≤ 3e-7, fp64, two seeds per shape). For m < 2n the optimal duals form a face, not a point:

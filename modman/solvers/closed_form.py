@@ -47,7 +47,7 @@ blocks of M and its eigh, about two d²n products (``closed_form_core``), D(Λ) 
 and an n×n eigvalsh) and the assembly (two tall products; one for a square W). Memory: the d×d
 fp64 MᵀM and its eigenvectors during the eigh, then the eigenvectors alone (scaled in place for
 |M|), next to a few n×n fp64 matrices. Measured in training
-(benchmarks/results/solvers*.json): 2.2 msign-equivalents on 1024×784, 1.4 on 1024², 3.3 on
+(benchmarks/results/solvers*.json): 2.0 msign-equivalents on 1024×784, 1.3 on 1024², 3.0 on
 784×256 (where n + k = 2n and ``anderson``'s n×n fixed point is cheaper).
 """
 from __future__ import annotations
