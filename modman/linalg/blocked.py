@@ -45,6 +45,18 @@ def gram64(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
+def norm64(X: torch.Tensor) -> torch.Tensor:
+    """‖X‖_F over the last two dims in fp64, shaped (…, 1, 1), free of overflow and underflow:
+    the sum of squares of X/max|X| over fp64 row blocks, times max|X|. (A plain fp32 norm
+    overflows from ‖X‖ ≈ 1.8e19 and an fp64 one from ≈ 1.3e154; both lose denormal entries.)"""
+    amax = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True).double()
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    total = torch.zeros_like(amax)
+    for sl in row_blocks(X.shape[-2]):
+        total += (X[..., sl, :].double() / safe).square().sum((-2, -1), keepdim=True)
+    return total.sqrt() * amax
+
+
 def dot64(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """⟨X, Y⟩ over the last two dims in fp64, summed over row blocks."""
     out = None

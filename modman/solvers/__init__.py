@@ -8,8 +8,12 @@ symmetric dual Λ; ``certify`` makes A feasible and computes the rigorous dualit
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 
+from ..linalg.blocked import norm64
 from ..linalg.msign import resolve_compute_dtype
 from .admm import solve_admm
 from .anderson import solve_anderson
@@ -56,13 +60,15 @@ def solve_manifold_muon(
         W: point on the unscaled Stiefel manifold, (…, m, n), tall or wide (WᵀW = I or WWᵀ = I).
         G: gradient (or momentum) of W's shape; NaN/Inf raise ValueError.
         solver: a name in ``SOLVERS``; ``tol``/``max_iters`` default per solver.
-        warm_start: the ``state`` of a previous result for the same parameter.
+        warm_start: the ``state`` of a previous result for the same parameter (shapes checked:
+            ValueError naming the entry; a dual that is not finite or not O(1) is dropped).
         reduce: the tall reduction (``reduction.py``): True, False or "auto" (when m ≥ 2n after
             orienting W tall, and the solver is iterative).
         options: solver-specific (e.g. ``faithful=True`` for "dual_ascent").
 
     The problem is scale-free in G (the optimum A is unchanged by G → cG, c > 0), so solvers
-    work on Gn = G/‖G‖_F; G = 0 gives A = 0 with gap 0.
+    work on Gn = G/‖G‖_F (‖G‖_F in fp64 scaled by max|G|: any finite G, denormal or near the
+    dtype's maximum, is solved like G of unit scale); G = 0 gives A = 0 with gap 0.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
@@ -84,8 +90,9 @@ def solve_manifold_muon(
     dtype = resolve_compute_dtype(W.dtype, None)
     Wt = (W.mT if wide else W).to(dtype)
     Gt = (G.mT if wide else G).to(dtype)
-    g_norm = torch.linalg.matrix_norm(Gt, keepdim=True)
+    g_norm = norm64(Gt)  # fp64: G at 1e20 (fp32) or 1e160 (fp64), or denormal, is still a gradient
     m, n = Wt.shape[-2:]
+    warm_start = _checked_warm_start(warm_start, Wt.shape[:-2], n, tuple(W.shape))
     if solver == "dual_ascent" and options.get("faithful"):
         options["G_raw"] = Gt
     if reduce not in (True, False, "auto"):
@@ -95,11 +102,13 @@ def solve_manifold_muon(
         reduce = m >= 2 * n and solver not in ("closed_form", "projected", "newton", "anderson") and not options.get("faithful")
     # anderson and newton on a non-square W, certified by certify_gram, take G as it is with its
     # fp64 scale (g_scale) and read it a row block at a time: no normalised m×n copy (peak memory)
-    if solver in ("anderson", "newton", "closed_form") and m != n and not reduce and W.dtype == dtype:
+    g_scale = 1 / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm))
+    if (solver in ("anderson", "newton", "closed_form") and m != n and not reduce and W.dtype == dtype
+            and bool(torch.isfinite(g_scale).all())):  # (1/‖G‖ overflows for an fp64 G of denormals)
         Gn = Gt
-        options["g_scale"] = 1 / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm)).double()
+        options["g_scale"] = g_scale
     else:
-        Gn = Gt / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm))
+        Gn = _normalised(Gt, g_norm)
     if reduce and m > n:
         W_r, G_r, Q = reduce_tall(Wt, Gn)
         out = fn(W_r, G_r, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
@@ -125,6 +134,43 @@ def solve_manifold_muon(
         msign_equivalents=equivalents,
         direction_norm=norm.to(dtype),
     )
+
+
+_DUAL_BOUND = 1e6  # optimal duals are O(1) in units of G/‖G‖_F; beyond this a state is garbage
+
+
+def _checked_warm_start(state, batch, n: int, shape: tuple) -> dict | None:
+    """``warm_start`` as the solvers may read it: a mapping of tensors, "dual" shaped (…, n, n)
+    and every other entry (…) for the batch (…) of W (tall orientation), else a ValueError that
+    names the entry (a state from another parameter); a dual that is not finite or not O(1) is
+    dropped, so the solve starts cold instead of failing inside an eigh."""
+    if state is None:
+        return None
+    if not isinstance(state, Mapping):
+        raise TypeError(f"warm_start must be the state dict of a previous result, got {type(state).__name__}")
+    checked = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"warm_start[{key!r}] must be a tensor, got {type(value).__name__}")
+        want = tuple(batch) + ((n, n) if key == "dual" else ())
+        if tuple(value.shape) != want:
+            raise ValueError(f"warm_start[{key!r}] has shape {tuple(value.shape)}, expected {want} for W of "
+                             f"shape {shape}: a state from another parameter or batch?")
+        if key == "dual" and not bool((torch.isfinite(value) & (value.abs() <= _DUAL_BOUND)).all()):
+            continue
+        checked[key] = value
+    return checked
+
+
+def _normalised(G: torch.Tensor, g_norm: torch.Tensor) -> torch.Tensor:
+    """G/‖G‖_F in G's dtype (g_norm fp64, (…, 1, 1)); by max|G| first where ‖G‖_F itself would
+    overflow or lose precision in that dtype (each quotient is then representable)."""
+    fin = torch.finfo(G.dtype)
+    if bool(((g_norm > 0) & ((g_norm < fin.tiny * 2**24) | (g_norm > fin.max / 2**24))).any()):
+        amax = torch.linalg.vector_norm(G, ord=math.inf, dim=(-2, -1), keepdim=True).double()
+        amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+        return (G / amax.to(G.dtype)).div_((g_norm / amax).clamp(min=1).to(G.dtype))
+    return G / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm)).to(G.dtype)
 
 
 __all__ = [

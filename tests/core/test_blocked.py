@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modman.linalg.blocked import MIN_BLOCK_ROWS, combine_rows, dot64, gram64, row_blocks
+from modman.linalg.blocked import MIN_BLOCK_ROWS, combine_rows, dot64, gram64, norm64, row_blocks
 
 
 @st.composite
@@ -47,3 +47,20 @@ def test_gram64_broadcasts_batches_like_matmul():
         X = torch.randn(*sx, m, 5, generator=g)
         Y = torch.randn(*sy, m, 5, generator=g)
         torch.testing.assert_close(gram64(X, Y), X.double().mT @ Y.double(), rtol=1e-12, atol=1e-12)
+
+
+def test_norm64_neither_overflows_nor_underflows():
+    """‖X‖_F in fp64 for X of ordinary, huge and denormal scale, batched, with an all-zero item."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(3, 2 * MIN_BLOCK_ROWS + 5, 7, generator=g, dtype=torch.float64)
+    X[1] = 0
+    ref = torch.linalg.matrix_norm(X, keepdim=True)
+    torch.testing.assert_close(norm64(X), ref, rtol=1e-14, atol=0)
+    torch.testing.assert_close(norm64(X.float()), torch.linalg.matrix_norm(X.float().double(), keepdim=True),
+                               rtol=1e-14, atol=0)
+    for dtype, c in [(torch.float32, 2.0**100), (torch.float32, 2.0**-140), (torch.float64, 2.0**900),
+                     (torch.float64, 2.0**-1060)]:
+        Y = (X * c).to(dtype)  # powers of two: exact, except for the bits a denormal loses
+        expect = torch.linalg.matrix_norm((Y.double() / c), keepdim=True) * c
+        torch.testing.assert_close(norm64(Y), expect, rtol=1e-12, atol=0)
+        assert torch.isfinite(norm64(Y)).all() and bool((norm64(Y)[[0, 2]] > 0).all())

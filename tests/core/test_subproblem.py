@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from modman import msign
 from modman.manifolds import Stiefel
+from modman.solvers import SOLVERS as ALL_SOLVERS
 from modman.solvers import solve_manifold_muon
 
 from .oracle import reference_dual_ascent, reference_msign_bf16, sdp_bracket
@@ -190,6 +191,31 @@ def test_bad_arguments():
         solve_manifold_muon(W, torch.randn(3, 6))
     with pytest.raises(TypeError):
         solve_manifold_muon(W, torch.ones(6, 3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("solver", sorted(ALL_SOLVERS))
+def test_a_warm_start_from_elsewhere_is_a_clear_error_and_garbage_starts_cold(solver):
+    """A state of another shape or batch raises ValueError naming the entry (not an obscure
+    reshape or index error inside a solver); a dual that is not finite or absurdly large is
+    dropped, and the solve matches the cold one (a robustness probe found LinAlgError and
+    AttributeError there)."""
+    g = torch.Generator().manual_seed(5)
+    W = Stiefel().random((3, 30, 12), generator=g, dtype=torch.float64)
+    G = torch.randn(3, 30, 12, generator=g, dtype=torch.float64)
+    state = solve_manifold_muon(W, G, solver=solver, max_iters=5).state
+    with pytest.raises(ValueError, match=r"warm_start\['dual'\]"):
+        solve_manifold_muon(W[:, :, :10], G[:, :, :10], solver=solver, warm_start=state)
+    with pytest.raises(ValueError, match="warm_start"):
+        solve_manifold_muon(W[0], G[0], solver=solver, warm_start=state)
+    with pytest.raises(TypeError, match="warm_start"):
+        solve_manifold_muon(W, G, solver=solver, warm_start=[state])
+    with pytest.raises(TypeError, match=r"warm_start\['dual'\]"):
+        solve_manifold_muon(W, G, solver=solver, warm_start={"dual": [[0.0]]})
+    cold = solve_manifold_muon(W, G, solver=solver, max_iters=5)
+    for junk in (1e300, float("nan")):
+        res = solve_manifold_muon(W, G, solver=solver, max_iters=5,
+                                  warm_start={**state, "dual": torch.full_like(state["dual"], junk)})
+        torch.testing.assert_close(res.direction, cold.direction, rtol=0, atol=0)
 
 
 def test_batched_equals_per_matrix():

@@ -111,6 +111,27 @@ def test_scale_invariance(c, dtype, solver):
 
 
 @pytest.mark.parametrize("solver", ACCURATE)
+@pytest.mark.parametrize("shape", [(40, 20), (20, 20), (100, 10)])
+@pytest.mark.parametrize("dtype,c", [(torch.float32, 1e30), (torch.float32, 1e-40), (torch.float64, 1e300),
+                                     (torch.float64, 1e-310)])
+def test_extreme_scales_are_solved_like_unit_ones(shape, dtype, c, solver):
+    """G whose Frobenius norm overflows the dtype (fp32 ≥ ~1e19, fp64 ≥ ~1e154) or whose entries
+    are denormal: the same direction as for G of unit scale, certified (a robustness probe found
+    A = 0 reported with gap 0 there: ‖G‖_F had overflowed or underflowed)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    W = Stiefel().random(shape, generator=g, dtype=torch.float64).to(dtype)
+    G = torch.randn(shape, generator=g, dtype=torch.float64)
+    G = G / G.abs().max()
+    a = solve_manifold_muon(W, G.to(dtype), solver=solver)
+    b = solve_manifold_muon(W, (G * c).to(dtype), solver=solver)
+    assert b.duality_gap.item() <= BAR and torch.isfinite(b.direction).all()
+    # denormal entries keep fewer bits: G·c is not exactly c·G there
+    tol = 1e-3 if (G * c).to(dtype).abs().max() < torch.finfo(dtype).tiny * 2**20 else (
+        1e-9 if dtype == torch.float64 else 1e-5)
+    torch.testing.assert_close(b.direction, a.direction, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("solver", ACCURATE)
 @pytest.mark.parametrize("shape,rank", [((12, 5), 5), ((12, 5), 2), ((9, 7), 7), ((40, 30), 4)])
 def test_warm_start_never_worse_than_cold(shape, rank, solver):
     g = torch.Generator().manual_seed(7)
