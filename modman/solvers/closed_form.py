@@ -193,7 +193,7 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
             cost += 2 * 2.0 * m * n * n  # Gw
             del U, P
         else:
-            Gw, N, Z, cost = tall_frame(Wb, Gb, sc)
+            Gw, N, Z, _, cost = tall_frame(Wb, Gb, sc)
             P, to_r, c0 = normal_coordinates(Gw, N)
             del N  # the n×n fp64 working set is the peak where n ≈ m
             K, Bb, lam, c = closed_form_core(Gw, P)

@@ -10,7 +10,8 @@ and since WᵀG⊥ = 0, (Gn − 2WΛ)ᵀ(Gn − 2WΛ) = CᵀC + N =: M. So the d
     f(Y) = tr(M^{1/2}) = tr(((S + Y)ᵀ(S + Y) + N)^{1/2}),   minimised over symmetric Y,
 
 an n×n problem whatever m is (m < 2n included): only Gw, G⊥, N and the final direction touch
-the m×n matrices. f is convex (a nuclear norm of an affine map), but non-smooth where M is
+the m×n matrices. (The certificate's D is recomputed for W as it is, ``frame_dual_value``: an
+fp32 or drifting W has WᵀW ≠ I, and the identity then misstates D by ≈ 0.5‖WᵀW − I‖.) f is convex (a nuclear norm of an affine map), but non-smooth where M is
 singular, which is the normal case (rank-deficient G, m ≈ n, odd n). We therefore minimise the
 smoothed f_μ(Y) = tr((M + μ²I)^{1/2}) (the nuclear norm of [W C + G⊥; μI], still convex) and
 drive μ down (continuation). With M + μ²I = V diag(ℓ) Vᵀ, s = √ℓ, d = 1/s:
@@ -264,11 +265,13 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
     kept = {k: [] for k in ("subspace",) + tuple(carried)}
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
-        Gw, N, Z, cost = tall_frame(Wf[b], Gf[b], sc)
+        Gw, N, Z, L, cost = tall_frame(Wf[b], Gf[b], sc)
         prev = {k: float(v[b]) for k, v in carried_in.items()}
+        # the certificate's D(Λ) for W as it is (the cores' own D assumes WᵀW = I)
+        exact = None if L is None else (lambda lam_, L=L, Z=Z, N=N: frame_dual_value(L, Z, N, lam_))
         K, R, lam, D, info, c = solve_on_subspace(
             lambda *a: core(*a, **prev), Gw, N, None if dual_in is None else dual_in[b], tol,
-            try_subspace=m != n and (sub_in is None or sub_in[b] < n))
+            try_subspace=m != n and (sub_in is None or sub_in[b] < n), dual_value=exact)
         assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
         if Z is Gw:
             # a rank-deficient W (tall_frame's fallback): the n×n identity behind D assumes
@@ -308,7 +311,23 @@ def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):
     for sl in row_blocks(m):
         Gp = G[sl].double() * g_scale - W[sl].double() @ Z
         N = add_gram(N, Gp, Gp)
-    return Gw, sym(N), Z, 4 * 2.0 * m * n * n * 2 + 2.0 * n**3  # four fp64 tall products, a solve
+    # four fp64 tall products, a solve
+    return Gw, sym(N), Z, (L if int(info) == 0 else None), 4 * 2.0 * m * n * n * 2 + 2.0 * n**3
+
+
+def frame_dual_value(L: torch.Tensor, Z: torch.Tensor, N: torch.Tensor, lam: torch.Tensor) -> float:
+    """D(Λ) = ‖Gn − 2WΛ‖_* for W as it is, from ``tall_frame``'s WᵀW = LLᵀ, Z and N: Gn − 2WΛ =
+    W(Z − 2Λ) + G⊥ with WᵀG⊥ = 0, so its Gram is QᵀQ + N with Q = Lᵀ(Z − 2Λ). The n×n identity
+    the solvers iterate on, (B − 2Λ)ᵀ(B − 2Λ) + N, assumes WᵀW = I and understated D by
+    ≈ 0.5·‖WᵀW − I‖ relative (a robustness probe: gap 2.54e-4 for a sub-optimality of 2.543e-4
+    at ‖W − Stiefel‖ ≈ 1e-4). Costs two n×n products and an eigvalsh (``frame_dual_value_flops``)."""
+    Q = L.mT @ (Z - 2 * lam)
+    return float(torch.linalg.eigvalsh(sym(Q.mT @ Q + N)).clamp(min=0).sqrt().sum())
+
+
+def frame_dual_value_flops(n: int) -> float:
+    """``frame_dual_value``'s cost in the model: two fp64 n×n products and an fp64 eigvalsh."""
+    return 2 * 4.0 * n**3 + 10.0 * n**3
 
 
 def assemble(out: torch.Tensor, W: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, K: torch.Tensor,

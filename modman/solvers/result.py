@@ -12,8 +12,8 @@ normalised gradient Gn = G/‖G‖_F). ``certify`` turns them into a rigorous st
 All inexactness of the solver (stopping early, msign in low precision) ends up in the gap. The
 bound holds up to the rounding of D itself: from a Gram's eigenvalues, singular values of
 Gn − 2WΛ near 0 are known only to ~√eps (a robustness probe measured the gap short of the true
-sub-optimality by ≤ 6e-9 relative, fp64 and fp32), and where D comes from the n×n identity
-(``certify_gram``) also up to W's own deviation from the manifold (≈ 0.5·‖WᵀW − I‖ measured).
+sub-optimality by ≤ 6e-9 relative, fp64 and fp32). D is computed for W as it is, also where a
+solver's iterations assume WᵀW = I (``newton.frame_dual_value``).
 """
 from __future__ import annotations
 
@@ -146,9 +146,9 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
                  out_dtype: torch.dtype, g_scale: torch.Tensor | None = None):
     """The cheaper certificate for solvers that know D(Λ) from the n×n identity.
 
-    W, Gn, A tall (…, m, n) in ``out_dtype`` (fp32 or fp64); ``dual_value`` = D(Λ) in fp64, from
-    the fp64 eigenvalues of M = CᵀC + N (equal to ‖Gn − 2WΛ‖_* when WᵀW = I; W's own deviation
-    from the manifold, ‖WᵀW − I‖, and the rounding of G⊥ enter D at that relative order).
+    W, Gn, A tall (…, m, n) in ``out_dtype`` (fp32 or fp64); ``dual_value`` = D(Λ) = ‖Gn − 2WΛ‖_*
+    in fp64 for W as it is, from the eigenvalues of an n×n Gram (``newton.frame_dual_value``, or
+    ``dual_value`` below; the rounding of G⊥ enters D at its relative order).
     The direction is certified as returned, in fp64:
 
     - tangent residual from H = WᵀA (one fp64 m×n×n product); if it is above rounding level

@@ -49,11 +49,13 @@ def subspace_basis(Gw: torch.Tensor, N: torch.Tensor) -> tuple[torch.Tensor | No
 
 
 def solve_on_subspace(core, Gw: torch.Tensor, N: torch.Tensor, dual: torch.Tensor | None, tol: float,
-                      *, try_subspace: bool = True):
+                      *, try_subspace: bool = True, dual_value=None):
     """Run ``core(Gw, N, dual, tol) -> (K, R, Λ, D, info, flops)`` on S when that pays, else as is.
 
-    Returns the same tuple in full coordinates, D the full problem's dual value of Λ, and
-    ``info["subspace"]`` set to k (n without the reduction).
+    Returns the same tuple in full coordinates, D the full problem's dual value of the dual that
+    certified (the core's ``certificate_dual``, else Λ) — by ``dual_value(Λ)`` when given (D for
+    W as it is, newton.frame_dual_value), else by the n×n identity — and ``info["subspace"]`` set
+    to k (n without the reduction).
     """
     n = Gw.shape[-1]
     U, flops = subspace_basis(Gw, N) if try_subspace else (None, 0.0)
@@ -62,6 +64,10 @@ def solve_on_subspace(core, Gw: torch.Tensor, N: torch.Tensor, dual: torch.Tenso
         # n marks a gradient that filled the space (the test is skipped from then on); a zero
         # gradient says nothing about the next one, so it is marked 0 and the test runs again
         info["subspace"] = 0 if try_subspace and not bool(Gw.any() or N.any()) else n
+        cert = info.pop("certificate_dual", None)
+        if dual_value is not None:
+            D = dual_value(lam if cert is None else cert)
+            c += 2 * 4.0 * n**3 + 10.0 * n**3
         return K, R, lam, D, info, flops + c
     k = U.shape[-1]
     Gr = U.mT @ Gw @ U
@@ -71,7 +77,12 @@ def solve_on_subspace(core, Gw: torch.Tensor, N: torch.Tensor, dual: torch.Tenso
     # the dual value on the full problem of the lifted dual that certified the reduced one (the
     # core's ``certificate_dual``, else Λ): what lies outside S (rounding) is counted
     cert = info.pop("certificate_dual", None)
-    C = Gw - 2 * (lam if cert is None else sym(U @ cert @ U.mT))
-    D = float(torch.linalg.eigvalsh(sym(C.mT @ C + N)).clamp(min=0).sqrt().sum())
+    lam_c = lam if cert is None else sym(U @ cert @ U.mT)
+    if dual_value is not None:
+        D = dual_value(lam_c)
+        c += 4.0 * n**3  # Lᵀ(Z − 2Λ), on top of the identity's cost counted below
+    else:
+        C = Gw - 2 * lam_c
+        D = float(torch.linalg.eigvalsh(sym(C.mT @ C + N)).clamp(min=0).sqrt().sum())
     info["subspace"] = k
     return K, R, lam, D, info, flops + c + 2 * 4.0 * n * n * k * 4 + 4.0 * n**3 + 10.0 * n**3

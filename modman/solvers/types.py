@@ -14,5 +14,5 @@ class SolverOutput:
     msign_calls: int
     state: dict = field(default_factory=dict)
     # optional, for solvers that certify through the n×n identity (``certify_gram``):
-    dual_value: torch.Tensor | None = None  # fp64 D(Λ) = tr(M^{1/2}), M = CᵀC + N
+    dual_value: torch.Tensor | None = None  # fp64 D(Λ) = ‖Gn − 2WΛ‖_* for W as it is
     msign_equivalents: float | None = None  # cost in msign-equivalents (solver's own model)

@@ -1,9 +1,10 @@
 """Independent fp64 references for the core tests (no modman code is used here).
 
 - ``polar_svd``: the exact polar factor U Vᵀ from numpy's SVD in fp64 (rank-aware).
+- ``feasible_value``: ⟨G, A⟩ of a direction made exactly feasible at a W off the manifold.
 - ``sdp_bracket``: the manifold-Muon subproblem solved as an SDP with cvxpy/Clarabel,
       maximise ⟨G, A⟩  s.t.  [[I, A], [Aᵀ, I]] ⪰ 0  (‖A‖₂ ≤ 1)  and  WᵀA + AᵀW = 0,
-  for a tall W with orthonormal columns; returns an fp64-certified bracket of the optimal value; the maximiser is not unique
+  for a tall W (on the manifold or not); returns an fp64-certified bracket of the optimal value; the maximiser is not unique
   when G is rank-deficient, so tests compare values and feasibility, never directions.
 - ``reference_msign_bf16``: the published reference msign (bf16, Frobenius normalisation with
   the 1.01 safety factor, 10 Polar Express steps), written from its formula
@@ -47,12 +48,25 @@ def svdvals64(X: torch.Tensor) -> np.ndarray:
     return torch.linalg.svdvals(X.detach().to(torch.float64)).cpu().numpy()
 
 
+def feasible_value(W: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> float:
+    """⟨G, A_f⟩ ≤ p* for A made exactly feasible at W as given (tall, WᵀW ≠ I allowed), in fp64
+    numpy: A − W S with S solving WᵀW·S + S·WᵀW = WᵀA + AᵀW (in WᵀW's eigenbasis), so that
+    Wᵀ(A − WS) is skew, then divided by max(1, ‖·‖₂). A lower bound of the optimum for that W."""
+    w, g, a = (X.detach().to(torch.float64).numpy() for X in (W, G, A))
+    e, V = np.linalg.eigh(w.T @ w)
+    rhs = V.T @ (w.T @ a + a.T @ w) @ V
+    S = V @ (rhs / (e[:, None] + e[None, :])) @ V.T
+    af = a - w @ S
+    af /= max(1.0, float(np.linalg.norm(af, 2)))
+    return float((g * af).sum())
+
+
 def sdp_bracket(W: torch.Tensor, G: torch.Tensor) -> tuple[float, float]:
     """A rigorous fp64 bracket [lo, hi] ∋ p* = max ⟨G, A⟩ over ‖A‖₂ ≤ 1, WᵀA + AᵀW = 0.
 
-    W tall with WᵀW = I. The SDP (cvxpy/Clarabel) supplies candidates only; the bracket is
-    certified here in fp64 with numpy: lo = ⟨G, A_f⟩ for the SDP's A, tangent-projected and
-    divided by max(1, ‖·‖₂) (feasible, so lo ≤ p*); hi = ‖G − 2WΛ‖_* for the symmetric Λ read
+    W tall, on the manifold or not. The SDP (cvxpy/Clarabel) supplies candidates only; the
+    bracket is certified here in fp64 with numpy: lo = ⟨G, A_f⟩ for the SDP's A made exactly
+    feasible at W (``feasible_value``, so lo ≤ p*); hi = ‖G − 2WΛ‖_* for the symmetric Λ read
     from the equality constraint's multipliers (any symmetric Λ bounds p* from above).
     """
     import cvxpy as cp
@@ -69,10 +83,7 @@ def sdp_bracket(W: torch.Tensor, G: torch.Tensor) -> tuple[float, float]:
     prob = cp.Problem(cp.Maximize(cp.sum(cp.multiply(g, A))), [0.5 * (M + M.T) >> 0, eq])
     prob.solve(solver=cp.CLARABEL)
     assert prob.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE), prob.status
-    a = np.asarray(A.value)
-    a = a - w @ (0.5 * (w.T @ a + a.T @ w))
-    a = a / max(1.0, np.linalg.norm(a, 2))
-    lo = float((g * a).sum())
+    lo = feasible_value(W, G, torch.from_numpy(np.asarray(A.value)))
     y = np.asarray(eq.dual_value, dtype=np.float64).reshape(-1)
     lam = np.zeros((n, n))
     lam[iu] = y

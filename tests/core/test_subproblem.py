@@ -211,11 +211,15 @@ def test_a_warm_start_from_elsewhere_is_a_clear_error_and_garbage_starts_cold(so
         solve_manifold_muon(W, G, solver=solver, warm_start=[state])
     with pytest.raises(TypeError, match=r"warm_start\['dual'\]"):
         solve_manifold_muon(W, G, solver=solver, warm_start={"dual": [[0.0]]})
-    cold = solve_manifold_muon(W, G, solver=solver, max_iters=5)
+    rest = {k: v for k, v in state.items() if k != "dual"}
+    cold = solve_manifold_muon(W, G, solver=solver, max_iters=5, warm_start=rest)
     for junk in (1e300, float("nan")):
         res = solve_manifold_muon(W, G, solver=solver, max_iters=5,
-                                  warm_start={**state, "dual": torch.full_like(state["dual"], junk)})
-        torch.testing.assert_close(res.direction, cold.direction, rtol=0, atol=0)
+                                  warm_start={**rest, "dual": torch.full_like(state["dual"], junk)})
+        # not bitwise: MKL's results may differ from run to run in the last bits (data alignment),
+        # which the iterative solvers carry to ~1e-7
+        torch.testing.assert_close(res.direction, cold.direction, rtol=0, atol=1e-5)
+        torch.testing.assert_close(res.duality_gap, cold.duality_gap, rtol=0, atol=1e-6)
 
 
 def test_batched_equals_per_matrix():
