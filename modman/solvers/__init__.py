@@ -43,6 +43,7 @@ def register_solver(name: str, fn, default_tol: float, default_max_iters: int) -
     SOLVERS[name] = (fn, default_tol, default_max_iters)
 
 
+@torch.no_grad()  # not differentiable (eigh thresholds, early exits): no graph through a Parameter
 def solve_manifold_muon(
     W: torch.Tensor,
     G: torch.Tensor,
