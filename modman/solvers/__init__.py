@@ -79,8 +79,12 @@ def solve_manifold_muon(
         raise ValueError(f"W and G must be matrices of the same shape, got {tuple(W.shape)} and {tuple(G.shape)}")
     if not W.is_floating_point() or not G.is_floating_point():
         raise TypeError(f"W and G must be real floating tensors, got {W.dtype} and {G.dtype}")
+    if W.numel() == 0:
+        raise ValueError(f"solve_manifold_muon: W and G are empty, shape {tuple(W.shape)}")
     if not bool(torch.isfinite(G).all()):
         raise ValueError("solve_manifold_muon: G contains NaN or Inf")
+    if not bool(torch.isfinite(W).all()):  # (one pass over W; an eigh would fail on it with a LinAlgError)
+        raise ValueError("solve_manifold_muon: W contains NaN or Inf")
     fn, default_tol, default_iters = SOLVERS[solver]
     tol = default_tol if tol is None else float(tol)
     max_iters = default_iters if max_iters is None else int(max_iters)

@@ -183,6 +183,19 @@ def test_nonfinite_gradient_raises(solver, bad):
         solve_manifold_muon(W, G, solver=solver)
 
 
+@pytest.mark.parametrize("solver", sorted(ALL_SOLVERS))
+def test_nonfinite_weight_or_empty_shape_raises_naming_it(solver):
+    """NaN/Inf in W is a ValueError naming W (it was a LinAlgError from inside an eigh), an empty
+    matrix or batch a ValueError naming the shape (it was a RuntimeError)."""
+    W = Stiefel().random((6, 3), generator=torch.Generator().manual_seed(3))
+    W[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="W contains NaN"):
+        solve_manifold_muon(W, torch.randn(6, 3), solver=solver)
+    for shape in [(0, 5), (5, 0), (2, 0, 4), (0, 5, 4)]:
+        with pytest.raises(ValueError, match="empty"):
+            solve_manifold_muon(torch.zeros(shape), torch.zeros(shape), solver=solver)
+
+
 def test_bad_arguments():
     W = Stiefel().random((6, 3))
     with pytest.raises(ValueError, match="solver"):
