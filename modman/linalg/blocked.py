@@ -45,16 +45,25 @@ def gram64(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
-def norm64(X: torch.Tensor) -> torch.Tensor:
-    """‖X‖_F over the last two dims in fp64, shaped (…, 1, 1), free of overflow and underflow:
-    the sum of squares of X/max|X| over fp64 row blocks, times max|X|. (A plain fp32 norm
-    overflows from ‖X‖ ≈ 1.8e19 and an fp64 one from ≈ 1.3e154; both lose denormal entries.)"""
+def scaled_norm64(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max|X|, ‖X‖_F/max|X|) over the last two dims in fp64, each (…, 1, 1) — ‖X‖_F without
+    forming it: the sum of squares of X/max|X| over fp64 row blocks, so neither overflows nor
+    underflows (a plain fp32 norm overflows from ‖X‖ ≈ 1.8e19 and an fp64 one from ≈ 1.3e154, both
+    lose denormal entries, and ‖X‖_F itself can exceed the fp64 maximum). The ratio is in
+    [1, √(mn)], or 0 for X = 0."""
     amax = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True).double()
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
     total = torch.zeros_like(amax)
     for sl in row_blocks(X.shape[-2]):
         total += (X[..., sl, :].double() / safe).square().sum((-2, -1), keepdim=True)
-    return total.sqrt() * amax
+    return amax, total.sqrt()
+
+
+def norm64(X: torch.Tensor) -> torch.Tensor:
+    """‖X‖_F over the last two dims in fp64, (…, 1, 1), from ``scaled_norm64`` (inf only where
+    ‖X‖_F exceeds the fp64 maximum)."""
+    amax, ratio = scaled_norm64(X)
+    return amax * ratio
 
 
 def dot64(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..linalg.blocked import norm64
+from ..linalg.blocked import scaled_norm64
 from ..linalg.msign import resolve_compute_dtype
 from .admm import solve_admm
 from .anderson import solve_anderson
@@ -94,12 +94,23 @@ def solve_manifold_muon(
     wide = W.shape[-2] < W.shape[-1]
     dtype = resolve_compute_dtype(W.dtype, None)
     Wt = (W.mT if wide else W).to(dtype)
-    Gt = (G.mT if wide else G).to(dtype)
-    g_norm = norm64(Gt)  # fp64: G at 1e20 (fp32) or 1e160 (fp64), or denormal, is still a gradient
+    Gt = G.mT if wide else G
+    pre = None
+    if torch.finfo(Gt.dtype).max > torch.finfo(dtype).max:
+        # an fp64 G for a lower-precision W: divided by max|G| first, so the cast neither
+        # overflows nor flushes it to 0 (the problem is scale-free; the objective keeps the scale)
+        pre = torch.linalg.vector_norm(Gt, ord=math.inf, dim=(-2, -1), keepdim=True).double()
+        pre = torch.where(pre > 0, pre, torch.ones_like(pre))
+        Gt = Gt / pre.to(Gt.dtype)
+    Gt = Gt.to(dtype)
+    # ‖G‖_F = g_max·g_ratio in fp64, never overflowing: G at 1e20 (fp32), 1e308 (fp64) or
+    # denormal is still a gradient
+    g_max, g_ratio = scaled_norm64(Gt)
+    g_norm = g_max * g_ratio  # inf only for an fp64 G within a decade of the fp64 maximum
     m, n = Wt.shape[-2:]
     warm_start = _checked_warm_start(warm_start, Wt.shape[:-2], n, tuple(W.shape))
     if solver == "dual_ascent" and options.get("faithful"):
-        options["G_raw"] = Gt
+        options["G_raw"] = (G.mT if wide else G).to(dtype)  # as given: the faithful method is not scale-free
     if reduce not in (True, False, "auto"):
         raise ValueError(f"reduce must be True, False or 'auto', got {reduce!r}")
     if reduce == "auto":
@@ -108,12 +119,13 @@ def solve_manifold_muon(
     # anderson and newton on a non-square W, certified by certify_gram, take G as it is with its
     # fp64 scale (g_scale) and read it a row block at a time: no normalised m×n copy (peak memory)
     g_scale = 1 / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm))
-    if (solver in ("anderson", "newton", "closed_form") and m != n and not reduce and W.dtype == dtype
-            and bool(torch.isfinite(g_scale).all())):  # (1/‖G‖ overflows for an fp64 G of denormals)
+    # (1/‖G‖ overflows for an fp64 G of denormals; near the fp64 maximum ⟨G, A⟩ would overflow)
+    moderate = bool(torch.isfinite(g_scale).all()) and bool((g_norm <= 1e300).all())
+    if solver in ("anderson", "newton", "closed_form") and m != n and not reduce and W.dtype == dtype and moderate:
         Gn = Gt
         options["g_scale"] = g_scale
     else:
-        Gn = _normalised(Gt, g_norm)
+        Gn = _normalised(Gt, g_max, g_ratio)
     if reduce and m > n:
         W_r, G_r, Q = reduce_tall(Wt, Gn)
         out = fn(W_r, G_r, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
@@ -127,7 +139,8 @@ def solve_manifold_muon(
     else:
         A, objective, residual, gap, norm = certify_with_norm(Wt, Gn, out.dual, out.direction, W.dtype)
         equivalents = out.msign_equivalents if out.msign_equivalents is not None else float(out.msign_calls)
-    objective = (objective * g_norm[..., 0, 0].double()).to(dtype)
+    scale = g_ratio[..., 0, 0] * g_max[..., 0, 0] * (1.0 if pre is None else pre[..., 0, 0])
+    objective = (objective * scale).to(dtype)  # in G's units (inf where they exceed the dtype)
     return SolveResult(
         direction=A.mT if wide else A,
         objective=objective,
@@ -167,14 +180,15 @@ def _checked_warm_start(state, batch, n: int, shape: tuple) -> dict | None:
     return checked
 
 
-def _normalised(G: torch.Tensor, g_norm: torch.Tensor) -> torch.Tensor:
-    """G/‖G‖_F in G's dtype (g_norm fp64, (…, 1, 1)); by max|G| first where ‖G‖_F itself would
-    overflow or lose precision in that dtype (each quotient is then representable)."""
+def _normalised(G: torch.Tensor, g_max: torch.Tensor, g_ratio: torch.Tensor) -> torch.Tensor:
+    """G/‖G‖_F in G's dtype, from ``scaled_norm64``'s (max|G|, ‖G‖_F/max|G|); divided by the
+    two in turn where ‖G‖_F itself would overflow or lose precision in that dtype (each quotient
+    is then representable)."""
     fin = torch.finfo(G.dtype)
-    if bool(((g_norm > 0) & ((g_norm < fin.tiny * 2**24) | (g_norm > fin.max / 2**24))).any()):
-        amax = torch.linalg.vector_norm(G, ord=math.inf, dim=(-2, -1), keepdim=True).double()
-        amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-        return (G / amax.to(G.dtype)).div_((g_norm / amax).clamp(min=1).to(G.dtype))
+    g_norm = g_max * g_ratio
+    if bool(((g_norm > 0) & ~((g_norm >= fin.tiny * 2**24) & (g_norm <= fin.max / 2**24))).any()):
+        g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max))
+        return (G / g_max.to(G.dtype)).div_(g_ratio.clamp(min=1).to(G.dtype))
     return G / torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm)).to(G.dtype)
 
 

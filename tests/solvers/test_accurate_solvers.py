@@ -131,22 +131,30 @@ def test_gap_is_a_bound_for_a_weight_off_the_manifold(shape, solver, seed):
 @pytest.mark.parametrize("solver", ACCURATE)
 @pytest.mark.parametrize("shape", [(40, 20), (20, 20), (100, 10)])
 @pytest.mark.parametrize("dtype,c", [(torch.float32, 1e30), (torch.float32, 1e-40), (torch.float64, 1e300),
-                                     (torch.float64, 1e-310)])
+                                     (torch.float64, 1e-310), (torch.float64, 1e308), (torch.float64, "sign"),
+                                     ((torch.float32, torch.float64), 1e50), ((torch.float32, torch.float64), 1e-50)])
 def test_extreme_scales_are_solved_like_unit_ones(shape, dtype, c, solver):
-    """G whose Frobenius norm overflows the dtype (fp32 ≥ ~1e19, fp64 ≥ ~1e154) or whose entries
-    are denormal: the same direction as for G of unit scale, certified (a robustness probe found
-    A = 0 reported with gap 0 there: ‖G‖_F had overflowed or underflowed)."""
+    """G whose Frobenius norm overflows the dtype (fp32 ≥ ~1e19, fp64 ≥ ~1e154, even ≥ its maximum:
+    "sign" is ±1e308 everywhere), whose entries are denormal, or an fp64 G beyond an fp32 W's range:
+    the same direction as for G of unit scale, certified (robustness probes found A = 0 with gap 0,
+    a gap of 0 for an inexact direction where ⟨G, A⟩ overflowed, and LinAlgError there)."""
+    w_dtype, g_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)
     g = torch.Generator().manual_seed(sum(shape))
-    W = Stiefel().random(shape, generator=g, dtype=torch.float64).to(dtype)
+    W = Stiefel().random(shape, generator=g, dtype=torch.float64).to(w_dtype)
     G = torch.randn(shape, generator=g, dtype=torch.float64)
     G = G / G.abs().max()
-    a = solve_manifold_muon(W, G.to(dtype), solver=solver)
-    b = solve_manifold_muon(W, (G * c).to(dtype), solver=solver)
+    if c == "sign":
+        G, c = G.sign(), 1e308
+    a = solve_manifold_muon(W, G.to(g_dtype), solver=solver)
+    b = solve_manifold_muon(W, (G * c).to(g_dtype), solver=solver)
+    dtype = w_dtype
     assert b.duality_gap.item() <= BAR and torch.isfinite(b.direction).all()
     # denormal entries keep fewer bits: G·c is not exactly c·G there
-    tol = 1e-3 if (G * c).to(dtype).abs().max() < torch.finfo(dtype).tiny * 2**20 else (
+    tol = 1e-3 if (G * c).to(g_dtype).abs().max() < torch.finfo(g_dtype).tiny * 2**20 else (
         1e-9 if dtype == torch.float64 else 1e-5)
     torch.testing.assert_close(b.direction, a.direction, atol=tol, rtol=0)
+    # the same problem, the same certificate (not a gap of 0 from an overflowed ⟨G, A⟩)
+    assert abs(b.duality_gap.item() - a.duality_gap.item()) <= max(tol, 1e-7)
 
 
 @pytest.mark.parametrize("solver", ACCURATE)
