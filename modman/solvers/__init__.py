@@ -109,6 +109,10 @@ def solve_manifold_muon(
     g_norm = g_max * g_ratio  # inf only for an fp64 G within a decade of the fp64 maximum
     m, n = Wt.shape[-2:]
     warm_start = _checked_warm_start(warm_start, Wt.shape[:-2], n, tuple(W.shape))
+    if warm_start and "dual" in warm_start and bool((g_max == 0).any()):
+        # G = 0 has A = 0 and Λ = 0 for its answer; an old dual only misleads (admm: gap 1 or a
+        # LinAlgError from a warm dual on a zero gradient, found by a review)
+        warm_start = {**warm_start, "dual": warm_start["dual"] * (g_max != 0).to(warm_start["dual"].dtype)}
     if solver == "dual_ascent" and options.get("faithful"):
         options["G_raw"] = (G.mT if wide else G).to(dtype)  # as given: the faithful method is not scale-free
     if reduce not in (True, False, "auto"):

@@ -196,6 +196,23 @@ def test_nonfinite_weight_or_empty_shape_raises_naming_it(solver):
             solve_manifold_muon(torch.zeros(shape), torch.zeros(shape), solver=solver)
 
 
+@pytest.mark.parametrize("solver", sorted(ALL_SOLVERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_gradient_with_a_warm_dual_gives_zero(solver, dtype):
+    """G = 0 gives A = 0 with gap 0 also when warm-started from an ordinary dual (admm returned
+    gap 1, or raised LinAlgError from its own previous dual, found by a review); in a batch only
+    the zero item is reset."""
+    g = torch.Generator().manual_seed(0)
+    W = Stiefel().random((2, 12, 5), generator=g, dtype=dtype)
+    G = torch.randn(2, 12, 5, generator=g, dtype=dtype)
+    state = solve_manifold_muon(W, G, solver=solver, max_iters=5).state
+    G[1] = 0
+    for warm in (state, {**state, "dual": 0.05 * torch.eye(5, dtype=state["dual"].dtype).expand(2, 5, 5)}):
+        res = solve_manifold_muon(W, G, solver=solver, max_iters=5, warm_start=warm)
+        assert bool((res.direction[1] == 0).all()) and res.duality_gap[1].item() == 0.0
+        assert torch.isfinite(res.direction).all()
+
+
 def test_bad_arguments():
     W = Stiefel().random((6, 3))
     with pytest.raises(ValueError, match="solver"):
