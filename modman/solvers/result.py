@@ -12,7 +12,7 @@ normalised gradient Gn = G/‖G‖_F). ``certify`` turns them into a rigorous st
 All inexactness of the solver (stopping early, msign in low precision) ends up in the gap. The
 bound holds up to the rounding of D itself: from a Gram's eigenvalues, singular values of
 Gn − 2WΛ near 0 are known only to ~√eps (a robustness probe measured the gap short of the true
-sub-optimality by ≤ 6e-9 relative, fp64 and fp32). D is computed for W as it is, also where a
+sub-optimality by ≤ 8.2e-9 relative, fp64 and fp32). D is computed for W as it is, also where a
 solver's iterations assume WᵀW = I (``newton.frame_dual_value``).
 """
 from __future__ import annotations
