@@ -59,13 +59,6 @@ def scaled_norm64(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return amax, total.sqrt()
 
 
-def norm64(X: torch.Tensor) -> torch.Tensor:
-    """‖X‖_F over the last two dims in fp64, (…, 1, 1), from ``scaled_norm64`` (inf only where
-    ‖X‖_F exceeds the fp64 maximum)."""
-    amax, ratio = scaled_norm64(X)
-    return amax * ratio
-
-
 def dot64(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """⟨X, Y⟩ over the last two dims in fp64, summed over row blocks."""
     out = None

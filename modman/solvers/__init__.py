@@ -94,19 +94,8 @@ def solve_manifold_muon(
     wide = W.shape[-2] < W.shape[-1]
     dtype = resolve_compute_dtype(W.dtype, None)
     Wt = (W.mT if wide else W).to(dtype)
-    Gt = G.mT if wide else G
-    pre = None
-    if torch.finfo(Gt.dtype).max > torch.finfo(dtype).max:
-        # an fp64 G for a lower-precision W: divided by max|G| first, so the cast neither
-        # overflows nor flushes it to 0 (the problem is scale-free; the objective keeps the scale)
-        pre = torch.linalg.vector_norm(Gt, ord=math.inf, dim=(-2, -1), keepdim=True).double()
-        pre = torch.where(pre > 0, pre, torch.ones_like(pre))
-        Gt = Gt / pre.to(Gt.dtype)
-    Gt = Gt.to(dtype)
-    # ‖G‖_F = g_max·g_ratio in fp64, never overflowing: G at 1e20 (fp32), 1e308 (fp64) or
-    # denormal is still a gradient
-    g_max, g_ratio = scaled_norm64(Gt)
-    g_norm = g_max * g_ratio  # inf only for an fp64 G within a decade of the fp64 maximum
+    Gt, g_max, g_ratio, g_size = _scaled_gradient(G.mT if wide else G, dtype)
+    g_norm = g_max * g_ratio  # ‖Gt‖_F; inf only for an fp64 G within a decade of the fp64 maximum
     m, n = Wt.shape[-2:]
     warm_start = _checked_warm_start(warm_start, Wt.shape[:-2], n, tuple(W.shape))
     if warm_start and "dual" in warm_start and bool((g_max == 0).any()):
@@ -143,8 +132,7 @@ def solve_manifold_muon(
     else:
         A, objective, residual, gap, norm = certify_with_norm(Wt, Gn, out.dual, out.direction, W.dtype)
         equivalents = out.msign_equivalents if out.msign_equivalents is not None else float(out.msign_calls)
-    scale = g_ratio[..., 0, 0] * g_max[..., 0, 0] * (1.0 if pre is None else pre[..., 0, 0])
-    objective = (objective * scale).to(dtype)  # in G's units (inf where they exceed the dtype)
+    objective = (objective * g_size[..., 0, 0]).to(dtype)  # in G's units (inf where they exceed the dtype)
     return SolveResult(
         direction=A.mT if wide else A,
         objective=objective,
@@ -182,6 +170,23 @@ def _checked_warm_start(state, batch, n: int, shape: tuple) -> dict | None:
             continue
         checked[key] = value
     return checked
+
+
+def _scaled_gradient(G: torch.Tensor, dtype: torch.dtype):
+    """(Gt, g_max, g_ratio, g_size): G in the compute dtype, ‖Gt‖_F = g_max·g_ratio in fp64
+    (``scaled_norm64``: never formed where it would overflow, so G at 1e20 in fp32, 1e308 in fp64
+    or denormal is still a gradient) and g_size = ‖G‖_F in G's own units, each (…, 1, 1). An fp64
+    G for a narrower dtype is divided by max|G| before the cast, which would otherwise overflow or
+    flush it to 0 (the problem is scale-free; only the objective keeps G's units)."""
+    pre = None
+    if torch.finfo(G.dtype).max > torch.finfo(dtype).max:
+        pre = torch.linalg.vector_norm(G, ord=math.inf, dim=(-2, -1), keepdim=True).double()
+        pre = torch.where(pre > 0, pre, torch.ones_like(pre))
+        G = G / pre.to(G.dtype)
+    Gt = G.to(dtype)
+    g_max, g_ratio = scaled_norm64(Gt)
+    g_size = g_max * g_ratio if pre is None else g_max * g_ratio * pre
+    return Gt, g_max, g_ratio, g_size
 
 
 def _normalised(G: torch.Tensor, g_max: torch.Tensor, g_ratio: torch.Tensor) -> torch.Tensor:

@@ -273,7 +273,7 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
             lambda *a: core(*a, **prev), Gw, N, None if dual_in is None else dual_in[b], tol,
             try_subspace=m != n and (sub_in is None or sub_in[b] < n), dual_value=exact)
         assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
-        if Z is Gw:
+        if L is None:
             # a rank-deficient W (tall_frame's fallback): the n×n identity behind D assumes
             # WᵀG⊥ = 0 and may under-state D (measured: gap 0 above the optimum); D(Λ) of W as it is
             D = float(dual_value(Wf[b], Gf[b], lam, sc))
@@ -296,7 +296,7 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
 
 
 def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):
-    """(Gw = WᵀGn, N = G⊥ᵀG⊥, Z, flops) of one tall matrix for Gn = G·g_scale, in fp64, summed
+    """(Gw = WᵀGn, N = G⊥ᵀG⊥, Z, L, flops) of one tall matrix for Gn = G·g_scale, in fp64, summed
     over row blocks (no whole-matrix fp64 copies). G⊥ = Gn − W·Z with Z = (WᵀW)⁻¹Gw is orthogonal
     to the W given, not just to an orthonormal W: an fp32 weight is orthonormal only to ~1e-7,
     and the direction's G⊥·R, with R ~ 1/t on nearly null directions, would amplify WᵀG⊥ into
@@ -305,7 +305,8 @@ def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):
     Gw = gram64(W, G) * g_scale
     L, info = torch.linalg.cholesky_ex(sym(gram64(W)))
     # a rank-deficient W (a zero or pruned weight, project_on_init=False) has no (WᵀW)⁻¹: take
-    # Z = Gw itself (callers test ``Z is Gw``: their n×n identities do not hold then)
+    # Z = Gw itself and L = None (WᵀW = LLᵀ otherwise; callers test ``L is None``: their n×n
+    # identities do not hold then)
     Z = torch.cholesky_solve(Gw, L) if int(info) == 0 else Gw
     N = None
     for sl in row_blocks(m):
@@ -320,14 +321,9 @@ def frame_dual_value(L: torch.Tensor, Z: torch.Tensor, N: torch.Tensor, lam: tor
     W(Z − 2Λ) + G⊥ with WᵀG⊥ = 0, so its Gram is QᵀQ + N with Q = Lᵀ(Z − 2Λ). The n×n identity
     the solvers iterate on, (B − 2Λ)ᵀ(B − 2Λ) + N, assumes WᵀW = I and understated D by
     ≈ 0.5·‖WᵀW − I‖ relative (a robustness probe: gap 2.54e-4 for a sub-optimality of 2.543e-4
-    at ‖W − Stiefel‖ ≈ 1e-4). Costs two n×n products and an eigvalsh (``frame_dual_value_flops``)."""
+    at ‖W − Stiefel‖ ≈ 1e-4). Costs two n×n products and an eigvalsh."""
     Q = L.mT @ (Z - 2 * lam)
     return float(torch.linalg.eigvalsh(sym(Q.mT @ Q + N)).clamp(min=0).sqrt().sum())
-
-
-def frame_dual_value_flops(n: int) -> float:
-    """``frame_dual_value``'s cost in the model: two fp64 n×n products and an fp64 eigvalsh."""
-    return 2 * 4.0 * n**3 + 10.0 * n**3
 
 
 def assemble(out: torch.Tensor, W: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, K: torch.Tensor,

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modman.linalg.blocked import MIN_BLOCK_ROWS, combine_rows, dot64, gram64, norm64, row_blocks
+from modman.linalg.blocked import MIN_BLOCK_ROWS, combine_rows, dot64, gram64, row_blocks, scaled_norm64
 
 
 @st.composite
@@ -49,8 +49,14 @@ def test_gram64_broadcasts_batches_like_matmul():
         torch.testing.assert_close(gram64(X, Y), X.double().mT @ Y.double(), rtol=1e-12, atol=1e-12)
 
 
-def test_norm64_neither_overflows_nor_underflows():
-    """‖X‖_F in fp64 for X of ordinary, huge and denormal scale, batched, with an all-zero item."""
+def norm64(X: torch.Tensor) -> torch.Tensor:
+    amax, ratio = scaled_norm64(X)
+    return amax * ratio
+
+
+def test_scaled_norm64_neither_overflows_nor_underflows():
+    """‖X‖_F = max|X|·ratio in fp64 for X of ordinary, huge and denormal scale, batched, with an
+    all-zero item (ratio 0 there), and past the fp64 maximum, where only the product overflows."""
     g = torch.Generator().manual_seed(1)
     X = torch.randn(3, 2 * MIN_BLOCK_ROWS + 5, 7, generator=g, dtype=torch.float64)
     X[1] = 0
@@ -64,3 +70,5 @@ def test_norm64_neither_overflows_nor_underflows():
         expect = torch.linalg.matrix_norm((Y.double() / c), keepdim=True) * c
         torch.testing.assert_close(norm64(Y), expect, rtol=1e-12, atol=0)
         assert torch.isfinite(norm64(Y)).all() and bool((norm64(Y)[[0, 2]] > 0).all())
+    amax, ratio = scaled_norm64(torch.full((4, 5), 1e308, dtype=torch.float64))
+    assert float(amax) == 1e308 and abs(float(ratio) - 20**0.5) <= 1e-14 * 20**0.5
