@@ -31,9 +31,11 @@ training: 1.7e-4 after three maps from a cold or warm start, 1.5e-5 after four, 
 scaled polar factor still had 1.5e-2).
 
 Cost (fp64, n×n except where said): per map one eigh of M and about six n×n products
-(≈ 0.2 msign-equivalents at m = 3n); each recovery one eigvalsh (the dual value), two eigh and about eight
-products, tried only once the residual predicts success; setup and the final direction four
-tall m×n×n products. The model ``msign_equivalents`` uses the weights of ``newton.py``.
+(≈ 0.2 msign-equivalents at m = 3n; the maps run in fp32); each recovery the dual value D(Λ) for
+W as it is (``newton.frame_dual_value``: two products and an eigvalsh; it is also the value the
+certificate reports, not recomputed), two eigh, eight products and a Cholesky that shows
+‖A‖₂ ≤ 1 (an eigvalsh only where it cannot), tried only once the residual predicts success;
+setup and the final direction four tall m×n×n products. The model ``msign_equivalents`` uses the weights of ``newton.py``.
 
 When it converges: fast when M stays well conditioned (full-rank G⊥, m ≥ 2n — the usual case
 for a layer's momentum). When N is singular (m < 2n, where rank N ≤ m − n, or a rank-deficient
@@ -63,7 +65,7 @@ import torch
 
 from .closed_form import closed_form_core, normal_coordinates, solve_closed_form
 from .newton import skew, solve_tall
-from .result import sym
+from .result import lambda_max_at_most, sym
 
 
 def _inv_or_zero(x: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
@@ -75,20 +77,22 @@ def _inv_or_zero(x: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
 
 
 def recover(K: torch.Tensor, N: torch.Tensor, S: torch.Tensor, D: float):
-    """(φ(K), K, R): the best direction A = W K + G⊥ R with top block K (module docstring).
+    """(φ(K), K, R, flops): the best direction A = W K + G⊥ R with top block K (module docstring).
 
     Singular values t of G⊥X^{1/2} below 1e-6·D/n are dropped (they add at most 1e-6·D to φ):
     where G⊥ is only rounding (square W, G normal to the manifold) T⁺ would amplify it, and with
     a singular N the entries of R ~ 1/t would amplify W's own rounding off the manifold into the
     tangent residual (measured on a 256×10 head with rank-9 momentum: gap 4.9e-4 at 1e-7·D/n,
-    1.8e-5 at 1e-6·D/n)."""
+    1.8e-5 at 1e-6·D/n). Cost (fp64, newton.py's weights): two eigh, eight n×n products (fewer
+    where t is dropped) and a Cholesky, plus an eigvalsh when that cannot show ‖A‖₂ ≤ 1."""
     n = K.shape[-1]
     # K is skew, so I + K² = I − KᵀK has eigenvalues 1 − σᵢ(K)²: one eigh gives both X and ‖K‖₂;
     # scaling K by 1/s keeps the eigenvectors and maps 1 − σ² to 1 − σ²/s²
-    ex, U = torch.linalg.eigh(sym(torch.eye(n, dtype=K.dtype, device=K.device) + K @ K))
+    KK = K @ K
+    ex, U = torch.linalg.eigh(sym(torch.eye(n, dtype=K.dtype, device=K.device) + KK))
     s_max2 = 1.0 - float(ex[0])
     if s_max2 > 1:
-        K = K / math.sqrt(s_max2)
+        K, KK = K / math.sqrt(s_max2), KK / s_max2
         ex = 1.0 - (1.0 - ex) / s_max2
     Xh = (U * ex.clamp(min=0).sqrt()) @ U.mT
     et, Ut = torch.linalg.eigh(sym(Xh @ N @ Xh))
@@ -96,22 +100,41 @@ def recover(K: torch.Tensor, N: torch.Tensor, S: torch.Tensor, D: float):
     # t with t² within ~10⁴ × eigh's rounding of t_max² are not resolved: R ~ 1/t would carry that
     # error into A (R N R's rounding is eps·‖N‖·‖R‖²)
     t_inv = _inv_or_zero(t, max(1e-6 * D / n, 100 * (n * torch.finfo(t.dtype).eps) ** 0.5 * float(t[-1])))
-    R = Xh @ ((Ut * t_inv) @ Ut.mT) @ Xh
+    # R = X^{1/2} Uₜ diag(1/t) Uₜᵀ X^{1/2} = F diag(1/t) Fᵀ with F = X^{1/2}Uₜ, on the kept t only
+    keep = t_inv > 0
+    F = Xh @ Ut[:, keep]
+    R = (F * t_inv[keep]) @ F.mT
+    k = int(keep.sum())
     # ⟨Gn, A⟩ = ⟨S, K⟩ + tr(N R) (= ⟨S, K⟩ + Σ t in exact arithmetic), and AᵀA = KᵀK + R N R ⪯ I,
     # both only to the accuracy of t: a t whose t² is near eigh's rounding (n·eps·‖X^{1/2}NX^{1/2}‖)
     # makes R ~ 1/t wrong (‖A‖₂ was measured at 1.05 on a 600×300 problem with a 1e-7 spectral
-    # tail). φ is the value of this A after the certificate's rescaling.
+    # tail). φ is the value of this A after the certificate's rescaling: ‖A‖₂² is shown ≤ 1 + e
+    # by a Cholesky (the usual case: A is built inside the ball), else measured by an eigvalsh.
     phi = float((S * K).sum() + (N * R).sum())
-    norm2 = float(torch.linalg.eigvalsh(sym(K.mT @ K + R @ N @ R))[-1])
+    AtA = sym(R @ N @ R - KK)  # KᵀK = −K² for skew K
+    flops = 2 * 20.0 * n**3 + 4.0 * (6 * n**3 + 2 * n * n * k) + 2 * n**3 / 3
+    norm2 = lambda_max_at_most(AtA, 1.0)
+    if norm2 is None:
+        norm2 = float(torch.linalg.eigvalsh(AtA)[-1])
+        flops += 10.0 * n**3
     if norm2 > 1:
         phi /= math.sqrt(norm2)
-    return phi, K, R
+    return phi, K, R, flops
 
 
-def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype):
-    """Fixed-point maps from the dual x, in ``map_dtype``; recoveries and dual values in fp64.
-    Returns (best primal (φ, K, R, Λ) or None, (min fp64 D at the recoveries, its dual), maps,
-    flops, converged, the last dual)."""
+def _identity_value(B: torch.Tensor, N: torch.Tensor):
+    """Λ ↦ D(Λ) = tr(((B − 2Λ)ᵀ(B − 2Λ) + N)^{1/2}) by the n×n identity (assumes WᵀW = I), and its
+    flops (an fp64 product and an eigvalsh)."""
+    def value(lam: torch.Tensor) -> float:
+        C = B - 2 * lam
+        return float(torch.linalg.eigvalsh(sym(C.mT @ C + N)).clamp(min=0).sqrt().sum())
+    return value, 14.0 * B.shape[-1] ** 3
+
+
+def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype, value, value_flops):
+    """Fixed-point maps from the dual x, in ``map_dtype``; recoveries and dual values (``value``,
+    Λ ↦ D(Λ) in fp64) in fp64. Returns (best primal (φ, K, R, Λ) or None, (min D at the
+    recoveries, its dual), maps, flops, converged, the last dual)."""
     n = B.shape[-1]
     w = 2.0 if map_dtype == torch.float64 else 1.0  # flop weight of the maps' precision
     cost = 0.0
@@ -128,7 +151,8 @@ def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype):
         d = lam.clamp(min=0).sqrt()
         cost += w * (10.0 + 2.0) * n**3
         if float(d[-1]) == 0.0:  # Gn = 0 up to rounding: A = 0
-            return (0.0, torch.zeros_like(B), torch.zeros_like(B), x.double()), (0.0, x.double()), maps, cost, True, x.double()
+            x64 = x.double()
+            return (0.0, torch.zeros_like(B), torch.zeros_like(B), x64), (value(x64), x64), maps, cost + value_flops, True, x64
         Cp = V.mT @ C @ V
         Kp = Cp * _inv_or_zero(d)  # WᵀA of the polar factor, in V's basis
         defect = float(torch.linalg.matrix_norm(sym(Kp)))
@@ -137,12 +161,11 @@ def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype):
         if defect <= check or maps == fast_iters:
             # the certificate's numbers in fp64: D(Λ) of this iterate and φ of its top block
             x64 = x.double()
-            C64 = B - 2 * x64
-            D = float(torch.linalg.eigvalsh(sym(C64.mT @ C64 + N)).clamp(min=0).sqrt().sum())
+            D = value(x64)
             if D < best_D[0]:
                 best_D = (D, x64)
-            phi, K, R = recover((V @ skew(Kp) @ V.mT).double(), N, S, D)
-            cost += 10.0 * n**3 + 4.0 * n**3 + 40.0 * n**3 + 10 * 4.0 * n**3 + 10.0 * n**3 + w * 4.0 * n**3
+            phi, K, R, c = recover((V @ skew(Kp) @ V.mT).double(), N, S, D)
+            cost += value_flops + c + w * 4.0 * n**3
             if best is None or phi > best[0]:
                 best = (phi, K, R, x64)
             if best_D[0] - best[0] <= tol * best_D[0]:
@@ -175,40 +198,48 @@ def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype):
     return best, best_D, maps, cost, False, x.double()
 
 
-def anderson_core(Gw, N, dual_in, *, tol, max_iters, depth=4, fast_iters=24, stall=1.5,
+def anderson_core(Gw, N, dual_in, dual_value=None, *, tol, max_iters, depth=4, fast_iters=24, stall=1.5,
                   map_dtype=torch.float32):
     """The n×n part for one matrix: (K, R, Λ, D, info, flops) from Gw = WᵀGn and N (fp64), the
     direction being A = W K + G⊥ R: the plain maps; if they stall or run out before the tolerance
-    with iterations left, the closed form (``closed_form.py``, exact in one eigh)."""
+    with iterations left, the closed form (``closed_form.py``, exact in one eigh).
+
+    ``dual_value`` (Λ ↦ D(Λ) for W as it is, ``newton.frame_dual_value``; two n×n products and
+    an eigvalsh): when given, every D — the early exit's and the returned one — is that, and
+    ``info["certificate_value"]`` says so (the caller need not recompute it); else the n×n
+    identity, which assumes WᵀW = I."""
     n = Gw.shape[-1]
     S = skew(Gw)
     warm = dual_in is not None and bool(torch.isfinite(dual_in).all())
     x = sym(dual_in.double()) if warm else 0.5 * sym(Gw)
+    value, value_flops = (dual_value, 18.0 * n**3) if dual_value is not None else _identity_value(Gw, N)
+    exact = {} if dual_value is None else {"certificate_value": None}
     best, D, maps, ok, cost = None, (math.inf, None), 0, False, 0.0
     if max_iters > 0:
         best, D, maps, cost, ok, x = _anderson_one(Gw, N, S, x, tol, min(fast_iters, max_iters), depth, stall,
-                                                   map_dtype)
+                                                   map_dtype, value, value_flops)
     if not ok and max_iters > maps:
         # a singular N (rank-deficient gradient) leaves the map without contraction: the exact answer
         P, to_r, c0 = normal_coordinates(Gw, N)
         K, Bb, lam, c = closed_form_core(Gw, P)
         R, c = to_r @ Bb, c + c0
-        C = Gw - 2 * lam
-        D_cf = float(torch.linalg.eigvalsh(sym(C.mT @ C + N)).clamp(min=0).sqrt().sum())
-        return K, R, lam, D_cf, {"iterations": maps}, cost + c + 2 * 4.0 * n**3 + 10.0 * n**3
+        D_cf = value(lam)
+        info = {"iterations": maps, **{k: D_cf for k in exact}}
+        return K, R, lam, D_cf, info, cost + c + value_flops
     if best is None:  # max_iters = 0 or no recovery tried: recover from the last dual
         C = Gw - 2 * x
         lam, V = torch.linalg.eigh(sym(C.mT @ C + N))
         d = lam.clamp(min=0).sqrt()
-        D = min(D, (float(d.sum()), x), key=lambda v: v[0])
-        phi, K, R = recover(V @ skew((V.mT @ C @ V) * _inv_or_zero(d)) @ V.mT, N, S, D[0])
+        D = min(D, (value(x), x), key=lambda v: v[0])
+        phi, K, R, c = recover(V @ skew((V.mT @ C @ V) * _inv_or_zero(d)) @ V.mT, N, S, D[0])
         best = (phi, K, R, x)
-        cost += 78.0 * n**3
+        cost += 20.0 * n**3 + 5 * 4.0 * n**3 + value_flops + c
     _, K, R, lam_best = best
     # lam_best (the best primal's dual) warm-starts the next step: measured in training, the dual
     # that certified the least D instead costs a second recovery in most steps. D is certified by
     # its own dual, which subspace.py needs to recompute D on the full problem.
-    return K, R, lam_best, D[0], {"iterations": maps, "certificate_dual": D[1]}, cost
+    info = {"iterations": maps, "certificate_dual": D[1], **{k: D[0] for k in exact}}
+    return K, R, lam_best, D[0], info, cost
 
 
 def solve_anderson(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options):
@@ -223,7 +254,7 @@ def solve_anderson(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options
         # weight off the manifold: the n×n identity of the maps assumes WᵀW = I)
         return solve_closed_form(W, Gn, tol=tol, max_iters=max_iters, warm_start=None, g_scale=g_scale)
 
-    def core(Gw, N, dual, tol_):
-        return anderson_core(Gw, N, dual, tol=tol_, max_iters=max_iters, **options)
+    def core(Gw, N, dual, tol_, dual_value=None):
+        return anderson_core(Gw, N, dual, dual_value, tol=tol_, max_iters=max_iters, **options)
 
     return solve_tall(W, Gn, core, tol=tol, warm_start=warm_start, g_scale=g_scale)

@@ -237,7 +237,7 @@ def solve_newton(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options):
     """
     square = W.shape[-1] == W.shape[-2]
 
-    def core(Gw, N, dual, tol_, mu=None):
+    def core(Gw, N, dual, tol_, mu=None, dual_value=None):  # D comes from the smoothed eigh: dual_value unused
         K, R, lam, D, mu, steps, c = newton_core(Gw, N, dual, mu, tol=tol_, max_iters=max_iters,
                                                  square=square, **options)
         return K, R, lam, D, {"mu": mu, "iterations": steps}, c
@@ -247,7 +247,7 @@ def solve_newton(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options):
 
 def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
     """The loop the n×n dual solvers share, over the matrices of a batch (…, m, n), m ≥ n: the
-    frame (Gw, N, Z) of ``tall_frame``, then ``core(Gw, N, Λ_in, tol, **warm) -> (K, R, Λ, D,
+    frame (Gw, N, Z) of ``tall_frame``, then ``core(Gw, N, Λ_in, tol, dual_value=…, **warm) -> (K, R, Λ, D,
     info, flops)`` (on the subspace of a low-rank gradient, ``subspace.py``), then the direction
     A = W K + G⊥ R by ``assemble``. ``info["iterations"]`` is averaged; the scalar entries named
     in ``carried`` go into the state and come back to ``core`` as keywords on the next call, with
@@ -270,7 +270,7 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
         # the certificate's D(Λ) for W as it is (the cores' own D assumes WᵀW = I)
         exact = None if L is None else (lambda lam_, L=L, Z=Z, N=N: frame_dual_value(L, Z, N, lam_))
         K, R, lam, D, info, c = solve_on_subspace(
-            lambda *a: core(*a, **prev), Gw, N, None if dual_in is None else dual_in[b], tol,
+            lambda *a, **kw: core(*a, **kw, **prev), Gw, N, None if dual_in is None else dual_in[b], tol,
             try_subspace=m != n and (sub_in is None or sub_in[b] < n), dual_value=exact)
         assemble(A[b], Wf[b], Gf[b], Z, K, R, sc)
         if L is None:

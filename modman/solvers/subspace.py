@@ -50,7 +50,8 @@ def subspace_basis(Gw: torch.Tensor, N: torch.Tensor) -> tuple[torch.Tensor | No
 
 def solve_on_subspace(core, Gw: torch.Tensor, N: torch.Tensor, dual: torch.Tensor | None, tol: float,
                       *, try_subspace: bool = True, dual_value=None):
-    """Run ``core(Gw, N, dual, tol) -> (K, R, Λ, D, info, flops)`` on S when that pays, else as is.
+    """Run ``core(Gw, N, dual, tol, dual_value=…) -> (K, R, Λ, D, info, flops)`` on S when that
+    pays (there without ``dual_value``: the core works in S's coordinates), else as is.
 
     Returns the same tuple in full coordinates, D the full problem's dual value of the dual that
     certified (the core's ``certificate_dual``, else Λ) — by ``dual_value(Λ)`` when given (D for
@@ -60,12 +61,17 @@ def solve_on_subspace(core, Gw: torch.Tensor, N: torch.Tensor, dual: torch.Tenso
     n = Gw.shape[-1]
     U, flops = subspace_basis(Gw, N) if try_subspace else (None, 0.0)
     if U is None:
-        K, R, lam, D, info, c = core(Gw, N, dual, tol)
+        # a core that takes ``dual_value`` uses it for its own D's and reports the certified one as
+        # info["certificate_value"] (anderson: no second eigvalsh for the same dual)
+        K, R, lam, D, info, c = core(Gw, N, dual, tol, dual_value=dual_value)
         # n marks a gradient that filled the space (the test is skipped from then on); a zero
         # gradient says nothing about the next one, so it is marked 0 and the test runs again
         info["subspace"] = 0 if try_subspace and not bool(Gw.any() or N.any()) else n
         cert = info.pop("certificate_dual", None)
-        if dual_value is not None:
+        certified = info.pop("certificate_value", None)
+        if certified is not None:
+            D = certified
+        elif dual_value is not None:
             D = dual_value(lam if cert is None else cert)
             c += 2 * 4.0 * n**3 + 10.0 * n**3
         return K, R, lam, D, info, flops + c

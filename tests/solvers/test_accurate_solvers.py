@@ -268,7 +268,7 @@ def test_recovery_value_is_that_of_the_rescaled_direction(tail):
     for seed in range(5):
         K = skew(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
         K = 0.999 * K / torch.linalg.matrix_norm(K, 2)
-        phi, K2, R = anderson.recover(K, N, skew(Gw), 1.0)
+        phi, K2, R, _ = anderson.recover(K, N, skew(Gw), 1.0)
         A = W @ K2 + (Gn - W @ Z) @ R
         A = A / torch.linalg.matrix_norm(A, 2).clamp(min=1.0)
         assert phi <= float((Gn * A).sum()) + 1e-9

@@ -1,0 +1,55 @@
+"""result.lambda_max_at_most: a Cholesky-proven upper bound of λ_max, checked against eigvalsh."""
+import numpy as np
+import scipy.linalg
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modman.solvers.result import lambda_max_at_most
+
+
+@st.composite
+def symmetric_with_top(draw):
+    """A symmetric n×n fp64 H with chosen eigenvalues (a cluster at the top, as the Grams of
+    solver directions have) and a shift τ placed relative to λ_max."""
+    n = draw(st.integers(1, 60))
+    g = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    top = draw(st.sampled_from([1.0, 1e-3, 1e3]))
+    cluster = draw(st.integers(1, n))
+    lam = np.concatenate([top * (1 - g.uniform(0, 1e-7, cluster)), top * g.uniform(-1, 1, n - cluster)])
+    Q = np.linalg.qr(g.standard_normal((n, n)))[0]
+    H = (Q * lam) @ Q.T
+    H = (H + H.T) / 2
+    rel = draw(st.sampled_from([-1e-3, -1e-9, 0.0, 1e-9, 1e-6, 1e-2]))
+    return torch.from_numpy(H), top * (1 + rel)
+
+
+@settings(max_examples=200, deadline=None)
+@given(symmetric_with_top())
+def test_bound_is_an_upper_bound_and_found_when_clear(case):
+    H, tau = case
+    lmax = float(scipy.linalg.eigvalsh(H.numpy())[-1])  # an independent LAPACK (numpy's OpenBLAS)
+    slack = 1e-13 * max(abs(lmax), 1.0) * H.shape[-1]  # the oracle's own rounding
+    bound = lambda_max_at_most(H, tau)
+    if bound is not None:
+        assert bound >= lmax - slack
+        assert bound <= tau * (1 + 1e-9) + 1e-300  # the rounding margin stays small
+    # a clear margin either way decides the answer
+    if tau > lmax + 1e-6 * abs(tau):
+        assert bound is not None
+    if tau < lmax - 1e-6 * abs(lmax):
+        assert bound is None
+
+
+def test_singular_shift_never_claims_less_than_lambda_max():
+    """τ = λ_max exactly (τI − H singular): either no bound or one at least λ_max."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 5, 64, 200):
+        A = torch.randn(n, n, generator=g, dtype=torch.float64)
+        Q = torch.linalg.qr(A)[0]
+        lam = torch.linspace(-1, 1, n, dtype=torch.float64)
+        lam[-1] = 1.0
+        H = (Q * lam) @ Q.mT
+        H = (H + H.mT) / 2
+        bound = lambda_max_at_most(H, 1.0)
+        assert bound is None or bound >= float(torch.linalg.eigvalsh(H)[-1])
