@@ -83,26 +83,39 @@ def recover(K: torch.Tensor, N: torch.Tensor, S: torch.Tensor, D: float):
     where G⊥ is only rounding (square W, G normal to the manifold) T⁺ would amplify it, and with
     a singular N the entries of R ~ 1/t would amplify W's own rounding off the manifold into the
     tangent residual (measured on a 256×10 head with rank-9 momentum: gap 4.9e-4 at 1e-7·D/n,
-    1.8e-5 at 1e-6·D/n). Cost (fp64, newton.py's weights): two eigh, eight n×n products (fewer
-    where t is dropped) and a Cholesky, plus an eigvalsh when that cannot show ‖A‖₂ ≤ 1."""
+    1.8e-5 at 1e-6·D/n).
+
+    Any factor X = F₀F₀ᵀ serves for X^{1/2}: F₀ = X^{1/2}Q with Q orthogonal, so F₀ᵀNF₀ =
+    Qᵀ(X^{1/2}NX^{1/2})Q has the same t, and F₀(F₀ᵀNF₀)^{+1/2}F₀ᵀ = X^{1/2}T⁺X^{1/2} = R. F₀ is the
+    Cholesky factor of X where that succeeds (then ‖K‖₂ < 1: the usual case, full-rank G⊥ makes
+    every column of the polar factor leave W's span), else U·diag(√λ) from the eigh of X, which
+    also gives ‖K‖₂ to scale K into the ball. Cost (fp64, newton.py's weights): a Cholesky, one
+    eigh, seven n×n products (fewer where t is dropped) and a Cholesky showing ‖A‖₂ ≤ 1; an eigh
+    of X (no Cholesky) or an eigvalsh of AᵀA only where those fail."""
     n = K.shape[-1]
-    # K is skew, so I + K² = I − KᵀK has eigenvalues 1 − σᵢ(K)²: one eigh gives both X and ‖K‖₂;
-    # scaling K by 1/s keeps the eigenvectors and maps 1 − σ² to 1 − σ²/s²
     KK = K @ K
-    ex, U = torch.linalg.eigh(sym(torch.eye(n, dtype=K.dtype, device=K.device) + KK))
-    s_max2 = 1.0 - float(ex[0])
-    if s_max2 > 1:
-        K, KK = K / math.sqrt(s_max2), KK / s_max2
-        ex = 1.0 - (1.0 - ex) / s_max2
-    Xh = (U * ex.clamp(min=0).sqrt()) @ U.mT
-    et, Ut = torch.linalg.eigh(sym(Xh @ N @ Xh))
+    X = sym(torch.eye(n, dtype=K.dtype, device=K.device) + KK)  # I + K² = I − KᵀK for skew K
+    F0, info = torch.linalg.cholesky_ex(X)
+    flops = 2 * n**3 / 3
+    if int(info) != 0:
+        # I − KᵀK not positive definite: ‖K‖₂ ≥ 1 (to rounding). Its eigh has eigenvalues
+        # 1 − σᵢ(K)²; scaling K by 1/s keeps the eigenvectors and maps 1 − σ² to 1 − σ²/s²
+        ex, U = torch.linalg.eigh(X)
+        flops += 20.0 * n**3
+        s_max2 = 1.0 - float(ex[0])
+        if s_max2 > 1:
+            K, KK = K / math.sqrt(s_max2), KK / s_max2
+            ex = 1.0 - (1.0 - ex) / s_max2
+        F0 = U * ex.clamp(min=0).sqrt()
+    del X
+    et, Ut = torch.linalg.eigh(sym(F0.mT @ N @ F0))
     t = et.clamp(min=0).sqrt()
     # t with t² within ~10⁴ × eigh's rounding of t_max² are not resolved: R ~ 1/t would carry that
     # error into A (R N R's rounding is eps·‖N‖·‖R‖²)
     t_inv = _inv_or_zero(t, max(1e-6 * D / n, 100 * (n * torch.finfo(t.dtype).eps) ** 0.5 * float(t[-1])))
-    # R = X^{1/2} Uₜ diag(1/t) Uₜᵀ X^{1/2} = F diag(1/t) Fᵀ with F = X^{1/2}Uₜ, on the kept t only
+    # R = F diag(1/t) Fᵀ with F = F₀Uₜ, on the kept t only
     keep = t_inv > 0
-    F = Xh @ Ut[:, keep]
+    F = F0 @ Ut[:, keep]
     R = (F * t_inv[keep]) @ F.mT
     k = int(keep.sum())
     # ⟨Gn, A⟩ = ⟨S, K⟩ + tr(N R) (= ⟨S, K⟩ + Σ t in exact arithmetic), and AᵀA = KᵀK + R N R ⪯ I,
@@ -112,7 +125,7 @@ def recover(K: torch.Tensor, N: torch.Tensor, S: torch.Tensor, D: float):
     # by a Cholesky (the usual case: A is built inside the ball), else measured by an eigvalsh.
     phi = float((S * K).sum() + (N * R).sum())
     AtA = sym(R @ N @ R - KK)  # KᵀK = −K² for skew K
-    flops = 2 * 20.0 * n**3 + 4.0 * (6 * n**3 + 2 * n * n * k) + 2 * n**3 / 3
+    flops += 20.0 * n**3 + 4.0 * (5 * n**3 + 2 * n * n * k) + 2 * n**3 / 3
     norm2 = lambda_max_at_most(AtA, 1.0)
     if norm2 is None:
         norm2 = float(torch.linalg.eigvalsh(AtA)[-1])

@@ -248,10 +248,12 @@ def test_singular_n_is_solved_by_the_closed_form(shape, rank, monkeypatch):
 
 
 @pytest.mark.parametrize("tail", [1e-7, 1e-9])
-def test_recovery_value_is_that_of_the_rescaled_direction(tail):
+@pytest.mark.parametrize("k_norm", [0.999, 1.0, 1.5])
+def test_recovery_value_is_that_of_the_rescaled_direction(tail, k_norm):
     """anderson accepts a recovery on φ, so φ must be the value of the direction the certificate
     will return: with a spectral tail near eigh's rounding, R ~ 1/t once put ‖A‖₂ at 1.05 while
-    φ assumed ≤ 1 (a solve then stopped at a certified gap of 1e-2)."""
+    φ assumed ≤ 1 (a solve then stopped at a certified gap of 1e-2). ‖K‖₂ < 1 takes the Cholesky
+    factor of I − KᵀK, ‖K‖₂ ≥ 1 the eigh that scales K into the ball."""
     import modman.solvers.anderson as anderson
     from modman.solvers.newton import skew, tall_frame
 
@@ -267,11 +269,12 @@ def test_recovery_value_is_that_of_the_rescaled_direction(tail):
     Gw, N, Z, _, _ = tall_frame(W, Gn)
     for seed in range(5):
         K = skew(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-        K = 0.999 * K / torch.linalg.matrix_norm(K, 2)
+        K = k_norm * K / torch.linalg.matrix_norm(K, 2)
         phi, K2, R, _ = anderson.recover(K, N, skew(Gw), 1.0)
         A = W @ K2 + (Gn - W @ Z) @ R
         A = A / torch.linalg.matrix_norm(A, 2).clamp(min=1.0)
         assert phi <= float((Gn * A).sum()) + 1e-9
+        assert float(torch.linalg.matrix_norm(K2, 2)) <= 1 + 1e-12
 
 
 @pytest.mark.parametrize("solver", ACCURATE)
