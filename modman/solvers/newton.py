@@ -67,7 +67,7 @@ from .types import SolverOutput
 
 
 def skew(M: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (M - M.mT)
+    return (M - M.mT).mul_(0.5)  # one n×n temporary, not two
 
 
 def msign_flops(m: int, n: int) -> float:

@@ -56,7 +56,7 @@ class SolveResult:
 
 
 def sym(M: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (M + M.mT)
+    return (M + M.mT).mul_(0.5)  # one n×n temporary, not two
 
 
 def spectral_norm(M: torch.Tensor) -> torch.Tensor:
