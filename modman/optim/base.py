@@ -293,9 +293,11 @@ class ManifoldOptimizer(Optimizer):
 
     # ----------------------------------------------------------------------------- step
     def _grads_finite(self) -> bool:
-        amaxes = [p.grad.detach().abs().amax() for g in self.param_groups for p in g["params"]
+        # isfinite in each gradient's own dtype: a cast to fp32 made fp64 gradients above 3.4e38
+        # look infinite (every step refused, naming no parameter)
+        finite = [torch.isfinite(p.grad.detach().abs().amax()) for g in self.param_groups for p in g["params"]
                   if p.grad is not None and p.grad.numel() > 0]
-        return not amaxes or bool(torch.isfinite(torch.stack([a.float() for a in amaxes])).all())
+        return not finite or bool(torch.stack(finite).all())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -335,8 +337,11 @@ class ManifoldOptimizer(Optimizer):
         if algorithm == "adamw":
             if not state:
                 state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # moments of bf16/fp16 parameters in fp32, as the constrained weights' momentum
+                # (an fp16 second moment overflows at |g| > 256 and its eps rounds to 0)
+                sdtype = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+                state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
             F.adamw_step(p, grad, state, lr=lr, betas=tuple(group["betas"]), eps=group["eps"],
                          weight_decay=group["weight_decay"])
             return None

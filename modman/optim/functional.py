@@ -225,17 +225,28 @@ def adamw_step(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """AdamW (Loshchilov & Hutter), as torch.optim.AdamW computes it, in place."""
+    """AdamW (Loshchilov & Hutter), as torch.optim.AdamW computes it, in place.
+
+    A bf16/fp16 parameter is stepped in fp32 (its moments are fp32, as ``ManifoldOptimizer``
+    creates them) and rounded once into p: in fp16, g² overflows at |g| > 256 and eps = 1e-8
+    rounds to 0, which put inf into the weights after one step. An update below half an ulp of
+    p still rounds away (bf16 keeps 8 bits): keep fp32 master weights for that."""
     beta1, beta2 = betas
     state["step"] += 1
     step = float(state["step"])
-    p.mul_(1 - lr * weight_decay)
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    low = p.dtype in (torch.bfloat16, torch.float16)
+    P = p.to(exp_avg.dtype) if low else p
+    g = grad.to(exp_avg.dtype)
+    P.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bias1 = 1 - beta1**step
     bias2 = 1 - beta2**step
-    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(eps)
-    p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
+    P.addcdiv_(exp_avg, denom, value=-lr / bias1)
+    if low:
+        p.copy_(P)
 
 
 def manifold_muon(params, grads, states, *, lr, manifold=None, solver=None, tol=None, max_iters=None,

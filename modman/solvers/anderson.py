@@ -205,7 +205,9 @@ def _anderson_one(B, N, S, x, tol, fast_iters, depth, stall, map_dtype, value, v
             continue
         dF = torch.stack([(F[i + 1] - F[i]).reshape(-1) for i in range(len(F) - 1)], 1)
         dX = torch.stack([(X[i + 1] - X[i]).reshape(-1) for i in range(len(X) - 1)], 1)
-        gamma = torch.linalg.lstsq(dF, f.reshape(-1, 1)).solution
+        # gelsd (SVD) on CPU: the default gelsy returned different bits for identical inputs (72 of
+        # 300 calls), which made two identical runs, or a resumed one, differ by ~1e-7 per step
+        gamma = torch.linalg.lstsq(dF, f.reshape(-1, 1), driver="gelsd" if dF.is_cpu else None).solution
         x = sym(x + f - ((dX + dF) @ gamma).reshape(n, n))
         cost += w * 2.0 * len(X) * n * n
     return best, best_D, maps, cost, False, x.double()

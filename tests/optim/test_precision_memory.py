@@ -49,3 +49,30 @@ def test_very_tall_weight_steps_in_order_mn_temporary_memory():
     assert r.peak_bytes <= 3 * mn_bytes, r.summary(mn_bytes)
     assert r.persistent_bytes <= 0.01 * mn_bytes  # a steady-state step only replaces n×n state
     assert float(Stiefel().gram_deviation(W.detach())) <= 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_fallback_parameters_step_in_fp32(dtype):
+    """Biases and norm gains of an fp16/bf16 model (the AdamW fallback) are stepped in fp32 with
+    fp32 moments and rounded once: in fp16, g² overflowed for |g| > 256 and eps = 1e-8 rounded to
+    0, putting inf into the biases after one step (a user probe). Compared with the same step in
+    fp32 on the fp32 copy of the parameters."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    ref = [p.detach().clone() for p in net.parameters()]
+    net = net.to(dtype)
+    opt = ManifoldMuon(net.modules(), lr=0.05, fallback={"lr": 1e-2})
+    grads = [torch.randn(p.shape) * 300 for p in net.parameters()]  # g² > fp16's maximum
+    for p, g in zip(net.parameters(), grads):
+        p.grad = g.to(dtype)
+    opt.step()
+    names = dict(net.named_parameters())
+    for name in ("0.bias", "1.weight", "1.bias", "2.bias"):
+        p = names[name]
+        state = opt.state[p]
+        assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32, name
+        assert torch.isfinite(p.float()).all(), name
+        # the first AdamW step moves every entry by lr·sign(g) (to eps), here rounded once to dtype
+        i = list(names).index(name)
+        expected = (ref[i].to(dtype).float() - 1e-2 * torch.sign(grads[i].to(dtype).float())).to(dtype)
+        assert torch.equal(p, expected), name

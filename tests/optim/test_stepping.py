@@ -273,3 +273,20 @@ def test_nonfinite_skip_skips_the_step_and_recovers(kind):
     prob.train(opt, 1)
     assert not opt.last_step_skipped
     assert not torch.equal(bits(prob.W), snap[0][0])
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_large_finite_fp64_gradients_are_stepped(kind):
+    """fp64 gradients above fp32's maximum (3.4e38) are finite: the check once cast each
+    gradient's max to fp32 and refused every step, naming no parameter."""
+    prob = Problem(kind, dtype=torch.float64)
+    opt = make_opt(kind, [("layer.W", prob.W), ("layer.b", prob.b)])
+    opt.zero_grad()
+    prob.loss().backward()
+    for p in prob.params:
+        p.grad.mul_(1e39 / p.grad.abs().max())
+    before = [p.detach().clone() for p in prob.params]
+    opt.step()
+    assert not opt.last_step_skipped
+    assert all(torch.isfinite(p).all() for p in prob.params)
+    assert not torch.equal(prob.W, before[0]) and not torch.equal(prob.b, before[1])
