@@ -266,8 +266,12 @@ class ManifoldOptimizer(Optimizer):
     def _project_onto_manifolds(self, groups) -> None:
         """Move constrained weights onto their manifold (exact polar factor / row normalisation).
 
-        All projections are computed before any weight is written, so a weight that cannot be
-        projected (a zero embedding row) raises, naming it, with every weight untouched.
+        A weight within ``on_manifold_tol`` — or within 2·eps of its dtype, the rounding of an exact
+        point (a bf16 checkpoint sits ~1e-3 off) — stays bitwise. Rows of a sphere weight that are
+        exactly zero stay zero: that is nn.Embedding's ``padding_idx`` row, which never gets a
+        gradient (and has no nearest point on the sphere). All projections are computed before any
+        weight is written, so a weight that cannot be projected raises, naming it, with every
+        weight untouched.
         """
         names = self._param_names()
         moves = []
@@ -278,14 +282,23 @@ class ManifoldOptimizer(Optimizer):
                 manifold = self._manifold(group)
                 for p in group["params"]:
                     W = F.as_matrix(p, group.get("flatten"))
-                    dist = float(manifold.distance(W).max())
-                    if dist <= self.on_manifold_tol:
+                    rows = None
+                    if group["manifold"] == "sphere":
+                        full = W.reshape(-1, W.shape[-1])
+                        rows = full.ne(0).any(dim=-1)  # the rows that are not padding
+                        W = full[rows]
+                    dist = float(manifold.distance(W).max()) if W.numel() else 0.0
+                    if dist <= max(self.on_manifold_tol, 2 * torch.finfo(p.dtype).eps):
                         continue  # stays bitwise unchanged
                     try:
-                        target = manifold.project(W).reshape(p.shape)
+                        target = manifold.project(W)
                     except ValueError as e:
                         raise ValueError(f"cannot move {names[id(p)]} onto the {group['manifold']} manifold: {e}") from e
-                    moves.append((p, target, names[id(p)], group["manifold"], dist))
+                    if rows is not None:
+                        full = full.clone()
+                        full[rows] = target.to(full.dtype)
+                        target = full
+                    moves.append((p, target.reshape(p.shape), names[id(p)], group["manifold"], dist))
             for p, target, name, manifold_name, dist in moves:
                 p.copy_(target)
                 warnings.warn(f"{type(self).__name__}: moved {name} onto the {manifold_name} "

@@ -117,10 +117,16 @@ def test_params_must_not_mix_modules_and_tensors():
         ManifoldMuon([lin, lin.weight])
 
 
-def test_zero_embedding_row_refused_naming_it_with_every_weight_untouched():
+def test_refused_projection_names_the_weight_with_every_weight_untouched(monkeypatch):
+    """All projections are computed before any is written. (A zero embedding row was the refused
+    case until it became a padding row that stays zero: test_roles.py.)"""
+    from modman.manifolds import Sphere
+
+    def refuse(self, W):
+        raise ValueError("no nearest point")
+
+    monkeypatch.setattr(Sphere, "project", refuse)
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Embedding(5, 4))
-    with torch.no_grad():
-        model[1].weight[2] = 0.0
     before = [bits(p) for p in model.parameters()]
     with pytest.raises(ValueError, match=r"1\.weight"):
         ManifoldMuon(model.modules(), solver="projected")

@@ -114,6 +114,44 @@ def test_weights_within_tolerance_are_left_bitwise_and_not_reported():
     assert torch.equal(bits(lin.weight), before)
 
 
+def test_low_precision_weights_at_their_rounding_are_left_bitwise():
+    """A bf16 checkpoint of Stiefel weights sits ~1e-3 off the manifold (its rounding): building
+    the optimizer on it must not re-project it (a resumed run then differed from the uninterrupted
+    one by 4e-3 — a user probe); the tolerance is max(on_manifold_tol, 2·eps of the dtype)."""
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        lin = nn.Linear(64, 32, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(Stiefel().random((32, 64)).to(dtype))
+        lin = lin.to(dtype)
+        assert float(Stiefel().distance(lin.weight.detach())) > 1e-5
+        before = bits(lin.weight)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ManifoldMuon(lin.modules(), solver="projected")
+        assert torch.equal(bits(lin.weight), before), dtype
+
+
+@pytest.mark.parametrize("family", [ManifoldMuon, HypersphericalDescent])
+def test_embedding_padding_row_stays_zero(family):
+    """nn.Embedding(padding_idx=0) has a zero row that never gets a gradient: construction with the
+    defaults used to raise ("a zero row has no nearest point"); the row now stays exactly zero
+    and every other row is put on the sphere."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 8, padding_idx=0), nn.Linear(8, 10)
+    net = nn.Sequential(emb, head)
+    with pytest.warns(UserWarning, match="moved 0.weight"):
+        opt = family(net.modules(), lr=0.05)
+    x = torch.tensor([[0, 3, 4, 0, 7]])
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x)[0], torch.tensor([1, 2, 3, 4, 5])).backward()
+        opt.step()
+    w = emb.weight.detach()
+    assert torch.equal(w[0], torch.zeros(8))
+    torch.testing.assert_close(w[1:].norm(dim=1), torch.ones(9), rtol=0, atol=1e-6)
+
+
 def test_project_on_init_false_leaves_weights():
     net, opt, before, moved = _build(project_on_init=False)
     assert moved == []
