@@ -69,7 +69,9 @@ def solve_manifold_muon(
 
     The problem is scale-free in G (the optimum A is unchanged by G → cG, c > 0), so solvers
     work on Gn = G/‖G‖_F (‖G‖_F in fp64 scaled by max|G|: any finite G, denormal or near the
-    dtype's maximum, is solved like G of unit scale); G = 0 gives A = 0 with gap 0.
+    dtype's maximum, is solved like G of unit scale); G = 0 gives A = 0 with gap 0, and so does a G
+    whose tangent part is below the rounding of W's and G's dtypes (optimal value ≤ 8√n·eps·‖G‖_F:
+    a gradient normal to the manifold, such as an L2 penalty's).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
@@ -128,10 +130,21 @@ def solve_manifold_muon(
     if out.dual_value is not None and not (reduce and m > n) and W.dtype == dtype:
         A, objective, residual, gap, flops, norm = certify_gram(Wt, Gn, out.direction.to(dtype), out.dual_value, W.dtype,
                                                                 g_scale=options.get("g_scale"))
+        D = out.dual_value.double()
         equivalents = (out.msign_equivalents or 0.0) + flops / msign_flops(m, n)
     else:
-        A, objective, residual, gap, norm = certify_with_norm(Wt, Gn, out.dual, out.direction, W.dtype)
+        A, objective, residual, gap, norm, D = certify_with_norm(Wt, Gn, out.dual, out.direction, W.dtype)
         equivalents = out.msign_equivalents if out.msign_equivalents is not None else float(out.msign_calls)
+    # A tangent part of G below the rounding of the inputs — the certified bound D(Λ) ≥ max ⟨Gn, A⟩
+    # at most 8√n·eps in units of ‖G‖_F; for G normal to the manifold (an L2 penalty's 2λW, or its
+    # momentum) it measured 1e-7–2e-7 in fp32 — has no direction: the solvers' answer was rounding
+    # noise, which the optimizer then scaled to a full step of lr. A = 0 is the answer to the
+    # inputs' precision.
+    floor = 8 * n**0.5 * max(torch.finfo(W.dtype).eps, torch.finfo(G.dtype).eps)
+    noise = D.reshape(objective.shape) <= floor
+    if bool(noise.any()):
+        A = A.masked_fill(noise[..., None, None], 0.0)
+        objective, gap, residual, norm = (torch.where(noise, torch.zeros_like(t), t) for t in (objective, gap, residual, norm))
     objective = (objective * g_size[..., 0, 0]).to(dtype)  # in G's units (inf where they exceed the dtype)
     return SolveResult(
         direction=A.mT if wide else A,

@@ -114,7 +114,7 @@ def certify(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: torch.Tens
 
 def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: torch.Tensor,
                       out_dtype: torch.dtype):
-    """``certify``, plus ‖A_f‖₂ (min(1, ‖P(A)‖₂) from the fp64 Gram eigenvalue).
+    """``certify``, plus ‖A_f‖₂ (min(1, ‖P(A)‖₂) from the fp64 Gram eigenvalue) and D(Λ).
 
     All m×n work runs in fp64 row blocks (``linalg/blocked.py``): P(A) = A − W·sym(WᵀA) is never
     formed in full; its Gram comes from n×n products, and A_f = P(A)/max(1, ‖P(A)‖₂) is written
@@ -134,7 +134,7 @@ def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: 
     D = dual_value(W, Gn, dual)
     gap = ((D - objective) / D.clamp(min=_TINY)).clamp(min=0)
     residual = _residual(gram64(W, A_f), dot64(A_f, A_f))
-    return A_f, objective, residual, gap, bound * scale
+    return A_f, objective, residual, gap, bound * scale, D
 
 
 def dual_value(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, g_scale=None) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from modman.manifolds import Stiefel
+from modman.optim import HypersphericalDescent
 
 from ._helpers import FAMILY, Problem, assert_bitwise, assert_unchanged, bits, make_opt, snapshot
 
@@ -290,3 +291,27 @@ def test_large_finite_fp64_gradients_are_stepped(kind):
     assert not opt.last_step_skipped
     assert all(torch.isfinite(p).all() for p in prob.params)
     assert not torch.equal(prob.W, before[0]) and not torch.equal(prob.b, before[1])
+
+
+@pytest.mark.parametrize("kind", ["manifold_muon", "hyperspherical"])
+def test_gradient_normal_to_the_manifold_leaves_weights_bitwise(kind):
+    """The gradient of an L2 penalty λ‖W‖² is normal to the manifold: its tangent part is rounding,
+    and the step used to scale that noise to a full step of lr (‖ΔW‖₂ = lr, rows moved 0.04–0.4)."""
+    prob = Problem(kind)
+    opt = make_opt(kind, [("layer.W", prob.W), ("layer.b", prob.b)])
+    before = bits(prob.W)
+    for lam in (1.0, 0.37):
+        opt.zero_grad()
+        prob.W.grad = 2 * lam * prob.W.detach()
+        opt.step()
+        assert torch.equal(bits(prob.W), before), lam
+
+
+def test_sphere_tangent_residual_is_that_of_the_direction_taken():
+    """It was measured against the already-updated weight (≈ lr for fp32/fp64 rows)."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(8, 16)
+    opt = HypersphericalDescent(emb.modules(), lr=0.1)
+    emb.weight.grad = torch.randn(8, 16)
+    opt.step()
+    assert float(opt.last_step_stats["weight"]["tangent_residual"]) <= 1e-6

@@ -201,6 +201,17 @@ def test_gradient_normal_to_the_manifold(solver):
     res = solve_manifold_muon(W, G, solver=solver)
     check_certificate(W, G, res)
     assert abs(res.objective.item()) <= 1e-12 * G.norm().item() and 0 <= res.duality_gap.item() <= 1
+    # its tangent part is rounding (certified value ≤ 8√n·eps·‖G‖): no direction, not noise that an
+    # optimizer would scale to a full step (a user probe: ‖ΔW‖₂ = lr for the gradient of ‖W‖²)
+    for dtype, lam in ((torch.float64, 1.0), (torch.float32, 1.0), (torch.float32, 0.37), (torch.float32, 1e-3)):
+        Wd = W.to(dtype)
+        res = solve_manifold_muon(Wd, 2 * lam * Wd, solver=solver)
+        assert not res.direction.any() and res.duality_gap.item() == 0 and res.objective.item() == 0
+    # a tangent part above that floor still gets its direction
+    T = torch.randn(9, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    T = T - W @ ((W.mT @ T + T.mT @ W) / 2)
+    res = solve_manifold_muon(W, G + 1e-9 * G.norm() * T / T.norm(), solver=solver)
+    assert res.direction.any() and res.objective.item() > 0
 
 
 @pytest.mark.parametrize("solver", ACCURATE)
