@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from ..manifolds import Euclidean, Sphere, Stiefel
 from . import functional as F
-from .roles import assign_modules
+from .roles import ROLES, assign_modules, expand_modules
 
 _RESERVED = {"momentum", "exp_avg", "exp_avg_sq", "step"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -37,6 +37,78 @@ def _scalar(x) -> float:
     return x.item() if isinstance(x, torch.Tensor) else float(x)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_hyperparameters(d: dict, where: str = "") -> None:
+    """Refuse the first invalid hyperparameter in ``d`` (defaults, fallback options or a group),
+    naming it, so that a bad value fails at the door rather than at the first step()."""
+    for key in ("lr", "lr_scale", "momentum", "weight_decay", "eps"):
+        if key in d:
+            _check_nonneg(where + key, d[key])
+    if _scalar(d.get("momentum", 0.0)) >= 1:
+        raise ValueError(f"Invalid {where}momentum: {d['momentum']} (must be < 1)")
+    for key in ("nesterov", "torch_arithmetic"):
+        if key in d and not isinstance(d[key], bool):
+            raise TypeError(f"Invalid {key}: {d[key]!r} (must be True or False)")
+    if "betas" in d:
+        betas = d["betas"]
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"Invalid {where}betas: {betas!r} (must be two numbers, each in [0, 1))")
+    if d.get("tol") is not None:
+        _check_nonneg("tol", d["tol"])
+    if d.get("max_iters") is not None and not (_is_int(d["max_iters"]) and d["max_iters"] >= 0):
+        raise ValueError(f"Invalid max_iters: {d['max_iters']!r} (must be an int ≥ 0, or None for the solver's default)")
+    if d.get("solver") is not None:
+        from ..solvers import SOLVERS
+
+        if d["solver"] not in SOLVERS:
+            raise ValueError(f"unknown solver {d['solver']!r}; choose from {sorted(SOLVERS)}")
+    schedule = d.get("ns_schedule")
+    if schedule is not None or d.get("algorithm") == "muon":
+        from ..linalg import SCHEDULES
+
+        # torch's arithmetic runs the schedule's Newton–Schulz coefficients: "svd" has none
+        known = sorted(SCHEDULES) + ([] if d.get("torch_arithmetic") else ["svd"])
+        if schedule not in known:
+            raise ValueError(f"Invalid ns_schedule: {schedule!r} (choose from {known}"
+                             + ("; 'svd' needs torch_arithmetic=False)" if d.get("torch_arithmetic") else ")"))
+    if d.get("ns_steps") is not None and not (_is_int(d["ns_steps"]) and d["ns_steps"] >= 1):
+        raise ValueError(f"Invalid ns_steps: {d['ns_steps']!r} (must be an int ≥ 1, or None for the schedule's default)")
+    if "ns_dtype" in d and d["ns_dtype"] not in _DTYPES:
+        raise ValueError(f"ns_dtype must be a dtype name such as 'bfloat16', got {d['ns_dtype']!r}")
+    if d.get("adjust_lr_fn") not in (None, "original", "match_rms_adamw", "none"):
+        raise ValueError(f"adjust_lr_fn must be None, 'original', 'match_rms_adamw' or 'none', got {d['adjust_lr_fn']!r}")
+
+
+def _is_conv_weight(a) -> bool:
+    return isinstance(a.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and a.name.split(".")[-1] == "weight"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """name, or name_1, name_2, … : the first not in taken (which it joins)."""
+    out, j = name, 0
+    while out in taken:
+        j += 1
+        out = f"{name}_{j}"
+    taken.add(out)
+    return out
+
+
+def _name_unnamed(groups: list[dict], taken: set[str], start: int) -> None:
+    """Pair every plain tensor in groups with a name "param{k}", k its index over all groups
+    counting from ``start`` (the name ``_param_names`` gives it unnamed), unique against taken."""
+    k = start
+    for g in groups:
+        ps = g["params"]
+        if not isinstance(ps, list):  # a set: torch refuses it, saying why
+            continue
+        g["params"] = [p if isinstance(p, tuple) else (_unique(f"param{k + i}", taken), p) for i, p in enumerate(ps)]
+        k += len(ps)
+
+
 class ManifoldOptimizer(Optimizer):
     """Shared machinery; see ManifoldMuon, Muon and HypersphericalDescent for the maths."""
 
@@ -45,11 +117,7 @@ class ManifoldOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict, *, fallback: dict | None, roles: dict | None, budget,
                  project_on_init: bool, on_manifold_tol: float, nonfinite: str):
-        for key in ("lr", "momentum", "weight_decay"):
-            if key in defaults:
-                _check_nonneg(key, defaults[key])
-        if "momentum" in defaults and _scalar(defaults["momentum"]) >= 1:
-            raise ValueError(f"Invalid momentum: {defaults['momentum']} (must be < 1)")
+        _check_hyperparameters(defaults)
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         _check_nonneg("on_manifold_tol", on_manifold_tol)
@@ -58,10 +126,7 @@ class ManifoldOptimizer(Optimizer):
         if unknown:
             raise ValueError(f"unknown fallback option(s) {sorted(unknown)}; allowed: {sorted(fb)}")
         fb.update(fallback or {})
-        _check_nonneg("fallback lr", fb["lr"])
-        _check_nonneg("fallback weight_decay", fb["weight_decay"])
-        if not all(0 <= b < 1 for b in fb["betas"]):
-            raise ValueError(f"Invalid fallback betas {fb['betas']}: each must be in [0, 1)")
+        _check_hyperparameters(fb, "fallback ")
         self.nonfinite = nonfinite
         self.on_manifold_tol = float(on_manifold_tol)
         self.project_on_init = bool(project_on_init)
@@ -70,9 +135,12 @@ class ManifoldOptimizer(Optimizer):
         self._fallback_defaults = fb
         self._budget_scale = defaults.get("scale")
         groups = self._build_groups(params, roles, budget, fb)
-        # flatten: None = by shape (≥ 4-D flattened), True for Conv weights (see functional.as_matrix)
-        defaults = dict(defaults, lr_scale=1.0, algorithm="adamw", manifold="euclidean",
-                        betas=fb["betas"], eps=fb["eps"], flatten=None, differentiable=False)
+        # flatten: None = by shape (≥ 4-D flattened), True for Conv weights (see functional.as_matrix).
+        # "betas" and "eps" live in the fallback groups only: torch's schedulers with cycle_momentum
+        # (OneCycleLR, CyclicLR) cycle betas[0] of every group when "betas" is in the defaults, and
+        # "momentum" otherwise — the key the constrained groups read, as for torch.optim.Muon.
+        defaults = dict(defaults, lr_scale=1.0, algorithm="adamw", manifold="euclidean", flatten=None,
+                        differentiable=False)
         self._constructing = True
         super().__init__(groups, defaults)
         self._constructing = False
@@ -82,6 +150,9 @@ class ManifoldOptimizer(Optimizer):
 
     # ----------------------------------------------------------------------------- groups
     def _build_groups(self, params, roles, budget, fb):
+        if isinstance(params, nn.Module):
+            # the module's whole tree, as params.modules() (iterating an nn.Sequential gives its children)
+            params = [params]
         if isinstance(params, torch.Tensor):
             raise TypeError("params argument given to the optimizer should be an iterable of Tensors, "
                             f"dicts or modules, but got {torch.typename(params)}")
@@ -89,10 +160,11 @@ class ManifoldOptimizer(Optimizer):
         if not items:
             raise ValueError("optimizer got an empty parameter list")
         if all(isinstance(m, nn.Module) for m in items):
-            assignments = assign_modules(items, roles)
+            network = expand_modules(items)
+            assignments = assign_modules(network, roles)
             if not assignments:
                 raise ValueError("the given modules have no trainable parameters")
-            scales = self._resolve_budget(budget, items)
+            scales = self._resolve_budget(budget, network)
             groups, fallback = [], {"params": [], "param_names": [], "algorithm": "adamw", **fb,
                                     "manifold": "euclidean"}
             for a in assignments:
@@ -101,57 +173,87 @@ class ManifoldOptimizer(Optimizer):
                     fallback["params"].append(a.param)
                     fallback["param_names"].append(a.name)
                 else:
-                    conv = isinstance(a.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and a.name.split(".")[-1] == "weight"
                     groups.append({"params": [a.param], "param_names": [a.name], "manifold": spec[0],
                                    "algorithm": spec[1], "lr_scale": float(scales.get(a.name, 1.0)),
-                                   "flatten": True if conv else None})
+                                   "flatten": True if _is_conv_weight(a) else None})
             return groups + ([fallback] if fallback["params"] else [])
         if any(isinstance(m, nn.Module) for m in items):
             raise TypeError("params must be all modules or all tensors/dicts/(name, tensor) pairs, not a mix")
         if budget not in (None, "uniform", "auto"):
-            raise ValueError("budget needs modules (e.g. model.modules()) to know the network; got tensors")
+            raise ValueError("budget needs the model's modules as params (e.g. model.modules()) to know the "
+                             "network; got tensors or param groups")
         if isinstance(items[0], dict):
             user_groups = items
         else:
             user_groups = [{"params": items}]
-        groups = []
+        groups, present, taken = [], set(), set()
         for ug in user_groups:
             if not isinstance(ug, dict):
                 raise TypeError(f"param groups must all be dicts, got {type(ug).__name__}")
-            groups.extend(self._split_group(ug, fb))
+            groups.extend(self._split_group(ug, fb, present, taken, roles))
+        if any(isinstance(item, tuple) for g in groups for item in g["params"]):
+            _name_unnamed(groups, taken, 0)  # torch takes groups all with names or all without
         return groups
 
-    def _split_group(self, ug: dict, fb: dict) -> list[dict]:
+    def _split_group(self, ug: dict, fb: dict, present: set[int], taken: set[str], roles: dict | None = None,
+                     named: bool = True) -> list[dict]:
+        """One user group → one group per role, each with the user group's options.
+
+        ``params`` holds tensors or (name, tensor) pairs (role by shape, or the group's
+        ``manifold``), or modules, expanded as at construction (roles per layer; parameters whose
+        id is in ``present`` — already in the optimizer — skipped; names made unique against
+        ``taken``, or dropped when ``named`` is False). Updates ``present`` and ``taken``.
+        """
         if "params" not in ug:
             raise ValueError("a param group dict needs a 'params' entry")
         ps = ug["params"]
         if isinstance(ps, set):
             raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
                             "ordering of tensors in sets changes between runs; use a list")
-        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
-        named = [p for p in ps if isinstance(p, tuple)]
-        if named and len(named) != len(ps):
-            raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+        ps = [ps] if isinstance(ps, (torch.Tensor, nn.Module)) else list(ps)
+        entries = []  # (item as it goes into the group, tensor, role, whether a Conv weight)
+        if ps and all(isinstance(m, nn.Module) for m in ps):
+            for a in assign_modules(expand_modules(ps), roles):
+                if id(a.param) not in present:
+                    entries.append(((_unique(a.name, taken), a.param) if named else a.param, a.param, a.role,
+                                    _is_conv_weight(a)))
+            if not entries:
+                raise ValueError("the given modules have no trainable parameters that are not in the optimizer")
+        else:
+            if any(isinstance(m, nn.Module) for m in ps):
+                raise TypeError("a param group's params must be all modules or all tensors/(name, tensor) pairs")
+            named_items = [p for p in ps if isinstance(p, tuple)]
+            if named_items and len(named_items) != len(ps):
+                raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            for item in ps:
+                p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError("optimizer can only optimize Tensors, but one of the params is " + torch.typename(p))
+                if isinstance(item, tuple):
+                    taken.add(item[0])
+                entries.append((item, p, "stiefel" if p.ndim >= 2 else "fallback", False))
         explicit = ug.get("manifold")
-        buckets: dict[str, list] = {}
-        for item in ps:
-            p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
-            if not isinstance(p, torch.Tensor):
-                raise TypeError("optimizer can only optimize Tensors, but one of the params is " + torch.typename(p))
-            role = explicit or ("fallback" if ug.get("algorithm") == "adamw" else
-                                ("stiefel" if p.ndim >= 2 else "fallback"))
-            if role not in ("stiefel", "sphere", "euclidean", "fallback"):
+        buckets: dict[tuple, list] = {}
+        for item, p, role, conv in entries:
+            present.add(id(p))
+            if explicit:
+                role = explicit
+            elif ug.get("algorithm") == "adamw":
+                role = "fallback"
+            if role not in ROLES:
                 raise ValueError(f"unknown manifold {role!r} in a param group; "
                                  "choose 'stiefel', 'sphere', 'euclidean' or 'fallback'")
             if role != "fallback" and self.ALGORITHMS.get(role) is None:
                 if explicit:
                     raise ValueError(f"{type(self).__name__} does not handle manifold {role!r}")
                 role = "fallback"
-            buckets.setdefault(role, []).append(item)
+            buckets.setdefault((role, conv and role != "fallback"), []).append(item)
         out = []
-        for role, members in buckets.items():
+        for (role, flatten), members in buckets.items():
             g = {k: v for k, v in ug.items() if k != "params"}
             g["params"] = members
+            if flatten:
+                g["flatten"] = True
             if role == "fallback":
                 for k, v in fb.items():
                     g.setdefault(k, v)
@@ -162,19 +264,25 @@ class ManifoldOptimizer(Optimizer):
             out.append(g)
         return out
 
-    def _resolve_budget(self, budget, modules) -> dict[str, float]:
+    def _resolve_budget(self, budget, network) -> dict[str, float]:
+        """{parameter name: lr_scale} for the expanded modules (see ManifoldMuon's ``budget``)."""
         if budget in (None, "uniform"):
             return {}
         if isinstance(budget, dict):
             return {str(k): float(v) for k, v in budget.items()}
-        if callable(budget):
-            return {str(k): float(v) for k, v in budget(modules[0]).items()}
+        if callable(budget):  # several separate modules: the ModuleList of them, named as the optimizer names them
+            return {str(k): float(v) for k, v in budget(network.root).items()}
         if budget in ("modular", "auto"):
             from ..modular import ModularError
             from ..modular import budget as modular_budget  # the entry point composes the layers
 
             try:
-                return modular_budget(modules[0], scale=self._budget_scale)
+                if not network.single:
+                    raise ModularError(f"the {len(network.root)} modules given are separate, not one model; "
+                                       "pass model.modules() or the model itself")
+                if self._budget_scale not in (None, "rms"):
+                    raise ModularError(f"modman.modular knows scale None and 'rms', not {self._budget_scale!r}")
+                return modular_budget(network.root, scale=self._budget_scale)
             except ModularError as err:
                 if budget == "modular":
                     raise
@@ -190,11 +298,7 @@ class ManifoldOptimizer(Optimizer):
 
         names = self._param_names()
         for group in groups:
-            for key in ("lr", "lr_scale", "momentum", "weight_decay"):
-                if key in group:
-                    _check_nonneg(key, group[key])
-            if _scalar(group.get("momentum", 0.0)) >= 1:
-                raise ValueError(f"Invalid momentum: {group['momentum']} (must be < 1)")
+            _check_hyperparameters(group)
             algorithm, m = group["algorithm"], group["manifold"]
             if algorithm == "manifold_muon" and group.get("solver") not in SOLVERS:
                 raise ValueError(f"unknown solver {group.get('solver')!r}; choose from {sorted(SOLVERS)}")
@@ -217,28 +321,52 @@ class ManifoldOptimizer(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """Add a group; without an ``algorithm`` key it is split by role as at construction.
 
-        Constrained parameters of a group added after construction are validated and, with
-        ``project_on_init``, moved onto their manifold like those given at construction.
+        ``params`` may hold tensors, (name, tensor) pairs or modules: modules are expanded as at
+        construction (roles per layer), skipping parameters already in the optimizer, so
+        ``add_param_group({"params": model.modules()})`` adds those unfrozen since construction.
+        When the optimizer's parameters have names, plain tensors get "param{k}" (k: the index
+        over all groups, as ``describe()`` shows unnamed ones); when they have none, so do the
+        modules' parameters. Constrained parameters are validated and, with ``project_on_init``,
+        moved onto their manifold like those given at construction. A refused group leaves the
+        optimizer as it was.
         """
-        if getattr(self, "_constructing", True) or not isinstance(param_group, dict) or "algorithm" in param_group:
+        if getattr(self, "_constructing", True) or not isinstance(param_group, dict):
             super().add_param_group(param_group)
-            if not getattr(self, "_constructing", True):
-                self._check_added(1)
             return
-        parts = self._split_group(param_group, self._fallback_defaults)
-        for g in parts:
-            super().add_param_group(g)
-        self._check_added(len(parts))
-
-    def _check_added(self, k: int) -> None:
-        added = self.param_groups[-k:]
+        fb = self._fallback_defaults
+        names = self._param_names()
+        taken = set(names.values())
+        named = any("param_names" in g for g in self.param_groups)
+        if "algorithm" in param_group:  # a group as param_groups hold them: taken as it is
+            g = dict(param_group)
+            if isinstance(g.get("params"), torch.Tensor):
+                g["params"] = [g["params"]]
+            elif not isinstance(g.get("params"), (set, type(None))):  # torch refuses those, saying why
+                g["params"] = list(g["params"])
+            if g["algorithm"] == "adamw":
+                for k, v in fb.items():
+                    g.setdefault(k, v)
+            parts = [g]
+        else:
+            parts = self._split_group(param_group, fb, {id(p) for g in self.param_groups for p in g["params"]},
+                                      taken, named=named)
+        if named:
+            _name_unnamed(parts, taken, len(names))
+        start = len(self.param_groups)
         try:
-            self._validate_groups(added)
-            if self.project_on_init:
-                self._project_onto_manifolds(added)
+            for g in parts:
+                super().add_param_group(g)
+            self._check_added(start)
         except Exception:
-            del self.param_groups[-k:]  # refused: the optimizer is left as it was
+            del self.param_groups[start:]  # refused: the optimizer is left as it was
             raise
+
+    def _check_added(self, start: int) -> None:
+        """Validate the groups from index ``start`` on and move their weights onto their manifolds."""
+        added = self.param_groups[start:]
+        self._validate_groups(added)
+        if self.project_on_init:
+            self._project_onto_manifolds(added)
 
     # ----------------------------------------------------------------------------- helpers
     def _param_names(self) -> dict[int, str]:

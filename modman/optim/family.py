@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import math
+
 from .base import ManifoldOptimizer
 
 
@@ -32,11 +34,16 @@ class ManifoldMuon(ManifoldOptimizer):
     change a constrained step, only how momentum mixes gradients of different magnitudes.
 
     Args:
-        params: ``model.modules()`` (roles assigned per layer: Linear/Conv weights → Stiefel,
-            Embedding rows → spheres, 3-D stacks → batched Stiefel, the rest → AdamW fallback),
-            or tensors / dicts / (name, tensor) pairs as for any torch optimizer.
+        params: ``model.modules()``, the model itself or any modules (each expanded to its
+            submodules; roles assigned per layer: Linear/Conv weights → Stiefel, Embedding rows →
+            spheres, 3-D stacks → batched Stiefel, the rest → AdamW fallback; frozen parameters
+            left out — add them with ``add_param_group`` once unfrozen; see ``roles.py`` for
+            names), or tensors / dicts / (name, tensor) pairs as for any torch optimizer.
+            A ``torch.compile``-d model is optimised as the eager one (same names and budget).
         lr: step length η (default 0.1: the blog's CIFAR-10 setting, decayed linearly).
-        momentum, nesterov: as in torch.optim.Muon.
+        momentum, nesterov: as in torch.optim.Muon; schedulers with ``cycle_momentum``
+            (OneCycleLR, CyclicLR) cycle ``momentum`` in every group, as for torch.optim.Muon;
+            the fallback group's ``betas`` stay as given.
         weight_decay: applies to the fallback group only (a Stiefel weight has fixed norm).
         solver, tol, max_iters: the subproblem solver (see ``modman.solvers.SOLVERS``).
         scale: None (unscaled Stiefel) or "rms" (s = √(d_out/d_in)), or a float.
@@ -45,7 +52,10 @@ class ManifoldMuon(ManifoldOptimizer):
             tensors), "uniform" (lr_scale 1: every constrained weight steps lr), "modular"
             (lr_scale from ``modman.modular.budget(model, scale=scale)``: lr is the step of the
             whole network in the modular norm, roughly lr/L per layer of an L-layer MLP), a dict
-            {parameter name: lr_scale} or a callable model → dict.
+            {parameter name: lr_scale} or a callable model → dict. Separate modules (e.g.
+            ``[model.body, model.head]``) are not one model: "auto" then warns and steps
+            uniformly, "modular" refuses, and a callable gets an ``nn.ModuleList`` of them.
+            A float scale has no modular budget either ("auto" warns, "modular" refuses).
         project_on_init: move constrained weights onto their manifold (exact polar factor) at
             construction, warning once per moved weight. Pass False for pretrained models: the
             first steps then act on W as given, the closed-form retraction then pulls W toward
@@ -76,9 +86,11 @@ class ManifoldMuon(ManifoldOptimizer):
         from ..solvers import DEFAULT_SOLVER
 
         if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            scale = float(scale)  # a non-positive one is refused by Stiefel, naming scale
+            scale = float(scale)
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"Invalid scale: {scale} (must be None, 'rms' or a positive finite float)")
         elif scale is not None and scale != "rms":
-            raise ValueError(f"scale must be None, 'rms' or a positive float, got {scale!r}")
+            raise ValueError(f"Invalid scale: {scale!r} (must be None, 'rms' or a positive finite float)")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         solver=solver or DEFAULT_SOLVER, tol=tol, max_iters=max_iters, scale=scale,
                         radius=None, ns_schedule="polar_express", ns_steps=None, ns_dtype="float32",
@@ -111,10 +123,6 @@ class Muon(ManifoldOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1, ns_schedule="keller",
                  ns_steps=5, ns_dtype="bfloat16", adjust_lr_fn=None, torch_arithmetic=True, nonfinite="raise",
                  fallback=None, roles=None):
-        if ns_dtype not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"ns_dtype must be a dtype name such as 'bfloat16', got {ns_dtype!r}")
-        if adjust_lr_fn not in (None, "original", "match_rms_adamw", "none"):
-            raise ValueError(f"adjust_lr_fn must be None, 'original', 'match_rms_adamw' or 'none', got {adjust_lr_fn!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_schedule=ns_schedule, ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn,
                         torch_arithmetic=torch_arithmetic, solver=None, tol=None, max_iters=None, scale=None,

@@ -1,7 +1,9 @@
 """Which parameter goes to which manifold: the roles of API.md ("Optimizers").
 
-Given modules (e.g. ``model.modules()``), each parameter is assigned once, to the module that
-owns it (``named_parameters(recurse=False)``; tied weights once, under their first name):
+Given modules (``model.modules()``, the model itself, or any iterable of modules), every module
+given is expanded to its whole tree (``module.modules()``; each module once, in order) and each
+parameter is assigned once, to the module that owns it (``named_parameters(recurse=False)``;
+tied weights once, under their first name):
 
     nn.Linear weight                     → "stiefel"
     nn.Conv1d/2d/3d weight               → "stiefel" (viewed as (out, in·k…))
@@ -9,11 +11,23 @@ owns it (``named_parameters(recurse=False)``; tied weights once, under their fir
     3-D parameter of any other module    → "stiefel", batched over dim 0 (expert stacks)
     everything else (biases, norm gains, bare 2-D parameters) → "fallback" (AdamW)
 
+Names are those of ``root.named_parameters()``, where root is the given module that contains
+all the others (the model, for ``model.modules()``). Given several separate modules (e.g.
+``[model.body, model.head]`` or ``model.children()``), root is an ``nn.ModuleList`` of them in
+the order given, so the names are prefixed by that position ("0.weight", "1.weight", …) and two
+modules' ``weight`` never share a name. A ``torch.compile`` wrapper is seen through: the names are
+the eager model's.
+
+Frozen parameters (``requires_grad=False`` at construction) are left out: projecting them onto
+a manifold would change weights that are meant to stay as loaded (a LoRA base model). A
+parameter unfrozen later must be added with ``optimizer.add_param_group``.
+
 ``roles`` overrides per module instance, module class or parameter name.
 Given tensors instead, the role follows the shape: ≥ 2-D → "stiefel", else "fallback".
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +42,50 @@ class Assignment:
     param: torch.nn.Parameter
     role: str
     module: nn.Module | None = None
+
+
+@dataclass
+class Network:
+    """The given modules, expanded: ``modules`` in order, each once; ``names`` id(module) → its name
+    under ``root``; ``single`` says whether root is one of the given modules (a model the modular
+    budget can describe) rather than a ModuleList gathering separate ones."""
+    root: nn.Module
+    single: bool
+    modules: list[nn.Module]
+    names: dict[int, str]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), else ``module``."""
+    # no OptimizedModule can exist before torch._dynamo is imported, so do not import it here
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    while eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
+def _walk(module: nn.Module, prefix: str, seen: set[int]):
+    """(name, submodule) in pre-order, as ``named_modules()``, but through compile wrappers."""
+    module = unwrap(module)
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    yield prefix, module
+    for attr, child in module._modules.items():
+        if child is not None:
+            yield from _walk(child, f"{prefix}.{attr}" if prefix else attr, seen)
+
+
+def expand_modules(modules) -> Network:
+    """The modules given with all their submodules (see the module docstring)."""
+    given = list({id(m): m for m in map(unwrap, modules)}.values())
+    trees = {id(m): [sub for _, sub in _walk(m, "", set())] for m in given}
+    below = {id(sub) for tree in trees.values() for sub in tree[1:]}
+    roots = [m for m in given if id(m) not in below]
+    root = roots[0] if len(roots) == 1 else nn.ModuleList(roots)
+    names = {id(sub): name for name, sub in _walk(root, "", set())}
+    ordered = list({id(sub): sub for m in given for sub in trees[id(m)]}.values())
+    return Network(root, len(roots) == 1, ordered, names)
 
 
 def default_role(module: nn.Module | None, attr: str, p: torch.Tensor) -> str:
@@ -58,16 +116,12 @@ def _override(roles, module, name, cls_default):
     return cls_default
 
 
-def assign_modules(modules: list[nn.Module], roles: dict | None = None) -> list[Assignment]:
-    """Assignments for an iterable of modules, in order, each parameter once."""
-    names: dict[int, str] = {}
-    for m in modules:  # the first module that contains a submodule names it (the root, usually)
-        for prefix, sub in m.named_modules(remove_duplicate=False):
-            names.setdefault(id(sub), prefix)
+def assign_modules(network: Network, roles: dict | None = None) -> list[Assignment]:
+    """Assignments for the trainable parameters of an expanded network, in order, each once."""
     seen: set[int] = set()
     out = []
-    for m in modules:
-        prefix = names.get(id(m), "")
+    for m in network.modules:
+        prefix = network.names[id(m)]
         for attr, p in m.named_parameters(recurse=False):
             if id(p) in seen:
                 continue

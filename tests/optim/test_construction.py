@@ -153,3 +153,128 @@ def test_add_param_group_splits_by_role_and_refuses_bad_groups(kind):
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(5, 3))], "lr": -1.0})
     assert len(opt.param_groups) == groups_before, "a refused group must not stay in param_groups"
+
+
+@pytest.mark.parametrize("cls, kwargs, error, pattern", [
+    (ManifoldMuon, {"tol": -1}, ValueError, "tol"),
+    (ManifoldMuon, {"tol": "x"}, ValueError, "tol"),
+    (ManifoldMuon, {"max_iters": 2.5}, ValueError, "max_iters"),
+    (ManifoldMuon, {"max_iters": -1}, ValueError, "max_iters"),
+    (ManifoldMuon, {"nesterov": "no"}, TypeError, "nesterov"),
+    (ManifoldMuon, {"fallback": {"betas": (0.9,)}}, ValueError, "fallback betas"),
+    (ManifoldMuon, {"fallback": {"eps": -1}}, ValueError, "fallback eps"),
+    (ManifoldMuon, {"scale": -1}, ValueError, "Invalid scale"),
+    (ManifoldMuon, {"scale": float("nan")}, ValueError, "Invalid scale"),
+    (Muon, {"ns_schedule": "foo"}, ValueError, "ns_schedule"),
+    (Muon, {"ns_schedule": "svd"}, ValueError, "torch_arithmetic=False"),  # torch's arithmetic needs coefficients
+    (Muon, {"ns_steps": -1}, ValueError, "ns_steps"),
+    (Muon, {"ns_steps": 0}, ValueError, "ns_steps"),
+    (Muon, {"ns_steps": "5"}, ValueError, "ns_steps"),
+    (Muon, {"torch_arithmetic": "yes"}, TypeError, "torch_arithmetic"),
+    (HypersphericalDescent, {"nesterov": None}, TypeError, "nesterov"),
+])
+def test_hyperparameters_refused_at_construction_not_at_the_first_step(cls, kwargs, error, pattern):
+    """Each of these was accepted and failed at the first step() (or never), some with messages
+    naming no argument; also refused when the model has no weight that would read it, and per group."""
+    W = torch.nn.Parameter(torch.randn(6, 4))
+    before = bits(W)
+    with pytest.raises(error, match=pattern):
+        cls([W], **kwargs)
+    with pytest.raises(error, match=pattern):
+        cls(torch.nn.LayerNorm(4), **kwargs)  # fallback parameters only
+    assert torch.equal(bits(W), before)
+    group_kwargs = {k: v for k, v in kwargs.items() if k not in ("fallback", "scale")}
+    if group_kwargs:
+        with pytest.raises(error, match=pattern):
+            cls([{"params": [W], **group_kwargs}])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = cls([torch.nn.Parameter(torch.randn(6, 4))])
+        groups = len(opt.param_groups)
+        with pytest.raises(error, match=pattern):
+            opt.add_param_group({"params": [W], **group_kwargs})
+        assert len(opt.param_groups) == groups and torch.equal(bits(W), before)
+
+
+def test_valid_solver_options_still_accepted():
+    W = torch.nn.Parameter(torch.randn(6, 4))
+    make_opt("manifold_muon", [W], tol=0, max_iters=0)
+    make_opt("manifold_muon", [W], tol=torch.tensor(1e-3), max_iters=5, nesterov=False, scale=2)
+    Muon([W], ns_schedule="svd", torch_arithmetic=False, ns_steps=None)
+    Muon([W], ns_schedule="polar_express", ns_steps=3, fallback={"betas": [0.8, 0.9], "eps": 0.0})
+
+
+def _body_and_head():
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    return body, torch.nn.Linear(8, 3)
+
+
+def _quiet_add(opt, group):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*moved .* onto the")
+        opt.add_param_group(group)
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_add_param_group_of_tensors_to_an_optimizer_built_from_modules(kind):
+    """torch refused it ("all optimizer param groups should be with/without names"): the tensors
+    now get the names describe() gives unnamed parameters, "param{k}" by position."""
+    body, head = _body_and_head()
+    opt = make_opt(kind, body.modules())
+    _quiet_add(opt, {"params": list(head.parameters()), "lr": 0.01})
+    names = [n for g in opt.param_groups for n in g["param_names"]]
+    assert names[-2:] == ["param4", "param5"] and len(set(names)) == len(names)
+    head(body(torch.randn(2, 4))).sum().backward()
+    opt.step()
+    if kind != "muon":
+        assert "param4" in opt.last_step_stats
+    rows = {line.split()[0] for line in opt.describe().splitlines()[2:]}
+    assert {"param4", "param5"} <= rows
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_add_param_group_of_modules_assigns_roles_per_layer(kind):
+    body, head = _body_and_head()
+    opt = make_opt(kind, body.modules())
+    n = len(opt.param_groups)
+    _quiet_add(opt, {"params": head.modules(), "lr": 0.01})  # also a module alone: {"params": head}
+    added = {name: g for g in opt.param_groups[n:] for name in g["param_names"]}
+    assert set(added) == {"weight", "bias"}
+    assert added["bias"]["algorithm"] == "adamw" and added["weight"]["algorithm"] != "adamw"
+    assert added["weight"]["lr"] == 0.01
+    conv = torch.nn.Conv2d(2, 3, 2)
+    _quiet_add(opt, {"params": conv})
+    assert [g.get("flatten") for g in opt.param_groups if "weight_1" in g["param_names"]] == [True], \
+        "a Conv weight is flattened as at construction; a taken name is made unique"
+    # an optimizer without names takes the modules' parameters without names
+    body, head = _body_and_head()
+    opt = make_opt(kind, list(body.parameters()))
+    _quiet_add(opt, {"params": [head]})
+    assert not any("param_names" in g for g in opt.param_groups)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for m in (body, head) for p in m.parameters()}
+
+
+def test_add_param_group_of_named_pairs_keeps_the_names():
+    body, head = _body_and_head()
+    opt = make_opt("manifold_muon", body.modules())
+    _quiet_add(opt, {"params": [("head." + n, p) for n, p in head.named_parameters()]})
+    assert [n for g in opt.param_groups for n in g["param_names"]][-2:] == ["head.weight", "head.bias"]
+
+
+def test_add_param_group_refused_in_its_second_part_leaves_the_optimizer_as_it_was():
+    """A group splits into one group per role; a refusal in any of them removes all."""
+    body, head = _body_and_head()
+    opt = make_opt("manifold_muon", body.modules())
+    n = len(opt.param_groups)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [head.weight, body[0].bias]})  # the bias is in already
+    assert len(opt.param_groups) == n
+
+
+def test_params_in_dict_groups_may_be_modules():
+    body, head = _body_and_head()
+    opt = make_opt("manifold_muon", [{"params": body.modules()}, {"params": head, "lr": 0.01},
+                                     {"params": [torch.nn.Parameter(torch.randn(5))]}])
+    names = [n for g in opt.param_groups for n in g["param_names"]]
+    assert names == ["0.weight", "2.weight", "0.bias", "2.bias", "weight", "bias", "param6"]

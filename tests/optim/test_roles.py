@@ -229,3 +229,151 @@ def test_after_steps_weights_are_on_their_manifolds():
     assert float(Stiefel().distance(net.conv1.weight.detach().reshape(3, -1))) <= 1e-5
     assert float(Stiefel().distance(net.experts.w.detach()).max()) <= 1e-5
     assert float(Sphere().distance(net.emb.weight.detach())) <= 1e-5
+
+
+class Body(nn.Module):
+    """A model whose layers sit inside containers: body (a Sequential) and head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _names(opt):
+    return [n for g in opt.param_groups for n in g["param_names"]]
+
+
+def _quiet(cls, params, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(params, **kw)
+
+
+def test_container_modules_are_expanded_to_their_submodules():
+    """[net.body, net.head] used to optimise head's direct parameters only (body's were silently
+    dropped); [net] raised "no trainable parameters" and net "'Body' object is not iterable"."""
+    torch.manual_seed(0)
+    net = Body()
+    reference = _quiet(ManifoldMuon, net.modules(), solver="projected")
+    for params in ([net], net, (m for m in [net])):
+        opt = _quiet(ManifoldMuon, params, solver="projected")
+        assert _names(opt) == _names(reference)
+        assert [g["lr_scale"] for g in opt.param_groups] == [g["lr_scale"] for g in reference.param_groups]
+    assert sorted(_names(reference)) == sorted(n for n, _ in net.named_parameters())
+    opt = _quiet(ManifoldMuon, [net.body, net.head], solver="projected")
+    covered = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert covered == {id(p) for p in net.parameters()}, "every trainable parameter, each once"
+    # two separate modules: named under an nn.ModuleList of them, in the order given
+    assert _roles(opt) == {"0.0.weight": ("stiefel", "manifold_muon"), "0.2.weight": ("stiefel", "manifold_muon"),
+                           "1.weight": ("stiefel", "manifold_muon"), "0.0.bias": ("euclidean", "adamw"),
+                           "0.2.bias": ("euclidean", "adamw"), "1.bias": ("euclidean", "adamw")}
+    # a module given with one that contains it adds nothing and keeps the container's names
+    opt = _quiet(ManifoldMuon, [net.body[0], net], solver="projected")
+    assert sorted(_names(opt)) == sorted(_names(reference))
+
+
+def test_a_single_sequential_is_its_whole_tree_not_its_children():
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)))
+    opt = _quiet(Muon, seq)
+    assert _names(opt) == _names(_quiet(Muon, seq.modules()))
+    assert set(_names(opt)) == {n for n, _ in seq.named_parameters()}
+
+
+def test_separate_modules_never_share_a_name():
+    """model.children() named both Linear weights "weight": last_step_stats kept one of them."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = _quiet(ManifoldMuon, net.children(), solver="projected", lr=0.05)
+    assert _names(opt) == ["0.weight", "2.weight", "0.bias", "2.bias"], "positions in the order given"
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert set(opt.last_step_stats) == {"0.weight", "2.weight"}
+    assert len(opt.describe().splitlines()) == 2 + 4
+
+
+def test_budget_for_separate_modules():
+    """No single model describes separate modules: "auto" warns and steps every weight lr,
+    "modular" refuses; a callable gets the ModuleList whose names are the optimizer's."""
+    from modman.modular import ModularError
+
+    torch.manual_seed(0)
+    net = Body()
+    with pytest.warns(UserWarning, match="separate"):
+        opt = ManifoldMuon([net.body, net.head], solver="projected", project_on_init=False)
+    assert all(g["lr_scale"] == 1.0 for g in opt.param_groups)
+    with pytest.raises(ModularError, match="separate"):
+        ManifoldMuon([net.body, net.head], budget="modular")
+    seen = {}
+
+    def budget(model):
+        seen.update(model.named_parameters())
+        return {"1.weight": 0.5}
+
+    opt = ManifoldMuon([net.body, net.head], solver="projected", budget=budget, project_on_init=False)
+    assert set(seen) == set(_names(opt))
+    assert {n: g["lr_scale"] for g in opt.param_groups for n in g["param_names"] if g["algorithm"] != "adamw"} == {
+        "0.0.weight": 1.0, "0.2.weight": 1.0, "1.weight": 0.5}
+
+
+def test_float_scale_steps_uniformly_with_a_warning_instead_of_failing():
+    """A positive float scale is valid (API.md) but modman.modular knows None and "rms" only: the
+    default budget raised the modular ValueError ("scale must be None or 'rms'") for any model."""
+    torch.manual_seed(0)
+    net = Body()
+    with pytest.warns(UserWarning, match="scale"):
+        opt = ManifoldMuon(net, scale=2.0, solver="projected", project_on_init=False)
+    assert all(g["lr_scale"] == 1.0 for g in opt.param_groups)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+
+
+def test_compiled_model_gets_the_eager_names_and_learning_rates():
+    """torch.compile(model).modules() named every weight "_orig_mod.…" and, the wrapper being
+    unknown to modman.modular, silently replaced the per-layer budget by lr for every weight."""
+    eager = _quiet(ManifoldMuon, _mlp().modules(), solver="projected")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = ManifoldMuon(torch.compile(_mlp()).modules(), solver="projected")
+        also = ManifoldMuon(torch.compile(_mlp()), solver="projected")
+    assert not [w for w in caught if "budget" in str(w.message)]
+    for opt in (compiled, also):
+        assert _names(opt) == _names(eager)
+        assert [g["lr_scale"] for g in opt.param_groups] == [g["lr_scale"] for g in eager.param_groups]
+    assert len({g["lr_scale"] for g in eager.param_groups if g["algorithm"] != "adamw"}) > 1, "a real budget"
+    model = _mlp()
+    model[2] = torch.compile(model[2])  # a compiled submodule
+    opt = _quiet(ManifoldMuon, model.modules(), solver="projected", budget="uniform")
+    assert _names(opt) == _names(eager)
+
+
+def test_frozen_parameters_are_left_out_and_added_when_unfrozen():
+    """Frozen parameters are not projected or optimised (a LoRA base model must stay as loaded);
+    once unfrozen, add_param_group({"params": model.modules()}) adds exactly them, by role."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    net[0].requires_grad_(False)
+    frozen = net[0].weight.detach().clone()
+    opt = _quiet(ManifoldMuon, net.modules(), solver="projected", lr=0.1)
+    assert _names(opt) == ["2.weight", "2.bias"]
+    assert_bitwise(net[0].weight, frozen, "a frozen weight is not projected")
+    net[0].requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"moved 0\.weight onto the stiefel"):
+        opt.add_param_group({"params": net.modules()})
+    assert _roles(opt) == {"2.weight": ("stiefel", "manifold_muon"), "2.bias": ("euclidean", "adamw"),
+                           "0.weight": ("stiefel", "manifold_muon"), "0.bias": ("euclidean", "adamw")}
+    before = net[0].weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(8, 4)).pow(2).sum().backward()
+        opt.step()
+    assert not torch.equal(net[0].weight, before) and "0.weight" in opt.last_step_stats
+    assert float(Stiefel().distance(net[0].weight.detach())) <= 1e-5
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        opt.add_param_group({"params": net.modules()})  # nothing new to add
