@@ -57,10 +57,14 @@ class Sphere:
         X = W + V
         return self.radius * X / torch.linalg.vector_norm(X, dim=-1, keepdim=True)
 
-    def distance(self, W: torch.Tensor) -> torch.Tensor:
-        """max over rows of |‖w‖/r − 1|."""
+    def distance(self, W: torch.Tensor, skip_zero_rows: bool = False) -> torch.Tensor:
+        """max over rows of |‖w‖/r − 1| (over the nonzero rows with ``skip_zero_rows``: an
+        embedding's padding row is zero by design)."""
         norms = torch.linalg.vector_norm(W.to(resolve_compute_dtype(W.dtype, None)), dim=-1)
-        return (norms / self.radius - 1).abs().amax(dim=-1) if W.ndim >= 1 else (norms / self.radius - 1).abs()
+        d = (norms / self.radius - 1).abs()
+        if skip_zero_rows:
+            d = torch.where(norms > 0, d, torch.zeros_like(d))
+        return d.amax(dim=-1) if W.ndim >= 1 else d
 
     def random(self, shape, *, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
         self.check_shape(shape)

@@ -54,8 +54,13 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
             raise TypeError(f"Invalid {key}: {d[key]!r} (must be True or False)")
     if "betas" in d:
         betas = d["betas"]
-        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        def beta_ok(b):  # a number, a 0-d tensor or a numpy scalar, as torch's Adam takes them
+            try:
+                return not isinstance(b, bool) and 0 <= float(b) < 1
+            except (TypeError, ValueError, RuntimeError):
+                return False
+
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(beta_ok(b) for b in betas):
             raise ValueError(f"Invalid {where}betas: {betas!r} (must be two numbers, each in [0, 1))")
     if d.get("tol") is not None:
         _check_nonneg("tol", d["tol"])
@@ -483,6 +488,10 @@ class ManifoldOptimizer(Optimizer):
                 sdtype = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
                 state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+            elif p.dtype in (torch.bfloat16, torch.float16) and state["exp_avg"].dtype != torch.float32:
+                # moments saved by an older version in the parameter's dtype: continue in fp32
+                for k in ("exp_avg", "exp_avg_sq"):
+                    state[k] = state[k].float()
             F.adamw_step(p, grad, state, lr=lr, betas=tuple(group["betas"]), eps=group["eps"],
                          weight_decay=group["weight_decay"])
             return None

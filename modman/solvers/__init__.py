@@ -20,7 +20,7 @@ from .anderson import solve_anderson
 from .closed_form import solve_closed_form
 from .dual_ascent import solve_dual_ascent
 from .lyapunov import solve_lyapunov
-from .newton import msign_flops, solve_newton
+from .newton import msign_flops, skew, solve_newton, tall_frame
 from .projected import solve_projected
 from .reduction import lift, reduce_tall
 from .result import SolveResult, certify, certify_gram, certify_with_norm, make_feasible, nuclear_norm, spectral_norm, sym
@@ -70,8 +70,8 @@ def solve_manifold_muon(
     The problem is scale-free in G (the optimum A is unchanged by G → cG, c > 0), so solvers
     work on Gn = G/‖G‖_F (‖G‖_F in fp64 scaled by max|G|: any finite G, denormal or near the
     dtype's maximum, is solved like G of unit scale); G = 0 gives A = 0 with gap 0, and so does a G
-    whose tangent part is below the rounding of W's and G's dtypes (optimal value ≤ 8√n·eps·‖G‖_F:
-    a gradient normal to the manifold, such as an L2 penalty's).
+    whose tangent part at W is at most 2·eps·‖G‖_F (eps of W's and G's dtypes: a gradient normal
+    to the manifold, such as an L2 penalty's, up to rounding).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
@@ -135,16 +135,26 @@ def solve_manifold_muon(
     else:
         A, objective, residual, gap, norm, D = certify_with_norm(Wt, Gn, out.dual, out.direction, W.dtype)
         equivalents = out.msign_equivalents if out.msign_equivalents is not None else float(out.msign_calls)
-    # A tangent part of G below the rounding of the inputs — the certified bound D(Λ) ≥ max ⟨Gn, A⟩
-    # at most 8√n·eps in units of ‖G‖_F; for G normal to the manifold (an L2 penalty's 2λW, or its
-    # momentum) it measured 1e-7–2e-7 in fp32 — has no direction: the solvers' answer was rounding
-    # noise, which the optimizer then scaled to a full step of lr. A = 0 is the answer to the
-    # inputs' precision.
-    floor = 8 * n**0.5 * max(torch.finfo(W.dtype).eps, torch.finfo(G.dtype).eps)
-    noise = D.reshape(objective.shape) <= floor
-    if bool(noise.any()):
-        A = A.masked_fill(noise[..., None, None], 0.0)
-        objective, gap, residual, norm = (torch.where(noise, torch.zeros_like(t), t) for t in (objective, gap, residual, norm))
+    # A tangent part of G at the rounding of the inputs (G normal to the manifold: an L2 penalty's
+    # 2λW, or momentum of it) has no direction: the solvers' answer is rounding noise, which the
+    # optimizer would scale to a full step of lr. Where the certified value D or the gap says the
+    # solve may be of that kind, the tangent part is measured for W as it is (solver-independent:
+    # a solver's D can be loose there) and, at most 2·eps of the inputs' dtype (measured ≤ 0.2·eps
+    # for fp32 and bf16 G = 2λW), A = 0 is returned with gap 0: the answer to the inputs' precision.
+    eps = max(torch.finfo(W.dtype).eps, torch.finfo(G.dtype).eps)
+    suspect = (D.reshape(gap.shape) <= max(1e-3, 4 * n**0.5 * eps)) | (gap > 0.5)
+    if bool(suspect.any()):
+        scales = options.get("g_scale")
+        Wf, Gf = Wt.reshape(-1, m, n), Gn.reshape(-1, m, n)
+        noise = torch.zeros(suspect.numel(), dtype=torch.bool, device=suspect.device)
+        for b in suspect.reshape(-1).nonzero().reshape(-1).tolist():
+            sc = 1.0 if scales is None else scales.reshape(-1)[b]
+            noise[b] = _tangent_norm(Wf[b], Gf[b], sc) <= 2 * eps
+        noise = noise.reshape(gap.shape)
+        if bool(noise.any()):
+            A = A.masked_fill(noise[..., None, None], 0.0)
+            objective, gap, residual, norm = (torch.where(noise, torch.zeros_like(t), t)
+                                              for t in (objective, gap, residual, norm))
     objective = (objective * g_size[..., 0, 0]).to(dtype)  # in G's units (inf where they exceed the dtype)
     return SolveResult(
         direction=A.mT if wide else A,
@@ -157,6 +167,17 @@ def solve_manifold_muon(
         msign_equivalents=equivalents,
         direction_norm=norm.to(dtype),
     )
+
+
+def _tangent_norm(W: torch.Tensor, G: torch.Tensor, g_scale) -> float:
+    """‖Gn − W·sym(Z)‖_F (Gn = G·g_scale, Z = (WᵀW)⁻¹WᵀGn from ``tall_frame``): an upper bound of
+    the distance from Gn to the normal space {W S : S symmetric} at W as it is, i.e. of Gn's tangent
+    part (= ‖W·skew(Z) + G⊥‖_F, with ‖W·skew(Z)‖_F = ‖Lᵀ skew(Z)‖_F for WᵀW = LLᵀ). ∞ for a
+    rank-deficient W. Four fp64 tall products."""
+    Gw, N, Z, L, _ = tall_frame(W, G, g_scale)
+    if L is None:
+        return math.inf
+    return math.sqrt(float((L.mT @ skew(Z)).square().sum()) + float(torch.diagonal(N).sum().clamp(min=0)))
 
 
 _DUAL_BOUND = 1e6  # optimal duals are O(1) in units of G/‖G‖_F; beyond this a state is garbage

@@ -76,3 +76,39 @@ def test_low_precision_fallback_parameters_step_in_fp32(dtype):
         i = list(names).index(name)
         expected = (ref[i].to(dtype).float() - 1e-2 * torch.sign(grads[i].to(dtype).float())).to(dtype)
         assert torch.equal(p, expected), name
+
+
+def test_low_precision_fallback_moments_from_an_older_checkpoint_continue_in_fp32():
+    """A state saved before the fallback kept fp32 moments holds them in the parameter's dtype
+    (load_state_dict keeps saved dtypes): they are upcast at the next step, so an fp16 g² no
+    longer overflows to inf (a review)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4)).half()
+    opt = ManifoldMuon(net.modules(), lr=0.05)
+    bias = net[0].bias
+    for p in net.parameters():
+        p.grad = torch.randn(p.shape).half()
+    opt.step()
+    for k in ("exp_avg", "exp_avg_sq"):
+        opt.state[bias][k] = opt.state[bias][k].half()  # as an older version saved them
+    before = bias.detach().clone()
+    for p in net.parameters():
+        p.grad = (torch.randn(p.shape) * 2000).half()  # g² above fp16's maximum
+    opt.step()
+    assert opt.state[bias]["exp_avg_sq"].dtype == torch.float32
+    assert torch.isfinite(opt.state[bias]["exp_avg_sq"]).all() and torch.isfinite(bias).all()
+    assert not torch.equal(bias, before)
+
+
+@pytest.mark.parametrize("n", [64, 512])
+def test_bf16_embedding_rows_with_generic_gradients_move(n):
+    """The rounding threshold on a sphere row's tangent gradient is 8·eps·‖u‖ (no √n): with √n it
+    exceeded ‖u‖ for bf16 rows of 256+ columns, which then never moved (a review)."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(32, n).to(torch.bfloat16)
+    opt = ManifoldMuon(emb.modules(), lr=0.05)
+    before = emb.weight.detach().clone()
+    emb.weight.grad = torch.randn(32, n).to(torch.bfloat16)
+    opt.step()
+    moved = (emb.weight != before).any(dim=1)
+    assert bool(moved.all()), int(moved.sum())

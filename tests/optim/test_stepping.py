@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modman.manifolds import Stiefel
-from modman.optim import HypersphericalDescent
+from modman.optim import HypersphericalDescent, ManifoldMuon
 
 from ._helpers import FAMILY, Problem, assert_bitwise, assert_unchanged, bits, make_opt, snapshot
 
@@ -305,6 +305,27 @@ def test_gradient_normal_to_the_manifold_leaves_weights_bitwise(kind):
         prob.W.grad = 2 * lam * prob.W.detach()
         opt.step()
         assert torch.equal(bits(prob.W), before), lam
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (40, 32), (20, 48)])
+@pytest.mark.parametrize("drift", [0.0, 5e-6])
+def test_normal_gradient_on_a_drifted_weight_with_the_default_solver(shape, drift):
+    """The closed form's dual assumes WᵀW = I: on a weight 5e-6 off the manifold (as the optimizer
+    keeps them) its D for G = 2λW was ~5e-5, so a floor on D missed the noise and the step went a
+    full lr (a review). The tangent part is now measured for W as it is."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(shape[1], shape[0], bias=False)
+    with torch.no_grad():
+        U, _, Vh = torch.linalg.svd(torch.randn(shape, dtype=torch.float64), full_matrices=False)
+        s = 1 + drift * torch.linspace(-1, 1, min(shape), dtype=torch.float64)
+        lin.weight.copy_(((U * s) @ Vh).float())
+    opt = ManifoldMuon(lin.modules(), lr=0.05, on_manifold_tol=1e-4, budget="uniform")
+    before = bits(lin.weight)
+    for lam in (1.0, 0.37):
+        opt.zero_grad()
+        lin.weight.grad = 2 * lam * lin.weight.detach()
+        opt.step()
+        assert torch.equal(bits(lin.weight), before), lam
 
 
 def test_sphere_tangent_residual_is_that_of_the_direction_taken():
