@@ -33,9 +33,10 @@ scaled polar factor still had 1.5e-2).
 Cost (fp64, n×n except where said): per map one eigh of M and about six n×n products
 (≈ 0.2 msign-equivalents at m = 3n; the maps run in fp32); each recovery the dual value D(Λ) for
 W as it is (``newton.frame_dual_value``: two products and an eigvalsh; it is also the value the
-certificate reports, not recomputed), two eigh, eight products and a Cholesky that shows
-‖A‖₂ ≤ 1 (an eigvalsh only where it cannot), tried only once the residual predicts success;
-setup and the final direction four tall m×n×n products. The model ``msign_equivalents`` uses the weights of ``newton.py``.
+certificate reports, not recomputed), a Cholesky of I − KᵀK, one eigh, seven products and a
+Cholesky that shows ‖A‖₂ ≤ 1 (eigh/eigvalsh only where those fail), tried only once the
+residual predicts success; setup and the final direction four tall m×n×n products. The model
+``msign_equivalents`` uses the weights of ``newton.py``.
 
 When it converges: fast when M stays well conditioned (full-rank G⊥, m ≥ 2n — the usual case
 for a layer's momentum). When N is singular (m < 2n, where rank N ≤ m − n, or a rank-deficient
@@ -230,7 +231,7 @@ def anderson_core(Gw, N, dual_in, dual_value=None, *, tol, max_iters, depth=4, f
     warm = dual_in is not None and bool(torch.isfinite(dual_in).all())
     x = sym(dual_in.double()) if warm else 0.5 * sym(Gw)
     value, value_flops = (dual_value, 18.0 * n**3) if dual_value is not None else _identity_value(Gw, N)
-    exact = {} if dual_value is None else {"certificate_value": None}
+    certified = (lambda D_: {"certificate_value": D_}) if dual_value is not None else (lambda D_: {})
     best, D, maps, ok, cost = None, (math.inf, None), 0, False, 0.0
     if max_iters > 0:
         best, D, maps, cost, ok, x = _anderson_one(Gw, N, S, x, tol, min(fast_iters, max_iters), depth, stall,
@@ -241,7 +242,7 @@ def anderson_core(Gw, N, dual_in, dual_value=None, *, tol, max_iters, depth=4, f
         K, Bb, lam, c = closed_form_core(Gw, P)
         R, c = to_r @ Bb, c + c0
         D_cf = value(lam)
-        info = {"iterations": maps, **{k: D_cf for k in exact}}
+        info = {"iterations": maps, **certified(D_cf)}
         return K, R, lam, D_cf, info, cost + c + value_flops
     if best is None:  # max_iters = 0 or no recovery tried: recover from the last dual
         C = Gw - 2 * x
@@ -255,7 +256,7 @@ def anderson_core(Gw, N, dual_in, dual_value=None, *, tol, max_iters, depth=4, f
     # lam_best (the best primal's dual) warm-starts the next step: measured in training, the dual
     # that certified the least D instead costs a second recovery in most steps. D is certified by
     # its own dual, which subspace.py needs to recompute D on the full problem.
-    info = {"iterations": maps, "certificate_dual": D[1], **{k: D[0] for k in exact}}
+    info = {"iterations": maps, "certificate_dual": D[1], **certified(D[0])}
     return K, R, lam_best, D[0], info, cost
 
 
