@@ -198,10 +198,17 @@ def test_hyperparameters_refused_at_construction_not_at_the_first_step(cls, kwar
 
 def test_valid_solver_options_still_accepted():
     W = torch.nn.Parameter(torch.randn(6, 4))
-    make_opt("manifold_muon", [W], tol=0, max_iters=0)
-    make_opt("manifold_muon", [W], tol=torch.tensor(1e-3), max_iters=5, nesterov=False, scale=2)
-    Muon([W], ns_schedule="svd", torch_arithmetic=False, ns_steps=None)
-    Muon([W], ns_schedule="polar_express", ns_steps=3, fallback={"betas": [0.8, 0.9], "eps": 0.0})
+    g = make_opt("manifold_muon", [W], tol=0, max_iters=0).param_groups[0]
+    assert (g["tol"], g["max_iters"]) == (0, 0)
+    g = make_opt("manifold_muon", [W], tol=torch.tensor(1e-3), max_iters=5, nesterov=False, scale=2).param_groups[0]
+    assert float(g["tol"]) == pytest.approx(1e-3) and (g["max_iters"], g["nesterov"], g["scale"]) == (5, False, 2.0)
+    g = Muon([W], ns_schedule="svd", torch_arithmetic=False, ns_steps=None).param_groups[0]
+    assert (g["ns_schedule"], g["torch_arithmetic"], g["ns_steps"]) == ("svd", False, None)
+    b = torch.nn.Parameter(torch.randn(4))
+    opt = Muon([W, b], ns_schedule="polar_express", ns_steps=3, fallback={"betas": [0.8, 0.9], "eps": 0.0})
+    fallback = next(g for g in opt.param_groups if g["algorithm"] == "adamw")
+    assert list(fallback["betas"]) == [0.8, 0.9] and fallback["eps"] == 0.0
+    assert opt.param_groups[0]["ns_steps"] == 3
 
 
 def _body_and_head():

@@ -56,7 +56,9 @@ def test_torch_save_and_load_weights_only(kind, kw):
         buf.seek(0)
         return torch.load(buf, weights_only=True)
 
-    _resume_matches(kind, kw, transport)
+    opt, opt2 = _resume_matches(kind, kw, transport)  # (asserts the resumed run is bitwise the same)
+    assert opt2.state and all(torch.equal(opt.state[p]["momentum"], opt2.state[q]["momentum"])
+                              for p, q in zip(opt.param_groups[0]["params"], opt2.param_groups[0]["params"]))
 
 
 @pytest.mark.parametrize("kind", FAMILY)
