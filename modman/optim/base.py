@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from ..manifolds import Euclidean, Sphere, Stiefel
 from . import functional as F
+from .distributed import SHARED_ALGORITHMS, matrix_cost, plan_owners, resolve_group, share_step
 from .roles import ROLES, assign_modules, expand_modules
 
 _RESERVED = {"momentum", "exp_avg", "exp_avg_sq", "step"}
@@ -121,8 +122,9 @@ class ManifoldOptimizer(Optimizer):
     ALGORITHMS: dict[str, tuple[str, str] | None] = {}
 
     def __init__(self, params, defaults: dict, *, fallback: dict | None, roles: dict | None, budget,
-                 project_on_init: bool, on_manifold_tol: float, nonfinite: str):
+                 project_on_init: bool, on_manifold_tol: float, nonfinite: str, distributed=False):
         _check_hyperparameters(defaults)
+        self._process_group = resolve_group(distributed)  # None: every rank steps everything
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         _check_nonneg("on_manifold_tol", on_manifold_tol)
@@ -467,16 +469,45 @@ class ManifoldOptimizer(Optimizer):
             return loss
         self.last_step_skipped = False
         stats = {}
+        pg = getattr(self, "_process_group", None)  # absent on an unpickled optimizer: local
+        shared = [(group, p) for group in self.param_groups if group["algorithm"] in SHARED_ALGORITHMS
+                  for p in group["params"] if p.grad is not None] if pg is not None else []
+        rank, owners = plan_owners(pg, [matrix_cost(F.as_matrix(p, g.get("flatten")).shape) for g, p in shared])
+        owner = {id(p): r for (_, p), r in zip(shared, owners)}
         for group in self.param_groups:
             lr = _scalar(group["lr"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if owner.get(id(p), rank) != rank:
+                    self._momentum(group, p, p.grad, self.state[p])  # its owner does the rest
+                    continue
                 s = self._step_param(group, p, p.grad, self.state[p], lr)
                 if s is not None:
                     stats[names[id(p)]] = s
+        if shared:
+            share_step(pg, [(p, self.state[p], names[id(p)], self._warm_keys(self.state[p])) for _, p in shared],
+                       owners, stats)
+            order = [names[id(p)] for g in self.param_groups for p in g["params"]]
+            stats = {n: stats[n] for n in order if n in stats}  # as one process lists them
         self.last_step_stats = stats
         return loss
+
+    @staticmethod
+    def _warm_keys(state) -> tuple[str, ...]:
+        """The solver's warm-start entries of a parameter's state (the dual, the subspace size, …)."""
+        return tuple(k for k in state if k not in _RESERVED)
+
+    @staticmethod
+    def _momentum(group, p, grad, state) -> torch.Tensor:
+        """Update the momentum of a constrained parameter in place; returns the direction input u."""
+        flatten = group.get("flatten")
+        G = F.as_matrix(grad, flatten)
+        if "momentum" not in state:
+            W = F.as_matrix(p, flatten)
+            mdtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+            state["momentum"] = torch.zeros(W.shape, dtype=mdtype, device=W.device)
+        return F.momentum_update(G, state["momentum"], group["momentum"], group["nesterov"])
 
     def _step_param(self, group, p, grad, state, lr):
         algorithm = group["algorithm"]
@@ -500,20 +531,16 @@ class ManifoldOptimizer(Optimizer):
         writeback = F.is_copy(W, p)  # a reshaped non-contiguous parameter: step a copy, write back
         if writeback:
             W = W.clone()
-        G = F.as_matrix(grad, flatten)
-        if "momentum" not in state:
-            mdtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-            state["momentum"] = torch.zeros(W.shape, dtype=mdtype, device=W.device)
         eta = lr * _scalar(group["lr_scale"])
         if algorithm == "manifold_muon":
             # no local name for u: stiefel_step releases it after the solve (a step's peak memory)
-            out = F.stiefel_step(W, F.momentum_update(G, state["momentum"], group["momentum"], group["nesterov"]),
+            out = F.stiefel_step(W, self._momentum(group, p, grad, state),
                                  state, lr=eta, manifold=self._manifold(group), solver=group["solver"],
                                  tol=group["tol"], max_iters=group.get("max_iters"),
                                  drift_tol=2 * self.on_manifold_tol,
-                                 warm_keys=tuple(k for k in state if k not in _RESERVED) or ("dual",))
+                                 warm_keys=self._warm_keys(state) or ("dual",))
             return self._writeback(p, W, writeback, out)
-        u = F.momentum_update(G, state["momentum"], group["momentum"], group["nesterov"])
+        u = self._momentum(group, p, grad, state)
         if algorithm == "hyperspherical":
             out = F.sphere_step(W, u, lr=eta, manifold=self._manifold(group))
         elif algorithm == "muon":

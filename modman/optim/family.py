@@ -66,6 +66,11 @@ class ManifoldMuon(ManifoldOptimizer):
             "skip" (the step is skipped and ``last_step_skipped`` set).
         fallback: AdamW hyperparameters for the fallback group: lr, betas, eps, weight_decay.
         roles: overrides {module instance | module class | parameter name: role}.
+        distributed: under data parallelism (DDP), True (the default process group) or a
+            ``torch.distributed`` ProcessGroup deals the constrained matrices out over the ranks:
+            each rank solves its share and broadcasts the new weights and warm starts, so every
+            rank ends the step with the same weights and state, bitwise those of one process
+            (``optim/distributed.py``). Gradients must be identical on every rank (DDP's all-reduce).
 
     Precision: bf16/fp16 weights are stepped in fp32 and stored back; momentum, the dual and
     the solver run in fp32 (fp64 weights in fp64). A bf16 weight is on its manifold only to
@@ -82,7 +87,7 @@ class ManifoldMuon(ManifoldOptimizer):
 
     def __init__(self, params, lr=0.1, momentum=0.95, nesterov=True, weight_decay=0.0, solver=None, tol=None,
                  max_iters=None, scale=None, budget="auto", project_on_init=True, on_manifold_tol=1e-5,
-                 nonfinite="raise", fallback=None, roles=None):
+                 nonfinite="raise", fallback=None, roles=None, distributed=False):
         from ..solvers import DEFAULT_SOLVER
 
         if isinstance(scale, (int, float)) and not isinstance(scale, bool):
@@ -98,7 +103,8 @@ class ManifoldMuon(ManifoldOptimizer):
         fb = dict(fallback or {})
         fb.setdefault("weight_decay", weight_decay)
         super().__init__(params, defaults, fallback=fb, roles=roles, budget=budget,
-                         project_on_init=project_on_init, on_manifold_tol=on_manifold_tol, nonfinite=nonfinite)
+                         project_on_init=project_on_init, on_manifold_tol=on_manifold_tol, nonfinite=nonfinite,
+                         distributed=distributed)
         for group in self.param_groups:
             if group["algorithm"] != "adamw":
                 group["weight_decay"] = 0.0 if group["algorithm"] != "muon" else group["weight_decay"]
@@ -115,20 +121,21 @@ class Muon(ManifoldOptimizer):
     computed exactly as torch.optim.Muon computes it; set ``ns_schedule="polar_express"``,
     ``ns_dtype="float32"`` and ``ns_steps=None`` for an accurate polar factor. Given modules,
     Linear and Conv weights get Muon and everything else (embeddings included) the AdamW
-    fallback, as the Muon authors recommend.
+    fallback, as the Muon authors recommend. ``distributed``: as for ManifoldMuon (each rank
+    computes the msign of its share of the matrices).
     """
 
     ALGORITHMS = {"stiefel": ("euclidean", "muon"), "euclidean": ("euclidean", "muon"), "sphere": None}
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1, ns_schedule="keller",
                  ns_steps=5, ns_dtype="bfloat16", adjust_lr_fn=None, torch_arithmetic=True, nonfinite="raise",
-                 fallback=None, roles=None):
+                 fallback=None, roles=None, distributed=False):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_schedule=ns_schedule, ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn,
                         torch_arithmetic=torch_arithmetic, solver=None, tol=None, max_iters=None, scale=None,
                         radius=None)
         super().__init__(params, defaults, fallback=fallback, roles=roles, budget=None, project_on_init=False,
-                         on_manifold_tol=1e-5, nonfinite=nonfinite)
+                         on_manifold_tol=1e-5, nonfinite=nonfinite, distributed=distributed)
 
 
 class HypersphericalDescent(ManifoldOptimizer):

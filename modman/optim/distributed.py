@@ -1,0 +1,112 @@
+"""Data-parallel optimizer steps: each rank solves a share of the matrices, then all ranks agree.
+
+Under data parallelism (DDP, or any all-reduce of gradients) every rank holds the same weights,
+gradients and optimizer state, so every rank would solve the same subproblems. With
+``distributed=True`` the matrices of the constrained groups (manifold Muon's Stiefel weights,
+Muon's msign) are dealt out instead:
+
+- every rank updates every momentum (elementwise, identical bits on identical gradients);
+- the owner of a matrix solves and retracts it exactly as a single process would;
+- the owner broadcasts the new weight and its warm-start state (the dual, the subspace size, …),
+  and one all-gather shares the step statistics, so weights, ``state_dict()`` and
+  ``last_step_stats`` are the same on every rank — bitwise those of one process.
+
+Owners are chosen by the longest-processing-time rule on a cost of batch·m·n·min(m, n) (the
+flops of an msign or a solve grow so), largest first onto the least-loaded rank; ties go to the
+lower index, so every rank computes the same assignment without communicating. Sphere rows and
+the AdamW fallback are elementwise or cheap: every rank steps them itself.
+
+Requirement: the gradients are identical on all ranks (what DDP's all-reduce gives) and every
+rank calls ``step`` with the same parameters having gradients. Nothing checks this; different
+gradients would leave each rank's momentum its own while the weights follow their owners.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+# the algorithms whose per-matrix work is worth dealing out (sphere and AdamW steps are elementwise)
+SHARED_ALGORITHMS = ("manifold_muon", "muon")
+
+
+def resolve_group(distributed):
+    """The process group for ``distributed=`` (False/None: none; True: the default group; or a
+    ProcessGroup), or None when there is nothing to share (one rank)."""
+    if distributed is None or distributed is False:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed initialised first "
+                         "(torch.distributed.init_process_group)")
+    group = dist.group.WORLD if distributed is True else distributed
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"distributed must be True, False or a torch.distributed ProcessGroup, got {distributed!r}")
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def matrix_cost(shape: torch.Size) -> float:
+    """batch·m·n·min(m, n) for a matrix or stack of shape (…, m, n)."""
+    m, n = shape[-2], shape[-1]
+    return float(math.prod(shape[:-2])) * m * n * min(m, n)
+
+
+def assign_owners(costs: list[float], world_size: int) -> list[int]:
+    """The rank that solves each item: largest cost first onto the least-loaded rank (ties to
+    the lower index, then the rank with fewer items, then the lower rank), the same on every rank."""
+    load, count = [0.0] * world_size, [0] * world_size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], count[r], r))
+        owners[i] = r
+        load[r] += costs[i]
+        count[r] += 1
+    return owners
+
+
+def plan_owners(group, costs: list[float]) -> tuple[int, list[int]]:
+    """(this rank in ``group``, the owner of each item); (0, []) with no group or no items."""
+    if group is None or not costs:
+        return 0, []
+    return dist.get_rank(group), assign_owners(costs, dist.get_world_size(group))
+
+
+def share_step(group, items: list, owners: list[int], stats: dict) -> None:
+    """After the owners stepped: every rank gets each item's weight and warm-start state from its
+    owner, and ``stats`` gains the other ranks' entries.
+
+    ``items``: (weight tensor, state dict, name, warm-start keys) in the same order on every
+    rank. A rank that lacks a warm-start key the owner has (the first step) allocates it from
+    the shape and dtype the all-gather carries.
+    """
+    rank = dist.get_rank(group)
+    ranks = dist.get_process_group_ranks(group)
+    mine = {}
+    for i, (_, state, name, keys) in enumerate(items):
+        if owners[i] == rank:
+            mine[i] = ({k: (tuple(state[k].shape), str(state[k].dtype).removeprefix("torch."))
+                        for k in keys if k in state},
+                       {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in stats.get(name, {}).items()})
+    gathered = [None] * len(ranks)
+    dist.all_gather_object(gathered, mine, group=group)
+    works, copies = [], []
+    for i, (weight, state, name, _) in enumerate(items):
+        meta, their_stats = gathered[owners[i]][i]
+        if owners[i] != rank:
+            stats[name] = {k: v.to(weight.device) if isinstance(v, torch.Tensor) else v
+                           for k, v in their_stats.items()}
+            for k, (shape, dtype) in meta.items():
+                if k not in state or tuple(state[k].shape) != shape or str(state[k].dtype) != f"torch.{dtype}":
+                    state[k] = torch.empty(shape, dtype=getattr(torch, dtype), device=weight.device)
+        src = ranks[owners[i]]
+        weight = weight.detach()
+        if not weight.is_contiguous():  # collectives need dense tensors: send a copy, write it back
+            buf = weight.contiguous()
+            copies.append((weight, buf))
+            weight = buf
+        for t in [weight] + [state[k] for k in sorted(meta)]:
+            works.append(dist.broadcast(t, src=src, group=group, async_op=True))
+    for w in works:
+        w.wait()
+    for weight, buf in copies:
+        weight.copy_(buf)

@@ -1,0 +1,110 @@
+"""One rank of tests/optim/test_distributed.py (run as a script: rank, world size, init file, out dir).
+
+Each rank trains a model with ``distributed=True`` and, next to it, an identical copy with the
+same optimizer run locally, on the same batches; it checks that both end bitwise equal (weights,
+state, step statistics) and writes what it saw to <out>/rank<r>.pt for the cross-rank checks.
+"""
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import modman
+import modman.optim.functional as F
+
+
+class Net(nn.Module):
+    """Linear layers of three shapes, a conv (flattened), an embedding (spheres), biases (AdamW)
+    and a weight stored transposed (non-contiguous)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 12)
+        self.conv = nn.Conv1d(12, 16, 3)
+        self.fc1 = nn.Linear(16, 40)
+        self.fc2 = nn.Linear(40, 40, bias=False)
+        self.fc2.weight = nn.Parameter(torch.randn(40, 40).t())
+        self.head = nn.Linear(40, 5)
+
+    def forward(self, tokens):
+        x = self.emb(tokens).transpose(1, 2)  # (batch, 12, length)
+        x = torch.relu(self.conv(x)).mean(-1)
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def run(optimizer_cls, model, steps, seed, **kw):
+    opt = optimizer_cls(model.modules(), **kw)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        tokens = torch.randint(0, 7, (32, 9), generator=gen)
+        target = torch.randint(0, 5, (32,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(tokens), target).backward()
+        opt.step()
+    return opt
+
+
+def same_stats(a, b):
+    if list(a) != list(b):
+        return False
+    for name in a:
+        if list(a[name]) != list(b[name]):
+            return False
+        for k in a[name]:
+            x, y = a[name][k], b[name][k]
+            if type(x) is not type(y):
+                return False
+            x, y = torch.as_tensor(x), torch.as_tensor(y)  # bitwise, NaN equal to NaN (Muon's gap)
+            if x.shape != y.shape or not bool(((x == y) | (x.isnan() & y.isnan())).all()):
+                return False
+    return True
+
+
+def same_state(a, b):
+    for pa, pb in zip(a.state.values(), b.state.values()):
+        if list(pa) != list(pb) or not all(torch.equal(pa[k], pb[k]) for k in pa):
+            return False
+    return len(a.state) == len(b.state)
+
+
+def main():
+    rank, world, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    calls = {"solve": 0, "muon": 0}
+    real_solve, real_muon = F.solve_manifold_muon, F.muon_step
+
+    def counted_solve(*a, **k):
+        calls["solve"] += 1
+        return real_solve(*a, **k)
+
+    def counted_muon(*a, **k):
+        calls["muon"] += 1
+        return real_muon(*a, **k)
+
+    F.solve_manifold_muon, F.muon_step = counted_solve, counted_muon
+    report = {}
+    for label, cls, kw in [("manifold_muon", modman.ManifoldMuon, {"lr": 0.05}),
+                           ("muon", modman.Muon, {"lr": 0.02})]:
+        torch.manual_seed(0)
+        model = Net()
+        reference = copy.deepcopy(model)
+        before = dict(calls)
+        opt = run(cls, model, 4, seed=1, distributed=True, **kw)
+        mine = {k: calls[k] - before[k] for k in calls}
+        ref = run(cls, reference, 4, seed=1, **kw)
+        report[label] = {
+            "weights_equal": all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters())),
+            "state_equal": same_state(opt, ref),
+            "stats_equal": same_stats(opt.last_step_stats, ref.last_step_stats),
+            "calls": mine,
+            "weights": [p.detach().clone() for p in model.parameters()],
+        }
+    torch.save(report, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""distributed=True: each rank solves a share of the matrices and all ranks end bitwise equal to
+one process (two gloo ranks on CPU, run by distributed_worker.py)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given
+from hypothesis import strategies as st
+
+import modman
+from modman.optim.distributed import assign_owners
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+STEPS, MATRICES = 4, 4  # distributed_worker.run's steps; Net's conv, fc1, fc2 and head
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(tmp_path / "init"), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    reports = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for label, counter in (("manifold_muon", "solve"), ("muon", "muon")):
+        for r, rep in enumerate(reports):
+            mine = rep[label]
+            # bitwise the run of one process with the same optimizer on the same batches
+            assert mine["weights_equal"], (label, r)
+            assert mine["state_equal"], (label, r)
+            assert mine["stats_equal"], (label, r)
+        for a, b in zip(reports[0][label]["weights"], reports[1][label]["weights"]):
+            assert torch.equal(a, b), label
+        calls = [rep[label]["calls"][counter] for rep in reports]
+        # every matrix solved exactly once a step, by one rank; the largest (fc2, 40×40) alone on
+        # one rank and the three small ones on the other (the longest-processing-time rule)
+        assert sum(calls) == STEPS * MATRICES, (label, calls)
+        assert sorted(calls) == [STEPS, 3 * STEPS], (label, calls)
+
+
+def test_distributed_needs_an_initialised_process_group():
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(ValueError, match="init_process_group"):
+        modman.ManifoldMuon([torch.nn.Parameter(torch.eye(3))], distributed=True)
+
+
+def test_not_distributed_by_default_or_with_false():
+    for d in (False, None):
+        opt = modman.ManifoldMuon([torch.nn.Parameter(torch.eye(3))], distributed=d)
+        assert opt._process_group is None
+
+
+@given(st.lists(st.sampled_from([0.0, 1.0, 1e6]) | st.floats(0, 1e6), max_size=40), st.integers(1, 9))
+def test_owners_balance_the_cost(costs, world):
+    owners = assign_owners(costs, world)
+    assert owners == assign_owners(list(costs), world)  # the same on every rank
+    assert len(owners) == len(costs) and all(0 <= r < world for r in owners)
+    load = [sum(c for c, r in zip(costs, owners) if r == k) for k in range(world)]
+    # list scheduling: no rank carries more than an even share plus one item
+    if costs:
+        assert max(load) <= sum(costs) / world + max(costs) + 1e-9 * sum(costs)
+    if len(costs) <= world:
+        assert len(set(owners)) == len(costs)  # one item per rank while there are ranks to spare
