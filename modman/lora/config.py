@@ -112,23 +112,30 @@ def output_head(model: nn.Module) -> set[str]:
             heads.add(id(head))
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     names = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if id(module) in heads or id(module.weight) in embedding_weights \
+    # a head an earlier adapter wrapped is a LoRALinear at the head's path: test it and its base
+    for name, module in linear_modules(model).items():
+        if heads & {id(module), id(model.get_submodule(name))} or id(module.weight) in embedding_weights \
                 or name.rsplit(".", 1)[-1] == "lm_head":
             names.add(name)
     return names
 
 
+def _attention_projections(model: nn.Module) -> set[int]:
+    """ids of the ``out_proj`` Linear of every nn.MultiheadAttention: its forward reads
+    ``out_proj.weight`` directly, never calling the module, so an adapter there would do nothing."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear of the base model by path, skipping the inside of LoRA wrappers (their
-    factors, and the wrapped base layer, which is listed under the wrapper's own path)."""
+    factors, and the wrapped base layer, which is listed under the wrapper's own path) and the
+    output projections of nn.MultiheadAttention (which never call their module)."""
     from .layer import LoRALinear
 
     out = {}
+    skipped = _attention_projections(model)
     for name, module in model.named_modules():
-        if any(part in ADAPTER_CONTAINERS for part in name.split(".")):
+        if any(part in ADAPTER_CONTAINERS for part in name.split(".")) or id(module) in skipped:
             continue
         if isinstance(module, LoRALinear):
             out[name] = module.base_layer
@@ -165,6 +172,10 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]
                 continue
             if name in linears:
                 chosen[name] = linears[name]
+            elif id(module) in _attention_projections(model):
+                raise ValueError(f"target_modules {spec!r} matches {name!r}, the output projection of an "
+                                 "nn.MultiheadAttention, whose forward reads its weight without calling it: "
+                                 "an adapter there would have no effect")
             elif not isinstance(module, LoRALinear):
                 raise TypeError(f"target_modules {spec!r} matches {name!r}, a "
                                 f"{type(module).__name__}; LoRA here adapts nn.Linear layers only")

@@ -108,22 +108,37 @@ def enable_adapters(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """``with adapters_disabled(model):`` runs the base model, then restores the adapters."""
+    """``with adapters_disabled(model):`` runs the base model, then puts every layer back as it
+    was: adapters disabled before stay disabled, merged ones are merged again (W + s·B A
+    recomputed, so equal up to the rounding of one unmerge and merge)."""
+    before = {layer: (layer.disabled, list(layer.merged_adapters)) for layer in lora_layers(model).values()}
     disable_adapters(model)
     try:
         yield model
     finally:
-        enable_adapters(model)
+        for layer, (disabled, merged) in before.items():
+            layer.disabled = disabled
+            layer.merge(merged)
 
 
-def merge_lora(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+def merge_lora(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
     """Fold s·B A into each base weight (fp32 arithmetic, then cast) for the given adapters
-    (default: the active ones); the forward then skips them. Undo with :func:`unmerge_lora`."""
+    (a name or a list; default: the active ones); the forward then skips them. Undo with
+    :func:`unmerge_lora`. A merged model's ``state_dict()`` holds W + s·B A *and* the factors,
+    and does not record the merge: load it only into a model merged the same way (as in PEFT),
+    or unmerge before saving; loaded into an unmerged model it counts s·B A twice."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters to merge")
+    names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    if names is not None:
+        present = list(dict.fromkeys(n for layer in layers.values() for n in layer.r))
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise ValueError(f"no adapter named {missing}; the model has {present}")
     for layer in layers.values():
-        layer.merge(adapter_names)
+        # a layer merges the named adapters it carries (an adapter may target only some layers)
+        layer.merge(None if names is None else [n for n in names if n in layer.r])
     return model
 
 

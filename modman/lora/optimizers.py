@@ -2,9 +2,9 @@
 
 Which geometry the factors get under ManifoldMuon:
 
-- A (r × d_in, wide) on the unscaled Stiefel manifold: orthonormal rows, A Aᵀ = I. The
-  default init (A ~ U(±1/√d_in), singular values ≈ 1/√3) is projected there at construction
-  (an exact polar factor); with B = 0 this keeps the model a no-op at init.
+- A (r × d_in, wide) on the unscaled Stiefel manifold: orthonormal rows, A Aᵀ = I. At
+  construction A = P·U (polar) becomes U and B becomes B·P, so B·A and the model's outputs stay
+  as they were (a fresh adapter, B = 0, stays a no-op; a trained or loaded one keeps its outputs).
 - B (d_out × r) Euclidean, stepped by Muon (msign of the momentum): it starts at 0, which is on
   no Stiefel manifold, and its scale is what the fine-tune learns.
 - The frozen base is never given to the optimizer, so it is never projected.
@@ -48,10 +48,11 @@ def lora_param_groups(model: nn.Module, a_manifold: str = "stiefel",
 
 
 @torch.no_grad()
-def _project_fresh_factors(model: nn.Module) -> None:
-    """Put A on Stiefel where its B is still 0: the model's function does not change, so the
-    optimizer's per-weight "moved onto the manifold" warning would only be noise. A trained
-    adapter (B ≠ 0) is left to the optimizer, which warns, since projecting changes it."""
+def _project_factors(model: nn.Module) -> None:
+    """Put every trainable A on Stiefel without changing the model: with the polar decomposition
+    A = P·U (U = polar(A) with orthonormal rows, P = A·Uᵀ = (A Aᵀ)^{1/2}, r×r), A ← U and
+    B ← B·P keep B·A, so the optimizer finds A on its manifold and leaves it (no warning) and a
+    trained or loaded adapter keeps its outputs (projecting A alone changed logits by 0.5)."""
     from ..manifolds import Stiefel
     from .inject import lora_layers
 
@@ -59,8 +60,13 @@ def _project_fresh_factors(model: nn.Module) -> None:
     for layer in lora_layers(model).values():
         for name in layer.r:
             A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-            if A.requires_grad and not B.any():
-                A.copy_(stiefel.project(A))
+            if not A.requires_grad:
+                continue
+            wide = torch.promote_types(A.dtype, torch.float64)  # P in fp64: B·P rounds once
+            U = stiefel.project(A.to(wide))
+            if B.any():
+                B.copy_((B.to(wide) @ (A.to(wide) @ U.mT)).to(B.dtype))
+            A.copy_(U.to(A.dtype))
 
 
 def optimizer_factory(name: str, lr: float, weight_decay: float = 0.0, **kwargs
@@ -80,7 +86,7 @@ def optimizer_factory(name: str, lr: float, weight_decay: float = 0.0, **kwargs
 
         if name == "muon":
             return Muon(_trainable(model), lr=lr, weight_decay=weight_decay, **kwargs)
-        _project_fresh_factors(model)
+        _project_factors(model)
         return ManifoldMuon(lora_param_groups(model), lr=lr, weight_decay=weight_decay, **kwargs)
 
     make.__name__ = f"{name}(lr={lr:g})"

@@ -11,6 +11,7 @@ on the same architecture, and an adapter PEFT saved loads here with :func:`load_
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..optim.roles import unwrap
 from .config import LoRAConfig, linear_modules
 from .inject import adapter_names, adapter_state_dict, apply_lora, lora_layers
 
@@ -39,10 +41,18 @@ def _target_list(paths: list[str], model: nn.Module) -> list[str]:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
                  base_model_name_or_path: str | None = None,
-                 task_type: str | None = "CAUSAL_LM") -> Path:
-    """Write adapter ``adapter_name`` of ``model`` to the folder ``path`` in PEFT's format."""
+                 task_type: str | None = "auto") -> Path:
+    """Write adapter ``adapter_name`` of ``model`` to the folder ``path`` in PEFT's format.
+
+    ``task_type="auto"`` writes ``"CAUSAL_LM"`` for a model that generates the transformers way
+    (it has ``prepare_inputs_for_generation``, which PEFT's causal-LM wrapper calls) and None
+    otherwise, so that ``peft.PeftModel.from_pretrained`` loads the folder onto either. A
+    ``torch.compile``-d model is saved under its eager module paths."""
     from safetensors.torch import save_file
 
+    model = unwrap(model)
+    if task_type == "auto":
+        task_type = "CAUSAL_LM" if callable(getattr(model, "prepare_inputs_for_generation", None)) else None
     configs = getattr(model, "lora_configs", {})
     state = adapter_state_dict(model, adapter_name)
     if adapter_name not in configs:
@@ -102,6 +112,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} holds a JSON {type(config).__name__}, not the object of a LoraConfig")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
     unsupported = {
@@ -119,10 +131,18 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         raise ValueError(f"{config_file}: {bad} not supported by modman.lora (plain LoRA on "
                          "nn.Linear with one rank and alpha only)")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise ValueError(f"{config_file}: {key} must be a positive number, got "
-                             f"{config.get(key)!r}")
-    tensors = load_file(str(weights_file))
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
+                or not math.isfinite(value):
+            raise ValueError(f"{config_file}: {key} must be a positive number, got {value!r}")
+    if float(config["r"]) != int(config["r"]):
+        raise ValueError(f"{config_file}: r must be a whole number, got {config['r']!r}")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as err:  # safetensors raises its own SafetensorError for a damaged file
+        raise ValueError(f"{weights_file} is not a readable safetensors file: {err}") from None
+    if not tensors:
+        raise ValueError(f"{weights_file} holds no tensors")
     wrong = [k for k in tensors if not _KEY.fullmatch(k)]
     if wrong:
         raise ValueError(f"{weights_file}: keys not of the form base_model.model.<path>."
@@ -136,10 +156,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     The adapted modules are those named in the tensor file. If the model has no adapter of that
     name it is created (and made active and trainable, as by :func:`apply_lora`); otherwise its
-    values are overwritten. Every module path and shape is checked first: an adapter for
+    values are overwritten, which needs the file's rank and scale (r, lora_alpha, use_rslora) to
+    be the adapter's. Every module path and shape is checked first: an adapter for
     other module names or shapes raises ValueError naming the file and modules, and the model
     is left untouched.
     """
+    model = unwrap(model)
     config, tensors = read_adapter(path)
     weights_file = Path(path) / WEIGHTS_NAME
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -164,10 +186,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                 f"the model needs {shape}")
     existing = adapter_name in adapter_names(model)
     if existing and not problems:
-        have = {p for p, layer in lora_layers(model).items() if adapter_name in layer.r}
-        if have != set(factors):
+        have = {p: layer for p, layer in lora_layers(model).items() if adapter_name in layer.r}
+        if set(have) != set(factors):
             problems.append(f"adapter {adapter_name!r} already exists on other modules "
-                            f"({sorted(have ^ set(factors))[:5]} differ)")
+                            f"({sorted(set(have) ^ set(factors))[:5]} differ)")
+        # loading overwrites the factors only: a rank or scale of the file that differs from the
+        # adapter's would give other outputs than the saved model's (or broadcast a rank-1 file)
+        file_scaling = LoRAConfig(r=r, alpha=config["lora_alpha"], use_rslora=bool(config.get("use_rslora"))).scaling
+        for module_path, layer in have.items():
+            if layer.r[adapter_name] != r or not math.isclose(layer.scaling[adapter_name], file_scaling,
+                                                              rel_tol=1e-12):
+                problems.append(f"adapter {adapter_name!r} has r={layer.r[adapter_name]}, scale "
+                                f"{layer.scaling[adapter_name]:g} on {module_path}, the file r={r}, "
+                                f"lora_alpha={config['lora_alpha']!r}, use_rslora="
+                                f"{bool(config.get('use_rslora'))} (scale {file_scaling:g}); load it "
+                                "under another adapter_name")
+                break
     if problems:
         listing = "; ".join(problems[:10]) + ("; …" if len(problems) > 10 else "")
         raise ValueError(f"{weights_file} does not fit {type(model).__name__}: {listing}. "

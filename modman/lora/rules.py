@@ -10,6 +10,7 @@ functions: the learning-rate rule, parameter counts and the capacity estimate.
 from __future__ import annotations
 
 import math
+import numbers
 
 from torch import nn
 
@@ -25,7 +26,7 @@ def lora_lr(full_ft_lr: float, steps: int | None = None) -> float:
     if not isinstance(full_ft_lr, (int, float)) or not math.isfinite(full_ft_lr) \
             or full_ft_lr <= 0:
         raise ValueError(f"full_ft_lr must be a positive finite number, got {full_ft_lr!r}")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
+    if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"steps must be a positive int or None, got {steps!r}")
     ratio = 15.0 if steps is not None and steps <= SHORT_RUN_STEPS else 10.0
     return ratio * float(full_ft_lr)

@@ -14,6 +14,7 @@ uninterrupted run bitwise on the same machine.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -44,19 +45,22 @@ class TrainConfig:
     progress: bool = False
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum"):
+        for name, least in (("steps", 1), ("grad_accum", 1), ("warmup_steps", 0), ("eval_every", 0),
+                            ("checkpoint_every", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            # any integer type (a NumPy int from a sweep), stored as int; bools are not counts
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+                kind = "a positive" if least else "a non-negative"
+                raise ValueError(f"{name} must be {kind} int, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.warmup_steps >= self.steps and self.schedule == "linear":
             raise ValueError(f"warmup_steps={self.warmup_steps} leaves no decay phase in "
                              f"steps={self.steps}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} > steps={self.steps}: the learning "
+                             "rate would never reach its peak")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
 

@@ -34,6 +34,15 @@ def _check_nonneg(name: str, value) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number ≥ 0)")
 
 
+def _lora_partner(name: str, params: dict):
+    """The parameter ``…lora_B.<adapter>.weight`` of a LoRA ``…lora_A.<adapter>.weight`` (modman's
+    or PEFT's naming) when the optimizer holds it, else None."""
+    head, sep, tail = name.rpartition("lora_A.")
+    if not sep or tail.count(".") != 1 or not tail.endswith(".weight"):
+        return None
+    return params.get(f"{head}lora_B.{tail}")
+
+
 def _scalar(x) -> float:
     return x.item() if isinstance(x, torch.Tensor) else float(x)
 
@@ -409,6 +418,7 @@ class ManifoldOptimizer(Optimizer):
         weight untouched.
         """
         names = self._param_names()
+        by_name = {names[id(p)]: p for g in self.param_groups for p in g["params"]}
         moves = []
         with torch.no_grad():
             for group in groups:
@@ -434,10 +444,19 @@ class ManifoldOptimizer(Optimizer):
                         full[rows] = target.to(full.dtype)
                         target = full
                     moves.append((p, target.reshape(p.shape), names[id(p)], group["manifold"], dist))
+                    B = _lora_partner(names[id(p)], by_name) if group["manifold"] == "stiefel" else None
+                    if B is not None and B.ndim == 2 and W.ndim == 2 and B.shape[1] == W.shape[0]:
+                        # a LoRA A (r × d_in) with its B in the optimizer: B' = B·A·Tᵀ(T Tᵀ)⁻¹ for the
+                        # projected T keeps B'·T = B·A, so the model's outputs do not change
+                        wide = torch.promote_types(W.dtype, torch.float64)
+                        T = target.to(wide)
+                        B_new = B.to(wide) @ torch.linalg.solve(T @ T.mT, T @ W.to(wide).mT).mT
+                        moves.append((B, B_new.to(B.dtype), None, None, None))
             for p, target, name, manifold_name, dist in moves:
                 p.copy_(target)
-                warnings.warn(f"{type(self).__name__}: moved {name} onto the {manifold_name} "
-                              f"manifold (distance was {dist:.3g})", stacklevel=4)
+                if name is not None:
+                    warnings.warn(f"{type(self).__name__}: moved {name} onto the {manifold_name} "
+                                  f"manifold (distance was {dist:.3g})", stacklevel=4)
 
     # ----------------------------------------------------------------------------- step
     def _grads_finite(self) -> bool:

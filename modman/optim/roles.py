@@ -6,6 +6,7 @@ parameter is assigned once, to the module that owns it (``named_parameters(recur
 tied weights once, under their first name):
 
     nn.Linear weight                     → "stiefel"
+    LoRA factor B (a Linear at …lora_B.<adapter>) → "euclidean" (it starts at 0: no Stiefel point)
     nn.Conv1d/2d/3d weight               → "stiefel" (viewed as (out, in·k…))
     nn.Embedding weight                  → "sphere" (one sphere per row)
     3-D parameter of any other module    → "stiefel", batched over dim 0 (expert stacks)
@@ -88,9 +89,15 @@ def expand_modules(modules) -> Network:
     return Network(root, len(roots) == 1, ordered, names)
 
 
-def default_role(module: nn.Module | None, attr: str, p: torch.Tensor) -> str:
+def default_role(module: nn.Module | None, attr: str, p: torch.Tensor, path: str = "") -> str:
+    """The role of parameter ``attr`` of ``module`` (at module ``path``), by the table above."""
     if module is None:
         return "stiefel" if p.ndim >= 2 else "fallback"
+    if attr == "weight" and isinstance(module, nn.Linear) and path.split(".")[-2:-1] == ["lora_B"]:
+        # a LoRA adapter's B (modman's LoRALinear or PEFT's, both lora_B.<adapter>): it starts at
+        # 0, on no Stiefel manifold, and projecting it would change the model — it takes the
+        # "euclidean" role (Muon's msign step), as modman.lora.optimizer_factory gives it
+        return "euclidean"
     if attr == "weight" and isinstance(module, nn.Linear):
         return "stiefel"
     if attr == "weight" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -129,7 +136,7 @@ def assign_modules(network: Network, roles: dict | None = None) -> list[Assignme
             if not p.requires_grad:
                 continue
             name = f"{prefix}.{attr}" if prefix else attr
-            role = _override(roles, m, name, default_role(m, attr, p))
+            role = _override(roles, m, name, default_role(m, attr, p, prefix))
             if role not in ROLES:
                 raise ValueError(f"unknown role {role!r} for parameter {name!r}; choose from {ROLES}")
             out.append(Assignment(name, p, role, m))

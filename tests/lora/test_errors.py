@@ -73,6 +73,11 @@ def test_lora_lr_rule():
             lora_lr(bad)
     with pytest.raises(ValueError, match="steps"):
         lora_lr(1e-4, steps=0)
+    for bad in (True, 2.5):
+        with pytest.raises(ValueError, match="steps"):
+            lora_lr(1e-4, steps=bad)
+    np = pytest.importorskip("numpy")
+    assert lora_lr(1e-4, steps=np.int64(50)) == pytest.approx(1.5e-3)  # a NumPy int from a sweep
 
 
 def test_bf16_model_without_adapters_is_untouched_by_a_failed_apply():

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from modman.lora import (LoRAConfig, LoRALinear, adapters_disabled, apply_lora, count_parameters,
-                         lora_layers, lora_parameter_count, merge_lora, optimizer_factory,
+                         disable_adapters, lora_layers, lora_parameter_count, merge_lora, optimizer_factory,
                          set_adapter, unload_lora, unmerge_lora)
 
 from .lora_helpers import same_state, snapshot, tiny_llama, tiny_model, tokens
@@ -225,3 +225,56 @@ def test_error_leaves_model_untouched():
         apply_lora(model, LoRAConfig(33))  # q_proj is 32×32
     assert same_state(state, snapshot(model)) and not lora_layers(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_merge_lora_takes_a_name_or_a_list_and_refuses_unknown_ones():
+    model = apply_lora(tiny_model(), LoRAConfig(2, init="random"), seed=0)
+    apply_lora(model, LoRAConfig(2, target_modules="mlp", init="random"), "mlp_only", seed=1)
+    set_adapter(model, ["default", "mlp_only"])
+    state = snapshot(model)
+    for names in (["nope"], "nope", ["default", "nope"]):
+        with pytest.raises(ValueError, match=r"no adapter named \['nope'\]; the model has \['default', 'mlp_only'\]"):
+            merge_lora(model, names)
+        assert same_state(state, snapshot(model))
+    x = tokens()
+    expected = model(x).logits
+    merge_lora(model, "mlp_only")  # a string is one name (it used to be iterated letter by letter)
+    layers = lora_layers(model)
+    assert layers["layers.0.mlp.up_proj"].merged_adapters == ["mlp_only"]
+    assert layers["layers.0.self_attn.q_proj"].merged_adapters == []  # an adapter not on every layer
+    torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_adapters_disabled_restores_merged_and_disabled_layers():
+    model = apply_lora(tiny_model(), LoRAConfig(2, init="random"), seed=0)
+    x = tokens()
+    adapted = model(x).logits
+    merge_lora(model)
+    with adapters_disabled(model):
+        base = model(x).logits
+    assert all(layer.merged_adapters == ["default"] for layer in lora_layers(model).values())
+    torch.testing.assert_close(model(x).logits, adapted, rtol=0, atol=1e-5)
+    disable_adapters(model)
+    with adapters_disabled(model):
+        pass
+    assert all(layer.disabled for layer in lora_layers(model).values())  # stays disabled
+    torch.testing.assert_close(model(x).logits, base, rtol=0, atol=1e-5)
+
+
+def test_attention_output_projection_of_multihead_attention_is_not_a_target():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: an adapter there
+    would do nothing (its gradient stayed None)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0,
+                                             batch_first=True)
+    apply_lora(layer, LoRAConfig(2, init="random"))
+    assert sorted(lora_layers(layer)) == ["linear1", "linear2"]
+    with pytest.raises(ValueError, match="output projection of an nn.MultiheadAttention"):
+        apply_lora(torch.nn.TransformerEncoderLayer(16, 2, 32), LoRAConfig(2, target_modules=["out_proj"]))
+
+
+def test_all_linear_skips_a_head_an_earlier_adapter_wrapped():
+    model = apply_lora(tiny_model(), LoRAConfig(2, target_modules=["lm_head"]), "head")
+    apply_lora(model, LoRAConfig(2), "body")  # "all-linear": every Linear but the output head
+    assert "body" not in lora_layers(model)["lm_head"].r
+    assert "body" in lora_layers(model)["layers.0.mlp.up_proj"].r

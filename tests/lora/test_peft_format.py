@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modman.lora import (LoRAConfig, adapters_disabled, apply_lora, load_adapter, lora_layers,
+from modman.lora import (LoRAConfig, adapters_disabled, apply_lora, load_adapter, lora_layers, merge_lora,
                          optimizer_factory, save_adapter)
 
 from .lora_helpers import same_state, snapshot, tiny_llama, tiny_model, tokens
@@ -164,3 +164,62 @@ def test_unsupported_or_missing_files_are_refused(tmp_path):
     _assert_untouched_after(ValueError, "peft_type", tiny_model(), path)
     (path / "adapter_config.json").unlink()
     _assert_untouched_after(FileNotFoundError, "adapter_config.json", tiny_model(), path)
+
+
+@pytest.mark.parametrize("existing, match", [
+    (dict(r=4, alpha=8), r"scale 2 on .*the file r=4, lora_alpha=32"),  # same rank, other alpha
+    (dict(r=4, use_rslora=True), r"use_rslora=False"),                   # same rank, other scale rule
+    (dict(r=1), r"has r=1"),                                             # a rank-4 file into rank 1
+    (dict(r=8), r"has r=8"),
+])
+def test_existing_adapter_with_other_rank_or_scale_is_refused(tmp_path, existing, match):
+    """Loading overwrites only the factors: a file whose rank or scale differs from the adapter's
+    would give other outputs than the saved model (or broadcast a rank-1 file into rank 8)."""
+    path = _saved(tmp_path)
+    target = apply_lora(tiny_model(), LoRAConfig(**existing), seed=1)
+    _assert_untouched_after(ValueError, match, target, path)
+    merged = merge_lora(apply_lora(tiny_model(), LoRAConfig(**existing, init="random"), seed=1))
+    _assert_untouched_after(ValueError, match, merged, path)  # left merged, not unmerged
+
+
+def test_damaged_files_are_refused_naming_them(tmp_path):
+    path = _saved(tmp_path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps([config]))
+    _assert_untouched_after(ValueError, r"adapter_config.json holds a JSON list", tiny_model(), path)
+    (path / "adapter_config.json").write_text(json.dumps({**config, "r": 4.5}))
+    _assert_untouched_after(ValueError, r"adapter_config.json: r must be a whole number", tiny_model(), path)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated
+    _assert_untouched_after(ValueError, r"adapter_model.safetensors is not a readable safetensors", tiny_model(),
+                            path)
+    save_file({}, str(weights))
+    _assert_untouched_after(ValueError, r"adapter_model.safetensors holds no tensors", tiny_model(), path)
+
+
+def test_task_type_follows_the_model_and_peft_loads_a_custom_model(tmp_path):
+    model = apply_lora(tiny_model(), LoRAConfig(4, init="random"), seed=0).eval()
+    save_adapter(model, tmp_path / "toy")
+    # TinyCausalLM does not generate the transformers way: PEFT's causal-LM wrapper would fail on it
+    assert json.loads((tmp_path / "toy" / "adapter_config.json").read_text())["task_type"] is None
+    llama = apply_lora(tiny_llama(), LoRAConfig(2), seed=0)
+    save_adapter(llama, tmp_path / "llama")
+    assert json.loads((tmp_path / "llama" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    peft = pytest.importorskip("peft")
+    loaded = peft.PeftModel.from_pretrained(tiny_model(), str(tmp_path / "toy")).eval()
+    x = tokens()
+    assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_a_compiled_model_saves_and_loads_under_its_eager_paths(tmp_path):
+    model = apply_lora(tiny_model(), LoRAConfig(2, target_modules="mlp", init="random"), seed=0)
+    save_adapter(torch.compile(model), tmp_path)
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert keys and not any("_orig_mod" in k for k in keys)
+    plain = load_adapter(tiny_model(), tmp_path)
+    x = tokens()
+    assert torch.equal(plain.eval()(x).logits, model.eval()(x).logits)
+    compiled_target = torch.compile(tiny_model())
+    load_adapter(compiled_target, tmp_path)  # module paths of the eager model inside
+    assert torch.equal(compiled_target._orig_mod.eval()(x).logits, model(x).logits)

@@ -123,3 +123,43 @@ def test_bad_trainer_input():
         return {"input_ids": torch.zeros(2, 4, dtype=torch.long)}
     with pytest.raises(ValueError, match="no loss"):
         train(model, optimizer_factory("adamw", 1e-3), no_labels, TrainConfig(1))
+
+
+def test_train_config_counts_take_any_integer_and_warmup_must_fit():
+    np = pytest.importorskip("numpy")
+    config = TrainConfig(np.int64(20), warmup_steps=np.int32(5), grad_accum=np.int64(2))
+    assert (config.steps, config.warmup_steps, config.grad_accum) == (20, 5, 2)
+    assert type(config.steps) is int
+    for bad in (2.5, True, -1):
+        with pytest.raises(ValueError, match="steps must be a positive int"):
+            TrainConfig(bad)
+    # with a constant schedule a warmup longer than the run never reached the peak lr
+    with pytest.raises(ValueError, match="warmup_steps=10 > steps=3"):
+        TrainConfig(3, warmup_steps=10)
+    assert lr_factor(2, TrainConfig(3, warmup_steps=3)) == 1.0
+
+
+@pytest.mark.parametrize("make", ["factory", "modules"])
+def test_manifold_muon_on_a_lora_model_keeps_its_outputs_at_construction(make):
+    """A fresh adapter (B = 0) must stay a no-op and a trained one keep its outputs: B is not
+    put on Stiefel (it took the Linear role and became ‖B‖_F = √r, logits moved 0.5), and when A
+    is moved onto Stiefel, A = P·U → U, B gets B·P so that B·A is unchanged."""
+    import warnings
+
+    from modman.optim import ManifoldMuon
+
+    x = torch.randint(0, 40, (3, 10), generator=torch.Generator().manual_seed(0))
+    for init in ("default", "random"):  # B = 0, and a trained-looking adapter (B ≠ 0)
+        model = apply_lora(tiny_model(), LoRAConfig(4, init=init), seed=0).eval()
+        before = model(x).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # A "moved onto the manifold", by design
+            opt = (optimizer_factory("manifold_muon", 0.05)(model) if make == "factory"
+                   else ManifoldMuon(model.modules(), lr=0.05, budget="uniform"))
+        torch.testing.assert_close(model(x).logits, before, rtol=0, atol=2e-5)
+        manifold = {n: g["manifold"] for g in opt.param_groups for n in g.get("param_names", [])}
+        b_names = [n for n in manifold if ".lora_B." in n]
+        assert b_names and all(manifold[n] == "euclidean" for n in b_names)
+        stiefel = Stiefel()
+        for layer in lora_layers(model).values():
+            assert float(stiefel.distance(layer.lora_A["default"].weight.detach())) < 1e-5
