@@ -63,7 +63,8 @@ def gather_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     positions: torch.Tensor, *, with_entropy: bool = False):
     """log π(input_ids[b, p] | input_ids[b, <p]) at each column p = positions[b, t] ≥ 1.
 
-    Returns (B, T) log-probs (differentiable if grad is on), and with ``with_entropy`` also the
+    Returns (B, T) log-probs (differentiable if grad is on) in the logits' dtype promoted to at
+    least fp32 (bf16 → fp32, fp64 stays fp64), and with ``with_entropy`` also the
     (B, T) entropy −Σ_v π_v log π_v of the predictive distribution at those positions
     (detached: a metric, not a loss).
     """
@@ -77,7 +78,9 @@ def gather_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if vocab_size(model) != V:
         raise ValueError(f"model returned {V} logits per position but declares {vocab_size(model)}")
     index = (positions - 1).clamp(max=input_ids.shape[1] - 1)
-    picked = logits.gather(1, index[..., None].expand(-1, -1, V)).float()  # (B, T, V)
+    # (B, T, V) in at least fp32: bf16/fp16 logits are upcast for the logsumexp, fp64 stays fp64.
+    picked = logits.gather(1, index[..., None].expand(-1, -1, V))
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
     del logits
     targets = input_ids.gather(1, positions.clamp(max=input_ids.shape[1] - 1))
     log_z = picked.logsumexp(-1)

@@ -13,10 +13,12 @@ so every objective sees the same number of sampled sequences (and, up to <eos>, 
 
 The policy-gradient objectives use the importance-sampling loss −Σ_t ρ_t A_t (``loss="is"``) or
 PPO's clipped surrogate (``loss="ppo"``), with ``substeps`` optimizer steps per batch; the batch
-loss is the mean over sequences of the per-sequence token sum. The student's log-probs in the
-advantage come from the same no-grad scoring path as the teacher's, so teacher == student gives
-advantages that are exactly zero (and no update); the ratio's denominator is the sampler's own
-recorded log-prob.
+loss is the mean over sequences of the per-sequence token sum. The student runs in eval mode (no
+dropout) for the whole step, sampling, scoring and learning alike, so the sampled, the scored and
+the differentiated policy are one network. The student's log-probs in the advantage come from the
+same no-grad scoring path as the teacher's, so teacher == student gives advantages that are
+exactly zero (and no update); the ratio's denominator is the sampler's own recorded log-prob.
+A non-finite value raises FloatingPointError before any update (see :meth:`Trainer.step`).
 
 Metrics every step (a dict, appended as one JSON line to ``log_path`` when given):
 ``teacher_kl`` (per-sequence Σ_t (log s − log t) on student samples: an unbiased estimate of the
@@ -29,8 +31,10 @@ log-prob − rescored log-prob|: nonzero only by float noise when sampler == pol
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +46,8 @@ import torch
 from .advantages import group_centred_advantages, teacher_advantages
 from .losses import importance_sampling_loss, ppo_clip_loss, sft_loss
 from .rollouts import Rollouts, sample_rollouts
-from .scoring import TeacherRender, check_same_vocabulary, completion_logprobs, teacher_logprobs
+from .scoring import (TeacherRender, check_same_vocabulary, completion_logprobs, teacher_logprobs,
+                      vocab_size)
 
 OBJECTIVES = ("opd", "rl", "sft")
 LOSSES = ("is", "ppo")
@@ -63,7 +68,7 @@ class OPDConfig:
     substeps: int = 1
     clip_eps: float = 0.2
     sft_source: str = "teacher"
-    grad_clip: float | None = None
+    grad_clip: float | None = None  # None: off; else the max total gradient norm, finite > 0
     eval_every: int = 10
     eval_prompts: int | None = 200  # None: the task's whole test set
     seed: int = 0
@@ -73,24 +78,42 @@ class OPDConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("group_size", "prompts_per_step", "substeps"):
+        # Counts: any integer type (numpy's too, stored back as int so the config stays JSON- and
+        # isinstance(int)-friendly downstream), never a bool or a float such as 2.5.
+        for name, low, optional in (("group_size", 1, False), ("prompts_per_step", 1, False),
+                                    ("substeps", 1, False), ("max_new_tokens", 1, True),
+                                    ("eval_every", 0, False), ("eval_prompts", 1, True),
+                                    ("seed", 0, False)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every!r}")
+            if optional and value is None:
+                continue
+            if not _is_int(value) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}"
+                                 f"{' or None' if optional else ''}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.objective == "rl" and self.group_size < 2:
+            # The task reward is centred within each group: a group of one always gets advantage
+            # exactly 0, so the RL objective would silently train on nothing.
+            raise ValueError("objective 'rl' needs group_size >= 2: rewards are centred within "
+                             f"each group, so group_size={self.group_size} gives zero advantages")
         if self.temperature != 1.0:
             raise ValueError(
                 "temperature must be 1: the importance ratio divides by the sampler's log-probs, "
                 "which are the trained policy's only at temperature 1 (no top-p/top-k either)")
-        if not 0.0 <= self.discount <= 1.0:
+        if not (_is_real(self.discount) and 0.0 <= self.discount <= 1.0):
             raise ValueError(f"discount must lie in [0, 1], got {self.discount!r}")
-        if self.kl_coef is not None and not self.kl_coef >= 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
+        if self.kl_coef is not None and not (_is_real(self.kl_coef) and self.kl_coef >= 0
+                                             and math.isfinite(self.kl_coef)):
+            raise ValueError(f"kl_coef must be a finite number >= 0 or None, got {self.kl_coef!r}")
+        if not (_is_real(self.clip_eps) and 0 < self.clip_eps < 1):
+            raise ValueError(f"clip_eps must lie in (0, 1), got {self.clip_eps!r}")
+        if self.grad_clip is not None and not (_is_real(self.grad_clip) and self.grad_clip > 0
+                                               and math.isfinite(self.grad_clip)):
+            # A negative max norm flips the gradient (ascent) and NaN poisons every weight.
+            raise ValueError(f"grad_clip must be a finite number > 0 or None, got "
+                             f"{self.grad_clip!r}")
         if self.sft_source not in ("teacher", "student"):
             raise ValueError(f"sft_source must be 'teacher' or 'student', got {self.sft_source!r}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
 
     @property
     def effective_kl_coef(self) -> float:
@@ -99,11 +122,28 @@ class OPDConfig:
         return 1.0 if self.objective == "opd" else 0.0
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 
+def _check_finite(step: int, name: str, value) -> None:
+    finite = bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else (
+        not isinstance(value, float) or math.isfinite(value))
+    if not finite:
+        raise FloatingPointError(f"step {step}: non-finite {name}; nothing was updated")
+
+
 def _grad_norm(params) -> float:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    # At least fp32 (a bf16 norm is coarse), fp64 kept (no overflow that fp64 did not have).
+    norms = [p.grad.detach().to(torch.promote_types(p.grad.dtype, torch.float32)).norm()
+             for p in params if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
@@ -131,7 +171,16 @@ class Trainer:
                  teacher_tokenizer=None, log_path: str | Path | None = None,
                  progress: bool = False):
         self.config = config = config or OPDConfig()
+        if not isinstance(config, OPDConfig):
+            raise TypeError(f"config must be an OPDConfig, got {type(config).__name__}")
         self.student, self.task, self.teacher = student, task, teacher
+        # Check everything before changing anything: the teacher is frozen only once all pass.
+        v_student, v_task = vocab_size(student), task.tokenizer.vocab_size
+        if v_student != v_task:
+            # Sampled ids must decode with the task's tokenizer (a larger head samples ids it
+            # cannot decode) and its prompt ids must embed (a smaller one cannot).
+            raise ValueError(f"the student's vocabulary has {v_student} tokens but the task's "
+                             f"tokenizer has {v_task}: they must be equal")
         needs_teacher = config.objective == "opd" or (
             config.objective == "sft" and config.sft_source == "teacher") or (
             config.objective == "rl" and config.effective_kl_coef > 0)
@@ -142,15 +191,21 @@ class Trainer:
             check_same_vocabulary(student, teacher, task.tokenizer, teacher_tokenizer)
             if teacher is student:
                 raise ValueError("teacher must be a separate, fixed model (pass a copy)")
-            teacher.requires_grad_(False)
-            teacher.eval()
-        self.teacher_render = teacher_render
         self.params = [p for p in student.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
         self.optimizer = optimizer(student) if callable(optimizer) else optimizer
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError("optimizer must be a torch.optim.Optimizer or a factory returning one")
+        trainable = {id(p) for p in self.params}
+        if not any(id(p) in trainable for group in self.optimizer.param_groups
+                   for p in group["params"]):
+            raise ValueError("optimizer holds none of the student's trainable parameters (was it "
+                             "built on another model, or a copy?): training would change nothing")
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.teacher_render = teacher_render
         self.max_new_tokens = config.max_new_tokens or task.max_new_tokens
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -188,30 +243,56 @@ class Trainer:
     # ---------------------------------------------------------------- one step
 
     def step(self) -> dict:
+        """One batch: sample, score, then ``substeps`` optimizer steps; returns the metrics.
+
+        The student runs in eval mode for the whole step (sampling, the no-grad scoring of the
+        advantage and the learner's forward of the loss), then gets its previous mode back.
+        Dropout is off everywhere, so the policy that samples, the one in the reward
+        −(log s − log t) and the one differentiated are one deterministic network: teacher ==
+        student gives exactly zero advantages, and the importance ratio of the first substep is
+        1 up to float noise (as in TRL, which disables dropout for on-policy training).
+
+        A non-finite log-prob, advantage, metric, loss or gradient norm raises FloatingPointError
+        before the optimizer sees it: the student's weights, the optimizer's state and
+        ``step_count`` are left as they were (with ``substeps`` > 1, the earlier substeps' updates
+        are undone). Only the sampling RNGs have moved on.
+        """
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            return self._step()
+        finally:
+            self.student.train(was_training)
+
+    def _step(self) -> dict:
         cfg = self.config
+        step = self.step_count + 1
         start = time.perf_counter()
         sft_from_teacher = cfg.objective == "sft" and cfg.sft_source == "teacher"
         rollouts = self._rollouts(self.teacher if sft_from_teacher else self.student)
         mask = rollouts.completion_mask
         n_tokens = mask.sum(1).float()
         rewards = self.task.score_ids(rollouts.prompts, rollouts.completion_ids, mask).float()
-        metrics = {"step": self.step_count + 1, "objective": cfg.objective,
+        metrics = {"step": step, "objective": cfg.objective,
                    "completion_length": float(n_tokens.mean()),
                    "fraction_truncated": float(rollouts.truncated.float().mean()),
                    "reward": float(rewards.mean())}
 
         with torch.no_grad():
             student_lp, entropy = completion_logprobs(self.student, rollouts, with_entropy=True)
+        _check_finite(step, "student log-prob", student_lp)
         metrics["entropy"] = float(entropy.sum() / n_tokens.sum().clamp(min=1))
         teacher_lp = None
         if self.teacher is not None:
             teacher_lp = teacher_logprobs(self.teacher, rollouts, render=self.teacher_render)
+            _check_finite(step, "teacher log-prob", teacher_lp)
             log_ratio = (student_lp - teacher_lp).sum(1)
             key = "teacher_kl_forward" if sft_from_teacher else "teacher_kl"
             sign = -1.0 if sft_from_teacher else 1.0
             metrics[key] = float(sign * log_ratio.mean())
             metrics[key + "_per_token"] = float(sign * log_ratio.sum() / n_tokens.sum().clamp(min=1))
         if cfg.objective != "sft" or cfg.sft_source == "student":
+            _check_finite(step, "sampler log-prob", rollouts.sampler_logprobs)
             metrics["sampler_mismatch"] = float(
                 (student_lp - rollouts.sampler_logprobs).abs().max()) if mask.any() else 0.0
 
@@ -225,28 +306,49 @@ class Trainer:
                 advantages = advantages + teacher_advantages(
                     student_lp, teacher_lp, mask, kl_coef=cfg.effective_kl_coef,
                     discount=cfg.discount)
+        if advantages is not None:
+            _check_finite(step, "advantage", advantages)
+        for key, value in metrics.items():
+            _check_finite(step, f"metric {key}", value)
 
+        # Later substeps start from updated weights and may diverge: keep what undoes them.
+        saved = None
+        if cfg.substeps > 1:
+            saved = ([p.detach().clone() for p in self.params],
+                     copy.deepcopy(self.optimizer.state_dict()))
         losses, grad_norms = [], []
-        self.student.train()
-        for _ in range(cfg.substeps):
-            learner_lp = completion_logprobs(self.student, rollouts)
-            if advantages is None:
-                per_seq = sft_loss(learner_lp, mask)
-            elif cfg.loss == "is":
-                per_seq = importance_sampling_loss(learner_lp, rollouts.sampler_logprobs,
-                                                   advantages, mask)
-            else:
-                per_seq = ppo_clip_loss(learner_lp, rollouts.sampler_logprobs, advantages, mask,
-                                        clip_eps=cfg.clip_eps)
-            loss = per_seq.mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norms.append(_grad_norm(self.params))
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-            self.optimizer.step()
-            losses.append(float(loss.detach()))
-        self.step_count += 1
+        try:
+            for _ in range(cfg.substeps):
+                learner_lp = completion_logprobs(self.student, rollouts)
+                if advantages is None:
+                    per_seq = sft_loss(learner_lp, mask)
+                elif cfg.loss == "is":
+                    per_seq = importance_sampling_loss(learner_lp, rollouts.sampler_logprobs,
+                                                       advantages, mask)
+                else:
+                    per_seq = ppo_clip_loss(learner_lp, rollouts.sampler_logprobs, advantages,
+                                            mask, clip_eps=cfg.clip_eps)
+                loss = per_seq.mean()
+                _check_finite(step, "loss", loss)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = _grad_norm(self.params)
+                # A finite loss can still back-propagate to an overflowing gradient.
+                _check_finite(step, "grad_norm", grad_norm)
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.optimizer.step()
+                losses.append(float(loss.detach()))
+                grad_norms.append(grad_norm)
+        except FloatingPointError:
+            self.optimizer.zero_grad(set_to_none=True)  # no non-finite gradient left behind
+            if saved is not None:
+                with torch.no_grad():
+                    for p, old in zip(self.params, saved[0]):
+                        p.copy_(old)
+                self.optimizer.load_state_dict(saved[1])
+            raise
+        self.step_count = step
         metrics["loss"] = losses[0]
         metrics["grad_norm"] = grad_norms[0]
         if cfg.substeps > 1:
@@ -254,9 +356,6 @@ class Trainer:
         if cfg.eval_every and self.step_count % cfg.eval_every == 0:
             metrics["accuracy"] = self.evaluate()
         metrics["seconds"] = time.perf_counter() - start
-        for key, value in metrics.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise FloatingPointError(f"step {self.step_count}: metric {key} is {value}")
         self.history.append(metrics)
         if self.log_path is not None:
             with self.log_path.open("a") as f:
@@ -269,7 +368,7 @@ class Trainer:
               callback: Callable[[dict], None] | None = None) -> list[dict]:
         """Run up to ``steps`` steps; stop early once an evaluation reaches ``target_accuracy``.
         Returns this call's metrics."""
-        if not isinstance(steps, int) or steps < 0:
+        if not _is_int(steps) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         records = []
         iterator = range(steps)

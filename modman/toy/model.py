@@ -111,10 +111,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 so bf16 activations do not lose the mean of squares.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in at least fp32 so bf16 activations do not lose the mean of squares (and
+        # fp64 ones keep fp64).
+        xw = x.to(torch.promote_types(x.dtype, torch.float32))
+        xw = xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xw.to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -374,7 +375,9 @@ class TinyCausalLM(nn.Module):
                 past = out.past_key_values
             else:
                 out = self(sequences, attention_mask=mask)
-            logits = out.logits[:, -1].float()
+            # At least fp32 for the softmax (bf16 is too coarse); an fp64 model stays fp64.
+            logits = out.logits[:, -1]
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             if temperature == 0:
                 token = logits.argmax(-1)
                 logprob_all = logits.log_softmax(-1)
