@@ -14,6 +14,11 @@ For a weight W ∈ R^{d_out×d_in} on the Stiefel manifold with common singular 
     Gain          y = g ⊙ x: N(Δg) = ‖Δg‖_∞ (tight for x concentrated on one coordinate);
                   sensitivity ‖g‖_∞ at the gains given at construction.
 
+Frozen weights (``frozen=True``; from_torch sets it for requires_grad=False): the optimizer neither
+steps nor projects them, so they are not on a manifold; they still act on the signal, so their
+sensitivity and output bound are read from the weight as it is (Linear/Conv: √(d_in/d_out)·‖W‖₂;
+Embedding: the largest row norm as the radius), and from_torch gives them mass 0.
+
 Biases and gains are trained by the optimizer's AdamW fallback, which ignores lr_scale; they are
 atoms of mass 0 by default ("passengers": outside the norm and the budget). Give them a mass to
 put them inside the norm.
@@ -42,7 +47,7 @@ def _spectral(M: torch.Tensor) -> torch.Tensor:
 class MatrixAtom(Atom):
     """A Stiefel weight used as x ↦ W x (Linear, or Conv with W flattened to (out, in·k…))."""
 
-    def __init__(self, name, param, mass=1.0, scale=None, kind="linear"):
+    def __init__(self, name, param, mass=1.0, scale=None, kind="linear", frozen=False):
         super().__init__(name, param, mass)
         _check_scale(scale)
         if param.ndim < 2:
@@ -51,7 +56,10 @@ class MatrixAtom(Atom):
         self.kind = kind
         self.d_out = param.shape[0]
         self.d_in = math.prod(param.shape[1:])
-        s = 1.0 if scale is None else math.sqrt(self.d_out / self.d_in)
+        if frozen:  # as it is: ‖W‖_{RMS→RMS} = √(d_in/d_out)·‖W‖₂
+            s = float(_spectral(param.reshape(self.d_out, self.d_in)))
+        else:  # on the manifold every singular value is s
+            s = 1.0 if scale is None else math.sqrt(self.d_out / self.d_in)
         self.sensitivity = s * math.sqrt(self.d_in / self.d_out)
 
     def bound(self, rho):
@@ -68,13 +76,20 @@ class MatrixAtom(Atom):
 
 
 class EmbeddingAtom(Atom):
-    """Rows of E on spheres of radius ``radius`` (ManifoldMuon's default radius is 1)."""
+    """Rows of E on spheres of radius ``radius`` (ManifoldMuon's default radius is 1); a frozen
+    embedding's radius is its largest row norm."""
 
     homogeneous = False
     sensitivity = 0.0  # the input is an index: no input change to propagate
 
-    def __init__(self, name, param, mass=1.0, radius=1.0):
+    def __init__(self, name, param, mass=1.0, radius=1.0, frozen=False):
         super().__init__(name, param, mass)
+        if frozen:
+            radius = float(torch.linalg.vector_norm(param.detach().double(), dim=-1).max()) if param.numel() else 0.0
+        elif not (isinstance(radius, (int, float)) and not isinstance(radius, bool)
+                  and math.isfinite(radius) and radius > 0):
+            raise ValueError(f"embedding_radius of {name!r} must be a finite number > 0 (the row-sphere radius), "
+                             f"got {radius!r}")
         self.radius = float(radius)
         self.dim = param.shape[-1]
 

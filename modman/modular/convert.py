@@ -8,8 +8,18 @@ residual add, a concatenation, a product) the common prefix of their chains is f
 x + f(x) becomes compose(E, parallel(identity, F)) and E's weights are counted once.
 
 Refusals, each saying what to do: unknown layers, bare parameters used in a forward, a parameter
-reached twice (tied weights, a layer called twice), grouped convolutions, attention met by
-tracing, multiple inputs or outputs, and a model whose tree carries no mass.
+reached twice (tied weights, a layer called twice — in a forward or listed twice in an
+nn.Sequential), a trainable weight of a known layer that the description never places (a
+declaration or custom description that forgets it, or a layer the forward does not use),
+grouped convolutions, attention met by tracing, 1/x and rounding divisions, multiple inputs or
+outputs, and a model whose tree carries no mass.
+
+Frozen parameters (requires_grad=False) still act on the signal, so they stay in the tree: a
+frozen weight with mass 0 and its actual operator norm as sensitivity (the optimizer neither
+steps nor projects it), frozen biases and gains as the passengers they are anyway. They are
+outside the budget. Dropout follows the module's mode when the tree is built: in training mode
+it multiplies the kept entries by 1/(1 − p), so its sensitivity and bound are 1/(1 − p); in eval
+mode it is the identity. A freshly built model is in training mode.
 """
 from __future__ import annotations
 
@@ -39,7 +49,14 @@ class Options:
     tare: dict = field(default_factory=dict)  # submodule name → total mass of its weights
     tared: set = field(default_factory=set)
 
-    def mass(self, name: str, default: float) -> float:
+    def mass(self, name: str, default: float, param: torch.Tensor | None = None) -> float:
+        """The mass of parameter ``name``: 0 when ``param`` is frozen (it is not trained)."""
+        if param is not None and not param.requires_grad:
+            if self.masses.get(name, 0.0) > 0:
+                raise ModularError(f"masses gives the frozen parameter {name!r} (requires_grad=False) mass "
+                                   f"{self.masses[name]!r}; a frozen weight is not trained and has mass 0 — "
+                                   "unfreeze it or drop it from masses")
+            return 0.0
         return float(self.masses.get(name, default))
 
 
@@ -47,13 +64,13 @@ _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tan
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu",
                          torch.tanh: "tanh", F.tanh: "tanh"}
 _ACTIVATION_METHODS = {"relu": "relu", "tanh": "tanh"}
-_SHAPE_MODULES = (nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten)
-_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout}
+_SHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
+_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 _SHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "float", "to", "type_as", "clone"}
 _META_METHODS = {"size", "dim"}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_KNOWN_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention, *_CONVS, *_ACTIVATION_MODULES,
-                *_SHAPE_MODULES) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_KNOWN_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention, nn.Dropout, *_CONVS,
+                *_ACTIVATION_MODULES, *_SHAPE_MODULES) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 def _join(prefix: str, attr: str) -> str:
@@ -62,38 +79,53 @@ def _join(prefix: str, attr: str) -> str:
 
 def _with_bias(core: Module, module: nn.Module, prefix: str, opts: Options) -> Module:
     bias = getattr(module, "bias", None)
-    if bias is None or not bias.requires_grad:
+    if bias is None:
         return core
-    return Compose(core, BiasAtom(_join(prefix, "bias"), bias, opts.mass(_join(prefix, "bias"), 0.0)))
+    name = _join(prefix, "bias")
+    return Compose(core, BiasAtom(name, bias, opts.mass(name, 0.0, bias)))
 
 
 def _norm_layer(module: nn.Module, prefix: str, opts: Options, kind: str) -> Module:
     parts: list[Module] = [bonds.normalize(kind, opts.norm_min_rms)]
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.requires_grad:
-        parts.append(GainAtom(_join(prefix, "weight"), weight, opts.mass(_join(prefix, "weight"), 0.0)))
+    if isinstance(weight, torch.Tensor):  # frozen or not, the gain scales the signal
+        parts.append(GainAtom(_join(prefix, "weight"), weight, opts.mass(_join(prefix, "weight"), 0.0, weight)))
     bias = getattr(module, "bias", None)
-    if isinstance(bias, torch.Tensor) and bias.requires_grad:
-        parts.append(BiasAtom(_join(prefix, "bias"), bias, opts.mass(_join(prefix, "bias"), 0.0)))
+    if isinstance(bias, torch.Tensor):
+        parts.append(BiasAtom(_join(prefix, "bias"), bias, opts.mass(_join(prefix, "bias"), 0.0, bias)))
     return compose(*parts)
+
+
+def _dropout(p, training: bool) -> Bond:
+    """Dropout in training mode keeps each entry with probability 1 − p and scales it by 1/(1 − p):
+    for a fixed mask the map is diag(mask)/(1 − p), of RMS→RMS norm 1/(1 − p) (0 when p = 1)."""
+    if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
+        raise ModularError(f"dropout probability must be a number in [0, 1], got {p!r}")
+    gain = (0.0 if p == 1 else 1.0 / (1.0 - p)) if training else 1.0
+    return Bond(f"dropout(p={p:g}{'' if training else ', eval'})", gain, lambda rho: gain * rho)
 
 
 def _known_layer(module: nn.Module, prefix: str, opts: Options) -> Module | None:
     """The atom or bond for a layer torch ships, or None."""
     if isinstance(module, nn.Linear):
         name = _join(prefix, "weight")
-        core = MatrixAtom(name, module.weight, opts.mass(name, 1.0), opts.scale)
+        w = module.weight
+        core = MatrixAtom(name, w, opts.mass(name, 1.0, w), opts.scale, frozen=not w.requires_grad)
         return _with_bias(core, module, prefix, opts)
     if isinstance(module, _CONVS):
         if module.groups != 1:
             raise ModularError(f"{prefix}: grouped convolution (groups={module.groups}) is block-diagonal, "
                                "not its flattened matrix; describe it with from_torch(custom={...})")
         name = _join(prefix, "weight")
-        core = MatrixAtom(name, module.weight, opts.mass(name, 1.0), opts.scale, kind="conv")
+        w = module.weight
+        core = MatrixAtom(name, w, opts.mass(name, 1.0, w), opts.scale, kind="conv", frozen=not w.requires_grad)
         return _with_bias(core, module, prefix, opts)
     if isinstance(module, nn.Embedding):
         name = _join(prefix, "weight")
-        return EmbeddingAtom(name, module.weight, opts.mass(name, 1.0), opts.embedding_radius)
+        w = module.weight
+        return EmbeddingAtom(name, w, opts.mass(name, 1.0, w), opts.embedding_radius, frozen=not w.requires_grad)
+    if isinstance(module, nn.Dropout):
+        return _dropout(module.p, module.training)
     for cls, kind in _ACTIVATION_MODULES.items():
         if isinstance(module, cls):
             return bonds.activation(kind)
@@ -133,18 +165,26 @@ def _convert(module: nn.Module, prefix: str, opts: Options) -> Module:
     from .declarations import DECLARATIONS
 
     fn = _lookup_custom(module, prefix, opts)
-    if fn is not None:
-        return fn(module, prefix, opts)
     qualname = f"{type(module).__module__}.{type(module).__qualname__}"
-    if qualname in DECLARATIONS:
-        return DECLARATIONS[qualname](module, prefix, opts)
+    if fn is None and qualname in DECLARATIONS:
+        fn = DECLARATIONS[qualname]
+    if fn is not None:
+        tree = fn(module, prefix, opts)
+        if not isinstance(tree, Module):
+            where = repr(prefix) if prefix else "the model"
+            raise TypeError(f"the description {getattr(fn, '__qualname__', fn)!r} of {where} ({type(module).__name__}) "
+                            f"returned {type(tree).__name__}, not a modman.modular.Module (an atom, a bond or "
+                            "their composition)")
+        return tree
     known = _known_layer(module, prefix, opts)
     if known is not None:
         return known
     if isinstance(module, nn.Sequential):
-        if len(module) == 0:
+        # _modules, not named_children(): that drops a layer listed twice, which is applied twice
+        children = [(n, child) for n, child in module._modules.items() if child is not None]
+        if not children:
             return bonds.identity("empty Sequential")
-        return compose(*(convert(child, _join(prefix, n), opts) for n, child in module.named_children()))
+        return compose(*(convert(child, _join(prefix, n), opts) for n, child in children))
     return _trace(module, prefix, opts)
 
 
@@ -244,9 +284,26 @@ def _single_input(node, values, name) -> tuple:
     return chains[0]
 
 
+def _is_number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
 def _scalar_arg(node) -> float | None:
-    nums = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    nums = [a for a in (*node.args, node.kwargs.get("other")) if _is_number(a)]
     return float(nums[0]) if nums else None
+
+
+def _operand(node, i: int, key: str):
+    """The i-th operand of a binary op, positional or by keyword (torch.add(input, other=…))."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(key)
+
+
+def _alpha(node, where) -> float:
+    """torch.add / torch.sub compute input ± alpha·other."""
+    alpha = node.kwargs.get("alpha", 1)
+    if not _is_number(alpha):
+        raise ModularError(f"{where}: alpha={alpha!r} is not a constant number")
+    return float(alpha)
 
 
 def _function(node: fx.Node, values, name) -> object:
@@ -264,26 +321,44 @@ def _function(node: fx.Node, values, name) -> object:
     if node.op == "call_function" and target in _SHAPE_FUNCTIONS or \
             node.op == "call_method" and target in _SHAPE_METHODS:
         return _single_input(node, values, name) + (bonds.identity(getattr(target, "__name__", str(target))),)
-    if target in (operator.add, operator.iadd, torch.add, "add", "__add__"):
+    if node.op == "call_function" and target is F.dropout:
+        p, training = _operand(node, 1, "p"), _operand(node, 2, "training")
+        return _single_input(node, values, name) + (_dropout(0.5 if p is None else p,
+                                                              True if training is None else training),)
+    if target in (operator.add, operator.iadd, torch.add, "add", "__add__",
+                  operator.sub, operator.isub, torch.sub, "sub"):
+        # input ± alpha·other: ‖Δ(a ± αb)‖ ≤ ‖Δa‖ + |α|·‖Δb‖, so other's chain gets a ×|α| stage
+        alpha = _alpha(node, where)
+        other = _operand(node, 1, "other")
         if len(chains) >= 2:
+            if alpha != 1:
+                chains[1] = chains[1] + (Bond(f"×{alpha:g}", abs(alpha), lambda r, a=alpha: abs(a) * r),)
             return _merge(chains, "sum")
-        c = _scalar_arg(node) or 0.0
-        return _single_input(node, values, name) + (Bond(f"+{c:g}", 1.0, lambda r, c=c: r + abs(c)),)
-    if target in (operator.sub, torch.sub, "sub"):
-        if len(chains) >= 2:
-            return _merge(chains, "sum")  # ‖Δ(a − b)‖ ≤ ‖Δa‖ + ‖Δb‖, as for a sum
-        c = _scalar_arg(node) or 0.0
-        return _single_input(node, values, name) + (Bond(f"-{c:g}", 1.0, lambda r, c=c: r + abs(c)),)
+        c = abs(alpha * other) if _is_number(other) else abs(_scalar_arg(node) or 0.0)
+        if not _is_number(other) and alpha != 1:  # c ± alpha·h: h's chain scaled by |alpha|
+            return _single_input(node, values, name) + (Bond(f"{c:g}±{alpha:g}·", abs(alpha),
+                                                             lambda r, c=c, a=alpha: abs(a) * r + c),)
+        return _single_input(node, values, name) + (Bond(f"±{c:g}", 1.0, lambda r, c=c: r + c),)
     if target in (operator.mul, operator.imul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+        divides = target in (operator.truediv, torch.div, "div")
+        if divides and node.kwargs.get("rounding_mode") is not None:
+            raise ModularError(f"{where}: rounding_mode={node.kwargs['rounding_mode']!r} makes a step function "
+                               "(derivative 0 almost everywhere, jumps elsewhere): no Lipschitz bound; describe "
+                               "this module with from_torch(custom={...})")
         if len(chains) >= 2:
-            if target in (operator.truediv, torch.div, "div"):
+            if divides:
                 raise ModularError(f"{where}: division of two activations has no Lipschitz bound; "
                                    "describe this module with from_torch(custom={...})")
             return _merge(chains, "mul")
+        if divides and not isinstance(_operand(node, 0, "input"), fx.Node):
+            raise ModularError(f"{where}: a constant divided by an activation (c / h) has no Lipschitz bound "
+                               "(unbounded near h = 0); describe this module with from_torch(custom={...})")
         a = _scalar_arg(node)
         if a is None:
             raise ModularError(f"{where}: multiplies by a non-constant; describe it with from_torch(custom={{...}})")
-        if target in (operator.truediv, torch.div, "div"):
+        if divides:
+            if a == 0:
+                raise ModularError(f"{where}: division by zero")
             a = 1.0 / a
         # a stage of sensitivity |a| after the chain scales every earlier weight's norm by |a|: a·m
         return _single_input(node, values, name) + (Bond(f"×{a:g}", abs(a), lambda r, a=a: abs(a) * r),)
@@ -306,9 +381,10 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
         scale: the Stiefel scale the optimizer uses (None: spectral norm; "rms": RMS→RMS), which
             sets each weight's sensitivity and own norm.
         masses: {parameter name: mass}; defaults 1 for Linear/Conv/Embedding weights, 0 for
-            biases and norm gains (passengers, trained by the fallback).
+            biases and norm gains (passengers, trained by the fallback); frozen parameters
+            (requires_grad=False) always 0.
         norm_min_rms: the assumed smallest RMS of a normalisation layer's input.
-        embedding_radius: the row-sphere radius (ManifoldMuon's default 1).
+        embedding_radius: the row-sphere radius (ManifoldMuon's default 1), a finite number > 0.
         custom: {module instance | class | name prefix: fn(module, prefix, options) -> Module}.
         tare: {submodule name (as in ``model.named_modules()``): total mass}. The weights below
             that submodule keep their relative masses but share this total (modula's ``tare``;
@@ -316,9 +392,15 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
             x ↦ (1 − 1/L)·x + (1/L)·block(x) held in one container, tared to a fixed mass, so
             that adding blocks neither starves the input/output layers nor the blocks.
     """
+    from ..optim.roles import unwrap
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_torch needs a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)  # torch.compile's wrapper: describe (and name parameters as) the eager model
     _check_scale(scale)
+    if not (_is_number(embedding_radius) and 0 < embedding_radius < float("inf")):
+        raise ValueError(f"embedding_radius must be a finite number > 0 (the row-sphere radius of embeddings), "
+                         f"got {embedding_radius!r}")
     opts = Options(scale=scale, masses=dict(masses or {}), norm_min_rms=norm_min_rms,
                    embedding_radius=embedding_radius, custom=dict(custom or {}), tare=dict(tare or {}))
     submodules = dict(model.named_modules())
@@ -348,4 +430,13 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
         seen[id(atom.param)] = atom.name
         if atom.name not in names.values() and id(atom.param) in names:
             atom.name = names[id(atom.param)]
+    # A trainable weight of a layer modman knows that the tree never places would get no lr_scale
+    # (the optimizer would step it by lr × 1, outside the norm): refuse instead of budgeting without it.
+    missing = [_join(m_name, p_name) for m_name, m in model.named_modules() if isinstance(m, _KNOWN_TYPES)
+               for p_name, p in m.named_parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise ModularError(
+            f"the description of {type(model).__name__} never places the trainable parameters {missing}: a "
+            "declaration or custom description that leaves them out, or layers the forward does not use. Place "
+            "them in the description, or freeze unused layers (requires_grad_(False))")
     return tree

@@ -4,7 +4,9 @@ A module is a forward map with weights, described here by four numbers and a rul
 
 - ``mass`` μ: its share of the learning rate (atoms 1 by default, bonds 0);
 - ``sensitivity``: a Lipschitz constant of the output w.r.t. the input, RMS → RMS, for weights
-  on their manifold;
+  on their manifold, at unit input RMS; ``lipschitz(ρ)`` is the same for inputs of RMS ≤ ρ
+  (they differ only where an elementwise product sits inside: a ⊙ b is not globally Lipschitz,
+  its constant grows with the bounds of its factors);
 - ``bound(ρ)``: an upper bound on the output's RMS for inputs of RMS ≤ ρ;
 - the norm of a weight change, built from the atoms' norms by the rules below.
 
@@ -14,12 +16,16 @@ per spatial position); "well normed" means, to first order,
 
 Composition m₂ ∘ m₁ (m₁ first), μ = μ₁ + μ₂:
     ‖(Δw₁, Δw₂)‖ = max(s₁‖Δw₁‖₁, s₂‖Δw₂‖₂),  s₁ = (μ/μ₁)·sens(m₂),  s₂ = μ/μ₂,
-    sensitivity multiplies, mass adds, and m₂ sees inputs bounded by bound₁(ρ).
+    sensitivity multiplies, mass adds, and m₂ sees inputs bounded by bound₁(ρ);
+    in general lipschitz(ρ) = lip₂(bound₁(ρ))·lip₁(ρ), and m₁'s change reaches the output
+    through lip₂ at m₂'s input bound (s₁ uses that value).
 Parallel branches combined by sum or concatenation: ‖Δw‖ = maxᵢ (μ/μᵢ)‖Δwᵢ‖ᵢ; mass and
 sensitivity add (a sum's change is at most the sum of the changes; a concatenation's RMS at most
 their maximum). Combined by an elementwise product, branch i's change is further multiplied by
 the other branches' output bounds (stated assumption: ‖a ⊙ b‖_RMS ≤ ‖a‖_RMS·‖b‖_RMS, exact for
-flat vectors, loose by up to √d for spiky ones).
+flat vectors, loose by up to √d for spiky ones), so at inputs of RMS ≤ ρ
+    lipschitz(ρ) = Σᵢ lipᵢ(ρ)·Π_{j≠i} boundⱼ(ρ)      (Δ(a ⊙ b) = Δa ⊙ b + a ⊙ Δb);
+e.g. h ↦ h ⊙ h on inputs of RMS ≤ ρ has constant 2ρ, not 2.
 Scalar multiple a·m: sensitivity and bound × |a|, the inner norm × |a|, mass unchanged.
 Tare (modula's ``tare``): the same module with its total mass set to μ', every inner mass
 scaled by μ'/μ. Inner coefficients depend only on mass ratios, so only the shares outside change.
@@ -57,6 +63,11 @@ class Module:
         """Upper bound on the output RMS for inputs of RMS ≤ rho."""
         raise NotImplementedError
 
+    def lipschitz(self, rho: float) -> float:
+        """Lipschitz constant (RMS → RMS) w.r.t. the input, for inputs of RMS ≤ rho. Atoms and
+        bonds are globally Lipschitz (``sensitivity``); composites holding a product are not."""
+        return self.sensitivity
+
     def children(self) -> tuple["Module", ...]:
         return ()
 
@@ -87,7 +98,11 @@ class Module:
         for p in self.placements():
             if p.atom.name not in deltas:
                 continue
-            n = p.atom.rms_norm(deltas[p.atom.name]) * (p.input_bound if p.atom.homogeneous else 1.0)
+            delta = deltas[p.atom.name]
+            if tuple(delta.shape) != tuple(p.atom.param.shape):
+                raise ValueError(f"norm(): the change for {p.atom.name!r} has shape {tuple(delta.shape)}, but the "
+                                 f"parameter has shape {tuple(p.atom.param.shape)}")
+            n = p.atom.rms_norm(delta) * (p.input_bound if p.atom.homogeneous else 1.0)
             if math.isinf(p.coefficient):
                 values.append(torch.where(n > 0, torch.full_like(n, math.inf), torch.zeros_like(n)))
             else:
@@ -164,7 +179,7 @@ class Compose(Module):
             raise ValueError("Compose needs at least one module")
         self.modules = tuple(modules)
         self.mass = sum(m.mass for m in modules)
-        self.sensitivity = math.prod(m.sensitivity for m in modules)
+        self.sensitivity = self.lipschitz(1.0)
 
     def children(self):
         return self.modules
@@ -174,17 +189,26 @@ class Compose(Module):
             rho = m.bound(rho)
         return rho
 
+    def _input_bounds(self, rho) -> list[float]:
+        """ρₖ: the bound on module k's input when the composition's input has RMS ≤ rho."""
+        rhos = []
+        for m in self.modules:
+            rhos.append(rho)
+            rho = m.bound(rho)
+        return rhos
+
+    def lipschitz(self, rho):
+        return math.prod(m.lipschitz(r) for m, r in zip(self.modules, self._input_bounds(rho)))
+
     def _place(self, coefficient, rho):
-        # The change of module k reaches the output through every later module: × their sensitivities.
+        # The change of module k reaches the output through every later module j: × lipⱼ(ρⱼ).
+        rhos = self._input_bounds(rho)
         after = [1.0] * len(self.modules)
         for k in range(len(self.modules) - 2, -1, -1):
-            after[k] = after[k + 1] * self.modules[k + 1].sensitivity
+            after[k] = after[k + 1] * self.modules[k + 1].lipschitz(rhos[k + 1])
         for k, m in enumerate(self.modules):
-            if m.mass > 0:
-                yield from m._place(coefficient * _share(self.mass, m.mass) * after[k], rho)
-            else:
-                yield from m._place(math.inf, rho)
-            rho = m.bound(rho)
+            c = coefficient * _share(self.mass, m.mass) * after[k] if m.mass > 0 else math.inf
+            yield from m._place(c, rhos[k])
 
 
 class Parallel(Module):
@@ -198,13 +222,19 @@ class Parallel(Module):
         self.modules = tuple(modules)
         self.combine = combine
         self.mass = sum(m.mass for m in modules)
-        if combine == "mul":
-            # Δ(a ⊙ b) = Δa ⊙ b + a ⊙ Δb at unit input (the stated product assumption).
-            bounds = [m.bound(1.0) for m in modules]
-            self.sensitivity = sum(m.sensitivity * math.prod(b for j, b in enumerate(bounds) if j != i)
-                                   for i, m in enumerate(modules))
-        else:
-            self.sensitivity = sum(m.sensitivity for m in modules)
+        self.sensitivity = self.lipschitz(1.0)
+
+    def _others(self, rho) -> list[float]:
+        """The factor each branch's change is multiplied by in the combination: 1 for a sum or a
+        concatenation, the product of the other branches' output bounds for a product."""
+        if self.combine != "mul":
+            return [1.0] * len(self.modules)
+        bounds = [m.bound(rho) for m in self.modules]
+        return [math.prod(b for j, b in enumerate(bounds) if j != i) for i in range(len(bounds))]
+
+    def lipschitz(self, rho):
+        # Δ(a ⊙ b) = Δa ⊙ b + a ⊙ Δb (the stated product assumption), ‖b‖_RMS ≤ bound_b(ρ)
+        return sum(m.lipschitz(rho) * o for m, o in zip(self.modules, self._others(rho)))
 
     def children(self):
         return self.modules
@@ -218,9 +248,7 @@ class Parallel(Module):
         return sum(bounds)
 
     def _place(self, coefficient, rho):
-        bounds = [m.bound(rho) for m in self.modules]
-        for i, m in enumerate(self.modules):
-            extra = math.prod(b for j, b in enumerate(bounds) if j != i) if self.combine == "mul" else 1.0
+        for m, extra in zip(self.modules, self._others(rho)):
             c = coefficient * _share(self.mass, m.mass) * extra if m.mass > 0 else math.inf
             yield from m._place(c, rho)
 
@@ -242,6 +270,9 @@ class Scale(Module):
 
     def bound(self, rho):
         return abs(self.a) * self.module.bound(rho)
+
+    def lipschitz(self, rho):
+        return abs(self.a) * self.module.lipschitz(rho)
 
     def _place(self, coefficient, rho):
         yield from self.module._place(coefficient * abs(self.a), rho)
@@ -275,6 +306,9 @@ class Tare(Module):
 
     def bound(self, rho):
         return self.module.bound(rho)
+
+    def lipschitz(self, rho):
+        return self.module.lipschitz(rho)
 
     def _place(self, coefficient, rho):
         yield from self.module._place(coefficient, rho)
