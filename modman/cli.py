@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--solver: unknown solver {args.solver!r}; choose from {','.join(sorted(SOLVERS))}")
     known = available_optimizers()
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    if not args.optimizers:  # "--optimizers ," would run nothing, then fail to plot nothing
+        p.error(f"--optimizers: no optimizer named; choose from {','.join(known)}")
     for o in args.optimizers:
         if o not in known:
             p.error(f"--optimizers: unknown optimizer {o!r}; choose from {','.join(known)}")
@@ -58,11 +61,34 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--lr expects NAME=LR, got {item!r}")
         if name not in known:
             p.error(f"--lr: unknown optimizer {name!r}")
+        if not (math.isfinite(lrs[name]) and lrs[name] >= 0):  # torch would refuse it mid-run
+            p.error(f"--lr: the learning rate of {name} must be a finite number ≥ 0, got {value!r}")
     args.lr = lrs
     for flag in ("steps", "width", "depth", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be ≥ 1")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be ≥ 1 (leave it out for all cores), got {args.threads}")
+    problem = _out_problem(args.out)
+    if problem:  # found now, not after the whole training run
+        p.error(f"--out {args.out!r}: {problem}")
     return args
+
+
+def _out_problem(path: str) -> str | None:
+    """Why the output folder ``path`` cannot be created or written, or None. Checks without
+    creating anything: ``path`` must be a writable folder, or its nearest existing ancestor one."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a folder"
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, so no folder can be made under it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing!r} is not writable"
+    return None
 
 
 def sv_range(values: list[float]) -> str:
@@ -74,9 +100,13 @@ def main(argv=None) -> int:
     from .experiments.mnist1d import train
 
     args = parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
+    try:  # what parse_args cannot see without creating it (e.g. a read-only file system as root)
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        print(f"modman: error: --out {args.out!r}: {err.strerror or err}", file=sys.stderr)
+        raise SystemExit(2) from None
     data = load_mnist1d(seed=42)
     print(f"MNIST-1D: {len(data['x'])} train / {len(data['x_test'])} test, MLP 40→"
           f"{'→'.join([str(args.width)] * (args.depth - 1))}→10 (no biases, ReLU), batch {args.batch_size}, "

@@ -29,8 +29,46 @@ def test_main_job_small_run_writes_table_and_files(tmp_path, capsys):
     (["--lr", "adamw"], "NAME=LR"),
     (["--steps", "0"], "--steps"),
     (["--solver", "magic"], "unknown solver"),
+    # each of these used to pass parse_args and traceback later (matplotlib, torch, os)
+    (["--optimizers", ","], "--optimizers: no optimizer named"),
+    (["--optimizers", " "], "--optimizers: no optimizer named"),
+    (["--threads", "-1"], "--threads must be ≥ 1"),
+    (["--threads", "0"], "--threads must be ≥ 1"),
+    (["--lr", "adamw=-1"], "--lr: the learning rate of adamw must be a finite number ≥ 0"),
+    (["--lr", "adamw=nan"], "--lr: the learning rate of adamw must be a finite number ≥ 0"),
+    (["--lr", "muon=inf"], "--lr: the learning rate of muon must be a finite number ≥ 0"),
 ])
 def test_bad_flags_are_refused(argv, message, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as err:
         parse_args(argv)
+    assert err.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sub, message", [("afile", "exists and is not a folder"),
+                                          ("afile/run", "is a file, so no folder can be made under it")])
+def test_out_that_cannot_be_a_folder_is_a_usage_error(tmp_path, capsys, sub, message):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / sub), "--steps", "1", "--optimizers", "adamw"])  # refused before training
+    assert err.value.code == 2
+    err_text = capsys.readouterr().err
+    assert f"--out {str(tmp_path / sub)!r}: " in err_text and message in err_text
+
+
+def test_out_that_makedirs_cannot_create_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    # as root os.access says every folder is writable, so makedirs is the last word
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("modman.cli.os.makedirs", refuse)
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / "run"), "--steps", "1", "--optimizers", "adamw"])
+    assert err.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_good_lr_zero_and_threads_are_accepted(tmp_path):
+    args = parse_args(["--lr", "adamw=0", "--threads", "1", "--out", str(tmp_path / "new" / "run")])
+    assert args.lr == {"adamw": 0.0} and args.threads == 1
+    assert not (tmp_path / "new").exists()  # parsing checks the folder, it does not create it

@@ -3,11 +3,14 @@
 A weight is viewed as the matrix (or batch of matrices) the optimizers step on:
 Linear weights as (d_out, d_in); Conv weights flattened to (out, in·k…); 3-D parameters of other
 modules (expert stacks) as a batch over dim 0; bare tensors given by name follow the optimizer's
-shape rule (≥ 4-D flattened, 3-D a stack). For each matrix W with singular values σ₁ ≥ … ≥ σ_r:
+shape rule (≥ 4-D flattened, 3-D a stack) unless an optimizer is given as the manifolds, whose own
+view (its group's ``flatten``) then wins. For each matrix W with singular values σ₁ ≥ … ≥ σ_r:
 
     condition number  κ = σ₁/σ_r                       (∞ when σ_r = 0)
     stable rank       ‖W‖_F²/σ₁² = Σσᵢ²/σ₁²            (between 1 and rank W)
     distance to Stiefel(s)   max_i |σᵢ/s − 1|           (0 on the manifold; Stiefel.distance)
+    distance to Sphere(r)    max over nonzero rows |‖w‖/r − 1|  (an all-zero row is an
+                             embedding's padding row, which the optimizer leaves at zero)
 
 Small matrices (min(m, n) ≤ ``exact_max_dim``) get exact singular values (from the fp64 Gram's
 eigenvalues, see ``singular_values``); larger ones the Golub–Kahan–Lanczos estimates of
@@ -67,14 +70,17 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
     return out
 
 
-def resolve_manifolds(names: Iterable[str], manifolds) -> dict[str, object]:
+def resolve_manifolds(names: Iterable[str], manifolds, *, params: Iterable[torch.Tensor] | None = None
+                      ) -> dict[str, object]:
     """name → manifold object for each name.
 
     ``manifolds``: None (unscaled Stiefel for every matrix: the reference the blog's claim is
     about), one manifold object or name for all, a mapping name → manifold object or name
     ("stiefel", "sphere", "euclidean"; names not in it get unscaled Stiefel), or a modman
     optimizer (each parameter's group manifold; its AdamW fallback and Muon's spectral steps
-    count as Euclidean).
+    count as Euclidean, and so do parameters it does not hold, e.g. frozen ones, which it
+    leaves out by design). ``params`` (the tensors, aligned with ``names``) lets an optimizer's
+    parameters be found by identity first, then by name.
     """
     names = list(names)
     if manifolds is None:
@@ -84,7 +90,8 @@ def resolve_manifolds(names: Iterable[str], manifolds) -> dict[str, object]:
     if isinstance(manifolds, str):
         return {n: get_manifold(manifolds) for n in names}
     if isinstance(manifolds, torch.optim.Optimizer):
-        return _from_optimizer(names, manifolds)
+        views = optimizer_views(names, manifolds, params)
+        return {n: views[n][0] if n in views else Euclidean() for n in names}
     if isinstance(manifolds, Mapping):
         unknown = sorted(set(manifolds) - set(names))
         if unknown:
@@ -100,28 +107,60 @@ def resolve_manifolds(names: Iterable[str], manifolds) -> dict[str, object]:
                     f"modman optimizer; got {type(manifolds).__name__}")
 
 
-def _from_optimizer(names, optimizer) -> dict[str, object]:
-    by_name = {}
+def optimizer_views(names, optimizer, params=None) -> dict[str, tuple[object, bool | None, bool]]:
+    """name → (manifold, flatten, constrained) for each of ``names`` that ``optimizer`` holds.
+
+    A parameter is matched by identity (``params`` aligned with ``names``), else by its name in the
+    optimizer's groups when the shapes agree too (a detached copy of a held weight). ``flatten`` is
+    the group's key for ``functional.as_matrix`` (the matrix view the optimizer steps on);
+    ``constrained`` is False for the AdamW fallback, which views nothing as a matrix. Names the
+    optimizer does not hold (frozen parameters) are absent. Raises ValueError when it holds none
+    of them although some are trainable: then it was built for another model, and reporting every
+    weight as Euclidean would hide that.
+    """
+    names = list(names)
+    params = [None] * len(names) if params is None else list(params)
+    by_id, by_name = {}, {}
     for group in optimizer.param_groups:
         pnames = group.get("param_names")
         if not pnames:
             raise ValueError("manifolds=optimizer needs an optimizer built with named parameters "
                              "(modman optimizers given model.modules())")
-        kind = group.get("manifold", "euclidean") if group.get("algorithm") != "adamw" else "euclidean"
-        if group.get("algorithm") == "muon":
-            kind = "euclidean"
+        algorithm = group.get("algorithm")
+        kind = "euclidean" if algorithm in ("adamw", "muon") else group.get("manifold", "euclidean")
         if kind == "stiefel":
             m = Stiefel(group.get("scale"))
         elif kind == "sphere":
             m = Sphere(1.0 if group.get("radius") is None else group["radius"])
         else:
             m = Euclidean()
-        for n in pnames:
-            by_name[n] = m
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise ValueError(f"the optimizer does not hold these matrices: {missing}")
-    return {n: by_name[n] for n in names}
+        entry = (m, group.get("flatten"), algorithm != "adamw")
+        for n, p in zip(pnames, group["params"]):
+            by_id[id(p)] = entry
+            by_name[n] = (entry, p.shape)
+    out = {}
+    for n, p in zip(names, params):
+        if id(p) in by_id:
+            out[n] = by_id[id(p)]
+        elif n in by_name and (p is None or by_name[n][1] == p.shape):
+            out[n] = by_name[n][0]
+    if not out and any(p is None or p.requires_grad for p in params):
+        raise ValueError(f"the optimizer holds none of these matrices: {names}; was it built for this model?")
+    return out
+
+
+def matrices_and_manifolds(model_or_named_params, manifolds) -> tuple[list, dict[str, object]]:
+    """``named_matrices`` and ``resolve_manifolds`` together. With an optimizer, each matrix it
+    steps on is viewed as the optimizer views it (a Conv1d weight given as a bare 3-D tensor is
+    then one flattened matrix, not a stack), so that its distance is the optimizer's."""
+    mats = named_matrices(model_or_named_params)
+    names, params = [n for n, _, _ in mats], [p for _, p, _ in mats]
+    if not isinstance(manifolds, torch.optim.Optimizer):
+        return mats, resolve_manifolds(names, manifolds)
+    views = optimizer_views(names, manifolds, params)
+    mats = [(n, p, as_matrix(p.detach(), views[n][1]) if n in views and views[n][2] else W)
+            for n, p, W in mats]
+    return mats, {n: views[n][0] if n in views else Euclidean() for n in names}
 
 
 def manifold_label(m) -> str:
@@ -176,8 +215,10 @@ def stats_from_floats(W: torch.Tensor, s_max: list, s_min: list, fro_sq: list, m
             dist.append(max(abs(hi / scale - 1), abs(lo / scale - 1)))
     if isinstance(manifold, Euclidean):
         dist = [0.0]
-    elif scale is None:
-        dist = manifold.distance(W.detach()).double().reshape(-1).tolist()
+    elif isinstance(manifold, Sphere):
+        # fp64 row norms, as the singular values are; an all-zero row is an embedding's padding row,
+        # zero by design (the optimizer skips it too)
+        dist = manifold.distance(W.detach().double(), skip_zero_rows=True).reshape(-1).tolist()
     return {
         "sigma_min": min(s_min),
         "sigma_max": max(s_max),

@@ -7,7 +7,7 @@ and distance are lower bounds, see ``spectra.py``).
 """
 from __future__ import annotations
 
-from .spectra import EXACT_MAX_DIM, manifold_label, matrix_stats, named_matrices, resolve_manifolds
+from .spectra import EXACT_MAX_DIM, manifold_label, matrices_and_manifolds, matrix_stats
 
 
 def _shape(p, W) -> str:
@@ -26,15 +26,15 @@ def spectrum_table(model_or_named_params, manifolds=None, *, exact_max_dim: int 
         model_or_named_params: an nn.Module, a mapping name → tensor, or (name, tensor) pairs.
         manifolds: the reference manifold per weight for the distance column: None (unscaled
             Stiefel, where manifold Muon keeps every σ at 1), one manifold, a mapping, or a
-            modman optimizer (each parameter's own manifold); see ``resolve_manifolds``.
+            modman optimizer (each parameter's own manifold and matrix view; parameters it does not
+            hold, e.g. frozen ones, count as Euclidean); see ``resolve_manifolds``.
         exact_max_dim: matrices with min(m, n) above this get Lanczos estimates instead of an SVD.
 
     Raises ValueError when there is no parameter with ≥ 2 dimensions.
     """
-    mats = named_matrices(model_or_named_params)
+    mats, resolved = matrices_and_manifolds(model_or_named_params, manifolds)
     if not mats:
         raise ValueError("spectrum_table: no matrix parameters (none with ≥ 2 dimensions)")
-    resolved = resolve_manifolds([n for n, _, _ in mats], manifolds)
     rows = [("parameter", "shape", "σ_min", "σ_max", "cond", "stable rank", "distance", "manifold", "method")]
     for name, p, W in mats:
         st = matrix_stats(W, resolved[name], exact_max_dim=exact_max_dim)

@@ -44,8 +44,8 @@ import torch
 
 from . import small_linalg
 from .estimators import power_iteration
-from .spectra import (gram_eigenvalues, manifold_label, named_matrices, resolve_manifolds,
-                      singular_values, stats_from_extremes, stats_from_floats)
+from .spectra import (gram_eigenvalues, manifold_label, matrices_and_manifolds, singular_values,
+                      stats_from_extremes, stats_from_floats)
 from .tracking import ParamTrack, Tracking, save_tracking
 
 # Up to this min(m, n) an exact spectrum at every record costs less than the estimators' per-op
@@ -82,7 +82,8 @@ class SpectrumTracker:
     Args:
         model_or_named_params: an nn.Module, a mapping name → tensor or (name, tensor) pairs.
         every: record after steps 0, every, 2·every, … (≥ 1).
-        manifolds: reference manifold per weight for ``distance`` (see ``resolve_manifolds``).
+        manifolds: reference manifold per weight for ``distance`` (see ``resolve_manifolds``); an
+            optimizer also gives each weight its matrix view (e.g. a Conv1d weight flattened).
         spectrum_every: exact spectra of the large matrices every this many steps (a multiple of
             ``every``; "auto" is 10·every, None never: their records then all use estimates).
         exact_max_dim: matrices with min(m, n) up to this get an exact spectrum at every record
@@ -104,7 +105,7 @@ class SpectrumTracker:
                              f"got {spectrum_every!r}")
         if not isinstance(power_iters, int) or power_iters < 1:
             raise ValueError(f"power_iters must be an int ≥ 1, got {power_iters!r}")
-        mats = named_matrices(model_or_named_params)
+        mats, resolved = matrices_and_manifolds(model_or_named_params, manifolds)
         if not mats:
             raise ValueError("SpectrumTracker: no matrix parameters (none with ≥ 2 dimensions) to track")
         self.every = every
@@ -113,7 +114,7 @@ class SpectrumTracker:
         self.power_iters = power_iters
         self._vectors: dict[tuple[str, str], torch.Tensor] = {}  # warm starts of the power iterations
         self._params = [(name, p, tuple(W.shape)) for name, p, W in mats]
-        self._manifolds = resolve_manifolds([n for n, _, _ in mats], manifolds)
+        self._manifolds = resolved
         self.tracking = Tracking(every=every, meta=dict(meta or {}))
         for name, _, shape in self._params:
             self.tracking.params[name] = ParamTrack(shape=shape, manifold=manifold_label(self._manifolds[name]))

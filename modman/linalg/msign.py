@@ -15,6 +15,8 @@ that the first iteration needs anyway (so it costs nothing). A prior division by
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .schedules import SCHEDULES, coefficients, default_steps
@@ -22,9 +24,18 @@ from .schedules import SCHEDULES, coefficients, default_steps
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_floating(x: torch.Tensor, name: str, where: str) -> None:
+    """Refuse a tensor without a real floating dtype: computing in fp32 and casting the result
+    back to an integer (or bool) dtype would truncate it silently, e.g. a polar factor to zeros."""
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: {name} must have a real floating dtype, got {x.dtype}")
+
+
 def resolve_compute_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
     """fp32/fp64 compute in their own precision, bf16/fp16 in fp32, unless told otherwise."""
     if compute_dtype is not None:
+        if compute_dtype not in _FLOAT_TYPES:  # an integer iteration would truncate every iterate
+            raise TypeError(f"compute_dtype must be one of {_FLOAT_TYPES}, got {compute_dtype!r}")
         return compute_dtype
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -67,7 +78,12 @@ def msign(
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if normalization not in ("gram", "frobenius"):
         raise ValueError(f"normalization must be 'gram' or 'frobenius', got {normalization!r}")
-    steps = default_steps(schedule) if steps is None else int(steps)
+    if steps is None:
+        steps = default_steps(schedule)
+    elif isinstance(steps, numbers.Integral) and not isinstance(steps, bool):  # numpy integers too
+        steps = int(steps)
+    else:  # int(2.7) would run 2 steps without a word; True would run 1
+        raise TypeError(f"steps must be an int or None, got {steps!r} ({type(steps).__name__})")
     if steps < 0:
         raise ValueError(f"steps must be ≥ 0, got {steps}")
     dtype = resolve_compute_dtype(X.dtype, compute_dtype)
@@ -125,7 +141,12 @@ def _normalise(Y: torch.Tensor, normalization: str, safety: float):
 
 
 def _msign_svd(X: torch.Tensor) -> torch.Tensor:
-    """Exact polar factor from the thin SVD; singular values at rank tolerance map to zero."""
+    """Exact polar factor from the thin SVD; singular values at rank tolerance map to zero.
+
+    msign(X) = msign(X/c) for any c > 0, so each matrix is first divided by c = max|X|: LAPACK's
+    SVD overflows to zeros on fp32 entries near 1e38 (and loses precision near 1e-38)."""
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    X = X / torch.where(amax > 0, amax, torch.ones_like(amax))
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(X.dtype).eps
     keep = (S > tol).to(X.dtype)

@@ -4,6 +4,9 @@ Used for embedding tables (each row a token vector of fixed norm) and for hypers
 - Projection: r·w/‖w‖ (a zero row has no nearest point: it is refused).
 - Tangent space at w: {v : wᵀv = 0}; projection P(g) = g − w(wᵀg)/r².
 - Retraction: r·(w + v)/‖w + v‖.
+Normalising computes r·y/‖y‖ with y = w/max_i|wᵢ| (the same point, as w/‖w‖ is scale-invariant):
+‖w‖ itself overflows in fp32 for entries near 1e19 and underflows to 0 near 1e-23.
+All methods need real floating tensors (an integer result would be truncated).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import math
 
 import torch
 
-from ..linalg.msign import resolve_compute_dtype
+from ..linalg.msign import check_floating, resolve_compute_dtype
 
 
 class Sphere:
@@ -36,17 +39,39 @@ class Sphere:
         if len(shape) < 1 or shape[-1] < 1:
             raise ValueError(f"Sphere needs a non-empty last dimension; {name} has shape {tuple(shape)}")
 
+    @staticmethod
+    def _unit_scaled(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, c): each row of X in the compute dtype divided by c = its max |entry| (1 for a zero
+        row), so that ‖y‖ ∈ [1, √n] is computed without overflow or underflow of the squares."""
+        X = X.to(resolve_compute_dtype(X.dtype, None))
+        # a reduction, not X.abs(): one row-sized temporary less (sphere_step runs this on
+        # whole embedding tables every step)
+        amax = torch.linalg.vector_norm(X, ord=math.inf, dim=-1, keepdim=True)
+        c = torch.where(amax > 0, amax, torch.ones_like(amax))
+        return X / c, c
+
+    def _normalize(self, X: torch.Tensor) -> torch.Tensor:
+        """r·x/‖x‖ = r·y/‖y‖ per row (y from ``_unit_scaled``; a zero row gives 0/0 = NaN)."""
+        Y, _ = self._unit_scaled(X)
+        norms = torch.linalg.vector_norm(Y, dim=-1, keepdim=True)
+        return Y.mul_(self.radius).div_(norms)  # (r·y)/‖y‖ as before, in place: Y is ours
+
     def project(self, W: torch.Tensor) -> torch.Tensor:
-        norms = torch.linalg.vector_norm(W.to(resolve_compute_dtype(W.dtype, None)), dim=-1, keepdim=True)
-        if bool((norms == 0).any()):
+        """r·w/‖w‖ per row; a zero row has no nearest point and is refused (ValueError)."""
+        check_floating(W, "W", "Sphere.project")
+        if bool((W == 0).all(dim=-1).any()):
             raise ValueError("Sphere.project: a zero row has no nearest point on the sphere")
-        return (self.radius * W / norms).to(W.dtype)
+        return self._normalize(W).to(W.dtype)
 
     def tangent(self, W: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        check_floating(W, "W", "Sphere.tangent")
+        check_floating(V, "V", "Sphere.tangent")
         return V - W * ((W * V).sum(-1, keepdim=True) / self.radius**2)
 
     def tangent_residual(self, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """‖⟨w, a⟩/r‖ / ‖A‖_F over rows (0 for A = 0)."""
+        check_floating(W, "W", "Sphere.tangent_residual")
+        check_floating(A, "A", "Sphere.tangent_residual")
         num = torch.linalg.vector_norm((W * A).sum(-1) / self.radius, dim=-1)
         den = torch.linalg.vector_norm(A, dim=(-2, -1)) if A.ndim >= 2 else torch.linalg.vector_norm(A)
         return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
@@ -54,16 +79,20 @@ class Sphere:
     def retract(self, W: torch.Tensor, V: torch.Tensor, method: str = "normalize") -> torch.Tensor:
         if method not in ("normalize", "polar"):
             raise ValueError(f"unknown Sphere retraction {method!r}; use 'normalize'")
+        check_floating(W, "W", "Sphere.retract")
+        check_floating(V, "V", "Sphere.retract")
         X = W + V
-        return self.radius * X / torch.linalg.vector_norm(X, dim=-1, keepdim=True)
+        return self._normalize(X).to(X.dtype)
 
     def distance(self, W: torch.Tensor, skip_zero_rows: bool = False) -> torch.Tensor:
         """max over rows of |‖w‖/r − 1| (over the nonzero rows with ``skip_zero_rows``: an
         embedding's padding row is zero by design)."""
-        norms = torch.linalg.vector_norm(W.to(resolve_compute_dtype(W.dtype, None)), dim=-1)
+        check_floating(W, "W", "Sphere.distance")
+        Y, c = self._unit_scaled(W)
+        norms = c.squeeze(-1) * torch.linalg.vector_norm(Y, dim=-1)  # ‖w‖ = c·‖y‖
         d = (norms / self.radius - 1).abs()
-        if skip_zero_rows:
-            d = torch.where(norms > 0, d, torch.zeros_like(d))
+        if skip_zero_rows:  # rows exactly zero: a tiny row is not padding
+            d = torch.where((W != 0).any(dim=-1), d, torch.zeros_like(d))
         return d.amax(dim=-1) if W.ndim >= 1 else d
 
     def random(self, shape, *, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:

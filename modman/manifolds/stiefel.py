@@ -17,6 +17,7 @@ orientation; wide matrices are transposed in and out.
             1, any rank), e.g. V = −lr·msign(·); otherwise WᵀW errs by about η·‖tangent
             residual‖ + (3/4)η⁴·max σ²(1−σ²) (MATH.md §2). η² is computed as ‖M‖_F²/tr(M),
             M = VᵀV/s², which equals η² exactly for a scaled partial isometry.
+All methods need real floating tensors: an integer W would be projected in fp32 and truncated back.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import math
 
 import torch
 
-from ..linalg.msign import resolve_compute_dtype
+from ..linalg.msign import check_floating, resolve_compute_dtype
 
 
 def _sym(M: torch.Tensor) -> torch.Tensor:
@@ -83,12 +84,15 @@ class Stiefel:
         completed by the SVD's singular vectors so that the result is always on the manifold.
         """
         self.check_shape(W.shape)
+        check_floating(W, "W", "Stiefel.project")
         dtype = resolve_compute_dtype(W.dtype, None)
         U, _, Vh = torch.linalg.svd(W.to(dtype), full_matrices=False)
         return (self.scale_for(W.shape) * (U @ Vh)).to(W.dtype)
 
     def tangent(self, W: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection of V onto the tangent space at W: V − U sym(UᵀV), U = W/s."""
+        check_floating(W, "W", "Stiefel.tangent")
+        check_floating(V, "V", "Stiefel.tangent")
         s = self.scale_for(W.shape)
         U, Vt = to_tall(W) / s, to_tall(V)
         P = Vt - U @ _sym(U.mT @ Vt)
@@ -96,6 +100,8 @@ class Stiefel:
 
     def tangent_residual(self, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """‖UᵀA + AᵀU‖_F / ‖A‖_F in the tall orientation (0 for A = 0)."""
+        check_floating(W, "W", "Stiefel.tangent_residual")
+        check_floating(A, "A", "Stiefel.tangent_residual")
         U, At = to_tall(W) / self.scale_for(W.shape), to_tall(A)
         H = U.mT @ At
         num = torch.linalg.matrix_norm(H + H.mT)
@@ -104,6 +110,8 @@ class Stiefel:
 
     def retract(self, W: torch.Tensor, V: torch.Tensor, method: str = "polar") -> torch.Tensor:
         """Map W + V back onto the manifold (see the module docstring for the methods)."""
+        check_floating(W, "W", "Stiefel.retract")
+        check_floating(V, "V", "Stiefel.retract")
         if method == "polar":
             return self.project(W + V)
         if method == "qr":
@@ -159,6 +167,7 @@ class Stiefel:
         U ← U·(aI + bS + cS²) with the small Gram S = UᵀU (tall orientation). Valid for
         singular values in (0, √(5/3)); meant for drift of order 1e-5, not for projection.
         """
+        check_floating(W, "W", "Stiefel.polish")
         s = self.scale_for(W.shape)
         U = to_tall(W) / s
         for _ in range(steps):
@@ -173,6 +182,7 @@ class Stiefel:
         ‖UᵀU − I‖₂ = max_i |σᵢ² − 1| ≈ 2·max_i |σᵢ − 1| near the manifold. Power iteration
         under-estimates; this is a monitor for re-projection, not a certificate.
         """
+        check_floating(W, "W", "Stiefel.gram_deviation")
         Wt = to_tall(W)
         s = self.scale_for(W.shape)
         E = (Wt.mT @ Wt) / (s * s)  # UᵀU for U = W/s without forming U
@@ -187,6 +197,7 @@ class Stiefel:
 
     def distance(self, W: torch.Tensor) -> torch.Tensor:
         """max_i |σᵢ(W)/s − 1| (exact singular values; 0 on the manifold)."""
+        check_floating(W, "W", "Stiefel.distance")
         dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
         sv = torch.linalg.svdvals(W.to(dtype))
         return (sv / self.scale_for(W.shape) - 1).abs().amax(dim=-1)

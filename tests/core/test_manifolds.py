@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from modman.manifolds import Euclidean, Sphere, Stiefel, get_manifold
@@ -284,3 +284,60 @@ def test_euclidean_is_trivial():
     assert E.distance(W).item() == 0.0
     assert E.random((2, 5)).shape == (2, 5)
     assert E == get_manifold("euclidean")
+
+
+# --- Sphere at extreme scales; non-floating dtypes refused -------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(exponent=st.integers(-44, 38), dtype=st.sampled_from([torch.float32, torch.float64]),
+       radius=st.sampled_from([1.0, 0.5, 3.0]), seed=st.integers(0, 2**31 - 1))
+def test_property_sphere_normalisation_is_scale_invariant(exponent, dtype, radius, seed):
+    """project(c·w) and retract(c·w, 0) are r·w/‖w‖ for any c that leaves c·w finite and nonzero:
+    fp32 rows of 1e30 (‖w‖² overflows) and 1e-30 (‖w‖² underflows) included. Oracle: fp64 of w."""
+    S = Sphere(radius)
+    w = torch.randn(3, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.1
+    X = (w * 10.0**exponent).to(dtype)
+    assume(bool((X != 0).any(dim=-1).all()))  # a row flushed to zero has no nearest point
+    assert bool(torch.isfinite(X).all())
+    want = radius * X.double() / X.double().norm(dim=-1, keepdim=True)  # rows as stored in dtype
+    # subnormal fp32 rows keep only a few bits of w: compare against themselves, not against w
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    for got in (S.project(X), S.retract(X, torch.zeros_like(X))):
+        assert got.dtype == dtype
+        assert (got.double() - want).abs().max().item() <= tol * radius
+        assert S.distance(got).max().item() <= tol
+    # distance = max |‖x‖/r − 1| without squaring overflow/underflow; a tiny row is not a zero row
+    d_want = (X.double().norm(dim=-1) / radius - 1).abs().max().item()
+    for d in (S.distance(X), S.distance(X, skip_zero_rows=True)):
+        if d_want > torch.finfo(dtype).max:
+            assert d.item() == math.inf
+        else:
+            assert d.item() == pytest.approx(d_want, rel=tol)
+
+
+def test_sphere_zero_row_still_refused_next_to_tiny_rows():
+    X = torch.tensor([[1e-30, 2e-30], [0.0, 0.0]])
+    with pytest.raises(ValueError, match="zero row"):
+        Sphere().project(X)
+    assert torch.allclose(Sphere().project(X[:1]), torch.tensor([[1.0, 2.0]]) / 5**0.5)
+
+
+_INT = torch.ones(3, 3, dtype=torch.int64)
+_F = torch.eye(3)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: Stiefel().project(_INT), lambda: Stiefel().retract(_INT, _F), lambda: Stiefel().retract(_F, _INT),
+    lambda: Stiefel().retract(_INT, _F, method="qr"), lambda: Stiefel().tangent(_INT, _F),
+    lambda: Stiefel().tangent_residual(_F, _INT), lambda: Stiefel().distance(_INT), lambda: Stiefel().polish(_INT),
+    lambda: Stiefel().gram_deviation(_INT), lambda: Stiefel().project(_INT.bool()),
+    lambda: Stiefel().project(_INT.to(torch.complex64)),
+    lambda: Sphere().project(_INT), lambda: Sphere().retract(_INT, _F), lambda: Sphere().tangent(_F, _INT),
+    lambda: Sphere().tangent_residual(_INT, _F), lambda: Sphere().distance(_INT),
+], ids=["st.project", "st.retract", "st.retract-V", "st.qr", "st.tangent", "st.tangent_residual",
+        "st.distance", "st.polish", "st.gram_deviation", "st.bool", "st.complex", "sp.project", "sp.retract",
+        "sp.tangent", "sp.tangent_residual", "sp.distance"])
+def test_non_floating_dtypes_refused_naming_the_dtype(call):
+    # Stiefel.project(int ones) used to return all zeros: the fp32 polar factor truncated to int
+    with pytest.raises(TypeError, match="floating dtype, got torch"):
+        call()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from modman import msign
 from modman.linalg import SCHEDULES, default_steps
 
-from .oracle import svdvals64
+from .oracle import polar_svd, svdvals64
 
 
 def spectrum_matrix(m, n, sv, dtype=torch.float32, seed=0):
@@ -327,3 +327,35 @@ def test_frozen_literal_default_msign_8x4():
                   msign(X, steps=default_steps("polar_express") + 1),
                   msign(X, normalization="frobenius")):
         assert (other - want).abs().max().item() > 1e-6
+
+
+# --- argument types; SVD at extreme scales --------------------------------------------------
+
+@pytest.mark.parametrize("compute_dtype", [torch.int32, torch.int64, torch.bool, torch.complex64])
+def test_non_floating_compute_dtype_refused(compute_dtype):
+    # msign(X, compute_dtype=torch.int32) used to return zeros: every iterate truncated
+    with pytest.raises(TypeError, match="compute_dtype"):
+        msign(torch.randn(4, 3), compute_dtype=compute_dtype)
+
+
+@pytest.mark.parametrize("steps", [2.7, 3.0, True, np.bool_(True), "3"])
+def test_steps_must_be_an_int(steps):
+    # steps=2.7 used to run int(2.7) = 2 steps without a word
+    with pytest.raises(TypeError, match="steps"):
+        msign(torch.randn(4, 3), steps=steps)
+
+
+def test_steps_accepts_numpy_integers():
+    X = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(msign(X, steps=np.int64(3)), msign(X, steps=3))
+
+
+@pytest.mark.parametrize("scale", [1e38, 1e-38, 1e-44])
+def test_svd_schedule_at_extreme_fp32_scales(scale):
+    # fp32 LAPACK SVD of entries near 1e38 overflowed to a zero polar factor
+    X, U, V = spectrum_matrix(12, 7, log_spectrum(7, 10), dtype=torch.float64, seed=3)
+    Xs = (X / X.abs().max() * scale).to(torch.float32)
+    Y = msign(Xs, schedule="svd")
+    ref = polar_svd(Xs)  # fp64 oracle of the fp32 input as stored
+    tol = 1e-5 if scale > 1e-40 else 1e-2  # at 1e-44 the input keeps only a few bits per entry
+    assert (Y.double() - ref).abs().max().item() <= tol
