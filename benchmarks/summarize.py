@@ -141,6 +141,12 @@ def main() -> None:
                           f"‖ΔW‖₂ {v['update_norm']['median']:.0e}" for k, v in d["results"].items())
         rows.append(f"| tracker estimates between spectrum steps, median relative error | {parts} | "
                     "tracker_accuracy.json |")
+    d = load("distributed")
+    if d:
+        parts = ", ".join(f"{k} {v:.2f} s" for k, v in d["seconds_per_step"].items())
+        rows.append(f"| ManifoldMuon data parallel, {d['what'].split(' on ', 1)[1].split(',')[0]}: seconds per "
+                    f"optimizer step | {parts}; {d['speedup_vs_same_cores_threads']:.2f}× the same cores as "
+                    f"threads, bitwise equal: {d['ranks_bitwise_equal_one_process']} | distributed.json |")
     for path in sorted(RESULTS.glob("kernels-*.json")):
         d = json.loads(path.read_text())
         parts = ", ".join(f"{r['n']}²×{r['batch']} {r['speedup']:.2f}× ({r['triton_tflops']:.0f} TF/s)"
