@@ -3,8 +3,10 @@
 Which geometry the factors get under ManifoldMuon:
 
 - A (r × d_in, wide) on the unscaled Stiefel manifold: orthonormal rows, A Aᵀ = I. At
-  construction A = P·U (polar) becomes U and B becomes B·P, so B·A and the model's outputs stay
-  as they were (a fresh adapter, B = 0, stays a no-op; a trained or loaded one keeps its outputs).
+  construction the optimizer moves A = P·U (polar) to U and B to B·P (its rule for LoRA
+  factors, ``optim/base.py``), so B·A and the model's outputs stay as they were (a fresh
+  adapter, B = 0, stays a no-op; a trained or loaded one keeps its outputs), and nothing is
+  written before the optimizer has accepted its arguments.
 - B (d_out × r) Euclidean, stepped by Muon (msign of the momentum): it starts at 0, which is on
   no Stiefel manifold, and its scale is what the fine-tune learns.
 - The frozen base is never given to the optimizer, so it is never projected.
@@ -13,6 +15,7 @@ Which geometry the factors get under ManifoldMuon:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -47,28 +50,6 @@ def lora_param_groups(model: nn.Module, a_manifold: str = "stiefel",
     return out
 
 
-@torch.no_grad()
-def _project_factors(model: nn.Module) -> None:
-    """Put every trainable A on Stiefel without changing the model: with the polar decomposition
-    A = P·U (U = polar(A) with orthonormal rows, P = A·Uᵀ = (A Aᵀ)^{1/2}, r×r), A ← U and
-    B ← B·P keep B·A, so the optimizer finds A on its manifold and leaves it (no warning) and a
-    trained or loaded adapter keeps its outputs (projecting A alone changed logits by 0.5)."""
-    from ..manifolds import Stiefel
-    from .inject import lora_layers
-
-    stiefel = Stiefel()
-    for layer in lora_layers(model).values():
-        for name in layer.r:
-            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-            if not A.requires_grad:
-                continue
-            wide = torch.promote_types(A.dtype, torch.float64)  # P in fp64: B·P rounds once
-            U = stiefel.project(A.to(wide))
-            if B.any():
-                B.copy_((B.to(wide) @ (A.to(wide) @ U.mT)).to(B.dtype))
-            A.copy_(U.to(A.dtype))
-
-
 def optimizer_factory(name: str, lr: float, weight_decay: float = 0.0, **kwargs
                       ) -> Callable[[nn.Module], torch.optim.Optimizer]:
     """A factory for the trainer: ``"adamw"`` (torch.optim.AdamW on every trainable
@@ -86,8 +67,11 @@ def optimizer_factory(name: str, lr: float, weight_decay: float = 0.0, **kwargs
 
         if name == "muon":
             return Muon(_trainable(model), lr=lr, weight_decay=weight_decay, **kwargs)
-        _project_factors(model)
-        return ManifoldMuon(lora_param_groups(model), lr=lr, weight_decay=weight_decay, **kwargs)
+        with warnings.catch_warnings():
+            # A is moved onto Stiefel with B ← B·A·Tᵀ (the optimizer's LoRA rule): B·A and the
+            # outputs are unchanged, which this factory promises, so the per-weight note is noise
+            warnings.filterwarnings("ignore", message=r".*its lora_B rescaled so that B·A")
+            return ManifoldMuon(lora_param_groups(model), lr=lr, weight_decay=weight_decay, **kwargs)
 
     make.__name__ = f"{name}(lr={lr:g})"
     return make

@@ -18,7 +18,8 @@ from torch.optim import Optimizer
 
 from ..manifolds import Euclidean, Sphere, Stiefel
 from . import functional as F
-from .distributed import SHARED_ALGORITHMS, matrix_cost, plan_owners, resolve_group, share_step
+from .distributed import (SHARED_ALGORITHMS, check_same_items, matrix_cost, plan_owners, resolve_group,
+                          share_step)
 from .roles import ROLES, assign_modules, expand_modules
 
 _RESERVED = {"momentum", "exp_avg", "exp_avg_sq", "step"}
@@ -443,20 +444,24 @@ class ManifoldOptimizer(Optimizer):
                         full = full.clone()
                         full[rows] = target.to(full.dtype)
                         target = full
-                    moves.append((p, target.reshape(p.shape), names[id(p)], group["manifold"], dist))
                     B = _lora_partner(names[id(p)], by_name) if group["manifold"] == "stiefel" else None
-                    if B is not None and B.ndim == 2 and W.ndim == 2 and B.shape[1] == W.shape[0]:
-                        # a LoRA A (r × d_in) with its B in the optimizer: B' = B·A·Tᵀ(T Tᵀ)⁻¹ for the
-                        # projected T keeps B'·T = B·A, so the model's outputs do not change
+                    partnered = B is not None and B.ndim == 2 and W.ndim == 2 and B.shape[1] == W.shape[0]
+                    moves.append((p, target.reshape(p.shape), names[id(p)], group["manifold"], dist, partnered))
+                    if partnered:
+                        # a LoRA A (r × d_in) with its B in the optimizer. The target is T = s·U with U
+                        # on Stiefel, so TᵀT = s²I (tall) or T Tᵀ = s²I with A's rows in T's row space
+                        # (wide): either way B' = B·A·Tᵀ/s² gives B'·T = B·A, the model's outputs unchanged
                         wide = torch.promote_types(W.dtype, torch.float64)
                         T = target.to(wide)
-                        B_new = B.to(wide) @ torch.linalg.solve(T @ T.mT, T @ W.to(wide).mT).mT
-                        moves.append((B, B_new.to(B.dtype), None, None, None))
-            for p, target, name, manifold_name, dist in moves:
+                        s2 = manifold.scale_for(W.shape) ** 2
+                        B_new = (B.to(wide) @ W.to(wide)) @ T.mT / s2
+                        moves.append((B, B_new.to(B.dtype), None, None, None, False))
+            for p, target, name, manifold_name, dist, partnered in moves:
                 p.copy_(target)
                 if name is not None:
+                    note = "; its lora_B rescaled so that B·A, the model's output, is unchanged" if partnered else ""
                     warnings.warn(f"{type(self).__name__}: moved {name} onto the {manifold_name} "
-                                  f"manifold (distance was {dist:.3g})", stacklevel=4)
+                                  f"manifold (distance was {dist:.3g}){note}", stacklevel=4)
 
     # ----------------------------------------------------------------------------- step
     def _grads_finite(self) -> bool:
@@ -491,8 +496,12 @@ class ManifoldOptimizer(Optimizer):
         pg = getattr(self, "_process_group", None)  # absent on an unpickled optimizer: local
         shared = [(group, p) for group in self.param_groups if group["algorithm"] in SHARED_ALGORITHMS
                   for p in group["params"] if p.grad is not None] if pg is not None else []
+        if shared:
+            check_same_items(pg, [names[id(p)] for _, p in shared])
         rank, owners = plan_owners(pg, [matrix_cost(F.as_matrix(p, g.get("flatten")).shape) for g, p in shared])
         owner = {id(p): r for (_, p), r in zip(shared, owners)}
+        index = {id(p): i for i, (_, p) in enumerate(shared)}
+        failed, errors = {}, {}
         for group in self.param_groups:
             lr = _scalar(group["lr"])
             for p in group["params"]:
@@ -501,14 +510,26 @@ class ManifoldOptimizer(Optimizer):
                 if owner.get(id(p), rank) != rank:
                     self._momentum(group, p, p.grad, self.state[p])  # its owner does the rest
                     continue
-                s = self._step_param(group, p, p.grad, self.state[p], lr)
+                try:
+                    s = self._step_param(group, p, p.grad, self.state[p], lr)
+                except Exception as e:
+                    if id(p) not in owner:
+                        raise  # a step every rank takes alike fails alike
+                    # the other ranks wait for this matrix: tell them (share_step), then raise everywhere
+                    failed[index[id(p)]], errors[names[id(p)]] = f"{type(e).__name__}: {e}", e
+                    continue
                 if s is not None:
                     stats[names[id(p)]] = s
         if shared:
-            share_step(pg, [(p, self.state[p], names[id(p)], self._warm_keys(self.state[p])) for _, p in shared],
-                       owners, stats)
+            failures = share_step(pg, [(p, self.state[p], names[id(p)], self._warm_keys(self.state[p]))
+                                       for _, p in shared], owners, stats, failed)
             order = [names[id(p)] for g in self.param_groups for p in g["params"]]
             stats = {n: stats[n] for n in order if n in stats}  # as one process lists them
+            if failures:
+                self.last_step_stats = stats
+                message = "; ".join(f"{n} ({where})" for n, where in failures.items())
+                raise RuntimeError(f"distributed step failed for {message}; every other matrix was "
+                                   "stepped and shared") from next(iter(errors.values()), None)
         self.last_step_stats = stats
         return loss
 

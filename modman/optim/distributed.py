@@ -17,8 +17,12 @@ lower index, so every rank computes the same assignment without communicating. S
 the AdamW fallback are elementwise or cheap: every rank steps them itself.
 
 Requirement: the gradients are identical on all ranks (what DDP's all-reduce gives) and every
-rank calls ``step`` with the same parameters having gradients. Nothing checks this; different
-gradients would leave each rank's momentum its own while the weights follow their owners.
+rank calls ``step`` with the same parameters having gradients. The second is checked at the
+start of each step (one small all-gather; a mismatch raises on every rank before anything
+changes); the first is not (it would cost a pass over every gradient): different gradients
+would leave each rank's momentum its own while the weights follow their owners. A matrix whose
+step raises on its owner (a NaN weight, say) is not sent; every other matrix is, and then every
+rank raises, naming it — the ranks stay equal and none waits for a broadcast that never comes.
 """
 from __future__ import annotations
 
@@ -36,12 +40,18 @@ def resolve_group(distributed):
     ProcessGroup), or None when there is nothing to share (one rank)."""
     if distributed is None or distributed is False:
         return None
+    if dist.is_available() and distributed is dist.GroupMember.NON_GROUP_MEMBER:  # new_group() off its ranks
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the process group "
+                         "given as distributed=")
+    if distributed is not True and not (dist.is_available() and isinstance(distributed, dist.ProcessGroup)):
+        raise TypeError(f"distributed must be True, False or a torch.distributed ProcessGroup, got {distributed!r}")
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("distributed=True needs torch.distributed initialised first "
                          "(torch.distributed.init_process_group)")
     group = dist.group.WORLD if distributed is True else distributed
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"distributed must be True, False or a torch.distributed ProcessGroup, got {distributed!r}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the process group "
+                         "given as distributed=")
     return group if dist.get_world_size(group) > 1 else None
 
 
@@ -71,27 +81,45 @@ def plan_owners(group, costs: list[float]) -> tuple[int, list[int]]:
     return dist.get_rank(group), assign_owners(costs, dist.get_world_size(group))
 
 
-def share_step(group, items: list, owners: list[int], stats: dict) -> None:
+def check_same_items(group, names: list[str]) -> None:
+    """Refuse, on every rank alike and before anything changes, ranks that would step different
+    parameters: the owners' broadcasts would land in other tensors (or in none)."""
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, names, group=group)
+    if any(other != gathered[0] for other in gathered):
+        detail = "; ".join(f"rank {r}: {len(g)} ({', '.join(g[:4])}{', …' if len(g) > 4 else ''})"
+                           for r, g in enumerate(gathered))
+        raise ValueError("distributed step: the ranks have gradients for different parameters "
+                         f"[{detail}]; every rank must step the same ones (DDP gives all of them gradients). "
+                         "Nothing was changed.")
+
+
+def share_step(group, items: list, owners: list[int], stats: dict, failed: dict[int, str]) -> dict[str, str]:
     """After the owners stepped: every rank gets each item's weight and warm-start state from its
     owner, and ``stats`` gains the other ranks' entries.
 
     ``items``: (weight tensor, state dict, name, warm-start keys) in the same order on every
-    rank. A rank that lacks a warm-start key the owner has (the first step) allocates it from
-    the shape and dtype the all-gather carries.
+    rank; ``failed``: item index → error message for this rank's items whose step raised. A rank
+    that lacks a warm-start key the owner has (the first step) allocates it from the shape and
+    dtype the all-gather carries. Items that failed on their owner are not sent. Returns every
+    rank's failures, {name: "rank r: message"}, for the caller to raise on all ranks alike.
     """
     rank = dist.get_rank(group)
     ranks = dist.get_process_group_ranks(group)
     mine = {}
     for i, (_, state, name, keys) in enumerate(items):
-        if owners[i] == rank:
+        if owners[i] == rank and i not in failed:
             mine[i] = ({k: (tuple(state[k].shape), str(state[k].dtype).removeprefix("torch."))
                         for k in keys if k in state},
                        {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in stats.get(name, {}).items()})
     gathered = [None] * len(ranks)
-    dist.all_gather_object(gathered, mine, group=group)
+    dist.all_gather_object(gathered, (mine, failed), group=group)
+    failures = {items[i][2]: f"rank {r}: {msg}" for r, (_, f) in enumerate(gathered) for i, msg in f.items()}
     works, copies = [], []
     for i, (weight, state, name, _) in enumerate(items):
-        meta, their_stats = gathered[owners[i]][i]
+        if name in failures:
+            continue
+        meta, their_stats = gathered[owners[i]][0][i]
         if owners[i] != rank:
             stats[name] = {k: v.to(weight.device) if isinstance(v, torch.Tensor) else v
                            for k, v in their_stats.items()}
@@ -110,3 +138,4 @@ def share_step(group, items: list, owners: list[int], stats: dict) -> None:
         w.wait()
     for weight, buf in copies:
         weight.copy_(buf)
+    return failures

@@ -163,3 +163,11 @@ def test_manifold_muon_on_a_lora_model_keeps_its_outputs_at_construction(make):
         stiefel = Stiefel()
         for layer in lora_layers(model).values():
             assert float(stiefel.distance(layer.lora_A["default"].weight.detach())) < 1e-5
+
+
+def test_manifold_muon_factory_writes_nothing_before_the_optimizer_accepts_its_options():
+    model = apply_lora(tiny_model(), LoRAConfig(4, init="random"), seed=0)
+    state = snapshot(model)
+    with pytest.raises(ValueError, match="solver"):
+        optimizer_factory("manifold_muon", 0.05, solver="bogus")(model)
+    assert all(torch.equal(state[k], v) for k, v in snapshot(model).items())

@@ -69,6 +69,43 @@ def same_state(a, b):
     return len(a.state) == len(b.state)
 
 
+def mismatched_gradients(rank):
+    """Ranks with gradients for different parameters: refused on every rank, nothing changed."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = modman.ManifoldMuon(model.modules(), distributed=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    if rank == 1:
+        model.fc1.weight.grad = None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        opt.step()
+        return "stepped"
+    except ValueError as e:
+        unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
+        return f"{'unchanged' if unchanged else 'changed'}: {e}"
+
+
+def owner_failure():
+    """A matrix whose owner cannot step it (a NaN weight): every rank raises naming it, promptly,
+    and the other matrices are stepped and shared."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 4, bias=False))
+    opt = modman.ManifoldMuon(model.modules(), distributed=True, budget="uniform")
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = model[1].weight.detach().clone()
+    try:
+        opt.step()
+        return {"message": "stepped"}
+    except RuntimeError as e:
+        return {"message": str(e), "other": model[1].weight.detach().clone(),
+                "other_moved": not torch.equal(before, model[1].weight)}
+
+
 def main():
     rank, world, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
@@ -102,6 +139,8 @@ def main():
             "calls": mine,
             "weights": [p.detach().clone() for p in model.parameters()],
         }
+    report["mismatch"] = mismatched_gradients(rank)
+    report["failure"] = owner_failure()
     torch.save(report, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

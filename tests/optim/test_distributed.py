@@ -42,6 +42,16 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         # one rank and the three small ones on the other (the longest-processing-time rule)
         assert sum(calls) == STEPS * MATRICES, (label, calls)
         assert sorted(calls) == [STEPS, 3 * STEPS], (label, calls)
+    for rep in reports:
+        # ranks with gradients for different parameters: refused alike, before anything changed
+        assert rep["mismatch"].startswith("unchanged: distributed step: the ranks have gradients for different"), \
+            rep["mismatch"]
+        # an owner that cannot step its matrix: every rank raises naming it (no rank waits for a
+        # broadcast that never comes), and the other matrix is stepped and shared
+        failure = rep["failure"]
+        assert failure["message"].startswith("distributed step failed for 0.weight"), failure["message"]
+        assert "W contains NaN" in failure["message"] and failure["other_moved"]
+    assert torch.equal(reports[0]["failure"]["other"], reports[1]["failure"]["other"])
 
 
 def test_distributed_needs_an_initialised_process_group():
@@ -49,6 +59,9 @@ def test_distributed_needs_an_initialised_process_group():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(ValueError, match="init_process_group"):
         modman.ManifoldMuon([torch.nn.Parameter(torch.eye(3))], distributed=True)
+    for bad in ("yes", 1):  # the type is checked first, whether or not torch.distributed is up
+        with pytest.raises(TypeError, match="distributed must be True, False or a torch.distributed ProcessGroup"):
+            modman.ManifoldMuon([torch.nn.Parameter(torch.eye(3))], distributed=bad)
 
 
 def test_not_distributed_by_default_or_with_false():

@@ -377,3 +377,38 @@ def test_frozen_parameters_are_left_out_and_added_when_unfrozen():
     assert float(Stiefel().distance(net[0].weight.detach())) <= 1e-5
     with pytest.raises(ValueError, match="no trainable parameters"):
         opt.add_param_group({"params": net.modules()})  # nothing new to add
+
+
+class _PeftLikeLoRA(nn.Module):
+    """A PEFT-style LoRA layer: base Linear plus lora_A/lora_B ModuleDicts of bias-free Linears."""
+
+    def __init__(self, d_in, d_out, r, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base_layer = nn.Linear(d_in, d_out).requires_grad_(False)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(d_in, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, d_out, bias=False)})
+        with torch.no_grad():
+            self.lora_A["default"].weight.copy_(torch.randn(r, d_in, generator=g))
+            self.lora_B["default"].weight.copy_(torch.randn(d_out, r, generator=g))
+
+    def delta(self):
+        return self.lora_B["default"].weight @ self.lora_A["default"].weight
+
+
+@pytest.mark.parametrize("d_in, r", [(12, 3), (3, 5)])  # a wide A, and a tall one (r > d_in, PEFT allows it)
+@pytest.mark.parametrize("scale", [None, "rms"])
+def test_moving_a_lora_A_onto_stiefel_keeps_B_times_A(d_in, r, scale):
+    layer = _PeftLikeLoRA(d_in, 7, r)
+    before = layer.delta().detach().clone()
+    B_before = layer.lora_B["default"].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"lora_A.default.weight onto the stiefel manifold .*B·A, the model's output, "
+                                         r"is unchanged"):
+        opt = ManifoldMuon(layer.modules(), scale=scale, budget="uniform")
+    manifold = {n: g["manifold"] for g in opt.param_groups for n in g["param_names"]}
+    assert manifold == {"lora_A.default.weight": "stiefel", "lora_B.default.weight": "euclidean"}
+    A = layer.lora_A["default"].weight.detach()
+    assert float(Stiefel(scale).distance(A)) < 1e-6
+    torch.testing.assert_close(layer.delta().detach(), before, rtol=1e-5, atol=1e-5)
+    # a rescaling, not a blow-up: T Tᵀ is singular for a tall A, and a solve with it made ‖B‖ 9 → 800
+    assert float(layer.lora_B["default"].weight.norm()) < 10 * float(B_before.norm())
