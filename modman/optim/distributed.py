@@ -26,6 +26,7 @@ rank raises, naming it — the ranks stay equal and none waits for a broadcast t
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -83,10 +84,14 @@ def plan_owners(group, costs: list[float]) -> tuple[int, list[int]]:
 
 def check_same_items(group, names: list[str]) -> None:
     """Refuse, on every rank alike and before anything changes, ranks that would step different
-    parameters: the owners' broadcasts would land in other tensors (or in none)."""
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, names, group=group)
-    if any(other != gathered[0] for other in gathered):
+    parameters (``names``: each with its shape): the owners' broadcasts would land in other
+    tensors (or in none)."""
+    digest = hashlib.sha1("\n".join(names).encode()).hexdigest()  # 40 bytes a rank, whatever the model
+    digests = [None] * dist.get_world_size(group)
+    dist.all_gather_object(digests, digest, group=group)
+    if any(d != digests[0] for d in digests):
+        gathered = [None] * len(digests)
+        dist.all_gather_object(gathered, names, group=group)  # the names, only to say what differs
         detail = "; ".join(f"rank {r}: {len(g)} ({', '.join(g[:4])}{', …' if len(g) > 4 else ''})"
                            for r, g in enumerate(gathered))
         raise ValueError("distributed step: the ranks have gradients for different parameters "
