@@ -16,8 +16,8 @@ Names are those of ``root.named_parameters()``, where root is the given module t
 all the others (the model, for ``model.modules()``). Given several separate modules (e.g.
 ``[model.body, model.head]`` or ``model.children()``), root is an ``nn.ModuleList`` of them in
 the order given, so the names are prefixed by that position ("0.weight", "1.weight", …) and two
-modules' ``weight`` never share a name. A ``torch.compile`` wrapper is seen through: the names are
-the eager model's.
+modules' ``weight`` never share a name. ``torch.compile`` and DDP/DataParallel wrappers are seen
+through: the names are the bare model's.
 
 Frozen parameters (``requires_grad=False`` at construction) are left out: projecting them onto
 a manifold would change weights that are meant to stay as loaded (a LoRA base model). A
@@ -57,12 +57,19 @@ class Network:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), else ``module``."""
+    """The model inside ``torch.compile`` (``OptimizedModule._orig_mod``) and data-parallel
+    wrappers (``DistributedDataParallel`` / ``DataParallel``'s ``.module``), in any nesting, else
+    ``module``: names, roles and the modular budget are the bare model's (through DDP they were
+    ``module.…`` with no modular budget, every weight stepping lr instead of its share)."""
     # no OptimizedModule can exist before torch._dynamo is imported, so do not import it here
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    while eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
-        module = module._orig_mod
-    return module
+    while True:
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+            module = module._orig_mod
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+        else:
+            return module
 
 
 def _walk(module: nn.Module, prefix: str, seen: set[int]):

@@ -87,6 +87,35 @@ def mismatched_gradients(rank):
         return f"{'unchanged' if unchanged else 'changed'}: {e}"
 
 
+def no_gradients_here(rank):
+    """A rank without any gradient for a shared matrix must still meet the others' check (it
+    used to skip every collective and leave them waiting)."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = modman.ManifoldMuon(model.modules(), distributed=True)
+    for p in model.parameters():
+        p.grad = None if rank == 1 else torch.ones_like(p)
+    try:
+        opt.step()
+        return "stepped"
+    except ValueError as e:
+        return str(e)
+
+
+def seen_through_ddp():
+    """Names and per-layer lr of ManifoldMuon(DDP(model).modules()) are the bare model's."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    def layout(opt):
+        return [(n, g["lr_scale"], g["manifold"]) for g in opt.param_groups for n in g["param_names"]]
+
+    torch.manual_seed(0)
+    model = Net()
+    plain = layout(modman.ManifoldMuon(copy.deepcopy(model).modules()))
+    wrapped = layout(modman.ManifoldMuon(DistributedDataParallel(model).modules(), distributed=True))
+    return plain == wrapped
+
+
 def owner_failure():
     """A matrix whose owner cannot step it (a NaN weight): every rank raises naming it, promptly,
     and the other matrices are stepped and shared."""
@@ -141,6 +170,8 @@ def main():
         }
     report["mismatch"] = mismatched_gradients(rank)
     report["failure"] = owner_failure()
+    report["no_gradients_here"] = no_gradients_here(rank)
+    report["seen_through_ddp"] = seen_through_ddp()
     torch.save(report, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

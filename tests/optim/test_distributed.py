@@ -52,6 +52,10 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         assert failure["message"].startswith("distributed step failed for 0.weight"), failure["message"]
         assert "W contains NaN" in failure["message"] and failure["other_moved"]
     assert torch.equal(reports[0]["failure"]["other"], reports[1]["failure"]["other"])
+    for rep in reports:
+        assert rep["no_gradients_here"].startswith("distributed step: the ranks have gradients for different"), \
+            rep["no_gradients_here"]
+        assert rep["seen_through_ddp"]  # DDP(model).modules(): the bare model's names and budget
 
 
 def test_distributed_needs_an_initialised_process_group():

@@ -2,6 +2,7 @@
 describe(), last_step_stats, persistent state size."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -412,3 +413,20 @@ def test_moving_a_lora_A_onto_stiefel_keeps_B_times_A(d_in, r, scale):
     torch.testing.assert_close(layer.delta().detach(), before, rtol=1e-5, atol=1e-5)
     # a rescaling, not a blow-up: T Tᵀ is singular for a tall A, and a solve with it made ‖B‖ 9 → 800
     assert float(layer.lora_B["default"].weight.norm()) < 10 * float(B_before.norm())
+
+
+def test_data_parallel_wrappers_are_seen_through():
+    """ManifoldMuon(DataParallel(model).modules()) named every weight module.… and found no modular
+    budget, so every layer stepped lr instead of its share (DistributedDataParallel alike: the
+    two-rank test in test_distributed.py checks it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def layout(opt):
+        return [(n, g["lr_scale"], g["manifold"]) for g in opt.param_groups for n in g["param_names"]]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = layout(ManifoldMuon(copy.deepcopy(model).modules()))
+        wrapped = layout(ManifoldMuon(nn.DataParallel(model).modules()))
+    assert wrapped == plain and plain[0][0] == "0.weight" and plain[0][1] < 1
