@@ -82,11 +82,14 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--out", default="benchmarks/results/distributed.json")
+    p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "distributed.json"))
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--init", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    for name, least in (("world", 2), ("hidden", 1), ("steps", 1), ("warmup", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name} must be ≥ {least}, got {getattr(args, name)}")
     if args.rank is not None:
         return rank_main(args)
 

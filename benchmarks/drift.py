@@ -16,6 +16,7 @@ import time
 
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 from modman.manifolds import Stiefel

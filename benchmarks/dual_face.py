@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -85,6 +86,9 @@ def main():
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "dual_face.json"))
     args = parser.parse_args()
+    bad = [s for s in args.shapes.split(",") if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", s)]
+    if bad:
+        parser.error(f"--shapes takes MxN,MxN,… with positive integers, got {bad}")
     torch.set_num_threads(1)
     rows = []
     for shape in args.shapes.split(","):

@@ -27,6 +27,7 @@ beside it.
 """
 from __future__ import annotations
 
+import pathlib
 import argparse
 import copy
 import json
@@ -43,6 +44,7 @@ from modman.lora import (LoRAConfig, TrainConfig, apply_lora, count_parameters, 
                          task_data, train)
 from modman.toy import pretrain, tasks
 from modman.toy.pretrain import RECIPES
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = Path(__file__).resolve().parent

@@ -26,6 +26,7 @@ lr_transfer_grid4.json and .png; with --out-mult 32: lr_transfer_out32.json and 
 """
 from __future__ import annotations
 
+import pathlib
 import argparse
 import json
 import math
@@ -41,6 +42,7 @@ from torch import nn
 import modman
 from modman.modular import budget
 from modman.solvers import DEFAULT_SOLVER
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 OUT_MULT = 8.0

@@ -12,6 +12,7 @@ a plot next to it.
 """
 from __future__ import annotations
 
+import pathlib
 import argparse
 import json
 import os
@@ -23,6 +24,7 @@ import torch
 
 from modman.data import load_mnist1d
 from modman.experiments.mnist1d import train
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 SOLVERS = ("closed_form", "anderson", "newton", "projected", "dual_ascent")
@@ -33,7 +35,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--solvers", default=",".join(SOLVERS))
-    ap.add_argument("--out", default="benchmarks/results/mnist1d_solvers.json")
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "mnist1d_solvers.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = load_mnist1d()

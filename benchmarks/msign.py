@@ -10,6 +10,7 @@ Singular values are measured in fp64 with LAPACK. Default run < 1 minute; --full
 """
 from __future__ import annotations
 
+import pathlib
 import argparse
 import json
 import math
@@ -23,6 +24,7 @@ import torch
 
 from modman import msign
 from modman.linalg import default_steps
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 

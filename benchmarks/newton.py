@@ -140,7 +140,7 @@ def main():
     rows = [] if args.skip_suite else suite()
     summary, per_step = training(args.hidden, args.steps)
     print("newton", json.dumps(summary))
-    path = "benchmarks/results/solvers.json"
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "solvers.json")
     data = json.load(open(path)) if os.path.exists(path) else {}
     data["machine"] = data.get("machine") or machine()
     data["newton"] = dict(summary, command="OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
@@ -151,7 +151,7 @@ def main():
                           "modman/solvers/newton.py); msign_equivalents_time_per_step = solve time / time of one "
                           "default fp32 msign of the same matrix",
                           suite=rows)
-    os.makedirs("benchmarks/results", exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
 

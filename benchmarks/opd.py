@@ -69,11 +69,13 @@ under ``addition_headline``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -658,6 +660,9 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     parts = args.parts.split(",")
+    unknown = sorted(set(parts) - {"headline", "diagnosis", "forgetting", "optimizers"})
+    if unknown:  # before the minutes of pretraining, and before save() rewrites --out
+        parser.error(f"--parts: unknown {unknown}; choose from headline, diagnosis, forgetting, optimizers")
     lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     methods = args.methods.split(",")
@@ -695,6 +700,7 @@ def main() -> None:
         "eval": {"prompts": args.eval_prompts, "every": args.eval_every},
     }
     tmp = tempfile.mkdtemp(prefix="opd_bench_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the teacher and start checkpoints
     teacher_path = teacher.save(Path(tmp) / "teacher")
     common = None
     if "headline" in parts or "optimizers" in parts or "diagnosis" in parts:

@@ -25,6 +25,7 @@ Writes benchmarks/results/solvers.json and solvers.png.
 """
 from __future__ import annotations
 
+import pathlib
 import argparse
 import copy
 import json
@@ -39,6 +40,7 @@ import modman
 import modman.optim.functional as F
 from modman.manifolds import Stiefel
 from modman.solvers import DEFAULT_SOLVER, SOLVERS, solve_manifold_muon
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
@@ -202,7 +204,7 @@ def main():
     ap.add_argument("--suite-only", action="store_true",
                     help="run only the suite and replace the 'suite' rows of an existing --out file")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/solvers.json")
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "solvers.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     solvers = args.solvers.split(",")

@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import threading
@@ -152,6 +153,9 @@ def main() -> None:
     p.add_argument("--worker", nargs=2, metavar=("SHAPE", "OPTIMIZER"), help=argparse.SUPPRESS)
     p.add_argument("--max-iters", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    bad = [s for s in args.shapes.split(",") if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", s)]
+    if bad:
+        p.error(f"--shapes takes MxN,MxN,… with positive integers, got {bad}")
     if args.worker:
         print("RESULT " + json.dumps(worker(*args.worker, args.limit_s, args.max_iters)))
         return

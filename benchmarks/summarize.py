@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 
@@ -20,6 +21,7 @@ def fmt(x, spec=".3g"):
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no stray options
     rows = ["| benchmark | result | file |", "| --- | --- | --- |"]
     d = load("msign")
     if d:

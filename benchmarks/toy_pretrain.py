@@ -10,6 +10,7 @@ the recipe ran to the end, stores the checkpoint in the cache so pretrain() reus
 """
 from __future__ import annotations
 
+import pathlib
 import argparse
 import dataclasses
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from modman.toy.pretrain import RECIPES, checkpoint_path, store, train
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = Path(__file__).resolve().parent

@@ -13,6 +13,7 @@ side, which rounding keeps near κ²·1e-16 for σ_min.
 """
 from __future__ import annotations
 
+import pathlib
 import argparse
 import json
 import statistics
@@ -24,6 +25,7 @@ import torch
 from modman.data import load_mnist1d
 from modman.diagnostics import SpectrumTracker
 from modman.experiments.mnist1d import available_optimizers, train
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
@@ -67,6 +69,8 @@ def main():
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tracker_accuracy.json"))
     args = ap.parse_args()
+    if not 1 <= args.every <= args.steps:
+        ap.error(f"need 1 ≤ --every ≤ --steps, got --every {args.every} --steps {args.steps}")
     data = load_mnist1d()
     rows = {}
     for name in available_optimizers():

@@ -15,6 +15,7 @@ Median over --repeats runs after a warm-up run.
 """
 from __future__ import annotations
 
+import pathlib
 import argparse
 import json
 import os
@@ -28,6 +29,7 @@ import torch
 from modman.data import load_mnist1d
 from modman.diagnostics import SpectrumTracker
 from modman.experiments.mnist1d import available_optimizers, train
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 

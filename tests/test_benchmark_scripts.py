@@ -1,0 +1,33 @@
+"""The benchmark scripts load as a user runs them: from any folder, with PYTHONSAFEPATH=1 (which
+tests/run.sh sets and which keeps the script's own folder off sys.path): 11 of 19 failed with
+"No module named 'machine'", even for --help."""
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.name != "machine.py")
+
+LOAD_ALL = """
+import runpy, sys
+failed = []
+for path in sys.argv[1:]:
+    saved = list(sys.path)
+    sys.modules.pop("machine", None)  # each script must find benchmarks/machine.py by itself
+    try:
+        runpy.run_path(path, run_name="benchmark_module")  # top level only: main() is not run
+    except Exception as e:
+        failed.append(f"{path}: {type(e).__name__}: {e}")
+    sys.path[:] = saved
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_benchmark_script_loads_from_another_folder_with_pythonsafepath(tmp_path):
+    assert len(SCRIPTS) >= 18
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    done = subprocess.run([sys.executable, "-c", LOAD_ALL, *map(str, SCRIPTS)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
