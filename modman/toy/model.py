@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,20 @@ from torch import nn
 IGNORE_INDEX = -100
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"
+_DTYPE_KEY = "torch_dtype"  # in the safetensors metadata: the parameters' dtype
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_token_id(name: str, value, vocab_size: int) -> int:
+    """``value`` as a Python int if it is an integer (numpy ones included, bools not) in
+    [0, vocab_size)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or not 0 <= value < vocab_size):
+        raise ValueError(f"{name} must be an int in [0, vocab_size={vocab_size}), got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -43,10 +58,10 @@ class TinyConfig:
     max_len: int
     d_ff: int | None = None  # None: 8/3·d_model rounded up to a multiple of 32, as in Llama
     positions: str = "rope"  # "rope" or "learned"
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # > 1: the wavelengths run from 2π to 2π·rope_base
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init_std: float = 0.02  # > 0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
@@ -62,10 +77,19 @@ class TinyConfig:
                 f"{self.d_model // self.n_heads}")
         if self.positions not in ("rope", "learned"):
             raise ValueError(f"positions must be 'rope' or 'learned', got {self.positions!r}")
-        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+        if self.d_ff is not None and (not isinstance(self.d_ff, int)
+                                      or isinstance(self.d_ff, bool) or self.d_ff < 1):
             raise ValueError(f"d_ff must be a positive int or None, got {self.d_ff!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if not (_is_real(self.norm_eps) and self.norm_eps > 0):
+            raise ValueError(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
+        if not (_is_real(self.init_std) and self.init_std > 0):
+            raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
+        # rope_base ** (-2i/d_head) is inf or NaN for a base <= 0, and a base <= 1 gives no
+        # wavelength longer than 2π positions.
+        if not (_is_real(self.rope_base) and self.rope_base > 1):
+            raise ValueError(f"rope_base must be a finite number > 1, got {self.rope_base!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
 
     @property
     def hidden_size(self) -> int:
@@ -350,13 +374,26 @@ class TinyCausalLM(nn.Module):
         Generation ends early once every row has stopped.
 
         Prompts of different lengths go left-padded, with ``attention_mask`` marking real tokens.
+        Every prompt needs at least one token (e.g. <bos>): the first step predicts from it.
+        ``logprobs`` are in the model's dtype promoted to at least fp32.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral)
+                or max_new_tokens < 0):
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        vocab_size = self.config.vocab_size
+        # Checked up front: a bad id would otherwise fail only once a row has stopped (pad) or
+        # never stop a row at all (eos).
+        pad_token_id = _check_token_id("pad_token_id", pad_token_id, vocab_size)
+        if eos_token_id is not None:
+            eos_token_id = _check_token_id("eos_token_id", eos_token_id, vocab_size)
         self._check_ids(input_ids, 0)
         B, L_prompt = input_ids.shape
+        if L_prompt == 0:
+            raise ValueError("input_ids must hold at least one token per row (e.g. <bos>) to "
+                             "generate from, got length 0")
         if L_prompt + max_new_tokens > self.config.max_len:
             raise ValueError(
                 f"prompt length {L_prompt} + max_new_tokens {max_new_tokens} exceeds "
@@ -404,7 +441,9 @@ class TinyCausalLM(nn.Module):
             completion_mask = torch.stack(new_masks, 1)
         else:
             completion = input_ids.new_zeros(B, 0)
-            logprobs = torch.zeros(B, 0, device=device)
+            # the dtype a generation step would give its log-probs
+            logprob_dtype = torch.promote_types(self.lm_head.weight.dtype, torch.float32)
+            logprobs = torch.zeros(B, 0, device=device, dtype=logprob_dtype)
             completion_mask = torch.zeros(B, 0, dtype=torch.bool, device=device)
         return GenerationOutput(sequences=sequences, completion_ids=completion, logprobs=logprobs,
                                 completion_mask=completion_mask, prompt_length=L_prompt)
@@ -412,21 +451,30 @@ class TinyCausalLM(nn.Module):
     # ---------------------------------------------------------------- persistence
 
     def save(self, path: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into the folder ``path``."""
+        """Write ``config.json`` and ``model.safetensors`` into the folder ``path``, with the
+        parameters' dtype in the safetensors metadata so that :meth:`load` restores it."""
         from safetensors.torch import save_file
 
+        dtypes = {p.dtype for p in self.parameters()}
+        if len(dtypes) != 1:
+            raise ValueError(f"the parameters mix dtypes {sorted(map(str, dtypes))}; cast the "
+                             f"model to one dtype before saving")
+        dtype = str(dtypes.pop()).removeprefix("torch.")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / _CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight", None)  # safetensors refuses shared storage
-        save_file(state, str(path / _WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(path / _WEIGHTS_FILE),
+                  metadata={"format": "pt", _DTYPE_KEY: dtype})
         return path
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "TinyCausalLM":
-        """Rebuild a model written by :meth:`save`."""
+        """Rebuild a model written by :meth:`save`, in the dtype it was saved in (fp32 for files
+        written before the dtype was recorded)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -434,6 +482,13 @@ class TinyCausalLM(nn.Module):
             raise FileNotFoundError(f"{path} lacks {_CONFIG_FILE} or {_WEIGHTS_FILE}")
         config = TinyConfig(**json.loads((path / _CONFIG_FILE).read_text()))
         model = cls.from_config(config)
+        with safe_open(str(path / _WEIGHTS_FILE), framework="pt") as f:
+            dtype_name = (f.metadata() or {}).get(_DTYPE_KEY, "float32")
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"checkpoint {path} records an unknown dtype {dtype_name!r}")
+        # Cast before loading: load_state_dict copies into the existing parameters' dtype.
+        model.to(dtype)
         state = load_file(str(path / _WEIGHTS_FILE), device=str(map_location))
         strict = not config.tie_embeddings
         missing, unexpected = model.load_state_dict(state, strict=strict)
@@ -450,9 +505,14 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
     ``label_smoothing`` ε scores against (1 − ε)·onehot + ε/V instead of the one-hot label
     (``torch.nn.functional.cross_entropy``'s definition). With no scored position at all the loss
     is an exact 0 that still carries a graph, rather than the 0/0 = NaN a plain mean would give.
+    Computed in the logits' dtype promoted to at least fp32 (bf16/fp16 upcast, fp64 kept).
+    ``labels`` may be any integer dtype.
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).to(dtype)
+    shift_labels = labels[:, 1:].reshape(-1).long()  # cross_entropy wants int64 targets
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
                             reduction="sum", label_smoothing=label_smoothing)
     count = (shift_labels != IGNORE_INDEX).sum()

@@ -7,10 +7,15 @@ the same task, to be distilled. The first call trains and writes
 ``<cache>/toy/<name>-<hash>/{config.json, model.safetensors, recipe.json, metrics.json}``; later
 calls with the same recipe load it. The hash covers every field of the recipe except its name,
 plus ``RECIPE_VERSION`` (bumped whenever the training code changes what a recipe produces), so
-``"teacher"`` and ``"base"``, which share a recipe, share a checkpoint.
+``"teacher"`` and ``"base"``, which differ only in name, have the same hash; the folder name
+carries the recipe's name as well, though, so each of them is trained and stored once on its own
+(to the same weights, on the same machine and torch build).
 
 The cache folder is ``$MODMAN_CACHE/toy`` if set, else ``$XDG_CACHE_HOME/modman/toy``, else
-``~/.cache/modman/toy``.
+``~/.cache/modman/toy`` (:func:`cache_dir`). ``MODMAN_CACHE`` names the cache root of all of
+modman, hence the ``toy`` below it; the ``cache`` argument of :func:`pretrain`,
+:func:`checkpoint_path` and :func:`store` names the folder of the toy checkpoints itself:
+``pretrain(cache=X)`` stores under ``X/<name>-<hash>``, not ``X/toy/<name>-<hash>``.
 
 Training is AdamW (decoupled weight decay on matrices only) with linear warm-up and cosine decay to
 10 % of the peak rate, loss on completion tokens only (the prompt is uniformly random, so
@@ -23,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import time
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 
 from . import tasks as tasks_module
-from .model import TinyCausalLM, shifted_cross_entropy
+from .model import TinyCausalLM, TinyConfig, shifted_cross_entropy
 
 RECIPE_VERSION = 1
 _TASKS = {
@@ -75,15 +81,54 @@ class Recipe:
     seed: int = 0
 
     def __post_init__(self):
+        """Refuse a recipe that could not train, or would train wrongly, naming the field."""
+        # The name becomes a folder name inside the cache: it must not reach outside it.
+        if (not isinstance(self.name, str) or not self.name or "/" in self.name
+                or "\\" in self.name or ".." in self.name):
+            raise ValueError(f"name must be a non-empty string without '/', '\\' or '..', got "
+                             f"{self.name!r}")
         if self.task not in _TASKS:
             raise ValueError(f"task must be one of {sorted(_TASKS)}, got {self.task!r}")
-        for name in ("steps", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
+        # Python ints only (not numpy's): the hash serialises the fields as JSON.
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+        def real(value) -> bool:
+            return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                    and math.isfinite(value))
+
+        if not (real(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        # grad_clip 0 turns clipping off; a negative one would flip the gradient (ascent).
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (real(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (real(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(real(b) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not (real(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        # Build the task and the model's config now, so that a bad task_kwargs or architecture
+        # fails here rather than when training starts.
+        if not isinstance(self.task_kwargs, dict):
+            raise ValueError(f"task_kwargs must be a dict, got {self.task_kwargs!r}")
+        try:
+            task = self.make_task()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"task_kwargs {self.task_kwargs!r} do not fit task "
+                             f"{self.task!r}: {e}") from e
+        TinyConfig(task.tokenizer.vocab_size, self.d_model, self.n_layers, self.n_heads,
+                   self.max_len, positions=self.positions)
+        # Every task's sequences have one length: <bos>, prompt, answer, <eos>.
+        length = task.sample(1, 0).input_ids.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"max_len={self.max_len} is shorter than the task's sequences "
+                             f"(<bos> prompt answer <eos>: {length} tokens)")
 
     def make_task(self) -> tasks_module.Task:
         return _TASKS[self.task](**self.task_kwargs)
@@ -143,6 +188,8 @@ def _resolve(recipe: str | Recipe) -> Recipe:
 
 
 def checkpoint_path(recipe: str | Recipe, root: str | Path | None = None) -> Path:
+    """``root/<name>-<hash>``; ``root`` defaults to :func:`cache_dir` (see the module docstring:
+    an explicit root gets no ``toy`` folder appended)."""
     recipe = _resolve(recipe)
     return Path(root or cache_dir()) / f"{recipe.name}-{recipe.hash()}"
 
@@ -230,8 +277,11 @@ def train(recipe: str | Recipe, *, progress: bool = False, eval_every: int = 0,
 
 def pretrain(recipe: str | Recipe = "base", *, cache: str | Path | None = None,
              force: bool = False, progress: bool = False) -> TinyCausalLM:
-    """The checkpoint of ``recipe`` ("base", "teacher", "student" or a :class:`Recipe`),
+    """The checkpoint of ``recipe`` (a name in :data:`RECIPES` or a :class:`Recipe`),
     trained on first use and loaded from the cache afterwards.
+
+    ``cache`` is the folder that holds the checkpoint folders (``cache/<name>-<hash>``); the
+    default is :func:`cache_dir`, which is ``$MODMAN_CACHE/toy`` when that variable is set.
 
     ``force=True`` retrains and overwrites. The metrics of the training run are in
     ``metrics.json`` beside the weights (see :func:`checkpoint_path`).

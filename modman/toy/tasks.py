@@ -28,6 +28,7 @@ subtraction with the same seed hold out the same pairs.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import string
 from dataclasses import dataclass
@@ -39,6 +40,14 @@ from .model import IGNORE_INDEX
 
 DEFAULT_ALPHABET = string.digits + "+-*%=|:;,.?> " + string.ascii_lowercase
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    """``value`` as a Python int, if it is an integer (numpy ones included, bools not) that is
+    at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 class CharTokenizer:
@@ -70,21 +79,24 @@ class CharTokenizer:
         return ([self.bos_token_id] if bos else []) + ids + ([self.eos_token_id] if eos else [])
 
     def decode(self, ids, *, stop_at_eos: bool = True) -> str:
-        """Characters of ``ids``, dropping <pad>/<bos> and (by default) stopping at <eos>."""
+        """Characters of ``ids``, dropping <pad>/<bos> and (by default) stopping at <eos>.
+
+        Lenient by design (for display); scoring compares ids exactly (:meth:`Task.score_ids`).
+        """
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         chars = []
         offset = len(SPECIAL_TOKENS)
         for token in ids:
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"token id {token} is outside the vocabulary of size "
+                                 f"{self.vocab_size}")
             if token == self.eos_token_id:
                 if stop_at_eos:
                     break
                 continue
             if token < offset:
                 continue
-            if token - offset >= len(self.alphabet):
-                raise ValueError(f"token id {token} is outside the vocabulary of size "
-                                 f"{self.vocab_size}")
             chars.append(self.alphabet[token - offset])
         return "".join(chars)
 
@@ -151,12 +163,39 @@ class Task:
 
     def score_ids(self, prompts: list[str], completion_ids: torch.Tensor,
                   completion_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`score` on token ids as ``generate`` returns them (decoded up to <eos>).
+        """Bool tensor: completion i, as token ids, is the correct answer to prompt i.
 
-        A completion that never emits <eos> within its budget still scores on its text; the
-        budget ``max_new_tokens`` is exactly long enough for answer plus <eos>.
+        Row i's tokens are those where ``completion_mask`` is True (all of them without a mask),
+        up to the first <eos>; the row is correct iff those tokens are exactly
+        ``tokenizer.encode(answer)``. Any other token before the <eos> makes it wrong, <pad> and
+        <bos> included (decoding would drop them, and rewards come from this scorer). Tokens
+        after the <eos> are ignored. A completion that never emits <eos> within its budget still
+        scores on its text: its tokens must then be exactly the answer's (the budget
+        ``max_new_tokens`` is exactly long enough for answer plus <eos>).
         """
-        return self.score(prompts, self.tokenizer.decode_batch(completion_ids, completion_mask))
+        if not isinstance(completion_ids, torch.Tensor) or completion_ids.ndim != 2:
+            raise ValueError("completion_ids must be a tensor of shape (batch, length)")
+        if len(prompts) != completion_ids.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts but {completion_ids.shape[0]} completions")
+        rows = completion_ids.tolist()
+        if completion_mask is not None:
+            if completion_mask.shape != completion_ids.shape:
+                raise ValueError(f"completion_mask must have completion_ids' shape "
+                                 f"{tuple(completion_ids.shape)}, got "
+                                 f"{tuple(completion_mask.shape)}")
+            rows = [[t for t, m in zip(r, mr) if m]
+                    for r, mr in zip(rows, completion_mask.tolist())]
+        tok = self.tokenizer
+        correct = []
+        for i, (prompt, row) in enumerate(zip(prompts, rows)):
+            outside = [t for t in row if not 0 <= t < tok.vocab_size]
+            if outside:
+                raise ValueError(f"completion {i} holds token id {outside[0]}, outside the "
+                                 f"vocabulary of size {tok.vocab_size}")
+            if tok.eos_token_id in row:
+                row = row[:row.index(tok.eos_token_id)]
+            correct.append(row == tok.encode(self.answer(prompt)))
+        return torch.tensor(correct, dtype=torch.bool)
 
     def encode(self, prompts: list[str], targets: list[str] | None = None) -> Batch:
         """Tokenise prompts (and targets; default the correct answers) into a :class:`Batch`."""
@@ -190,7 +229,11 @@ class Task:
                      list(prompts), list(targets))
 
     def sample(self, n: int, rng: np.random.Generator | int, split: str = "train") -> Batch:
-        """n random problems from ``split`` ("train" or "test"), drawn from ``rng``."""
+        """n random problems from ``split`` ("train" or "test"), drawn from ``rng``.
+
+        ``n`` is an int >= 1 (an empty batch has no use in training; ``encode([])`` builds one).
+        """
+        n = _check_int("n", n, 1)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if not isinstance(rng, np.random.Generator):
@@ -203,8 +246,14 @@ class Task:
 
     @torch.no_grad()
     def evaluate(self, model, batch: Batch | None = None, *, batch_size: int = 500) -> float:
-        """Greedy exact-match accuracy of ``model`` on ``batch`` (default: the test set)."""
-        batch = batch or self.test_batch()
+        """Greedy exact-match accuracy of ``model`` on ``batch`` (default: the test set), the
+        fraction of prompts whose greedy completion :meth:`score_ids` accepts. An empty batch
+        is refused: its accuracy is undefined."""
+        if batch is None:
+            batch = self.test_batch()
+        if len(batch) == 0:
+            raise ValueError("batch is empty: accuracy over no problems is undefined")
+        batch_size = _check_int("batch_size", batch_size, 1)
         correct = 0
         for start in range(0, len(batch), batch_size):
             sl = slice(start, start + batch_size)
@@ -214,7 +263,7 @@ class Task:
                                  attention_mask=batch.prompt_mask[sl])
             correct += int(self.score_ids(batch.prompts[sl], out.completion_ids,
                                           out.completion_mask).sum())
-        return correct / max(len(batch), 1)
+        return correct / len(batch)
 
 
 # ------------------------------------------------------------------ arithmetic
@@ -262,6 +311,8 @@ class ArithmeticTask(Task):
             raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
         if not isinstance(n_test, int) or n_test < 1:
             raise ValueError(f"n_test must be a positive int, got {n_test!r}")
+        # numpy refuses a negative seed, but only when the test set is first drawn
+        seed = _check_int("seed", seed, 0)
         self.op, self.n_digits, self.modulus, self.format = op, n_digits, modulus, format
         self.seed, self.test_fraction, self.n_test = seed, test_fraction, n_test
         if modulus is not None:
@@ -270,7 +321,10 @@ class ArithmeticTask(Task):
             self.name, self.width = "addition", n_digits + 1
         else:
             self.name, self.width = "subtraction", n_digits
-        self._prompt_re = re.compile(rf"^(\d{{{n_digits}}}){re.escape(op)}(\d{{{n_digits}}})=$")
+        # [0-9], not \d, which also matches other scripts' digits ("١٢٣"); \Z, not $, which
+        # also matches before a final newline
+        self._prompt_re = re.compile(
+            rf"^([0-9]{{{n_digits}}}){re.escape(op)}([0-9]{{{n_digits}}})=\Z")
         self._test_prompts: list[str] | None = None
 
     @property
@@ -404,6 +458,13 @@ class KeyValueTask(Task):
         for name, value in (("key_len", key_len), ("value_len", value_len)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        # A repeated character would make fewer distinct keys than counted (an endless search for
+        # them) and fewer distinct values than ``bits`` assumes.
+        for name, alphabet in (("key_alphabet", key_alphabet), ("value_alphabet", value_alphabet)):
+            if not alphabet or len(set(alphabet)) != len(alphabet):
+                raise ValueError(f"{name} must be a non-empty string of distinct characters, "
+                                 f"got {alphabet!r}")
+        seed = _check_int("seed", seed, 0)
         if n_keys > len(key_alphabet) ** key_len:
             raise ValueError(f"n_keys={n_keys} exceeds the {len(key_alphabet) ** key_len} "
                              f"distinct keys of length key_len={key_len}")
@@ -475,6 +536,7 @@ class SubstitutionTask(Task):
         if ":" in alphabet:
             raise ValueError("alphabet must not contain the separator ':'")
         self.tokenizer.encode(alphabet)  # every character must be a token
+        seed = _check_int("seed", seed, 0)
         if n_test > len(alphabet) ** length // 2:
             raise ValueError(f"n_test={n_test} is more than half of the "
                              f"{len(alphabet) ** length} prompts of length {length}")

@@ -18,14 +18,16 @@ ROOT = Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT))
+    saved = list(sys.path)
     try:
         spec = importlib.util.spec_from_file_location("opd_benchmark", ROOT / "opd.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
     finally:
-        sys.path.remove(str(ROOT))
+        # opd.py puts benchmarks/ on sys.path itself: left there, its kernels.py shadowed the
+        # `kernels` package transformers imports, and the PEFT tests run after this one failed
+        sys.path[:] = saved
 
 
 def _run(objective, lr, seed, steps, final=0.5):

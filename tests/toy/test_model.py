@@ -213,3 +213,83 @@ def test_torch_func_gradients_match_autograd():
     model(ids, labels=ids).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_save_load_keeps_the_dtype(tmp_path, dtype):
+    model = make(seed=7).to(dtype)
+    with torch.no_grad():  # weights that fp32 cannot hold
+        model.lm_head.weight.add_(1e-12 if dtype == torch.float64 else 0.0)
+    model.save(tmp_path / "ckpt")
+    loaded = TinyCausalLM.load(tmp_path / "ckpt")
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    for (name, a), b in zip(model.named_parameters(), loaded.parameters()):
+        assert torch.equal(a, b), name
+    ids = random_ids()
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_load_of_a_file_without_a_recorded_dtype_gives_fp32(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make(seed=7).double().save(tmp_path / "old")
+    weights = tmp_path / "old" / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})  # as before
+    assert {p.dtype for p in TinyCausalLM.load(tmp_path / "old").parameters()} == {torch.float32}
+
+
+def test_cross_entropy_dtype_is_at_least_fp32_and_labels_may_be_int32():
+    from modman.toy import shifted_cross_entropy
+
+    ids = random_ids()
+    labels = ids.clone()
+    labels[:, :3] = IGNORE_INDEX
+    logits = make(seed=1)(ids).logits
+    loss = shifted_cross_entropy(logits, labels)
+    targets = labels[:, 1:].reshape(-1)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), targets)
+    assert loss.dtype == torch.float32 and torch.equal(loss, ref)
+    assert torch.equal(shifted_cross_entropy(logits, labels.int()), loss)
+    logits64 = logits.double()
+    loss64 = shifted_cross_entropy(logits64, labels)
+    ref64 = torch.nn.functional.cross_entropy(logits64[:, :-1].reshape(-1, V), targets)
+    assert loss64.dtype == torch.float64 and torch.equal(loss64, ref64)
+    assert shifted_cross_entropy(logits.bfloat16(), labels).dtype == torch.float32
+    assert make(seed=1)(ids, labels=labels.int()).loss.item() == loss.item()
+    with pytest.raises(TypeError, match="labels"):
+        shifted_cross_entropy(logits, labels.float())
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"init_std": -1.0}, "init_std"), ({"init_std": float("nan")}, "init_std"),
+    ({"init_std": 0.0}, "init_std"), ({"rope_base": 0.0}, "rope_base"),
+    ({"rope_base": -1.0}, "rope_base"), ({"rope_base": float("nan")}, "rope_base"),
+    ({"rope_base": 1.0}, "rope_base"), ({"d_ff": True}, "d_ff"), ({"d_ff": 0}, "d_ff"),
+    ({"norm_eps": float("inf")}, "norm_eps"), ({"tie_embeddings": "no"}, "tie_embeddings"),
+])
+def test_config_validation_names_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make(**kwargs)
+
+
+def test_generate_input_checks():
+    import numpy as np
+
+    model = make()
+    prompts = random_ids(B=2, L=3)
+    for kw, name in (({"pad_token_id": V}, "pad_token_id"), ({"pad_token_id": -1}, "pad_token_id"),
+                     ({"pad_token_id": True}, "pad_token_id"),
+                     ({"eos_token_id": V}, "eos_token_id")):
+        with pytest.raises(ValueError, match=name):
+            model.generate(prompts, 3, temperature=0.0, **kw)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(prompts[:, :0], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(prompts, True)
+    out = model.generate(prompts, np.int64(2), temperature=0.0)
+    expected = model.generate(prompts, 2, temperature=0.0).completion_ids
+    assert torch.equal(out.completion_ids, expected)
+    m64 = make().double()
+    for n in (0, 1):
+        assert m64.generate(prompts, n).logprobs.dtype == torch.float64
+    assert make().generate(prompts, 0).logprobs.dtype == torch.float32

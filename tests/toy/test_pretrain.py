@@ -117,3 +117,41 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("MODMAN_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "modman" / "toy"
+
+
+def test_existing_recipes_keep_their_hashes():
+    # cached checkpoints are found by these
+    assert {name: r.hash() for name, r in RECIPES.items()} == {
+        "base": "430fb1e1ecbfd5e8", "teacher": "430fb1e1ecbfd5e8", "student": "5f7673bf8d4dab4d",
+        "base-ls": "7ae1babcbf5d177e", "base-ls-256": "e3bce0fa47ce1ffd",
+        "base-ls-512": "2c607e9a9a68b841"}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"grad_clip": -1.0}, "grad_clip"), ({"grad_clip": float("nan")}, "grad_clip"),
+    ({"weight_decay": -0.1}, "weight_decay"), ({"warmup_steps": -5}, "warmup_steps"),
+    ({"steps": True}, "steps"), ({"seed": -1}, "seed"), ({"lr": float("inf")}, "lr"),
+    ({"min_lr_ratio": 1.5}, "min_lr_ratio"), ({"betas": (0.9, 1.0)}, "betas"),
+    ({"betas": (0.9,)}, "betas"), ({"task_kwargs": {"n_digits": 1, "bogus": 1}}, "task_kwargs"),
+    ({"task_kwargs": {"n_digits": 0}}, "task_kwargs.*n_digits"), ({"max_len": 7}, "max_len"),
+    ({"d_model": 33}, "n_heads"), ({"positions": "alibi"}, "positions"),
+    ({"name": "../../escape"}, "name"), ({"name": "a/b"}, "name"), ({"name": "a\\b"}, "name"),
+    ({"name": ""}, "name"),
+])
+def test_recipe_validation_names_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(TINY, **change)
+
+
+def test_recipe_edge_values_stay_valid():
+    # 0 turns clipping, warm-up and decay off; the sequence (1 + 4 + 2 + 1 tokens) just fits
+    dataclasses.replace(TINY, grad_clip=0.0, warmup_steps=0, weight_decay=0.0, max_len=8)
+
+
+def test_cache_folders_are_per_name_and_an_explicit_cache_gets_no_toy_folder(tmp_path, monkeypatch):
+    # "base" and "teacher" share a hash but not a folder (as the module docstring says)
+    assert checkpoint_path("base").name != checkpoint_path("teacher").name
+    assert checkpoint_path("base").name.endswith(RECIPES["teacher"].hash())
+    monkeypatch.setenv("MODMAN_CACHE", str(tmp_path))
+    assert checkpoint_path(TINY).parent == tmp_path / "toy"
+    assert checkpoint_path(TINY, tmp_path).parent == tmp_path

@@ -217,3 +217,87 @@ def test_sampled_problems_respect_the_hashed_split(seed, n, op):
             assert task.is_held_out(a, b) == expected
             if op == "-":
                 assert a >= b
+
+
+def test_score_ids_counts_every_token_before_eos():
+    """Rewards come from score_ids: a special token inside the answer makes it wrong even though
+    decoding would drop it; a completion cut at the budget without <eos> still scores on its ids."""
+    task = tasks.addition(3)
+    prompt = "123+045="
+    ans = TOK.encode(task.answer(prompt))  # "8610"
+    eos, pad, bos = TOK.eos_token_id, TOK.pad_token_id, TOK.bos_token_id
+    cases = [
+        (ans + [eos], True),
+        (ans + [eos, pad, pad], True),  # tokens after <eos> are ignored
+        (ans, True),  # no <eos>, no room for one: the text is the answer
+        (ans[:1] + [pad] + ans[1:], False),  # <pad> inside, no <eos>
+        (ans[:2] + [bos] + ans[2:], False),  # <bos> inside, no <eos>
+        (ans[:1] + [pad] + ans[1:] + [eos], False),
+        (ans + [pad, eos], False),
+        ([bos] + ans + [eos], False),
+        (ans + [TOK.encode("5")[0]], False),  # a fifth digit instead of <eos>
+        (ans[:3] + [eos], False),
+    ]
+    for ids, expected in cases:
+        row = torch.tensor([ids])
+        assert task.score_ids([prompt], row).item() == expected, ids
+        mask = torch.ones_like(row, dtype=torch.bool)
+        assert task.score_ids([prompt], row, mask).item() == expected, ids
+    # Masked-out positions (after a row stopped, as generate returns them) are skipped.
+    row = torch.tensor([ans + [eos, pad]])
+    assert task.score_ids([prompt], row, torch.tensor([[True] * 5 + [False]])).item()
+    with pytest.raises(ValueError, match="vocabulary"):
+        task.score_ids([prompt], torch.tensor([ans + [TOK.vocab_size]]))
+    with pytest.raises(ValueError, match="completions"):
+        task.score_ids([prompt, prompt], torch.tensor([ans]))
+    with pytest.raises(ValueError, match="completion_mask"):
+        task.score_ids([prompt], torch.tensor([ans]), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_keyvalue_refuses_repeated_alphabet_characters():
+    # Two distinct keys in "aab": counting 3 let n_keys=3 search for a third key forever.
+    with pytest.raises(ValueError, match="key_alphabet"):
+        tasks.keyvalue(2, key_len=1, key_alphabet="aab")
+    # and bits would count log2(3) per character for 2 distinct values
+    with pytest.raises(ValueError, match="value_alphabet"):
+        tasks.keyvalue(4, value_len=1, value_alphabet="aab")
+    with pytest.raises(ValueError, match="value_alphabet"):
+        tasks.keyvalue(4, value_alphabet="")
+    assert tasks.keyvalue(2, key_len=1, key_alphabet="ab", value_alphabet="xy").bits == 2 * 4 * 1.0
+
+
+def test_evaluate_refuses_an_empty_batch():
+    task = tasks.addition(1, n_test=20)
+    model = TinyCausalLM(TOK.vocab_size, 16, 1, 2, 16, seed=0)
+    calls = []
+    generate = model.generate
+    model.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+    with pytest.raises(ValueError, match="empty"):
+        task.evaluate(model, task.encode([]))
+    assert not calls  # in particular, not the whole test set instead
+    with pytest.raises(ValueError, match="batch_size"):
+        task.evaluate(model, batch_size=0)
+
+
+def test_sample_requires_a_positive_int():
+    task = tasks.addition(2)
+    for bad in (-1, 0, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            task.sample(bad, 0)
+    assert len(task.sample(np.int64(3), 0)) == 3
+    assert len(tasks.keyvalue(4).sample(1, 0)) == 1
+
+
+def test_minor_input_checks():
+    with pytest.raises(ValueError, match="token id -1"):
+        TOK.decode([-1, 5])
+    rev = tasks.addition(3)
+    for prompt in ("١٢٣+045=", "123+045=\n"):  # Arabic-Indic digits pass \d; $ allows a newline
+        with pytest.raises(ValueError, match="prompt"):
+            rev.answer(prompt)
+    for make in (tasks.addition, tasks.keyvalue, tasks.substitution):
+        with pytest.raises(ValueError, match="seed"):
+            make(seed=-1)
+    # numpy seeds are accepted and mean the same as the int
+    with_numpy_seed = tasks.addition(3, seed=np.int64(5)).test_prompts()[:5]
+    assert with_numpy_seed == tasks.addition(3, seed=5).test_prompts()[:5]
