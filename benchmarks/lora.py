@@ -27,11 +27,11 @@ beside it.
 """
 from __future__ import annotations
 
-import pathlib
 import argparse
 import copy
 import json
 import math
+import pathlib
 import statistics
 import sys
 import time
@@ -231,6 +231,10 @@ def interop(seed: int = 0) -> dict:
     """PEFT interop and merge parity on a tiny random LlamaForCausalLM (no download)."""
     import tempfile
 
+    # this folder is on sys.path (python puts a script's folder first, and the machine import
+    # adds it): its kernels.py would shadow the `kernels` package transformers imports
+    here = pathlib.Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != here]
     import peft
     import transformers
 

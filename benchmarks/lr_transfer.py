@@ -26,11 +26,11 @@ lr_transfer_grid4.json and .png; with --out-mult 32: lr_transfer_out32.json and 
 """
 from __future__ import annotations
 
-import pathlib
 import argparse
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 import warnings

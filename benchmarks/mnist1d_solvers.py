@@ -12,10 +12,10 @@ a plot next to it.
 """
 from __future__ import annotations
 
-import pathlib
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import sys
 import time

@@ -10,11 +10,11 @@ Singular values are measured in fp64 with LAPACK. Default run < 1 minute; --full
 """
 from __future__ import annotations
 
-import pathlib
 import argparse
 import json
 import math
 import os
+import pathlib
 import statistics
 import sys
 import time

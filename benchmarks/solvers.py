@@ -25,11 +25,11 @@ Writes benchmarks/results/solvers.json and solvers.png.
 """
 from __future__ import annotations
 
-import pathlib
 import argparse
 import copy
 import json
 import os
+import pathlib
 import statistics
 import sys
 import time

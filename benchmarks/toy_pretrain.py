@@ -10,11 +10,11 @@ the recipe ran to the end, stores the checkpoint in the cache so pretrain() reus
 """
 from __future__ import annotations
 
-import pathlib
 import argparse
 import dataclasses
 import json
 import os
+import pathlib
 import sys
 import time
 from pathlib import Path

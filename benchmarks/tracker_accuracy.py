@@ -13,9 +13,9 @@ side, which rounding keeps near κ²·1e-16 for σ_min.
 """
 from __future__ import annotations
 
-import pathlib
 import argparse
 import json
+import pathlib
 import statistics
 import sys
 from pathlib import Path

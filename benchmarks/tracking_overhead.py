@@ -15,10 +15,10 @@ Median over --repeats runs after a warm-up run.
 """
 from __future__ import annotations
 
-import pathlib
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import sys
 import time

@@ -10,11 +10,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.name != "machine.py")
 
 LOAD_ALL = """
-import runpy, sys
+import os, runpy, sys
 failed = []
 for path in sys.argv[1:]:
     saved = list(sys.path)
-    sys.modules.pop("machine", None)  # each script must find benchmarks/machine.py by itself
+    folder = os.path.dirname(os.path.abspath(path))
+    for name, module in list(sys.modules.items()):  # each script must find its neighbours by itself
+        if os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or "/")) == folder:
+            del sys.modules[name]
     try:
         runpy.run_path(path, run_name="benchmark_module")  # top level only: main() is not run
     except Exception as e:

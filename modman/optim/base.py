@@ -497,7 +497,7 @@ class ManifoldOptimizer(Optimizer):
         shared = [(group, p) for group in self.param_groups if group["algorithm"] in SHARED_ALGORITHMS
                   for p in group["params"] if p.grad is not None] if pg is not None else []
         if pg is not None:  # also with nothing to share here: the other ranks may think otherwise
-            check_same_items(pg, [f"{names[id(p)]} {tuple(p.shape)}" for _, p in shared])
+            check_same_items(pg, [f"{names[id(p)]} {tuple(p.shape)} {p.dtype}" for _, p in shared])
         rank, owners = plan_owners(pg, [matrix_cost(F.as_matrix(p, g.get("flatten")).shape) for g, p in shared])
         owner = {id(p): r for (_, p), r in zip(shared, owners)}
         index = {id(p): i for i, (_, p) in enumerate(shared)}

@@ -88,9 +88,10 @@ def plan_owners(group, costs: list[float]) -> tuple[int, list[int]]:
 
 def check_same_items(group, names: list[str]) -> None:
     """Refuse, on every rank alike and before anything changes, ranks that would step different
-    parameters (``names``: each with its shape): the owners' broadcasts would land in other
-    tensors (or in none)."""
-    digest = hashlib.sha1("\n".join(names).encode()).hexdigest()  # 40 bytes a rank, whatever the model
+    parameters (``names``: each with its shape and dtype): the owners' broadcasts would land in
+    other tensors (or in none)."""
+    # 40 bytes a rank, whatever the model (a fingerprint, not security: FIPS builds allow it)
+    digest = hashlib.sha1("\n".join(names).encode(), usedforsecurity=False).hexdigest()
     digests = [None] * dist.get_world_size(group)
     dist.all_gather_object(digests, digest, group=group)
     if any(d != digests[0] for d in digests):

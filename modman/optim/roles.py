@@ -57,10 +57,12 @@ class Network:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile`` (``OptimizedModule._orig_mod``) and data-parallel
-    wrappers (``DistributedDataParallel`` / ``DataParallel``'s ``.module``), in any nesting, else
-    ``module``: names, roles and the modular budget are the bare model's (through DDP they were
-    ``module.…`` with no modular budget, every weight stepping lr instead of its share)."""
+    """The module inside a chain of ``torch.compile`` (``OptimizedModule._orig_mod``) and
+    data-parallel wrappers (``DistributedDataParallel`` / ``DataParallel``'s ``.module``), else
+    ``module``. Around the whole model, names, roles and the modular budget are the bare model's
+    (through DDP they were ``module.…`` with no modular budget, every weight stepping lr instead
+    of its share); a wrapped submodule is seen through for names and roles, but the modular
+    budget cannot describe it (budget="auto" then warns and steps uniformly)."""
     # no OptimizedModule can exist before torch._dynamo is imported, so do not import it here
     while True:
         eval_frame = sys.modules.get("torch._dynamo.eval_frame")

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import numbers
 import os
 import shutil
 import time
@@ -96,7 +95,9 @@ class Recipe:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
         def real(value) -> bool:
-            return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            # Python numbers only (NumPy's float64 is one): the hash serialises the fields as JSON,
+            # which a NumPy float32 is not
+            return (isinstance(value, (int, float)) and not isinstance(value, bool)
                     and math.isfinite(value))
 
         if not (real(self.lr) and self.lr > 0):

@@ -188,12 +188,12 @@ class Task:
         tok = self.tokenizer
         correct = []
         for i, (prompt, row) in enumerate(zip(prompts, rows)):
+            if tok.eos_token_id in row:
+                row = row[:row.index(tok.eos_token_id)]  # what follows <eos> is ignored, padding included
             outside = [t for t in row if not 0 <= t < tok.vocab_size]
             if outside:
                 raise ValueError(f"completion {i} holds token id {outside[0]}, outside the "
                                  f"vocabulary of size {tok.vocab_size}")
-            if tok.eos_token_id in row:
-                row = row[:row.index(tok.eos_token_id)]
             correct.append(row == tok.encode(self.answer(prompt)))
         return torch.tensor(correct, dtype=torch.bool)
 

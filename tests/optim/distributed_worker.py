@@ -87,6 +87,23 @@ def mismatched_gradients(rank):
         return f"{'unchanged' if unchanged else 'changed'}: {e}"
 
 
+def dtype_mismatch(rank):
+    """Same names and shapes, another dtype on one rank: the flat buffers would not line up (gloo
+    aborted the process; equal byte counts would reinterpret the bits), so it is refused."""
+    torch.manual_seed(0)
+    model = Net()
+    if rank == 1:
+        model.fc2.double()
+    opt = modman.ManifoldMuon(model.modules(), distributed=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+        return "stepped"
+    except ValueError as e:
+        return str(e)
+
+
 def no_gradients_here(rank):
     """A rank without any gradient for a shared matrix must still meet the others' check (it
     used to skip every collective and leave them waiting)."""
@@ -171,6 +188,7 @@ def main():
     report["mismatch"] = mismatched_gradients(rank)
     report["failure"] = owner_failure()
     report["no_gradients_here"] = no_gradients_here(rank)
+    report["dtype_mismatch"] = dtype_mismatch(rank)
     report["seen_through_ddp"] = seen_through_ddp()
     torch.save(report, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -56,6 +56,8 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         assert rep["no_gradients_here"].startswith("distributed step: the ranks have gradients for different"), \
             rep["no_gradients_here"]
         assert rep["seen_through_ddp"]  # DDP(model).modules(): the bare model's names and budget
+        assert rep["dtype_mismatch"].startswith("distributed step: the ranks have gradients for different"), \
+            rep["dtype_mismatch"]
 
 
 def test_distributed_needs_an_initialised_process_group():

@@ -143,6 +143,13 @@ def test_recipe_validation_names_the_field(change, field):
         dataclasses.replace(TINY, **change)
 
 
+def test_recipe_takes_python_numbers_only():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="lr"):  # the hash serialises fields as JSON: a float32 is not
+        dataclasses.replace(TINY, lr=np.float32(1e-3))
+    assert dataclasses.replace(TINY, lr=np.float64(1e-3)).hash() == dataclasses.replace(TINY, lr=1e-3).hash()
+
+
 def test_recipe_edge_values_stay_valid():
     # 0 turns clipping, warm-up and decay off; the sequence (1 + 4 + 2 + 1 tokens) just fits
     dataclasses.replace(TINY, grad_clip=0.0, warmup_steps=0, weight_decay=0.0, max_len=8)

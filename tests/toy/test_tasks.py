@@ -229,6 +229,7 @@ def test_score_ids_counts_every_token_before_eos():
     cases = [
         (ans + [eos], True),
         (ans + [eos, pad, pad], True),  # tokens after <eos> are ignored
+        (ans + [eos, -100, 999], True),  # even ids no vocabulary has (a -100 label pad)
         (ans, True),  # no <eos>, no room for one: the text is the answer
         (ans[:1] + [pad] + ans[1:], False),  # <pad> inside, no <eos>
         (ans[:2] + [bos] + ans[2:], False),  # <bos> inside, no <eos>
