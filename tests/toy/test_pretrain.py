@@ -152,7 +152,8 @@ def test_recipe_takes_python_numbers_only():
 
 def test_recipe_edge_values_stay_valid():
     # 0 turns clipping, warm-up and decay off; the sequence (1 + 4 + 2 + 1 tokens) just fits
-    dataclasses.replace(TINY, grad_clip=0.0, warmup_steps=0, weight_decay=0.0, max_len=8)
+    edge = dataclasses.replace(TINY, grad_clip=0.0, warmup_steps=0, weight_decay=0.0, max_len=8)
+    assert (edge.grad_clip, edge.warmup_steps, edge.max_len) == (0.0, 0, 8) and len(edge.hash()) > 0
 
 
 def test_cache_folders_are_per_name_and_an_explicit_cache_gets_no_toy_folder(tmp_path, monkeypatch):
