@@ -23,37 +23,39 @@ def test_config_values_are_checked(kwargs, match):
         LoRAConfig(4, **kwargs)
 
 
-def _untouched(model, call, error, match):
+def _refused_untouched(model, call, error, match) -> bool:
+    """``call`` raises ``error`` matching ``match`` (pytest.raises fails the test otherwise);
+    returns whether the model is then exactly as it was: state, no adapters, requires_grad."""
     state = snapshot(model)
     grads = [p.requires_grad for p in model.parameters()]
     with pytest.raises(error, match=match):
         call()
-    assert same_state(state, snapshot(model)) and not lora_layers(model)
-    assert grads == [p.requires_grad for p in model.parameters()]
+    return (same_state(state, snapshot(model)) and not lora_layers(model)
+            and grads == [p.requires_grad for p in model.parameters()])
 
 
 def test_target_matching_nothing_lists_the_linear_modules():
     model = tiny_model()
-    _untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules=["c_attn"])),
+    assert _refused_untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules=["c_attn"])),
                ValueError, r"matches no nn.Linear.*layers\.0\.self_attn\.q_proj.*lm_head")
 
 
 def test_rank_larger_than_the_layer():
     model = tiny_model()
-    _untouched(model, lambda: apply_lora(model, LoRAConfig(40, target_modules="mlp")),
+    assert _refused_untouched(model, lambda: apply_lora(model, LoRAConfig(40, target_modules="mlp")),
                ValueError, r"r=40 exceeds min\(d_in, d_out\) = 32 of 'layers.0.mlp.gate_proj'")
 
 
 @pytest.mark.parametrize("target", [["embed_tokens"], ["input_layernorm"], ["self_attn"]])
 def test_non_linear_target(target):
     model = tiny_model()
-    _untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules=target)),
+    assert _refused_untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules=target)),
                TypeError, "nn.Linear layers only")
 
 
 def test_adapter_names_are_checked():
     model = tiny_model()
-    _untouched(model, lambda: apply_lora(model, LoRAConfig(2), adapter_name="a.b"), ValueError,
+    assert _refused_untouched(model, lambda: apply_lora(model, LoRAConfig(2), adapter_name="a.b"), ValueError,
                "adapter_name")
     apply_lora(model, LoRAConfig(2))
     state = snapshot(model)
@@ -82,5 +84,5 @@ def test_lora_lr_rule():
 
 def test_bf16_model_without_adapters_is_untouched_by_a_failed_apply():
     model = tiny_model(dtype=torch.bfloat16)
-    _untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules="nothing_here")),
+    assert _refused_untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules="nothing_here")),
                ValueError, "matches no nn.Linear")
