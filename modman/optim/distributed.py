@@ -111,7 +111,8 @@ def share_step(group, items: list, owners: list[int], stats: dict, failed: dict[
     ``items``: (weight tensor, state dict, name, warm-start keys) in the same order on every
     rank; ``failed``: item index → error message for this rank's items whose step raised. A rank
     that lacks a warm-start key the owner has (the first step) allocates it from the shape and
-    dtype the all-gather carries. Items that failed on their owner are not sent. Returns every
+    dtype the all-gather carries, and drops one the owner's solver no longer keeps (a changed
+    ``solver``). Items that failed on their owner are not sent. Returns every
     rank's failures, {name: "rank r: message"}, for the caller to raise on all ranks alike.
     """
     rank = dist.get_rank(group)
@@ -128,13 +129,16 @@ def share_step(group, items: list, owners: list[int], stats: dict, failed: dict[
     # what each owner sends, grouped by (owner, dtype, device): one broadcast of a flat buffer per
     # group, not one per tensor (24 small matrices: 48 broadcasts took a third of the step)
     outgoing: dict[tuple, list[torch.Tensor]] = {}
-    for i, (weight, state, name, _) in enumerate(items):
+    for i, (weight, state, name, keys) in enumerate(items):
         if name in failures:
             continue
         meta, their_stats = gathered[owners[i]][0][i]
         if owners[i] != rank:
             stats[name] = {k: v.to(weight.device) if isinstance(v, torch.Tensor) else v
                            for k, v in their_stats.items()}
+            for k in keys:
+                if k not in meta:
+                    del state[k]  # the owner's solver dropped it (stiefel_step): the state stays alike
             for k, (shape, dtype) in meta.items():
                 if k not in state or tuple(state[k].shape) != shape or str(state[k].dtype) != f"torch.{dtype}":
                     state[k] = torch.empty(shape, dtype=getattr(torch, dtype), device=weight.device)

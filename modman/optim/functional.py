@@ -80,6 +80,9 @@ def stiefel_step(
     result = solve_manifold_muon(U, u.to(U.dtype), solver=solver, tol=tol, max_iters=max_iters,
                                  warm_start=warm or None)
     del u, U
+    for key in warm_keys:
+        if key not in result.state:
+            state.pop(key, None)  # another solver's entry (the group's solver changed) or an older version's
     for key, value in result.state.items():
         state[key] = value
     stats = {
@@ -244,7 +247,9 @@ def adamw_step(
     p still rounds away (bf16 keeps 8 bits): keep fp32 master weights for that."""
     beta1, beta2 = betas
     state["step"] += 1
-    step = float(state["step"])
+    # a Python number in eager mode, the tensor itself under torch.compile (as torch's Adam does):
+    # with float(step) a compiled step kept step 2's bias correction from step 3 on (torch 2.13)
+    step = state["step"] if torch.compiler.is_compiling() else state["step"].item()
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     low = p.dtype in (torch.bfloat16, torch.float16)
     P = p.to(exp_avg.dtype) if low else p
@@ -254,7 +259,7 @@ def adamw_step(
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bias1 = 1 - beta1**step
     bias2 = 1 - beta2**step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
+    denom = (exp_avg_sq.sqrt() / bias2**0.5).add_(eps)
     P.addcdiv_(exp_avg, denom, value=-lr / bias1)
     if low:
         p.copy_(P)

@@ -23,7 +23,9 @@ Frozen parameters (``requires_grad=False`` at construction) are left out: projec
 a manifold would change weights that are meant to stay as loaded (a LoRA base model). A
 parameter unfrozen later must be added with ``optimizer.add_param_group``.
 
-``roles`` overrides per module instance, module class or parameter name.
+``roles`` overrides per parameter name, module instance or module class; a module or class
+override applies to the module's matrices (≥ 2-D): its biases and gains keep their role unless
+named.
 Given tensors instead, the role follows the shape: ≥ 2-D → "stiefel", else "fallback".
 """
 from __future__ import annotations
@@ -119,16 +121,21 @@ def default_role(module: nn.Module | None, attr: str, p: torch.Tensor, path: str
     return "fallback"
 
 
-def _override(roles, module, name, cls_default):
+def _override(roles, module, name, p, cls_default):
+    """The role ``roles`` gives parameter ``name`` (p, of ``module``): by name first, then by the
+    module instance or class — which speaks for the module's matrices (≥ 2-D) only: its biases keep
+    their default, as ``{linear: "euclidean"}`` is about the weight (a bias cannot take it)."""
     if not roles:
         return cls_default
-    for key in (name, module):
-        if key is not None and key in roles:
-            return roles[key]
-    if module is not None:
-        for klass in type(module).__mro__:
-            if klass in roles:
-                return roles[klass]
+    if name in roles:
+        return roles[name]
+    if module is None or p.ndim < 2:
+        return cls_default
+    if module in roles:
+        return roles[module]
+    for klass in type(module).__mro__:
+        if klass in roles:
+            return roles[klass]
     return cls_default
 
 
@@ -145,7 +152,7 @@ def assign_modules(network: Network, roles: dict | None = None) -> list[Assignme
             if not p.requires_grad:
                 continue
             name = f"{prefix}.{attr}" if prefix else attr
-            role = _override(roles, m, name, default_role(m, attr, p, prefix))
+            role = _override(roles, m, name, p, default_role(m, attr, p, prefix))
             if role not in ROLES:
                 raise ValueError(f"unknown role {role!r} for parameter {name!r}; choose from {ROLES}")
             out.append(Assignment(name, p, role, m))

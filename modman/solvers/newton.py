@@ -251,7 +251,8 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
     info, flops)`` (on the subspace of a low-rank gradient, ``subspace.py``), then the direction
     A = W K + G⊥ R by ``assemble``. ``info["iterations"]`` is averaged; the scalar entries named
     in ``carried`` go into the state and come back to ``core`` as keywords on the next call, with
-    the dual Λ and the subspace size. ``msign_equivalents`` counts every flop of the step."""
+    the dual Λ and the subspace size (the dual alone for a square W). ``msign_equivalents`` counts
+    every flop of the step."""
     batch = W.shape[:-2]
     m, n = W.shape[-2:]
     Wf, Gf = W.reshape(-1, m, n), Gn.reshape(-1, m, n)
@@ -262,7 +263,9 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
     scales = g_scale.reshape(-1) if g_scale is not None else None
     A = torch.empty_like(Wf)
     duals, values, iters, flops = [], [], 0, 0.0
-    kept = {k: [] for k in ("subspace",) + tuple(carried)}
+    # a square W has no G⊥ (no subspace to find) and its cores ignore a warm start: its state is the
+    # dual alone, so momentum and dual stay within API.md's 2·numel(W) (scalars made it 2n² + 2)
+    kept = {} if m == n else {k: [] for k in ("subspace",) + tuple(carried)}
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
         Gw, N, Z, L, cost = tall_frame(Wf[b], Gf[b], sc)

@@ -35,7 +35,10 @@ class Net(nn.Module):
 
 
 def run(optimizer_cls, model, steps, seed, **kw):
-    opt = optimizer_cls(model.modules(), **kw)
+    return run_more(optimizer_cls(model.modules(), **kw), model, steps, seed)
+
+
+def run_more(opt, model, steps, seed):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         tokens = torch.randint(0, 7, (32, 9), generator=gen)
@@ -152,6 +155,23 @@ def owner_failure():
                 "other_moved": not torch.equal(before, model[1].weight)}
 
 
+def solver_switch():
+    """Two steps with newton, then the groups' solver set to anderson: newton's μ leaves the
+    state on every rank (the owner's solver drops it; the others follow), as in one process."""
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    opts = []
+    for m, kw in ((model, {"distributed": True}), (reference, {})):
+        opt = run(modman.ManifoldMuon, m, 2, seed=3, lr=0.05, solver="newton", **kw)
+        for group in opt.param_groups:
+            if group["algorithm"] == "manifold_muon":
+                group["solver"] = "anderson"
+        opts.append(run_more(opt, m, 2, seed=4))
+    keys = sorted({k for state in opts[0].state.values() for k in state})
+    return {"state_equal": same_state(*opts), "keys": keys}
+
+
 def main():
     rank, world, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
@@ -190,6 +210,7 @@ def main():
     report["no_gradients_here"] = no_gradients_here(rank)
     report["dtype_mismatch"] = dtype_mismatch(rank)
     report["seen_through_ddp"] = seen_through_ddp()
+    report["solver_switch"] = solver_switch()
     torch.save(report, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

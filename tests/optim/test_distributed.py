@@ -56,6 +56,8 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         assert rep["no_gradients_here"].startswith("distributed step: the ranks have gradients for different"), \
             rep["no_gradients_here"]
         assert rep["seen_through_ddp"]  # DDP(model).modules(): the bare model's names and budget
+        # the groups' solver changed mid-run: every rank's state as one process's, μ gone
+        assert rep["solver_switch"]["state_equal"] and "mu" not in rep["solver_switch"]["keys"], rep["solver_switch"]
         assert rep["dtype_mismatch"].startswith("distributed step: the ranks have gradients for different"), \
             rep["dtype_mismatch"]
 

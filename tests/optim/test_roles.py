@@ -3,6 +3,7 @@ describe(), last_step_stats, persistent state size."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from modman.manifolds import Sphere, Stiefel
+from modman.solvers import SOLVERS
 from modman.optim import HypersphericalDescent, ManifoldMuon, Muon
 
 from ._helpers import assert_bitwise, bits
@@ -222,6 +224,38 @@ def test_persistent_state_at_most_twice_the_weight():
                 assert shapes[id(p)] == {k: v.shape for k, v in opt.state[p].items()}
 
 
+class _Shapes(nn.Module):
+    """A square, a tall, a wide weight and a square expert stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.square, self.tall, self.wide = nn.Linear(8, 8), nn.Linear(8, 20), nn.Linear(20, 8)
+        self.experts = nn.Parameter(torch.randn(2, 8, 8))
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_every_solver_keeps_the_state_within_twice_the_weight(solver):
+    """API.md: momentum, dual and solver extras total ≤ 2·numel(W), in fixed shapes. newton kept two
+    scalars (subspace size, μ) next to a square W's n×n dual: 2n² + 2 elements."""
+    torch.manual_seed(0)
+    net = _Shapes()
+    opt = _quiet(ManifoldMuon, net.modules(), solver=solver, lr=0.05, budget="uniform")
+
+    def state_shapes():
+        return {name: {k: tuple(v.shape) for k, v in opt.state[p].items()}
+                for g in opt.param_groups if g["algorithm"] != "adamw"
+                for name, p in zip(g["param_names"], g["params"])}
+
+    _step(net, opt, 2)
+    params = dict(net.named_parameters())
+    for name, shapes in state_shapes().items():
+        numel = sum(math.prod(shape) for shape in shapes.values())
+        assert numel <= 2 * params[name].numel(), (solver, name, shapes)
+    before = state_shapes()
+    _step(net, opt, 2)
+    assert state_shapes() == before, "the state keeps its shapes"
+
+
 def test_after_steps_weights_are_on_their_manifolds():
     net, opt, _, _ = _build()
     _step(net, opt, 5)
@@ -378,6 +412,58 @@ def test_frozen_parameters_are_left_out_and_added_when_unfrozen():
     assert float(Stiefel().distance(net[0].weight.detach())) <= 1e-5
     with pytest.raises(ValueError, match="no trainable parameters"):
         opt.add_param_group({"params": net.modules()})  # nothing new to add
+
+
+@pytest.mark.parametrize("form", ["parameters", "named_parameters", "group", "add_param_group"])
+def test_frozen_parameters_given_as_tensors_are_not_projected(form):
+    """API.md: parameters with requires_grad=False are skipped. Given as tensors (the usual
+    ``model.parameters()`` of a frozen base) a frozen weight was overwritten by its polar factor,
+    with a "moved" warning; it now stays bitwise in its group, as torch keeps it. Unfrozen and
+    given a gradient, its first step lands it on the manifold."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    net[0].weight.requires_grad_(False)
+    frozen = net[0].weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if form == "add_param_group":
+            opt = ManifoldMuon([net[2].weight], lr=0.1, solver="projected")
+            opt.add_param_group({"params": [net[0].weight, net[0].bias]})
+        else:
+            params = {"parameters": net.parameters(), "named_parameters": net.named_parameters(),
+                      "group": [{"params": list(net.parameters())}]}[form]
+            opt = ManifoldMuon(params, lr=0.1, solver="projected")
+    assert_bitwise(net[0].weight, frozen, "a frozen weight given as a tensor is not projected")
+    assert not [w for w in caught if "moved" in str(w.message) and "0.weight" in str(w.message)]
+    assert any(p is net[0].weight for g in opt.param_groups for p in g["params"]), "kept in its group"
+    net[0].weight.requires_grad_(True)
+    net(torch.randn(16, 8)).pow(2).sum().backward()
+    opt.step()
+    assert float(Stiefel().distance(net[0].weight.detach())) <= 1e-5
+
+
+@pytest.mark.parametrize("role", ["euclidean", "stiefel", "sphere", "fallback"])
+@pytest.mark.parametrize("by", ["instance", "class"])
+def test_a_module_role_override_is_for_its_matrices_not_its_bias(role, by):
+    """``roles={linear: "euclidean"}`` raised "1.bias … cannot live on 'euclidean'", and
+    ``{linear: "sphere"}`` put the bias on the unit sphere (norm 0.47 → 1). A module's or class's
+    role goes to its matrices; its bias stays in the fallback, bitwise, unless named."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    biases = [net[0].bias.detach().clone(), net[2].bias.detach().clone()]
+    opt = _quiet(ManifoldMuon, net.modules(), lr=0.1, solver="projected", budget="uniform",
+                 roles={net[2] if by == "instance" else nn.Linear: role})
+    roles = _roles(opt)
+    want = {"euclidean": ("euclidean", "muon"), "stiefel": ("stiefel", "manifold_muon"),
+            "sphere": ("sphere", "hyperspherical"), "fallback": ("euclidean", "adamw")}[role]
+    assert roles["2.weight"] == want
+    assert roles["0.weight"] == (want if by == "class" else ("stiefel", "manifold_muon"))
+    assert roles["0.bias"] == roles["2.bias"] == ("euclidean", "adamw")
+    assert_bitwise(net[0].bias, biases[0], "bias untouched by construction")
+    assert_bitwise(net[2].bias, biases[1], "bias untouched by construction")
+    named = _quiet(ManifoldMuon, net.modules(), lr=0.1, solver="projected", budget="uniform",
+                   roles={"2.bias": "sphere"})
+    assert _roles(named)["2.bias"] == ("sphere", "hyperspherical"), "a bias named explicitly takes its role"
 
 
 class _PeftLikeLoRA(nn.Module):
