@@ -23,6 +23,23 @@ from .distributed import (SHARED_ALGORITHMS, check_same_items, matrix_cost, plan
 from .roles import ROLES, assign_modules, expand_modules
 
 _RESERVED = {"momentum", "exp_avg", "exp_avg_sq", "step"}
+# torch.optim.Muon's coefficients (Keller Jordan's quintic), which modman.Muon's default schedule uses
+_TORCH_MUON_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+
+
+def _check_initialised(named) -> None:
+    """Refuse lazy modules' parameters before anything reads their shape (roles depend on it)."""
+    lazy = [name for name, p in named if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f"parameters of a lazy module are not initialised yet ({', '.join(lazy[:4])}"
+                         f"{', …' if len(lazy) > 4 else ''}): run one forward pass before building the optimizer "
+                         "(the roles depend on their shapes)")
+
+
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of a parameter's floating state (momentum, dual, AdamW moments): fp32 for bf16/fp16
+    weights, else the weight's own."""
+    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -178,6 +195,7 @@ class ManifoldOptimizer(Optimizer):
             raise ValueError("optimizer got an empty parameter list")
         if all(isinstance(m, nn.Module) for m in items):
             network = expand_modules(items)
+            _check_initialised(network.root.named_parameters())
             assignments = assign_modules(network, roles)
             if not assignments:
                 raise ValueError("the given modules have no trainable parameters")
@@ -230,7 +248,9 @@ class ManifoldOptimizer(Optimizer):
         ps = [ps] if isinstance(ps, (torch.Tensor, nn.Module)) else list(ps)
         entries = []  # (item as it goes into the group, tensor, role, whether a Conv weight)
         if ps and all(isinstance(m, nn.Module) for m in ps):
-            for a in assign_modules(expand_modules(ps), roles):
+            network = expand_modules(ps)
+            _check_initialised(network.root.named_parameters())
+            for a in assign_modules(network, roles):
                 if id(a.param) not in present:
                     entries.append(((_unique(a.name, taken), a.param) if named else a.param, a.param, a.role,
                                     _is_conv_weight(a)))
@@ -246,6 +266,7 @@ class ManifoldOptimizer(Optimizer):
                 p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
                 if not isinstance(p, torch.Tensor):
                     raise TypeError("optimizer can only optimize Tensors, but one of the params is " + torch.typename(p))
+                _check_initialised([(item[0] if isinstance(item, tuple) else "unnamed", p)])
                 if isinstance(item, tuple):
                     taken.add(item[0])
                 entries.append((item, p, "stiefel" if p.ndim >= 2 else "fallback", False))
@@ -274,6 +295,12 @@ class ManifoldOptimizer(Optimizer):
             if role == "fallback":
                 for k, v in fb.items():
                     g.setdefault(k, v)
+                if len(buckets) > 1 and ug.get("algorithm") != "adamw":
+                    # a group with constrained weights: its lr is their step length in their norm
+                    # ({"params": model.head, "lr": 0.2}: the head's bias ran AdamW at lr 0.2), so
+                    # its biases and gains take the fallback's lr (betas, eps, weight_decay are the
+                    # fallback's own keys and stay as the group sets them)
+                    g["lr"] = fb["lr"]
                 g.update(algorithm="adamw", manifold="euclidean")
             else:
                 manifold, algorithm = self.ALGORITHMS[role]
@@ -431,6 +458,9 @@ class ManifoldOptimizer(Optimizer):
                     if not p.requires_grad:
                         continue  # frozen (passed as a tensor): stays as loaded, as with modules
                     W = F.as_matrix(p, group.get("flatten"))
+                    if not bool(torch.isfinite(W).all()):  # (an eigh would fail naming nothing)
+                        raise ValueError(f"cannot move {names[id(p)]} onto the {group['manifold']} manifold: "
+                                         "it has NaN or infinite entries; no weight was changed")
                     rows = None
                     if group["manifold"] == "sphere":
                         full = W.reshape(-1, W.shape[-1])
@@ -460,9 +490,13 @@ class ManifoldOptimizer(Optimizer):
                         B_new = (B.to(wide) @ W.to(wide)) @ T.mT / s2
                         moves.append((B, B_new.to(B.dtype), None, None, None, False))
             for p, target, name, manifold_name, dist, partnered in moves:
+                zero = name is not None and not bool(p.any())
                 p.copy_(target)
                 if name is not None:
                     note = "; its lora_B rescaled so that B·A, the model's output, is unchanged" if partnered else ""
+                    if zero:  # a zero-initialised layer (an output projection): every point is as near
+                        note += ("; it was all zeros, which no point of the manifold is near: it is now a fixed "
+                                 "arbitrary point (keep it at zero with roles={...: 'fallback'})")
                     warnings.warn(f"{type(self).__name__}: moved {name} onto the {manifold_name} "
                                   f"manifold (distance was {dist:.3g}){note}", stacklevel=4)
 
@@ -552,14 +586,15 @@ class ManifoldOptimizer(Optimizer):
 
     @staticmethod
     def _momentum(group, p, grad, state) -> torch.Tensor:
-        """Update the momentum of a constrained parameter in place; returns the direction input u."""
+        """Update the momentum of a constrained parameter in place; returns the direction input u.
+
+        The momentum has the parameter's shape, as torch's optimizers keep their state (a Conv
+        weight's is viewed as the same matrix as the weight)."""
         flatten = group.get("flatten")
         G = F.as_matrix(grad, flatten)
         if "momentum" not in state:
-            W = F.as_matrix(p, flatten)
-            mdtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-            state["momentum"] = torch.zeros(W.shape, dtype=mdtype, device=W.device)
-        return F.momentum_update(G, state["momentum"], group["momentum"], group["nesterov"])
+            state["momentum"] = torch.zeros(p.shape, dtype=_state_dtype(p), device=p.device)
+        return F.momentum_update(G, F.as_matrix(state["momentum"], flatten), group["momentum"], group["nesterov"])
 
     def _step_param(self, group, p, grad, state, lr):
         algorithm = group["algorithm"]
@@ -568,7 +603,7 @@ class ManifoldOptimizer(Optimizer):
                 state["step"] = torch.tensor(0.0)
                 # moments of bf16/fp16 parameters in fp32, as the constrained weights' momentum
                 # (an fp16 second moment overflows at |g| > 256 and its eps rounds to 0)
-                sdtype = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+                sdtype = _state_dtype(p)
                 state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
             elif p.dtype in (torch.bfloat16, torch.float16) and state["exp_avg"].dtype != torch.float32:
@@ -620,7 +655,7 @@ class ManifoldOptimizer(Optimizer):
         The check runs as the last load_state_dict pre-hook, so it sees the dict as any user
         pre-hook left it; a mismatch raises before torch changes anything. The given dict is
         never mutated, then or later: the state tensors are copied, not shared. Floating state
-        keeps its saved dtype (fp32 momentum of bf16 weights).
+        takes the dtype the step keeps (fp32 for bf16/fp16 weights, else the weight's).
         """
         checked: dict = {}
 
@@ -636,29 +671,45 @@ class ManifoldOptimizer(Optimizer):
         sd = checked["sd"]
         by_id = dict(zip((i for g in sd["param_groups"] for i in g["params"]),
                          (p for g in self.param_groups for p in g["params"])))
-        # torch casts floating state to the parameter's dtype; fp32 momentum of bf16 weights must stay fp32.
+        # torch casts floating state to the parameter's dtype; the state's own dtype is fp32 for
+        # bf16/fp16 weights (and an fp64 checkpoint's state is cast down to fp32 weights, as torch
+        # does). Solver extras (subspace size, μ) keep their fp64.
         for pid, st in sd["state"].items():
             p = by_id.get(pid)
             if p is None:
                 continue
+            for key in ("momentum", "dual", "exp_avg", "exp_avg_sq"):
+                value = st.get(key)
+                if isinstance(value, torch.Tensor) and self.state[p][key].dtype != _state_dtype(p):
+                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p))
             for key, value in st.items():
-                if isinstance(value, torch.Tensor) and key in self.state[p] and self.state[p][key].dtype != value.dtype:
-                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype).clone()
+                if key not in _RESERVED and key != "dual" and isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device)
 
     def _checked_state_dict(self, state_dict: dict) -> dict:
-        """A copy of state_dict with structural keys backfilled, or a ValueError naming the mismatch."""
+        """A copy of state_dict with structural keys backfilled, or a ValueError naming the mismatch.
+
+        Every state entry is checked against what the group's step keeps (name and shape), so a
+        state_dict of another optimizer (torch.optim.AdamW: exp_avg in a Stiefel group) is refused
+        rather than loaded with its momentum lost. torch.optim.Muon's is accepted where the group
+        runs Muon with torch's coefficients: its momentum_buffer is the same buffer, so a run
+        continues bitwise. A Conv weight's momentum saved as its matrix is reshaped to the weight's.
+        """
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(groups)} parameter groups, optimizer has "
                              f"{len(self.param_groups)}; nothing was loaded")
-        new_groups = []
+        new_groups, renames = [], {}
         for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
             if len(g_new["params"]) != len(g_old["params"]):
                 raise ValueError(f"parameter group {gi} has {len(g_new['params'])} parameters in the state "
                                  f"dict and {len(g_old['params'])} in the optimizer; nothing was loaded")
             g_new = dict(g_new)
+            if "algorithm" not in g_new:  # every modman state_dict has it: another optimizer's
+                g_new = self._foreign_group(gi, g_new, g_old)
+                renames.update({pid: {"momentum_buffer": "momentum"} for pid in g_new["params"]})
             for key in self._STRUCTURAL:
                 if key not in g_new:
                     g_new[key] = g_old[key]
@@ -671,25 +722,55 @@ class ManifoldOptimizer(Optimizer):
         for g_new, g_old in zip(new_groups, self.param_groups):
             for pid, p in zip(g_new["params"], g_old["params"]):
                 by_id[pid] = (p, g_old)
+        state = {}
         for pid, st in state_dict["state"].items():
             if pid not in by_id:
                 continue
             p, group = by_id[pid]
-            W = F.as_matrix(p, group.get("flatten"))
+            st = {renames.get(pid, {}).get(k, k): v for k, v in st.items()}
+            expected = self._expected_state(group, p)
             for key, value in st.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                expect = {"momentum": W.shape, "exp_avg": p.shape, "exp_avg_sq": p.shape,
-                          "dual": W.shape[:-2] + (min(W.shape[-2:]),) * 2}.get(key)
-                if expect is not None and tuple(value.shape) != tuple(expect):
-                    raise ValueError(f"state {key!r} for parameter {names[id(p)]} has shape {tuple(value.shape)}, "
-                                     f"expected {tuple(expect)}; nothing was loaded")
-        # torch's load keeps a tensor that already has the right dtype/device (``.to`` is a no-op),
-        # so the optimizer would step the caller's tensors in place: opt2.load_state_dict(
-        # opt.state_dict()) would make two optimizers share momentum. Load copies instead.
-        state = {pid: {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in st.items()}
-                 for pid, st in state_dict["state"].items()}
+                if key not in expected and not (group["algorithm"] == "manifold_muon" and key not in _RESERVED):
+                    raise ValueError(f"state {key!r} for parameter {names[id(p)]}: a {group['algorithm']} step keeps "
+                                     f"{sorted(expected)}{' and solver entries' if group['algorithm'] == 'manifold_muon' else ''}"
+                                     " (a state_dict from another optimizer?); nothing was loaded")
+                matrix = tuple(F.as_matrix(p, group.get("flatten")).shape)
+                # a solver's own entries (subspace size, μ) are one number per matrix of the batch
+                want = expected.get(key, matrix[:-2])
+                # a Conv weight's momentum was saved as its matrix before 2026-12-07
+                allowed = {tuple(want), matrix} if key == "momentum" else {tuple(want)}
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) not in allowed:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"state {key!r} for parameter {names[id(p)]} has shape {got}, "
+                                     f"expected {tuple(want)}; nothing was loaded")
+            # torch's load keeps a tensor that already has the right dtype/device (``.to`` is a no-op),
+            # so the optimizer would step the caller's tensors in place: opt2.load_state_dict(
+            # opt.state_dict()) would make two optimizers share momentum. Load copies instead.
+            state[pid] = {k: v.reshape(expected[k]).clone() if k in expected else v.clone() for k, v in st.items()}
+        state.update({pid: copy.deepcopy(st) for pid, st in state_dict["state"].items() if pid not in by_id})
         return dict(state_dict, state=state, param_groups=new_groups)
+
+    @staticmethod
+    def _expected_state(group, p) -> dict[str, tuple]:
+        """The state entries a group's step keeps for p, with their shapes (a manifold-Muon solver
+        may add its own, one number per matrix)."""
+        if group["algorithm"] == "adamw":
+            return {"step": (), "exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+        if group["algorithm"] != "manifold_muon":
+            return {"momentum": tuple(p.shape)}
+        W = F.as_matrix(p, group.get("flatten"))
+        return {"momentum": tuple(p.shape), "dual": tuple(W.shape[:-2]) + (min(W.shape[-2:]),) * 2}
+
+    def _foreign_group(self, gi: int, g_new: dict, g_old: dict) -> dict:
+        """A saved group without modman's keys: torch.optim.Muon's into a Muon group, else refused."""
+        coefficients = g_new.get("ns_coefficients")
+        if g_old["algorithm"] == "muon" and coefficients is not None:
+            if tuple(float(c) for c in coefficients) != _TORCH_MUON_COEFFICIENTS:
+                raise ValueError(f"parameter group {gi} is torch.optim.Muon's with ns_coefficients={tuple(coefficients)}; "
+                                 f"modman.Muon's schedules use {_TORCH_MUON_COEFFICIENTS}; nothing was loaded")
+            return {k: v for k, v in g_new.items() if k not in ("ns_coefficients", "eps")}
+        raise ValueError(f"parameter group {gi} of the state dict has no 'algorithm' key: it is not a modman "
+                         f"state_dict (keys {sorted(k for k in g_new if k != 'params')[:6]}…); nothing was loaded")
 
     _EXTRA = {"nonfinite": "raise", "on_manifold_tol": 1e-5, "project_on_init": True, "last_step_stats": {},
               "last_step_skipped": False, "_fallback_defaults": None}

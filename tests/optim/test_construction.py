@@ -285,3 +285,59 @@ def test_params_in_dict_groups_may_be_modules():
                                      {"params": [torch.nn.Parameter(torch.randn(5))]}])
     names = [n for g in opt.param_groups for n in g["param_names"]]
     assert names == ["0.weight", "2.weight", "0.bias", "2.bias", "weight", "bias", "param6"]
+
+
+def test_a_non_finite_weight_is_refused_by_name_with_nothing_changed():
+    """A NaN weight raised a bare LinAlgError from the projection's eigh, naming no parameter."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        net[1].weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match=r"cannot move 1\.weight .* NaN or infinite"):
+        make_opt("manifold_muon", net.modules())
+    for p, q in zip(net.parameters(), before):
+        assert torch.equal(p.isnan(), q.isnan()) and torch.equal(p.nan_to_num(), q.nan_to_num())
+
+
+@pytest.mark.parametrize("form", ["modules", "parameters", "named_parameters"])
+def test_lazy_modules_are_refused_until_initialised(form):
+    """Roles depend on shapes: a LazyLinear's parameters gave torch's message from deep inside the
+    role table (or the projection); the refusal names them and says what to do."""
+    net = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    params = {"modules": net.modules(), "parameters": net.parameters(), "named_parameters": net.named_parameters()}[form]
+    with pytest.raises(ValueError, match="lazy module .* not initialised .* one forward pass"):
+        ManifoldMuon(params, lr=0.1)
+    net(torch.randn(2, 5))
+    assert make_opt("manifold_muon", net.modules()).param_groups  # once initialised, it builds
+
+
+def test_an_all_zero_weight_is_moved_with_a_warning_that_says_so():
+    """A zero-initialised layer has no nearest point on the manifold; the warning said only
+    "distance was 1"."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+    torch.nn.init.zeros_(net[1].weight)
+    with pytest.warns(UserWarning, match=r"moved 1\.weight .* all zeros.*arbitrary point") as caught:
+        ManifoldMuon(net.modules(), lr=0.1, solver="projected")
+    assert not any("all zeros" in str(w.message) for w in caught if "0.weight" in str(w.message))
+    assert net[1].weight.any(), "it is a point of the manifold now"
+
+
+@pytest.mark.parametrize("form", ["module", "tensors"])
+def test_a_groups_lr_is_for_its_constrained_weights_not_their_biases(form):
+    """{"params": m[2], "lr": 0.2} ran m[2].bias with AdamW at lr 0.2 (a spectral step length
+    taken as an AdamW lr); it takes the fallback's lr. A group of biases alone sets their lr."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    head = m[2] if form == "module" else [m[2].weight, m[2].bias]
+    opt = make_opt("manifold_muon", [{"params": head, "lr": 0.2}, {"params": [m[0].bias], "lr": 0.03}],
+                   fallback={"lr": 1e-3, "betas": (0.8, 0.9)})
+    lrs = {(g["algorithm"], len(g["params"])): g["lr"] for g in opt.param_groups}
+    assert lrs[("manifold_muon", 1)] == 0.2
+    fallback = [g for g in opt.param_groups if g["algorithm"] == "adamw"]
+    assert [g["lr"] for g in fallback] == [1e-3, 0.03], "head's bias: the fallback lr; a bias-only group: its own"
+    assert all(tuple(g["betas"]) == (0.8, 0.9) for g in fallback)
+    b0 = m[2].bias.detach().clone()
+    m(torch.randn(16, 4)).sum().backward()
+    opt.step()
+    assert float((m[2].bias - b0).abs().max()) <= 1.01e-3, "AdamW's first step moves each entry by about its lr"

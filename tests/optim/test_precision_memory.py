@@ -112,3 +112,17 @@ def test_bf16_embedding_rows_with_generic_gradients_move(n):
     opt.step()
     moved = (emb.weight != before).any(dim=1)
     assert bool(moved.all()), int(moved.sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_report_the_distance_of_the_stored_weight(dtype):
+    """last_step_stats' distance_to_manifold described the fp32 result before rounding (~5e-7),
+    not the bf16 weight the model holds (~2e-3 off: 3000× understated)."""
+    prob = Problem("manifold_muon", dtype=dtype, shape=(48, 32))
+    opt = make_opt("manifold_muon", [("w", prob.W), ("b", prob.b)])
+    prob.train(opt, 2)
+    reported = float(opt.last_step_stats["w"]["distance_to_manifold"])
+    sv = torch.linalg.svdvals(prob.W.detach().double())
+    actual = float((sv - 1).abs().max())
+    assert actual > 10 * torch.finfo(torch.float32).eps, "the rounding is visible"
+    assert 0.5 * actual <= reported <= 2.0 * actual, (reported, actual)

@@ -127,6 +127,16 @@ def _mismatches(kind):
     sd = copy.deepcopy(good)  # a group of another kind (state from an optimizer with other roles)
     sd["param_groups"][0]["algorithm"] = "adamw"
     bad.append(("algorithm", sd))
+    sd = copy.deepcopy(good)  # an entry the step does not keep (AdamW's moments in the constrained group)
+    sd["state"][pid]["exp_avg"] = torch.zeros(prob.W.shape)
+    bad.append(("another optimizer", sd))
+    sd = copy.deepcopy(good)  # the fallback's step count of another shape (it raised mid-step, after updates)
+    sd["state"][sd["param_groups"][1]["params"][0]]["step"] = torch.zeros(2)
+    bad.append(("shape", sd))
+    sd = copy.deepcopy(good)  # another optimizer's groups (torch.optim.AdamW's have no "algorithm")
+    for g in sd["param_groups"]:
+        g.pop("algorithm")
+    bad.append(("not a modman state_dict", sd))
     return prob, opt, bad
 
 
@@ -294,3 +304,80 @@ def test_default_solver_is_bitwise_reproducible_and_resumes_exactly():
     train(twin, opt2, 6, 2)
     for p, q in zip(net.parameters(), twin.parameters()):
         assert_same(p, q, "resumed run")
+
+
+def test_a_torch_muon_checkpoint_continues_bitwise_in_modman_muon():
+    """modman.Muon matches torch.optim.Muon's arithmetic, so a run can move over mid-training: the
+    checkpoint's momentum_buffer is Muon's momentum. It loaded silently with the momentum lost (the
+    resumed run 0.041 off torch's after 3 steps); other coefficients than modman's are refused."""
+    from modman.optim import Muon
+
+    g = torch.Generator().manual_seed(0)
+    theirs = [torch.nn.Parameter(torch.randn(8, 4, generator=g)), torch.nn.Parameter(torch.randn(6, 6, generator=g))]
+    grads = [[torch.randn(w.shape, generator=g) for w in theirs] for _ in range(6)]
+    ref = torch.optim.Muon(theirs, lr=0.02)
+    for t in range(3):
+        for w, gr in zip(theirs, grads[t]):
+            w.grad = gr.clone()
+        ref.step()
+    ours = [torch.nn.Parameter(w.detach().clone()) for w in theirs]
+    opt = Muon(ours, lr=0.02)
+    opt.load_state_dict(ref.state_dict())
+    assert all(torch.equal(opt.state[q]["momentum"], ref.state[w]["momentum_buffer"]) for w, q in zip(theirs, ours))
+    assert "ns_coefficients" not in opt.param_groups[0]
+    for t in range(3, 6):
+        for w, q, gr in zip(theirs, ours, grads[t]):
+            w.grad, q.grad = gr.clone(), gr.clone()
+        ref.step()
+        opt.step()
+    for w, q in zip(theirs, ours):
+        assert torch.equal(w, q), "the continued run is torch's, bitwise"
+    other = torch.optim.Muon([torch.nn.Parameter(torch.randn(8, 4))], lr=0.02, ns_coefficients=(3.0, -3.2, 1.2))
+    fresh = Muon([torch.nn.Parameter(torch.randn(8, 4))], lr=0.02)
+    with pytest.raises(ValueError, match="ns_coefficients"):
+        fresh.load_state_dict(other.state_dict())
+
+
+def test_an_fp64_checkpoint_loads_into_fp32_weights_with_fp32_state():
+    """torch casts floating state to the parameter's dtype; modman kept the saved fp64 momentum and
+    dual next to fp32 weights (every later step mixed precisions)."""
+    prob = Problem("manifold_muon", dtype=torch.float64)
+    opt = make_opt("manifold_muon", prob.params)
+    prob.train(opt, 2)
+    W32, b32 = (torch.nn.Parameter(p.detach().float()) for p in prob.params)
+    opt32 = make_opt("manifold_muon", [W32, b32])
+    opt32.load_state_dict(opt.state_dict())
+    assert {k: v.dtype for k, v in opt32.state[W32].items() if k in ("momentum", "dual")} == \
+        {"momentum": torch.float32, "dual": torch.float32}
+    assert opt32.state[b32]["exp_avg"].dtype == torch.float32
+
+
+def test_a_conv_weights_momentum_has_the_weights_shape_and_an_old_matrix_one_loads():
+    """torch's optimizers keep state in the parameter's shape; a Conv weight's momentum was its
+    (out, in·k) matrix. A state_dict saved that way still loads (reshaped) and resumes bitwise."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 2)
+    twin = copy.deepcopy(conv)
+    opt = make_opt("manifold_muon", conv.modules())
+    x = torch.randn(4, 3, 6, 6)
+
+    def train(module, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            module(x).square().mean().backward()
+            optimizer.step()
+
+    train(conv, opt, 2)
+    assert opt.state[conv.weight]["momentum"].shape == conv.weight.shape
+    sd = copy.deepcopy(opt.state_dict())
+    pid = sd["param_groups"][0]["params"][0]
+    sd["state"][pid]["momentum"] = sd["state"][pid]["momentum"].reshape(5, 12)  # as saved before
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), conv.parameters()):
+            p.copy_(q)
+    opt2 = make_opt("manifold_muon", twin.modules())
+    opt2.load_state_dict(sd)
+    assert opt2.state[twin.weight]["momentum"].shape == twin.weight.shape
+    train(conv, opt, 2)
+    train(twin, opt2, 2)
+    assert torch.equal(conv.weight, twin.weight)
