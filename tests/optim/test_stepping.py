@@ -96,16 +96,24 @@ def test_hyperparameters_are_read_from_param_groups_every_step(kind):
 
 @pytest.mark.parametrize("kind", FAMILY)
 def test_two_groups_at_different_lr(kind):
+    """Each group's lr is its constrained weight's step length (W moves 5× farther at 0.05 than
+    at 0.01); the biases in those groups take the fallback's lr, as the constructor's lr does."""
     prob, other = Problem(kind, seed=0), Problem(kind, seed=1)
-    opt = make_opt(kind, [{"params": prob.params, "lr": 0.05}, {"params": other.params, "lr": 0.01}])
+    opt = make_opt(kind, [{"params": prob.params, "lr": 0.05}, {"params": other.params, "lr": 0.01}],
+                   fallback={"lr": 0.02})
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert lrs[id(prob.W)] == 0.05 and lrs[id(other.W)] == 0.01
+    assert lrs[id(prob.b)] == lrs[id(other.b)] == 0.02
     loss = lambda: prob.loss() + other.loss()  # noqa: E731
     first = float(loss().detach())
-    for _ in range(20):
+    before = [prob.W.detach().clone(), other.W.detach().clone()]
+    for step in range(20):
         opt.zero_grad()
         loss().backward()
         opt.step()
+        if step == 0:
+            moved = [float(torch.linalg.matrix_norm(W - W0)) for W, W0 in zip((prob.W, other.W), before)]
+            assert 4.5 <= moved[0] / moved[1] <= 5.5, moved
     assert float(loss().detach()) < 0.75 * first
 
 
