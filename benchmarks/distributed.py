@@ -117,6 +117,7 @@ def main() -> None:
     one = results["one process, 1 thread"]
     peer = results[f"one process, {args.world} thread{'s' * (args.world > 1)}"]
     out = {
+        "command": "python " + " ".join(sys.argv),
         "what": f"median seconds of ManifoldMuon.step() (default solver) on MLP 784→{args.hidden}→{args.hidden}→10, "
                 f"batch 128, steps {args.warmup}…{args.warmup + args.steps - 1}",
         "machine": machine(threads=1),

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .experiments.machine import machine
 from .solvers import DEFAULT_SOLVER
 
 
@@ -135,7 +136,9 @@ def main(argv=None) -> int:
     png = os.path.join(args.out, "singular_values.png")
     _plot(results, png)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items()}, "seconds": time.time() - start,
+        json.dump({"command": " ".join(["modman"] + list(sys.argv[1:] if argv is None else argv)),
+                   "machine": machine(),
+                   "args": {k: v for k, v in vars(args).items()}, "seconds": time.time() - start,
                    "runs": [{"optimizer": r.optimizer, "lr": r.lr, "train_acc": r.train_acc, "test_acc": r.test_acc,
                              "seconds_per_step": r.seconds_per_step,
                              "optimizer_seconds_per_step": r.optimizer_seconds_per_step,

@@ -1,4 +1,5 @@
-"""What every benchmark records about the machine it ran on (BENCHMARKS.md)."""
+"""What every benchmark (and the main job's results.json) records about the machine it ran on
+(BENCHMARKS.md)."""
 from __future__ import annotations
 
 import os
