@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -20,7 +19,8 @@ from ..manifolds import Euclidean, Sphere, Stiefel
 from . import functional as F
 from .distributed import (SHARED_ALGORITHMS, check_same_items, matrix_cost, plan_owners, resolve_group,
                           share_step)
-from .roles import ROLES, assign_modules, expand_modules
+from .._warn import warn
+from .roles import ROLES, assign_modules, check_roles, expand_modules
 
 _RESERVED = {"momentum", "exp_avg", "exp_avg_sq", "step"}
 # torch.optim.Muon's coefficients (Keller Jordan's quintic), which modman.Muon's default schedule uses
@@ -34,6 +34,21 @@ def _check_initialised(named) -> None:
         raise ValueError(f"parameters of a lazy module are not initialised yet ({', '.join(lazy[:4])}"
                          f"{', …' if len(lazy) > 4 else ''}): run one forward pass before building the optimizer "
                          "(the roles depend on their shapes)")
+
+
+def _listed(params) -> list:
+    """A param group's params as a list (a tensor or module alone, or any iterable such as
+    model.modules(), which can be read once only)."""
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                        "ordering of tensors in sets changes between runs; use a list")
+    return [params] if isinstance(params, (torch.Tensor, nn.Module)) else list(params)
+
+
+def _rms_scale_transposed(p: torch.Tensor) -> float:
+    """scale="rms" for a weight stored (in, out) (transformers' Conv1D), as a number: s = √(d_out/d_in)
+    = √(shape[1]/shape[0]), where Stiefel("rms") reads a torch (out, in) layout the other way round."""
+    return math.sqrt(p.shape[1] / p.shape[0])
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -196,7 +211,7 @@ class ManifoldOptimizer(Optimizer):
         if all(isinstance(m, nn.Module) for m in items):
             network = expand_modules(items)
             _check_initialised(network.root.named_parameters())
-            assignments = assign_modules(network, roles)
+            assignments = self._checked(assign_modules(network, roles))
             if not assignments:
                 raise ValueError("the given modules have no trainable parameters")
             scales = self._resolve_budget(budget, network)
@@ -210,7 +225,9 @@ class ManifoldOptimizer(Optimizer):
                 else:
                     groups.append({"params": [a.param], "param_names": [a.name], "manifold": spec[0],
                                    "algorithm": spec[1], "lr_scale": float(scales.get(a.name, 1.0)),
-                                   "flatten": True if _is_conv_weight(a) else None})
+                                   "flatten": True if _is_conv_weight(a) else None,
+                                   **({"scale": _rms_scale_transposed(a.param)}
+                                      if a.transposed and spec[0] == "stiefel" and self._budget_scale == "rms" else {})})
             return groups + ([fallback] if fallback["params"] else [])
         if any(isinstance(m, nn.Module) for m in items):
             raise TypeError("params must be all modules or all tensors/dicts/(name, tensor) pairs, not a mix")
@@ -221,10 +238,21 @@ class ManifoldOptimizer(Optimizer):
             user_groups = items
         else:
             user_groups = [{"params": items}]
-        groups, present, taken = [], set(), set()
         for ug in user_groups:
             if not isinstance(ug, dict):
                 raise TypeError(f"param groups must all be dicts, got {type(ug).__name__}")
+        # params listed once (model.modules() is a generator): roles= is checked against every
+        # group's modules together, one roles for all the groups
+        user_groups = [dict(ug, params=_listed(ug["params"])) if "params" in ug else ug for ug in user_groups]
+        if roles:
+            networks = [expand_modules(ug["params"]) for ug in user_groups
+                        if ug.get("params") and all(isinstance(m, nn.Module) for m in ug["params"])]
+            if not networks:
+                raise ValueError("roles= needs modules (model.modules(), or param groups of modules) to know the "
+                                 "layers; given tensors, roles follow shapes (or a group's 'manifold')")
+            check_roles(roles, *networks)
+        groups, present, taken = [], set(), set()
+        for ug in user_groups:
             groups.extend(self._split_group(ug, fb, present, taken, roles))
         if any(isinstance(item, tuple) for g in groups for item in g["params"]):
             _name_unnamed(groups, taken, 0)  # torch takes groups all with names or all without
@@ -241,19 +269,16 @@ class ManifoldOptimizer(Optimizer):
         """
         if "params" not in ug:
             raise ValueError("a param group dict needs a 'params' entry")
-        ps = ug["params"]
-        if isinstance(ps, set):
-            raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
-                            "ordering of tensors in sets changes between runs; use a list")
-        ps = [ps] if isinstance(ps, (torch.Tensor, nn.Module)) else list(ps)
-        entries = []  # (item as it goes into the group, tensor, role, whether a Conv weight)
+        ps = _listed(ug["params"])
+        entries = []  # (item as it goes into the group, tensor, role, whether a Conv weight, stored (in, out))
         if ps and all(isinstance(m, nn.Module) for m in ps):
             network = expand_modules(ps)
             _check_initialised(network.root.named_parameters())
-            for a in assign_modules(network, roles):
-                if id(a.param) not in present:
-                    entries.append(((_unique(a.name, taken), a.param) if named else a.param, a.param, a.role,
-                                    _is_conv_weight(a)))
+            # roles= was checked against every group's modules (_build_groups); parameters already
+            # in the optimizer are left out (and not reported again as fallback matrices)
+            for a in self._checked(assign_modules(network, roles, check=False, exclude=present)):
+                entries.append(((_unique(a.name, taken), a.param) if named else a.param, a.param, a.role,
+                                _is_conv_weight(a), a.transposed))
             if not entries:
                 raise ValueError("the given modules have no trainable parameters that are not in the optimizer")
         else:
@@ -269,10 +294,10 @@ class ManifoldOptimizer(Optimizer):
                 _check_initialised([(item[0] if isinstance(item, tuple) else "unnamed", p)])
                 if isinstance(item, tuple):
                     taken.add(item[0])
-                entries.append((item, p, "stiefel" if p.ndim >= 2 else "fallback", False))
+                entries.append((item, p, "stiefel" if p.ndim >= 2 else "fallback", False, False))
         explicit = ug.get("manifold")
         buckets: dict[tuple, list] = {}
-        for item, p, role, conv in entries:
+        for item, p, role, conv, transposed in entries:
             present.add(id(p))
             if explicit:
                 role = explicit
@@ -285,13 +310,17 @@ class ManifoldOptimizer(Optimizer):
                 if explicit:
                     raise ValueError(f"{type(self).__name__} does not handle manifold {role!r}")
                 role = "fallback"
-            buckets.setdefault((role, conv and role != "fallback"), []).append(item)
+            rms = transposed and role == "stiefel" and ug.get("scale", self._budget_scale) == "rms"
+            scale = _rms_scale_transposed(p) if rms else None
+            buckets.setdefault((role, conv and role != "fallback", scale), []).append(item)
         out = []
-        for (role, flatten), members in buckets.items():
+        for (role, flatten, scale), members in buckets.items():
             g = {k: v for k, v in ug.items() if k != "params"}
             g["params"] = members
             if flatten:
                 g["flatten"] = True
+            if scale is not None:
+                g["scale"] = scale
             if role == "fallback":
                 for k, v in fb.items():
                     g.setdefault(k, v)
@@ -307,6 +336,20 @@ class ManifoldOptimizer(Optimizer):
                 g.update(manifold=manifold, algorithm=algorithm)
             out.append(g)
         return out
+
+    def _checked(self, assignments: list) -> list:
+        """Refuse what an assignment cannot do here: a role roles= asked for that this family member
+        does not run (Muon has no sphere: it went to the AdamW fallback without a word), and a sparse
+        embedding (refused only at the first step before)."""
+        runs = sorted(k for k, v in self.ALGORITHMS.items() if v)
+        for a in assignments:
+            if a.asked and a.role != "fallback" and self.ALGORITHMS.get(a.role) is None:
+                raise ValueError(f"{type(self).__name__} has no {a.role!r} role (asked for {a.name} in roles=); "
+                                 f"it runs {runs} and 'fallback'")
+            if isinstance(a.module, (nn.Embedding, nn.EmbeddingBag)) and a.module.sparse:
+                raise TypeError(f"{a.name}: {type(a.module).__name__}(sparse=True) gives sparse gradients, which "
+                                f"{type(self).__name__} does not support; build it with sparse=False")
+        return assignments
 
     def _resolve_budget(self, budget, network) -> dict[str, float]:
         """{parameter name: lr_scale} for the expanded modules (see ManifoldMuon's ``budget``)."""
@@ -330,9 +373,8 @@ class ManifoldOptimizer(Optimizer):
             except ModularError as err:
                 if budget == "modular":
                     raise
-                warnings.warn(f"{type(self).__name__}: no modular budget for this model ({err}); every constrained "
-                              "weight steps lr (budget='uniform'). Pass budget='uniform' to silence this.",
-                              stacklevel=4)
+                warn(f"{type(self).__name__}: no modular budget for this model ({err}); every constrained "
+                     "weight steps lr (budget='uniform'). Pass budget='uniform' to silence this.")
                 return {}
         raise ValueError(f"budget must be 'auto', 'uniform', 'modular', a dict or a callable, got {budget!r}")
 
@@ -497,8 +539,8 @@ class ManifoldOptimizer(Optimizer):
                     if zero:  # a zero-initialised layer (an output projection): every point is as near
                         note += ("; it was all zeros, which no point of the manifold is near: it is now a fixed "
                                  "arbitrary point (keep it at zero with roles={...: 'fallback'})")
-                    warnings.warn(f"{type(self).__name__}: moved {name} onto the {manifold_name} "
-                                  f"manifold (distance was {dist:.3g}){note}", stacklevel=4)
+                    warn(f"{type(self).__name__}: moved {name} onto the {manifold_name} "
+                         f"manifold (distance was {dist:.3g}){note}")
 
     # ----------------------------------------------------------------------------- step
     def _grads_finite(self) -> bool:

@@ -5,12 +5,23 @@ given is expanded to its whole tree (``module.modules()``; each module once, in 
 parameter is assigned once, to the module that owns it (``named_parameters(recurse=False)``;
 tied weights once, under their first name):
 
-    nn.Linear weight                     → "stiefel"
+    nn.Linear weight                       → "stiefel"
     LoRA factor B (a Linear at …lora_B.<adapter>) → "euclidean" (it starts at 0: no Stiefel point)
-    nn.Conv1d/2d/3d weight               → "stiefel" (viewed as (out, in·k…))
-    nn.Embedding weight                  → "sphere" (one sphere per row)
-    3-D parameter of any other module    → "stiefel", batched over dim 0 (expert stacks)
-    everything else (biases, norm gains, bare 2-D parameters) → "fallback" (AdamW)
+    nn.Conv1d/2d/3d weight                 → "stiefel" (viewed as (out, in·k…))
+    transformers' Conv1D weight (GPT-2)    → "stiefel", with ``transposed`` (stored (in, out) = (nx, nf))
+    nn.Embedding / nn.EmbeddingBag weight  → "sphere" (one sphere per row)
+    expert stack: a 3-D (E, m, n) parameter of any other module, E, m, n > 1
+                                           → "stiefel", batched over dim 0
+    any of these whose manifold is only ±1 → "fallback": a 1×1 matrix (Linear(1, 1), Conv2d(1, 1, 1)),
+                                             an embedding of dim 1 (no step can move them)
+    everything else                        → "fallback" (AdamW): biases, norm gains, bare 2-D
+        parameters, nn.MultiheadAttention's in_proj_weight, RNN weights, ConvTranspose weights,
+        parametrized weights' ``original``, nn.Bilinear's weight, ViT's cls_token (1×1×D) and
+        position table (1×T×D), per-expert biases (E×1×d)
+
+Parameters of ≥ 2 dims that the table sends to the fallback are reported, in one warning per
+call, with the ``roles=`` that changes it: a matrix that silently skipped its manifold looked
+like a working optimizer (GPT-2, whose Conv1D weights were unknown, ran as plain AdamW).
 
 Names are those of ``root.named_parameters()``, where root is the given module that contains
 all the others (the model, for ``model.modules()``). Given several separate modules (e.g.
@@ -23,18 +34,23 @@ Frozen parameters (``requires_grad=False`` at construction) are left out: projec
 a manifold would change weights that are meant to stay as loaded (a LoRA base model). A
 parameter unfrozen later must be added with ``optimizer.add_param_group``.
 
-``roles`` overrides per parameter name, module instance or module class; a module or class
-override applies to the module's matrices (≥ 2-D): its biases and gains keep their role unless
-named.
+``roles`` overrides per parameter name (any of a tied weight's names), module instance or module
+class; a module or class override applies to the module's matrices (≥ 2-D): its biases and gains
+keep their role unless named. An override is taken as asked, also for a 1×1 matrix. A name that
+is no parameter of the given modules (frozen ones count) or a module that is not among them is
+refused (ValueError): a typo was silently ignored. A class absent from the modules is fine.
 Given tensors instead, the role follows the shape: ≥ 2-D → "stiefel", else "fallback".
 """
 from __future__ import annotations
 
+import difflib
 import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .._warn import warn
 
 ROLES = ("stiefel", "sphere", "euclidean", "fallback")
 
@@ -45,6 +61,9 @@ class Assignment:
     param: torch.nn.Parameter
     role: str
     module: nn.Module | None = None
+    # stored (in, out), as transformers' Conv1D: d_out is the last dim, d_in the first
+    transposed: bool = False
+    asked: bool = False  # the role came from the user's roles=, not the table
 
 
 @dataclass
@@ -100,60 +119,152 @@ def expand_modules(modules) -> Network:
     return Network(root, len(roots) == 1, ordered, names)
 
 
-def default_role(module: nn.Module | None, attr: str, p: torch.Tensor, path: str = "") -> str:
-    """The role of parameter ``attr`` of ``module`` (at module ``path``), by the table above."""
-    if module is None:
-        return "stiefel" if p.ndim >= 2 else "fallback"
+def _is_transposed_linear(module: nn.Module, attr: str, p: torch.Tensor) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's attention and MLP): a Linear whose weight is stored
+    transposed, (nx, nf) = (in, out). Recognised by name and shape, not imported: modman does not
+    depend on transformers."""
+    return (attr == "weight" and type(module).__name__ == "Conv1D" and p.ndim == 2
+            and p.shape[1] == getattr(module, "nf", None))
+
+
+def _is_expert_stack(module: nn.Module, p: torch.Tensor) -> bool:
+    """A 3-D parameter holding several matrices side by side (a mixture of experts' (E, d_ff, d)).
+    Not: one matrix (ViT's cls_token 1×1×D, position embeddings 1×T×D), per-expert vectors
+    ((E, 1, d) biases), a convolution (ConvTranspose1d's (in, out, k)), or nn.Bilinear's
+    (out, in1, in2), one bilinear form per output rather than independent maps."""
+    return (p.ndim == 3 and p.shape[0] > 1 and min(p.shape[1:]) > 1
+            and not isinstance(module, (nn.modules.conv._ConvNd, nn.Bilinear)))
+
+
+def _table_role(module: nn.Module, attr: str, p: torch.Tensor, path: str) -> str:
+    """The role of the module docstring's table, before degenerate manifolds are set aside."""
     if attr == "weight" and isinstance(module, nn.Linear) and path.split(".")[-2:-1] == ["lora_B"]:
         # a LoRA adapter's B (modman's LoRALinear or PEFT's, both lora_B.<adapter>): it starts at
         # 0, on no Stiefel manifold, and projecting it would change the model — it takes the
         # "euclidean" role (Muon's msign step), as modman.lora.optimizer_factory gives it
         return "euclidean"
-    if attr == "weight" and isinstance(module, nn.Linear):
+    if attr == "weight" and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "stiefel"
-    if attr == "weight" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if _is_transposed_linear(module, attr, p):
         return "stiefel"
-    if attr == "weight" and isinstance(module, nn.Embedding):
+    if attr == "weight" and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "sphere"
-    # 3-D stacks only: a ConvTranspose1d weight (in, out, k) is a convolution, not experts
-    if p.ndim == 3 and not isinstance(module, nn.modules.conv._ConvNd):
+    if _is_expert_stack(module, p):
         return "stiefel"
     return "fallback"
 
 
-def _override(roles, module, name, p, cls_default):
-    """The role ``roles`` gives parameter ``name`` (p, of ``module``): by name first, then by the
-    module instance or class — which speaks for the module's matrices (≥ 2-D) only: its biases keep
-    their default, as ``{linear: "euclidean"}`` is about the weight (a bias cannot take it)."""
-    if not roles:
-        return cls_default
-    if name in roles:
-        return roles[name]
-    if module is None or p.ndim < 2:
-        return cls_default
+def default_role(module: nn.Module | None, attr: str, p: torch.Tensor, path: str = "") -> str:
+    """The role of parameter ``attr`` of ``module`` (at module ``path``), by the table above."""
+    if module is None:
+        return "stiefel" if p.ndim >= 2 else "fallback"
+    role = _table_role(module, attr, p, path)
+    # a 1×1 matrix (Linear(1, 1), Conv2d(1, 1, 1)) is on the Stiefel manifold {±1} and an
+    # embedding of dim 1 has its rows on the sphere {±1}: a constrained step can never move them
+    if (role == "stiefel" and p.numel() == 1) or (role == "sphere" and p.shape[-1] == 1):
+        return "fallback"
+    return role
+
+
+def _override(roles: dict, module: nn.Module, names: list[str], p: torch.Tensor) -> str | None:
+    """The role ``roles`` gives p (of ``module``, known by ``names``), or None: by name first, then
+    by the module instance or class — which speaks for the module's matrices (≥ 2-D) only: its
+    biases keep their default, as ``{linear: "euclidean"}`` is about the weight (a bias cannot
+    take it)."""
+    for name in names:
+        if name in roles:
+            return roles[name]
+    if p.ndim < 2:
+        return None
     if module in roles:
         return roles[module]
     for klass in type(module).__mro__:
         if klass in roles:
             return roles[klass]
-    return cls_default
+    return None
 
 
-def assign_modules(network: Network, roles: dict | None = None) -> list[Assignment]:
-    """Assignments for the trainable parameters of an expanded network, in order, each once."""
-    seen: set[int] = set()
-    out = []
+def _parameter_names(network: Network) -> dict[int, list[str]]:
+    """id(parameter) → its names under root, frozen parameters included, in order (a tied weight
+    has one per owner; the first is the one it is assigned under)."""
+    names: dict[int, list[str]] = {}
     for m in network.modules:
         prefix = network.names[id(m)]
+        for attr, p in m.named_parameters(recurse=False):
+            names.setdefault(id(p), []).append(f"{prefix}.{attr}" if prefix else attr)
+    return names
+
+
+def check_roles(roles: dict, *networks: Network) -> None:
+    """Refuse what ``roles`` would otherwise silently ignore: an unknown role, a key that is no
+    name, module or class, a name that is no parameter of the networks (frozen ones count: a
+    typo), a module that is not one of their modules. A class absent from them is fine (one
+    ``roles`` may serve several models). Several networks: one ``roles`` for param groups of
+    modules, each group a network of its own."""
+    for key, role in roles.items():
+        if role not in ROLES:
+            what = key if isinstance(key, str) else getattr(key, "__name__", type(key).__name__)
+            raise ValueError(f"unknown role {role!r} for {what!r} in roles=; choose from {ROLES}")
+    others = [k for k in roles if not isinstance(k, (str, nn.Module, type))]
+    if others:
+        raise TypeError(f"roles= keys are parameter names, modules or module classes; got {others!r}")
+    valid = [n for net in networks for ns in _parameter_names(net).values() for n in ns]
+    known = set(valid)
+    unknown = [k for k in roles if isinstance(k, str) and k not in known]
+    if unknown:
+        near = [m for k in unknown for m in difflib.get_close_matches(k, valid, n=2)]
+        raise ValueError(f"roles= names no parameter of the given modules: {unknown}; "
+                         f"{'did you mean' if near else 'names are e.g.'} {(near or valid)[:5]}")
+    ids = {id(m) for net in networks for m in net.modules}
+    strangers = [type(k).__name__ for k in roles if isinstance(k, nn.Module) and id(unwrap(k)) not in ids]
+    if strangers:
+        raise ValueError(f"roles= has module(s) that are not among the given modules: {strangers} "
+                         "(a module of another model, or a copy?)")
+
+
+def _fallback_message(silent: list[Assignment], shown: int = 4) -> str:
+    """One readable warning for the matrices the table sent to the fallback."""
+    def describe(a: Assignment) -> str:
+        return f"{a.name} ({type(a.module).__name__}, {'×'.join(map(str, a.param.shape))})"
+
+    listed = ", ".join(map(describe, silent[:shown]))
+    more = f" and {len(silent) - shown} more" if len(silent) > shown else ""
+    first = silent[0]
+    return (f"{len(silent)} parameter(s) of ≥ 2 dims go to the AdamW fallback, not onto a manifold (no "
+            f"constrained role for their layer, or a manifold that is only ±1: a 1×1 matrix, an embedding "
+            f"of dim 1): {listed}{more}. To constrain them, pass roles={{{type(first.module).__name__}: "
+            f"\"stiefel\"}} (a module class) or roles={{\"{first.name}\": \"stiefel\"}} (a parameter "
+            f"name); the role \"fallback\" given there keeps them in the fallback without this warning.")
+
+
+def assign_modules(network: Network, roles: dict | None = None, *, check: bool = True,
+                   exclude: set[int] | frozenset[int] = frozenset()) -> list[Assignment]:
+    """Assignments for the trainable parameters of an expanded network, in order, each once.
+
+    ``roles`` is validated against the network (``check_roles``) unless ``check`` is False: a
+    caller assigning several networks with one ``roles`` checks it against all of them instead.
+    Parameters whose id is in ``exclude`` (already in the optimizer) are left out, and so are not
+    reported again by the fallback warning."""
+    roles = {unwrap(k) if isinstance(k, nn.Module) else k: v for k, v in (roles or {}).items()}
+    if check:
+        check_roles(roles, network)
+    names = _parameter_names(network)
+    seen: set[int] = set(exclude)
+    out, silent = [], []
+    for m in network.modules:
         for attr, p in m.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
             if not p.requires_grad:
                 continue
-            name = f"{prefix}.{attr}" if prefix else attr
-            role = _override(roles, m, name, p, default_role(m, attr, p, prefix))
-            if role not in ROLES:
-                raise ValueError(f"unknown role {role!r} for parameter {name!r}; choose from {ROLES}")
-            out.append(Assignment(name, p, role, m))
+            asked = _override(roles, m, names[id(p)], p)
+            role = asked if asked is not None else default_role(m, attr, p, network.names[id(m)])
+            a = Assignment(names[id(p)][0], p, role, m, transposed=_is_transposed_linear(m, attr, p),
+                           asked=asked is not None)
+            out.append(a)
+            if asked is None and role == "fallback" and p.ndim >= 2:
+                silent.append(a)
+    if silent:
+        warn(_fallback_message(silent))
     return out
