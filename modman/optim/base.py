@@ -671,7 +671,9 @@ class ManifoldOptimizer(Optimizer):
             return self._writeback(p, W, writeback, out)
         u = self._momentum(group, p, grad, state)
         if algorithm == "hyperspherical":
-            out = F.sphere_step(W, u, lr=eta, manifold=self._manifold(group))
+            # rows without a gradient this step (tokens not in the batch) stay where they are
+            active = F.as_matrix(grad, flatten).ne(0).any(dim=-1, keepdim=True)
+            out = F.sphere_step(W, u, lr=eta, manifold=self._manifold(group), active=active)
         elif algorithm == "muon":
             out = F.muon_step(W, u, lr=eta, weight_decay=group["weight_decay"], schedule=group["ns_schedule"],
                               ns_steps=group["ns_steps"], compute_dtype=_DTYPES[group["ns_dtype"]],

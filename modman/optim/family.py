@@ -142,7 +142,8 @@ class HypersphericalDescent(ManifoldOptimizer):
     r"""Hyperspherical descent: steepest descent on spheres under the ℓ2 norm, row by row.
 
     Each row w (radius r) steps along a = P(u)/‖P(u)‖, P(u) = u − w(wᵀu)/r², then
-    w ← r(w − ηa)/‖w − ηa‖. A row whose projected gradient is zero stays bitwise unchanged.
+    w ← r(w − ηa)/‖w − ηa‖. A row whose projected momentum is zero, or whose gradient is exactly
+    zero this step (an embedding row of a token not in the batch), stays bitwise unchanged.
     Given modules, Linear/Conv/Embedding weights are constrained and the rest use AdamW;
     ``weight_decay`` applies to that AdamW fallback only (a row of fixed norm cannot decay).
     """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -343,3 +344,28 @@ def test_sphere_tangent_residual_is_that_of_the_direction_taken():
     emb.weight.grad = torch.randn(8, 16)
     opt.step()
     assert float(opt.last_step_stats["weight"]["tangent_residual"]) <= 1e-6
+
+
+@pytest.mark.parametrize("cls", [ManifoldMuon, HypersphericalDescent])
+def test_embedding_rows_without_a_gradient_stay_where_they_are(cls):
+    """The sphere step is normalised per row, so a row's stale momentum moved it a full lr every
+    step: the row of a token seen once rotated 63° over the next 10 steps at lr 0.1 (a user probe).
+    Rows whose gradient is exactly zero this step stay bitwise (lazy rows); the others move."""
+    torch.manual_seed(0)
+    emb, head = torch.nn.Embedding(10, 16), torch.nn.Linear(16, 3, bias=False)
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = cls(model.modules(), lr=0.1, **({"budget": "uniform", "solver": "projected"} if cls is ManifoldMuon else {}))
+    for step in range(6):
+        tokens = torch.tensor([[7, 1, 2]]) if step == 0 else torch.tensor([[1, 2, 3]])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(emb(tokens).mean(1)), torch.tensor([0])).backward()
+        before = emb.weight.detach().clone()
+        opt.step()
+        if step == 0:
+            assert not torch.equal(emb.weight[7], before[7]), "a row with a gradient moves"
+        else:
+            assert torch.equal(emb.weight[7], before[7]), f"step {step}: row 7 had no gradient"
+            assert not torch.equal(emb.weight[1], before[1])
+    assert float(opt.state[emb.weight]["momentum"][7].norm()) > 0, "its momentum is kept (decayed)"
