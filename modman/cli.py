@@ -114,6 +114,7 @@ def main(argv=None) -> int:
           f"{args.steps} steps, lr → 0 linearly, {torch.get_num_threads()} threads")
     results = []
     start = time.time()
+    where = machine()  # before training (its load average is the one the run started with)
     for name in args.optimizers:
         options = {"solver": args.solver} if name == "manifold_muon" else None
         r = train(name, steps=args.steps, width=args.width, depth=args.depth, batch_size=args.batch_size,
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     _plot(results, png)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"command": " ".join(["modman"] + list(sys.argv[1:] if argv is None else argv)),
-                   "machine": machine(),
+                   "machine": where,
                    "args": {k: v for k, v in vars(args).items()}, "seconds": time.time() - start,
                    "runs": [{"optimizer": r.optimizer, "lr": r.lr, "train_acc": r.train_acc, "test_acc": r.test_acc,
                              "seconds_per_step": r.seconds_per_step,

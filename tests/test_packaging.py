@@ -14,3 +14,14 @@ def test_every_package_directory_is_listed_in_pyproject():
               for p in (ROOT / "kernels").rglob("__init__.py")}
     assert found <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(found - listed)}"
     assert listed <= found, f"listed in pyproject but missing: {sorted(listed - found)}"
+
+
+def test_importing_modman_does_not_import_the_compiler():
+    """torch.compiler.disable at class definition imported torch._dynamo on `import modman`
+    (~1.5 s on every import and CLI start); the eager wrapper of the step is made on first use."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys, modman; print('torch._dynamo' in sys.modules)"],
+                         capture_output=True, text=True, check=True, cwd=pathlib.Path(__file__).parent)
+    assert out.stdout.strip() == "False", out

@@ -34,5 +34,5 @@ def machine(threads: int | None = None) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_at_start": list(os.getloadavg()),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,  # not on Windows
     }

@@ -8,7 +8,9 @@ parameter to the functional core (``functional.py``). Family members differ only
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import sys
 from typing import Any
 
 import torch
@@ -36,6 +38,17 @@ def _check_initialised(named) -> None:
                          "(the roles depend on their shapes)")
 
 
+@functools.cache
+def _eager_update():
+    """ManifoldOptimizer._update, run eagerly inside compiled code (a graph break). The step checks
+    gradients on the host and solves with eighs and data-dependent exits: traced, dynamo recompiled
+    its per-parameter frames until the recompile limit (4 compiled training steps of an 8→16→16→4
+    MLP: 205 s, then eager anyway, and the fallback's AdamW kept step 2's bias correction from step
+    3 on). Made on first use: torch.compiler.disable imports torch._dynamo, ~1.5 s that a plain
+    `import modman` should not pay."""
+    return torch.compiler.disable(ManifoldOptimizer._update)
+
+
 def _listed(params) -> list:
     """A param group's params as a list (a tensor or module alone, or any iterable such as
     model.modules(), which can be read once only)."""
@@ -43,12 +56,6 @@ def _listed(params) -> list:
         raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
                         "ordering of tensors in sets changes between runs; use a list")
     return [params] if isinstance(params, (torch.Tensor, nn.Module)) else list(params)
-
-
-def _rms_scale_transposed(p: torch.Tensor) -> float:
-    """scale="rms" for a weight stored (in, out) (transformers' Conv1D), as a number: s = √(d_out/d_in)
-    = √(shape[1]/shape[0]), where Stiefel("rms") reads a torch (out, in) layout the other way round."""
-    return math.sqrt(p.shape[1] / p.shape[0])
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -131,8 +138,14 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
         raise ValueError(f"adjust_lr_fn must be None, 'original', 'match_rms_adamw' or 'none', got {d['adjust_lr_fn']!r}")
 
 
-def _is_conv_weight(a) -> bool:
-    return isinstance(a.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and a.name.split(".")[-1] == "weight"
+def _view(a):
+    """The group's ``flatten`` key for an assignment: how its parameter is seen as a matrix
+    (``functional.as_matrix``): True for Conv weights (flattened), "transposed" for weights stored
+    (in, out) (transformers' Conv1D: the step, a Sphere's rows, Stiefel's and Muon's d_out/d_in all
+    read (out, in)), None otherwise."""
+    if isinstance(a.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and a.name.split(".")[-1] == "weight":
+        return True
+    return "transposed" if a.transposed else None
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -225,9 +238,7 @@ class ManifoldOptimizer(Optimizer):
                 else:
                     groups.append({"params": [a.param], "param_names": [a.name], "manifold": spec[0],
                                    "algorithm": spec[1], "lr_scale": float(scales.get(a.name, 1.0)),
-                                   "flatten": True if _is_conv_weight(a) else None,
-                                   **({"scale": _rms_scale_transposed(a.param)}
-                                      if a.transposed and spec[0] == "stiefel" and self._budget_scale == "rms" else {})})
+                                   "flatten": _view(a)})
             return groups + ([fallback] if fallback["params"] else [])
         if any(isinstance(m, nn.Module) for m in items):
             raise TypeError("params must be all modules or all tensors/dicts/(name, tensor) pairs, not a mix")
@@ -270,15 +281,14 @@ class ManifoldOptimizer(Optimizer):
         if "params" not in ug:
             raise ValueError("a param group dict needs a 'params' entry")
         ps = _listed(ug["params"])
-        entries = []  # (item as it goes into the group, tensor, role, whether a Conv weight, stored (in, out))
+        entries = []  # (item as it goes into the group, tensor, role, its matrix view: _view)
         if ps and all(isinstance(m, nn.Module) for m in ps):
             network = expand_modules(ps)
             _check_initialised(network.root.named_parameters())
             # roles= was checked against every group's modules (_build_groups); parameters already
             # in the optimizer are left out (and not reported again as fallback matrices)
             for a in self._checked(assign_modules(network, roles, check=False, exclude=present)):
-                entries.append(((_unique(a.name, taken), a.param) if named else a.param, a.param, a.role,
-                                _is_conv_weight(a), a.transposed))
+                entries.append(((_unique(a.name, taken), a.param) if named else a.param, a.param, a.role, _view(a)))
             if not entries:
                 raise ValueError("the given modules have no trainable parameters that are not in the optimizer")
         else:
@@ -294,10 +304,10 @@ class ManifoldOptimizer(Optimizer):
                 _check_initialised([(item[0] if isinstance(item, tuple) else "unnamed", p)])
                 if isinstance(item, tuple):
                     taken.add(item[0])
-                entries.append((item, p, "stiefel" if p.ndim >= 2 else "fallback", False, False))
+                entries.append((item, p, "stiefel" if p.ndim >= 2 else "fallback", None))
         explicit = ug.get("manifold")
         buckets: dict[tuple, list] = {}
-        for item, p, role, conv, transposed in entries:
+        for item, p, role, view in entries:
             present.add(id(p))
             if explicit:
                 role = explicit
@@ -310,17 +320,13 @@ class ManifoldOptimizer(Optimizer):
                 if explicit:
                     raise ValueError(f"{type(self).__name__} does not handle manifold {role!r}")
                 role = "fallback"
-            rms = transposed and role == "stiefel" and ug.get("scale", self._budget_scale) == "rms"
-            scale = _rms_scale_transposed(p) if rms else None
-            buckets.setdefault((role, conv and role != "fallback", scale), []).append(item)
+            buckets.setdefault((role, view if role != "fallback" else None), []).append(item)
         out = []
-        for (role, flatten, scale), members in buckets.items():
+        for (role, view), members in buckets.items():
             g = {k: v for k, v in ug.items() if k != "params"}
             g["params"] = members
-            if flatten:
-                g["flatten"] = True
-            if scale is not None:
-                g["scale"] = scale
+            if view is not None:
+                g["flatten"] = view
             if role == "fallback":
                 for k, v in fb.items():
                     g.setdefault(k, v)
@@ -521,7 +527,8 @@ class ManifoldOptimizer(Optimizer):
                         target = full
                     B = _lora_partner(names[id(p)], by_name) if group["manifold"] == "stiefel" else None
                     partnered = B is not None and B.ndim == 2 and W.ndim == 2 and B.shape[1] == W.shape[0]
-                    moves.append((p, target.reshape(p.shape), names[id(p)], group["manifold"], dist, partnered))
+                    moves.append((p, F.from_matrix(target, p, group.get("flatten")), names[id(p)], group["manifold"],
+                                  dist, partnered))
                     if partnered:
                         # a LoRA A (r × d_in) with its B in the optimizer. The target is T = s·U with U
                         # on Stiefel, so TᵀT = s²I (tall) or T Tᵀ = s²I with A's rows in T's row space
@@ -557,15 +564,12 @@ class ManifoldOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._update()
+        if "torch._dynamo" in sys.modules:  # someone may be compiling: the update runs eagerly
+            _eager_update()(self)
+        else:
+            self._update()
         return loss
 
-    # Eager inside compiled code: the step checks gradients on the host and solves with eighs and
-    # data-dependent exits, and dynamo recompiled its per-parameter frames until the recompile limit
-    # (4 compiled training steps of an 8→16→16→4 MLP: 205 s, then eager anyway, and the fallback's
-    # AdamW kept step 2's bias correction from step 3 on). A compiled training step now breaks its
-    # graph here and agrees with eager bitwise.
-    @torch.compiler.disable
     def _update(self) -> None:
         names = self._param_names()
         for group in self.param_groups:
@@ -744,7 +748,9 @@ class ManifoldOptimizer(Optimizer):
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(groups)} parameter groups, optimizer has "
-                             f"{len(self.param_groups)}; nothing was loaded")
+                             f"{len(self.param_groups)}; nothing was loaded (built from modules, the groups follow "
+                             "the roles: a checkpoint from a version with other roles — e.g. before GPT-2's Conv1D "
+                             "was constrained — loads with roles= matching it; optimizer.describe() lists them)")
         new_groups, renames = [], {}
         for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
             if len(g_new["params"]) != len(g_old["params"]):
@@ -806,13 +812,20 @@ class ManifoldOptimizer(Optimizer):
         return {"momentum": tuple(p.shape), "dual": tuple(W.shape[:-2]) + (min(W.shape[-2:]),) * 2}
 
     def _foreign_group(self, gi: int, g_new: dict, g_old: dict) -> dict:
-        """A saved group without modman's keys: torch.optim.Muon's into a Muon group, else refused."""
+        """A saved group without modman's keys: torch.optim.Muon's into a Muon group, else refused.
+
+        torch's hyperparameters (lr, momentum, nesterov, weight_decay, ns_steps, adjust_lr_fn) are
+        loaded as torch's own load would; the keys torch has not (ns_schedule, ns_dtype,
+        torch_arithmetic, …) stay as this group sets them — with modman.Muon's defaults, torch's
+        arithmetic, so the run continues bitwise. Coefficients other than torch's default are refused:
+        no modman schedule computes them."""
         coefficients = g_new.get("ns_coefficients")
         if g_old["algorithm"] == "muon" and coefficients is not None:
             if tuple(float(c) for c in coefficients) != _TORCH_MUON_COEFFICIENTS:
                 raise ValueError(f"parameter group {gi} is torch.optim.Muon's with ns_coefficients={tuple(coefficients)}; "
                                  f"modman.Muon's schedules use {_TORCH_MUON_COEFFICIENTS}; nothing was loaded")
-            return {k: v for k, v in g_new.items() if k not in ("ns_coefficients", "eps")}
+            theirs = {k: v for k, v in g_new.items() if k not in ("ns_coefficients", "eps")}
+            return {**{k: v for k, v in g_old.items() if k != "params"}, **theirs}
         raise ValueError(f"parameter group {gi} of the state dict has no 'algorithm' key: it is not a modman "
                          f"state_dict (keys {sorted(k for k in g_new if k != 'params')[:6]}…); nothing was loaded")
 

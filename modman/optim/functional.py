@@ -36,17 +36,25 @@ def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nest
     return grad.to(buf.dtype).lerp(buf, momentum) if nesterov else buf
 
 
-def as_matrix(p: torch.Tensor, flatten: bool | None = None) -> torch.Tensor:
-    """The matrix (or batch of matrices) a parameter is optimised as.
+def as_matrix(p: torch.Tensor, flatten: bool | str | None = None) -> torch.Tensor:
+    """The matrix (or batch of matrices) a parameter is optimised as, oriented (out, in).
 
     ``flatten=True``: (out, *rest) → (out, prod(rest)) — Conv1d/2d/3d weights, whose 3-D Conv1d
     shape cannot be told apart from an expert stack by shape alone. ``flatten=False``: as is
     (2-D matrices, 3-D stacks batched over dim 0). ``None`` (tensors given without roles):
-    flatten from 4 dimensions up, so a bare 3-D tensor is a stack.
+    flatten from 4 dimensions up, so a bare 3-D tensor is a stack. ``"transposed"``: a weight
+    stored (in, out) (transformers' Conv1D), seen through pᵀ — a view, so in-place steps reach p.
     """
+    if flatten == "transposed":
+        return p.mT
     if flatten is None:
         flatten = p.ndim >= 4
     return p.reshape(p.shape[0], -1) if flatten and p.ndim != 2 else p
+
+
+def from_matrix(M: torch.Tensor, p: torch.Tensor, flatten: bool | str | None = None) -> torch.Tensor:
+    """M, a matrix as ``as_matrix(p, flatten)`` sees p, in p's own layout (to copy into p)."""
+    return M.mT if flatten == "transposed" else M.reshape(p.shape)
 
 
 def is_copy(W: torch.Tensor, p: torch.Tensor) -> bool:

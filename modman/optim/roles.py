@@ -208,7 +208,8 @@ def check_roles(roles: dict, *networks: Network) -> None:
     others = [k for k in roles if not isinstance(k, (str, nn.Module, type))]
     if others:
         raise TypeError(f"roles= keys are parameter names, modules or module classes; got {others!r}")
-    valid = [n for net in networks for ns in _parameter_names(net).values() for n in ns]
+    # (dict.fromkeys: param groups of separate modules repeat names such as "weight")
+    valid = list(dict.fromkeys(n for net in networks for ns in _parameter_names(net).values() for n in ns))
     known = set(valid)
     unknown = [k for k in roles if isinstance(k, str) and k not in known]
     if unknown:
@@ -223,18 +224,22 @@ def check_roles(roles: dict, *networks: Network) -> None:
 
 
 def _fallback_message(silent: list[Assignment], shown: int = 4) -> str:
-    """One readable warning for the matrices the table sent to the fallback."""
+    """One readable warning for the matrices the table sent to the fallback. The advice names a
+    layer that a constrained role suits: not a ±1 manifold (a 1×1 matrix, a dim-1 embedding), and
+    not a parametrization's tensors (weight_norm's magnitude g is a column, not a map)."""
     def describe(a: Assignment) -> str:
         return f"{a.name} ({type(a.module).__name__}, {'×'.join(map(str, a.param.shape))})"
 
     listed = ", ".join(map(describe, silent[:shown]))
     more = f" and {len(silent) - shown} more" if len(silent) > shown else ""
-    first = silent[0]
+    suited = [a for a in silent if a.param.shape[-1] > 1 and min(a.param.shape) > 1
+              and type(a.module).__name__ != "ParametrizationList"]
+    advice = (f"To constrain them, pass roles={{{type(suited[0].module).__name__}: \"stiefel\"}} (a module "
+              f"class) or roles={{\"{suited[0].name}\": \"stiefel\"}} (a parameter name); " if suited else "")
+    keep = "the role \"fallback\" given in roles= keeps them in the fallback without this warning."
     return (f"{len(silent)} parameter(s) of ≥ 2 dims go to the AdamW fallback, not onto a manifold (no "
             f"constrained role for their layer, or a manifold that is only ±1: a 1×1 matrix, an embedding "
-            f"of dim 1): {listed}{more}. To constrain them, pass roles={{{type(first.module).__name__}: "
-            f"\"stiefel\"}} (a module class) or roles={{\"{first.name}\": \"stiefel\"}} (a parameter "
-            f"name); the role \"fallback\" given there keeps them in the fallback without this warning.")
+            f"of dim 1): {listed}{more}. " + (advice + keep if advice else keep[0].upper() + keep[1:]))
 
 
 def assign_modules(network: Network, roles: dict | None = None, *, check: bool = True,

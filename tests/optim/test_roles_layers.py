@@ -141,6 +141,8 @@ def test_one_by_one_matrices_and_dim_1_embeddings_go_to_the_fallback_unless_aske
     assert roles["3.weight"] == STIEFEL, "3×1: a sphere S², room to move"
     assert len(fallback_warnings) == 1
     assert all(name in str(fallback_warnings[0].message) for name in ("0.weight", "1.weight", "2.weight"))
+    # no advice to constrain a ±1 manifold (a review found roles={Linear: "stiefel"} suggested)
+    assert '"stiefel"' not in str(fallback_warnings[0].message)
     asked, _ = _build(_degenerate(), roles={"0.weight": "stiefel", nn.Conv2d: "stiefel", "2.weight": "sphere"})
     roles = _roles(asked)
     assert roles["0.weight"] == STIEFEL and roles["1.weight"] == STIEFEL and roles["2.weight"] == SPHERE
@@ -246,6 +248,38 @@ def test_gpt2_conv1d_with_rms_scale_reads_d_out_from_the_last_dim():
         s = torch.linalg.svdvals(W)
         want = (W.shape[1] / W.shape[0]) ** 0.5  # (nx, nf) = (d_in, d_out)
         assert float((s / want - 1).abs().max()) <= 1e-5, (name, want, s)
+
+
+@pytest.mark.parametrize("nx, nf", [(8, 32), (32, 8)])
+@pytest.mark.parametrize("cls, kw", [(modman.ManifoldMuon, {"solver": "projected", "budget": "uniform", "scale": "rms"}),
+                                     (modman.ManifoldMuon, {"solver": "closed_form", "budget": "uniform"}),
+                                     (modman.Muon, {"weight_decay": 0.0}), (modman.HypersphericalDescent, {})],
+                         ids=["manifold_muon_rms", "manifold_muon", "muon", "hyperspherical"])
+def test_a_conv1d_steps_as_the_linear_it_is_stored_transposed(nx, nf, cls, kw):
+    """Conv1D stores (in, out); every optimizer must see (out, in) as for nn.Linear: Hyperspherical
+    normalised each input's weights instead of each output neuron's (0.68 off the Linear after one
+    step), Muon's lr ratio √max(1, d_out/d_in) was inverted (1.9e-2 off)."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    c, lin = conv1d(nf, nx), nn.Linear(nx, nf)
+    with torch.no_grad():
+        c.weight.normal_()
+        lin.weight.copy_(c.weight.T)
+        lin.bias.copy_(c.bias)
+    # a generic full-rank gradient rᵀx (‖m(x)‖² would give W·xᵀx, normal to the manifold, plus a
+    # rank-1 tangent part: a face of optimal steps, where the two layouts' rounding picks different points)
+    g = torch.Generator().manual_seed(1)
+    x, r = torch.randn(64, nx, generator=g), torch.randn(64, nf, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opts = [cls(nn.Sequential(m).modules(), lr=0.05, **kw) for m in (c, lin)]
+    for _ in range(2):
+        for m, opt in zip((c, lin), opts):
+            opt.zero_grad()
+            (m(x) * r).sum().backward()
+            opt.step()
+    torch.testing.assert_close(c.weight.detach().T, lin.weight.detach(), rtol=1e-5, atol=1e-6)
+    assert opts[0].state[c.weight]["momentum"].shape == c.weight.shape
 
 
 def test_one_roles_serves_param_groups_of_modules():

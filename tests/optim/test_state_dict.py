@@ -325,6 +325,11 @@ def test_a_torch_muon_checkpoint_continues_bitwise_in_modman_muon():
     opt.load_state_dict(ref.state_dict())
     assert all(torch.equal(opt.state[q]["momentum"], ref.state[w]["momentum_buffer"]) for w, q in zip(theirs, ours))
     assert "ns_coefficients" not in opt.param_groups[0]
+    # keys torch has not stay as the group sets them (they were reset to the constructor's defaults)
+    tuned = Muon([torch.nn.Parameter(torch.randn(8, 4))], lr=0.02, ns_schedule="polar_express", ns_dtype="float32")
+    tuned.load_state_dict(torch.optim.Muon([torch.nn.Parameter(torch.randn(8, 4))], lr=0.03).state_dict())
+    group = tuned.param_groups[0]
+    assert (group["ns_schedule"], group["ns_dtype"], group["lr"]) == ("polar_express", "float32", 0.03)
     for t in range(3, 6):
         for w, q, gr in zip(theirs, ours, grads[t]):
             w.grad, q.grad = gr.clone(), gr.clone()
