@@ -43,6 +43,16 @@ def _tiny_gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
+def _train_gpt2(model, opt, steps):
+    """A few language-model steps on one fixed batch; the model's parameters by name."""
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    return dict(model.named_parameters())
+
+
 CONV1D_WEIGHTS = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
                   "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"]
 
@@ -57,16 +67,11 @@ def test_gpt2_conv1d_weights_are_stiefel_and_stay_on_it_while_training():
     assert roles["transformer.h.0.attn.c_attn.bias"] == FALLBACK
     assert roles["transformer.h.0.ln_1.weight"] == FALLBACK
     assert fallback_warnings == [], "every GPT-2 matrix has a constrained role"
-    # Conv1D stores its weight (in, out) = (nx, nf): base.py reads d_out from the last dim
+    # Conv1D stores its weight (in, out) = (nx, nf): the optimizer sees it through its transpose
     transposed = {a.name: a.transposed for a in assign_modules(expand_modules([model]))}
     assert {n for n, t in transposed.items() if t} == set(CONV1D_WEIGHTS)
 
-    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
-    for _ in range(3):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    params = dict(model.named_parameters())
+    params = _train_gpt2(model, opt, 3)
     for name in CONV1D_WEIGHTS:
         s = torch.linalg.svdvals(params[name].detach().double())
         assert float((s - 1).abs().max()) <= 1e-5, (name, s)
@@ -237,12 +242,7 @@ def test_gpt2_conv1d_with_rms_scale_reads_d_out_from_the_last_dim():
     layout, and Conv1D stores (in, out): c_fc (16 → 64) came out at 0.5 instead of 2."""
     model = _tiny_gpt2()
     opt, _ = _build(model, lr=0.02, scale="rms")
-    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
-    for _ in range(2):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    params = dict(model.named_parameters())
+    params = _train_gpt2(model, opt, 2)
     for name in CONV1D_WEIGHTS:
         W = params[name].detach().double()
         s = torch.linalg.svdvals(W)
