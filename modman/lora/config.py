@@ -1,5 +1,9 @@
 """LoRAConfig and target selection: which nn.Linear layers of a model get an adapter.
 
+"Linear" includes transformers' ``Conv1D`` (GPT-2's attention and MLP layers), a Linear whose
+weight is stored (in, out): the adapter is the same map, merged transposed (PEFT's
+``fan_in_fan_out``, which ``save_adapter`` sets for such models).
+
 A target specification is one of
 
 - ``"all-linear"``: every nn.Linear except the output head and the adapters' own factors;
@@ -26,6 +30,8 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
+
+from ..optim.roles import is_conv1d
 
 PRESETS = ("all-linear", "attention", "mlp")
 INITS = ("default", "gaussian", "random")
@@ -139,7 +145,7 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
             continue
         if isinstance(module, LoRALinear):
             out[name] = module.base_layer
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, nn.Linear) or is_conv1d(module):
             out[name] = module
     return out
 
@@ -152,7 +158,7 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]
             a target's min(d_in, d_out).
         TypeError: a pattern names a module that is not an nn.Linear.
     """
-    from .layer import LoRALinear
+    from .layer import LoRALinear, features
 
     linears = linear_modules(model)
     spec = config.target_modules
@@ -178,7 +184,8 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]
                                  "an adapter there would have no effect")
             elif not isinstance(module, LoRALinear):
                 raise TypeError(f"target_modules {spec!r} matches {name!r}, a "
-                                f"{type(module).__name__}; LoRA here adapts nn.Linear layers only")
+                                f"{type(module).__name__}; LoRA here adapts nn.Linear layers (and transformers' "
+                                "Conv1D) only")
     if config.exclude is not None:
         chosen = {n: m for n, m in chosen.items() if not matches(config.exclude, n)}
     if not chosen:
@@ -186,8 +193,8 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]
         raise ValueError(f"target_modules={spec!r} (exclude={config.exclude!r}) matches no "
                          f"nn.Linear of {type(model).__name__}; its Linear modules are: {listing}")
     for name, module in chosen.items():
-        limit = min(module.in_features, module.out_features)
-        if config.r > limit:
-            raise ValueError(f"r={config.r} exceeds min(d_in, d_out) = {limit} of {name!r} "
-                             f"({module.in_features} → {module.out_features})")
+        d_in, d_out = features(module)
+        if config.r > min(d_in, d_out):
+            raise ValueError(f"r={config.r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name!r} "
+                             f"({d_in} → {d_out})")
     return chosen

@@ -20,20 +20,32 @@ import math
 import torch
 from torch import nn
 
+from ..optim.roles import is_conv1d
+
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision bases, the base dtype otherwise."""
     return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
 
 
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear with adapters; see the module docstring for the maths."""
+def features(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear, or of transformers' Conv1D, whose weight is stored (in, out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)
 
-    def __init__(self, base_layer: nn.Linear):
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear (or transformers' Conv1D, GPT-2's Linear stored transposed: PEFT's
+    ``fan_in_fan_out``) with adapters; see the module docstring for the maths."""
+
+    def __init__(self, base_layer: nn.Module):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        if not (isinstance(base_layer, nn.Linear) or is_conv1d(base_layer)):
+            raise TypeError(f"LoRALinear wraps an nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
+        # W stored (in, out): the adapter is the same map, merged as (s·B A)ᵀ
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -54,11 +66,11 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return features(self.base_layer)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return features(self.base_layer)[1]
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str,
                     generator: torch.Generator | None = None) -> None:
@@ -86,11 +98,12 @@ class LoRALinear(nn.Module):
         self.scaling[name] = float(scaling)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s·B A, in the wider of fp32 and the base dtype."""
+        """s·B A (its transpose for a weight stored (in, out)), in the wider of fp32 and the base dtype."""
         dtype = torch.promote_types(self.base_layer.weight.dtype, torch.float32)
         A = self.lora_A[name].weight.to(dtype)
         B = self.lora_B[name].weight.to(dtype)
-        return (B @ A) * self.scaling[name]
+        delta = (B @ A) * self.scaling[name]
+        return delta.mT if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from ..optim.roles import unwrap
 from .config import LoRAConfig, linear_modules
 from .inject import adapter_names, adapter_state_dict, apply_lora, lora_layers
+from .layer import features
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -72,7 +73,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # transformers' Conv1D (GPT-2) stores W as (in, out); PEFT reads this flag for such layers
+        "fan_in_fan_out": any(lora_layers(model)[p].fan_in_fan_out for p in paths),
         "target_modules": _target_list(paths, model),
         "exclude_modules": None,
         "init_lora_weights": _INIT_TO_PEFT[config.init],
@@ -119,7 +121,6 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     unsupported = {
         "use_dora": bool(config.get("use_dora")),
         "bias": config.get("bias", "none") not in ("none", None),
-        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
         "rank_pattern": bool(config.get("rank_pattern")),
         "alpha_pattern": bool(config.get("alpha_pattern")),
         "modules_to_save": bool(config.get("modules_to_save")),
@@ -129,7 +130,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"{config_file}: {bad} not supported by modman.lora (plain LoRA on "
-                         "nn.Linear with one rank and alpha only)")
+                         "nn.Linear or Conv1D with one rank and alpha only)")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
@@ -176,10 +177,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             problems.append(f"{module_path}: has {sorted(pair)} only")
             continue
         if module_path not in linears:
-            problems.append(f"{module_path}: no nn.Linear of that path in the model")
+            problems.append(f"{module_path}: no nn.Linear (or Conv1D) of that path in the model")
             continue
         base = linears[module_path]
-        expect = {"lora_A": (r, base.in_features), "lora_B": (base.out_features, r)}
+        d_in, d_out = features(base)
+        expect = {"lora_A": (r, d_in), "lora_B": (d_out, r)}
         for factor, shape in expect.items():
             if tuple(pair[factor].shape) != shape:
                 problems.append(f"{module_path}.{factor}: shape {tuple(pair[factor].shape)}, "

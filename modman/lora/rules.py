@@ -15,6 +15,7 @@ import numbers
 from torch import nn
 
 from .config import LoRAConfig, select_targets
+from .layer import features
 
 SHORT_RUN_STEPS = 100
 BITS_PER_PARAMETER = 2.0
@@ -34,8 +35,7 @@ def lora_lr(full_ft_lr: float, steps: int | None = None) -> float:
 
 def lora_parameter_count(model: nn.Module, config: LoRAConfig) -> int:
     """Σ r·(d_in + d_out) over the layers ``config`` selects (without changing the model)."""
-    return sum(config.r * (m.in_features + m.out_features)
-               for m in select_targets(model, config).values())
+    return sum(config.r * sum(features(m)) for m in select_targets(model, config).values())
 
 
 def rank_for_parameter_count(model: nn.Module, n_params: int, target_modules="all-linear",

@@ -119,12 +119,17 @@ def expand_modules(modules) -> Network:
     return Network(root, len(roots) == 1, ordered, names)
 
 
-def _is_transposed_linear(module: nn.Module, attr: str, p: torch.Tensor) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2's attention and MLP): a Linear whose weight is stored
     transposed, (nx, nf) = (in, out). Recognised by name and shape, not imported: modman does not
     depend on transformers."""
-    return (attr == "weight" and type(module).__name__ == "Conv1D" and p.ndim == 2
-            and p.shape[1] == getattr(module, "nf", None))
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2
+            and weight.shape[1] == getattr(module, "nf", None))
+
+
+def _is_transposed_linear(module: nn.Module, attr: str, p: torch.Tensor) -> bool:
+    return attr == "weight" and p is getattr(module, "weight", None) and is_conv1d(module)
 
 
 def _is_expert_stack(module: nn.Module, p: torch.Tensor) -> bool:

@@ -50,7 +50,7 @@ def test_rank_larger_than_the_layer():
 def test_non_linear_target(target):
     model = tiny_model()
     assert _refused_untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules=target)),
-               TypeError, "nn.Linear layers only")
+               TypeError, r"adapts nn.Linear layers \(and transformers' Conv1D\) only")
 
 
 def test_adapter_names_are_checked():

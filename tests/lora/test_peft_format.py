@@ -138,7 +138,7 @@ def test_adapter_for_other_module_names_is_refused(tmp_path):
     tensors = load_file(str(path / "adapter_model.safetensors"))
     renamed = {k.replace("q_proj", "query"): v for k, v in tensors.items()}
     save_file(renamed, str(path / "adapter_model.safetensors"))
-    _assert_untouched_after(ValueError, r"query: no nn.Linear of that path", tiny_model(), path)
+    _assert_untouched_after(ValueError, r"query: no nn.Linear \(or Conv1D\) of that path", tiny_model(), path)
 
 
 def test_adapter_with_other_rank_than_config_is_refused(tmp_path):
