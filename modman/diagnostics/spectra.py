@@ -28,6 +28,7 @@ from torch import nn
 
 from ..manifolds import Euclidean, Sphere, Stiefel, get_manifold
 from ..optim.functional import as_matrix
+from ..optim.roles import is_conv1d
 from .estimators import lanczos_svals
 
 EXACT_MAX_DIM = 256
@@ -46,11 +47,13 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
         for prefix, module in model_or_named_params.named_modules():
             conv = isinstance(module, nn.modules.conv._ConvNd)
             for attr, p in module.named_parameters(recurse=False):
-                if id(p) in seen or p.ndim < 2:
+                if id(p) in seen or p.ndim < 2 or not _real_weight(f"{prefix}.{attr}" if prefix else attr, p):
                     continue
                 seen.add(id(p))
                 name = f"{prefix}.{attr}" if prefix else attr
-                out.append((name, p, as_matrix(p.detach(), True if conv else False)))
+                # transformers' Conv1D stores (in, out): seen (out, in), as the optimizer sees it
+                view = "transposed" if attr == "weight" and is_conv1d(module) else conv
+                out.append((name, p, as_matrix(p.detach(), view)))
         return out
     if isinstance(model_or_named_params, torch.Tensor):
         raise TypeError("expected a module, a mapping name → tensor or (name, tensor) pairs; got a bare tensor")
@@ -65,9 +68,17 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
                 and isinstance(item[1], torch.Tensor)):
             raise TypeError(f"expected (name, tensor) pairs, got {item!r:.80}")
         name, p = item
-        if p.ndim >= 2:
+        if p.ndim >= 2 and _real_weight(name, p):
             out.append((name, p, as_matrix(p.detach(), None)))
     return out
+
+
+def _real_weight(name: str, p: torch.Tensor) -> bool:
+    """Whether p is a real floating weight (integer and bool parameters are counters and masks, not
+    maps); a complex one is refused: its statistics came out of a real Gram of the real part."""
+    if p.is_complex():
+        raise TypeError(f"{name} is complex ({p.dtype}); the diagnostics take real weights")
+    return p.is_floating_point()
 
 
 def resolve_manifolds(names: Iterable[str], manifolds, *, params: Iterable[torch.Tensor] | None = None
@@ -185,10 +196,14 @@ def singular_values(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torc
 
 @torch.no_grad()
 def gram_eigenvalues(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Eigenvalues σᵢ² (ascending, unclamped) of the smaller Gram matrix of W, in ``dtype``."""
+    """Eigenvalues σᵢ² (ascending, unclamped) of the smaller Gram matrix of W, in ``dtype``; all NaN
+    for a matrix with a NaN or an infinity (LAPACK failed to converge on it, naming no parameter),
+    as the tracker records such a weight."""
     X = W.detach().to(dtype)
     gram = X.mT @ X if X.shape[-2] >= X.shape[-1] else X @ X.mT
-    return torch.linalg.eigvalsh(gram)
+    finite = torch.isfinite(gram).all(dim=(-2, -1), keepdim=True)
+    ev = torch.linalg.eigvalsh(torch.where(finite, gram, torch.zeros_like(gram)))
+    return torch.where(finite[..., 0], ev, torch.full_like(ev, math.nan))
 
 
 def stats_from_extremes(W: torch.Tensor, s_max: torch.Tensor, s_min: torch.Tensor, fro_sq: torch.Tensor,

@@ -76,6 +76,20 @@ def _singular_values_or_nan(W: torch.Tensor) -> torch.Tensor:
         return torch.full((*W.shape[:-2], min(W.shape[-2:])), math.nan, dtype=torch.float64, device=W.device)
 
 
+def _view_of(p: torch.Tensor, W: torch.Tensor):
+    """How the matrix W views the parameter p, to apply again later: "transposed" (pᵀ: transformers'
+    Conv1D, stored (in, out)) or the shape p is reshaped to (a Conv weight flattened, or as is). A
+    reshape cannot stand for a transpose (it scrambled GPT-2's non-square weights)."""
+    if p.ndim == 2 and W.shape == p.mT.shape and W.stride() == p.mT.stride() and p.stride() != p.mT.stride():
+        return "transposed"
+    return tuple(W.shape)
+
+
+def _matrix(t: torch.Tensor, view) -> torch.Tensor:
+    """The matrix ``view`` (from ``_view_of``) makes of t, a parameter or its gradient."""
+    return t.detach().mT if view == "transposed" else t.detach().reshape(view)
+
+
 class SpectrumTracker:
     """Records spectra of every matrix parameter every ``every`` steps (see the module docstring).
 
@@ -113,11 +127,13 @@ class SpectrumTracker:
         self.exact_max_dim = int(exact_max_dim)
         self.power_iters = power_iters
         self._vectors: dict[tuple[str, str], torch.Tensor] = {}  # warm starts of the power iterations
-        self._params = [(name, p, tuple(W.shape)) for name, p, W in mats]
+        # how each matrix views its parameter, re-applied at every record (p.data may be replaced)
+        self._params = [(name, p, _view_of(p, W)) for name, p, W in mats]
         self._manifolds = resolved
         self.tracking = Tracking(every=every, meta=dict(meta or {}))
-        for name, _, shape in self._params:
-            self.tracking.params[name] = ParamTrack(shape=shape, manifold=manifold_label(self._manifolds[name]))
+        for name, p, view in self._params:
+            self.tracking.params[name] = ParamTrack(shape=tuple(_matrix(p, view).shape),
+                                                    manifold=manifold_label(self._manifolds[name]))
         self._snapshot: dict[str, torch.Tensor] | None = None
         self._snapshot_step: int | None = None
         self._hook_step = 0
@@ -161,11 +177,8 @@ class SpectrumTracker:
         self._handles = []
 
     # ----------------------------------------------------------------------------- recording
-    def _view(self, p: torch.Tensor, shape) -> torch.Tensor:
-        return p.detach().reshape(shape)
-
     def _copy_weights(self) -> dict[str, torch.Tensor]:
-        return {name: self._view(p, shape).clone() for name, p, shape in self._params}
+        return {name: _matrix(p, view).clone() for name, p, view in self._params}
 
     @torch.no_grad()
     def record(self, step: int, before: dict[str, torch.Tensor] | None = None, *, exact: bool | None = None) -> None:
@@ -174,8 +187,9 @@ class SpectrumTracker:
         (False) exact spectra; by default small matrices and spectrum steps get them."""
         spectrum_step = self.spectrum_every is not None and step % self.spectrum_every == 0
         pending = []
-        for name, p, shape in self._params:
-            W = self._view(p, shape)
+        for name, p, view in self._params:
+            W = _matrix(p, view)
+            shape = tuple(W.shape)
             track = self.tracking.params[name]
             exact_here = exact if exact is not None else (spectrum_step or min(shape[-2:]) <= self.exact_max_dim)
             if exact_here and W.ndim == 2:  # the common case, in as few tensor ops as possible
@@ -208,7 +222,7 @@ class SpectrumTracker:
             # W's: exact on spectrum steps (and when forced), a warm-started estimate in between
             exact_update = exact if exact is not None else spectrum_step
             pending.append(self._update_metrics(name, W, p.grad, before.get(name) if before else None,
-                                                shape, exact_update))
+                                                view, exact_update))
         # every weight's update scalars in one transfer: at these sizes a record's cost is the
         # number of tensor operations, not their flops
         by_device: dict = {}
@@ -313,12 +327,12 @@ class SpectrumTracker:
             return v, warm
         return np.linspace(1.0, 2.0, n, dtype=dtype), cold
 
-    def _update_metrics(self, name, W, grad, W_before, shape, exact):
+    def _update_metrics(self, name, W, grad, W_before, view, exact):
         """(grad_norm, scalars): with the weights before the step, ``scalars`` is
         [‖ΔW‖₂, ‖ΔW‖_F², ⟨ΔW, G⟩, ⟨G, ΔW⟩, ‖G‖_F²] (G = 0 without a gradient), as floats on CPU
         or as an fp32 tensor read back for all weights at once, and ``grad_norm`` is None (it is
         in the scalars); without them, no scalars and the gradient's norm (NaN without one)."""
-        G = grad.detach().reshape(shape).to(torch.float32) if grad is not None else None
+        G = _matrix(grad, view).to(torch.float32) if grad is not None else None
         if W_before is None:
             return (float(torch.linalg.vector_norm(G)) if G is not None else math.nan), None
         D = (W - W_before).to(torch.float32)

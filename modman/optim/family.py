@@ -51,7 +51,8 @@ class ManifoldMuon(ManifoldOptimizer):
             warning when ``modman.modular`` cannot describe the model — and "uniform" for
             tensors), "uniform" (lr_scale 1: every constrained weight steps lr), "modular"
             (lr_scale from ``modman.modular.budget(model, scale=scale)``: lr is the step of the
-            whole network in the modular norm, roughly lr/L per layer of an L-layer MLP), a dict
+            whole network in the modular norm: lr/L per layer of an L-layer MLP with scale="rms",
+            (lr/L)·√(d_out/d_in) of the network with scale=None), a dict
             {parameter name: lr_scale} or a callable model → dict. Separate modules (e.g.
             ``[model.body, model.head]``) are not one model: "auto" then warns and steps
             uniformly, "modular" refuses, and a callable gets an ``nn.ModuleList`` of them.

@@ -1,0 +1,84 @@
+"""Diagnostics of transformers' Conv1D (GPT-2's Linear stored (in, out)) and of non-finite weights."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from modman import ManifoldMuon
+from modman.diagnostics import SpectrumTracker, matrix_stats, singular_values, spectrum_table
+from modman.manifolds import Stiefel
+
+conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(conv1d(24, 8), nn.ReLU(), conv1d(8, 24))  # 8 → 24 → 8: weights 8×24 and 24×8 stored (in, out)
+
+
+def test_the_tracker_sees_conv1d_weights_as_the_optimizer_does():
+    """The tracker re-viewed each weight by reshaping it to the optimizer's (out, in) shape: a
+    reshape is not a transpose, and GPT-2's non-square weights recorded σ 0.56…1.42 and distance
+    0.44 for weights on the manifold (the update norms were of scrambled matrices too)."""
+    net = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ManifoldMuon(net.modules(), lr=0.05, solver="projected", budget="uniform")
+    tracker = SpectrumTracker(net, every=1, spectrum_every=1, manifolds=opt).attach(opt)  # exact records
+    g = torch.Generator().manual_seed(1)
+    before = {}
+    for _ in range(2):
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        opt.zero_grad()
+        (net(torch.randn(16, 8, generator=g)) * torch.randn(16, 8, generator=g)).sum().backward()
+        opt.step()
+    for name, p in net.named_parameters():
+        if p.ndim < 2:
+            continue
+        track = tracker.tracking.params[name]
+        assert track.shape == tuple(p.mT.shape), "(out, in)"
+        s = torch.linalg.svdvals(p.detach().double())
+        assert track.values["sigma_max"][-1] == pytest.approx(float(s.max()), abs=1e-6)
+        assert track.values["sigma_min"][-1] == pytest.approx(float(s.min()), abs=1e-6)
+        assert track.values["distance"][-1] < 1e-5
+        update = float(torch.linalg.matrix_norm((p.detach() - before[name]).double(), 2))
+        assert track.values["update_norm"][-1] == pytest.approx(update, rel=1e-5)
+
+
+def test_a_conv1d_weight_on_the_rms_manifold_is_at_distance_zero():
+    """Given the module (no optimizer), the table read the stored (in, out) layout: a weight on
+    Stiefel("rms") — σ = √(d_out/d_in) of its (out, in) map — was reported at distance 2."""
+    net = _net()
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            layer.weight.copy_(Stiefel("rms").project(layer.weight.mT).mT)
+    rows = {line.split()[0]: line.split() for line in spectrum_table(net, manifolds=Stiefel("rms")).splitlines()[2:]}
+    for name in ("0.weight", "2.weight"):
+        assert float(rows[name][-3]) < 1e-5, rows[name]
+
+
+def test_non_finite_weights_give_nan_statistics_not_a_lapack_error():
+    """spectrum_table, matrix_stats and singular_values raised LAPACK's "ill-conditioned" error,
+    naming no parameter; the tracker records such a weight as NaN, and so do they now."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("nan")
+        net[1].weight[1, 2] = float("inf")
+    rows = {line.split()[0]: line.split() for line in spectrum_table(net).splitlines()[2:]}
+    assert rows["0.weight"][2:7] == ["nan"] * 5 and rows["1.weight"][2:7] == ["nan"] * 5
+    assert math.isnan(matrix_stats(net[0].weight)["sigma_max"])
+    assert torch.isnan(singular_values(net[1].weight)).all()
+    assert torch.isfinite(singular_values(torch.eye(3))).all()
+
+
+def test_integer_parameters_are_skipped_and_complex_ones_refused():
+    """A complex weight reported σ = [1, 0] where the true values are [2, 1.41] (its real part's);
+    integer and bool parameters were tabulated as weights."""
+    counts = nn.Parameter(torch.arange(12).reshape(3, 4), requires_grad=False)
+    rows = spectrum_table([("counts", counts), ("w", torch.eye(3))]).splitlines()[2:]
+    assert [line.split()[0] for line in rows] == ["w"]
+    z = torch.tensor([[2.0, 0.0], [0.0, 1.0 + 1.0j]])
+    with pytest.raises(TypeError, match="z is complex"):
+        spectrum_table([("z", z)])
