@@ -68,6 +68,7 @@ _SHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 _SHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "float", "to", "type_as", "clone"}
 _META_METHODS = {"size", "dim"}
+_META_ATTRIBUTES = {"dtype", "device", "shape", "ndim"}  # of a weight: no use of its values (.T would be)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _KNOWN_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention, nn.Dropout, *_CONVS,
                 *_ACTIVATION_MODULES, *_SHAPE_MODULES) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -241,6 +242,10 @@ def _trace(module: nn.Module, prefix: str, opts: Options) -> Module:
                 raise ModularError(f"{name}: forward uses a second input {node.name!r}; the modular norm "
                                    "describes single-input maps — declare the model with modman.modular.declare")
             values[node] = ()
+        elif node.op == "get_attr" and node.users and all(
+                u.op == "call_function" and u.target is getattr and u.args[1] in _META_ATTRIBUTES
+                for u in node.users):
+            values[node] = _META  # only its metadata is read: x.to(self.fc.weight.dtype)
         elif node.op == "get_attr":
             raise ModularError(f"{name}: forward uses the bare tensor {_join(prefix, node.target)!r} directly; "
                                "wrap it in a layer or describe the module with from_torch(custom={...})")

@@ -347,3 +347,37 @@ def test_no_spread_warning_for_even_budgets():
     assert not [w for w in caught if "span" in str(w.message) or "lr_scale" in str(w.message)]
     for b in (even, shallow):
         assert max(b.values()) / min(b.values()) <= 1e3
+
+
+def test_reading_a_weights_dtype_in_forward_is_not_using_the_weight():
+    """x.to(self.fc.weight.dtype) (HF models and LoRALinear do it) was refused as "uses the bare
+    tensor 'fc.weight' directly": the model had no modular budget. Reading an attribute of a
+    weight is no use of its values; using the bare tensor still is refused."""
+    from torch import nn as tnn
+
+    from modman import modular
+
+    class Cast(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = tnn.Linear(4, 4, bias=False), tnn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(x.to(self.fc.weight.dtype))))
+
+    class Plain(Cast):
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(x)))
+
+    class Bare(Cast):
+        def forward(self, x):
+            return self.out(torch.relu(torch.nn.functional.linear(x, self.fc.weight)))
+
+    class Transposed(Cast):  # .T is the weight's values, not its metadata
+        def forward(self, x):
+            return self.out(torch.relu(x @ self.fc.weight.T))
+
+    assert modular.budget(Cast()) == modular.budget(Plain())
+    for model in (Bare(), Transposed()):
+        with pytest.raises(modular.ModularError, match="bare tensor 'fc.weight'"):
+            modular.budget(model)
