@@ -115,7 +115,13 @@ def lanczos_svals(
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     X = W.mT if W.shape[-2] < W.shape[-1] else W  # tall: the right space is the small one
     batch = X.shape[:-2]
-    X = X.reshape(-1, *X.shape[-2:]).to(dtype)
+    X = X.reshape(-1, *X.shape[-2:])
+    # each matrix divided by its largest |entry| (a power of 2: exact) and the values scaled back at
+    # the end: in fp32 the recurrence overflowed from ~1e19 and underflowed below ~1e-23 (a
+    # LinAlgError, or σ_max = 0 at 1e-30)
+    peak = X.abs().amax((-2, -1)).double()
+    scale = torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak.clamp(min=1e-300)))), torch.ones_like(peak))
+    X = (X / scale[:, None, None].to(X.dtype)).to(dtype)
     b, m, n = X.shape
     k_max = min(int(max_iters), n)
     fro_sq = (X.double() ** 2).sum((-2, -1))
@@ -154,10 +160,10 @@ def lanczos_svals(
             if rtol > 0 and bool((residual <= rtol * ritz[:, 0]).all()):
                 break
     return LanczosEstimate(
-        ritz=ritz.reshape(*batch, k),
-        residual_max=residual.reshape(batch),
+        ritz=(ritz * scale[:, None]).reshape(*batch, k),
+        residual_max=(residual * scale).reshape(batch),
         iterations=k,
-        frobenius_sq=fro_sq.reshape(batch),
+        frobenius_sq=(fro_sq * scale**2).reshape(batch),
     )
 
 

@@ -2,6 +2,8 @@
 stable rank within 1 % on ≥ 512×512 matrices)."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modman.diagnostics import lanczos_svals, sigma_max_estimate, stable_rank_estimate
 from modman.diagnostics.estimators import power_iteration
@@ -107,3 +109,16 @@ def test_bad_input_raises(bad, error):
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="rtol"):
         lanczos_svals(torch.eye(4), rtol=-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([1e-30, 1e-23, 1e-12, 1.0, 1e12, 1e19, 1e20]), st.integers(0, 2**16))
+def test_lanczos_is_scale_equivariant_in_fp32_at_any_scale(c, seed):
+    """σ(cW) = c·σ(W): the fp32 recurrence overflowed from ~1e19 (LinAlgError) and underflowed
+    below ~1e-23 (σ_max = 0 at 1e-30); each matrix is now divided by a power of 2 near its largest
+    entry and the values scaled back. Oracle: fp64 singular values of the unscaled matrix."""
+    W = torch.randn(40, 12, generator=torch.Generator().manual_seed(seed))
+    est = lanczos_svals((W.double() * c).float(), rtol=0.0)
+    exact = torch.linalg.svdvals(W.double())
+    assert float(est.sigma_max) == pytest.approx(c * float(exact[0]), rel=1e-5)
+    assert float(est.frobenius_sq) == pytest.approx(c * c * float((exact ** 2).sum()), rel=1e-5)
