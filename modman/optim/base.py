@@ -239,6 +239,10 @@ class ManifoldOptimizer(Optimizer):
                     groups.append({"params": [a.param], "param_names": [a.name], "manifold": spec[0],
                                    "algorithm": spec[1], "lr_scale": float(scales.get(a.name, 1.0)),
                                    "flatten": _view(a)})
+            if not groups:  # e.g. a model of biases and norms only: say so rather than be AdamW quietly
+                warn(f"{type(self).__name__}: no parameter of the given modules has a constrained role; all "
+                     f"{len(fallback['params'])} go to the AdamW fallback (fallback lr {fb['lr']:g}; the lr "
+                     "given is unused)")
             return groups + ([fallback] if fallback["params"] else [])
         if any(isinstance(m, nn.Module) for m in items):
             raise TypeError("params must be all modules or all tensors/dicts/(name, tensor) pairs, not a mix")

@@ -206,10 +206,10 @@ def test_the_fallback_warning_names_the_users_line():
     points at the line that called the optimizer, not at modman."""
     with pytest.warns(UserWarning, match="AdamW fallback") as record:
         opt = modman.ManifoldMuon(nn.Sequential(nn.LSTM(4, 4)).modules(), solver="projected", budget="uniform")
-    assert [w.filename for w in record if "AdamW fallback" in str(w.message)] == [__file__]
+    assert [w.filename for w in record if "of ≥ 2 dims go to" in str(w.message)] == [__file__]
     with pytest.warns(UserWarning, match="AdamW fallback") as record:
         opt.add_param_group({"params": nn.Sequential(nn.GRU(4, 4)).modules()})
-    assert [w.filename for w in record if "AdamW fallback" in str(w.message)] == [__file__]
+    assert [w.filename for w in record if "of ≥ 2 dims go to" in str(w.message)] == [__file__]
 
 
 class _Tied(nn.Module):
@@ -326,3 +326,11 @@ def test_adding_unfrozen_layers_reports_only_the_new_fallback_matrices():
     assert not [w for w in caught if "AdamW fallback" in str(w.message)]
     assert [w.filename for w in caught if "moved 1.weight" in str(w.message)] == [__file__], \
         "the construction warning names the user's line from add_param_group too"
+
+
+def test_a_model_with_nothing_to_constrain_says_so():
+    """A model of norms and biases only became AdamW at the fallback's lr without a word."""
+    model = nn.Sequential(nn.LayerNorm(4), nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match="no parameter of the given modules has a constrained role; all 4 go"):
+        opt = modman.ManifoldMuon(model.modules(), lr=0.1)
+    assert [g["algorithm"] for g in opt.param_groups] == ["adamw"]
