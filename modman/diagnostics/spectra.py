@@ -21,6 +21,7 @@ mean stable rank.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Mapping
 
 import torch
@@ -39,7 +40,9 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
     """[(name, parameter, matrix view)] for every parameter with ≥ 2 dimensions.
 
     Accepts an nn.Module, a mapping name → tensor, or an iterable of (name, tensor) pairs.
-    A module's Conv weights are flattened; tied parameters appear once, under their first name.
+    A module's Conv weights are flattened and transformers' Conv1D weights (stored (in, out)) seen
+    transposed; tied parameters appear once, under their first name; integer parameters are left
+    out, and complex ones with a warning.
     """
     out: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     if isinstance(model_or_named_params, nn.Module):
@@ -74,10 +77,11 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
 
 
 def _real_weight(name: str, p: torch.Tensor) -> bool:
-    """Whether p is a real floating weight (integer and bool parameters are counters and masks, not
-    maps); a complex one is refused: its statistics came out of a real Gram of the real part."""
+    """Whether p is a real floating weight: integer and bool parameters are counters and masks, not
+    maps; a complex one is left out with a warning (its statistics came out of the real part's)."""
     if p.is_complex():
-        raise TypeError(f"{name} is complex ({p.dtype}); the diagnostics take real weights")
+        warnings.warn(f"{name} is complex ({p.dtype}): left out of the diagnostics, which take real weights",
+                      stacklevel=3)
     return p.is_floating_point()
 
 
@@ -261,6 +265,8 @@ def matrix_stats(W: torch.Tensor, manifold=None, *, exact: bool | None = None,
         s = singular_values(W)
         s_max, s_min = s[..., 0], s[..., -1]
         fro_sq = (s**2).sum(-1)
+    elif not bool(torch.isfinite(W).all()):  # NaN statistics, as the exact path and the tracker give
+        s_max = s_min = fro_sq = torch.full(W.shape[:-2], math.nan, dtype=torch.float64)
     else:
         est = lanczos_svals(W)
         s_max, s_min, fro_sq = est.sigma_max, est.sigma_min, est.frobenius_sq

@@ -32,7 +32,9 @@ def features(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an nn.Linear, or of transformers' Conv1D, whose weight is stored (in, out)."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    return tuple(module.weight.shape)
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    raise TypeError(f"features: an nn.Linear or transformers' Conv1D, got {type(module).__name__}")
 
 
 class LoRALinear(nn.Module):

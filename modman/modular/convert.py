@@ -68,7 +68,7 @@ _SHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 _SHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "float", "to", "type_as", "clone"}
 _META_METHODS = {"size", "dim"}
-_META_ATTRIBUTES = {"dtype", "device", "shape", "ndim"}  # of a weight: no use of its values (.T would be)
+_META_ATTRIBUTES = {"dtype", "device", "shape", "ndim"}  # no use of a tensor's values (.T would be)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _KNOWN_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention, nn.Dropout, *_CONVS,
                 *_ACTIVATION_MODULES, *_SHAPE_MODULES) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -314,8 +314,17 @@ def _alpha(node, where) -> float:
 def _function(node: fx.Node, values, name) -> object:
     target = node.target
     where = f"{name}: {node.op} {getattr(target, '__name__', target)!r}"
-    if node.op == "call_method" and target in _META_METHODS or target is getattr:
+    if node.op == "call_method" and target in _META_METHODS:
         return _META
+    if target is operator.getitem and isinstance(node.args[0], fx.Node) and values.get(node.args[0]) is _META:
+        return _META  # y.shape[0]
+    if target is getattr:
+        if node.args[1] in _META_ATTRIBUTES:
+            return _META
+        # y.mT or y.T is the activation's values: as metadata, y + y.mT lost a branch silently
+        raise ModularError(f"{where}: attribute {node.args[1]!r} of a tensor is not one modman knows; "
+                           "describe the enclosing module with from_torch(model, custom={Class: fn}) or "
+                           "@modman.modular.declare(Class)")
     chains = _tensor_args(node, values)
     if node.op == "call_function" and target in _ACTIVATION_FUNCTIONS or \
             node.op == "call_method" and target in _ACTIVATION_METHODS:

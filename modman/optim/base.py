@@ -379,6 +379,13 @@ class ManifoldOptimizer(Optimizer):
                                        "pass model.modules() or the model itself")
                 if self._budget_scale not in (None, "rms"):
                     raise ModularError(f"modman.modular knows scale None and 'rms', not {self._budget_scale!r}")
+                if budget == "auto" and any(part in ("lora_A", "lora_B") for n, _ in network.root.named_parameters()
+                                            for part in n.split(".")):
+                    # the worst-case rules count the adapter's multiplier α/r as a sensitivity: lr_scales of
+                    # 2e-8…4e-3 on TinyCausalLM with r = 8 (layer 0's adapters never trained), growing as r²,
+                    # against the rank-independent LoRA lr the blog measures (modman.lora.lora_lr)
+                    raise ModularError("its LoRA adapters have no meaningful modular budget (the rules count "
+                                       "their α/r multiplier as a sensitivity)")
                 return modular_budget(network.root, scale=self._budget_scale)
             except ModularError as err:
                 if budget == "modular":

@@ -278,3 +278,25 @@ def test_all_linear_skips_a_head_an_earlier_adapter_wrapped():
     apply_lora(model, LoRAConfig(2), "body")  # "all-linear": every Linear but the output head
     assert "body" not in lora_layers(model)["lm_head"].r
     assert "body" in lora_layers(model)["layers.0.mlp.up_proj"].r
+
+
+def test_manifold_muon_on_a_lora_model_steps_uniformly_by_default():
+    """Once modman.modular could trace LoRALinear, budget="auto" gave the factors lr_scales of
+    2e-8…4e-3 (the rules count α/r as a sensitivity; layer 0's adapters never trained): "auto"
+    steps a LoRA model uniformly, with a warning saying why; "modular" still computes it."""
+    import warnings
+
+    from modman import ManifoldMuon
+    from modman.lora import LoRAConfig, apply_lora
+    from modman.toy import TinyCausalLM
+
+    torch.manual_seed(0)
+    model = apply_lora(TinyCausalLM(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_len=32), LoRAConfig(r=8))
+    with pytest.warns(UserWarning, match="LoRA adapters have no meaningful modular budget"):
+        opt = ManifoldMuon(model.modules(), lr=0.1)
+    scales = {g["lr_scale"] for g in opt.param_groups if g["algorithm"] != "adamw"}
+    assert scales == {1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explicit = ManifoldMuon(model.modules(), lr=0.1, budget="modular")
+    assert min(g["lr_scale"] for g in explicit.param_groups if g["algorithm"] != "adamw") < 1e-3

@@ -381,3 +381,30 @@ def test_reading_a_weights_dtype_in_forward_is_not_using_the_weight():
     for model in (Bare(), Transposed()):
         with pytest.raises(modular.ModularError, match="bare tensor 'fc.weight'"):
             modular.budget(model)
+
+
+def test_a_transpose_of_an_activation_is_refused_not_dropped():
+    """getattr on an activation counted as metadata whatever the attribute, so y + y.mT lost its
+    second branch and the budget was a plain model's, silently. Only dtype/device/shape/ndim are
+    metadata; y.size(1)-style shape reads still are."""
+    from torch import nn as tnn
+
+    from modman import modular
+
+    class Sym(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = tnn.Linear(4, 4, bias=False), tnn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return self.out(y + y.mT)
+
+    class Shaped(Sym):
+        def forward(self, x):
+            y = self.fc(x)
+            return self.out(y.reshape(y.shape[0], -1))
+
+    with pytest.raises(modular.ModularError, match="attribute 'mT'"):
+        modular.budget(Sym())
+    assert set(modular.budget(Shaped())) == {"fc.weight", "out.weight"}
