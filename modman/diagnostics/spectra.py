@@ -76,6 +76,12 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
     return out
 
 
+def is_transposed_view(p: torch.Tensor, W: torch.Tensor) -> bool:
+    """Whether the matrix W is pᵀ (transformers' Conv1D, stored (in, out), seen (out, in)); told
+    apart by strides, so a square one too."""
+    return p.ndim == 2 and W.shape == p.mT.shape and W.stride() == p.mT.stride() and p.stride() != p.mT.stride()
+
+
 def _real_weight(name: str, p: torch.Tensor) -> bool:
     """Whether p is a real floating weight: integer and bool parameters are counters and masks, not
     maps; a complex one is left out with a warning (its statistics came out of the real part's)."""

@@ -1,17 +1,19 @@
 """``spectrum_table``: one line per weight matrix, for a terminal or a log.
 
-Columns: parameter, shape (the matrix view after → when it differs), σ_min, σ_max, condition
+Columns: parameter, shape (the matrix view after → when it differs; ᵀ: seen transposed), σ_min, σ_max, condition
 number, stable rank, distance to the weight's manifold (unscaled Stiefel unless told otherwise),
 the manifold, and how the numbers were obtained ("svd" exact; "lanczos" estimates whose σ_max, κ
 and distance are lower bounds, see ``spectra.py``).
 """
 from __future__ import annotations
 
-from .spectra import EXACT_MAX_DIM, manifold_label, matrices_and_manifolds, matrix_stats
+from .spectra import EXACT_MAX_DIM, is_transposed_view, manifold_label, matrices_and_manifolds, matrix_stats
 
 
 def _shape(p, W) -> str:
     s = "×".join(map(str, p.shape))
+    if is_transposed_view(p, W):
+        return f"{s} → {'×'.join(map(str, W.shape))}ᵀ"  # seen transposed (Conv1D), square ones too
     return s if tuple(p.shape) == tuple(W.shape) else f"{s} → {'×'.join(map(str, W.shape))}"
 
 

@@ -44,7 +44,7 @@ import torch
 
 from . import small_linalg
 from .estimators import power_iteration
-from .spectra import (gram_eigenvalues, manifold_label, matrices_and_manifolds, singular_values,
+from .spectra import (gram_eigenvalues, is_transposed_view, manifold_label, matrices_and_manifolds, singular_values,
                       stats_from_extremes, stats_from_floats)
 from .tracking import ParamTrack, Tracking, save_tracking
 
@@ -80,7 +80,7 @@ def _view_of(p: torch.Tensor, W: torch.Tensor):
     """How the matrix W views the parameter p, to apply again later: "transposed" (pᵀ: transformers'
     Conv1D, stored (in, out)) or the shape p is reshaped to (a Conv weight flattened, or as is). A
     reshape cannot stand for a transpose (it scrambled GPT-2's non-square weights)."""
-    if p.ndim == 2 and W.shape == p.mT.shape and W.stride() == p.mT.stride() and p.stride() != p.mT.stride():
+    if is_transposed_view(p, W):
         return "transposed"
     return tuple(W.shape)
 

@@ -57,6 +57,9 @@ def test_a_conv1d_weight_on_the_rms_manifold_is_at_distance_zero():
     rows = {line.split()[0]: line.split() for line in spectrum_table(net, manifolds=Stiefel("rms")).splitlines()[2:]}
     for name in ("0.weight", "2.weight"):
         assert float(rows[name][-3]) < 1e-5, rows[name]
+    assert rows["0.weight"][1:4] == ["8×24", "→", "24×8ᵀ"], "the table shows the transposed view"
+    square = spectrum_table(nn.Sequential(conv1d(8, 8))).splitlines()[2].split()
+    assert square[1:4] == ["8×8", "→", "8×8ᵀ"], "a square one too"
 
 
 def test_non_finite_weights_give_nan_statistics_not_a_lapack_error():
