@@ -62,6 +62,8 @@ def _state_dtype(p: torch.Tensor) -> torch.dtype:
     """The dtype of a parameter's floating state (momentum, dual, AdamW moments): fp32 for bf16/fp16
     weights, else the weight's own."""
     return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
