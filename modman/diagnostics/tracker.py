@@ -19,8 +19,8 @@ Cost. Small matrices (min(m, n) ≤ ``exact_max_dim``, default 64) get their exa
 fp64 Gram's eigenvalues) at every record. Larger ones get it every ``spectrum_every`` steps
 (default 10k); their records in between use warm-started iterations on the small fp64 Gram from
 the vectors the previous record left, since W moves little in k steps: σ_max by power
-iteration, σ_min by inverse iteration through one Cholesky factor, two iterations each (stacks
-use ``estimators.power_iteration``). These are one-sided (σ_max, κ, distance from below; σ_min,
+iteration, σ_min by inverse iteration through one Cholesky factor, two iterations each (a
+stack's matrices each on their own). These are one-sided (σ_max, κ, distance from below; σ_min,
 stable rank from above, up to rounding of order κ²·1e-16); measured on the MNIST-1D MLP against
 exact spectra at every record (``benchmarks/tracker_accuracy.py``), median relative errors 1e-6
 (σ_max) and 1e-10 (σ_min) under AdamW, 2e-3 and 6e-6 under Muon, worst 0.44 right after a jump.
@@ -209,11 +209,12 @@ class SpectrumTracker:
                 hi, lo, fro_sq = self._gram_extremes(name, W)
                 st = stats_from_floats(W, [hi], [lo if math.isnan(hi) else min(lo, hi)], [fro_sq],
                                        self._manifolds[name])
-            else:
-                s_max = self._power(name, "top", W, smallest=False)
-                s_min = self._power(name, "bottom", W, smallest=True, shift=1.01 * s_max**2)
-                fro_sq = (W.double() ** 2).sum((-2, -1))
-                st = stats_from_extremes(W, s_max, torch.minimum(s_min, s_max), fro_sq, self._manifolds[name])
+            else:  # a stack: each matrix as a 2-D one, with its own warm starts (the batched shifted
+                # power iteration left σ_min 1.6–1.9× high between spectrum steps)
+                per = [self._gram_extremes(f"{name}[{e}]", M) for e, M in enumerate(W.reshape(-1, *shape[-2:]))]
+                his, los, fros = ([x[i] for x in per] for i in range(3))
+                st = stats_from_floats(W, his, [lo if math.isnan(hi) else min(lo, hi) for hi, lo in zip(his, los)],
+                                       fros, self._manifolds[name])
             track.steps.append(int(step))
             track.exact.append(bool(exact_here))
             for key in ("sigma_min", "sigma_max", "condition", "stable_rank", "distance"):
@@ -245,6 +246,7 @@ class SpectrumTracker:
         self._vectors[(name, which)] = v if ok else None
 
     def _power(self, name: str, which: str, X: torch.Tensor, smallest: bool, shift=None) -> torch.Tensor:
+        """``estimators.power_iteration`` warm-started from the last record's vector (a stack's ‖ΔW‖₂)."""
         v = self._vectors.get((name, which))
         estimate, v = power_iteration(X, v, iters=self.power_iters, smallest=smallest, shift=shift)
         self._keep(name, which, v, estimate)
