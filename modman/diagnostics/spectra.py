@@ -21,15 +21,15 @@ mean stable rank.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from .._warn import warn
 from ..manifolds import Euclidean, Sphere, Stiefel, get_manifold
 from ..optim.functional import as_matrix
-from ..optim.roles import is_conv1d
+from ..optim.roles import is_transformers_conv1d
 from .estimators import lanczos_svals
 
 EXACT_MAX_DIM = 256
@@ -55,7 +55,7 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
                 seen.add(id(p))
                 name = f"{prefix}.{attr}" if prefix else attr
                 # transformers' Conv1D stores (in, out): seen (out, in), as the optimizer sees it
-                view = "transposed" if attr == "weight" and is_conv1d(module) else conv
+                view = "transposed" if attr == "weight" and is_transformers_conv1d(module) else conv
                 out.append((name, p, as_matrix(p.detach(), view)))
         return out
     if isinstance(model_or_named_params, torch.Tensor):
@@ -86,8 +86,7 @@ def _real_weight(name: str, p: torch.Tensor) -> bool:
     """Whether p is a real floating weight: integer and bool parameters are counters and masks, not
     maps; a complex one is left out with a warning (its statistics came out of the real part's)."""
     if p.is_complex():
-        warnings.warn(f"{name} is complex ({p.dtype}): left out of the diagnostics, which take real weights",
-                      stacklevel=3)
+        warn(f"{name} is complex ({p.dtype}): left out of the diagnostics, which take real weights")
     return p.is_floating_point()
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..optim.roles import is_conv1d
+from ..optim.roles import is_transformers_conv1d
 
 PRESETS = ("all-linear", "attention", "mlp")
 INITS = ("default", "gaussian", "random")
@@ -145,7 +145,7 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
             continue
         if isinstance(module, LoRALinear):
             out[name] = module.base_layer
-        elif isinstance(module, nn.Linear) or is_conv1d(module):
+        elif isinstance(module, nn.Linear) or is_transformers_conv1d(module):
             out[name] = module
     return out
 

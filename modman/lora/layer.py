@@ -20,19 +20,20 @@ import math
 import torch
 from torch import nn
 
-from ..optim.roles import is_conv1d
+from ..optim.functional import state_dtype
+from ..optim.roles import is_transformers_conv1d
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half-precision bases, the base dtype otherwise."""
-    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+    """fp32 for half-precision bases, the base dtype otherwise (the optimizers' state rule)."""
+    return state_dtype(base_dtype)
 
 
 def features(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an nn.Linear, or of transformers' Conv1D, whose weight is stored (in, out)."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if is_conv1d(module):
+    if is_transformers_conv1d(module):
         return tuple(module.weight.shape)
     raise TypeError(f"features: an nn.Linear or transformers' Conv1D, got {type(module).__name__}")
 
@@ -43,7 +44,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        if not (isinstance(base_layer, nn.Linear) or is_conv1d(base_layer)):
+        if not (isinstance(base_layer, nn.Linear) or is_transformers_conv1d(base_layer)):
             raise TypeError(f"LoRALinear wraps an nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         # W stored (in, out): the adapter is the same map, merged as (s·B A)ᵀ

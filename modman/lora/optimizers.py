@@ -15,7 +15,6 @@ Which geometry the factors get under ManifoldMuon:
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -67,11 +66,9 @@ def optimizer_factory(name: str, lr: float, weight_decay: float = 0.0, **kwargs
 
         if name == "muon":
             return Muon(_trainable(model), lr=lr, weight_decay=weight_decay, **kwargs)
-        with warnings.catch_warnings():
-            # A is moved onto Stiefel with B ← B·A·Tᵀ (the optimizer's LoRA rule): B·A and the
-            # outputs are unchanged, which this factory promises, so the per-weight note is noise
-            warnings.filterwarnings("ignore", message=r".*its lora_B rescaled so that B·A")
-            return ManifoldMuon(lora_param_groups(model), lr=lr, weight_decay=weight_decay, **kwargs)
+        # A is moved onto Stiefel with B ← B·A·Tᵀ/s² (the optimizer's LoRA rule): B·A and the outputs
+        # are unchanged, which this factory promises
+        return ManifoldMuon(lora_param_groups(model), lr=lr, weight_decay=weight_decay, **kwargs)
 
     make.__name__ = f"{name}(lr={lr:g})"
     return make

@@ -27,10 +27,10 @@ Frozen weights (requires_grad=False) carry mass 0 and are left out, as the optim
 from __future__ import annotations
 
 import math
-import warnings
 
 from torch import nn
 
+from .._warn import warn
 from .convert import ModularError, from_torch
 from .module import Bond, Module, Tare
 
@@ -68,13 +68,13 @@ def budget(model: nn.Module | Module, **options) -> dict[str, float]:
     out = {a.name: scale for a, _, scale in _rows(tree) if scale is not None}
     lo, hi = (min(out, key=out.get), max(out, key=out.get)) if out else (None, None)
     if out and out[hi] > SPREAD_WARNING * out[lo]:
-        warnings.warn(
+        warn(
             f"modular budget spans {out[hi] / out[lo]:.3g}× (more than {SPREAD_WARNING:g}×): smallest lr_scale "
             f"{out[lo]:.3g} for {lo!r}, largest {out[hi]:.3g} for {hi!r}. Each rule is a worst case and the "
             "sensitivities of the layers after a weight multiply (residual blocks x + f(x) add 1 + sens(f) "
             "each), so the smallest steps are in effect frozen. Consider ManifoldMuon(..., budget='uniform'), "
             "or blocks x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, 'Learning-rate transfer across depth')",
-            UserWarning, stacklevel=2)
+        )
     return out
 
 

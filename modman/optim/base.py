@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..linalg.schedules import KELLER
 from ..manifolds import Euclidean, Sphere, Stiefel
 from . import functional as F
 from .distributed import (SHARED_ALGORITHMS, check_same_items, matrix_cost, plan_owners, resolve_group,
@@ -26,7 +27,7 @@ from .roles import ROLES, assign_modules, check_roles, expand_modules
 
 _RESERVED = {"momentum", "exp_avg", "exp_avg_sq", "step"}
 # torch.optim.Muon's coefficients (Keller Jordan's quintic), which modman.Muon's default schedule uses
-_TORCH_MUON_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+_TORCH_MUON_COEFFICIENTS = KELLER[0]
 
 
 def _check_initialised(named) -> None:
@@ -59,9 +60,8 @@ def _listed(params) -> list:
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
-    """The dtype of a parameter's floating state (momentum, dual, AdamW moments): fp32 for bf16/fp16
-    weights, else the weight's own."""
-    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+    """The dtype of a parameter's floating state (momentum, dual, AdamW moments)."""
+    return F.state_dtype(p.dtype)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -225,8 +225,7 @@ class ManifoldOptimizer(Optimizer):
             raise ValueError("optimizer got an empty parameter list")
         if all(isinstance(m, nn.Module) for m in items):
             network = expand_modules(items)
-            _check_initialised(network.root.named_parameters())
-            assignments = self._checked(assign_modules(network, roles))
+            assignments = self._assign(network, roles)
             if not assignments:
                 raise ValueError("the given modules have no trainable parameters")
             scales = self._resolve_budget(budget, network)
@@ -289,11 +288,9 @@ class ManifoldOptimizer(Optimizer):
         ps = _listed(ug["params"])
         entries = []  # (item as it goes into the group, tensor, role, its matrix view: _view)
         if ps and all(isinstance(m, nn.Module) for m in ps):
-            network = expand_modules(ps)
-            _check_initialised(network.root.named_parameters())
             # roles= was checked against every group's modules (_build_groups); parameters already
             # in the optimizer are left out (and not reported again as fallback matrices)
-            for a in self._checked(assign_modules(network, roles, check=False, exclude=present)):
+            for a in self._assign(expand_modules(ps), roles, check=False, exclude=present):
                 entries.append(((_unique(a.name, taken), a.param) if named else a.param, a.param, a.role, _view(a)))
             if not entries:
                 raise ValueError("the given modules have no trainable parameters that are not in the optimizer")
@@ -349,10 +346,13 @@ class ManifoldOptimizer(Optimizer):
             out.append(g)
         return out
 
-    def _checked(self, assignments: list) -> list:
-        """Refuse what an assignment cannot do here: a role roles= asked for that this family member
-        does not run (Muon has no sphere: it went to the AdamW fallback without a word), and a sparse
-        embedding (refused only at the first step before)."""
+    def _assign(self, network, roles, **options) -> list:
+        """``assign_modules`` for this family member, refusing first a lazy module's parameters and
+        then what an assignment cannot do here: a role roles= asked for that this member does not run
+        (Muon has no sphere: it went to the AdamW fallback without a word), and a sparse embedding
+        (refused only at the first step before)."""
+        _check_initialised(network.root.named_parameters())
+        assignments = assign_modules(network, roles, **options)
         runs = sorted(k for k, v in self.ALGORITHMS.items() if v)
         for a in assignments:
             if a.asked and a.role != "fallback" and self.ALGORITHMS.get(a.role) is None:
@@ -554,8 +554,10 @@ class ManifoldOptimizer(Optimizer):
             for p, target, name, manifold_name, dist, partnered in moves:
                 zero = name is not None and not bool(p.any())
                 p.copy_(target)
-                if name is not None:
-                    note = "; its lora_B rescaled so that B·A, the model's output, is unchanged" if partnered else ""
+                # a LoRA A moved with its B rescaled leaves B·A and the model's outputs as they were:
+                # nothing to report (the B of a pair has no name here)
+                if name is not None and not partnered:
+                    note = ""
                     if zero:  # a zero-initialised layer (an output projection): every point is as near
                         note += ("; it was all zeros, which no point of the manifold is near: it is now a fixed "
                                  "arbitrary point (keep it at zero with roles={...: 'fallback'})")

@@ -36,6 +36,12 @@ def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nest
     return grad.to(buf.dtype).lerp(buf, momentum) if nesterov else buf
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of state kept for a weight of ``dtype`` (momentum, dual, AdamW moments, LoRA factors):
+    fp32 for bf16/fp16 (small updates would round away, an fp16 second moment overflows), else its own."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def as_matrix(p: torch.Tensor, flatten: bool | str | None = None) -> torch.Tensor:
     """The matrix (or batch of matrices) a parameter is optimised as, oriented (out, in).
 

@@ -119,7 +119,7 @@ def expand_modules(modules) -> Network:
     return Network(root, len(roots) == 1, ordered, names)
 
 
-def is_conv1d(module: nn.Module) -> bool:
+def is_transformers_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2's attention and MLP): a Linear whose weight is stored
     transposed, (nx, nf) = (in, out). Recognised by name and shape, not imported: modman does not
     depend on transformers."""
@@ -129,7 +129,7 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def _is_transposed_linear(module: nn.Module, attr: str, p: torch.Tensor) -> bool:
-    return attr == "weight" and p is getattr(module, "weight", None) and is_conv1d(module)
+    return attr == "weight" and p is getattr(module, "weight", None) and is_transformers_conv1d(module)
 
 
 def _is_expert_stack(module: nn.Module, p: torch.Tensor) -> bool:
