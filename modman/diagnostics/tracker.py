@@ -60,22 +60,6 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / torch.linalg.vector_norm(v).clamp(min=torch.finfo(v.dtype).tiny)
 
 
-def _gram_eigenvalues_or_nan(W: torch.Tensor) -> list[float]:
-    """``gram_eigenvalues`` as floats; all NaN where LAPACK fails on a NaN or ∞ in W."""
-    try:
-        return gram_eigenvalues(W).tolist()
-    except torch.linalg.LinAlgError:
-        return [math.nan] * min(W.shape[-2:])
-
-
-def _singular_values_or_nan(W: torch.Tensor) -> torch.Tensor:
-    """``singular_values`` of a stack; all NaN where LAPACK fails on a NaN or ∞ in it."""
-    try:
-        return singular_values(W)
-    except torch.linalg.LinAlgError:
-        return torch.full((*W.shape[:-2], min(W.shape[-2:])), math.nan, dtype=torch.float64, device=W.device)
-
-
 def _view_of(p: torch.Tensor, W: torch.Tensor):
     """How the matrix W views the parameter p, to apply again later: "transposed" (pᵀ: transformers'
     Conv1D, stored (in, out)) or the shape p is reshaped to (a Conv weight flattened, or as is). A
@@ -194,13 +178,13 @@ class SpectrumTracker:
             exact_here = exact if exact is not None else (spectrum_step or min(shape[-2:]) <= self.exact_max_dim)
             if exact_here and W.ndim == 2:  # the common case, in as few tensor ops as possible
                 # σᵢ², ascending, fp64: one transfer, then Python
-                ev = small_linalg.gram_eigenvalues(W) if W.device.type == "cpu" else _gram_eigenvalues_or_nan(W)
+                ev = small_linalg.gram_eigenvalues(W) if W.device.type == "cpu" else gram_eigenvalues(W).tolist()
                 sv = [math.sqrt(max(x, 0.0)) for x in reversed(ev)]
                 st = stats_from_floats(W, [sv[0]], [sv[-1]], [math.fsum(ev)], self._manifolds[name])
                 track.spectrum_steps.append(int(step))
                 track.spectra.append(torch.tensor(sv, dtype=torch.float32))
             elif exact_here:
-                s = _singular_values_or_nan(W)  # (…, r) descending, fp64
+                s = singular_values(W)  # (…, r) descending, fp64 (NaN for a NaN or ∞ in a matrix)
                 st = stats_from_extremes(W, s[..., 0], s[..., -1], (s * s).sum(-1), self._manifolds[name])
                 track.spectrum_steps.append(int(step))
                 # a matrix's spectrum is sorted already; a stack's is concatenated, then sorted
