@@ -16,8 +16,7 @@ import time
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from modman.experiments.machine import machine  # noqa: E402
 
 from modman.manifolds import Stiefel
 from modman.optim import functional as F

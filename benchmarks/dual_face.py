@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine  # noqa: E402
+from modman.experiments.machine import machine  # noqa: E402
 
 from modman.solvers import solve_manifold_muon  # noqa: E402
 from modman.solvers.result import sym  # noqa: E402

@@ -23,8 +23,7 @@ import torch
 
 import modman
 import modman.optim.functional as F
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from modman.experiments.machine import machine  # noqa: E402
 
 
 def main() -> None:

@@ -44,8 +44,7 @@ from modman.lora import (LoRAConfig, TrainConfig, apply_lora, count_parameters, 
                          task_data, train)
 from modman.toy import pretrain, tasks
 from modman.toy.pretrain import RECIPES
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from modman.experiments.machine import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -231,8 +230,8 @@ def interop(seed: int = 0) -> dict:
     """PEFT interop and merge parity on a tiny random LlamaForCausalLM (no download)."""
     import tempfile
 
-    # this folder is on sys.path (python puts a script's folder first, and the machine import
-    # adds it): its kernels.py would shadow the `kernels` package transformers imports
+    # this folder is on sys.path when the script runs without PYTHONSAFEPATH (python puts a
+    # script's folder first): its kernels.py would shadow the `kernels` package transformers imports
     here = pathlib.Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != here]
     import peft

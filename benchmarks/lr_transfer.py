@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import pathlib
 import sys
 import time
 import warnings
@@ -42,8 +41,7 @@ from torch import nn
 import modman
 from modman.modular import budget
 from modman.solvers import DEFAULT_SOLVER
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from modman.experiments.machine import machine  # noqa: E402
 
 OUT_MULT = 8.0
 SOLVER = "projected"

@@ -24,8 +24,7 @@ import torch
 
 from modman.data import load_mnist1d
 from modman.experiments.mnist1d import train
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from modman.experiments.machine import machine  # noqa: E402
 
 SOLVERS = ("closed_form", "anderson", "newton", "projected", "dual_ascent")
 

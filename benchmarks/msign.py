@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import pathlib
 import statistics
 import sys
 import time
@@ -24,8 +23,7 @@ import torch
 
 from modman import msign
 from modman.linalg import default_steps
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from modman.experiments.machine import machine  # noqa: E402
 
 
 def spectrum_matrix(m, n, sv, seed):

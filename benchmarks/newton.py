@@ -26,8 +26,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from solvers import machine  # noqa: E402
+from modman.experiments.machine import machine  # noqa: E402
 
 import modman  # noqa: E402
 import modman.optim.functional as F  # noqa: E402

@@ -86,9 +86,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-
-from toy_pretrain import machine  # noqa: E402  (the shared machine-info record)
+from modman.experiments.machine import machine  # noqa: E402
 
 from modman import ManifoldMuon, Muon  # noqa: E402
 from modman.lora import LoRAConfig, apply_lora, unload_lora  # noqa: E402

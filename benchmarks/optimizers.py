@@ -28,8 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from modman.experiments.machine import machine  # noqa: E402
 
 import modman
 from modman.diagnostics.memory import METHOD, peak_temporary_bytes

@@ -40,8 +40,7 @@ import modman
 import modman.optim.functional as F
 from modman.manifolds import Stiefel
 from modman.solvers import DEFAULT_SOLVER, SOLVERS, solve_manifold_muon
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from modman.experiments.machine import machine  # noqa: E402
 
 
 def suite(solvers, large):

@@ -160,7 +160,7 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(*args.worker, args.limit_s, args.max_iters)))
         return
 
-    from machine import machine  # noqa: E402  (benchmarks/machine.py)
+    from modman.experiments.machine import machine
     from modman.diagnostics.memory import METHOD, RSS_ENV, RSS_METHOD
 
     names = args.optimizers.split(",") if args.optimizers else optimizer_names()

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import pathlib
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,7 @@ from pathlib import Path
 import torch
 
 from modman.toy.pretrain import RECIPES, checkpoint_path, store, train
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from modman.experiments.machine import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 

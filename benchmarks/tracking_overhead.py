@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import statistics
 import sys
 import time
@@ -29,8 +28,7 @@ import torch
 from modman.data import load_mnist1d
 from modman.diagnostics import SpectrumTracker
 from modman.experiments.mnist1d import available_optimizers, train
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # PYTHONSAFEPATH=1 leaves it off
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from modman.experiments.machine import machine  # noqa: E402
 
 
 class TimedTracker:
