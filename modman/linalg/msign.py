@@ -15,10 +15,10 @@ that the first iteration needs anyway (so it costs nothing). A prior division by
 """
 from __future__ import annotations
 
-import numbers
 
 import torch
 
+from .._checks import is_int
 from .schedules import SCHEDULES, coefficients, default_steps
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -80,7 +80,7 @@ def msign(
         raise ValueError(f"normalization must be 'gram' or 'frobenius', got {normalization!r}")
     if steps is None:
         steps = default_steps(schedule)
-    elif isinstance(steps, numbers.Integral) and not isinstance(steps, bool):  # numpy integers too
+    elif is_int(steps):  # numpy integers too
         steps = int(steps)
     else:  # int(2.7) would run 2 steps without a word; True would run 1
         raise TypeError(f"steps must be an int or None, got {steps!r} ({type(steps).__name__})")

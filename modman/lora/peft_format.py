@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import is_finite_real
 from ..optim.roles import unwrap
 from .config import LoRAConfig, linear_modules
 from .inject import adapter_names, adapter_state_dict, apply_lora, lora_layers
@@ -133,8 +134,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
                          "nn.Linear or Conv1D with one rank and alpha only)")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
-                or not math.isfinite(value):
+        if not is_finite_real(value) or not value > 0:
             raise ValueError(f"{config_file}: {key} must be a positive number, got {value!r}")
     if float(config["r"]) != int(config["r"]):
         raise ValueError(f"{config_file}: r must be a whole number, got {config['r']!r}")

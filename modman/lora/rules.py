@@ -10,10 +10,10 @@ functions: the learning-rate rule, parameter counts and the capacity estimate.
 from __future__ import annotations
 
 import math
-import numbers
 
 from torch import nn
 
+from .._checks import is_finite_real, is_int
 from .config import LoRAConfig, select_targets
 from .layer import features
 
@@ -24,10 +24,9 @@ BITS_PER_PARAMETER = 2.0
 def lora_lr(full_ft_lr: float, steps: int | None = None) -> float:
     """The LoRA learning rate matching full fine-tuning at ``full_ft_lr``: 10× it, or 15× when
     ``steps`` ≤ 100 (short runs, where B has not yet grown out of its zero start)."""
-    if not isinstance(full_ft_lr, (int, float)) or not math.isfinite(full_ft_lr) \
-            or full_ft_lr <= 0:
+    if not is_finite_real(full_ft_lr) or full_ft_lr <= 0:
         raise ValueError(f"full_ft_lr must be a positive finite number, got {full_ft_lr!r}")
-    if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
+    if steps is not None and (not is_int(steps) or steps < 1):
         raise ValueError(f"steps must be a positive int or None, got {steps!r}")
     ratio = 15.0 if steps is not None and steps <= SHORT_RUN_STEPS else 10.0
     return ratio * float(full_ft_lr)

@@ -14,7 +14,6 @@ uninterrupted run bitwise on the same machine.
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import is_int
 CHECKPOINT_NAME = "trainer_state.pt"
 SCHEDULES = ("constant", "linear")
 
@@ -49,7 +49,7 @@ class TrainConfig:
                             ("checkpoint_every", 0)):
             value = getattr(self, name)
             # any integer type (a NumPy int from a sweep), stored as int; bools are not counts
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            if not is_int(value) or value < least:
                 kind = "a positive" if least else "a non-negative"
                 raise ValueError(f"{name} must be {kind} int, got {value!r}")
             object.__setattr__(self, name, int(value))

@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from .._checks import is_finite_real
 from .module import Atom
 
 SCALES = (None, "rms")
@@ -86,8 +87,7 @@ class EmbeddingAtom(Atom):
         super().__init__(name, param, mass)
         if frozen:
             radius = float(torch.linalg.vector_norm(param.detach().double(), dim=-1).max()) if param.numel() else 0.0
-        elif not (isinstance(radius, (int, float)) and not isinstance(radius, bool)
-                  and math.isfinite(radius) and radius > 0):
+        elif not (is_finite_real(radius) and radius > 0):
             raise ValueError(f"embedding_radius of {name!r} must be a finite number > 0 (the row-sphere radius), "
                              f"got {radius!r}")
         self.radius = float(radius)

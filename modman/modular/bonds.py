@@ -19,8 +19,7 @@ declaration (``declarations.py``) uses it, and says so in the budget table.
 """
 from __future__ import annotations
 
-import math
-
+from .._checks import is_finite_real
 from .module import Bond
 
 # max |φ'(x)| of each activation, rounded up in the 4th decimal (MATH.md §4)
@@ -46,7 +45,7 @@ def identity(name: str = "identity") -> Bond:
 
 
 def normalize(kind: str = "rmsnorm", min_rms: float = 1.0) -> Bond:
-    if not (isinstance(min_rms, (int, float)) and math.isfinite(min_rms) and min_rms > 0):
+    if not (is_finite_real(min_rms) and min_rms > 0):
         raise ValueError(f"norm_min_rms must be a positive number (the assumed smallest RMS of a "
                          f"normalisation layer's input), got {min_rms!r}")
     return Bond(kind, 1.0 / min_rms, lambda rho: 1.0,

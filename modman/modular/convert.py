@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .._checks import is_finite_real, is_real
 from . import bonds
 from .atoms import BiasAtom, EmbeddingAtom, GainAtom, MatrixAtom, _check_scale
 from .module import Bond, Compose, Module, Parallel, Tare, compose
@@ -100,7 +101,7 @@ def _norm_layer(module: nn.Module, prefix: str, opts: Options, kind: str) -> Mod
 def _dropout(p, training: bool) -> Bond:
     """Dropout in training mode keeps each entry with probability 1 − p and scales it by 1/(1 − p):
     for a fixed mask the map is diag(mask)/(1 − p), of RMS→RMS norm 1/(1 − p) (0 when p = 1)."""
-    if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
+    if not (is_real(p) and 0 <= p <= 1):
         raise ModularError(f"dropout probability must be a number in [0, 1], got {p!r}")
     gain = (0.0 if p == 1 else 1.0 / (1.0 - p)) if training else 1.0
     return Bond(f"dropout(p={p:g}{'' if training else ', eval'})", gain, lambda rho: gain * rho)
@@ -289,12 +290,8 @@ def _single_input(node, values, name) -> tuple:
     return chains[0]
 
 
-def _is_number(a) -> bool:
-    return isinstance(a, (int, float)) and not isinstance(a, bool)
-
-
 def _scalar_arg(node) -> float | None:
-    nums = [a for a in (*node.args, node.kwargs.get("other")) if _is_number(a)]
+    nums = [a for a in (*node.args, node.kwargs.get("other")) if is_real(a)]
     return float(nums[0]) if nums else None
 
 
@@ -306,7 +303,7 @@ def _operand(node, i: int, key: str):
 def _alpha(node, where) -> float:
     """torch.add / torch.sub compute input ± alpha·other."""
     alpha = node.kwargs.get("alpha", 1)
-    if not _is_number(alpha):
+    if not is_real(alpha):
         raise ModularError(f"{where}: alpha={alpha!r} is not a constant number")
     return float(alpha)
 
@@ -348,8 +345,8 @@ def _function(node: fx.Node, values, name) -> object:
             if alpha != 1:
                 chains[1] = chains[1] + (Bond(f"×{alpha:g}", abs(alpha), lambda r, a=alpha: abs(a) * r),)
             return _merge(chains, "sum")
-        c = abs(alpha * other) if _is_number(other) else abs(_scalar_arg(node) or 0.0)
-        if not _is_number(other) and alpha != 1:  # c ± alpha·h: h's chain scaled by |alpha|
+        c = abs(alpha * other) if is_real(other) else abs(_scalar_arg(node) or 0.0)
+        if not is_real(other) and alpha != 1:  # c ± alpha·h: h's chain scaled by |alpha|
             return _single_input(node, values, name) + (Bond(f"{c:g}±{alpha:g}·", abs(alpha),
                                                              lambda r, c=c, a=alpha: abs(a) * r + c),)
         return _single_input(node, values, name) + (Bond(f"±{c:g}", 1.0, lambda r, c=c: r + c),)
@@ -412,7 +409,7 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
         raise TypeError(f"from_torch needs a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)  # torch.compile's wrapper: describe (and name parameters as) the eager model
     _check_scale(scale)
-    if not (_is_number(embedding_radius) and 0 < embedding_radius < float("inf")):
+    if not (is_real(embedding_radius) and 0 < embedding_radius < float("inf")):
         raise ValueError(f"embedding_radius must be a finite number > 0 (the row-sphere radius of embeddings), "
                          f"got {embedding_radius!r}")
     opts = Options(scale=scale, masses=dict(masses or {}), norm_min_rms=norm_min_rms,
@@ -422,7 +419,7 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
         if key not in submodules:
             raise ModularError(f"tare names {key!r}, which is not a submodule of the model; use names from "
                                "model.named_modules() (a container holding the blocks, e.g. an nn.Sequential)")
-        if not (isinstance(total, (int, float)) and not isinstance(total, bool) and 0 < total < float("inf")):
+        if not (is_finite_real(total) and total > 0):
             raise ModularError(f"tare[{key!r}] must be a finite mass > 0, got {total!r}")
     names = {id(p): n for n, p in model.named_parameters()}
     unknown = set(opts.masses) - set(names.values())

@@ -42,6 +42,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .._checks import is_finite_real
 
 @dataclass(frozen=True)
 class Placement:
@@ -123,7 +124,7 @@ class Atom(Module):
     homogeneous = True
 
     def __init__(self, name: str, param: torch.Tensor, mass: float):
-        if not (isinstance(mass, (int, float)) and math.isfinite(mass) and mass >= 0):
+        if not (is_finite_real(mass) and mass >= 0):
             raise ValueError(f"mass of {name!r} must be a finite number ≥ 0, got {mass!r}")
         self.name = name
         self.param = param
@@ -295,7 +296,7 @@ class Tare(Module):
     """
 
     def __init__(self, module: Module, mass: float = 1.0):
-        if not (isinstance(mass, (int, float)) and math.isfinite(mass) and mass > 0):
+        if not (is_finite_real(mass) and mass > 0):
             raise ValueError(f"tare mass must be a finite number > 0, got {mass!r}")
         self.module = module
         self.mass = float(mass) if module.mass > 0 else 0.0

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import is_int
 
 @dataclass
 class Rollouts:
@@ -51,8 +52,9 @@ class Rollouts:
 def repeat_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prompts: list[str],
                    group_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Each prompt ``group_size`` times in a row (group members adjacent)."""
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+    if not is_int(group_size) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    group_size = int(group_size)
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
         raise ValueError(f"prompt_ids and prompt_mask must share a (batch, length) shape, got "
                          f"{tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import numbers
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .._checks import is_finite_real, is_int, is_real
 from .advantages import group_centred_advantages, teacher_advantages
 from .losses import importance_sampling_loss, ppo_clip_loss, sft_loss
 from .rollouts import Rollouts, sample_rollouts
@@ -87,7 +87,7 @@ class OPDConfig:
             value = getattr(self, name)
             if optional and value is None:
                 continue
-            if not _is_int(value) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}"
                                  f"{' or None' if optional else ''}, got {value!r}")
             object.__setattr__(self, name, int(value))
@@ -100,15 +100,13 @@ class OPDConfig:
             raise ValueError(
                 "temperature must be 1: the importance ratio divides by the sampler's log-probs, "
                 "which are the trained policy's only at temperature 1 (no top-p/top-k either)")
-        if not (_is_real(self.discount) and 0.0 <= self.discount <= 1.0):
+        if not (is_real(self.discount) and 0.0 <= self.discount <= 1.0):
             raise ValueError(f"discount must lie in [0, 1], got {self.discount!r}")
-        if self.kl_coef is not None and not (_is_real(self.kl_coef) and self.kl_coef >= 0
-                                             and math.isfinite(self.kl_coef)):
+        if self.kl_coef is not None and not (is_finite_real(self.kl_coef) and self.kl_coef >= 0):
             raise ValueError(f"kl_coef must be a finite number >= 0 or None, got {self.kl_coef!r}")
-        if not (_is_real(self.clip_eps) and 0 < self.clip_eps < 1):
+        if not (is_real(self.clip_eps) and 0 < self.clip_eps < 1):
             raise ValueError(f"clip_eps must lie in (0, 1), got {self.clip_eps!r}")
-        if self.grad_clip is not None and not (_is_real(self.grad_clip) and self.grad_clip > 0
-                                               and math.isfinite(self.grad_clip)):
+        if self.grad_clip is not None and not (is_finite_real(self.grad_clip) and self.grad_clip > 0):
             # A negative max norm flips the gradient (ascent) and NaN poisons every weight.
             raise ValueError(f"grad_clip must be a finite number > 0 or None, got "
                              f"{self.grad_clip!r}")
@@ -120,14 +118,6 @@ class OPDConfig:
         if self.kl_coef is not None:
             return float(self.kl_coef)
         return 1.0 if self.objective == "opd" else 0.0
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
@@ -368,7 +358,7 @@ class Trainer:
               callback: Callable[[dict], None] | None = None) -> list[dict]:
         """Run up to ``steps`` steps; stop early once an evaluation reaches ``target_accuracy``.
         Returns this call's metrics."""
-        if not _is_int(steps) or steps < 0:
+        if not is_int(steps) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         records = []
         iterator = range(steps)

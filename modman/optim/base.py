@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import sys
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .._checks import is_finite_real, is_int
 from ..linalg.schedules import KELLER
 from ..manifolds import Euclidean, Sphere, Stiefel
 from . import functional as F
@@ -72,7 +72,7 @@ def _check_nonneg(name: str, value) -> None:
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must have one element, got shape {tuple(value.shape)}")
         value = value.item()
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not is_finite_real(value) or value < 0:
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number ≥ 0)")
 
 
@@ -87,10 +87,6 @@ def _lora_partner(name: str, params: dict):
 
 def _scalar(x) -> float:
     return x.item() if isinstance(x, torch.Tensor) else float(x)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_hyperparameters(d: dict, where: str = "") -> None:
@@ -116,7 +112,7 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
             raise ValueError(f"Invalid {where}betas: {betas!r} (must be two numbers, each in [0, 1))")
     if d.get("tol") is not None:
         _check_nonneg("tol", d["tol"])
-    if d.get("max_iters") is not None and not (_is_int(d["max_iters"]) and d["max_iters"] >= 0):
+    if d.get("max_iters") is not None and not (is_int(d["max_iters"]) and d["max_iters"] >= 0):
         raise ValueError(f"Invalid max_iters: {d['max_iters']!r} (must be an int ≥ 0, or None for the solver's default)")
     if d.get("solver") is not None:
         from ..solvers import SOLVERS
@@ -132,7 +128,7 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
         if schedule not in known:
             raise ValueError(f"Invalid ns_schedule: {schedule!r} (choose from {known}"
                              + ("; 'svd' needs torch_arithmetic=False)" if d.get("torch_arithmetic") else ")"))
-    if d.get("ns_steps") is not None and not (_is_int(d["ns_steps"]) and d["ns_steps"] >= 1):
+    if d.get("ns_steps") is not None and not (is_int(d["ns_steps"]) and d["ns_steps"] >= 1):
         raise ValueError(f"Invalid ns_steps: {d['ns_steps']!r} (must be an int ≥ 1, or None for the schedule's default)")
     if "ns_dtype" in d and d["ns_dtype"] not in _DTYPES:
         raise ValueError(f"ns_dtype must be a dtype name such as 'bfloat16', got {d['ns_dtype']!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from .._checks import is_real
 from .base import ManifoldOptimizer
 
 
@@ -91,7 +92,7 @@ class ManifoldMuon(ManifoldOptimizer):
                  nonfinite="raise", fallback=None, roles=None, distributed=False):
         from ..solvers import DEFAULT_SOLVER
 
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if is_real(scale):
             scale = float(scale)
             if not (math.isfinite(scale) and scale > 0):
                 raise ValueError(f"Invalid scale: {scale} (must be None, 'rms' or a positive finite float)")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,21 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import is_finite_real, is_int
 IGNORE_INDEX = -100
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"
 _DTYPE_KEY = "torch_dtype"  # in the safetensors metadata: the parameters' dtype
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_token_id(name: str, value, vocab_size: int) -> int:
     """``value`` as a Python int if it is an integer (numpy ones included, bools not) in
     [0, vocab_size)."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-            or not 0 <= value < vocab_size):
+    if not is_int(value) or not 0 <= value < vocab_size:
         raise ValueError(f"{name} must be an int in [0, vocab_size={vocab_size}), got {value!r}")
     return int(value)
 
@@ -80,13 +75,13 @@ class TinyConfig:
         if self.d_ff is not None and (not isinstance(self.d_ff, int)
                                       or isinstance(self.d_ff, bool) or self.d_ff < 1):
             raise ValueError(f"d_ff must be a positive int or None, got {self.d_ff!r}")
-        if not (_is_real(self.norm_eps) and self.norm_eps > 0):
+        if not (is_finite_real(self.norm_eps) and self.norm_eps > 0):
             raise ValueError(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
-        if not (_is_real(self.init_std) and self.init_std > 0):
+        if not (is_finite_real(self.init_std) and self.init_std > 0):
             raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
         # rope_base ** (-2i/d_head) is inf or NaN for a base <= 0, and a base <= 1 gives no
         # wavelength longer than 2π positions.
-        if not (_is_real(self.rope_base) and self.rope_base > 1):
+        if not (is_finite_real(self.rope_base) and self.rope_base > 1):
             raise ValueError(f"rope_base must be a finite number > 1, got {self.rope_base!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
@@ -377,8 +372,7 @@ class TinyCausalLM(nn.Module):
         Every prompt needs at least one token (e.g. <bos>): the first step predicts from it.
         ``logprobs`` are in the model's dtype promoted to at least fp32.
         """
-        if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral)
-                or max_new_tokens < 0):
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
         if not temperature >= 0:

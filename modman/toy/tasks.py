@@ -28,7 +28,6 @@ subtraction with the same seed hold out the same pairs.
 from __future__ import annotations
 
 import math
-import numbers
 import re
 import string
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._checks import is_int
 from .model import IGNORE_INDEX
 
 DEFAULT_ALPHABET = string.digits + "+-*%=|:;,.?> " + string.ascii_lowercase
@@ -45,7 +45,7 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 def _check_int(name: str, value, minimum: int) -> int:
     """``value`` as a Python int, if it is an integer (numpy ones included, bools not) that is
     at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
