@@ -59,10 +59,12 @@ class TinyConfig:
     init_std: float = 0.02  # > 0
 
     def __post_init__(self):
+        # numpy numbers (a sweep's) are stored as Python ones: the config is saved as JSON
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
@@ -72,9 +74,10 @@ class TinyConfig:
                 f"{self.d_model // self.n_heads}")
         if self.positions not in ("rope", "learned"):
             raise ValueError(f"positions must be 'rope' or 'learned', got {self.positions!r}")
-        if self.d_ff is not None and (not isinstance(self.d_ff, int)
-                                      or isinstance(self.d_ff, bool) or self.d_ff < 1):
-            raise ValueError(f"d_ff must be a positive int or None, got {self.d_ff!r}")
+        if self.d_ff is not None:
+            if not is_int(self.d_ff) or self.d_ff < 1:
+                raise ValueError(f"d_ff must be a positive int or None, got {self.d_ff!r}")
+            object.__setattr__(self, "d_ff", int(self.d_ff))
         if not (is_finite_real(self.norm_eps) and self.norm_eps > 0):
             raise ValueError(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
         if not (is_finite_real(self.init_std) and self.init_std > 0):
@@ -83,6 +86,8 @@ class TinyConfig:
         # wavelength longer than 2π positions.
         if not (is_finite_real(self.rope_base) and self.rope_base > 1):
             raise ValueError(f"rope_base must be a finite number > 1, got {self.rope_base!r}")
+        for name in ("rope_base", "norm_eps", "init_std"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
 

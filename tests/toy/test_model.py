@@ -272,6 +272,19 @@ def test_config_validation_names_the_field(kwargs, name):
         make(**kwargs)
 
 
+def test_numpy_config_values_are_stored_as_python_numbers_and_saved(tmp_path):
+    """A sweep's numpy values: accepted, stored as Python numbers, so ``save`` writes its JSON
+    (an np.float32 norm_eps was accepted and then failed in json.dumps; np.int64 sizes refused)."""
+    import numpy as np
+
+    model = TinyCausalLM(np.int64(V), np.int64(D), np.int32(LAYERS), np.int64(HEADS), np.int64(MAX_LEN),
+                         d_ff=np.int64(64), norm_eps=np.float32(1e-5), rope_base=np.float64(500.0))
+    assert all(type(getattr(model.config, k)) is int for k in ("vocab_size", "d_model", "d_ff"))
+    assert type(model.config.norm_eps) is float
+    loaded = TinyCausalLM.load(model.save(tmp_path / "m"))
+    assert loaded.config == model.config
+
+
 def test_generate_input_checks():
     import numpy as np
 
