@@ -29,7 +29,7 @@ from torch import nn
 from .._warn import warn
 from ..manifolds import Euclidean, Sphere, Stiefel, get_manifold
 from ..optim.functional import as_matrix
-from ..optim.roles import is_transformers_conv1d
+from ..optim.roles import matrix_view
 from .estimators import lanczos_svals
 
 EXACT_MAX_DIM = 256
@@ -48,15 +48,12 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
     if isinstance(model_or_named_params, nn.Module):
         seen: set[int] = set()
         for prefix, module in model_or_named_params.named_modules():
-            conv = isinstance(module, nn.modules.conv._ConvNd)
             for attr, p in module.named_parameters(recurse=False):
                 if id(p) in seen or p.ndim < 2 or not _real_weight(f"{prefix}.{attr}" if prefix else attr, p):
                     continue
                 seen.add(id(p))
                 name = f"{prefix}.{attr}" if prefix else attr
-                # transformers' Conv1D stores (in, out): seen (out, in), as the optimizer sees it
-                view = "transposed" if attr == "weight" and is_transformers_conv1d(module) else conv
-                out.append((name, p, as_matrix(p.detach(), view)))
+                out.append((name, p, as_matrix(p.detach(), matrix_view(module, attr, p))))  # as the optimizer sees it
         return out
     if isinstance(model_or_named_params, torch.Tensor):
         raise TypeError("expected a module, a mapping name → tensor or (name, tensor) pairs; got a bare tensor")

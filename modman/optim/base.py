@@ -136,16 +136,6 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
         raise ValueError(f"adjust_lr_fn must be None, 'original', 'match_rms_adamw' or 'none', got {d['adjust_lr_fn']!r}")
 
 
-def _view(a):
-    """The group's ``flatten`` key for an assignment: how its parameter is seen as a matrix
-    (``functional.as_matrix``): True for Conv weights (flattened), "transposed" for weights stored
-    (in, out) (transformers' Conv1D: the step, a Sphere's rows, Stiefel's and Muon's d_out/d_in all
-    read (out, in)), None otherwise."""
-    if isinstance(a.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and a.name.split(".")[-1] == "weight":
-        return True
-    return "transposed" if a.transposed else None
-
-
 def _unique(name: str, taken: set[str]) -> str:
     """name, or name_1, name_2, … : the first not in taken (which it joins)."""
     out, j = name, 0
@@ -235,7 +225,7 @@ class ManifoldOptimizer(Optimizer):
                 else:
                     groups.append({"params": [a.param], "param_names": [a.name], "manifold": spec[0],
                                    "algorithm": spec[1], "lr_scale": float(scales.get(a.name, 1.0)),
-                                   "flatten": _view(a)})
+                                   "flatten": a.view})
             if not groups:  # e.g. a model of biases and norms only: say so rather than be AdamW quietly
                 warn(f"{type(self).__name__}: no parameter of the given modules has a constrained role; all "
                      f"{len(fallback['params'])} go to the AdamW fallback (fallback lr {fb['lr']:g}; the lr "
@@ -287,7 +277,7 @@ class ManifoldOptimizer(Optimizer):
             # roles= was checked against every group's modules (_build_groups); parameters already
             # in the optimizer are left out (and not reported again as fallback matrices)
             for a in self._assign(expand_modules(ps), roles, check=False, exclude=present):
-                entries.append(((_unique(a.name, taken), a.param) if named else a.param, a.param, a.role, _view(a)))
+                entries.append(((_unique(a.name, taken), a.param) if named else a.param, a.param, a.role, a.view))
             if not entries:
                 raise ValueError("the given modules have no trainable parameters that are not in the optimizer")
         else:

@@ -61,8 +61,7 @@ class Assignment:
     param: torch.nn.Parameter
     role: str
     module: nn.Module | None = None
-    # stored (in, out), as transformers' Conv1D: d_out is the last dim, d_in the first
-    transposed: bool = False
+    view: bool | str | None = None  # how the step sees it as a matrix: ``matrix_view``
     asked: bool = False  # the role came from the user's roles=, not the table
 
 
@@ -130,6 +129,17 @@ def is_transformers_conv1d(module: nn.Module) -> bool:
 
 def _is_transposed_linear(module: nn.Module, attr: str, p: torch.Tensor) -> bool:
     return attr == "weight" and p is getattr(module, "weight", None) and is_transformers_conv1d(module)
+
+
+def matrix_view(module: nn.Module, attr: str, p: torch.Tensor) -> bool | str | None:
+    """How ``module.<attr>`` is seen as a matrix (``functional.as_matrix``'s ``flatten``), for
+    the optimizer's groups and the diagnostics alike: True for a convolution's weights (flattened
+    to (out, in·k…); a 3-D Conv1d weight is not an expert stack), "transposed" for transformers'
+    Conv1D weight (stored (in, out): the step, a Sphere's rows, Stiefel's and Muon's d_out/d_in all
+    read (out, in)), None otherwise (by shape: ≥ 4-D flattened, 3-D a stack)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and p.ndim >= 2:
+        return True
+    return "transposed" if _is_transposed_linear(module, attr, p) else None
 
 
 def _is_expert_stack(module: nn.Module, p: torch.Tensor) -> bool:
@@ -270,8 +280,7 @@ def assign_modules(network: Network, roles: dict | None = None, *, check: bool =
                 continue
             asked = _override(roles, m, names[id(p)], p)
             role = asked if asked is not None else default_role(m, attr, p, network.names[id(m)])
-            a = Assignment(names[id(p)][0], p, role, m, transposed=_is_transposed_linear(m, attr, p),
-                           asked=asked is not None)
+            a = Assignment(names[id(p)][0], p, role, m, view=matrix_view(m, attr, p), asked=asked is not None)
             out.append(a)
             if asked is None and role == "fallback" and p.ndim >= 2:
                 silent.append(a)

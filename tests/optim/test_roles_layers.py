@@ -68,8 +68,8 @@ def test_gpt2_conv1d_weights_are_stiefel_and_stay_on_it_while_training():
     assert roles["transformer.h.0.ln_1.weight"] == FALLBACK
     assert fallback_warnings == [], "every GPT-2 matrix has a constrained role"
     # Conv1D stores its weight (in, out) = (nx, nf): the optimizer sees it through its transpose
-    transposed = {a.name: a.transposed for a in assign_modules(expand_modules([model]))}
-    assert {n for n, t in transposed.items() if t} == set(CONV1D_WEIGHTS)
+    views = {a.name: a.view for a in assign_modules(expand_modules([model]))}
+    assert {n for n, v in views.items() if v == "transposed"} == set(CONV1D_WEIGHTS)
 
     params = _train_gpt2(model, opt, 3)
     for name in CONV1D_WEIGHTS:
