@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .._checks import is_finite_real, is_int
 from ..optim.roles import is_transformers_conv1d
 
 PRESETS = ("all-linear", "attention", "mlp")
@@ -50,7 +51,8 @@ class LoRAConfig:
         alpha: α; the blog keeps α = 32 for every rank, so the 1/r factor keeps the product's
             scale rank-independent at init and the optimal learning rate nearly so.
         target_modules: a preset, regex or list (see the module docstring).
-        exclude: the same forms as ``target_modules`` (no presets); matching modules are skipped.
+        exclude: the same forms as ``target_modules``, presets included (``exclude="mlp"``:
+            every Linear but the MLP's); matching modules are skipped.
         dropout: probability of dropping inputs to A (training mode only).
         use_rslora: s = α/√r instead of α/r.
         init: ``"default"`` (A ~ U(±1/√d_in), i.e. kaiming-uniform with a = √5, B = 0: the model is
@@ -67,13 +69,17 @@ class LoRAConfig:
     init: str = "default"
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+        if not is_int(self.r) or self.r <= 0:
             raise ValueError(f"r must be a positive int, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) \
-                or not self.alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        # alpha = inf made every output NaN (B = 0 times an infinite scale) and saved invalid JSON
+        if not is_finite_real(self.alpha) or not self.alpha > 0:
+            raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        if not (is_finite_real(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        # numpy numbers (a sweep's) stored as Python ones: the adapter config is saved as JSON
+        object.__setattr__(self, "r", int(self.r))
+        object.__setattr__(self, "alpha", int(self.alpha) if is_int(self.alpha) else float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         for name in ("target_modules", "exclude"):
@@ -150,6 +156,15 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def _preset(model: nn.Module, linears: dict[str, nn.Linear], preset: str) -> dict[str, nn.Linear]:
+    """The Linear layers of ``linears`` a preset names (module docstring)."""
+    if preset == "all-linear":
+        heads = output_head(model)
+        return {n: m for n, m in linears.items() if n not in heads}
+    pattern = _ATTENTION if preset == "attention" else _MLP
+    return {n: m for n, m in linears.items() if any(pattern.search(part) for part in n.split(".")[:-1])}
+
+
 def select_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]:
     """The base nn.Linear layers ``config`` selects, by path; raises before anything changes.
 
@@ -162,13 +177,8 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]
 
     linears = linear_modules(model)
     spec = config.target_modules
-    if spec == "all-linear":
-        heads = output_head(model)
-        chosen = {n: m for n, m in linears.items() if n not in heads}
-    elif spec in ("attention", "mlp"):
-        pattern = _ATTENTION if spec == "attention" else _MLP
-        chosen = {n: m for n, m in linears.items()
-                  if any(pattern.search(part) for part in n.split(".")[:-1])}
+    if spec in PRESETS:
+        chosen = _preset(model, linears, spec)
     else:
         chosen = {}
         for name, module in model.named_modules():
@@ -186,7 +196,10 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]
                 raise TypeError(f"target_modules {spec!r} matches {name!r}, a "
                                 f"{type(module).__name__}; LoRA here adapts nn.Linear layers (and transformers' "
                                 "Conv1D) only")
-    if config.exclude is not None:
+    if config.exclude in PRESETS:
+        excluded = _preset(model, linears, config.exclude)
+        chosen = {n: m for n, m in chosen.items() if n not in excluded}
+    elif config.exclude is not None:
         chosen = {n: m for n, m in chosen.items() if not matches(config.exclude, n)}
     if not chosen:
         listing = ", ".join(linears) or "(none)"

@@ -148,6 +148,20 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     if wrong:
         raise ValueError(f"{weights_file}: keys not of the form base_model.model.<path>."
                          f"lora_A|lora_B.weight: {wrong[:5]}")
+    # a damaged file can keep its header and carry NaN/inf in its data: loading it would put
+    # them into the model
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{weights_file}: non-finite values in {sorted(bad)[:5]}")
+    # the folder against itself before the model: lora_A is (r, d_in), lora_B (d_out, r)
+    r, off = int(config["r"]), []
+    for key, t in sorted(tensors.items()):
+        if t.ndim != 2:
+            off.append(f"{key} ({t.ndim}-D)")
+        elif t.shape[0 if _KEY.fullmatch(key)["factor"] == "lora_A" else 1] != r:
+            off.append(f"{key} of shape {tuple(t.shape)}")
+    if off:
+        raise ValueError(f"{weights_file} does not match {config_file}, which says r={r}: {off[:5]}")
     return config, tensors
 
 

@@ -7,9 +7,13 @@ f(t) = (t + 1)/warmup during warm-up, then 1 (``"constant"``) or (T − t)/(T �
 ``grad_accum`` micro-batch losses, micro-batch m of step t being ``data(t, m)``.
 
 Exact resume: data are a function of (t, m), not of an iterator's position, and a checkpoint
-holds the trainable parameters, the optimizer state, the base lrs and the torch RNG state
-(dropout), so a run stopped after a checkpoint at step k and resumed reproduces the
-uninterrupted run bitwise on the same machine.
+holds the trainable parameters, the optimizer state, the base lrs and the torch RNG states
+(CPU and CUDA: dropout), so a run stopped after a checkpoint at step k and resumed reproduces
+the uninterrupted run bitwise on the same machine. The base lrs are the checkpoint's: a resumed
+run given other ones says so and keeps the checkpoint's.
+
+A step whose loss or gradient is not finite raises FloatingPointError before the optimizer
+runs: the weights and the last checkpoint stay as they were.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import torch
 from torch import nn
 
 from .._checks import is_int
+from .._warn import warn
+
 CHECKPOINT_NAME = "trainer_state.pt"
 SCHEDULES = ("constant", "linear")
 
@@ -92,6 +98,11 @@ def eval_loss_fn(batches: list[dict]) -> Callable[[nn.Module], dict]:
     return evaluate
 
 
+def _token_count(batch: dict) -> int:
+    tokens = batch.get("input_ids", batch.get("labels"))
+    return int(tokens.numel()) if isinstance(tokens, torch.Tensor) else 0
+
+
 def _loss(output) -> torch.Tensor:
     loss = output["loss"] if isinstance(output, dict) else getattr(output, "loss", None)
     if loss is None:
@@ -117,7 +128,8 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
     Args:
         optimizer: a factory ``model -> torch.optim.Optimizer`` (see
             ``modman.lora.optimizer_factory``); its group lrs are the schedule's peak values.
-        data: ``data(t, m)`` → keyword arguments for ``model`` including ``labels``.
+        data: ``data(t, m)`` → keyword arguments for ``model`` including ``labels``; the logged
+            ``tokens`` count ``input_ids`` (else ``labels``) entries.
         eval_fn: called every ``eval_every`` steps and at the end, in eval mode without
             gradients; its dict is logged with an ``eval_`` prefix.
         checkpoint_dir: where ``trainer_state.pt`` (and, for LoRA models, the adapter in
@@ -129,7 +141,8 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
         stop_after: stop (after checkpointing) once this many steps are done: simulates an
             interruption, and lets a long run proceed in pieces.
 
-    Raises FloatingPointError at the first non-finite loss, naming the step.
+    Raises FloatingPointError at the first non-finite loss or gradient, naming the step; that
+    step changes nothing.
     """
     if not callable(optimizer):
         raise TypeError("optimizer must be a factory model -> torch.optim.Optimizer")
@@ -139,7 +152,11 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
     start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None and resume and (ckpt_dir / CHECKPOINT_NAME).is_file():
+        given = base_lrs
         start, base_lrs = _load_checkpoint(ckpt_dir / CHECKPOINT_NAME, trainable, opt)
+        if base_lrs != given:
+            warn(f"resumed from {ckpt_dir / CHECKPOINT_NAME} with its base lrs {base_lrs}; the optimizer "
+                 f"given has {given} (start a new checkpoint_dir to train with those)")
     records: list[dict] = []
     metrics_file = None
     if metrics_path is not None:
@@ -174,13 +191,20 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
                                              f"(micro-batch {micro})")
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
-                tokens += int(batch["input_ids"].numel())
+                tokens += _token_count(batch)
+            grads = [p.grad for p in trainable.values() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if not torch.isfinite(grad_norm):
+                # AdamW would write the NaN into the weights (and the next checkpoint)
+                raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at step {step + 1}; "
+                                         "nothing was updated")
             if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(grads, config.max_grad_norm, grad_norm)
             opt.step()
             step_seconds = time.perf_counter() - tick
             done = step + 1
-            record = {"step": done, "loss": total, "lr": base_lrs[0] * factor, "tokens": tokens,
+            record = {"step": done, "loss": total, "grad_norm": float(grad_norm), "lr": base_lrs[0] * factor,
+                      "tokens": tokens,
                       "step_seconds": step_seconds, "tokens_per_s": tokens / step_seconds}
             if eval_fn is not None and ((config.eval_every and done % config.eval_every == 0)
                                         or done == config.steps):
@@ -226,8 +250,11 @@ def _save_checkpoint(folder: Path, model: nn.Module, trainable: dict, opt, step:
         "base_lrs": base_lrs,
         "params": {n: p.detach().clone() for n, p in trainable.items()},
         "optimizer": opt.state_dict(),
+        "optimizer_class": type(opt).__name__,
         "rng": torch.get_rng_state(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()  # dropout on a GPU
     tmp = folder / f".{CHECKPOINT_NAME}.tmp{os.getpid()}"
     torch.save(state, tmp)
     tmp.replace(folder / CHECKPOINT_NAME)  # atomic: a crash mid-write keeps the old checkpoint
@@ -251,9 +278,15 @@ def _load_checkpoint(file: Path, trainable: dict, opt) -> tuple[int, list[float]
         if tensor.shape != trainable[name].shape:
             raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model "
                              f"{tuple(trainable[name].shape)}; not resumed")
+    saved_class = state.get("optimizer_class", type(opt).__name__)
+    if saved_class != type(opt).__name__:
+        raise ValueError(f"{file} holds the state of {saved_class}, the optimizer given is "
+                         f"{type(opt).__name__}; not resumed")
     opt.load_state_dict(state["optimizer"])
     with torch.no_grad():
         for name, tensor in saved.items():
             trainable[name].copy_(tensor)
     torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["step"]), [float(x) for x in state["base_lrs"]]

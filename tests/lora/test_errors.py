@@ -14,7 +14,9 @@ def test_rank_must_be_positive_int(r):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"), ({"init": "pissa"}, "init"),
+    ({"alpha": 0}, "alpha"), ({"alpha": float("inf")}, "alpha"), ({"alpha": True}, "alpha"),
+    ({"dropout": 1.0}, "dropout"), ({"dropout": "x"}, "dropout"), ({"dropout": None}, "dropout"),
+    ({"init": "pissa"}, "init"),
     ({"target_modules": []}, "target_modules"), ({"target_modules": "(["}, "not a valid regex"),
     ({"exclude": 3}, "exclude"),
 ])
@@ -86,3 +88,22 @@ def test_bf16_model_without_adapters_is_untouched_by_a_failed_apply():
     model = tiny_model(dtype=torch.bfloat16)
     assert _refused_untouched(model, lambda: apply_lora(model, LoRAConfig(2, target_modules="nothing_here")),
                ValueError, "matches no nn.Linear")
+
+
+def test_numpy_rank_and_alpha_from_a_sweep_are_stored_as_python_numbers():
+    import numpy as np
+
+    config = LoRAConfig(np.int64(4), alpha=np.float32(16), dropout=np.float64(0.1))
+    assert (type(config.r), type(config.alpha), type(config.dropout)) == (int, float, float)
+    assert config.scaling == 4.0
+    assert type(LoRAConfig(4, alpha=np.int32(8)).alpha) is int
+
+
+@pytest.mark.parametrize("preset", ["mlp", "attention"])
+def test_a_preset_excludes_its_modules(preset):
+    """exclude="mlp" keeps every Linear but the MLP's (it was read as a regex matching no path,
+    excluding nothing)."""
+    kept = set(lora_layers(apply_lora(tiny_model(), LoRAConfig(2, exclude=preset))))
+    other = "attention" if preset == "mlp" else "mlp"
+    assert kept == set(lora_layers(apply_lora(tiny_model(), LoRAConfig(2, target_modules=other))))
+    assert kept and kept.isdisjoint(lora_layers(apply_lora(tiny_model(), LoRAConfig(2, target_modules=preset))))

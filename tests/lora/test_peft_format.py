@@ -145,8 +145,9 @@ def test_adapter_with_other_rank_than_config_is_refused(tmp_path):
     path = _saved(tmp_path)
     config = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
-    _assert_untouched_after(ValueError, r"shape \(4, 32\), the model needs \(8, 32\)",
-                            tiny_model(), path)
+    # the folder disagrees with itself, not with the model: the message says so
+    _assert_untouched_after(ValueError, r"adapter_model.safetensors does not match .*adapter_config.json, which "
+                            r"says r=8: \[.*lora_A.weight of shape \(4, 32\)", tiny_model(), path)
 
 
 def test_existing_adapter_on_other_modules_is_refused(tmp_path):
@@ -223,3 +224,15 @@ def test_a_compiled_model_saves_and_loads_under_its_eager_paths(tmp_path):
     compiled_target = torch.compile(tiny_model())
     load_adapter(compiled_target, tmp_path)  # module paths of the eager model inside
     assert torch.equal(compiled_target._orig_mod.eval()(x).logits, model(x).logits)
+
+
+def test_non_finite_values_in_a_file_are_refused(tmp_path):
+    """A damaged file can keep its header: NaN or inf in its data would reach the model."""
+    path = _saved(tmp_path)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    for bad in (float("nan"), float("inf")):
+        tensors[key][0, 0] = bad
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        _assert_untouched_after(ValueError, rf"adapter_model.safetensors: non-finite values in \['{key}'\]",
+                                tiny_model(), path)

@@ -171,3 +171,53 @@ def test_manifold_muon_factory_writes_nothing_before_the_optimizer_accepts_its_o
     with pytest.raises(ValueError, match="solver"):
         optimizer_factory("manifold_muon", 0.05, solver="bogus")(model)
     assert all(torch.equal(state[k], v) for k, v in snapshot(model).items())
+
+
+class _SqrtLoss(torch.nn.Module):
+    """A plain module (no input_ids): loss = mean sqrt((x·w)²), finite everywhere, whose gradient
+    is inf where x·w = 0 — at step 3 here, as a real model's can be."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x, labels):
+        return {"loss": torch.sqrt((x @ self.w) ** 2 + 0 * labels.sum()).mean()}
+
+
+def _sqrt_data(step, micro):
+    x = torch.zeros(2, 4) if step == 2 else torch.ones(2, 4)
+    return {"x": x, "labels": torch.ones(2, 3)}
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_non_finite_gradient_stops_before_the_weights_or_the_checkpoint_change(tmp_path, clip):
+    """AdamW wrote the NaN into the weights (and clipping spread it to all of them) while the loss
+    was finite; the step-3 checkpoint then held it. Now step 3 raises and changes nothing."""
+    model = _SqrtLoss()
+    config = TrainConfig(5, checkpoint_every=1, max_grad_norm=clip)
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm .* at step 3; nothing was updated"):
+        train(model, optimizer_factory("adamw", 1e-2), _sqrt_data, config, checkpoint_dir=tmp_path)
+    saved = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert saved["step"] == 2 and torch.isfinite(model.w).all()
+    assert torch.equal(saved["params"]["w"], model.w.detach())
+
+
+def test_a_model_without_input_ids_trains_and_counts_its_labels():
+    result = train(_SqrtLoss(), optimizer_factory("adamw", 1e-2), lambda s, m: _sqrt_data(0, m), TrainConfig(2))
+    assert [r["tokens"] for r in result.history] == [6, 6]  # the labels' entries (KeyError: 'input_ids' before)
+    assert all(r["grad_norm"] > 0 for r in result.history)
+
+
+def test_resuming_with_another_optimizer_or_lr(tmp_path):
+    model, data = model_and_data()
+    train(model, optimizer_factory("muon", 0.02), data, TrainConfig(4), checkpoint_dir=tmp_path, stop_after=2)
+    other, data = model_and_data()
+    state = snapshot(other)
+    # a bare KeyError: 'step' from inside torch's AdamW before
+    with pytest.raises(ValueError, match="holds the state of Muon, the optimizer given is AdamW; not resumed"):
+        train(other, optimizer_factory("adamw", 1e-3), data, TrainConfig(4), checkpoint_dir=tmp_path)
+    assert all(torch.equal(v, snapshot(other)[k]) for k, v in state.items())
+    with pytest.warns(UserWarning, match=r"with its base lrs \[0.02.*the optimizer given has \[0.05"):
+        result = train(other, optimizer_factory("muon", 0.05), data, TrainConfig(4), checkpoint_dir=tmp_path)
+    assert result.resumed_from == 2 and result.history[0]["lr"] == pytest.approx(0.02)
