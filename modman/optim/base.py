@@ -194,6 +194,7 @@ class ManifoldOptimizer(Optimizer):
         self._constructing = True
         super().__init__(groups, defaults)
         self._constructing = False
+        self._unshare_tensor_hyperparameters()
         self._validate_groups(self.param_groups)
         if project_on_init:
             self._project_onto_manifolds(self.param_groups)
@@ -452,9 +453,25 @@ class ManifoldOptimizer(Optimizer):
             del self.param_groups[start:]  # refused: the optimizer is left as it was
             raise
 
+    def _unshare_tensor_hyperparameters(self) -> None:
+        """Give each group its own copy of a tensor hyperparameter another group already holds.
+
+        One ``lr=torch.tensor(…)`` for ``model.modules()`` lands in every role group (torch's
+        add_param_group shares a default), and schedulers update a tensor lr in place group by
+        group: ReduceLROnPlateau then cut it by factorᴷ for K groups. The first group keeps the
+        tensor given."""
+        seen: set[int] = set()
+        for group in self.param_groups:
+            for key, value in group.items():
+                if isinstance(value, torch.Tensor) and key != "params":
+                    if id(value) in seen:
+                        group[key] = value.clone()
+                    seen.add(id(group[key]))
+
     def _check_added(self, start: int) -> None:
         """Validate the groups from index ``start`` on and move their weights onto their manifolds."""
         added = self.param_groups[start:]
+        self._unshare_tensor_hyperparameters()
         self._validate_groups(added)
         if self.project_on_init:
             self._project_onto_manifolds(added)
@@ -702,7 +719,8 @@ class ManifoldOptimizer(Optimizer):
         """Load after checking the saved groups and every state tensor's shape.
 
         The check runs as the last load_state_dict pre-hook, so it sees the dict as any user
-        pre-hook left it; a mismatch raises before torch changes anything. The given dict is
+        pre-hook left it; a mismatch raises before torch changes anything. Post-hooks see the state
+        as the step keeps it. A saved group's missing hyperparameters keep the optimizer's values. The given dict is
         never mutated, then or later: the state tensors are copied, not shared. Floating state
         takes the dtype the step keeps (fp32 for bf16/fp16 weights, else the weight's).
         """
@@ -713,10 +731,15 @@ class ManifoldOptimizer(Optimizer):
             return sd
 
         handle = self.register_load_state_dict_pre_hook(check)
+        # the user's post-hooks run once the state is as the step keeps it (below), not on torch's
+        # cast of it: a hook zeroing bf16 momentum was undone, one clearing the state crashed the load
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
         try:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         sd = checked["sd"]
         by_id = dict(zip((i for g in sd["param_groups"] for i in g["params"]),
                          (p for g in self.param_groups for p in g["params"])))
@@ -734,6 +757,8 @@ class ManifoldOptimizer(Optimizer):
             for key, value in st.items():
                 if key not in _RESERVED and key != "dual" and isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(device=p.device)
+        for hook in post_hooks.values():
+            hook(self)
 
     def _checked_state_dict(self, state_dict: dict) -> dict:
         """A copy of state_dict with structural keys backfilled, or a ValueError naming the mismatch.
@@ -749,9 +774,10 @@ class ManifoldOptimizer(Optimizer):
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(groups)} parameter groups, optimizer has "
-                             f"{len(self.param_groups)}; nothing was loaded (built from modules, the groups follow "
-                             "the roles: a checkpoint from a version with other roles — e.g. before GPT-2's Conv1D "
-                             "was constrained — loads with roles= matching it; optimizer.describe() lists them)")
+                             f"{len(self.param_groups)}; nothing was loaded (a checkpoint of another model? Built "
+                             "from modules, the groups follow the roles: a checkpoint of this model from a version "
+                             "with other roles — e.g. before GPT-2's Conv1D was constrained — loads with roles= "
+                             "matching it; optimizer.describe() lists them)")
         new_groups, renames = [], {}
         for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
             if len(g_new["params"]) != len(g_old["params"]):
@@ -761,10 +787,12 @@ class ManifoldOptimizer(Optimizer):
             if "algorithm" not in g_new:  # every modman state_dict has it: another optimizer's
                 g_new = self._foreign_group(gi, g_new, g_old)
                 renames.update({pid: {"momentum_buffer": "momentum"} for pid in g_new["params"]})
+            # keys the saved group lacks keep this group's values (torch's load would leave them out, and
+            # __setstate__ fill them from the constrained groups' defaults: an AdamW group ran at lr 0.1)
+            for key, value in g_old.items():
+                g_new.setdefault(key, value)
             for key in self._STRUCTURAL:
-                if key not in g_new:
-                    g_new[key] = g_old[key]
-                elif g_new[key] != g_old[key]:
+                if g_new[key] != g_old[key]:
                     raise ValueError(f"parameter group {gi} has {key}={g_new[key]!r} in the state dict and "
                                      f"{g_old[key]!r} in the optimizer; nothing was loaded")
             new_groups.append(g_new)
@@ -788,12 +816,18 @@ class ManifoldOptimizer(Optimizer):
                 matrix = tuple(F.as_matrix(p, group.get("flatten")).shape)
                 # a solver's own entries (subspace size, μ) are one number per matrix of the batch
                 want = expected.get(key, matrix[:-2])
-                # a Conv weight's momentum was saved as its matrix before 2026-12-07
-                allowed = {tuple(want), matrix} if key == "momentum" else {tuple(want)}
+                # a Conv weight's momentum was saved as its matrix before 2026-12-07 (a transposed view's
+                # never was: reshaping that one would scramble it)
+                legacy = key == "momentum" and group.get("flatten") != "transposed"
+                allowed = {tuple(want), matrix} if legacy else {tuple(want)}
                 if not isinstance(value, torch.Tensor) or tuple(value.shape) not in allowed:
                     got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(f"state {key!r} for parameter {names[id(p)]} has shape {got}, "
                                      f"expected {tuple(want)}; nothing was loaded")
+                # a NaN momentum would reach the weights at the next step, a NaN exp_avg_sq silently
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"state {key!r} for parameter {names[id(p)]} has non-finite values; "
+                                     "nothing was loaded")
             # torch's load keeps a tensor that already has the right dtype/device (``.to`` is a no-op),
             # so the optimizer would step the caller's tensors in place: opt2.load_state_dict(
             # opt.state_dict()) would make two optimizers share momentum. Load copies instead.

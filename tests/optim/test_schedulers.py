@@ -37,3 +37,23 @@ def test_cycle_momentum_drives_the_momentum_the_constrained_weights_use(kind, sc
     prob.train(opt, 1)
     twin.train(opt2, 1)
     assert not torch.equal(prob.W, twin.W)
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_one_tensor_lr_for_a_model_is_reduced_once_per_plateau(kind):
+    """``lr=torch.tensor(…)`` for ``model.modules()`` fills every role group; torch's
+    add_param_group shares the one tensor, and ReduceLROnPlateau updates a tensor lr in place
+    group by group: one plateau cut it by 0.5³ with three constrained groups. Each group now
+    has its own tensor; the result equals a float lr's."""
+    lrs = []
+    for lr in (0.1, torch.tensor(0.1)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+        opt = make_opt(kind, model.modules(), lr=lr, budget="uniform") if kind == "manifold_muon" \
+            else make_opt(kind, model.modules(), lr=lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+        for _ in range(3):
+            sched.step(1.0)  # no improvement after the first: one cut per step from then on
+        lrs.append([float(g["lr"]) for g in opt.param_groups])
+    assert lrs[1] == pytest.approx(lrs[0], rel=1e-6)  # a tensor lr is fp32
+    assert lrs[0][0] == pytest.approx(0.1 * 0.5**2)

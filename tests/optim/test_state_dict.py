@@ -133,6 +133,12 @@ def _mismatches(kind):
     sd = copy.deepcopy(good)  # the fallback's step count of another shape (it raised mid-step, after updates)
     sd["state"][sd["param_groups"][1]["params"][0]]["step"] = torch.zeros(2)
     bad.append(("shape", sd))
+    sd = copy.deepcopy(good)  # a damaged checkpoint: NaN momentum would reach the weights at the next step
+    sd["state"][pid]["momentum"][0, 0] = float("nan")
+    bad.append(("non-finite", sd))
+    sd = copy.deepcopy(good)  # and a NaN second moment of the fallback made its weights NaN silently
+    sd["state"][sd["param_groups"][1]["params"][0]]["exp_avg_sq"][0] = float("inf")
+    bad.append(("non-finite", sd))
     sd = copy.deepcopy(good)  # another optimizer's groups (torch.optim.AdamW's have no "algorithm")
     for g in sd["param_groups"]:
         g.pop("algorithm")
@@ -386,3 +392,72 @@ def test_a_conv_weights_momentum_has_the_weights_shape_and_an_old_matrix_one_loa
     train(conv, opt, 2)
     train(twin, opt2, 2)
     assert torch.equal(conv.weight, twin.weight)
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_load_post_hooks_see_the_state_the_step_keeps(kind):
+    """Post-hooks ran on torch's cast of the state, before modman restored it: a hook zeroing a
+    bf16 model's momentum was undone (fp32 momentum copied back over it), one clearing the state
+    made the load fail with KeyError('momentum')."""
+    prob = Problem(kind, dtype=torch.bfloat16)
+    opt = make_opt(kind, prob.params)
+    prob.train(opt, 3)
+    sd = opt.state_dict()
+    twin = prob.clone(kind)
+    opt2 = make_opt(kind, twin.params)
+    seen = []
+
+    def zero_state(optimizer):
+        for st in optimizer.state.values():
+            seen.extend(v.dtype for k, v in st.items() if k in ("momentum", "exp_avg"))
+            for key in ("momentum", "exp_avg", "exp_avg_sq"):
+                if key in st:
+                    st[key].zero_()
+
+    handle = opt2.register_load_state_dict_post_hook(zero_state)
+    opt2.load_state_dict(sd)
+    handle.remove()
+    assert seen and set(seen) == {torch.float32}
+    assert all(float(v.abs().max()) == 0 for st in opt2.state.values() for k, v in st.items()
+               if k in ("momentum", "exp_avg", "exp_avg_sq"))
+    opt3 = make_opt(kind, prob.clone(kind).params)
+    opt3.register_load_state_dict_post_hook(lambda optimizer: optimizer.state.clear())
+    opt3.load_state_dict(sd)  # restart the momentum after loading: KeyError before
+    assert not opt3.state
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_a_saved_group_without_some_hyperparameters_keeps_the_optimizers(kind):
+    """A saved fallback group without lr ran AdamW at the constrained groups' lr (0.1, not its
+    0.001); without betas or eps the next step raised KeyError."""
+    prob = Problem(kind)
+    opt = make_opt(kind, prob.params, fallback={"lr": 1e-3})
+    prob.train(opt, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    fallback = sd["param_groups"][1]
+    assert fallback["algorithm"] == "adamw"
+    for key in ("lr", "betas", "eps"):
+        del fallback[key]
+    twin = prob.clone(kind)
+    opt2 = make_opt(kind, twin.params, fallback={"lr": 1e-3})
+    opt2.load_state_dict(sd)
+    assert {k: opt2.param_groups[1][k] for k in ("lr", "betas", "eps")} == \
+        {k: opt.param_groups[1][k] for k in ("lr", "betas", "eps")}
+    prob.train(opt, 2)
+    twin.train(opt2, 2)
+    assert_same(prob.b, twin.b)
+
+
+def test_a_transposed_weights_momentum_of_the_other_orientation_is_refused():
+    """Conv1D momentum (stored (in, out)) was never saved as its (out, in) matrix: that shape
+    loaded, reshaped (not transposed), scrambling it."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    layer = conv1d(24, 16)  # weight (16, 24): nx = 16 in, nf = 24 out
+    opt = make_opt("manifold_muon", layer.modules())
+    layer(torch.randn(3, 16)).square().sum().backward()
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    pid = sd["param_groups"][0]["params"][0]
+    sd["state"][pid]["momentum"] = sd["state"][pid]["momentum"].mT.contiguous()
+    with pytest.raises(ValueError, match=r"momentum.*shape \(24, 16\), expected \(16, 24\)"):
+        make_opt("manifold_muon", copy.deepcopy(layer).modules()).load_state_dict(sd)
