@@ -32,6 +32,7 @@ log-prob − rescored log-prob|: nonzero only by float noise when sampler == pol
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import time
@@ -123,6 +124,28 @@ class OPDConfig:
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 
+_SAMPLE_CALL = "generate(prompt_ids, max_new_tokens, temperature=, eos_token_id=, pad_token_id=, attention_mask=, generator=)"
+
+
+def _check_sampler(student) -> None:
+    """The rollouts call ``student.generate`` as modman.toy.TinyCausalLM's (``_SAMPLE_CALL``):
+    refuse a student whose generate cannot take that call — a transformers model's takes a
+    generation config second, and failed deep inside with "'int' object has no attribute
+    'max_length'"."""
+    generate = getattr(student, "generate", None)
+    try:
+        params = inspect.signature(generate).parameters
+        inspect.signature(generate).bind(None, 1, temperature=1.0, eos_token_id=0, pad_token_id=0,
+                                         attention_mask=None, generator=None)
+        ok = list(params)[1:2] != ["generation_config"]
+    except (TypeError, ValueError):  # not callable, or the call does not bind
+        ok = False
+    if not ok:
+        raise TypeError(f"the student samples its rollouts through {_SAMPLE_CALL}, the signature of "
+                        f"modman.toy.TinyCausalLM.generate; {type(student).__name__}'s generate takes another "
+                        "(a transformers model needs a wrapper with that signature)")
+
+
 def _check_finite(step: int, name: str, value) -> None:
     finite = bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else (
         not isinstance(value, float) or math.isfinite(value))
@@ -171,6 +194,7 @@ class Trainer:
             # cannot decode) and its prompt ids must embed (a smaller one cannot).
             raise ValueError(f"the student's vocabulary has {v_student} tokens but the task's "
                              f"tokenizer has {v_task}: they must be equal")
+        _check_sampler(student)
         needs_teacher = config.objective == "opd" or (
             config.objective == "sft" and config.sft_source == "teacher") or (
             config.objective == "rl" and config.effective_kl_coef > 0)

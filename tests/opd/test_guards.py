@@ -139,6 +139,24 @@ def test_student_vocabulary_must_match_the_task_tokenizer(delta):
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
 
 
+def test_a_student_whose_generate_takes_another_call_is_refused():
+    """The rollouts call TinyCausalLM.generate's signature; a transformers model (generate(inputs,
+    generation_config, **kwargs)) failed at the first step with "'int' object has no attribute
+    'max_length'"."""
+    import types
+
+    student = tiny_model(0)
+    student.generate = types.MethodType(lambda self, inputs=None, generation_config=None, **kw: None, student)
+    with pytest.raises(TypeError, match="generate.*signature of modman.toy.TinyCausalLM.generate"):
+        Trainer(student, TASK, _config(), teacher=tiny_model(1), optimizer=_adamw)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64))
+    with pytest.raises(TypeError, match="LlamaForCausalLM's generate takes another"):
+        Trainer(hf, TASK, _config(), teacher=tiny_model(1), optimizer=_adamw)
+
+
 def test_optimizer_on_another_models_parameters_is_refused():
     other = tiny_model(5)
     with pytest.raises(ValueError, match="none of the student's trainable parameters"):
