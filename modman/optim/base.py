@@ -720,9 +720,10 @@ class ManifoldOptimizer(Optimizer):
 
         The check runs as the last load_state_dict pre-hook, so it sees the dict as any user
         pre-hook left it; a mismatch raises before torch changes anything. Post-hooks see the state
-        as the step keeps it. A saved group's missing hyperparameters keep the optimizer's values. The given dict is
-        never mutated, then or later: the state tensors are copied, not shared. Floating state
-        takes the dtype the step keeps (fp32 for bf16/fp16 weights, else the weight's).
+        as the step keeps it. A saved group's missing hyperparameters keep the optimizer's values.
+        The given dict is never mutated, then or later: state tensors and tensor hyperparameters
+        are copied, not shared. Floating state takes the dtype the step keeps (fp32 for bf16/fp16
+        weights, else the weight's).
         """
         checked: dict = {}
 
@@ -783,7 +784,9 @@ class ManifoldOptimizer(Optimizer):
             if len(g_new["params"]) != len(g_old["params"]):
                 raise ValueError(f"parameter group {gi} has {len(g_new['params'])} parameters in the state "
                                  f"dict and {len(g_old['params'])} in the optimizer; nothing was loaded")
-            g_new = dict(g_new)
+            # a tensor lr is the group's own: shared with the given dict (or, from an older checkpoint,
+            # among groups) a scheduler's in-place update would reach them too
+            g_new = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in g_new.items()}
             if "algorithm" not in g_new:  # every modman state_dict has it: another optimizer's
                 g_new = self._foreign_group(gi, g_new, g_old)
                 renames.update({pid: {"momentum_buffer": "momentum"} for pid in g_new["params"]})

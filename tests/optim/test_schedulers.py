@@ -57,3 +57,22 @@ def test_one_tensor_lr_for_a_model_is_reduced_once_per_plateau(kind):
         lrs.append([float(g["lr"]) for g in opt.param_groups])
     assert lrs[1] == pytest.approx(lrs[0], rel=1e-6)  # a tensor lr is fp32
     assert lrs[0][0] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_a_loaded_tensor_lr_is_the_optimizers_own():
+    """A tensor lr loaded from a state_dict was the dict's own object (shared by every group of a
+    checkpoint saved while they shared it): a scheduler's in-place update reached the caller's
+    dict and compounded over the groups."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    opt = make_opt("muon", model.modules(), lr=torch.tensor(0.1))
+    sd = opt.state_dict()
+    shared = torch.tensor(0.1)
+    for g in sd["param_groups"][:2]:
+        g["lr"] = shared  # as an older version saved it
+    opt2 = make_opt("muon", model.modules(), lr=torch.tensor(0.1))
+    opt2.load_state_dict(sd)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt2, factor=0.5, patience=0)
+    sched.step(1.0)
+    sched.step(1.0)  # no improvement: one cut
+    assert float(shared) == pytest.approx(0.1)
+    assert [float(g["lr"]) for g in opt2.param_groups[:2]] == pytest.approx([0.05, 0.05])
