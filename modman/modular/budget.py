@@ -59,23 +59,38 @@ def _rows(tree: Module):
 
 def budget(model: nn.Module | Module, **options) -> dict[str, float]:
     """{parameter name: lr_scale} for the weights of positive mass (names as in
-    ``model.named_parameters()``); ``options`` go to ``from_torch`` (scale, masses, …)."""
+    ``model.named_parameters()``); ``options`` go to ``from_torch`` (scale, masses, …). Warns
+    when the lr_scales span more than SPREAD_WARNING (``spread_message``)."""
+    out = quiet_budget(model, **options)
+    message = spread_message(out)
+    if message:
+        warn(message)
+    return out
+
+
+def quiet_budget(model: nn.Module | Module, **options) -> dict[str, float]:
+    """``budget`` without the spread warning (for callers that act on ``spread_message``)."""
     tree = _tree(model, **options)
     if tree.mass <= 0:
         raise ModularError("the model's module tree has no weight of positive mass, so there is nothing to "
                            "budget; give weights a mass with from_torch(model, masses={name: 1.0}), or use "
                            "budget='uniform'")
-    out = {a.name: scale for a, _, scale in _rows(tree) if scale is not None}
+    return {a.name: scale for a, _, scale in _rows(tree) if scale is not None}
+
+
+def spread_message(out: dict[str, float]) -> str | None:
+    """Why a budget whose largest lr_scale exceeds its smallest by more than SPREAD_WARNING is
+    in effect a frozen one, naming both ends; None for an even budget."""
     lo, hi = (min(out, key=out.get), max(out, key=out.get)) if out else (None, None)
     if out and out[hi] > SPREAD_WARNING * out[lo]:
-        warn(
+        return (
             f"modular budget spans {out[hi] / out[lo]:.3g}× (more than {SPREAD_WARNING:g}×): smallest lr_scale "
             f"{out[lo]:.3g} for {lo!r}, largest {out[hi]:.3g} for {hi!r}. Each rule is a worst case and the "
             "sensitivities of the layers after a weight multiply (residual blocks x + f(x) add 1 + sens(f) "
             "each), so the smallest steps are in effect frozen. Consider ManifoldMuon(..., budget='uniform'), "
-            "or blocks x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, 'Learning-rate transfer across depth')",
+            "or blocks x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, 'Learning-rate transfer across depth')"
         )
-    return out
+    return None
 
 
 def _assumptions(tree: Module) -> list[str]:

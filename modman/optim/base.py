@@ -136,6 +136,22 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
         raise ValueError(f"adjust_lr_fn must be None, 'original', 'match_rms_adamw' or 'none', got {d['adjust_lr_fn']!r}")
 
 
+_MOVED_LISTED = 12  # weights named in the construction warning; the rest are counted
+
+
+def _moved_message(optimizer: str, report: list[tuple[str, str, str]]) -> str:
+    """One warning for the weights construction moved onto their manifolds (one per weight made
+    44 warnings for a 6-layer transformer): [(name, manifold, detail)]."""
+    if len(report) == 1:
+        name, manifold, detail = report[0]
+        return f"{optimizer}: moved {name} onto the {manifold} manifold ({detail})"
+    lines = [f"  {name} → {manifold} ({detail})" for name, manifold, detail in report[:_MOVED_LISTED]]
+    if len(report) > _MOVED_LISTED:
+        lines.append(f"  … and {len(report) - _MOVED_LISTED} more (optimizer.describe() lists every role)")
+    return (f"{optimizer}: moved {len(report)} weights onto their manifolds (project_on_init=False keeps "
+            "weights as loaded):\n" + "\n".join(lines))
+
+
 def _unique(name: str, taken: set[str]) -> str:
     """name, or name_1, name_2, … : the first not in taken (which it joins)."""
     out, j = name, 0
@@ -360,7 +376,7 @@ class ManifoldOptimizer(Optimizer):
             return {str(k): float(v) for k, v in budget(network.root).items()}
         if budget in ("modular", "auto"):
             from ..modular import ModularError
-            from ..modular import budget as modular_budget  # the entry point composes the layers
+            from ..modular.budget import quiet_budget, spread_message
 
             try:
                 if not network.single:
@@ -375,7 +391,19 @@ class ManifoldOptimizer(Optimizer):
                     # against the rank-independent LoRA lr the blog measures (modman.lora.lora_lr)
                     raise ModularError("its LoRA adapters have no meaningful modular budget (the rules count "
                                        "their α/r multiplier as a sensitivity)")
-                return modular_budget(network.root, scale=self._budget_scale)
+                scales = quiet_budget(network.root, scale=self._budget_scale)
+                spread = spread_message(scales)
+                if spread and budget == "auto":
+                    # the worst-case rules compound through residual blocks: TinyCausalLM's layers.0 of 6
+                    # got 1.7e-8, in effect frozen, under the default
+                    lo, hi = min(scales, key=scales.get), max(scales, key=scales.get)
+                    raise ModularError(f"its lr_scales would span {scales[hi] / scales[lo]:.3g}×, from {scales[lo]:.2g} "
+                                       f"for {lo!r} to {scales[hi]:.2g} for {hi!r}: the worst-case rules compound "
+                                       "through residual blocks and would in effect freeze the smallest; "
+                                       "budget='modular' uses it anyway")
+                if spread:
+                    warn(spread)
+                return scales
             except ModularError as err:
                 if budget == "modular":
                     raise
@@ -554,6 +582,7 @@ class ManifoldOptimizer(Optimizer):
                         s2 = manifold.scale_for(W.shape) ** 2
                         B_new = (B.to(wide) @ W.to(wide)) @ T.mT / s2
                         moves.append((B, B_new.to(B.dtype), None, None, None, False))
+            report = []
             for p, target, name, manifold_name, dist, partnered in moves:
                 zero = name is not None and not bool(p.any())
                 p.copy_(target)
@@ -564,8 +593,9 @@ class ManifoldOptimizer(Optimizer):
                     if zero:  # a zero-initialised layer (an output projection): every point is as near
                         note += ("; it was all zeros, which no point of the manifold is near: it is now a fixed "
                                  "arbitrary point (keep it at zero with roles={...: 'fallback'})")
-                    warn(f"{type(self).__name__}: moved {name} onto the {manifold_name} "
-                         f"manifold (distance was {dist:.3g}){note}")
+                    report.append((name, manifold_name, f"distance was {dist:.3g}{note}"))
+        if report:
+            warn(_moved_message(type(self).__name__, report))
 
     # ----------------------------------------------------------------------------- step
     def _grads_finite(self) -> bool:

@@ -49,8 +49,10 @@ class ManifoldMuon(ManifoldOptimizer):
         solver, tol, max_iters: the subproblem solver (see ``modman.solvers.SOLVERS``).
         scale: None (unscaled Stiefel) or "rms" (s = √(d_out/d_in)), or a float.
         budget: "auto" (default: "modular" when given modules — falling back to "uniform" with a
-            warning when ``modman.modular`` cannot describe the model — and "uniform" for
-            tensors), "uniform" (lr_scale 1: every constrained weight steps lr), "modular"
+            warning when ``modman.modular`` cannot describe the model, or when its lr_scales would
+            span more than 1e3× (``modular.budget.SPREAD_WARNING``: the worst-case rules compound
+            through residual blocks, and a deep transformer's first layers got ~1e-8, in effect
+            frozen) — and "uniform" for tensors), "uniform" (lr_scale 1: every constrained weight steps lr), "modular"
             (lr_scale from ``modman.modular.budget(model, scale=scale)``: lr is the step of the
             whole network in the modular norm: lr/L per layer of an L-layer MLP with scale="rms",
             (lr/L)·√(d_out/d_in) of the network with scale=None), a dict
@@ -59,14 +61,15 @@ class ManifoldMuon(ManifoldOptimizer):
             uniformly, "modular" refuses, and a callable gets an ``nn.ModuleList`` of them.
             A float scale has no modular budget either ("auto" warns, "modular" refuses).
         project_on_init: move constrained weights onto their manifold (exact polar factor) at
-            construction, warning once per moved weight. Pass False for pretrained models: the
+            construction, listing the moved weights in one warning. Pass False for pretrained models: the
             first steps then act on W as given, the closed-form retraction then pulls W toward
             the manifold only gradually, and the polish step snaps it back once the drift check
             fires — so prefer projecting unless the weights must stay as loaded.
         on_manifold_tol: weights within this distance (max|σ/s − 1|) count as on the manifold.
         nonfinite: "raise" (a FloatingPointError naming the parameters, nothing changed) or
             "skip" (the step is skipped and ``last_step_skipped`` set).
-        fallback: AdamW hyperparameters for the fallback group: lr, betas, eps, weight_decay.
+        fallback: AdamW hyperparameters for the fallback group: lr, betas, eps, weight_decay
+            (defaults 1e-3, (0.9, 0.95), 1e-8, 0.0).
         roles: overrides {module instance | module class | parameter name: role}.
         distributed: under data parallelism (DDP), True (the default process group) or a
             ``torch.distributed`` ProcessGroup deals the constrained matrices out over the ranks:

@@ -339,6 +339,23 @@ def test_spread_warning_names_both_ends():
     assert repr(lo) in text and repr(hi) in text and "uniform" in text
 
 
+def test_the_default_budget_steps_uniformly_where_the_modular_one_would_freeze_layers():
+    """budget="auto" on TinyCausalLM (spread > 1e3×) gave layers.0 lr_scales ~1e-8: in effect
+    frozen under the default. It now falls back to uniform and says why; budget="modular" keeps
+    the modular budget (with budget()'s warning)."""
+    from modman import ManifoldMuon
+
+    model = TinyCausalLM(vocab_size=32, d_model=32, n_layers=4, n_heads=2, max_len=16)
+    with pytest.warns(UserWarning, match=r"would span .*×.*residual blocks.*budget='modular' uses it anyway"):
+        auto = ManifoldMuon(model.modules(), lr=0.1)
+    assert {g["lr_scale"] for g in auto.param_groups if g["algorithm"] != "adamw"} == {1.0}
+    with pytest.warns(UserWarning, match="modular budget spans"):
+        modular = ManifoldMuon(model.modules(), lr=0.1, budget="modular")
+    scales = {g["param_names"][0]: g["lr_scale"] for g in modular.param_groups if g["algorithm"] != "adamw"}
+    with pytest.warns(UserWarning, match="spans"):
+        assert scales == pytest.approx(budget(model))
+
+
 def test_no_spread_warning_for_even_budgets():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -317,9 +317,11 @@ def test_an_all_zero_weight_is_moved_with_a_warning_that_says_so():
     "distance was 1"."""
     net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
     torch.nn.init.zeros_(net[1].weight)
-    with pytest.warns(UserWarning, match=r"moved 1\.weight .* all zeros.*arbitrary point") as caught:
+    with pytest.warns(UserWarning, match=r"1\.weight → stiefel \(distance was 1; it was all zeros.*arbitrary point") \
+            as caught:
         ManifoldMuon(net.modules(), lr=0.1, solver="projected")
-    assert not any("all zeros" in str(w.message) for w in caught if "0.weight" in str(w.message))
+    lines = [line for w in caught for line in str(w.message).splitlines() if "0.weight" in line]
+    assert lines and not any("all zeros" in line for line in lines)
     assert net[1].weight.any(), "it is a point of the manifold now"
 
 
@@ -341,3 +343,20 @@ def test_a_groups_lr_is_for_its_constrained_weights_not_their_biases(form):
     m(torch.randn(16, 4)).sum().backward()
     opt.step()
     assert float((m[2].bias - b0).abs().max()) <= 1.01e-3, "AdamW's first step moves each entry by about its lr"
+
+
+def test_a_deep_model_gets_one_construction_warning_that_names_a_dozen_and_counts_the_rest():
+    """A 6-layer transformer gave 44 "moved … onto" warnings, one per weight."""
+    from modman.toy import TinyCausalLM
+
+    model = TinyCausalLM(32, 16, 6, 2, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ManifoldMuon(model.modules(), lr=0.1, solver="projected", budget="uniform")
+    moved = [str(w.message) for w in caught if "onto their manifolds" in str(w.message) or "onto the" in str(w.message)]
+    assert len(moved) == 1
+    lines = moved[0].splitlines()
+    matrices = sum(p.ndim >= 2 for p in model.parameters())  # 7 per layer, the embedding and the head
+    assert f"moved {matrices} weights onto their manifolds" in lines[0]
+    assert len(lines) == 1 + 12 + 1
+    assert lines[-1].strip() == f"… and {matrices - 12} more (optimizer.describe() lists every role)"

@@ -88,7 +88,7 @@ def test_role_overrides():
         ManifoldMuon(net.modules(), roles={nn.Linear: "hyperbolic"})
 
 
-def test_construction_projects_onto_the_exact_polar_factor_warning_once_per_weight():
+def test_construction_projects_onto_the_exact_polar_factor_in_one_warning_naming_each_weight():
     net, opt, before, moved = _build()
     mats = {"lin.weight": lambda w: w, "conv.weight": lambda w: w.reshape(3, -1),
             "conv1.weight": lambda w: w.reshape(3, -1), "experts.w": lambda w: w}
@@ -99,8 +99,12 @@ def test_construction_projects_onto_the_exact_polar_factor_warning_once_per_weig
     emb = net.emb.weight.detach()
     torch.testing.assert_close(emb.double(), before["emb.weight"].double() / before["emb.weight"].double().norm(
         dim=1, keepdim=True), rtol=0, atol=2e-6)
-    assert sorted(m.split(" moved ")[1].split(" onto")[0] for m in moved) == sorted(list(mats) + ["emb.weight"])
-    assert all("distance was" in m for m in moved)
+    assert len(moved) == 1, "one warning for all the weights moved (a deep model got one per weight)"
+    lines = moved[0].splitlines()
+    assert lines[0].endswith(f"moved {len(mats) + 1} weights onto their manifolds (project_on_init=False keeps "
+                             "weights as loaded):")
+    assert sorted(line.split(" → ")[0].strip() for line in lines[1:]) == sorted(list(mats) + ["emb.weight"])
+    assert all("(distance was" in line for line in lines[1:])
     for name in ("lin.bias", "experts.gate", "norm.weight", "frozen.weight", "frozen.bias"):
         assert_bitwise(dict(net.named_parameters())[name], before[name], name)
 
@@ -143,7 +147,7 @@ def test_embedding_padding_row_stays_zero(family):
     torch.manual_seed(0)
     emb, head = nn.Embedding(10, 8, padding_idx=0), nn.Linear(8, 10)
     net = nn.Sequential(emb, head)
-    with pytest.warns(UserWarning, match="moved 0.weight"):
+    with pytest.warns(UserWarning, match=r"0\.weight → sphere"):
         opt = family(net.modules(), lr=0.05)
     x = torch.tensor([[0, 3, 4, 0, 7]])
     for _ in range(3):
