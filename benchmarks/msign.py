@@ -4,7 +4,8 @@ For each bar shape and spectrum (κ = 1e3, log-spaced and flat-top) at the defau
 max|σ−1|, the iteration count, and the median wall time; then, per schedule (polar_express,
 keller, convergent), max|σ−1| after each iteration k = 1..K at κ = 1e1…1e4 (512×256 fp32).
 Singular values are measured in fp64 with LAPACK. Default run < 1 minute; --full adds
-1024×1024 and more repeats.
+1024×1024, 2048×2048 and 4096×1536 (where a Frobenius bound of the Gram left a flat-top
+spectrum's smallest σ under the schedule's floor) and more repeats.
 
     python benchmarks/msign.py [--threads N] [--repeats R] [--full]
 """
@@ -55,7 +56,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps = default_steps("polar_express")
-    shapes = [(512, 256), (256, 512), (300, 300), (257, 129)] + ([(1024, 1024)] if args.full else [])
+    shapes = [(512, 256), (256, 512), (300, 300), (257, 129)] + ([(1024, 1024), (2048, 2048), (4096, 1536)] if args.full else [])
     repeats = args.repeats * (3 if args.full else 1)
 
     bar = []
