@@ -7,8 +7,12 @@ normalised gradient Gn = G/‖G‖_F). ``certify`` turns them into a rigorous st
   the largest eigenvalue of the fp64 Gram (a power iteration would under-estimate it);
 - dual value: D(Λ) = ‖Gn − 2WΛ‖_*, from the eigenvalues of the small fp64 Gram ZᵀZ
   (⟨msign(Z), Z⟩ from Newton–Schulz is only a lower bound);
-- duality gap: (D(Λ) − ⟨Gn, A_f⟩)/max(D(Λ), tiny). By weak duality D(Λ) ≥ max ⟨Gn, A⟩ over the
-  feasible set for every symmetric Λ, so the gap bounds the relative sub-optimality of A_f.
+- duality gap: (D(Λ) − v)/max(D(Λ), tiny) with v = ⟨Gn, A_f⟩ − ‖sym(WᵀGn)‖_F·‖sym(WᵀA_f)‖_F.
+  By weak duality D(Λ) ≥ max ⟨Gn, A⟩ over the feasible set for every symmetric Λ, so the gap
+  bounds the relative sub-optimality of A_f made exactly tangent: A_f is tangent to its rounding,
+  and against that residual the part of Gn normal to the manifold adds up to the subtracted term
+  to ⟨Gn, A_f⟩ (for fp32 G nearly normal to the manifold it made ⟨Gn, A_f⟩ exceed the optimum and
+  the gap read 0 against a true 9e-4).
 All inexactness of the solver (stopping early, msign in low precision) ends up in the gap. The
 bound holds up to the rounding of D itself: from a Gram's eigenvalues, singular values of
 Gn − 2WΛ near 0 are known only to ~√eps (a robustness probe measured the gap short of the true
@@ -33,7 +37,10 @@ class SolveResult:
     direction: A, shaped and oriented like W, always feasible (tangent and ‖A‖₂ ≤ 1).
     objective: ⟨G, A⟩ in the units of G.
     tangent_residual: ‖WᵀA + AᵀW‖_F/‖A‖_F (tall orientation) of the returned direction.
-    duality_gap: relative certified gap (D(Λ) − ⟨Gn, A⟩)/D(Λ) ≥ 0.
+    duality_gap: relative certified gap (D(Λ) − v)/D(Λ) in [0, 1], v = ⟨Gn, A⟩ less
+        ‖sym(WᵀGn)‖_F·‖sym(WᵀA)‖_F: the most that A's tangent residual can add to ⟨Gn, A⟩ through
+        the part of G normal to the manifold, so that the gap bounds the sub-optimality of A made
+        exactly tangent (for G nearly normal to the manifold the residual's term dominates).
     iterations, msign_calls: work done (Python ints; msign calls count Newton–Schulz runs; an
         eigh-based solver reports ⌈msign_equivalents⌉).
     state: warm start for the next call (``warm_start=``): {"dual": Λ, ...}.
@@ -42,6 +49,8 @@ class SolveResult:
         number of msign calls (the certificate not counted).
     direction_norm: ‖direction‖₂ as the certificate measured it (fp64 Gram eigenvalue, ≤ 1), so
         a caller that rescales the step to unit length need not form the Gram again.
+    dual_value: D(Λ) = ‖G − 2‖G‖_F·WΛ‖_* in the units of G, for W as given: an upper bound of
+        the optimum (weak duality).
     """
 
     direction: torch.Tensor
@@ -53,6 +62,7 @@ class SolveResult:
     state: dict = field(default_factory=dict)
     msign_equivalents: float | None = None  # work in units of one default msign on W's shape
     direction_norm: torch.Tensor | None = None
+    dual_value: torch.Tensor | None = None
 
 
 def sym(M: torch.Tensor) -> torch.Tensor:
@@ -170,8 +180,16 @@ def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: 
     del S
     objective = dot64(Gn, A_f)
     D = dual_value(W, Gn, dual)
-    gap = ((D - objective) / D.clamp(min=_TINY)).clamp(min=0)
-    residual = _residual(gram64(W, A_f), dot64(A_f, A_f))
+    H = gram64(W, A_f)
+    # A_f is tangent up to its rounding to out_dtype: ⟨Gn, A_f⟩ counts ⟨sym(WᵀGn), sym(WᵀA_f)⟩, the
+    # normal part of Gn against that residual, which the exactly tangent A_f − W·sym(WᵀA_f) lacks. It is
+    # at most ‖sym(WᵀGn)‖_F·‖sym(WᵀA_f)‖_F (Cauchy–Schwarz), left out of the certified value: for G
+    # nearly normal to the manifold ⟨Gn, A⟩ exceeded the optimum (0.13 % in fp32) and the gap read 0
+    # against a true sub-optimality of 9e-4. (Making A exactly tangent also changes ‖A‖₂, by at most
+    # ‖W‖₂‖sym(WᵀA)‖₂: second order, not counted.)
+    certified = objective - torch.linalg.matrix_norm(sym(gram64(W, Gn))) * torch.linalg.matrix_norm(sym(H))
+    gap = ((D - certified) / D.clamp(min=_TINY)).clamp(0, 1)
+    residual = _residual(H, dot64(A_f, A_f))
     return A_f, objective, residual, gap, bound * scale, D
 
 
@@ -199,7 +217,7 @@ def _blocked_gram_eig_max(A: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> 
 
 
 def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value: torch.Tensor,
-                 out_dtype: torch.dtype, g_scale: torch.Tensor | None = None):
+                 out_dtype: torch.dtype, g_scale: torch.Tensor | None = None, sym_norm: torch.Tensor | None = None):
     """The cheaper certificate for solvers that know D(Λ) from the n×n identity.
 
     W, Gn, A tall (…, m, n) in ``out_dtype`` (fp32 or fp64); ``dual_value`` = D(Λ) = ‖Gn − 2WΛ‖_*
@@ -212,8 +230,10 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
     - ‖A‖₂² bounded from the fp64 n×n Gram (``gram_lambda_max_bound``: a Cholesky of
       τI − AᵀA, τ ≈ 1 + √n·eps, where A is an isometry to rounding, else an eigvalsh), then A is divided by
       max(1, ‖A‖₂·(1 + √n·eps)) — the factor absorbs the rounding of the rescaled A to out_dtype;
-    - objective ⟨Gn, A⟩ and relative gap (D − ⟨Gn, A⟩)/D, clamped at 0 (0 when D = 0); a direction
-      with a negative objective (G normal to the manifold up to rounding) is replaced by A = 0.
+    - objective ⟨Gn, A⟩ and relative gap (D − ⟨Gn, A⟩ + ‖sym(WᵀGn)‖_F·‖sym(WᵀA)‖_F)/D, clamped at 0
+      (0 when D = 0; ``sym_norm`` = ‖sym(WᵀGn)‖_F from the solver, the term left out without it: see
+      ``certify_with_norm``); a direction with a negative objective (G normal to the manifold up
+      to rounding) is replaced by A = 0.
     A is overwritten (it is the solver's own output); ``g_scale`` (fp64, (…, 1, 1)): Gn is given
     unnormalised and the normalised gradient is Gn·g_scale. All m×n work is in fp64 row blocks.
     Returns (A_f, objective, tangent residual, gap, flops spent, ‖A_f‖₂ bound).
@@ -248,7 +268,10 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
         objective = torch.where(worse, torch.zeros_like(objective), objective)
         c = torch.where(worse, torch.zeros_like(c), c)
     D = dual_value.double()
-    gap = torch.where(D > 0, (D - objective) / D.clamp(min=_TINY), torch.zeros_like(D)).clamp(min=0)
+    certified = objective
+    if sym_norm is not None:
+        certified = objective - sym_norm * torch.linalg.matrix_norm(sym(H)) * c  # (_tangent_part below)
+    gap = torch.where(D > 0, (D - certified) / D.clamp(min=_TINY), torch.zeros_like(D)).clamp(0, 1)
     return A, objective, res, gap, flops, norm * c
 
 
