@@ -27,7 +27,10 @@ def main() -> None:
     if d:
         worst = max(b["max_abs_sigma_minus_1"] for b in d["bar"])
         its = max(b["iterations"] for b in d["bar"])
-        rows.append(f"| msign fp32, κ = 1e3, log-spaced and flat-top, 4 shapes | max\\|σ−1\\| = {worst:.1e} "
+        shapes = {tuple(b["shape"]) for b in d["bar"]}
+        largest = "×".join(map(str, max(shapes, key=lambda s: s[0] * s[1])))
+        rows.append(f"| msign fp32, κ = 1e3, log-spaced and flat-top, {len(shapes)} shapes up to {largest} | "
+                    f"max\\|σ−1\\| = {worst:.1e} "
                     f"in {its} Polar Express iterations | msign.json |")
     d = load("main_job")
     if d:

@@ -143,7 +143,10 @@ def stiefel_step(
         # only converges for singular values near 1 (it diverges past √(5/3)), so project exactly.
         new = manifold.project(new)
         drift = manifold.gram_deviation(new)
-    elif bool((drift > drift_tol).any()):
+    elif bool((drift > drift_tol / 2).any()):
+        # the power-iteration estimate runs low (up to 1.37× on 64×32, a claims audit measuring
+        # every step in fp64): polishing at half the tolerance keeps the true drift under it
+        # (at the tolerance itself lr 0.1 reached a distance of 1.33e-5 against 1e-5)
         new = manifold.polish(new)
         drift = manifold.gram_deviation(new)
     W.copy_(new)

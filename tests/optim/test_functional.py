@@ -21,3 +21,23 @@ def test_functional_manifold_muon_steps_a_channels_last_conv_weight():
     assert set(stats[0]) == {"tangent_residual", "duality_gap", "iterations", "msign_calls", "distance_to_manifold"}
     length = torch.linalg.matrix_norm(W.reshape(4, -1) - before.reshape(4, -1), 2)
     assert abs(float(length) - 0.1) <= 0.1 * 0.1  # step length lr, to second order
+
+
+def test_the_drift_stays_under_its_tolerance_measured_exactly_after_every_step():
+    """The drift monitor (power iteration) runs low — up to 1.37× on 64×32 — so polishing only past
+    the tolerance let the projected solver's steps at lr 0.1 reach a distance of 1.33e-5 against
+    1e-5 (462 of 10⁴ steps, a claims audit measuring in fp64 after every step). The oracle here is
+    an fp64 SVD of the stored weight after every step."""
+    from modman.optim import functional as F
+
+    g = torch.Generator().manual_seed(0)
+    manifold = Stiefel()
+    W = manifold.random((64, 32), generator=g)
+    state = {"momentum": torch.zeros(64, 32)}
+    worst = 0.0
+    for _ in range(400):
+        u = F.momentum_update(torch.randn(64, 32, generator=g), state["momentum"], 0.95, True)
+        F.stiefel_step(W, u, state, lr=0.1, manifold=manifold, solver="projected", tol=None, max_iters=None,
+                       drift_tol=2e-5, warm_keys=("dual",))
+        worst = max(worst, float((torch.linalg.svdvals(W.double()) - 1).abs().max()))
+    assert worst <= 1e-5, worst
