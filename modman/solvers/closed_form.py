@@ -30,8 +30,9 @@ The polar factor comes from one fp64 eigh of MᵀM (on one CPU core faster than 
 this size; an fp32 eigh of the squared matrix loses the small singular values: measured gaps up
 to 1). Directions of G⊥ with t below 1e-5·t_max and of M with σ below 1e-5·σ_max are dropped
 (each would add at most t or σ to the value; below that an eigh of a Gram cannot place them, and
-R ~ 1/t would amplify rounding): "exact" therefore means to ~1e-5 of the value on a gradient with
-a long spectral tail (tests/solvers/test_closed_form.py), at rounding otherwise.
+R ~ 1/t would amplify rounding): "exact" therefore means to 1e-5–3e-5 of the value on a gradient
+with a long spectral tail (tests/solvers/test_closed_form.py; 3.3e-5 measured by a claims audit),
+at rounding otherwise.
 
 Certificate. The optimal symmetric dual of the Λ-form (MATH.md §3) follows from the same eigh:
 with Y = |M| = (MᵀM)^{1/2} in blocks (n, k), H = 2(Y₁₁ − Y₁₂Y₂₂⁺Y₂₁) (twice a Schur complement)

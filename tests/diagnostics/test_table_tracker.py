@@ -72,12 +72,23 @@ def test_named_params_and_manifold_mapping():
 
 def test_large_matrix_uses_lanczos_and_stays_close():
     W = torch.randn(600, 520, generator=torch.Generator().manual_seed(1))
-    st = matrix_stats(W)
+    st = matrix_stats(W, exact_max_dim=256)
     s = torch.linalg.svdvals(W.double())
     assert st["exact"] is False
     assert st["sigma_max"] == pytest.approx(float(s[0]), rel=1e-2)
     assert st["stable_rank"] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-2)
-    assert "lanczos" in spectrum_table({"big": W})
+    assert "lanczos" in spectrum_table({"big": W}, exact_max_dim=256)
+
+
+def test_a_1024_weight_near_the_manifold_gets_its_exact_distance():
+    """Lanczos stops at a relative residual of 1e-3: a 1024×512 weight 1e-4 off the manifold read a
+    distance of 5e-6 (a claims audit) when only matrices up to 256 were exact; up to 1024 are now."""
+    g = torch.Generator().manual_seed(3)
+    U = Stiefel().random((1024, 512), generator=g, dtype=torch.float64)
+    W = (U * (1 + 1e-4 * torch.rand(512, generator=g, dtype=torch.float64))).float()
+    st = matrix_stats(W)
+    truth = float((torch.linalg.svdvals(W.double()) - 1).abs().max())
+    assert st["exact"] is True and st["distance"] == pytest.approx(truth, rel=1e-6)
 
 
 @pytest.mark.parametrize("bad, error", [(torch.zeros(3), TypeError), ({"b": torch.zeros(3)}, ValueError),
