@@ -23,3 +23,12 @@ def is_real(value) -> bool:
 def is_finite_real(value) -> bool:
     """A finite real number (Python or numpy, integers included), not a bool."""
     return is_real(value) and math.isfinite(value)
+
+
+def shape_from(args: tuple, where: str) -> tuple[int, ...]:
+    """A shape given as torch.randn takes one: ``f(64, 32)`` or ``f((64, 32))`` (a tuple, list or
+    torch.Size), as a tuple of Python ints ≥ 0; a TypeError naming ``where`` otherwise."""
+    dims = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+    if not all(is_int(d) and d >= 0 for d in dims):
+        raise TypeError(f"{where}: shape must be non-negative ints, as f(64, 32) or f((64, 32)); got {args!r}")
+    return tuple(int(d) for d in dims)

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     data = load_mnist1d(seed=42)
     print(f"MNIST-1D: {len(data['x'])} train / {len(data['x_test'])} test, MLP 40→"
           f"{'→'.join([str(args.width)] * (args.depth - 1))}→10 (no biases, ReLU), batch {args.batch_size}, "
-          f"{args.steps} steps, lr → 0 linearly, {torch.get_num_threads()} threads")
+          f"{args.steps} steps, lr → 0 linearly, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}")
     results = []
     start = time.time()
     where = machine()  # before training (its load average is the one the run started with)

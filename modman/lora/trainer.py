@@ -116,6 +116,11 @@ class TrainResult:
     optimizer: torch.optim.Optimizer
     resumed_from: int
 
+    def __repr__(self) -> str:  # the dataclass repr printed every step's record
+        last = self.history[-1] if self.history else {}
+        return (f"TrainResult({len(self.history)} steps, last {last.get('step')}: loss {last.get('loss')}, "
+                f"resumed_from={self.resumed_from}, optimizer={type(self.optimizer).__name__})")
+
 
 def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimizer],
           data: Callable[[int, int], dict], config: TrainConfig, *,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import shape_from
 
 class Euclidean:
     name = "euclidean"
@@ -34,5 +35,6 @@ class Euclidean:
     def distance(self, W: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=W.dtype, device=W.device)
 
-    def random(self, shape, *, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+    def random(self, *shape, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+        shape = shape_from(shape, "Euclidean.random")  # random(64, 32) or random((64, 32)), as torch.randn
         return torch.randn(*shape, generator=generator, dtype=dtype, device=device)

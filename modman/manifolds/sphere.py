@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .._checks import shape_from
 from ..linalg.msign import check_floating, resolve_compute_dtype
 
 
@@ -107,7 +108,8 @@ class Sphere:
             d = torch.where(amax == 0, torch.zeros_like(d), d)  # (a NaN row stays NaN)
         return d.amax(dim=-1) if W.ndim >= 1 else d
 
-    def random(self, shape, *, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+    def random(self, *shape, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+        shape = shape_from(shape, "Sphere.random")  # random(64, 32) or random((64, 32)), as torch.randn
         self.check_shape(shape)
         G = torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
         return (self.radius * G / torch.linalg.vector_norm(G, dim=-1, keepdim=True)).to(dtype)

@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from .._checks import shape_from
 from ..linalg.blocked import gram64
 from ..linalg.msign import check_floating, resolve_compute_dtype
 
@@ -208,8 +209,9 @@ class Stiefel:
         sq = torch.linalg.eigvalsh(gram64(to_tall(W))).clamp(min=0) / (s * s)
         return (sq.sqrt() - 1).abs().amax(dim=-1).to(dtype)
 
-    def random(self, shape, *, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+    def random(self, *shape, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
         """A uniformly distributed (Haar) point: the polar factor of a Gaussian matrix."""
+        shape = shape_from(shape, "Stiefel.random")  # random(64, 32) or random((64, 32)), as torch.randn
         self.check_shape(shape)
         G = torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
         return self.project(G).to(dtype)

@@ -69,6 +69,9 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         return len(SPECIAL_TOKENS) + len(self.alphabet)
 
+    def __len__(self) -> int:  # as Hugging Face tokenizers: len(tokenizer) is the vocabulary size
+        return self.vocab_size
+
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         ids = []
         for position, char in enumerate(text):

@@ -359,3 +359,14 @@ def test_non_floating_dtypes_refused_naming_the_dtype(call):
     # Stiefel.project(int ones) used to return all zeros: the fp32 polar factor truncated to int
     with pytest.raises(TypeError, match="floating dtype, got torch"):
         call()
+
+
+@pytest.mark.parametrize("M", [Stiefel(), Sphere(), Euclidean()])
+def test_random_takes_a_shape_as_torch_randn_does(M):
+    """``Stiefel().random(64, 32)`` raised "takes 2 positional arguments but 3 were given"."""
+    a = M.random(6, 4, generator=torch.Generator().manual_seed(0))
+    b = M.random((6, 4), generator=torch.Generator().manual_seed(0))
+    c = M.random(torch.Size([6, 4]), generator=torch.Generator().manual_seed(0))
+    assert a.shape == (6, 4) and torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(TypeError, match=f"{type(M).__name__}.random: shape"):
+        M.random(6, 4.5)

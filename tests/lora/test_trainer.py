@@ -221,3 +221,10 @@ def test_resuming_with_another_optimizer_or_lr(tmp_path):
     with pytest.warns(UserWarning, match=r"with its base lrs \[0.02.*the optimizer given has \[0.05"):
         result = train(other, optimizer_factory("muon", 0.05), data, TrainConfig(4), checkpoint_dir=tmp_path)
     assert result.resumed_from == 2 and result.history[0]["lr"] == pytest.approx(0.02)
+
+
+def test_the_result_prints_a_summary_not_every_record():
+    model, data = model_and_data()
+    result = train(model, optimizer_factory("adamw", 1e-2), data, TrainConfig(3))
+    text = repr(result)
+    assert text.startswith("TrainResult(3 steps, last 3: loss ") and "AdamW" in text and len(text) < 200

@@ -302,3 +302,9 @@ def test_minor_input_checks():
     # numpy seeds are accepted and mean the same as the int
     with_numpy_seed = tasks.addition(3, seed=np.int64(5)).test_prompts()[:5]
     assert with_numpy_seed == tasks.addition(3, seed=5).test_prompts()[:5]
+
+
+def test_len_of_a_tokenizer_is_its_vocabulary_size():
+    """As for Hugging Face tokenizers (it raised TypeError: no len())."""
+    tok = tasks.CharTokenizer()
+    assert len(tok) == tok.vocab_size > 0
