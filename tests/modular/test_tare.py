@@ -4,8 +4,6 @@ Invariants: taring leaves the coefficients inside a subtree unchanged and is the
 every inner mass by M/μ; with modula's residual blocks x ↦ (1 − 1/B)x + (1/B)·block(x) tared to
 mass M, every coefficient (hence every lr_scale) is independent of the number of blocks B ≥ 1;
 the tared norm is still well normed (and tight) on the torch model."""
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
