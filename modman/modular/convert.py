@@ -255,7 +255,7 @@ def _trace(module: nn.Module, prefix: str, opts: Options) -> Module:
             described = convert(sub, _join(prefix, node.target), opts)  # refusals name the layer first
             values[node] = _single_input(node, values, name) + (described,)
         elif node.op in ("call_function", "call_method"):
-            values[node] = _function(node, values, name)
+            values[node] = _function(node, values, name, type(module).__name__)
         elif node.op == "output":
             out = node.args[0]
             if not isinstance(out, fx.Node) or values.get(out) is _META:
@@ -308,7 +308,8 @@ def _alpha(node, where) -> float:
     return float(alpha)
 
 
-def _function(node: fx.Node, values, name) -> object:
+def _function(node: fx.Node, values, name, owner: str) -> object:
+    """The chain of a call_function/call_method node of ``owner``'s (a class name) forward."""
     target = node.target
     where = f"{name}: {node.op} {getattr(target, '__name__', target)!r}"
     if node.op == "call_method" and target in _META_METHODS:
@@ -378,8 +379,10 @@ def _function(node: fx.Node, values, name) -> object:
     if target in (F.scaled_dot_product_attention,):
         raise ModularError(f"{where}: softmax attention is not Lipschitz without assumptions; declare the "
                            "block with modman.modular.declare, stating them (see declarations.py)")
-    raise ModularError(f"{where} is not a function modman knows; describe the enclosing module with "
-                       "from_torch(model, custom={Class: fn}) or @modman.modular.declare(Class)")
+    # name the class to describe: "describe the enclosing module with custom={Class: fn}" left a
+    # user guessing which (a newcomer's MaxPool2d)
+    raise ModularError(f"{where} is not a function modman knows; describe {owner} with "
+                       f"from_torch(model, custom={{{owner}: fn}}) or @modman.modular.declare({owner})")
 
 
 def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | None = None,

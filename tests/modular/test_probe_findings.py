@@ -425,3 +425,12 @@ def test_a_transpose_of_an_activation_is_refused_not_dropped():
     with pytest.raises(modular.ModularError, match="attribute 'mT'"):
         modular.budget(Sym())
     assert set(modular.budget(Shaped())) == {"fc.weight", "out.weight"}
+
+
+def test_an_unknown_function_names_the_class_to_describe():
+    """The refusal said "describe the enclosing module with custom={Class: fn}" without saying
+    which class (a newcomer's pooling layer)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.MaxPool1d(2))
+    with pytest.raises(ModularError, match=r"max_pool1d.*describe MaxPool1d with from_torch\(model, "
+                                           r"custom=\{MaxPool1d: fn\}\) or @modman.modular.declare\(MaxPool1d\)"):
+        from_torch(model)
