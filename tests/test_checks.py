@@ -44,3 +44,17 @@ def test_group_size_takes_a_numpy_int():
     assert rep[0].shape == (4, 3)
     with pytest.raises(ValueError, match="group_size"):
         repeat_prompts(ids, mask, ["a", "b"], group_size=True)
+
+
+def test_numpy_hyperparameters_are_stored_as_python_numbers_so_weights_only_loads(tmp_path):
+    """Accepted numpy scalars were stored as is: torch.load(weights_only=True) then refused the
+    optimizer's state_dict (a review)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = modman.ManifoldMuon(model.modules(), lr=np.float32(0.05), momentum=np.float32(0.9),
+                              max_iters=np.int64(5), fallback={"lr": np.float64(1e-3), "betas": (np.float32(0.9), 0.95)})
+    groups = opt.state_dict()["param_groups"]
+    for g in groups:
+        assert all(type(g[k]) in (int, float) for k in ("lr", "momentum") if k in g)
+        assert all(type(b) is float for b in g.get("betas", ()))
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    assert torch.load(tmp_path / "opt.pt", weights_only=True)["param_groups"] == groups

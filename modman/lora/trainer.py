@@ -199,8 +199,9 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
                 tokens += _token_count(batch)
             grads = [p.grad for p in trainable.values() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            if not torch.isfinite(grad_norm):
-                # AdamW would write the NaN into the weights (and the next checkpoint)
+            if not torch.isfinite(grad_norm) and getattr(opt, "nonfinite", "raise") != "skip":
+                # AdamW would write the NaN into the weights (and the next checkpoint); an optimizer
+                # built with nonfinite="skip" (modman's) skips the step itself
                 raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at step {step + 1}; "
                                          "nothing was updated")
             if config.max_grad_norm is not None:

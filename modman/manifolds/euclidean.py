@@ -35,6 +35,7 @@ class Euclidean:
     def distance(self, W: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=W.dtype, device=W.device)
 
-    def random(self, *shape, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
-        shape = shape_from(shape, "Euclidean.random")  # random(64, 32) or random((64, 32)), as torch.randn
+    def random(self, *size, shape=None, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+        # random(64, 32), random((64, 32)) (as torch.randn) or random(shape=(64, 32))
+        shape = shape_from(size if shape is None else (shape,), "Euclidean.random")
         return torch.randn(*shape, generator=generator, dtype=dtype, device=device)

@@ -108,8 +108,9 @@ class Sphere:
             d = torch.where(amax == 0, torch.zeros_like(d), d)  # (a NaN row stays NaN)
         return d.amax(dim=-1) if W.ndim >= 1 else d
 
-    def random(self, *shape, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
-        shape = shape_from(shape, "Sphere.random")  # random(64, 32) or random((64, 32)), as torch.randn
+    def random(self, *size, shape=None, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+        # random(64, 32), random((64, 32)) (as torch.randn) or random(shape=(64, 32))
+        shape = shape_from(size if shape is None else (shape,), "Sphere.random")
         self.check_shape(shape)
         G = torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
         return (self.radius * G / torch.linalg.vector_norm(G, dim=-1, keepdim=True)).to(dtype)

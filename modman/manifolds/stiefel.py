@@ -209,9 +209,10 @@ class Stiefel:
         sq = torch.linalg.eigvalsh(gram64(to_tall(W))).clamp(min=0) / (s * s)
         return (sq.sqrt() - 1).abs().amax(dim=-1).to(dtype)
 
-    def random(self, *shape, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+    def random(self, *size, shape=None, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
         """A uniformly distributed (Haar) point: the polar factor of a Gaussian matrix."""
-        shape = shape_from(shape, "Stiefel.random")  # random(64, 32) or random((64, 32)), as torch.randn
+        # random(64, 32), random((64, 32)) (as torch.randn) or random(shape=(64, 32))
+        shape = shape_from(size if shape is None else (shape,), "Stiefel.random")
         self.check_shape(shape)
         G = torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
         return self.project(G).to(dtype)

@@ -127,12 +127,12 @@ OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 _SAMPLE_CALL = "generate(prompt_ids, max_new_tokens, temperature=, eos_token_id=, pad_token_id=, attention_mask=, generator=)"
 
 
-def _check_sampler(student) -> None:
-    """The rollouts call ``student.generate`` as modman.toy.TinyCausalLM's (``_SAMPLE_CALL``):
-    refuse a student whose generate cannot take that call — a transformers model's takes a
-    generation config second, and failed deep inside with "'int' object has no attribute
-    'max_length'"."""
-    generate = getattr(student, "generate", None)
+def _check_sampler(model, role: str) -> None:
+    """The rollouts call ``model.generate`` as modman.toy.TinyCausalLM's (``_SAMPLE_CALL``):
+    refuse a sampler (the student, or the teacher for SFT on its samples) whose generate cannot
+    take that call — a transformers model's takes a generation config second, and failed deep
+    inside with "'int' object has no attribute 'max_length'"."""
+    generate = getattr(model, "generate", None)
     try:
         params = inspect.signature(generate).parameters
         inspect.signature(generate).bind(None, 1, temperature=1.0, eos_token_id=0, pad_token_id=0,
@@ -141,8 +141,8 @@ def _check_sampler(student) -> None:
     except (TypeError, ValueError):  # not callable, or the call does not bind
         ok = False
     if not ok:
-        raise TypeError(f"the student samples its rollouts through {_SAMPLE_CALL}, the signature of "
-                        f"modman.toy.TinyCausalLM.generate; {type(student).__name__}'s generate takes another "
+        raise TypeError(f"the {role} samples its rollouts through {_SAMPLE_CALL}, the signature of "
+                        f"modman.toy.TinyCausalLM.generate; {type(model).__name__}'s generate takes another "
                         "(a transformers model needs a wrapper with that signature)")
 
 
@@ -194,7 +194,8 @@ class Trainer:
             # cannot decode) and its prompt ids must embed (a smaller one cannot).
             raise ValueError(f"the student's vocabulary has {v_student} tokens but the task's "
                              f"tokenizer has {v_task}: they must be equal")
-        _check_sampler(student)
+        sft_from_teacher = config.objective == "sft" and config.sft_source == "teacher"
+        _check_sampler(student, "student")
         needs_teacher = config.objective == "opd" or (
             config.objective == "sft" and config.sft_source == "teacher") or (
             config.objective == "rl" and config.effective_kl_coef > 0)
@@ -205,6 +206,8 @@ class Trainer:
             check_same_vocabulary(student, teacher, task.tokenizer, teacher_tokenizer)
             if teacher is student:
                 raise ValueError("teacher must be a separate, fixed model (pass a copy)")
+            if sft_from_teacher:
+                _check_sampler(teacher, "teacher")
         self.params = [p for p in student.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")

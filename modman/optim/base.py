@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import numbers
 import sys
 from typing import Any
 
@@ -136,18 +137,13 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
         raise ValueError(f"adjust_lr_fn must be None, 'original', 'match_rms_adamw' or 'none', got {d['adjust_lr_fn']!r}")
 
 
-_MOVED_LISTED = 12  # weights named in the construction warning; the rest are counted
-
-
 def _moved_message(optimizer: str, report: list[tuple[str, str, str]]) -> str:
-    """One warning for the weights construction moved onto their manifolds (one per weight made
-    44 warnings for a 6-layer transformer): [(name, manifold, detail)]."""
+    """One warning naming every weight construction moved onto its manifold, with its distance
+    (one warning per weight made 44 for a 6-layer transformer): [(name, manifold, detail)]."""
     if len(report) == 1:
         name, manifold, detail = report[0]
         return f"{optimizer}: moved {name} onto the {manifold} manifold ({detail})"
-    lines = [f"  {name} → {manifold} ({detail})" for name, manifold, detail in report[:_MOVED_LISTED]]
-    if len(report) > _MOVED_LISTED:
-        lines.append(f"  … and {len(report) - _MOVED_LISTED} more (optimizer.describe() lists every role)")
+    lines = [f"  {name} → {manifold} ({detail})" for name, manifold, detail in report]
     return (f"{optimizer}: moved {len(report)} weights onto their manifolds (project_on_init=False keeps "
             "weights as loaded):\n" + "\n".join(lines))
 
@@ -210,7 +206,7 @@ class ManifoldOptimizer(Optimizer):
         self._constructing = True
         super().__init__(groups, defaults)
         self._constructing = False
-        self._unshare_tensor_hyperparameters()
+        self._own_hyperparameters()
         self._validate_groups(self.param_groups)
         if project_on_init:
             self._project_onto_manifolds(self.param_groups)
@@ -481,17 +477,27 @@ class ManifoldOptimizer(Optimizer):
             del self.param_groups[start:]  # refused: the optimizer is left as it was
             raise
 
-    def _unshare_tensor_hyperparameters(self) -> None:
-        """Give each group its own copy of a tensor hyperparameter another group already holds.
+    def _own_hyperparameters(self) -> None:
+        """numpy scalars become Python numbers, and each group gets its own copy of a tensor
+        hyperparameter another group already holds.
 
-        One ``lr=torch.tensor(…)`` for ``model.modules()`` lands in every role group (torch's
-        add_param_group shares a default), and schedulers update a tensor lr in place group by
-        group: ReduceLROnPlateau then cut it by factorᴷ for K groups. The first group keeps the
-        tensor given."""
+        A state_dict must hold plain Python values and tensors, or ``torch.load(weights_only=True)``
+        refuses it (an np.float32 lr was saved as is). One ``lr=torch.tensor(…)`` for
+        ``model.modules()`` lands in every role group (torch's add_param_group shares a default),
+        and schedulers update a tensor lr in place group by group: ReduceLROnPlateau then cut it by
+        factorᴷ for K groups. The first group keeps the tensor given (a user who drives every
+        group through one shared tensor drives the first one only)."""
         seen: set[int] = set()
         for group in self.param_groups:
-            for key, value in group.items():
-                if isinstance(value, torch.Tensor) and key != "params":
+            for key, value in list(group.items()):
+                if key in ("params", "param_names"):
+                    continue
+                if isinstance(value, numbers.Number) and hasattr(value, "item"):  # a numpy scalar
+                    group[key] = value.item()
+                elif isinstance(value, (tuple, list)) and any(isinstance(v, numbers.Number) and hasattr(v, "item")
+                                                              for v in value):
+                    group[key] = type(value)(v.item() if hasattr(v, "item") else v for v in value)  # betas
+                elif isinstance(value, torch.Tensor):
                     if id(value) in seen:
                         group[key] = value.clone()
                     seen.add(id(group[key]))
@@ -499,7 +505,7 @@ class ManifoldOptimizer(Optimizer):
     def _check_added(self, start: int) -> None:
         """Validate the groups from index ``start`` on and move their weights onto their manifolds."""
         added = self.param_groups[start:]
-        self._unshare_tensor_hyperparameters()
+        self._own_hyperparameters()
         self._validate_groups(added)
         if self.project_on_init:
             self._project_onto_manifolds(added)

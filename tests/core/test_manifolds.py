@@ -367,6 +367,7 @@ def test_random_takes_a_shape_as_torch_randn_does(M):
     a = M.random(6, 4, generator=torch.Generator().manual_seed(0))
     b = M.random((6, 4), generator=torch.Generator().manual_seed(0))
     c = M.random(torch.Size([6, 4]), generator=torch.Generator().manual_seed(0))
-    assert a.shape == (6, 4) and torch.equal(a, b) and torch.equal(a, c)
+    d = M.random(shape=(6, 4), generator=torch.Generator().manual_seed(0))  # as before
+    assert a.shape == (6, 4) and torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
     with pytest.raises(TypeError, match=f"{type(M).__name__}.random: shape"):
         M.random(6, 4.5)

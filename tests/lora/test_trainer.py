@@ -1,6 +1,7 @@
 """The trainer: exact resume, gradient accumulation, schedules, metrics, evaluation, and the
 LoRA factors' manifolds under ManifoldMuon."""
 import json
+import math
 
 import pytest
 import torch
@@ -228,3 +229,21 @@ def test_the_result_prints_a_summary_not_every_record():
     result = train(model, optimizer_factory("adamw", 1e-2), data, TrainConfig(3))
     text = repr(result)
     assert text.startswith("TrainResult(3 steps, last 3: loss ") and "AdamW" in text and len(text) < 200
+
+
+def test_an_optimizer_that_skips_non_finite_steps_is_left_to_skip_them():
+    """optimizer_factory("manifold_muon", lr, nonfinite="skip") is a valid set-up: the trainer's own
+    non-finite check must not abort it (a review); the step with the infinite gradient is skipped."""
+    class SqrtLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3, bias=False)
+
+        def forward(self, x, labels):
+            return {"loss": torch.sqrt(self.lin(x) ** 2 + 0 * labels.sum()).mean()}
+
+    model = SqrtLinear()
+    result = train(model, optimizer_factory("manifold_muon", 0.05, nonfinite="skip", solver="projected"),
+                   _sqrt_data, TrainConfig(5))
+    assert len(result.history) == 5 and torch.isfinite(model.lin.weight).all()
+    assert not math.isfinite(result.history[2]["grad_norm"])  # step 3's gradient, skipped by the optimizer

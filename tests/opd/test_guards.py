@@ -155,6 +155,12 @@ def test_a_student_whose_generate_takes_another_call_is_refused():
         num_key_value_heads=1, max_position_embeddings=64))
     with pytest.raises(TypeError, match="LlamaForCausalLM's generate takes another"):
         Trainer(hf, TASK, _config(), teacher=tiny_model(1), optimizer=_adamw)
+    # SFT on the teacher's samples: the teacher is the sampler, checked as well (a review)
+    teacher = tiny_model(1)
+    teacher.generate = types.MethodType(lambda self, inputs=None, generation_config=None, **kw: None, teacher)
+    with pytest.raises(TypeError, match="the teacher samples its rollouts"):
+        Trainer(tiny_model(0), TASK, _config(objective="sft", sft_source="teacher"), teacher=teacher,
+                optimizer=_adamw)
 
 
 def test_optimizer_on_another_models_parameters_is_refused():

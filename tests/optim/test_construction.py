@@ -345,7 +345,7 @@ def test_a_groups_lr_is_for_its_constrained_weights_not_their_biases(form):
     assert float((m[2].bias - b0).abs().max()) <= 1.01e-3, "AdamW's first step moves each entry by about its lr"
 
 
-def test_a_deep_model_gets_one_construction_warning_that_names_a_dozen_and_counts_the_rest():
+def test_a_deep_model_gets_one_construction_warning_naming_every_moved_weight():
     """A 6-layer transformer gave 44 "moved … onto" warnings, one per weight."""
     from modman.toy import TinyCausalLM
 
@@ -358,5 +358,4 @@ def test_a_deep_model_gets_one_construction_warning_that_names_a_dozen_and_count
     lines = moved[0].splitlines()
     matrices = sum(p.ndim >= 2 for p in model.parameters())  # 7 per layer, the embedding and the head
     assert f"moved {matrices} weights onto their manifolds" in lines[0]
-    assert len(lines) == 1 + 12 + 1
-    assert lines[-1].strip() == f"… and {matrices - 12} more (optimizer.describe() lists every role)"
+    assert len(lines) == 1 + matrices and all("(distance was " in line for line in lines[1:])
