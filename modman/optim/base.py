@@ -391,7 +391,7 @@ class ManifoldOptimizer(Optimizer):
                 spread = spread_message(scales)
                 if spread and budget == "auto":
                     # the worst-case rules compound through residual blocks: TinyCausalLM's layers.0 of 6
-                    # got 1.7e-8, in effect frozen, under the default
+                    # got 1.9e-7 (2.5e-8 with scale="rms"), in effect frozen, under the default
                     lo, hi = min(scales, key=scales.get), max(scales, key=scales.get)
                     raise ModularError(f"its lr_scales would span {scales[hi] / scales[lo]:.3g}×, from {scales[lo]:.2g} "
                                        f"for {lo!r} to {scales[hi]:.2g} for {hi!r}: the worst-case rules compound "

@@ -51,7 +51,7 @@ class ManifoldMuon(ManifoldOptimizer):
         budget: "auto" (default: "modular" when given modules — falling back to "uniform" with a
             warning when ``modman.modular`` cannot describe the model, or when its lr_scales would
             span more than 1e3× (``modular.budget.SPREAD_WARNING``: the worst-case rules compound
-            through residual blocks, and a deep transformer's first layers got ~1e-8, in effect
+            through residual blocks, and a deep transformer's first layers got ~2e-7, in effect
             frozen) — and "uniform" for tensors), "uniform" (lr_scale 1: every constrained weight steps lr), "modular"
             (lr_scale from ``modman.modular.budget(model, scale=scale)``: lr is the step of the
             whole network in the modular norm: lr/L per layer of an L-layer MLP with scale="rms",

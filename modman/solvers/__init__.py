@@ -129,7 +129,7 @@ def solve_manifold_muon(
         out = fn(Wt, Gn, tol=tol, max_iters=max_iters, warm_start=warm_start, **options)
     if out.dual_value is not None and not (reduce and m > n) and W.dtype == dtype:
         A, objective, residual, gap, flops, norm = certify_gram(Wt, Gn, out.direction.to(dtype), out.dual_value, W.dtype,
-                                                                g_scale=options.get("g_scale"), sym_norm=out.sym_norm)
+                                                                g_scale=options.get("g_scale"), sym_gn=out.sym_gn)
         D = out.dual_value.double()
         equivalents = (out.msign_equivalents or 0.0) + flops / msign_flops(m, n)
     else:

@@ -178,7 +178,7 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
     Wf, Gf = W.reshape(-1, m, n), Gn.reshape(-1, m, n)
     scales = g_scale.reshape(-1) if g_scale is not None else None
     A = torch.empty_like(Wf)
-    duals, values, sym_norms, flops = [], [], [], 0.0
+    duals, values, sym_gns, flops = [], [], [], 0.0
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
         Wb, Gb = Wf[b], Gf[b]
@@ -203,7 +203,7 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
             assembly = 2 * 4.0 * m * n * n
             del Z, P
         values.append(float(dual_value(Wb, Gb, lam, sc)))
-        sym_norms.append(float(torch.linalg.matrix_norm(sym(Gw))))
+        sym_gns.append(sym(Gw))
         duals.append(lam)
         del Gw, K, Bb
         # D(Λ): two fp64 tall products (W·Λ and the Gram, summed over row blocks) and an fp64
@@ -216,4 +216,4 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
                         msign_calls=math.ceil(equivalents), state={"dual": dual},
                         dual_value=torch.tensor(values, dtype=torch.float64, device=W.device).reshape(batch),
                         msign_equivalents=equivalents,
-                        sym_norm=torch.tensor(sym_norms, dtype=torch.float64, device=W.device).reshape(batch))
+                        sym_gn=torch.stack(sym_gns).reshape(*batch, n, n))

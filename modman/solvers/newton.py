@@ -262,14 +262,14 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
     carried_in = {k: warm[k].reshape(-1) for k in carried if k in warm}
     scales = g_scale.reshape(-1) if g_scale is not None else None
     A = torch.empty_like(Wf)
-    duals, values, sym_norms, iters, flops = [], [], [], 0, 0.0
+    duals, values, sym_gns, iters, flops = [], [], [], 0, 0.0
     # a square W has no G⊥ (no subspace to find) and its cores ignore a warm start: its state is the
     # dual alone, so momentum and dual stay within API.md's 2·numel(W) (scalars made it 2n² + 2)
     kept = {} if m == n else {k: [] for k in ("subspace",) + tuple(carried)}
     for b in range(Wf.shape[0]):
         sc = 1.0 if scales is None else scales[b]
         Gw, N, Z, L, cost = tall_frame(Wf[b], Gf[b], sc)
-        sym_norms.append(float(torch.linalg.matrix_norm(sym(Gw))))
+        sym_gns.append(sym(Gw))
         prev = {k: float(v[b]) for k, v in carried_in.items()}
         # the certificate's D(Λ) for W as it is (the cores' own D assumes WᵀW = I)
         exact = None if L is None else (lambda lam_, L=L, Z=Z, N=N: frame_dual_value(L, Z, N, lam_))
@@ -297,7 +297,7 @@ def solve_tall(W, Gn, core, *, tol, warm_start, g_scale=None, carried=()):
                         msign_calls=math.ceil(equivalents), state=state,
                         dual_value=torch.tensor(values, dtype=torch.float64, device=W.device).reshape(batch),
                         msign_equivalents=equivalents,
-                        sym_norm=torch.tensor(sym_norms, dtype=torch.float64, device=W.device).reshape(batch))
+                        sym_gn=torch.stack(sym_gns).reshape(*batch, n, n))
 
 
 def tall_frame(W: torch.Tensor, G: torch.Tensor, g_scale=1.0):

@@ -16,4 +16,4 @@ class SolverOutput:
     # optional, for solvers that certify through the n×n identity (``certify_gram``):
     dual_value: torch.Tensor | None = None  # fp64 D(Λ) = ‖Gn − 2WΛ‖_* for W as it is
     msign_equivalents: float | None = None  # cost in msign-equivalents (solver's own model)
-    sym_norm: torch.Tensor | None = None  # fp64 ‖sym(WᵀGn)‖_F: bounds what A's tangent residual adds to ⟨Gn, A⟩
+    sym_gn: torch.Tensor | None = None  # fp64 sym(WᵀGn) (…, n, n): what A's tangent residual adds to ⟨Gn, A⟩

@@ -59,17 +59,19 @@ def test_singular_shift_never_claims_less_than_lambda_max():
 @st.composite
 def direction_grams(draw):
     """Batched Grams AᵀA of directions a solver could return: fp32 partial isometries (rank r,
-    rounded to fp32), some scaled short or long by s, as fp64 (…, n, n)."""
+    rounded to fp32), as certify_gram hands them over (scaled by 1/(1 + √n·eps)) or scaled short
+    or long by s, as fp64 (…, n, n)."""
     b = draw(st.integers(1, 3))
     n = draw(st.integers(1, 40))
     m = n + draw(st.integers(0, 40))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    delta = n**0.5 * torch.finfo(torch.float32).eps
     grams = []
     for _ in range(b):
         r = draw(st.integers(1, n))
         U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
         V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
-        s = draw(st.sampled_from([1.0, 1.0, 1 + 1e-7, 1 - 1e-4, 0.5, 1.5, 0.0]))
+        s = draw(st.sampled_from([1 / (1 + delta), 1 / (1 + delta), 1.0, 1 + 1e-7, 1 - 1e-4, 0.5, 1.5, 0.0]))
         A = (s * U @ V.mT).float().double()
         grams.append(A.mT @ A)
     return torch.stack(grams)
@@ -79,15 +81,18 @@ def direction_grams(draw):
 @given(direction_grams())
 def test_gram_bound_is_an_upper_bound_and_tight(gram):
     """Every Gram: the bound is at least λ_max (scipy's eigvalsh, the oracle) and overstates it by
-    at most 11·√n·eps₃₂ (a direction of length ≈ 1 reported by its Cholesky shift) — so a short
-    direction (0.5, or 1 − 1e-4) is reported at its own length, not at 1. Isometries to fp32
-    rounding need no eigvalsh."""
+    at most 10·√n·eps₃₂ (a direction of length ≈ 1 reported at 1) — so a short direction (0.5, or
+    1 − 1e-4) is reported at its own length. Isometries scaled as certify_gram scales them need no
+    eigvalsh; an fp64 eps (rounding term e ≫ √n·eps₆₄) always takes the eigvalsh."""
     n = gram.shape[-1]
     eps = torch.finfo(torch.float32).eps
     bound, measured = gram_lambda_max_bound(gram.clone(), eps)
     lmax = torch.tensor([scipy.linalg.eigvalsh(g.numpy())[-1] for g in gram], dtype=torch.float64)
     slack = 1e-13 * n * lmax.clamp(min=1.0)
     assert (bound >= lmax - slack).all()
-    assert (bound <= lmax + 11 * n**0.5 * eps + slack).all()
-    near_one = (lmax - 1).abs() <= 0.5 * n**0.5 * eps
-    assert measured <= int((~near_one).sum())
+    assert (bound <= lmax + 10 * n**0.5 * eps + slack).all()
+    delta = n**0.5 * eps
+    scaled_isometry = (lmax <= 1 - delta) & (lmax >= 1 - 3 * delta)
+    assert measured <= int((~scaled_isometry).sum())
+    exact, m64 = gram_lambda_max_bound(gram.clone(), torch.finfo(torch.float64).eps)
+    assert m64 == gram.shape[0] and (exact >= lmax - slack).all() and (exact <= lmax + slack).all()
