@@ -96,3 +96,27 @@ def test_gram_bound_is_an_upper_bound_and_tight(gram):
     assert measured <= int((~scaled_isometry).sum())
     exact, m64 = gram_lambda_max_bound(gram.clone(), torch.finfo(torch.float64).eps)
     assert m64 == gram.shape[0] and (exact >= lmax - slack).all() and (exact <= lmax + slack).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 60), st.sampled_from(["noise", "rank1", "zero"]), st.integers(0, 2**31 - 1))
+def test_symmetric_norm_bound_is_an_upper_bound_and_tight_on_noise(b, n, kind, seed):
+    """The certified value divides by 1 + a bound of ‖sym(WᵀA)‖₂: never below the spectral norm
+    (scipy's eigvalsh), never above the Frobenius norm, and within 4× of it on rounding noise
+    (the Frobenius norm alone is √n/2 times it there)."""
+    from modman.solvers.result import _symmetric_norm_bound
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(b, n, n, generator=g, dtype=torch.float64) * 1e-7
+    if kind == "rank1":
+        v = torch.randn(b, n, 1, generator=g, dtype=torch.float64)
+        X = v @ v.mT
+    elif kind == "zero":
+        X = torch.zeros(b, n, n, dtype=torch.float64)
+    S = (X + X.mT) / 2
+    bound = _symmetric_norm_bound(S)
+    spectral = torch.tensor([float(np.abs(scipy.linalg.eigvalsh(s.numpy())).max()) for s in S], dtype=torch.float64)
+    fro = torch.linalg.matrix_norm(S)
+    assert (bound >= spectral * (1 - 1e-12)).all() and (bound <= fro * (1 + 1e-12) + 1e-300).all()
+    if kind == "noise" and n >= 16:
+        assert (bound <= 4 * spectral).all()
