@@ -13,7 +13,8 @@ the uninterrupted run bitwise on the same machine. The base lrs are the checkpoi
 run given other ones says so and keeps the checkpoint's.
 
 A step whose loss or gradient is not finite raises FloatingPointError before the optimizer
-runs: the weights and the last checkpoint stay as they were.
+runs: the weights and the last checkpoint stay as they were (a gradient is left to an optimizer
+built with ``nonfinite="skip"``, which skips that step itself).
 """
 from __future__ import annotations
 

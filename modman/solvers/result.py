@@ -7,11 +7,11 @@ normalised gradient Gn = G/‖G‖_F). ``certify`` turns them into a rigorous st
   from the fp64 Gram (``gram_lambda_max_bound``; a power iteration would under-estimate it);
 - dual value: D(Λ) = ‖Gn − 2WΛ‖_*, from the eigenvalues of the small fp64 Gram ZᵀZ
   (⟨msign(Z), Z⟩ from Newton–Schulz is only a lower bound);
-- duality gap: (D(Λ) − v)/max(D(Λ), tiny) with v = ⟨Gn, A_f⟩ − ‖sym(WᵀGn)‖_F·‖sym(WᵀA_f)‖_F.
-  By weak duality D(Λ) ≥ max ⟨Gn, A⟩ over the feasible set for every symmetric Λ, so the gap
-  bounds the relative sub-optimality of A_f made exactly tangent: A_f is tangent to its rounding,
-  and against that residual the part of Gn normal to the manifold adds up to the subtracted term
-  to ⟨Gn, A_f⟩ (for fp32 G nearly normal to the manifold it made ⟨Gn, A_f⟩ exceed the optimum and
+- duality gap: (D(Λ) − v)/max(D(Λ), tiny), v the value of A_f made exactly tangent
+  (``_certified_value``). By weak duality D(Λ) ≥ max ⟨Gn, A⟩ over the feasible set for every
+  symmetric Λ, so the gap bounds the relative sub-optimality of that direction: A_f is tangent to
+  its rounding only, and against that residual the part of Gn normal to the manifold adds to
+  ⟨Gn, A_f⟩ (for fp32 G nearly normal to the manifold it made ⟨Gn, A_f⟩ exceed the optimum and
   the gap read 0 against a true 9e-4).
 All inexactness of the solver (stopping early, msign in low precision) ends up in the gap. The
 bound holds up to the rounding of D itself: from a Gram's eigenvalues, singular values of
@@ -37,10 +37,10 @@ class SolveResult:
     direction: A, shaped and oriented like W, always feasible (tangent and ‖A‖₂ ≤ 1).
     objective: ⟨G, A⟩ in the units of G.
     tangent_residual: ‖WᵀA + AᵀW‖_F/‖A‖_F (tall orientation) of the returned direction.
-    duality_gap: relative certified gap (D(Λ) − v)/D(Λ) in [0, 1], v = ⟨Gn, A⟩ less
-        ‖sym(WᵀGn)‖_F·‖sym(WᵀA)‖_F: the most that A's tangent residual can add to ⟨Gn, A⟩ through
-        the part of G normal to the manifold, so that the gap bounds the sub-optimality of A made
-        exactly tangent (for G nearly normal to the manifold the residual's term dominates).
+    duality_gap: relative certified gap (D(Λ) − v)/D(Λ) in [0, 1], v a lower bound of the value
+        of A made exactly tangent (``_certified_value``: ⟨Gn, A⟩ less what A's tangent residual
+        adds through the part of G normal to the manifold), so that the gap bounds the
+        sub-optimality of that direction.
     iterations, msign_calls: work done (Python ints; msign calls count Newton–Schulz runs; an
         eigh-based solver reports ⌈msign_equivalents⌉).
     state: warm start for the next call (``warm_start=``): {"dual": Λ, ...}.
@@ -131,9 +131,14 @@ def gram_lambda_max_bound(gram: torch.Tensor, eps: float) -> tuple[torch.Tensor,
     rest = ~(bound > 0)
     measured = int(rest.sum())
     if measured:
-        fro = torch.linalg.matrix_norm(gram[rest])
-        bound[rest] = torch.linalg.eigvalsh(gram[rest])[..., -1] + n * torch.finfo(gram.dtype).eps * fro
+        bound[rest] = _eigvalsh_bound(gram[rest])
     return bound, measured
+
+
+def _eigvalsh_bound(gram: torch.Tensor) -> torch.Tensor:
+    """λ_max of each symmetric fp64 Gram from an eigvalsh, plus n·eps·‖·‖_F: eigvalsh is backward
+    stable, so the computed λ_max is off by at most that."""
+    return torch.linalg.eigvalsh(gram)[..., -1] + gram.shape[-1] * torch.finfo(gram.dtype).eps * torch.linalg.matrix_norm(gram)
 
 
 def make_feasible(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -203,12 +208,14 @@ def dual_value(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, g_scale=No
 
 
 def _blocked_gram_eig_max(A: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """An upper bound of λ_max of (A − W S)ᵀ(A − W S) (≥ 0), the Gram summed over fp64 row blocks."""
+    """λ_max of (A − W S)ᵀ(A − W S) (≥ 0, with eigvalsh's rounding), the Gram summed over fp64
+    row blocks. (Not ``gram_lambda_max_bound``: P(A) is not pre-scaled below 1, so its Choleskys
+    would fail and the eigvalsh run anyway.)"""
     gram = None
     for sl in row_blocks(A.shape[-2]):
         P = A[..., sl, :].double() - W[..., sl, :].double() @ S
         gram = add_gram(gram, P, P)
-    return gram_lambda_max_bound(sym(gram), torch.finfo(A.dtype).eps)[0].clamp(min=0)
+    return _eigvalsh_bound(sym(gram)).clamp(min=0)
 
 
 def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value: torch.Tensor,
