@@ -202,10 +202,13 @@ def solve_closed_form(W, Gn, *, tol, max_iters, warm_start, g_scale=None):
             assemble(A[b], Wb, Gb, Z, K, to_r @ Bb, sc)
             assembly = 2 * 4.0 * m * n * n
             del Z, P
-        values.append(float(dual_value(Wb, Gb, lam, sc)))
+        # n×n fp64 matrices are 1.5–2× an fp32 parameter where n ≈ m: free what D(Λ) does not read
+        # first (on 1024² D's Gram and eigvalsh were the step's peak, next to K, Bb and Gw)
+        del K, Bb
         sym_gns.append(sym(Gw))
+        del Gw
+        values.append(float(dual_value(Wb, Gb, lam, sc)))
         duals.append(lam)
-        del Gw, K, Bb
         # D(Λ): two fp64 tall products (W·Λ and the Gram, summed over row blocks) and an fp64
         # eigvalsh (10n³ in newton.py's model, as in certify_gram; it had been counted twice that here)
         flops += cost + c + assembly + 2 * 4.0 * m * n * n + 10.0 * n**3

@@ -82,12 +82,15 @@ def nuclear_norm(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
 
 
-def _shifted_factorable(H: torch.Tensor, tau) -> torch.Tensor:
-    """Whether a Cholesky of τI − H runs to completion, for each symmetric H (…, n, n); τ a
-    number or a tensor shaped like the batch."""
-    X = H.neg()
+def _shifted_factorable(H: torch.Tensor, tau, *, plus: bool = False) -> torch.Tensor:
+    """Whether a Cholesky of τI − H (τI + H with ``plus``) runs to completion, for each symmetric H
+    (…, n, n; only its lower triangle is read); τ a number or a tensor shaped like the batch. One
+    n×n temporary: the factorisation runs in place."""
+    X = H.clone() if plus else H.neg()
     X.diagonal(dim1=-2, dim2=-1).add_(torch.as_tensor(tau, dtype=X.dtype, device=X.device).unsqueeze(-1))
-    return torch.linalg.cholesky_ex(X)[1] == 0
+    info = torch.empty(X.shape[:-2], dtype=torch.int32, device=X.device)
+    torch.linalg.cholesky_ex(X, out=(X, info))
+    return info == 0
 
 
 def _cholesky_rounding(H: torch.Tensor, tau: float) -> torch.Tensor:
@@ -109,7 +112,8 @@ def lambda_max_at_most(H: torch.Tensor, tau: float) -> float | None:
 
 
 def gram_lambda_max_bound(gram: torch.Tensor, eps: float) -> tuple[torch.Tensor, int]:
-    """(an upper bound of λ_max for each fp64 Gram AᵀA (…, n, n), how many needed an eigvalsh);
+    """(an upper bound of λ_max for each fp64 Gram AᵀA (…, n, n; its lower triangle is read, so
+    a product's rounding-level asymmetry needs no symmetrising copy), how many needed an eigvalsh);
     ``eps``: the unit roundoff of the dtype A is stored in.
 
     1 where two Cholesky factorisations show 1 − 10δ ≤ λ_max ≤ 1 (δ = √n·eps): one of
@@ -184,12 +188,12 @@ def certify_with_norm(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, A: 
     del S
     objective = dot64(Gn, A_f)
     D = dual_value(W, Gn, dual)
-    H = gram64(W, A_f)
+    Hs = sym(gram64(W, A_f))
     # A_f is tangent up to its rounding to out_dtype: the value certified is that of A_f made exactly
-    # tangent (_certified_value), of the A_f returned (H is taken after the rounding)
-    certified = _certified_value(objective, sym(gram64(W, Gn)), H)
+    # tangent (_certified_value), of the A_f returned (Hs is taken after the rounding)
+    certified = _certified_value(objective, sym(gram64(W, Gn)), Hs)
     gap = ((D - certified) / D.clamp(min=_TINY)).clamp(0, 1)
-    residual = _residual(H, dot64(A_f, A_f))
+    residual = _residual(Hs, dot64(A_f, A_f))
     return A_f, objective, residual, gap, bound * scale, D
 
 
@@ -228,12 +232,12 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
     sym(WᵀGn) (fp64, normalised units) from the solver. The direction is certified as returned:
 
     - an fp32 A is first scaled by 1/(1 + √n·eps), so that an isometry to rounding is shown
-      ‖A‖₂ ≤ 1 by two Cholesky factorisations (``gram_lambda_max_bound``) and H = WᵀA is taken
-      of the very A returned (a rescale after H left it stale at rounding level — the level that
-      matters below); otherwise (fp64, or a longer A) ‖A‖₂ from an eigvalsh, A divided by
-      max(1, ‖A‖₂·(1 + √n·eps)) and H taken again;
-    - tangent residual from H (one fp64 m×n×n product); if it is above rounding level
-      (10·√n·eps of out_dtype) A is projected, A ← A − W sym(H), and H recomputed;
+      ‖A‖₂ ≤ 1 by two Cholesky factorisations (``gram_lambda_max_bound``) and Hs = sym(WᵀA) is
+      taken of the very A returned (a rescale after it left it stale at rounding level — the level
+      that matters below); otherwise (fp64, or a longer A) ‖A‖₂ from an eigvalsh, A divided by
+      max(1, ‖A‖₂·(1 + √n·eps)) and Hs taken again;
+    - tangent residual 2‖Hs‖_F/‖A‖_F (one fp64 m×n×n product); if it is above rounding level
+      (10·√n·eps of out_dtype) A is projected, A ← A − W·Hs, and Hs recomputed;
     - objective ⟨Gn, A⟩ and relative gap (D − v)/D in [0, 1] (0 when D = 0), v from
       ``_certified_value``; a direction with a negative objective (G normal to the manifold up to
       rounding) is replaced by A = 0.
@@ -247,25 +251,32 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
     A = A.to(out_dtype)
     if out_dtype != torch.float64:
         A.mul_(1 / (1 + delta))
-    # fp64 sums over row blocks (linalg/blocked.py): no whole-matrix fp64 copies
-    H, gram = gram64(W, A), sym(gram64(A))
+    # fp64 sums over row blocks (linalg/blocked.py): no whole-matrix fp64 copies. Only sym(WᵀA)
+    # is kept of WᵀA, and the Gram AᵀA unsymmetrised (its Cholesky and eigvalsh read the lower
+    # triangle): where n ≈ m each n×n fp64 matrix is 1.5× an fp32 parameter, and these were the
+    # step's peak (13.5× the parameter on 1024×784)
+    Hs = sym(gram64(W, A))
+    gram = gram64(A)
     flops = 2 * 2.0 * m * n * n * 2
-    res = _residual(H, torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1))
+    res = _residual(Hs, torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1))
     if bool((res > 10 * delta).any()):
-        combine_rows(A, A, None, W, -sym(H))
-        H, gram = gram64(W, A), sym(gram64(A))
+        del gram
+        combine_rows(A, A, None, W, -Hs)
+        Hs = sym(gram64(W, A))
+        gram = gram64(A)
         flops += 3 * 2.0 * m * n * n * 2
-        res = _residual(H, torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1))
+        res = _residual(Hs, torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1))
     lmax, measured = gram_lambda_max_bound(gram, eps)
     # two Choleskys, and an eigvalsh for each matrix they could not bound
     flops += 2 * 2 * n**3 / 3 + 10.0 * n**3 * measured / max(gram[..., 0, 0].numel(), 1)
+    del gram
     norm = lmax.clamp(min=0).sqrt()
     c = torch.where(norm > 1, 1 / (norm * (1 + delta)).clamp(min=_TINY), torch.ones_like(norm))
     if bool((c < 1).any()):
         combine_rows(A, A, scale=c[..., None, None])  # A·c in fp64, rounded once: ‖A·c‖₂ ≤ 1 with
-        H = gram64(W, A)                              # the rounding (≤ √n·eps); H of A as returned
+        Hs = sym(gram64(W, A))                        # the rounding (≤ √n·eps); Hs of A as returned
         flops += 2.0 * m * n * n * 2
-        res = _residual(H, dot64(A, A))
+        res = _residual(Hs, dot64(A, A))
         norm = torch.where(c < 1, torch.ones_like(norm), norm)
     objective = dot64(Gn, A)
     if g_scale is not None:
@@ -273,28 +284,28 @@ def certify_gram(W: torch.Tensor, Gn: torch.Tensor, A: torch.Tensor, dual_value:
     worse = objective < 0  # worse than A = 0 (G normal to the manifold, up to rounding): return 0
     if bool(worse.any()):
         A.masked_fill_(worse[..., None, None], 0.0)
-        H = H.masked_fill(worse[..., None, None], 0.0)
+        Hs = Hs.masked_fill(worse[..., None, None], 0.0)
         objective = torch.where(worse, torch.zeros_like(objective), objective)
         norm = torch.where(worse, torch.zeros_like(norm), norm)
     D = dual_value.double()
-    certified = objective if sym_gn is None else _certified_value(objective, sym_gn, H)
+    certified = objective if sym_gn is None else _certified_value(objective, sym_gn, Hs)
     gap = torch.where(D > 0, (D - certified) / D.clamp(min=_TINY), torch.zeros_like(D)).clamp(0, 1)
     return A, objective, res, gap, flops, norm
 
 
-def _certified_value(objective: torch.Tensor, sym_gn: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+def _certified_value(objective: torch.Tensor, sym_gn: torch.Tensor, Hs: torch.Tensor) -> torch.Tensor:
     """A lower bound of ⟨Gn, T⟩ for T, the returned direction A made exactly tangent and put back
-    in the unit ball: (⟨Gn, A⟩ − ⟨sym(WᵀGn), sym(H)⟩)/(1 + ‖sym(H)‖_F), H = WᵀA, fp64.
+    in the unit ball: (⟨Gn, A⟩ − ⟨sym(WᵀGn), Hs⟩)/(1 + b), Hs = sym(WᵀA), b ≥ ‖Hs‖₂
+    (``_symmetric_norm_bound``), fp64.
 
     A is tangent to its rounding: against that residual the part of Gn normal to the manifold
     counts ⟨sym(WᵀGn), sym(WᵀA)⟩ in ⟨Gn, A⟩, which T = A − W·sym(WᵀA) has not (exactly, for
-    WᵀW = I); and ‖T‖₂ ≤ ‖A‖₂ + ‖W‖₂‖sym(H)‖₂ ≤ 1 + ‖sym(H)‖_F (‖W‖₂ = 1 on the manifold, to the
+    WᵀW = I); and ‖T‖₂ ≤ ‖A‖₂ + ‖W‖₂‖Hs‖₂ ≤ 1 + b (‖W‖₂ = 1 on the manifold, to the
     drift the optimizer keeps under 1e-5). For fp32 G nearly normal to the manifold ⟨Gn, A⟩
     exceeded the optimum by 0.13 % and the gap read 0 against a true sub-optimality of 9e-4 (a
-    claims audit); with the Cauchy–Schwarz bound ‖sym(WᵀGn)‖_F‖sym(H)‖_F instead of the inner
+    claims audit); with the Cauchy–Schwarz bound ‖sym(WᵀGn)‖_F‖Hs‖_F instead of the inner
     product the gap read 3.8e-3 against a true 3.1e-6 (a review)."""
-    S = sym(H)
-    return (objective - (sym_gn * S).sum((-2, -1))) / (1 + _symmetric_norm_bound(S))
+    return (objective - (sym_gn * Hs).sum((-2, -1))) / (1 + _symmetric_norm_bound(Hs))
 
 
 def _symmetric_norm_bound(S: torch.Tensor) -> torch.Tensor:
@@ -304,13 +315,13 @@ def _symmetric_norm_bound(S: torch.Tensor) -> torch.Tensor:
     direction's rounding-level residual."""
     fro = torch.linalg.matrix_norm(S)
     tau = 4 * fro / S.shape[-1] ** 0.5
-    shown = _shifted_factorable(S, tau) & _shifted_factorable(-S, tau)
+    shown = _shifted_factorable(S, tau) & _shifted_factorable(S, tau, plus=True)
     e = _cholesky_rounding(S, 0.0) + 2 * S.shape[-1] * (S.shape[-1] + 1) * torch.finfo(S.dtype).eps * tau
     return torch.where(shown, torch.minimum(tau + e, fro), fro)
 
 
-def _residual(H: torch.Tensor, a_sq: torch.Tensor) -> torch.Tensor:
-    """‖H + Hᵀ‖_F/‖A‖_F for H = WᵀA and a_sq = ‖A‖_F² (0 when A = 0)."""
-    num = torch.linalg.matrix_norm(H + H.mT)
+def _residual(Hs: torch.Tensor, a_sq: torch.Tensor) -> torch.Tensor:
+    """‖WᵀA + AᵀW‖_F/‖A‖_F = 2‖Hs‖_F/‖A‖_F for Hs = sym(WᵀA) and a_sq = ‖A‖_F² (0 when A = 0)."""
+    num = 2 * torch.linalg.matrix_norm(Hs)
     den = a_sq.clamp(min=0).sqrt()
     return num / den.clamp(min=_TINY) * (den > 0)

@@ -51,6 +51,24 @@ def test_very_tall_weight_steps_in_order_mn_temporary_memory():
     assert float(Stiefel().gram_deviation(W.detach())) <= 2e-5
 
 
+def test_square_weight_step_memory_does_not_regress():
+    """Where n = m the step's n×n fp64 matrices (2× an fp32 parameter each) set its peak, far above
+    issue #4's 3× (unmet there; README). Measured on 384² (dispatch accounting, as above): 18.0×
+    while the certificate kept WᵀA and sym(WᵀA), a symmetrised copy of AᵀA and an out-of-place
+    Cholesky factor alive together, and D(Λ) ran beside the closed form's K, B̄ and WᵀG; 14.3×
+    since. This guards the reduction (not the bar)."""
+    n = 384
+    g = torch.Generator().manual_seed(0)
+    W = torch.nn.Parameter(torch.linalg.qr(torch.randn(n, n, generator=g))[0])
+    opt = ManifoldMuon([("w", W)], lr=0.01)
+    W.grad = torch.randn(n, n, generator=g)
+    opt.step()
+    r = peak_temporary_bytes(opt.step)
+    assert r.peak_bytes >= 6 * n * n * 4, "the closed form holds several n×n fp64 matrices: accounting broken"
+    assert r.peak_bytes <= 15 * n * n * 4, r.summary(n * n * 4)
+    assert float(opt.last_step_stats["w"]["duality_gap"]) <= 1e-4
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_fallback_parameters_step_in_fp32(dtype):
     """Biases and norm gains of an fp16/bf16 model (the AdamW fallback) are stepped in fp32 with
