@@ -116,7 +116,7 @@ def _known_layer(module: nn.Module, prefix: str, opts: Options) -> Module | None
         return _with_bias(core, module, prefix, opts)
     if isinstance(module, _CONVS):
         if module.groups != 1:
-            raise ModularError(f"{prefix}: grouped convolution (groups={module.groups}) is block-diagonal, "
+            raise ModularError(f"{prefix or 'the model'}: grouped convolution (groups={module.groups}) is block-diagonal, "
                                "not its flattened matrix; describe it with from_torch(custom={...})")
         name = _join(prefix, "weight")
         w = module.weight
@@ -207,10 +207,16 @@ class _Tracer(fx.Tracer):
             return True
         if f"{type(m).__module__}.{type(m).__qualname__}" in DECLARATIONS:
             return True
-        if isinstance(m, nn.Sequential):
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
-        # a type test only: parameters are proxies while tracing, so no atom is built here
-        return isinstance(m, _KNOWN_TYPES) or type(m).__name__ == "RMSNorm"
+        # a type test only: parameters are proxies while tracing, so no atom is built here. A torch.nn
+        # layer without a rule stays one node too, so that a refusal names it: traced into, its
+        # F.batch_norm or bare weight was charged to the enclosing module ("describe ResNet")
+        return isinstance(m, _KNOWN_TYPES) or type(m).__name__ == "RMSNorm" or _is_torch_layer(m)
+
+
+def _is_torch_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn.")
 
 
 _META = object()  # values that are not activations (shapes, sizes)
@@ -247,6 +253,10 @@ def _trace(module: nn.Module, prefix: str, opts: Options) -> Module:
                 u.op == "call_function" and u.target is getattr and u.args[1] in _META_ATTRIBUTES
                 for u in node.users):
             values[node] = _META  # only its metadata is read: x.to(self.fc.weight.dtype)
+        elif node.op == "get_attr" and _is_torch_layer(module):
+            cls = type(module).__name__  # "wrap it in a layer" would be advice against a layer
+            raise ModularError(f"cannot describe {name} ({cls}): modman has no rule for this torch.nn layer; declare "
+                               f"it with @modman.modular.declare({cls}) or pass from_torch(model, custom={{{cls}: fn}})")
         elif node.op == "get_attr":
             raise ModularError(f"{name}: forward uses the bare tensor {_join(prefix, node.target)!r} directly; "
                                "wrap it in a layer or describe the module with from_torch(custom={...})")

@@ -50,12 +50,22 @@ def as_matrix(p: torch.Tensor, flatten: bool | str | None = None) -> torch.Tenso
     (2-D matrices, 3-D stacks batched over dim 0). ``None`` (tensors given without roles):
     flatten from 4 dimensions up, so a bare 3-D tensor is a stack. ``"transposed"``: a weight
     stored (in, out) (transformers' Conv1D), seen through pᵀ — a view, so in-place steps reach p.
+    ``"groups=G"``: a grouped convolution's weight (out, in/G, k…), whose operator is block
+    diagonal: the stack of its G blocks (G, out/G, in/G·prod(k)), each its own matrix.
     """
     if flatten == "transposed":
         return p.mT
+    groups = conv_groups(flatten)
+    if groups:
+        return p.reshape(groups, p.shape[0] // groups, -1)
     if flatten is None:
         flatten = p.ndim >= 4
     return p.reshape(p.shape[0], -1) if flatten and p.ndim != 2 else p
+
+
+def conv_groups(flatten: bool | str | None) -> int:
+    """G of a ``"groups=G"`` view (``as_matrix``), else 0."""
+    return int(flatten[7:]) if isinstance(flatten, str) and flatten.startswith("groups=") else 0
 
 
 def from_matrix(M: torch.Tensor, p: torch.Tensor, flatten: bool | str | None = None) -> torch.Tensor:

@@ -434,3 +434,25 @@ def test_an_unknown_function_names_the_class_to_describe():
     with pytest.raises(ModularError, match=r"max_pool1d.*describe MaxPool1d with from_torch\(model, "
                                            r"custom=\{MaxPool1d: fn\}\) or @modman.modular.declare\(MaxPool1d\)"):
         from_torch(model)
+
+
+@pytest.mark.parametrize("layer, cls", [(nn.BatchNorm2d(8), "BatchNorm2d"), (nn.MaxPool2d(2), "MaxPool2d"),
+                                        (nn.GroupNorm(2, 8), "GroupNorm"), (nn.LeakyReLU(), "LeakyReLU")])
+def test_a_refusal_names_the_torch_layer_inside_a_custom_forward(layer, cls):
+    """A torch.nn layer without a rule, called in a custom forward, was traced into: its
+    F.batch_norm or bare weight was charged to the enclosing module ("describe Net … declare(Net)",
+    and for GroupNorm "wrap it in a layer"), so a user declared the wrong class (a user probe)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.layer, self.fc = nn.Conv2d(3, 8, 3), layer, nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.layer(torch.relu(self.conv(x))), 1))
+
+    with pytest.raises(ModularError) as info:
+        from_torch(Net())
+    message = str(info.value)
+    assert f"declare({cls})" in message and f"custom={{{cls}: fn}}" in message, message
+    assert "declare(Net)" not in message and "wrap it in a layer" not in message, message
+    assert message.startswith("layer") or message.startswith("cannot describe layer"), message
