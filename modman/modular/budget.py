@@ -22,6 +22,10 @@ shrinks about 8× per layer toward the input (layers.0 of 6: 1.9e-7 against lm_h
 which freezes the early layers in practice. The forward is described as it is (no 1/L branch
 scaling is assumed), so budget() warns when max/min lr_scale of one model exceeds SPREAD_WARNING
 (1e3), naming both ends; use budget="uniform" there, or a network built for the taring recipe.
+The same compounding can shrink every scale alike: a 4-block residual CNN got 3.4e-7 to 3.8e-7
+(spread 1.1×) and a residual MLP of 8 blocks 9e-5 to 2e-4, so budget() also warns when the
+largest lr_scale is below FROZEN_SCALE (1e-3; plain MLPs, CNNs and TinyCausalLM of 1–2 layers get
+1e-2 to 3e-1).
 Frozen weights (requires_grad=False) carry mass 0 and are left out, as the optimizer skips them.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .convert import ModularError, from_torch
 from .module import Bond, Module, Tare
 
 SPREAD_WARNING = 1e3  # budget() warns when the largest lr_scale exceeds the smallest by this factor
+FROZEN_SCALE = 1e-3  # ... or when even the largest is below this (every weight steps < lr/1000)
 
 
 def _tree(model, **options) -> Module:
@@ -60,7 +65,8 @@ def _rows(tree: Module):
 def budget(model: nn.Module | Module, **options) -> dict[str, float]:
     """{parameter name: lr_scale} for the weights of positive mass (names as in
     ``model.named_parameters()``); ``options`` go to ``from_torch`` (scale, masses, …). Warns
-    when the lr_scales span more than SPREAD_WARNING (``spread_message``)."""
+    when the lr_scales span more than SPREAD_WARNING or all lie below FROZEN_SCALE
+    (``spread_message``)."""
     out = quiet_budget(model, **options)
     message = spread_message(out)
     if message:
@@ -79,9 +85,18 @@ def quiet_budget(model: nn.Module | Module, **options) -> dict[str, float]:
 
 
 def spread_message(out: dict[str, float]) -> str | None:
-    """Why a budget whose largest lr_scale exceeds its smallest by more than SPREAD_WARNING is
-    in effect a frozen one, naming both ends; None for an even budget."""
+    """Why a budget whose largest lr_scale exceeds its smallest by more than SPREAD_WARNING, or
+    whose largest is below FROZEN_SCALE, is in effect (partly) frozen, naming both ends; None for
+    an even budget of usable scales."""
     lo, hi = (min(out, key=out.get), max(out, key=out.get)) if out else (None, None)
+    if out and out[hi] < FROZEN_SCALE:
+        return (
+            f"modular budget has every lr_scale below {FROZEN_SCALE:g}: from {out[lo]:.3g} for {lo!r} to "
+            f"{out[hi]:.3g} for {hi!r}, so every weight steps under lr/{1 / FROZEN_SCALE:g} — in effect frozen at "
+            "the lr of a uniform budget. Each rule is a worst case and residual blocks x + f(x) multiply the "
+            "sensitivities by 1 + sens(f) each. Consider ManifoldMuon(..., budget='uniform'), or blocks "
+            "x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, 'Learning-rate transfer across depth')"
+        )
     if out and out[hi] > SPREAD_WARNING * out[lo]:
         return (
             f"modular budget spans {out[hi] / out[lo]:.3g}× (more than {SPREAD_WARNING:g}×): smallest lr_scale "

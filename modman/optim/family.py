@@ -50,9 +50,10 @@ class ManifoldMuon(ManifoldOptimizer):
         scale: None (unscaled Stiefel) or "rms" (s = √(d_out/d_in)), or a float.
         budget: "auto" (default: "modular" when given modules — falling back to "uniform" with a
             warning when ``modman.modular`` cannot describe the model, or when its lr_scales would
-            span more than 1e3× (``modular.budget.SPREAD_WARNING``: the worst-case rules compound
-            through residual blocks, and a deep transformer's first layers got ~2e-7, in effect
-            frozen) — and "uniform" for tensors), "uniform" (lr_scale 1: every constrained weight steps lr), "modular"
+            span more than 1e3× or all lie below 1e-3 (``modular.budget.SPREAD_WARNING``,
+            ``FROZEN_SCALE``: the worst-case rules compound through residual blocks, and a deep
+            transformer's first layers got ~2e-7, a 4-block residual CNN ~4e-7 for every weight,
+            in effect frozen) — and "uniform" for tensors), "uniform" (lr_scale 1: every constrained weight steps lr), "modular"
             (lr_scale from ``modman.modular.budget(model, scale=scale)``: lr is the step of the
             whole network in the modular norm: lr/L per layer of an L-layer MLP with scale="rms",
             (lr/L)·√(d_out/d_in) of the network with scale=None), a dict

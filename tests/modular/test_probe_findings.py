@@ -356,6 +356,53 @@ def test_the_default_budget_steps_uniformly_where_the_modular_one_would_freeze_l
         assert scales == pytest.approx(budget(model))
 
 
+class ResidualCNN(nn.Module):
+    """A ResNet-style CNN without normalisation: blocks x + conv(relu(conv(x))) (a user probe)."""
+
+    def __init__(self, blocks: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                                                  nn.Conv2d(16, 16, 3, padding=1)) for _ in range(blocks))
+        self.head = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(torch.flatten(h, 1))
+
+
+def test_the_default_budget_steps_uniformly_where_every_modular_scale_is_tiny():
+    """The compounding can shrink every lr_scale alike: a 4-block residual CNN got 3.4e-7…3.8e-7
+    (spread 1.1×, so the spread rule never fired) and 20 steps at lr 0.1 moved no weight by more
+    than 8e-7 (a user probe). "auto" falls back to uniform below FROZEN_SCALE and says why; the
+    modular budget itself (budget() or budget="modular") warns."""
+    from modman import ManifoldMuon
+    from modman.modular.budget import FROZEN_SCALE
+
+    torch.manual_seed(0)
+    model = ResidualCNN(4)
+    with pytest.warns(UserWarning, match="every lr_scale below"):
+        b = budget(model)
+    assert max(b.values()) < FROZEN_SCALE and max(b.values()) / min(b.values()) < 1e3
+    with pytest.warns(UserWarning, match=r"would all lie below 0.001.*budget='modular' uses it anyway"):
+        auto = ManifoldMuon(model.modules(), lr=0.1)
+    assert {g["lr_scale"] for g in auto.param_groups if g["algorithm"] != "adamw"} == {1.0}
+    before = model.blocks[0][0].weight.detach().clone()
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        auto.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        auto.step()
+    assert float((model.blocks[0][0].weight - before).norm() / before.norm()) > 1e-2  # it trains
+    with pytest.warns(UserWarning, match="every lr_scale below"):
+        ManifoldMuon(ResidualCNN(4).modules(), lr=0.1, budget="modular")
+    with warnings.catch_warnings():  # a 1-block one keeps its modular budget, silently
+        warnings.simplefilter("error", UserWarning)
+        assert min(budget(ResidualCNN(1)).values()) > FROZEN_SCALE / 10
+
+
 def test_no_spread_warning_for_even_budgets():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
