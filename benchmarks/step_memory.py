@@ -1,8 +1,8 @@
 """Peak temporary memory of one optimizer step, in multiples of the parameter's bytes (issues 3, 4).
 
 One Linear-shaped fp32 parameter W (m×n, a point of the Stiefel manifold) with a fixed random
-gradient, for 1024×784, 2048×784 and 32768×64 (an LM head). Optimizers: ManifoldMuon with each
-solver of ``modman.solvers.SOLVERS`` (solver defaults; "closed_form" only exists for square W),
+gradient, for 1024×784, 1024² (the square layer of the 1024 MLP), 2048×784 and 32768×64 (an LM head). Optimizers: ManifoldMuon with each
+solver of ``modman.solvers.SOLVERS`` (solver defaults),
 modman's Muon (defaults: Keller quintic in bf16; and ns_dtype="float32"), torch's AdamW.
 
 Each (shape, optimizer) runs in a fresh process (1 thread) started with glibc's mmap threshold
@@ -45,7 +45,7 @@ import time
 import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHAPES = ("1024x784", "2048x784", "32768x64")
+SHAPES = ("1024x784", "1024x1024", "2048x784", "32768x64")
 
 
 def optimizer_names() -> list[str]:
