@@ -633,21 +633,25 @@ class ManifoldOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({names[id(p)]})")
-        if not self._grads_finite():
+        finite = self._grads_finite()
+        pg = getattr(self, "_process_group", None)  # absent on an unpickled optimizer: local
+        shared = [(group, p) for group in self.param_groups if group["algorithm"] in SHARED_ALGORITHMS
+                  for p in group["params"] if p.grad is not None] if pg is not None else []
+        elsewhere = []  # ranks whose gradients are not finite, all ranks agreeing on it
+        if pg is not None:  # also with nothing to share here: the other ranks may think otherwise
+            elsewhere = check_same_items(pg, [f"{names[id(p)]} {tuple(p.shape)} {p.dtype}" for _, p in shared], finite)
+        if not finite or elsewhere:
             if self.nonfinite == "raise":
                 bad = [names[id(p)] for g in self.param_groups for p in g["params"]
                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-                raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}; no weight was changed "
-                                         "(pass nonfinite='skip' to skip such steps)")
+                where = f"in {', '.join(bad)}" if bad else f"on rank(s) {', '.join(map(str, elsewhere))}"
+                raise FloatingPointError(f"non-finite gradient {where}; no weight was changed"
+                                         + (" on any rank" if pg is not None else "")
+                                         + " (pass nonfinite='skip' to skip such steps)")
             self.last_step_skipped = True
             return
         self.last_step_skipped = False
         stats = {}
-        pg = getattr(self, "_process_group", None)  # absent on an unpickled optimizer: local
-        shared = [(group, p) for group in self.param_groups if group["algorithm"] in SHARED_ALGORITHMS
-                  for p in group["params"] if p.grad is not None] if pg is not None else []
-        if pg is not None:  # also with nothing to share here: the other ranks may think otherwise
-            check_same_items(pg, [f"{names[id(p)]} {tuple(p.shape)} {p.dtype}" for _, p in shared])
         rank, owners = plan_owners(pg, [matrix_cost(F.as_matrix(p, g.get("flatten")).shape) for g, p in shared])
         owner = {id(p): r for (_, p), r in zip(shared, owners)}
         index = {id(p): i for i, (_, p) in enumerate(shared)}

@@ -86,14 +86,17 @@ def plan_owners(group, costs: list[float]) -> tuple[int, list[int]]:
     return dist.get_rank(group), assign_owners(costs, dist.get_world_size(group))
 
 
-def check_same_items(group, names: list[str]) -> None:
+def check_same_items(group, names: list[str], finite: bool = True) -> list[int]:
     """Refuse, on every rank alike and before anything changes, ranks that would step different
     parameters (``names``: each with its shape and dtype): the owners' broadcasts would land in
-    other tensors (or in none)."""
+    other tensors (or in none). Returns the ranks whose gradients are not all finite (``finite``
+    is this rank's answer), so that every rank raises or skips alike: a rank deciding alone left
+    the others waiting in the step's collectives (gloo then aborted them)."""
     # 40 bytes a rank, whatever the model (a fingerprint, not security: FIPS builds allow it)
     digest = hashlib.sha1("\n".join(names).encode(), usedforsecurity=False).hexdigest()
-    digests = [None] * dist.get_world_size(group)
-    dist.all_gather_object(digests, digest, group=group)
+    answers = [None] * dist.get_world_size(group)
+    dist.all_gather_object(answers, (digest, bool(finite)), group=group)
+    digests = [d for d, _ in answers]
     if any(d != digests[0] for d in digests):
         gathered = [None] * len(digests)
         dist.all_gather_object(gathered, names, group=group)  # the names, only to say what differs
@@ -102,6 +105,7 @@ def check_same_items(group, names: list[str]) -> None:
         raise ValueError("distributed step: the ranks have gradients for different parameters "
                          f"[{detail}]; every rank must step the same ones (DDP gives all of them gradients). "
                          "Nothing was changed.")
+    return [r for r, (_, ok) in enumerate(answers) if not ok]
 
 
 def share_step(group, items: list, owners: list[int], stats: dict, failed: dict[int, str]) -> dict[str, str]:

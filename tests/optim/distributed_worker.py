@@ -122,6 +122,31 @@ def no_gradients_here(rank):
         return str(e)
 
 
+def nonfinite_on_one_rank(rank, mode):
+    """A non-finite gradient on rank 1 only (no DDP all-reduce to spread it): every rank raises
+    (or skips) alike, with no weight changed, and the ranks step on together afterwards. Rank 1
+    decided alone before: rank 0 waited in the step's collectives until rank 1 exited, and a
+    skipping rank 1 left rank 0's next collectives mismatched (gloo aborted the process)."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = modman.ManifoldMuon(model.modules(), distributed=True, nonfinite=mode, lr=0.05)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    if rank == 1:
+        model.fc1.weight.grad[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        opt.step()
+        outcome = f"skipped={opt.last_step_skipped}"
+    except FloatingPointError as e:
+        outcome = f"raised: {e}"
+    unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # the next, finite step runs on every rank together
+    return {"outcome": outcome, "unchanged": unchanged, "weights": [p.detach().clone() for p in model.parameters()]}
+
+
 def seen_through_ddp():
     """Names and per-layer lr of ManifoldMuon(DDP(model).modules()) are the bare model's."""
     from torch.nn.parallel import DistributedDataParallel
@@ -209,6 +234,8 @@ def main():
     report["failure"] = owner_failure()
     report["no_gradients_here"] = no_gradients_here(rank)
     report["dtype_mismatch"] = dtype_mismatch(rank)
+    report["nonfinite_raise"] = nonfinite_on_one_rank(rank, "raise")
+    report["nonfinite_skip"] = nonfinite_on_one_rank(rank, "skip")
     report["seen_through_ddp"] = seen_through_ddp()
     report["solver_switch"] = solver_switch()
     torch.save(report, f"{out}/rank{rank}.pt")

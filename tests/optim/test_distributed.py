@@ -52,6 +52,19 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         assert failure["message"].startswith("distributed step failed for 0.weight"), failure["message"]
         assert "W contains NaN" in failure["message"] and failure["other_moved"]
     assert torch.equal(reports[0]["failure"]["other"], reports[1]["failure"]["other"])
+    # a non-finite gradient on rank 1 alone: every rank raises (or skips) alike, nothing changes,
+    # and the ranks step on together (rank 0 waited, then gloo aborted it)
+    for mode in ("raise", "skip"):
+        outcomes = [rep[f"nonfinite_{mode}"] for rep in reports]
+        assert all(o["unchanged"] for o in outcomes), mode
+        if mode == "raise":
+            assert outcomes[1]["outcome"] == ("raised: non-finite gradient in fc1.weight; no weight was changed on "
+                                              "any rank (pass nonfinite='skip' to skip such steps)"), outcomes[1]
+            assert outcomes[0]["outcome"].startswith("raised: non-finite gradient on rank(s) 1;"), outcomes[0]
+        else:
+            assert [o["outcome"] for o in outcomes] == ["skipped=True"] * 2
+        for a, b in zip(outcomes[0]["weights"], outcomes[1]["weights"]):
+            assert torch.equal(a, b), mode
     for rep in reports:
         assert rep["no_gradients_here"].startswith("distributed step: the ranks have gradients for different"), \
             rep["no_gradients_here"]
