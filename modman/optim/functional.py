@@ -185,6 +185,11 @@ def sphere_step(W: torch.Tensor, u: torch.Tensor, *, lr: float, manifold: Sphere
     ``distance_to_manifold``."""
     compute = W.to(torch.float32) if W.dtype in (torch.bfloat16, torch.float16) else W
     uc = u.to(compute.dtype)
+    # the direction is scale-free in u: each row divided by a power of two near its largest entry
+    # (exact), so that the norms below neither underflow nor overflow — at a loss ×1e-20 the fp32
+    # squares of 1e-25 entries were 0 and no row moved (a user probe)
+    peak = uc.abs().amax(dim=-1, keepdim=True)
+    uc = uc / torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
     g = manifold.tangent(compute, uc)
     norms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
     eps = max(torch.finfo(W.dtype).eps, torch.finfo(u.dtype).eps)

@@ -369,3 +369,24 @@ def test_embedding_rows_without_a_gradient_stay_where_they_are(cls):
             assert torch.equal(emb.weight[7], before[7]), f"step {step}: row 7 had no gradient"
             assert not torch.equal(emb.weight[1], before[1])
     assert float(opt.state[emb.weight]["momentum"][7].norm()) > 0, "its momentum is kept (decayed)"
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-12, 1e30])
+def test_hyperspherical_step_is_scale_free_in_the_gradient(scale):
+    """The ℓ2 direction per row does not depend on the gradient's scale: at ×1e-25 the fp32 norms
+    of the tangent part underflowed to 0 and no row moved (a user probe), where ManifoldMuon moved
+    as at ×1. Each row is scaled by a power of two first, so the step equals the unscaled one."""
+    from modman.optim import HypersphericalDescent
+
+    torch.manual_seed(0)
+    W0 = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    G = torch.randn(8, 16)
+    steps = []
+    for s in (1.0, scale):
+        W = torch.nn.Parameter(W0.clone())
+        opt = HypersphericalDescent([W], lr=0.1)
+        W.grad = G * s
+        opt.step()
+        steps.append(W.detach() - W0)
+    assert float(steps[0].abs().max()) > 1e-2
+    torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=1e-6)
