@@ -143,7 +143,8 @@ def main() -> None:
     d = load("tracker_accuracy")
     if d:
         parts = ", ".join(f"{k} σ_max {v['sigma_max']['median']:.0e}, σ_min {v['sigma_min']['median']:.0e}, "
-                          f"‖ΔW‖₂ {v['update_norm']['median']:.0e}" for k, v in d["results"].items())
+                          + (f"distance {v['distance']['median']:.0e}, " if k == "manifold_muon" and "distance" in v else "")
+                          + f"‖ΔW‖₂ {v['update_norm']['median']:.0e}" for k, v in d["results"].items())
         rows.append(f"| tracker estimates between spectrum steps, median relative error | {parts} | "
                     "tracker_accuracy.json |")
     d = load("distributed")

@@ -2,11 +2,11 @@
 
 For each optimizer, one MNIST-1D run of the default MLP 40→128→128→10 with the tracker as
 train()'s callback (every 10 steps, exact spectra every 100). After every record the callback
-also computes, outside the timed tracker, the exact σ_max, σ_min (torch.linalg.svdvals in fp64)
-and ‖ΔW‖₂ of each weight the tracker estimated (the 128×128 layer; the other two get exact
+also computes, outside the timed tracker, the exact σ_max, σ_min (torch.linalg.svdvals in fp64),
+distance to the tracker's manifold and ‖ΔW‖₂ of each weight the tracker estimated (the 128×128 layer; the other two get exact
 spectra at every record), and reports the relative errors of the estimated records:
-median and maximum per quantity. The estimates are one-sided (σ_max and ‖ΔW‖₂ from below, σ_min
-from above in exact arithmetic): "past_the_bound" is the largest relative error on the wrong
+median and maximum per quantity. The estimates are one-sided (σ_max, distance and ‖ΔW‖₂ from
+below, σ_min from above in exact arithmetic): "past_the_bound" is the largest relative error on the wrong
 side, which rounding keeps near κ²·1e-16 for σ_min.
 
     python benchmarks/tracker_accuracy.py [--steps 1000] [--every 10]
@@ -32,7 +32,7 @@ class Checked:
 
     def __init__(self, every: int):
         self.every, self.tracker, self.before = every, None, None
-        self.errors = {"sigma_max": [], "sigma_min": [], "update_norm": []}
+        self.errors = {"sigma_max": [], "sigma_min": [], "distance": [], "update_norm": []}
         self.wrong_side = {key: 0.0 for key in self.errors}  # the largest relative step past the bound
 
     def __call__(self, step, model, optimizer):
@@ -48,6 +48,11 @@ class Checked:
                     s = torch.linalg.svdvals(W)
                     self._compare("sigma_max", track.values["sigma_max"][-1], float(s[0]), below=True)
                     self._compare("sigma_min", track.values["sigma_min"][-1], float(s[-1]), below=False)
+                    # to the tracker's manifold (exact: the fp64 Gram's eigenvalues); what the tracker
+                    # is for under ManifoldMuon, where σ_max, σ_min are 1 ± 1e-6 and their relative
+                    # errors say nothing
+                    exact_distance = float(self.tracker._manifolds[name].distance(W))
+                    self._compare("distance", track.values["distance"][-1], exact_distance, below=True)
                     if self.before is not None and step % self.tracker.spectrum_every:
                         exact = float(torch.linalg.matrix_norm(W - self.before[name], ord=2))
                         self._compare("update_norm", track.values["update_norm"][-1], exact, below=True)
