@@ -111,6 +111,14 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
 
         if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(beta_ok(b) for b in betas):
             raise ValueError(f"Invalid {where}betas: {betas!r} (must be two numbers, each in [0, 1))")
+    # torch's optimizers take these flags; a group carrying one was stored and ignored (maximize=True
+    # on the AdamW fallback descended, where torch.optim.AdamW ascends: a user probe)
+    for key, why in (("maximize", "they minimise; negate the loss instead"),
+                     ("capturable", "their steps are eager, not CUDA-graph capturable"),
+                     ("fused", "they have no fused kernels"),
+                     ("differentiable", "their steps run under no_grad")):
+        if d.get(key):
+            raise ValueError(f"{where}{key}={d[key]!r} is not supported by modman's optimizers ({why})")
     if d.get("tol") is not None:
         _check_nonneg("tol", d["tol"])
     if d.get("max_iters") is not None and not (is_int(d["max_iters"]) and d["max_iters"] >= 0):

@@ -359,3 +359,21 @@ def test_a_deep_model_gets_one_construction_warning_naming_every_moved_weight():
     matrices = sum(p.ndim >= 2 for p in model.parameters())  # 7 per layer, the embedding and the head
     assert f"moved {matrices} weights onto their manifolds" in lines[0]
     assert len(lines) == 1 + matrices and all("(distance was " in line for line in lines[1:])
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+@pytest.mark.parametrize("key", ["maximize", "capturable", "fused", "differentiable"])
+def test_torch_flags_in_a_group_are_refused_not_ignored(kind, key):
+    """torch's optimizers take maximize/capturable/fused/differentiable; modman's do not. As
+    constructor arguments they are a TypeError (as for torch.optim.Muon); in a param group they
+    were stored and ignored — maximize=True on the AdamW fallback descended where torch.optim.AdamW
+    ascends (a user probe). Refused by name, at construction and in add_param_group, nothing
+    added; False stays accepted."""
+    W, b = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(5))
+    with pytest.raises(ValueError, match=f"{key}=True is not supported"):
+        make_opt(kind, [{"params": [W]}, {"params": [b], key: True}])
+    opt = make_opt(kind, [{"params": [W], key: False}])
+    groups = len(opt.param_groups)
+    with pytest.raises(ValueError, match=f"{key}=True is not supported"):
+        opt.add_param_group({"params": [b], key: True})
+    assert len(opt.param_groups) == groups
