@@ -58,8 +58,9 @@ def plot_spectra(runs, *, step: int | None = None, params=None, log: bool = True
         ax.set_xlabel("index i")
         if log:
             ax.set_yscale("log")
+        if ax.get_lines()[:-1]:  # its own legend: weights of another size have their spectra at other steps
+            ax.legend(fontsize=7)
     axes[0][0].set_ylabel("σᵢ")
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -293,6 +293,28 @@ def test_plots_draw_the_data():
         plots.plot_metric({"a": run}, "distance", params=["nope"])
 
 
+def test_each_spectrum_panel_names_its_own_step():
+    """A weight above exact_max_dim has spectra on spectrum steps only, a small one at every record:
+    the one legend (on the last panel) named the small weight's step for every panel (a probe:
+    "step 990" over a 128² spectrum of step 900)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from modman.diagnostics import plots
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(80, 80, bias=False), nn.ReLU(), nn.Linear(80, 5, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    tracker = SpectrumTracker(model, every=1, spectrum_every=2).attach(opt)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(8, 80)).square().mean().backward()
+        opt.step()
+    fig = plots.plot_spectra({"a": tracker.tracking, "b": tracker.tracking})
+    labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+    assert labels == [["a (step 2)", "b (step 2)"], ["a (step 3)", "b (step 3)"]], labels
+
+
 def test_tracker_bad_arguments():
     model = _model()
     with pytest.raises(ValueError, match="every"):
