@@ -86,17 +86,33 @@ def plan_owners(group, costs: list[float]) -> tuple[int, list[int]]:
     return dist.get_rank(group), assign_owners(costs, dist.get_world_size(group))
 
 
-def check_same_items(group, names: list[str], finite: bool = True) -> list[int]:
+def check_same_items(group, names: list[str], finite: bool = True, settings: list[tuple[str, dict]] = ()) -> list[int]:
     """Refuse, on every rank alike and before anything changes, ranks that would step different
     parameters (``names``: each with its shape and dtype): the owners' broadcasts would land in
-    other tensors (or in none). Returns the ranks whose gradients are not all finite (``finite``
-    is this rank's answer), so that every rank raises or skips alike: a rank deciding alone left
-    the others waiting in the step's collectives (gloo then aborted them)."""
+    other tensors (or in none); and ranks whose param groups differ (``settings``: (a label, the
+    hyperparameters as plain values) per group): a scheduler stepped, or an lr set, on one rank only made the ranks' weights drift
+    apart silently (4e-3 in a few steps, a user probe). Returns the ranks whose gradients are not
+    all finite (``finite`` is this rank's answer), so that every rank raises or skips alike: a rank
+    deciding alone left the others waiting in the step's collectives (gloo then aborted them)."""
     # 40 bytes a rank, whatever the model (a fingerprint, not security: FIPS builds allow it)
-    digest = hashlib.sha1("\n".join(names).encode(), usedforsecurity=False).hexdigest()
+    def fingerprint(lines) -> str:
+        return hashlib.sha1("\n".join(lines).encode(), usedforsecurity=False).hexdigest()
+
     answers = [None] * dist.get_world_size(group)
-    dist.all_gather_object(answers, (digest, bool(finite)), group=group)
-    digests = [d for d, _ in answers]
+    lines = [f"{label}: {sorted(values.items())!r}" for label, values in settings]
+    dist.all_gather_object(answers, (fingerprint(names), fingerprint(lines), bool(finite)), group=group)
+    digests = [d for d, _, _ in answers]
+    if len({s for _, s, _ in answers}) > 1 and len(set(digests)) == 1:
+        gathered = [None] * len(answers)
+        dist.all_gather_object(gathered, list(settings), group=group)  # only to say what differs
+        detail = "; ".join(
+            f"{label}: " + ", ".join(f"{k} " + " vs ".join(f"{g[i][1].get(k)!r} (rank {r})" for r, g in enumerate(gathered))
+                                     for k in sorted(values) if len({repr(g[i][1].get(k)) for g in gathered}) > 1)
+            for i, (label, values) in enumerate(gathered[0])
+            if len({repr(sorted(g[i][1].items())) for g in gathered}) > 1)
+        raise ValueError(f"distributed step: the ranks' param groups differ [{detail}]; every rank must step "
+                         "with the same hyperparameters (a scheduler or an lr change applied on one rank only?). "
+                         "Nothing was changed.")
     if any(d != digests[0] for d in digests):
         gathered = [None] * len(digests)
         dist.all_gather_object(gathered, names, group=group)  # the names, only to say what differs
@@ -105,7 +121,7 @@ def check_same_items(group, names: list[str], finite: bool = True) -> list[int]:
         raise ValueError("distributed step: the ranks have gradients for different parameters "
                          f"[{detail}]; every rank must step the same ones (DDP gives all of them gradients). "
                          "Nothing was changed.")
-    return [r for r, (_, ok) in enumerate(answers) if not ok]
+    return [r for r, (_, _, ok) in enumerate(answers) if not ok]
 
 
 def share_step(group, items: list, owners: list[int], stats: dict, failed: dict[int, str]) -> dict[str, str]:

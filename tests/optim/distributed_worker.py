@@ -147,6 +147,25 @@ def nonfinite_on_one_rank(rank, mode):
     return {"outcome": outcome, "unchanged": unchanged, "weights": [p.detach().clone() for p in model.parameters()]}
 
 
+def lr_changed_on_one_rank(rank):
+    """An lr set on one rank only: refused on every rank, naming the group and both values,
+    nothing changed (the ranks' weights drifted apart silently before)."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = modman.ManifoldMuon(model.modules(), distributed=True, lr=0.05)
+    if rank == 1:
+        opt.param_groups[0]["lr"] = 0.1
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        opt.step()
+        return "stepped"
+    except ValueError as e:
+        unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
+        return f"{'unchanged' if unchanged else 'changed'}: {e}"
+
+
 def seen_through_ddp():
     """Names and per-layer lr of ManifoldMuon(DDP(model).modules()) are the bare model's."""
     from torch.nn.parallel import DistributedDataParallel
@@ -236,6 +255,7 @@ def main():
     report["dtype_mismatch"] = dtype_mismatch(rank)
     report["nonfinite_raise"] = nonfinite_on_one_rank(rank, "raise")
     report["nonfinite_skip"] = nonfinite_on_one_rank(rank, "skip")
+    report["lr_one_rank"] = lr_changed_on_one_rank(rank)
     report["seen_through_ddp"] = seen_through_ddp()
     report["solver_switch"] = solver_switch()
     torch.save(report, f"{out}/rank{rank}.pt")

@@ -65,6 +65,9 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
             assert [o["outcome"] for o in outcomes] == ["skipped=True"] * 2
         for a, b in zip(outcomes[0]["weights"], outcomes[1]["weights"]):
             assert torch.equal(a, b), mode
+    for rep in reports:  # an lr set on rank 1 only: refused alike, before anything changed
+        assert rep["lr_one_rank"].startswith("unchanged: distributed step: the ranks' param groups differ "
+                                             "[group 0 (emb.weight): lr 0.05 (rank 0) vs 0.1 (rank 1)]"), rep["lr_one_rank"]
     for rep in reports:
         assert rep["no_gradients_here"].startswith("distributed step: the ranks have gradients for different"), \
             rep["no_gradients_here"]
