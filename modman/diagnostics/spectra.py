@@ -86,7 +86,16 @@ def _real_weight(name: str, p: torch.Tensor) -> bool:
     maps; a complex one is left out with a warning (its statistics came out of the real part's)."""
     if p.is_complex():
         warn(f"{name} is complex ({p.dtype}): left out of the diagnostics, which take real weights")
+    _check_has_values(p, name)
     return p.is_floating_point()
+
+
+def _check_has_values(p: torch.Tensor, name: str) -> None:
+    """A meta tensor has a shape and no values: say so, naming it (torch's own message, "Cannot
+    copy out of meta tensor", came from deep inside a record)."""
+    if p.is_meta:
+        raise ValueError(f"{name} is on the meta device (it has no values to measure): materialise the model "
+                         "first, e.g. model.to_empty(device='cpu') and then load its weights")
 
 
 def resolve_manifolds(names: Iterable[str], manifolds, *, params: Iterable[torch.Tensor] | None = None
@@ -197,8 +206,15 @@ def singular_values(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torc
     """Singular values (descending) of a matrix or batch, as √eigenvalues of the small Gram.
 
     In fp64 the eigenvalues σᵢ² carry an absolute error ≈ 1e-16·σ₁², so each σᵢ is accurate to
-    ≈ 1e-8·σ₁ (far below fp32 weight precision) at about two thirds of the cost of svdvals.
+    ≈ 1e-8·σ₁ (far below fp32 weight precision) at about two thirds of the cost of svdvals. An fp64
+    weight carries more than that: it gets svdvals itself (σᵢ to ≈ 1e-16·σ₁; through the Gram a
+    κ = 1e10 read as ∞ and κ = 1e8 8 % off, a probe). NaN for a matrix with a NaN or an infinity.
     """
+    if W.dtype == torch.float64 and dtype == torch.float64:
+        X = W.detach()
+        finite = torch.isfinite(X).all(dim=(-2, -1), keepdim=True)
+        s = torch.linalg.svdvals(torch.where(finite, X, torch.zeros_like(X)))
+        return torch.where(finite[..., 0], s, torch.full_like(s, math.nan))
     return gram_eigenvalues(W, dtype).flip(-1).clamp(min=0).sqrt()
 
 
@@ -262,6 +278,7 @@ def matrix_stats(W: torch.Tensor, manifold=None, *, exact: bool | None = None,
     """
     if W.ndim < 2 or W.numel() == 0:
         raise ValueError(f"matrix_stats needs a non-empty matrix, got shape {tuple(W.shape)}")
+    _check_has_values(W, "matrix_stats: W")
     manifold = Stiefel() if manifold is None else manifold
     if exact is None:
         exact = min(W.shape[-2:]) <= exact_max_dim

@@ -116,3 +116,36 @@ def test_a_stacks_sigma_min_between_spectrum_steps_is_tracked_like_a_matrix():
             exact = float(torch.linalg.svdvals(stack.detach().double())[..., -1].min())
             ratios.append(track.values["sigma_min"][-1] / exact)
     assert len(ratios) >= 8 and all(0.999 <= r <= 1.05 for r in ratios), ratios
+
+
+def test_meta_weights_are_refused_by_name():
+    """A model built on the meta device has shapes and no values: spectrum_table, matrix_stats and
+    SpectrumTracker failed with torch's "Cannot copy out of meta tensor; no data!" (the tracker
+    only at its first record). Each now names the weight and says what to do."""
+    from modman.diagnostics import SpectrumTracker, matrix_stats, spectrum_table
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
+    for call in (lambda: spectrum_table(model), lambda: SpectrumTracker(model, every=1)):
+        with pytest.raises(ValueError, match=r"0.weight is on the meta device .*materialise the model"):
+            call()
+    with pytest.raises(ValueError, match="matrix_stats: W is on the meta device"):
+        matrix_stats(model[0].weight)
+
+
+@pytest.mark.parametrize("kappa", [1e8, 1e10, 1e14])
+def test_an_fp64_weight_gets_its_small_singular_values(kappa):
+    """Through the Gram, σᵢ are known to ≈ 1e-8·σ₁: an fp64 weight of κ = 1e10 read κ = ∞ and
+    σ_min = 0, κ = 1e8 was 8 % off (a probe). fp64 weights get svdvals (oracle: the σ built in)."""
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(40, 30, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, -math.log10(kappa), 30, dtype=torch.float64)
+    W = U @ torch.diag(s) @ V.T
+    st = matrix_stats(W, exact=True)
+    assert st["sigma_min"] == pytest.approx(float(s[-1]), rel=1e-2)
+    assert st["condition"] == pytest.approx(kappa, rel=1e-2)
+    assert singular_values(W)[-1].item() == pytest.approx(float(s[-1]), rel=1e-2)
+    bad = W.clone()
+    bad[0, 0] = math.nan
+    assert torch.isnan(singular_values(bad)).all()
