@@ -80,6 +80,24 @@ def test_large_matrix_uses_lanczos_and_stays_close():
     assert "lanczos" in spectrum_table({"big": W}, exact_max_dim=256)
 
 
+def test_lanczos_rows_show_which_side_the_true_value_is_on():
+    """Lanczos estimates are one-sided and σ_min's can be far off (1.14 against a true 0.032 on a
+    300×300 Gaussian, a probe), while the table printed them like exact values. Each estimated cell
+    now carries its side (≤: the true value is at most the one shown; ≥: at least), checked
+    against svdvals; exact rows carry none."""
+    W = torch.randn(300, 300, generator=torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(W.double())
+    truth = [float(s[-1]), float(s[0]), float(s[0] / s[-1]), float((s**2).sum() / s[0] ** 2),
+             float((s - 1).abs().max())]
+    row = _rows(spectrum_table({"w": W}, exact_max_dim=256))["w"]
+    assert row[-1] == "lanczos"
+    for cell, true in zip(row[2:7], truth):
+        side, value = cell[0], float(cell[1:])
+        assert side in "≤≥" and (true <= value * (1 + 1e-3) if side == "≤" else true >= value * (1 - 1e-3)), (cell, true)
+    exact = _rows(spectrum_table({"w": W}))["w"]
+    assert exact[-1] == "svd" and all(c[0] not in "≤≥" for c in exact[2:7])
+
+
 def test_a_1024_weight_near_the_manifold_gets_its_exact_distance():
     """Lanczos stops at a relative residual of 1e-3: a 1024×512 weight 1e-4 off the manifold read a
     distance of 5e-6 (a claims audit) when only matrices up to 256 were exact; up to 1024 are now."""
