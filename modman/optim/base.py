@@ -648,8 +648,7 @@ class ManifoldOptimizer(Optimizer):
         elsewhere = []  # ranks whose gradients are not finite, all ranks agreeing on it
         if pg is not None:  # also with nothing to share here: the other ranks may think otherwise
             settings = [(f"group {i} ({names[id(g['params'][0])] if g['params'] else 'empty'})",
-                         {k: _scalar(v) if isinstance(v, torch.Tensor) else v for k, v in g.items()
-                          if k not in ("params", "param_names")})
+                         {k: v for k, v in g.items() if k not in ("params", "param_names")})
                         for i, g in enumerate(self.param_groups)]
             elsewhere = check_same_items(pg, [f"{names[id(p)]} {tuple(p.shape)} {p.dtype}" for _, p in shared], finite,
                                          settings)

@@ -86,33 +86,46 @@ def plan_owners(group, costs: list[float]) -> tuple[int, list[int]]:
     return dist.get_rank(group), assign_owners(costs, dist.get_world_size(group))
 
 
+def canonical(value):
+    """A param-group value as the same plain value on every rank: a tensor as its number(s), a
+    tuple or list element-wise, a set sorted, a function by its qualified name, any other object
+    by its type (its repr carries a memory address, different on every rank: a review)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else tuple(value.detach().cpu().reshape(-1).tolist())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(canonical(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted((canonical(v) for v in value), key=repr))
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return f"<{type(value).__qualname__}>"
+
+
 def check_same_items(group, names: list[str], finite: bool = True, settings: list[tuple[str, dict]] = ()) -> list[int]:
     """Refuse, on every rank alike and before anything changes, ranks that would step different
     parameters (``names``: each with its shape and dtype): the owners' broadcasts would land in
-    other tensors (or in none); and ranks whose param groups differ (``settings``: (a label, the
-    hyperparameters as plain values) per group): a scheduler stepped, or an lr set, on one rank only made the ranks' weights drift
-    apart silently (4e-3 in a few steps, a user probe). Returns the ranks whose gradients are not
-    all finite (``finite`` is this rank's answer), so that every rank raises or skips alike: a rank
-    deciding alone left the others waiting in the step's collectives (gloo then aborted them)."""
-    # 40 bytes a rank, whatever the model (a fingerprint, not security: FIPS builds allow it)
-    def fingerprint(lines) -> str:
+    other tensors (or in none); and ranks whose param groups differ (``settings``: a label and the
+    group's hyperparameters, per group): a scheduler stepped, or an lr set, on one rank only made
+    the ranks' weights drift apart silently (4e-3 in a few steps, a user probe). Returns the ranks
+    whose gradients are not all finite (``finite`` is this rank's answer), so that every rank
+    raises or skips alike: a rank deciding alone left the others waiting in the step's collectives
+    (gloo then aborted them). One all_gather of two 40-byte fingerprints and a flag per rank."""
+    def fingerprint(lines) -> str:  # a fingerprint, not security: FIPS builds allow it
         return hashlib.sha1("\n".join(lines).encode(), usedforsecurity=False).hexdigest()
 
+    groups = [(label, {k: canonical(v) for k, v in values.items()}) for label, values in settings]
     answers = [None] * dist.get_world_size(group)
-    lines = [f"{label}: {sorted(values.items())!r}" for label, values in settings]
+    lines = [f"{label}: {sorted(values.items())!r}" for label, values in groups]
     dist.all_gather_object(answers, (fingerprint(names), fingerprint(lines), bool(finite)), group=group)
     digests = [d for d, _, _ in answers]
-    if len({s for _, s, _ in answers}) > 1 and len(set(digests)) == 1:
+    if len(set(digests)) == 1 and len({s for _, s, _ in answers}) > 1:
         gathered = [None] * len(answers)
-        dist.all_gather_object(gathered, list(settings), group=group)  # only to say what differs
-        detail = "; ".join(
-            f"{label}: " + ", ".join(f"{k} " + " vs ".join(f"{g[i][1].get(k)!r} (rank {r})" for r, g in enumerate(gathered))
-                                     for k in sorted(values) if len({repr(g[i][1].get(k)) for g in gathered}) > 1)
-            for i, (label, values) in enumerate(gathered[0])
-            if len({repr(sorted(g[i][1].items())) for g in gathered}) > 1)
-        raise ValueError(f"distributed step: the ranks' param groups differ [{detail}]; every rank must step "
-                         "with the same hyperparameters (a scheduler or an lr change applied on one rank only?). "
-                         "Nothing was changed.")
+        dist.all_gather_object(gathered, groups, group=group)  # only to say what differs
+        raise ValueError(f"distributed step: the ranks' param groups differ [{_group_differences(gathered)}]; "
+                         "every rank must step with the same hyperparameters (a scheduler or an lr change "
+                         "applied on one rank only?). Nothing was changed.")
     if any(d != digests[0] for d in digests):
         gathered = [None] * len(digests)
         dist.all_gather_object(gathered, names, group=group)  # the names, only to say what differs
@@ -122,6 +135,25 @@ def check_same_items(group, names: list[str], finite: bool = True, settings: lis
                          f"[{detail}]; every rank must step the same ones (DDP gives all of them gradients). "
                          "Nothing was changed.")
     return [r for r, (_, _, ok) in enumerate(answers) if not ok]
+
+
+def _group_differences(gathered: list[list[tuple[str, dict]]]) -> str:
+    """What differs between the ranks' (label, hyperparameters) lists: the number of groups, the
+    labels, and each differing key with every rank's value."""
+    counts = [len(g) for g in gathered]
+    if len(set(counts)) > 1:
+        return "; ".join(f"rank {r}: {c} groups ({', '.join(label for label, _ in g)})"
+                         for r, (c, g) in enumerate(zip(counts, gathered)))
+    out = []
+    for i in range(counts[0]):
+        labels = {g[i][0] for g in gathered}
+        keys = sorted(set().union(*(g[i][1] for g in gathered)))
+        differing = [k for k in keys if len({repr(g[i][1].get(k)) for g in gathered}) > 1]
+        if len(labels) > 1 or differing:
+            out.append(f"{gathered[0][i][0]}: " + ", ".join(
+                [f"{k} " + " vs ".join(f"{g[i][1].get(k)!r} (rank {r})" for r, g in enumerate(gathered))
+                 for k in differing] + ([f"labels {sorted(labels)}"] if len(labels) > 1 else [])))
+    return "; ".join(out)
 
 
 def share_step(group, items: list, owners: list[int], stats: dict, failed: dict[int, str]) -> dict[str, str]:

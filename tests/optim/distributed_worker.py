@@ -166,6 +166,32 @@ def lr_changed_on_one_rank(rank):
         return f"{'unchanged' if unchanged else 'changed'}: {e}"
 
 
+class Tag:
+    """A user's object in a param group: the same on every rank, with an address in its repr."""
+
+
+def group_settings(rank):
+    """Param-group values that are equal on every rank but print differently (an object's address,
+    a set's order) step as usual; a group that only rank 0 has is refused on every rank, naming
+    both ranks' groups (an IndexError before)."""
+    out = {}
+    for case in ("same_objects", "extra_group"):
+        torch.manual_seed(0)
+        model = Net()
+        opt = modman.ManifoldMuon(model.modules(), distributed=True, lr=0.05)
+        opt.param_groups[0]["tag"], opt.param_groups[0]["labels"] = Tag(), {"alpha", "beta", "gamma", "delta"}
+        if case == "extra_group" and rank == 0:
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "algorithm": "adamw"})
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        try:
+            opt.step()
+            out[case] = "stepped"
+        except ValueError as e:
+            out[case] = str(e)
+    return out
+
+
 def seen_through_ddp():
     """Names and per-layer lr of ManifoldMuon(DDP(model).modules()) are the bare model's."""
     from torch.nn.parallel import DistributedDataParallel
@@ -256,6 +282,7 @@ def main():
     report["nonfinite_raise"] = nonfinite_on_one_rank(rank, "raise")
     report["nonfinite_skip"] = nonfinite_on_one_rank(rank, "skip")
     report["lr_one_rank"] = lr_changed_on_one_rank(rank)
+    report["group_settings"] = group_settings(rank)
     report["seen_through_ddp"] = seen_through_ddp()
     report["solver_switch"] = solver_switch()
     torch.save(report, f"{out}/rank{rank}.pt")

@@ -68,6 +68,11 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
     for rep in reports:  # an lr set on rank 1 only: refused alike, before anything changed
         assert rep["lr_one_rank"].startswith("unchanged: distributed step: the ranks' param groups differ "
                                              "[group 0 (emb.weight): lr 0.05 (rank 0) vs 0.1 (rank 1)]"), rep["lr_one_rank"]
+    for rep in reports:  # equal values that print differently step; a group on rank 0 only is refused
+        settings = rep["group_settings"]
+        assert settings["same_objects"] == "stepped", settings
+        assert settings["extra_group"].startswith("distributed step: the ranks' param groups differ [rank 0: "), settings
+        assert "rank 1: " in settings["extra_group"], settings
     for rep in reports:
         assert rep["no_gradients_here"].startswith("distributed step: the ranks have gradients for different"), \
             rep["no_gradients_here"]
