@@ -90,6 +90,22 @@ def _scalar(x) -> float:
     return x.item() if isinstance(x, torch.Tensor) else float(x)
 
 
+# torch's optimizers take these flags; a group carrying one was stored and ignored (maximize=True on
+# the AdamW fallback descended, where torch.optim.AdamW ascends: a user probe)
+_UNSUPPORTED_FLAGS = (("maximize", "they minimise; negate the loss instead"),
+                      ("capturable", "their steps are eager, not CUDA-graph capturable"),
+                      ("fused", "they have no fused kernels"),
+                      ("differentiable", "their steps run under no_grad"))
+
+
+def _check_flags(d: dict, where: str = "") -> None:
+    """Refuse a torch flag modman's optimizers do not implement, set true in ``d``: at construction,
+    add_param_group, load_state_dict and, for one set on a group later, the step."""
+    for key, why in _UNSUPPORTED_FLAGS:
+        if d.get(key):
+            raise ValueError(f"{where}{key}={d[key]!r} is not supported by modman's optimizers ({why})")
+
+
 def _check_hyperparameters(d: dict, where: str = "") -> None:
     """Refuse the first invalid hyperparameter in ``d`` (defaults, fallback options or a group),
     naming it, so that a bad value fails at the door rather than at the first step()."""
@@ -111,14 +127,7 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
 
         if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(beta_ok(b) for b in betas):
             raise ValueError(f"Invalid {where}betas: {betas!r} (must be two numbers, each in [0, 1))")
-    # torch's optimizers take these flags; a group carrying one was stored and ignored (maximize=True
-    # on the AdamW fallback descended, where torch.optim.AdamW ascends: a user probe)
-    for key, why in (("maximize", "they minimise; negate the loss instead"),
-                     ("capturable", "their steps are eager, not CUDA-graph capturable"),
-                     ("fused", "they have no fused kernels"),
-                     ("differentiable", "their steps run under no_grad")):
-        if d.get(key):
-            raise ValueError(f"{where}{key}={d[key]!r} is not supported by modman's optimizers ({why})")
+    _check_flags(d, where)
     if d.get("tol") is not None:
         _check_nonneg("tol", d["tol"])
     if d.get("max_iters") is not None and not (is_int(d["max_iters"]) and d["max_iters"] >= 0):
@@ -638,6 +647,7 @@ class ManifoldOptimizer(Optimizer):
     def _update(self) -> None:
         names = self._param_names()
         for group in self.param_groups:
+            _check_flags(group)  # set on a group after construction: refused before anything changes
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({names[id(p)]})")
@@ -834,7 +844,7 @@ class ManifoldOptimizer(Optimizer):
                              "from modules, the groups follow the roles: a checkpoint of this model from a version "
                              "with other roles — e.g. before GPT-2's Conv1D was constrained — loads with roles= "
                              "matching it; optimizer.describe() lists them)")
-        new_groups, renames = [], {}
+        new_groups, renames, regrouped = [], {}, set()
         for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
             if len(g_new["params"]) != len(g_old["params"]):
                 raise ValueError(f"parameter group {gi} has {len(g_new['params'])} parameters in the state "
@@ -849,6 +859,13 @@ class ManifoldOptimizer(Optimizer):
             # __setstate__ fill them from the constrained groups' defaults: an AdamW group ran at lr 0.1)
             for key, value in g_old.items():
                 g_new.setdefault(key, value)
+            _check_flags(g_new, f"parameter group {gi} of the state dict: ")
+            if g_new["flatten"] is True and F.conv_groups(g_old["flatten"]):
+                # a grouped convolution saved before it was stepped group by group (2026-12-07): its
+                # momentum has the weight's shape and carries over; the solver's warm start was of the
+                # flattened matrix and is dropped (the next step starts cold)
+                g_new["flatten"] = g_old["flatten"]
+                regrouped.update(g_new["params"])
             for key in self._STRUCTURAL:
                 if g_new[key] != g_old[key]:
                     raise ValueError(f"parameter group {gi} has {key}={g_new[key]!r} in the state dict and "
@@ -865,6 +882,9 @@ class ManifoldOptimizer(Optimizer):
                 continue
             p, group = by_id[pid]
             st = {renames.get(pid, {}).get(k, k): v for k, v in st.items()}
+            if pid in regrouped:
+                st = {k: (v.reshape(p.shape) if isinstance(v, torch.Tensor) and v.numel() == p.numel() else v)
+                      for k, v in st.items() if k in ("momentum", "step")}
             expected = self._expected_state(group, p)
             for key, value in st.items():
                 if key not in expected and not (group["algorithm"] == "manifold_muon" and key not in _RESERVED):

@@ -377,3 +377,13 @@ def test_torch_flags_in_a_group_are_refused_not_ignored(kind, key):
     with pytest.raises(ValueError, match=f"{key}=True is not supported"):
         opt.add_param_group({"params": [b], key: True})
     assert len(opt.param_groups) == groups
+    saved = opt.state_dict()
+    saved["param_groups"][0][key] = True
+    with pytest.raises(ValueError, match=f"state dict: {key}=True is not supported"):
+        opt.load_state_dict(saved)
+    opt.param_groups[0][key] = True  # set later: refused by the step, nothing changed
+    W.grad = torch.ones_like(W)
+    before = W.detach().clone()
+    with pytest.raises(ValueError, match=f"{key}=True is not supported"):
+        opt.step()
+    assert torch.equal(W.detach(), before) and not opt.state

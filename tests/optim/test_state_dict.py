@@ -461,3 +461,40 @@ def test_a_transposed_weights_momentum_of_the_other_orientation_is_refused():
     sd["state"][pid]["momentum"] = sd["state"][pid]["momentum"].mT.contiguous()
     with pytest.raises(ValueError, match=r"momentum.*shape \(24, 16\), expected \(16, 24\)"):
         make_opt("manifold_muon", copy.deepcopy(layer).modules()).load_state_dict(sd)
+
+
+def test_a_grouped_convolution_checkpoint_from_before_the_group_view_loads():
+    """Before 2026-12-07 a grouped convolution's weight was stepped as its flattened matrix: its
+    group saved flatten=True and a dual of that matrix. Such a checkpoint was refused ("flatten=True
+    in the state dict and 'groups=4' in the optimizer", no way around it; a review). It loads: the
+    momentum (the weight's shape) carries over, the flattened matrix's dual is dropped (a warm start
+    only), and the next step runs."""
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(8, 16, 3, groups=4), torch.nn.Flatten(), torch.nn.Linear(16 * 4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ManifoldMuon(model.modules(), lr=0.05)
+        fresh = ManifoldMuon(model.modules(), lr=0.05)
+    x = torch.randn(5, 8, 6)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    old = copy.deepcopy(opt.state_dict())
+    gi = next(i for i, g in enumerate(old["param_groups"]) if g["flatten"] == "groups=4")
+    pid = old["param_groups"][gi]["params"][0]
+    old["param_groups"][gi]["flatten"] = True
+    old["state"][pid]["dual"] = torch.zeros(6, 6)  # the flattened 16×6 matrix's dual
+    fresh.load_state_dict(old)
+    conv = model[0].weight
+    assert fresh.param_groups[gi]["flatten"] == "groups=4"
+    assert torch.equal(fresh.state[conv]["momentum"], opt.state[conv]["momentum"])
+    assert "dual" not in fresh.state[conv]
+    fresh.zero_grad()
+    model(x).square().mean().backward()
+    fresh.step()
+    assert fresh.state[conv]["dual"].shape == (4, 4, 4)  # the batched view's own warm start
+    assert float(torch.as_tensor(fresh.last_step_stats["0.weight"]["duality_gap"]).max()) <= 1e-4
