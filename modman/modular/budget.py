@@ -23,9 +23,9 @@ which freezes the early layers in practice. The forward is described as it is (n
 scaling is assumed), so budget() warns when max/min lr_scale of one model exceeds SPREAD_WARNING
 (1e3), naming both ends; use budget="uniform" there, or a network built for the taring recipe.
 The same compounding can shrink every scale alike: a 4-block residual CNN got 3.4e-7 to 3.8e-7
-(spread 1.1×) and a residual MLP of 8 blocks 9e-5 to 2e-4, so budget() also warns when the
-largest lr_scale is below FROZEN_SCALE (1e-3; plain MLPs, CNNs and TinyCausalLM of 1–2 layers get
-1e-2 to 3e-1).
+(spread 1.1×) and a residual MLP of 8 blocks 9e-5 to 2e-4, so budget() also warns when every
+weight's composition factor 1/(cᵢρᵢ) (its lr_scale without its own shape factor) is below
+FROZEN_SCALE (1e-3; plain MLPs, CNNs and TinyCausalLM of 1–2 layers get 1e-2 to 3e-1).
 Frozen weights (requires_grad=False) carry mass 0 and are left out, as the optimizer skips them.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .convert import ModularError, from_torch
 from .module import Bond, Module, Tare
 
 SPREAD_WARNING = 1e3  # budget() warns when the largest lr_scale exceeds the smallest by this factor
-FROZEN_SCALE = 1e-3  # ... or when even the largest is below this (every weight steps < lr/1000)
+FROZEN_SCALE = 1e-3  # ... or when the composition leaves every weight below lr/1000
 
 
 def _tree(model, **options) -> Module:
@@ -65,47 +65,52 @@ def _rows(tree: Module):
 def budget(model: nn.Module | Module, **options) -> dict[str, float]:
     """{parameter name: lr_scale} for the weights of positive mass (names as in
     ``model.named_parameters()``); ``options`` go to ``from_torch`` (scale, masses, …). Warns
-    when the lr_scales span more than SPREAD_WARNING or all lie below FROZEN_SCALE
-    (``spread_message``)."""
-    out = quiet_budget(model, **options)
-    message = spread_message(out)
+    when the lr_scales span more than SPREAD_WARNING or the composition leaves every weight below
+    FROZEN_SCALE (``checked_budget``)."""
+    out, _, message = checked_budget(model, **options)
     if message:
         warn(message)
     return out
 
 
 def quiet_budget(model: nn.Module | Module, **options) -> dict[str, float]:
-    """``budget`` without the spread warning (for callers that act on ``spread_message``)."""
+    """``budget`` without the warning."""
+    return checked_budget(model, **options)[0]
+
+
+def checked_budget(model: nn.Module | Module, **options) -> tuple[dict[str, float], str | None, str | None]:
+    """(lr_scales, problem, message): problem is "spread" where the largest lr_scale exceeds the
+    smallest by more than SPREAD_WARNING, "frozen" where every weight's composition factor
+    1/(cᵢρᵢ) — its lr_scale without its own shape factor kᵢ — is below FROZEN_SCALE, else None;
+    the message says why and what to do. kᵢ is set aside because it is no compounding: an unscaled
+    Linear(2·10⁶, 1) alone has lr_scale 7e-4 from kᵢ = √(d_in/d_out), and is not frozen (a review)."""
     tree = _tree(model, **options)
     if tree.mass <= 0:
         raise ModularError("the model's module tree has no weight of positive mass, so there is nothing to "
                            "budget; give weights a mass with from_torch(model, masses={name: 1.0}), or use "
                            "budget='uniform'")
-    return {a.name: scale for a, _, scale in _rows(tree) if scale is not None}
-
-
-def spread_message(out: dict[str, float]) -> str | None:
-    """Why a budget whose largest lr_scale exceeds its smallest by more than SPREAD_WARNING, or
-    whose largest is below FROZEN_SCALE, is in effect (partly) frozen, naming both ends; None for
-    an even budget of usable scales."""
+    rows = [(a, scale) for a, _, scale in _rows(tree) if scale is not None]
+    out = {a.name: scale for a, scale in rows}
+    composition = {a.name: scale * a.own_factor() for a, scale in rows}
     lo, hi = (min(out, key=out.get), max(out, key=out.get)) if out else (None, None)
-    if out and out[hi] < FROZEN_SCALE:
-        return (
-            f"modular budget has every lr_scale below {FROZEN_SCALE:g}: from {out[lo]:.3g} for {lo!r} to "
-            f"{out[hi]:.3g} for {hi!r}, so every weight steps under lr/{1 / FROZEN_SCALE:g} — in effect frozen at "
-            "the lr of a uniform budget. Each rule is a worst case and residual blocks x + f(x) multiply the "
-            "sensitivities by 1 + sens(f) each. Consider ManifoldMuon(..., budget='uniform'), or blocks "
-            "x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, 'Learning-rate transfer across depth')"
+    if composition and max(composition.values()) < FROZEN_SCALE:
+        return out, "frozen", (
+            f"modular budget leaves every weight below lr/{1 / FROZEN_SCALE:g} from the composition alone "
+            f"(lr_scales from {out[lo]:.3g} for {lo!r} to {out[hi]:.3g} for {hi!r}; largest composition factor "
+            f"{max(composition.values()):.3g}) — in effect frozen at the lr of a uniform budget. Each rule is a "
+            "worst case and residual blocks x + f(x) multiply the sensitivities by 1 + sens(f) each. Consider "
+            "ManifoldMuon(..., budget='uniform'), or blocks x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, "
+            "'Learning-rate transfer across depth')"
         )
     if out and out[hi] > SPREAD_WARNING * out[lo]:
-        return (
+        return out, "spread", (
             f"modular budget spans {out[hi] / out[lo]:.3g}× (more than {SPREAD_WARNING:g}×): smallest lr_scale "
             f"{out[lo]:.3g} for {lo!r}, largest {out[hi]:.3g} for {hi!r}. Each rule is a worst case and the "
             "sensitivities of the layers after a weight multiply (residual blocks x + f(x) add 1 + sens(f) "
             "each), so the smallest steps are in effect frozen. Consider ManifoldMuon(..., budget='uniform'), "
             "or blocks x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, 'Learning-rate transfer across depth')"
         )
-    return None
+    return out, None, None
 
 
 def _assumptions(tree: Module) -> list[str]:

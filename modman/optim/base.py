@@ -389,7 +389,7 @@ class ManifoldOptimizer(Optimizer):
             return {str(k): float(v) for k, v in budget(network.root).items()}
         if budget in ("modular", "auto"):
             from ..modular import ModularError
-            from ..modular.budget import FROZEN_SCALE, quiet_budget, spread_message
+            from ..modular.budget import FROZEN_SCALE, checked_budget
 
             try:
                 if not network.single:
@@ -404,15 +404,14 @@ class ManifoldOptimizer(Optimizer):
                     # against the rank-independent LoRA lr the blog measures (modman.lora.lora_lr)
                     raise ModularError("its LoRA adapters have no meaningful modular budget (the rules count "
                                        "their α/r multiplier as a sensitivity)")
-                scales = quiet_budget(network.root, scale=self._budget_scale)
-                spread = spread_message(scales)
+                scales, problem, spread = checked_budget(network.root, scale=self._budget_scale)
                 if spread and budget == "auto":
                     # the worst-case rules compound through residual blocks: TinyCausalLM's layers.0 of 6
                     # got 1.9e-7 (2.5e-8 with scale="rms"), in effect frozen, under the default; a 4-block
                     # residual CNN got 3.4e-7…3.8e-7 for every weight (a user probe: 20 steps moved none)
                     lo, hi = min(scales, key=scales.get), max(scales, key=scales.get)
-                    what = (f"span {scales[hi] / scales[lo]:.3g}×" if scales[hi] >= FROZEN_SCALE
-                            else f"all lie below {FROZEN_SCALE:g}")
+                    what = (f"span {scales[hi] / scales[lo]:.3g}×" if problem == "spread"
+                            else f"all lie below {FROZEN_SCALE:g} from the composition alone")
                     raise ModularError(f"its lr_scales would {what}, from {scales[lo]:.2g} "
                                        f"for {lo!r} to {scales[hi]:.2g} for {hi!r}: the worst-case rules compound "
                                        "through residual blocks and would in effect freeze the smallest; "

@@ -383,7 +383,7 @@ def test_the_default_budget_steps_uniformly_where_every_modular_scale_is_tiny():
 
     torch.manual_seed(0)
     model = ResidualCNN(4)
-    with pytest.warns(UserWarning, match="every lr_scale below"):
+    with pytest.warns(UserWarning, match="every weight below lr/1000 from the composition alone"):
         b = budget(model)
     assert max(b.values()) < FROZEN_SCALE and max(b.values()) / min(b.values()) < 1e3
     with pytest.warns(UserWarning, match=r"would all lie below 0.001.*budget='modular' uses it anyway"):
@@ -396,11 +396,25 @@ def test_the_default_budget_steps_uniformly_where_every_modular_scale_is_tiny():
         nn.functional.cross_entropy(model(x), y).backward()
         auto.step()
     assert float((model.blocks[0][0].weight - before).norm() / before.norm()) > 1e-2  # it trains
-    with pytest.warns(UserWarning, match="every lr_scale below"):
+    with pytest.warns(UserWarning, match="every weight below lr/1000"):
         ManifoldMuon(ResidualCNN(4).modules(), lr=0.1, budget="modular")
     with warnings.catch_warnings():  # a 1-block one keeps its modular budget, silently
         warnings.simplefilter("error", UserWarning)
         assert min(budget(ResidualCNN(1)).values()) > FROZEN_SCALE / 10
+
+
+def test_a_weight_small_by_its_own_shape_is_not_taken_for_frozen():
+    """An unscaled Linear(2·10⁶, 1) alone has lr_scale 1/√(2·10⁶) = 7.1e-4 from its own shape
+    factor √(d_in/d_out) — no compounding. The frozen rule took it for frozen and "auto" jumped to
+    lr_scale 1 (1400× Linear(1000, 1)'s 0.0316; a review): the rule reads the composition factor."""
+    from modman import ManifoldMuon
+
+    model = nn.Linear(2_000_000, 1, bias=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert budget(model) == {"weight": pytest.approx(2_000_000 ** -0.5)}
+        opt = ManifoldMuon(model.modules(), lr=0.1, project_on_init=False)
+    assert opt.param_groups[0]["lr_scale"] == pytest.approx(2_000_000 ** -0.5)
 
 
 def test_no_spread_warning_for_even_budgets():
