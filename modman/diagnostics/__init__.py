@@ -3,7 +3,8 @@
 - ``spectrum_table(model_or_named_params, manifolds=None) -> str``: per weight matrix its shape,
   σ_min, σ_max, condition number, stable rank and distance to its manifold.
 - ``matrix_stats``, ``named_matrices``: the same numbers as a dict, and which parameters are matrices
-  (Linear, Conv flattened to (out, in·k…), 3-D stacks batched).
+  (Linear, Conv flattened to (out, in·k…) — a grouped one as its G blocks, batched — 3-D stacks
+  batched).
 - ``lanczos_svals`` and the σ_max / stable-rank estimators: Golub–Kahan–Lanczos, so large
   matrices need no full SVD at every record.
 - ``SpectrumTracker``: records every k optimizer steps (optimizer hooks or a training callback),

@@ -223,3 +223,46 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, *, iters: in
         v = w / torch.linalg.vector_norm(w, dim=-2, keepdim=True).clamp(min=torch.finfo(X.dtype).tiny)
     estimate = torch.linalg.vector_norm(X @ v, dim=(-2, -1)).double()
     return estimate.reshape(batch), v.reshape(*batch, n)
+
+
+@torch.no_grad()
+def symmetric_lanczos_extremes(g: torch.Tensor, v: torch.Tensor, steps: int, *, seed: int = 0):
+    """(θ_min, θ_max, u_min, u_max): the extreme Ritz values of ``steps`` Lanczos steps on the
+    symmetric g (n×n, any device; fp64 advised) from v, fully reorthogonalised (twice), and their
+    unit Ritz vectors. One-sided as the Golub–Kahan ones: λ_min ≤ θ_min and θ_max ≤ λ_max up to
+    rounding of order eps·‖g‖, each θ being the Rayleigh quotient of its Ritz vector; a breakdown
+    (an invariant subspace: g = I exactly) restarts with a random vector ⟂ the basis.
+
+    Krylov methods are shift-invariant where power and inverse iteration are not: a weight on its
+    manifold has a Gram spectrum 1 ± 1e-6, on which a power iteration's ratio λ₂/λ₁ is 1 − 1e-6,
+    while Lanczos resolves it as it would the same spectrum spread over [0, 2]. Cost: ``steps``
+    matrix–vector products with g, O(n·steps²) for the reorthogonalisation and two host reads a
+    step (the recurrence's α and β)."""
+    n = g.shape[-1]
+    k = min(int(steps), n)
+    Q = g.new_zeros(1, n, k)
+    gen = torch.Generator().manual_seed(int(seed))
+    start = v.reshape(1, n).to(g)
+    if not bool(torch.isfinite(start).all()):
+        start = torch.zeros_like(start)
+    _, q = _normalise_or_restart(start, Q, 0, 0.0, gen)
+    alpha, beta = [], []
+    for j in range(k):
+        Q[0, :, j] = q[0]
+        w = g @ q[0]
+        alpha.append(float(q[0] @ w))
+        if j + 1 == k:
+            break
+        w = _orthogonalise(w.unsqueeze(0), Q, j + 1)
+        # at rounding level relative to ‖g‖ (estimated by the largest |α|) the Krylov space is exhausted
+        b, q = _normalise_or_restart(w, Q, j + 1, 1e-13 * max(abs(a) for a in alpha), gen)
+        beta.append(float(b[0]))
+    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+    if beta:
+        off = torch.tensor(beta, dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    theta, Y = torch.linalg.eigh(T)
+    Y = Y.to(device=g.device, dtype=g.dtype)
+    basis = Q[0, :, :len(alpha)]
+    return float(theta[0]), float(theta[-1]), basis @ Y[:, 0], basis @ Y[:, -1]
+

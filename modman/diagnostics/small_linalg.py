@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 import torch
-from scipy.linalg import blas, eigh_tridiagonal, lapack
+from scipy.linalg import blas, lapack
 
 def numpy_matrix(W: torch.Tensor, dtype=torch.float64) -> np.ndarray:
     """A CPU matrix as a NumPy array of ``dtype`` (a view when it already is one)."""
@@ -79,39 +79,3 @@ def spectral_norm(D: np.ndarray, v: np.ndarray, iters: int) -> tuple[float, np.n
     for _ in range(iters):
         v = _unit(D.T @ (D @ v))
     return float(np.linalg.norm(D @ v)), v
-
-
-def lanczos_extremes(g: np.ndarray, v: np.ndarray, steps: int) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """(θ_min, θ_max, u_min, u_max): the extreme Ritz values of ``steps`` Lanczos steps on the
-    symmetric g (upper triangle) from v, with full reorthogonalisation, and their Ritz vectors.
-    One-sided: λ_min ≤ θ_min and θ_max ≤ λ_max up to rounding of order eps·‖g‖ (each θ is the
-    Rayleigh quotient of its unit Ritz vector).
-
-    Krylov methods are shift-invariant where power and inverse iteration are not: a weight on its
-    manifold has a Gram spectrum 1 ± 1e-6, on which a power iteration's ratio λ₂/λ₁ is 1 − 1e-6
-    and the estimates stay at the cluster's middle (a probe measured the distance 10× low), while
-    Lanczos resolves it as it would the same spectrum spread over [0, 2]. Cost: ``steps``
-    symmetric matrix-vector products and the reorthogonalisation (2·n·steps² flops)."""
-    n = g.shape[0]
-    k = min(int(steps), n)
-    Q = np.zeros((n, k))
-    alpha, beta = np.zeros(k), np.zeros(k)
-    q = _unit(v.astype(np.float64))
-    if not np.linalg.norm(q) > 0:
-        q = _unit(np.linspace(1.0, 2.0, n))
-    scale = 0.0
-    for j in range(k):
-        Q[:, j] = q
-        w = blas.dsymv(1.0, g, q)
-        alpha[j] = q @ w
-        scale = max(scale, abs(alpha[j]))
-        for _ in range(2):  # twice is enough (Kahan–Parlett): Q stays orthonormal to rounding
-            w -= Q[:, :j + 1] @ (Q[:, :j + 1].T @ w)
-        b = float(np.linalg.norm(w))
-        if j + 1 == k or b <= 1e-13 * scale:  # done, or an invariant subspace: its Ritz values are exact
-            k = j + 1
-            break
-        beta[j], q = b, w / b
-    theta, Y = eigh_tridiagonal(alpha[:k], beta[:k - 1])
-    return float(theta[0]), float(theta[-1]), Q[:, :k] @ Y[:, 0], Q[:, :k] @ Y[:, -1]
-

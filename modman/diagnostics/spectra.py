@@ -1,7 +1,8 @@
 """Per-weight spectral statistics: which parameters are matrices, and what to measure on them.
 
 A weight is viewed as the matrix (or batch of matrices) the optimizers step on:
-Linear weights as (d_out, d_in); Conv weights flattened to (out, in·k…); 3-D parameters of other
+Linear weights as (d_out, d_in); Conv weights flattened to (out, in·k…), a grouped convolution's
+as its G blocks (G, out/G, in/G·k…), batched; 3-D parameters of other
 modules (expert stacks) as a batch over dim 0; bare tensors given by name follow the optimizer's
 shape rule (≥ 4-D flattened, 3-D a stack) unless an optimizer is given as the manifolds, whose own
 view (its group's ``flatten``) then wins. For each matrix W with singular values σ₁ ≥ … ≥ σ_r:
@@ -42,7 +43,8 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
     """[(name, parameter, matrix view)] for every parameter with ≥ 2 dimensions.
 
     Accepts an nn.Module, a mapping name → tensor, or an iterable of (name, tensor) pairs.
-    A module's Conv weights are flattened and transformers' Conv1D weights (stored (in, out)) seen
+    A module's Conv weights are flattened (a grouped one into its batched blocks) and transformers'
+    Conv1D weights (stored (in, out)) seen
     transposed; tied parameters appear once, under their first name; integer parameters are left
     out, and complex ones with a warning.
     """

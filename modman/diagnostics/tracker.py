@@ -21,13 +21,13 @@ fp64 Gram's eigenvalues) at every record. Larger ones get it every ``spectrum_ev
 the vectors the previous record left, since W moves little in k steps: σ_max by power
 iteration, σ_min by inverse iteration through one Cholesky factor, two iterations each (a
 stack's matrices each on their own). A clustered spectrum (estimated Gram extremes within 2×: a
-weight on or near its manifold, σ = 1 ± 1e-6) also gets 24 Lanczos steps from those vectors:
+weight on or near its manifold, σ = 1 ± 1e-6) also gets 16 Lanczos steps from those vectors:
 power and inverse iteration stall there (ratio λ₂/λ₁ ≈ 1 − 1e-6), Krylov methods do not (they
 are shift-invariant), and without them the distance read 10–10⁴× low. These are one-sided (σ_max, κ, distance from below; σ_min,
 stable rank from above, up to rounding of order κ²·1e-16); measured on the MNIST-1D MLP against
 exact spectra at every record (``benchmarks/tracker_accuracy.py``), median relative errors 1e-6
 (σ_max) and 1e-10 (σ_min) under AdamW, 2e-3 and 6e-6 under Muon, worst 0.44 right after a jump;
-under ManifoldMuon the distance's median relative error is 6e-11 (max 1.3e-7).
+under ManifoldMuon the distance's median relative error is 6e-11 (max 5e-4).
 ``exact`` marks which records are which. The update norm ‖ΔW‖₂ is exact on spectrum steps only,
 for every matrix: in between it is a warm-started power estimate, two iterations of
 v ← ΔWᵀΔW v on ΔW itself (from below; median error 9e-5 under AdamW but 8 % under Muon, whose
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from . import small_linalg
-from .estimators import power_iteration
+from .estimators import power_iteration, symmetric_lanczos_extremes
 from .spectra import (gram_eigenvalues, is_transposed_view, manifold_label, matrices_and_manifolds, singular_values,
                       stats_from_extremes, stats_from_floats)
 from .tracking import ParamTrack, Tracking, save_tracking
@@ -60,7 +60,7 @@ TRACK_EXACT_MAX_DIM = 64
 # other (σ-condition ≤ √2: a weight on or near its manifold) also gets LANCZOS_STEPS Lanczos
 # steps, which resolve a cluster where power and inverse iteration stall (``_refine_clustered``)
 CLUSTER_RATIO = 2.0
-LANCZOS_STEPS = 24
+LANCZOS_STEPS = 16
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -301,8 +301,8 @@ class SpectrumTracker:
         else:
             bottom = torch.zeros((), dtype=g.dtype)
         hi2, lo2, fro_sq = torch.stack([top, bottom, g.diagonal().sum()]).tolist()
-        if lo2 > 0 and hi2 <= CLUSTER_RATIO * lo2:  # on the CPU (one transfer of g, where it pays)
-            hi2, lo2 = self._refine_clustered(name, g.cpu().numpy(), hi2, lo2, lambda v: torch.from_numpy(v).to(g.device))
+        if lo2 > 0 and hi2 <= CLUSTER_RATIO * lo2:
+            hi2, lo2 = self._refine_clustered(name, g, hi2, lo2, lambda u: u)
         return math.sqrt(max(hi2, 0.0)), math.sqrt(max(lo2, 0.0)), fro_sq
 
     def _gram_extremes_cpu(self, name: str, W: torch.Tensor) -> tuple[float, float, float]:
@@ -314,23 +314,24 @@ class SpectrumTracker:
         self._keep(name, "top", v, top)
         bottom, v = small_linalg.bottom_eigenvalue(g, *self._start_np(name, "bottom", g.shape[0], 2, 15))
         self._keep(name, "bottom", v, bottom)
-        if bottom > 0 and top <= CLUSTER_RATIO * bottom:
-            top, bottom = self._refine_clustered(name, g, top, bottom, lambda v: v)
+        if bottom > 0 and top <= CLUSTER_RATIO * bottom:  # g's upper triangle, made whole for torch
+            full = torch.from_numpy(np.triu(g) + np.triu(g, 1).T)
+            top, bottom = self._refine_clustered(name, full, top, bottom, lambda u: u.numpy())
         return math.sqrt(max(top, 0.0)), math.sqrt(max(bottom, 0.0)), float(np.trace(g))
 
-    def _refine_clustered(self, name: str, g: np.ndarray, top: float, bottom: float, to_vector):
-        """(top, bottom) of a clustered Gram spectrum improved by ``small_linalg.lanczos_extremes``
-        from the two warm vectors: both stay one-sided (the larger of two lower bounds of λ_max,
-        the smaller of two upper bounds of λ_min), and an improved end keeps its Ritz vector as the
-        next record's start. On a weight on its manifold (σ = 1 ± 2e-6) two power iterations
-        left σ_max and σ_min both at the cluster's middle and the distance 10× low (a probe: 1.7e-7
-        against 1.84e-6 on a 128² layer); ``to_vector`` makes a NumPy vector a start vector of
-        the caller's kind."""
-        starts = [np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
-                  for v in (self._vectors.get((name, "top")), self._vectors.get((name, "bottom")))
-                  if v is not None and len(v) == g.shape[0]]
-        start = sum(starts) if starts else np.linspace(1.0, 2.0, g.shape[0])
-        lo, hi, u_lo, u_hi = small_linalg.lanczos_extremes(g, start, LANCZOS_STEPS)
+    def _refine_clustered(self, name: str, g: torch.Tensor, top: float, bottom: float, to_vector):
+        """(top, bottom) of a clustered Gram spectrum improved by LANCZOS_STEPS Lanczos steps
+        (``estimators.symmetric_lanczos_extremes``, on g's device) from the two warm vectors: both
+        stay one-sided (the larger of two lower bounds of λ_max, the smaller of two upper bounds of
+        λ_min), and an improved end keeps its Ritz vector as the next record's start. On a weight on
+        its manifold (σ = 1 ± 2e-6) two power iterations left σ_max and σ_min both at the cluster's
+        middle and the distance 10× low (a probe: 1.7e-7 against 1.84e-6 on a 128² layer);
+        ``to_vector`` turns a Ritz vector into a start vector of the caller's kind."""
+        n = g.shape[0]
+        starts = [torch.as_tensor(v).to(g) for v in (self._vectors.get((name, "top")), self._vectors.get((name, "bottom")))
+                  if v is not None and len(v) == n]
+        start = sum(starts) if starts else torch.linspace(1.0, 2.0, n, dtype=g.dtype, device=g.device)
+        lo, hi, u_lo, u_hi = symmetric_lanczos_extremes(g, start, LANCZOS_STEPS)
         if hi > top:
             top = hi
             self._keep(name, "top", to_vector(u_hi), hi)

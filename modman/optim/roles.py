@@ -14,7 +14,8 @@ tied weights once, under their first name):
     nn.Embedding / nn.EmbeddingBag weight  → "sphere" (one sphere per row)
     expert stack: a 3-D (E, m, n) parameter of any other module, E, m, n > 1
                                            → "stiefel", batched over dim 0
-    any of these whose manifold is only ±1 → "fallback": a 1×1 matrix (Linear(1, 1), Conv2d(1, 1, 1)),
+    any of these whose manifold is only ±1 → "fallback": a 1×1 matrix (Linear(1, 1), Conv2d(1, 1, 1),
+                                             the 1×1 blocks of Conv2d(C, C, 1, groups=C)),
                                              an embedding of dim 1 (no step can move them)
     everything else                        → "fallback" (AdamW): biases, norm gains, bare 2-D
         parameters, nn.MultiheadAttention's in_proj_weight, RNN weights, ConvTranspose weights,

@@ -122,3 +122,33 @@ def test_lanczos_is_scale_equivariant_in_fp32_at_any_scale(c, seed):
     exact = torch.linalg.svdvals(W.double())
     assert float(est.sigma_max) == pytest.approx(c * float(exact[0]), rel=1e-5)
     assert float(est.frobenius_sq) == pytest.approx(c * c * float((exact ** 2).sum()), rel=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 30), st.sampled_from([1e-6, 1.0, 1e3]), st.integers(0, 2**31 - 1))
+def test_symmetric_lanczos_extremes_are_one_sided_and_exact_at_full_depth(n, steps, spread, seed):
+    """Ritz values of the symmetric Lanczos the tracker uses on clustered Gram spectra: within
+    [λ_min, λ_max] up to rounding, the Ritz vectors' Rayleigh quotients; with steps ≥ n the exact
+    extremes. Spectra 1 + spread·U(0, 1), the tracker's case at spread 1e-6 (oracle: eigvalsh)."""
+    from modman.diagnostics.estimators import symmetric_lanczos_extremes
+
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    lam = 1 + spread * torch.rand(n, generator=g, dtype=torch.float64)
+    G = (Q * lam) @ Q.T
+    lo, hi, u_lo, u_hi = symmetric_lanczos_extremes(G, torch.randn(n, generator=g, dtype=torch.float64), steps)
+    tol = 1e-12 * (1 + spread)
+    assert float(lam.min()) - tol <= lo <= hi <= float(lam.max()) + tol
+    for theta, u in ((lo, u_lo), (hi, u_hi)):
+        assert float(u @ u) == pytest.approx(1.0, abs=1e-10)
+        assert float(u @ G @ u) == pytest.approx(theta, abs=tol)
+    if steps >= n:
+        assert lo == pytest.approx(float(lam.min()), abs=tol) and hi == pytest.approx(float(lam.max()), abs=tol)
+
+
+def test_symmetric_lanczos_on_an_exact_identity_restarts_instead_of_dividing_by_zero():
+    from modman.diagnostics.estimators import symmetric_lanczos_extremes
+
+    lo, hi, u_lo, u_hi = symmetric_lanczos_extremes(torch.eye(30, dtype=torch.float64), torch.ones(30), 24)
+    assert lo == pytest.approx(1.0, abs=1e-14) and hi == pytest.approx(1.0, abs=1e-14)
+    assert torch.isfinite(u_lo).all() and torch.isfinite(u_hi).all()
