@@ -371,7 +371,7 @@ def test_embedding_rows_without_a_gradient_stay_where_they_are(cls):
     assert float(opt.state[emb.weight]["momentum"][7].norm()) > 0, "its momentum is kept (decayed)"
 
 
-@pytest.mark.parametrize("scale", [1e-25, 1e-12, 1e30])
+@pytest.mark.parametrize("scale", [1e-25, 1e-21, 1e20, 1e30])
 def test_hyperspherical_step_is_scale_free_in_the_gradient(scale):
     """The ℓ2 direction per row does not depend on the gradient's scale: at ×1e-25 the fp32 norms
     of the tangent part underflowed to 0 and no row moved (a user probe), where ManifoldMuon moved
