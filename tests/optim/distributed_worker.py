@@ -72,6 +72,18 @@ def same_state(a, b):
     return len(a.state) == len(b.state)
 
 
+def refused_unchanged(model, opt) -> str:
+    """One step that every rank should refuse: "stepped", or the ValueError's message prefixed by
+    whether the weights and the state stayed as they were."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        opt.step()
+        return "stepped"
+    except ValueError as e:
+        unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
+        return f"{'unchanged' if unchanged else 'changed'}: {e}"
+
+
 def mismatched_gradients(rank):
     """Ranks with gradients for different parameters: refused on every rank, nothing changed."""
     torch.manual_seed(0)
@@ -81,13 +93,7 @@ def mismatched_gradients(rank):
         p.grad = torch.ones_like(p)
     if rank == 1:
         model.fc1.weight.grad = None
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        opt.step()
-        return "stepped"
-    except ValueError as e:
-        unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
-        return f"{'unchanged' if unchanged else 'changed'}: {e}"
+    return refused_unchanged(model, opt)
 
 
 def dtype_mismatch(rank):
@@ -157,13 +163,7 @@ def lr_changed_on_one_rank(rank):
         opt.param_groups[0]["lr"] = 0.1
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        opt.step()
-        return "stepped"
-    except ValueError as e:
-        unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
-        return f"{'unchanged' if unchanged else 'changed'}: {e}"
+    return refused_unchanged(model, opt)
 
 
 class Tag:
