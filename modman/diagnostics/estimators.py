@@ -238,6 +238,8 @@ def symmetric_lanczos_extremes(g: torch.Tensor, v: torch.Tensor, steps: int, *, 
     while Lanczos resolves it as it would the same spectrum spread over [0, 2]. Cost: ``steps``
     matrix–vector products with g, O(n·steps²) for the reorthogonalisation and two host reads a
     step (the recurrence's α and β)."""
+    if int(steps) < 1:
+        raise ValueError(f"symmetric_lanczos_extremes needs steps ≥ 1, got {steps!r}")
     n = g.shape[-1]
     k = min(int(steps), n)
     Q = g.new_zeros(1, n, k)

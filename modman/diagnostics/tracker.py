@@ -21,7 +21,7 @@ fp64 Gram's eigenvalues) at every record. Larger ones get it every ``spectrum_ev
 the vectors the previous record left, since W moves little in k steps: σ_max by power
 iteration, σ_min by inverse iteration through one Cholesky factor, two iterations each (a
 stack's matrices each on their own). A clustered spectrum (estimated Gram extremes within 2×: a
-weight on or near its manifold, σ = 1 ± 1e-6) also gets 16 Lanczos steps from those vectors:
+weight on or near its manifold, σ = 1 ± 1e-6) also gets 24 Lanczos steps from those vectors:
 power and inverse iteration stall there (ratio λ₂/λ₁ ≈ 1 − 1e-6), Krylov methods do not (they
 are shift-invariant), and without them the distance read 10–10⁴× low. These are one-sided (σ_max, κ, distance from below; σ_min,
 stable rank from above, up to rounding of order κ²·1e-16); measured on the MNIST-1D MLP against
@@ -60,7 +60,7 @@ TRACK_EXACT_MAX_DIM = 64
 # other (σ-condition ≤ √2: a weight on or near its manifold) also gets LANCZOS_STEPS Lanczos
 # steps, which resolve a cluster where power and inverse iteration stall (``_refine_clustered``)
 CLUSTER_RATIO = 2.0
-LANCZOS_STEPS = 16
+LANCZOS_STEPS = 24
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -251,7 +251,7 @@ class SpectrumTracker:
         sizes the per-op overhead is the cost, not the products)."""
         v = self._vectors.get((name, which))
         if not isinstance(v, torch.Tensor) or v.shape != (g.shape[0],):
-            v = torch.linspace(1.0, 2.0, g.shape[0], dtype=g.dtype)  # deterministic cold start
+            v = torch.linspace(1.0, 2.0, g.shape[0], dtype=g.dtype, device=g.device)  # deterministic cold start
             iters = 15 * iters
         for _ in range(iters):
             v = _unit(g @ v)
@@ -265,7 +265,7 @@ class SpectrumTracker:
         matrix product, which at k steps between records is most of this estimate's cost."""
         v = self._vectors.get((name, "update"))
         if v is None or v.shape != (D.shape[1],) or v.dtype != D.dtype:
-            v = torch.linspace(1.0, 2.0, D.shape[1], dtype=D.dtype)  # deterministic cold start
+            v = torch.linspace(1.0, 2.0, D.shape[1], dtype=D.dtype, device=D.device)  # deterministic cold start
             iters = 15 * iters
         for _ in range(iters):
             v = _unit(D.mT @ (D @ v))
@@ -293,7 +293,7 @@ class SpectrumTracker:
             v = self._vectors.get((name, "bottom"))
             iters = 2
             if not isinstance(v, torch.Tensor) or v.shape != (g.shape[0],):
-                v, iters = torch.linspace(1.0, 2.0, g.shape[0], dtype=g.dtype), 15
+                v, iters = torch.linspace(1.0, 2.0, g.shape[0], dtype=g.dtype, device=g.device), 15
             for _ in range(iters):
                 v = _unit(torch.cholesky_solve(v[:, None], L)[:, 0])
             bottom = v @ (g @ v)

@@ -39,7 +39,7 @@ from .convert import ModularError, from_torch
 from .module import Bond, Module, Tare
 
 SPREAD_WARNING = 1e3  # budget() warns when the largest lr_scale exceeds the smallest by this factor
-FROZEN_SCALE = 1e-3  # ... or when the composition leaves every weight below lr/1000
+FROZEN_SCALE = 1e-3  # ... or when every lr_scale is below this, some by the composition alone
 
 
 def _tree(model, **options) -> Module:
@@ -80,10 +80,12 @@ def quiet_budget(model: nn.Module | Module, **options) -> dict[str, float]:
 
 def checked_budget(model: nn.Module | Module, **options) -> tuple[dict[str, float], str | None, str | None]:
     """(lr_scales, problem, message): problem is "spread" where the largest lr_scale exceeds the
-    smallest by more than SPREAD_WARNING, "frozen" where every weight's composition factor
-    1/(cᵢρᵢ) — its lr_scale without its own shape factor kᵢ — is below FROZEN_SCALE, else None;
-    the message says why and what to do. kᵢ is set aside because it is no compounding: an unscaled
-    Linear(2·10⁶, 1) alone has lr_scale 7e-4 from kᵢ = √(d_in/d_out), and is not frozen (a review)."""
+    smallest by more than SPREAD_WARNING, "frozen" where every lr_scale is below FROZEN_SCALE and
+    the composition puts some weight there by itself (its factor 1/(cᵢρᵢ), the lr_scale without
+    the weight's own shape factor kᵢ, is below FROZEN_SCALE too), else None; the message says why
+    and what to do. The second condition spares a lone unscaled Linear(2·10⁶, 1), whose 7e-4 is
+    its kᵢ = √(d_in/d_out) alone (a review); reading the composition factors alone let a 2-block
+    residual CNN through (lr_scales ≤ 1.3e-4, its wide head's factor 1.2e-3; a second review)."""
     tree = _tree(model, **options)
     if tree.mass <= 0:
         raise ModularError("the model's module tree has no weight of positive mass, so there is nothing to "
@@ -93,14 +95,14 @@ def checked_budget(model: nn.Module | Module, **options) -> tuple[dict[str, floa
     out = {a.name: scale for a, scale in rows}
     composition = {a.name: scale * a.own_factor() for a, scale in rows}
     lo, hi = (min(out, key=out.get), max(out, key=out.get)) if out else (None, None)
-    if composition and max(composition.values()) < FROZEN_SCALE:
+    deepest = min(composition, key=composition.get) if composition else None
+    if out and out[hi] < FROZEN_SCALE and composition[deepest] < FROZEN_SCALE:
         return out, "frozen", (
-            f"modular budget leaves every weight below lr/{1 / FROZEN_SCALE:g} from the composition alone "
-            f"(lr_scales from {out[lo]:.3g} for {lo!r} to {out[hi]:.3g} for {hi!r}; largest composition factor "
-            f"{max(composition.values()):.3g}) — in effect frozen at the lr of a uniform budget. Each rule is a "
-            "worst case and residual blocks x + f(x) multiply the sensitivities by 1 + sens(f) each. Consider "
-            "ManifoldMuon(..., budget='uniform'), or blocks x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, "
-            "'Learning-rate transfer across depth')"
+            f"modular budget leaves every weight below lr/{1 / FROZEN_SCALE:g} (lr_scales from {out[lo]:.3g} for "
+            f"{lo!r} to {out[hi]:.3g} for {hi!r}; the composition alone gives {deepest!r} {composition[deepest]:.3g}) "
+            "— in effect frozen at the lr of a uniform budget. Each rule is a worst case and residual blocks "
+            "x + f(x) multiply the sensitivities by 1 + sens(f) each. Consider ManifoldMuon(..., budget='uniform'), "
+            "or blocks x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, 'Learning-rate transfer across depth')"
         )
     if out and out[hi] > SPREAD_WARNING * out[lo]:
         return out, "spread", (

@@ -411,7 +411,7 @@ class ManifoldOptimizer(Optimizer):
                     # residual CNN got 3.4e-7…3.8e-7 for every weight (a user probe: 20 steps moved none)
                     lo, hi = min(scales, key=scales.get), max(scales, key=scales.get)
                     what = (f"span {scales[hi] / scales[lo]:.3g}×" if problem == "spread"
-                            else f"all lie below {FROZEN_SCALE:g} from the composition alone")
+                            else f"all lie below {FROZEN_SCALE:g}, compounded through the composition")
                     raise ModularError(f"its lr_scales would {what}, from {scales[lo]:.2g} "
                                        f"for {lo!r} to {scales[hi]:.2g} for {hi!r}: the worst-case rules compound "
                                        "through residual blocks and would in effect freeze the smallest; "
@@ -646,7 +646,6 @@ class ManifoldOptimizer(Optimizer):
     def _update(self) -> None:
         names = self._param_names()
         for group in self.param_groups:
-            _check_flags(group)  # set on a group after construction: refused before anything changes
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({names[id(p)]})")
@@ -661,6 +660,11 @@ class ManifoldOptimizer(Optimizer):
                         for i, g in enumerate(self.param_groups)]
             elsewhere = check_same_items(pg, [f"{names[id(p)]} {tuple(p.shape)} {p.dtype}" for _, p in shared], finite,
                                          settings)
+        # a flag set on a group after construction, refused before anything changes — after the
+        # ranks' check, which refuses a flag set on one rank only on every rank (raised here alone,
+        # it left the others in the collective until gloo aborted them; a review)
+        for group in self.param_groups:
+            _check_flags(group)
         if not finite or elsewhere:
             if self.nonfinite == "raise":
                 bad = [names[id(p)] for g in self.param_groups for p in g["params"]

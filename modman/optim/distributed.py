@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -87,20 +88,29 @@ def plan_owners(group, costs: list[float]) -> tuple[int, list[int]]:
 
 
 def canonical(value):
-    """A param-group value as the same plain value on every rank: a tensor as its number(s), a
-    tuple or list element-wise, a set sorted, a function by its qualified name, any other object
-    by its type (its repr carries a memory address, different on every rank: a review)."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else tuple(value.detach().cpu().reshape(-1).tolist())
+    """A param-group value as the same plain value on every rank: a tensor or NumPy value as its
+    number(s), a tuple or list element-wise, a dict and a set sorted, a function by its qualified
+    name, any other object by its repr — or by its type where the repr carries a memory address,
+    different on every rank (an object in a group refused every step; a review), so that only
+    such objects go unchecked (a NumPy lr differing between ranks had been let through by a first
+    version that took every other object by its type: the weights drifted apart)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        flat = value.detach().cpu().reshape(-1) if isinstance(value, torch.Tensor) else value.reshape(-1)
+        return flat.tolist()[0] if flat.shape[0] == 1 else tuple(flat.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (tuple, list)):
         return tuple(canonical(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted(((repr(k), canonical(v)) for k, v in value.items()), key=repr))
     if isinstance(value, (set, frozenset)):
         return tuple(sorted((canonical(v) for v in value), key=repr))
-    if callable(value):
-        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
-    return f"<{type(value).__qualname__}>"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    text = repr(value)
+    return f"<{type(value).__qualname__}>" if " at 0x" in text else text
 
 
 def check_same_items(group, names: list[str], finite: bool = True, settings: list[tuple[str, dict]] = ()) -> list[int]:

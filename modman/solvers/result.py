@@ -86,11 +86,19 @@ def _shifted_factorable(H: torch.Tensor, tau, *, plus: bool = False) -> torch.Te
     """Whether a Cholesky of τI − H (τI + H with ``plus``) runs to completion, for each symmetric H
     (…, n, n; only its lower triangle is read); τ a number or a tensor shaped like the batch. One
     n×n temporary: the factorisation runs in place."""
-    # column-major (LAPACK's layout), so that ``out=X`` factors in place: into a row-major X torch
-    # allocated a column-major copy and copied back (peak RSS 2×, unseen by dispatch accounting;
-    # a review). Xᵀ's lower triangle is H's upper one: the same matrix for a symmetric H, and for
-    # an fp64 Gram product equal to rounding, which the bounds' Gram rounding covers alike.
-    X = (H.clone() if plus else H.neg()).mT
+    # a column-major X (LAPACK's layout), so that ``out=X`` factors in place: into a row-major one
+    # torch allocated a column-major copy and copied back (peak RSS 2×, unseen by dispatch
+    # accounting; a review). X is ±H itself, not a transpose: its lower triangle is H's.
+    *batch, m, n = H.shape
+    strides, step = [1, m], m * n  # each matrix column-major, the batch in order
+    for size in reversed(batch):
+        strides.insert(0, step)
+        step *= size
+    X = torch.empty_strided(H.shape, strides, dtype=H.dtype, device=H.device)
+    if plus:
+        X.copy_(H)
+    else:
+        torch.neg(H, out=X)
     X.diagonal(dim1=-2, dim2=-1).add_(torch.as_tensor(tau, dtype=X.dtype, device=X.device).unsqueeze(-1))
     info = torch.empty(X.shape[:-2], dtype=torch.int32, device=X.device)
     torch.linalg.cholesky_ex(X, out=(X, info))

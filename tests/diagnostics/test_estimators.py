@@ -152,3 +152,5 @@ def test_symmetric_lanczos_on_an_exact_identity_restarts_instead_of_dividing_by_
     lo, hi, u_lo, u_hi = symmetric_lanczos_extremes(torch.eye(30, dtype=torch.float64), torch.ones(30), 24)
     assert lo == pytest.approx(1.0, abs=1e-14) and hi == pytest.approx(1.0, abs=1e-14)
     assert torch.isfinite(u_lo).all() and torch.isfinite(u_hi).all()
+    with pytest.raises(ValueError, match="steps ≥ 1"):
+        symmetric_lanczos_extremes(torch.eye(3, dtype=torch.float64), torch.ones(3), 0)

@@ -174,14 +174,22 @@ def group_settings(rank):
     """Param-group values that are equal on every rank but print differently (an object's address,
     a set's order) step as usual; a group that only rank 0 has is refused on every rank, naming
     both ranks' groups (an IndexError before)."""
+    import numpy as np
+
     out = {}
-    for case in ("same_objects", "extra_group"):
+    for case in ("same_objects", "extra_group", "numpy_lr", "dict_value", "flag_on_one_rank"):
         torch.manual_seed(0)
         model = Net()
         opt = modman.ManifoldMuon(model.modules(), distributed=True, lr=0.05)
         opt.param_groups[0]["tag"], opt.param_groups[0]["labels"] = Tag(), {"alpha", "beta", "gamma", "delta"}
         if case == "extra_group" and rank == 0:
             opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "algorithm": "adamw"})
+        if case == "numpy_lr":  # differing NumPy values were taken by their type and let through
+            opt.param_groups[0]["lr"] = np.float32(0.05 * (rank + 1))
+        if case == "dict_value":
+            opt.param_groups[0]["extra"] = {"b": rank, "a": 1}
+        if case == "flag_on_one_rank" and rank == 0:  # raised on rank 0 alone, it left rank 1 waiting
+            opt.param_groups[0]["maximize"] = True
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         try:

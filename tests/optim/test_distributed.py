@@ -73,6 +73,10 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         assert settings["same_objects"] == "stepped", settings
         assert settings["extra_group"].startswith("distributed step: the ranks' param groups differ [rank 0: "), settings
         assert "rank 1: " in settings["extra_group"], settings
+        assert settings["numpy_lr"].startswith("distributed step: the ranks' param groups differ [group 0 (emb.weight): "
+                                               "lr 0.05000000074505806 (rank 0) vs 0.10000000149011612 (rank 1)]"), settings
+        assert "extra (" in settings["dict_value"] and "(rank 1)" in settings["dict_value"], settings
+        assert "maximize True (rank 0) vs None (rank 1)" in settings["flag_on_one_rank"], settings
     for rep in reports:
         assert rep["no_gradients_here"].startswith("distributed step: the ranks have gradients for different"), \
             rep["no_gradients_here"]
