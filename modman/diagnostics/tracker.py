@@ -27,7 +27,7 @@ are shift-invariant), and without them the distance read 10–10⁴× low. These
 stable rank from above, up to rounding of order κ²·1e-16); measured on the MNIST-1D MLP against
 exact spectra at every record (``benchmarks/tracker_accuracy.py``), median relative errors 1e-6
 (σ_max) and 1e-10 (σ_min) under AdamW, 2e-3 and 6e-6 under Muon, worst 0.44 right after a jump;
-under ManifoldMuon the distance's median relative error is 6e-11 (max 5e-4).
+under ManifoldMuon the distance's median relative error is 6e-11 (max 1.3e-7).
 ``exact`` marks which records are which. The update norm ‖ΔW‖₂ is exact on spectrum steps only,
 for every matrix: in between it is a warm-started power estimate, two iterations of
 v ← ΔWᵀΔW v on ΔW itself (from below; median error 9e-5 under AdamW but 8 % under Muon, whose
