@@ -24,8 +24,8 @@ scaling is assumed), so budget() warns when max/min lr_scale of one model exceed
 (1e3), naming both ends; use budget="uniform" there, or a network built for the taring recipe.
 The same compounding can shrink every scale alike: a 4-block residual CNN got 3.4e-7 to 3.8e-7
 (spread 1.1×) and a residual MLP of 8 blocks 9e-5 to 2e-4, so budget() also warns when every
-weight's composition factor 1/(cᵢρᵢ) (its lr_scale without its own shape factor) is below
-FROZEN_SCALE (1e-3; plain MLPs, CNNs and TinyCausalLM of 1–2 layers get 1e-2 to 3e-1).
+lr_scale is below FROZEN_SCALE (1e-3; plain MLPs, CNNs and TinyCausalLM of 1–2 layers get 1e-2 to
+3e-1) and some weight is there by the composition alone (``checked_budget``).
 Frozen weights (requires_grad=False) carry mass 0 and are left out, as the optimizer skips them.
 """
 from __future__ import annotations
@@ -65,8 +65,8 @@ def _rows(tree: Module):
 def budget(model: nn.Module | Module, **options) -> dict[str, float]:
     """{parameter name: lr_scale} for the weights of positive mass (names as in
     ``model.named_parameters()``); ``options`` go to ``from_torch`` (scale, masses, …). Warns
-    when the lr_scales span more than SPREAD_WARNING or the composition leaves every weight below
-    FROZEN_SCALE (``checked_budget``)."""
+    when the lr_scales span more than SPREAD_WARNING or all lie below FROZEN_SCALE, compounded
+    through the composition (``checked_budget``)."""
     out, _, message = checked_budget(model, **options)
     if message:
         warn(message)

@@ -89,12 +89,7 @@ def _shifted_factorable(H: torch.Tensor, tau, *, plus: bool = False) -> torch.Te
     # a column-major X (LAPACK's layout), so that ``out=X`` factors in place: into a row-major one
     # torch allocated a column-major copy and copied back (peak RSS 2×, unseen by dispatch
     # accounting; a review). X is ±H itself, not a transpose: its lower triangle is H's.
-    *batch, m, n = H.shape
-    strides, step = [1, m], m * n  # each matrix column-major, the batch in order
-    for size in reversed(batch):
-        strides.insert(0, step)
-        step *= size
-    X = torch.empty_strided(H.shape, strides, dtype=H.dtype, device=H.device)
+    X = torch.empty(H.shape, dtype=H.dtype, device=H.device).mT  # H is square: the shape is H's
     if plus:
         X.copy_(H)
     else:
