@@ -43,6 +43,25 @@ def vocab_size(model) -> int:
                     f"config.vocab_size or an lm_head Linear")
 
 
+def context_length(model) -> int | None:
+    """The longest input a model reads (config.max_len, as modman.toy's, or transformers'
+    max_position_embeddings), or None when it does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_len", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _check_teacher_context(teacher, length: int) -> None:
+    limit = context_length(teacher)
+    if limit is not None and length > limit:
+        raise ValueError(f"the teacher reads at most {limit} tokens but the sequences it must score "
+                         f"hold {length} (prompt + completion): give the teacher a longer context or "
+                         "the trainer a smaller max_new_tokens")
+
+
 def check_same_vocabulary(student, teacher, student_tokenizer=None,
                           teacher_tokenizer=None) -> None:
     """Raise ValueError unless student and teacher share one vocabulary."""
@@ -117,6 +136,7 @@ def teacher_logprobs(teacher, rollouts: Rollouts, *, render: TeacherRender | Non
     teacher.eval()
     try:
         if render is None:
+            _check_teacher_context(teacher, rollouts.sequences.shape[1])
             lp = gather_logprobs(teacher, rollouts.sequences, rollouts.attention_mask,
                                  rollouts.completion_positions)
         else:
@@ -138,6 +158,7 @@ def teacher_logprobs(teacher, rollouts: Rollouts, *, render: TeacherRender | Non
                     f"teacher render misaligns the completion: row {row} reads "
                     f"{seen[row][cmask[row]].tolist()} where the student sampled "
                     f"{rollouts.completion_ids[row][cmask[row]].tolist()}")
+            _check_teacher_context(teacher, ids.shape[1])
             lp = gather_logprobs(teacher, ids, mask, positions.clamp(max=ids.shape[1] - 1))
     finally:
         teacher.train(was_training)

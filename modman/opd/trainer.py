@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .._checks import is_finite_real, is_int, is_real
+from .._warn import warn
 from .advantages import group_centred_advantages, teacher_advantages
 from .losses import importance_sampling_loss, ppo_clip_loss, sft_loss
 from .rollouts import Rollouts, sample_rollouts
@@ -97,6 +98,10 @@ class OPDConfig:
             # exactly 0, so the RL objective would silently train on nothing.
             raise ValueError("objective 'rl' needs group_size >= 2: rewards are centred within "
                              f"each group, so group_size={self.group_size} gives zero advantages")
+        if self.objective == "opd" and self.kl_coef is not None and self.kl_coef == 0:
+            # the advantage is −kl_coef·(log s − log t): zero everywhere, nothing would train
+            raise ValueError("objective 'opd' needs kl_coef > 0 (its advantages are −kl_coef·(log s − "
+                             "log t)): kl_coef=0 would train on nothing")
         if self.temperature != 1.0:
             raise ValueError(
                 "temperature must be 1: the importance ratio divides by the sampler's log-probs, "
@@ -153,6 +158,10 @@ def _check_finite(step: int, name: str, value) -> None:
         raise FloatingPointError(f"step {step}: non-finite {name}; nothing was updated")
 
 
+def _device(model) -> torch.device | None:
+    return next((p.device for p in model.parameters()), None)
+
+
 def _grad_norm(params) -> float:
     # At least fp32 (a bf16 norm is coarse), fp64 kept (no overflow that fp64 did not have).
     norms = [p.grad.detach().to(torch.promote_types(p.grad.dtype, torch.float32)).norm()
@@ -206,6 +215,11 @@ class Trainer:
             check_same_vocabulary(student, teacher, task.tokenizer, teacher_tokenizer)
             if teacher is student:
                 raise ValueError("teacher must be a separate, fixed model (pass a copy)")
+            devices = _device(student), _device(teacher)
+            if None not in devices and devices[0] != devices[1]:
+                # the teacher scores the student's token ids as they are, on the student's device
+                raise ValueError(f"the student is on {devices[0]} and the teacher on {devices[1]}: "
+                                 "put both on one device")
             if sft_from_teacher:
                 _check_sampler(teacher, "teacher")
         self.params = [p for p in student.parameters() if p.requires_grad]
@@ -224,6 +238,10 @@ class Trainer:
             teacher.eval()
         self.teacher_render = teacher_render
         self.max_new_tokens = config.max_new_tokens or task.max_new_tokens
+        if self.max_new_tokens < task.max_new_tokens:
+            warn(f"max_new_tokens={self.max_new_tokens} is shorter than the task's answers "
+                 f"({task.max_new_tokens} tokens with <eos>): rollouts that need them are truncated "
+                 "and score 0")
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.log_path = Path(log_path) if log_path is not None else None
@@ -409,3 +427,70 @@ class Trainer:
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+    # ---------------------------------------------------------------- resuming
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs beyond the student's frozen weights and the task: the step
+        count, both sampling RNGs (the prompts' NumPy generator and the rollouts' torch one), the
+        metrics history, the optimizer's state and the student's trainable parameters by name,
+        with the config to check against. As torch's state_dicts, it holds references to live
+        tensors: ``torch.save`` it (or deep-copy it) to keep a snapshot.
+
+            torch.save(trainer.state_dict(), "opd.pt")
+            # later: the same student base, task, config and optimizer factory
+            trainer = Trainer(student, task, config, teacher=teacher, optimizer=factory)
+            trainer.load_state_dict(torch.load("opd.pt"))
+            trainer.train(steps_left)    # the run continues as if never interrupted
+        """
+        return {"step_count": self.step_count, "config": self.config_dict(),
+                "rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
+                "history": self.history, "optimizer": self.optimizer.state_dict(),
+                "student": {name: p.detach() for name, p in self.student.named_parameters()
+                            if p.requires_grad}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`. Everything is checked before anything changes: a
+        different config (naming the fields), trainable parameters that differ in name or shape or
+        hold NaN/Inf, RNG states of another kind, or an optimizer state the optimizer refuses
+        raise and leave the trainer, the student and the optimizer as they were."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from Trainer.state_dict(), got {type(state).__name__}")
+        missing = {"step_count", "config", "rng", "generator", "history", "optimizer",
+                   "student"} - set(state)
+        if missing:
+            raise ValueError(f"state lacks {sorted(missing)}: not a Trainer.state_dict()")
+        ours = self.config_dict()
+        differ = sorted(k for k in set(ours) | set(state["config"])
+                        if ours.get(k) != state["config"].get(k))
+        if differ:
+            raise ValueError("the state was saved with another config: " + ", ".join(
+                f"{k} {state['config'].get(k)!r} (saved) vs {ours.get(k)!r} (here)" for k in differ))
+        if not is_int(state["step_count"]) or state["step_count"] < 0:
+            raise ValueError(f"state['step_count'] must be an int >= 0, got {state['step_count']!r}")
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = state["rng"]
+            torch.Generator().set_state(state["generator"])
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"state['rng'] / state['generator'] are not generator states: {err}") from None
+        own = {name: p for name, p in self.student.named_parameters() if p.requires_grad}
+        saved = state["student"]
+        if set(saved) != set(own):
+            raise ValueError(f"the student's trainable parameters differ: saved only "
+                             f"{sorted(set(saved) - set(own))[:5]}, here only {sorted(set(own) - set(saved))[:5]}")
+        for name, value in saved.items():
+            if not isinstance(value, torch.Tensor) or value.shape != own[name].shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"state['student'][{name!r}] has shape {shape}, the student's "
+                                 f"{tuple(own[name].shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"state['student'][{name!r}] holds NaN or Inf")
+        self.optimizer.load_state_dict(state["optimizer"])  # raises before changing anything
+        with torch.no_grad():
+            for name, value in saved.items():
+                own[name].copy_(value)
+        self.rng.bit_generator.state = state["rng"]
+        self.generator.set_state(state["generator"])
+        self.history = copy.deepcopy(list(state["history"]))
+        self.step_count = int(state["step_count"])

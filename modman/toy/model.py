@@ -374,8 +374,10 @@ class TinyCausalLM(nn.Module):
         Generation ends early once every row has stopped.
 
         Prompts of different lengths go left-padded, with ``attention_mask`` marking real tokens.
-        Every prompt needs at least one token (e.g. <bos>): the first step predicts from it.
-        ``logprobs`` are in the model's dtype promoted to at least fp32.
+        Every prompt needs at least one token (e.g. <bos>): the first step predicts from it (a
+        row of length 0, or whose mask marks nothing, raises ValueError). Non-finite logits raise
+        FloatingPointError, naming the rows. ``logprobs`` are in the model's dtype promoted to at
+        least fp32.
         """
         if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -400,6 +402,14 @@ class TinyCausalLM(nn.Module):
         device = input_ids.device
         mask = None if attention_mask is None else attention_mask.to(device=device,
                                                                       dtype=torch.long)
+        if mask is not None:
+            if mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                                 f"got {tuple(mask.shape)}")
+            empty = ~mask.bool().any(1)
+            if bool(empty.any()):  # a row of padding alone would be continued from padding
+                raise ValueError(f"attention_mask marks no token in row(s) {empty.nonzero().flatten().tolist()}: "
+                                 "every prompt needs at least one token (e.g. <bos>) to generate from")
         sequences = input_ids
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         new_ids, new_logprobs, new_masks = [], [], []
@@ -414,6 +424,11 @@ class TinyCausalLM(nn.Module):
             # At least fp32 for the softmax (bf16 is too coarse); an fp64 model stays fp64.
             logits = out.logits[:, -1]
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            if not bool(torch.isfinite(logits).all()):  # multinomial would fail naming nothing
+                rows = (~torch.isfinite(logits)).any(-1).nonzero().flatten().tolist()
+                raise FloatingPointError(f"generate: non-finite logits at new token {len(new_ids)} "
+                                         f"in row(s) {rows[:8]}{' …' if len(rows) > 8 else ''}: the "
+                                         "model's weights or inputs hold NaN/Inf")
             if temperature == 0:
                 token = logits.argmax(-1)
                 logprob_all = logits.log_softmax(-1)

@@ -72,6 +72,7 @@ def _assert_same(a, b):
     (dict(kl_coef=float("inf")), "kl_coef"), (dict(kl_coef=float("nan")), "kl_coef"),
     (dict(objective="rl", group_size=1), "group_size"),
     (dict(objective="rl", group_size=1, kl_coef=0.5), "group_size"),
+    (dict(kl_coef=0.0), "kl_coef"),  # "opd" with zero advantages trains nothing
 ])
 def test_bad_config_values_are_refused_naming_the_parameter(kw, name):
     with pytest.raises(ValueError, match=name):
@@ -213,10 +214,40 @@ def test_non_finite_student_is_refused_before_the_update():
     with torch.no_grad():
         trainer.student.lm_head.weight[3, 0] = float("nan")
     before = _snapshot(trainer)
-    # Sampling from NaN probabilities already fails (torch's multinomial), before any scoring.
-    with pytest.raises((FloatingPointError, RuntimeError), match="non-finite|nan"):
+    # sampling stops at the NaN logits (torch's multinomial raised a RuntimeError naming nothing)
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
         trainer.step()
     _assert_same(_snapshot(trainer), before)
+
+
+def test_a_teacher_on_another_device_is_refused_naming_both():
+    student, teacher = tiny_model(0), tiny_model(1).to("meta")
+    before = copy.deepcopy(student.state_dict())
+    with pytest.raises(ValueError, match="student is on cpu and the teacher on meta"):
+        Trainer(student, TASK, _config(), teacher=teacher, optimizer=_adamw)
+    _assert_same(student.state_dict(), before)
+
+
+def test_a_teacher_with_a_shorter_context_is_named_and_nothing_changes():
+    trainer = _trained_one_step()
+    trainer.teacher = tiny_model(1, max_len=6)  # addition(1): prompts of 5–6 tokens plus the answer
+    before = _snapshot(trainer)
+    with pytest.raises(ValueError, match="the teacher reads at most 6 tokens"):
+        trainer.step()
+    _assert_same(_snapshot(trainer), before)
+
+
+def test_a_token_budget_shorter_than_the_answers_warns():
+    with pytest.warns(UserWarning, match="max_new_tokens=1 is shorter than the task's answers"):
+        Trainer(tiny_model(0), TASK, _config(max_new_tokens=1), teacher=tiny_model(1), optimizer=_adamw)
+
+
+def test_a_prompt_row_of_padding_alone_is_refused():
+    model = tiny_model(0)
+    ids = torch.tensor([[1, 2, 3], [0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
+    with pytest.raises(ValueError, match=r"marks no token in row\(s\) \[1\]"):
+        model.generate(ids, 2, attention_mask=mask)
 
 
 def test_non_finite_gradient_with_finite_loss_changes_nothing():
