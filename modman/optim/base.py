@@ -8,7 +8,6 @@ parameter to the functional core (``functional.py``). Family members differ only
 from __future__ import annotations
 
 import copy
-import functools
 import numbers
 import sys
 from typing import Any
@@ -40,7 +39,9 @@ def _check_initialised(named) -> None:
                          "(the roles depend on their shapes)")
 
 
-@functools.cache
+_EAGER_UPDATE = []  # made on first use (a list, not functools.cache: dynamo warns on lru_cache calls)
+
+
 def _eager_update():
     """ManifoldOptimizer._update, run eagerly inside compiled code (a graph break). The step checks
     gradients on the host and solves with eighs and data-dependent exits: traced, dynamo recompiled
@@ -48,7 +49,9 @@ def _eager_update():
     MLP: 205 s, then eager anyway, and the fallback's AdamW kept step 2's bias correction from step
     3 on). Made on first use: torch.compiler.disable imports torch._dynamo, ~1.5 s that a plain
     `import modman` should not pay."""
-    return torch.compiler.disable(ManifoldOptimizer._update)
+    if not _EAGER_UPDATE:
+        _EAGER_UPDATE.append(torch.compiler.disable(ManifoldOptimizer._update))
+    return _EAGER_UPDATE[0]
 
 
 def _listed(params) -> list:
@@ -224,7 +227,8 @@ class ManifoldOptimizer(Optimizer):
         super().__init__(groups, defaults)
         self._constructing = False
         self._own_hyperparameters()
-        self._validate_groups(self.param_groups)
+        self._validate_groups(self.param_groups)  # (a negative weight_decay is refused before it is zeroed)
+        self._no_decay_on_fixed_norms(self.param_groups)
         if project_on_init:
             self._project_onto_manifolds(self.param_groups)
 
@@ -323,8 +327,15 @@ class ManifoldOptimizer(Optimizer):
                 _check_initialised([(item[0] if isinstance(item, tuple) else "unnamed", p)])
                 if isinstance(item, tuple):
                     taken.add(item[0])
-                entries.append((item, p, "stiefel" if p.ndim >= 2 else "fallback", None))
+                entries.append((item, p, "stiefel" if p.ndim >= 2 and p.numel() else "fallback", None))
         explicit = ug.get("manifold")
+        for item, p, _, _ in entries:
+            if explicit in ("stiefel", "sphere") and (p.ndim < (2 if explicit == "stiefel" else 1) or not p.numel()):
+                # asked for by name: refused here, before this member maps the role to its own manifold
+                # (HypersphericalDescent's "stiefel" is row spheres: a bias went onto one sphere)
+                name = item[0] if isinstance(item, tuple) else "a parameter"
+                raise ValueError(f"manifold {explicit!r} needs a non-empty {'matrix' if explicit == 'stiefel' else 'tensor'}; "
+                                 f"{name} has shape {tuple(p.shape)}: give it to the fallback group")
         buckets: dict[tuple, list] = {}
         for item, p, role, view in entries:
             present.add(id(p))
@@ -391,6 +402,12 @@ class ManifoldOptimizer(Optimizer):
             from ..modular import ModularError
             from ..modular.budget import FROZEN_SCALE, checked_budget
 
+            meta = next((n for n, p in network.root.named_parameters() if p.is_meta), None)
+            if meta is not None:  # (torch: "Tensor.item() cannot be called on meta tensors")
+                raise ValueError(f"budget={budget!r} reads the weights (a bias's norm bounds the next layer's "
+                                 f"input), but {meta} is on the meta device (no values yet): build the optimizer "
+                                 "once the weights are materialised, or pass budget='uniform' and "
+                                 "project_on_init=False")
             try:
                 if not network.single:
                     raise ModularError(f"the {len(network.root)} modules given are separate, not one model; "
@@ -521,11 +538,20 @@ class ManifoldOptimizer(Optimizer):
                         group[key] = value.clone()
                     seen.add(id(group[key]))
 
+    @staticmethod
+    def _no_decay_on_fixed_norms(groups) -> None:
+        """weight_decay is 0 where the step keeps the norm fixed (a Stiefel or sphere weight has
+        nothing to decay): the group shows what is applied; its fallback part keeps the group's."""
+        for group in groups:
+            if group["algorithm"] not in ("adamw", "muon"):
+                group["weight_decay"] = 0.0
+
     def _check_added(self, start: int) -> None:
         """Validate the groups from index ``start`` on and move their weights onto their manifolds."""
         added = self.param_groups[start:]
         self._own_hyperparameters()
         self._validate_groups(added)
+        self._no_decay_on_fixed_norms(added)
         if self.project_on_init:
             self._project_onto_manifolds(added)
 
@@ -574,6 +600,10 @@ class ManifoldOptimizer(Optimizer):
                 for p in group["params"]:
                     if not p.requires_grad:
                         continue  # frozen (passed as a tensor): stays as loaded, as with modules
+                    if p.is_meta:  # (torch: "Tensor.item() cannot be called on meta tensors")
+                        raise ValueError(f"cannot move {names[id(p)]} onto the {group['manifold']} manifold: it is "
+                                         "on the meta device (no values yet); build the optimizer once the weights "
+                                         "are materialised, or pass project_on_init=False")
                     W = F.as_matrix(p, group.get("flatten"))
                     if not bool(torch.isfinite(W).all()):  # (an eigh would fail naming nothing)
                         raise ValueError(f"cannot move {names[id(p)]} onto the {group['manifold']} manifold: "
@@ -841,6 +871,9 @@ class ManifoldOptimizer(Optimizer):
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
         groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) and any("algorithm" not in g for g in groups):
+            raise ValueError("the state dict's parameter groups have no 'algorithm' key: it is not a modman "
+                             "state_dict (another optimizer's?); nothing was loaded")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(groups)} parameter groups, optimizer has "
                              f"{len(self.param_groups)}; nothing was loaded (a checkpoint of another model? Built "

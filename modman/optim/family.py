@@ -45,7 +45,8 @@ class ManifoldMuon(ManifoldOptimizer):
         momentum, nesterov: as in torch.optim.Muon; schedulers with ``cycle_momentum``
             (OneCycleLR, CyclicLR) cycle ``momentum`` in every group, as for torch.optim.Muon;
             the fallback group's ``betas`` stay as given.
-        weight_decay: applies to the fallback group only (a Stiefel weight has fixed norm).
+        weight_decay: applies to the fallback group only (a Stiefel weight has fixed norm: a
+            group's constrained part shows 0, its fallback part the group's value).
         solver, tol, max_iters: the subproblem solver (see ``modman.solvers.SOLVERS``).
         scale: None (unscaled Stiefel) or "rms" (s = √(d_out/d_in)), or a float.
         budget: "auto" (default: "modular" when given modules — falling back to "uniform" with a
@@ -111,9 +112,6 @@ class ManifoldMuon(ManifoldOptimizer):
         super().__init__(params, defaults, fallback=fb, roles=roles, budget=budget,
                          project_on_init=project_on_init, on_manifold_tol=on_manifold_tol, nonfinite=nonfinite,
                          distributed=distributed)
-        for group in self.param_groups:
-            if group["algorithm"] != "adamw":
-                group["weight_decay"] = 0.0 if group["algorithm"] != "muon" else group["weight_decay"]
 
 
 class Muon(ManifoldOptimizer):
@@ -127,8 +125,10 @@ class Muon(ManifoldOptimizer):
     computed exactly as torch.optim.Muon computes it; set ``ns_schedule="polar_express"``,
     ``ns_dtype="float32"`` and ``ns_steps=None`` for an accurate polar factor. Given modules,
     Linear and Conv weights get Muon and everything else (embeddings included) the AdamW
-    fallback, as the Muon authors recommend. ``distributed``: as for ManifoldMuon (each rank
-    computes the msign of its share of the matrices).
+    fallback, as the Muon authors recommend. ``weight_decay`` (λ above, decoupled as torch's)
+    applies to the Muon matrices; the fallback takes ``fallback["weight_decay"]`` (default 0), and
+    a param group's own ``weight_decay`` applies to both its parts. ``distributed``: as for
+    ManifoldMuon (each rank computes the msign of its share of the matrices).
     """
 
     ALGORITHMS = {"stiefel": ("euclidean", "muon"), "euclidean": ("euclidean", "muon"), "sphere": None}
@@ -169,6 +169,3 @@ class HypersphericalDescent(ManifoldOptimizer):
         fb.setdefault("weight_decay", weight_decay)
         super().__init__(params, defaults, fallback=fb, roles=roles, budget=None,
                          project_on_init=project_on_init, on_manifold_tol=on_manifold_tol, nonfinite=nonfinite)
-        for group in self.param_groups:
-            if group["algorithm"] != "adamw":
-                group["weight_decay"] = 0.0  # a row of fixed norm has nothing to decay

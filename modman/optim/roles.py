@@ -180,8 +180,10 @@ def _table_role(module: nn.Module, attr: str, p: torch.Tensor, path: str) -> str
 def default_role(module: nn.Module | None, attr: str, p: torch.Tensor, path: str = "") -> str:
     """The role of parameter ``attr`` of ``module`` (at module ``path``), by the table above."""
     if module is None:
-        return "stiefel" if p.ndim >= 2 else "fallback"
+        return "stiefel" if p.ndim >= 2 and p.numel() else "fallback"
     role = _table_role(module, attr, p, path)
+    if p.numel() == 0:  # (Linear(0, 4)): no manifold holds an empty matrix, nothing to step
+        return "fallback"
     # a 1×1 matrix (Linear(1, 1), Conv2d(1, 1, 1), a depthwise Conv2d(C, C, 1, groups=C)'s blocks)
     # is on the Stiefel manifold {±1} and an embedding of dim 1 has its rows on the sphere {±1}: a
     # constrained step can never move them

@@ -7,6 +7,8 @@ Tolerance: inductor fuses lerp/matmul epilogues (FMA, other summation order), so
 to a few fp32 ulps, not bitwise: rtol = atol = 1e-6 (measured max |Δ| ≈ 3e-8)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo
@@ -80,8 +82,12 @@ def test_a_compiled_training_step_agrees_with_eager(name):
             return loss
 
         step = torch.compile(train_step) if compiled else train_step
-        for x, y in batches:
-            step(x, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for x, y in batches:
+                step(x, y)
+        # dynamo warned of "a call to a functools.lru_cache-wrapped function" (the eager update's cache)
+        assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message)[:120] for w in caught]
         runs.append([p.detach().clone() for p in model.parameters()])
     for (pc, pe), (pname, _) in zip(zip(*runs), build()[0].named_parameters()):
         torch.testing.assert_close(pc, pe, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {pname}: {m}")

@@ -77,7 +77,8 @@ def test_manifold_that_cannot_hold_the_parameter_named_at_construction(kind):
     W = torch.nn.Parameter(torch.randn(6, 4))  # off the manifold: would be projected
     before = bits(W)
     manifold = "stiefel" if kind == "manifold_muon" else "euclidean"
-    with pytest.raises(ValueError, match=r"head\.bias.*cannot live on"):
+    message = r"'stiefel' needs a non-empty matrix; head\.bias" if kind == "manifold_muon" else r"head\.bias.*cannot live on"
+    with pytest.raises(ValueError, match=message):
         make_opt(kind, [{"params": [("w", W)]}, {"params": [("head.bias", bias)], "manifold": manifold}])
     assert torch.equal(bits(W), before), "a refused construction must not have projected W"
 
@@ -387,3 +388,59 @@ def test_torch_flags_in_a_group_are_refused_not_ignored(kind, key):
     with pytest.raises(ValueError, match=f"{key}=True is not supported"):
         opt.step()
     assert torch.equal(W.detach(), before) and not opt.state
+
+
+@pytest.mark.parametrize("cls", [ManifoldMuon, Muon, HypersphericalDescent])
+@pytest.mark.parametrize("manifold, shape", [("stiefel", (6,)), ("stiefel", (4, 0)), ("sphere", (0,))])
+def test_a_manifold_asked_for_a_parameter_it_cannot_hold_is_refused_by_its_name(cls, manifold, shape):
+    """HypersphericalDescent runs "stiefel" as row spheres: a bias asked onto Stiefel went onto one
+    sphere; Muon named the manifold it maps "stiefel" to ('euclidean')."""
+    W = torch.nn.Parameter(torch.randn(5, 3))
+    p = torch.nn.Parameter(torch.randn(shape))
+    if cls is Muon and manifold == "sphere":
+        pytest.skip("Muon has no sphere (refused as such)")
+    with pytest.raises(ValueError, match=rf"manifold '{manifold}' needs a non-empty .*; odd has shape"):
+        cls([{"params": [("w", W)]}, {"params": [("odd", p)], "manifold": manifold}])
+
+
+@pytest.mark.parametrize("cls", [ManifoldMuon, Muon, HypersphericalDescent])
+@pytest.mark.parametrize("form", ["modules", "parameters"])
+def test_empty_weights_go_to_the_fallback_and_the_step_runs(cls, form):
+    """A Linear(0, 4) weight went onto Stiefel, and ManifoldMuon's step raised "W and G are empty"
+    after the weights before it were updated."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(0, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = cls(model.modules() if form == "modules" else model.parameters(), lr=0.05)
+    roles = {id(p): g["algorithm"] for g in opt.param_groups for p in g["params"]}
+    assert roles[id(model[1].weight)] == "adamw" and roles[id(model[0].weight)] != "adamw"
+    before = model[0].weight.detach().clone()
+    model[0](torch.randn(8, 3)).sum().backward()
+    model[1].weight.grad = torch.zeros(4, 0)
+    opt.step()
+    assert not torch.equal(model[0].weight, before)
+
+
+@pytest.mark.parametrize("cls", [ManifoldMuon, HypersphericalDescent])
+@pytest.mark.parametrize("form", ["modules", "parameters"])
+def test_a_meta_device_model_is_refused_naming_what_reads_the_values(cls, form):
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    params = model.modules() if form == "modules" else model.parameters()
+    with pytest.raises(ValueError, match="meta device .*project_on_init=False"):
+        cls(params)
+    kw = dict(budget="uniform") if cls is ManifoldMuon else {}
+    opt = cls(model.modules(), project_on_init=False, **kw)  # what the message offers: it builds
+    assert any(g["algorithm"] != "adamw" for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("cls", [ManifoldMuon, HypersphericalDescent])
+def test_weight_decay_shows_zero_where_the_norm_is_fixed_added_groups_too(cls):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = cls([{"params": model[0].modules(), "weight_decay": 0.3}])
+        opt.add_param_group({"params": model[1].modules(), "weight_decay": 0.3})
+    shown = sorted((g["algorithm"], g["weight_decay"]) for g in opt.param_groups)
+    assert all(wd == (0.3 if alg == "adamw" else 0.0) for alg, wd in shown), shown

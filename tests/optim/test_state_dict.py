@@ -143,6 +143,8 @@ def _mismatches(kind):
     for g in sd["param_groups"]:
         g.pop("algorithm")
     bad.append(("not a modman state_dict", sd))
+    sd = {"state": {}, "param_groups": [{"params": [0], "lr": 1e-3}]}  # another optimizer's, one group
+    bad.append(("not a modman state_dict", sd))  # (was: "a checkpoint of another model?", about roles)
     return prob, opt, bad
 
 
