@@ -165,12 +165,14 @@ def _preset(model: nn.Module, linears: dict[str, nn.Linear], preset: str) -> dic
     return {n: m for n, m in linears.items() if any(pattern.search(part) for part in n.split(".")[:-1])}
 
 
-def select_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]:
+def select_targets(model: nn.Module, config: LoRAConfig, *, allow_rank_above_layer: bool = False
+                   ) -> dict[str, nn.Linear]:
     """The base nn.Linear layers ``config`` selects, by path; raises before anything changes.
 
     Raises:
         ValueError: nothing matches (the message lists the model's Linear modules), or r exceeds
-            a target's min(d_in, d_out).
+            a target's min(d_in, d_out) (the update's rank cannot: the extra rank is wasted) unless
+            ``allow_rank_above_layer`` (PEFT saves such adapters; ``load_adapter`` loads them).
         TypeError: a pattern names a module that is not an nn.Linear.
     """
     from .layer import LoRALinear, features
@@ -207,7 +209,7 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]
                          f"nn.Linear of {type(model).__name__}; its Linear modules are: {listing}")
     for name, module in chosen.items():
         d_in, d_out = features(module)
-        if config.r > min(d_in, d_out):
+        if config.r > min(d_in, d_out) and not allow_rank_above_layer:
             raise ValueError(f"r={config.r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name!r} "
                              f"({d_in} → {d_out})")
     return chosen

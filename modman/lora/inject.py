@@ -13,7 +13,9 @@ import re
 import torch
 from torch import nn
 
-from .config import LoRAConfig, select_targets
+from .._warn import warn
+from ..optim.roles import _is_expert_stack
+from .config import PRESETS, LoRAConfig, select_targets
 from .layer import LoRALinear
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -46,13 +48,16 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", *,
-               seed: int | None = None) -> nn.Module:
+               seed: int | None = None, allow_rank_above_layer: bool = False) -> nn.Module:
     """Add adapter ``adapter_name`` to the layers ``config`` targets; returns ``model``.
 
     Every base parameter is frozen (requires_grad=False); the new adapter becomes the active
     and only trainable one (others stay, inactive: see :func:`set_adapter`). ``seed`` makes the
     factors' initialisation independent of the global RNG. All checks (targets, ranks, name)
-    run before the model is touched, so an error leaves it as it was.
+    run before the model is touched, so an error leaves it as it was. r above a target's
+    min(d_in, d_out) is refused unless ``allow_rank_above_layer`` (see ``select_targets``).
+    A preset (``"all-linear"``, …) adapts nn.Linear layers only: a mixture of experts' 3-D expert
+    stacks get no adapter, with a warning naming them.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -60,7 +65,14 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
     if adapter_name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; pick another "
                          "adapter_name or load into it with load_adapter")
-    targets = select_targets(model, config)
+    targets = select_targets(model, config, allow_rank_above_layer=allow_rank_above_layer)
+    if config.target_modules in PRESETS:
+        stacks = [f"{path}.{attr}" if path else attr for path, module in model.named_modules()
+                  for attr, p in module.named_parameters(recurse=False) if _is_expert_stack(module, p)]
+        if stacks:  # (transformers 5 stores Mixtral's experts as 3-D parameters: "all-linear" skipped them silently)
+            warn(f"target_modules={config.target_modules!r} adapts nn.Linear layers only: {len(stacks)} expert "
+                 f"stacks ({', '.join(stacks[:3])}{', …' if len(stacks) > 3 else ''}) get no adapter; LoRA on a "
+                 "mixture of experts' experts needs PEFT's target_parameters, which modman.lora does not support")
     layers = lora_layers(model)
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
     for param in model.parameters():

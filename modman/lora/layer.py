@@ -8,7 +8,8 @@ The base layer is kept as ``base_layer`` and frozen; the factors live in ``lora_
 ``lora_B[k]`` (bias-free nn.Linear, as in PEFT, so parameter names read
 ``<path>.lora_A.<adapter>.weight``). Factors are fp32 when the base is bf16/fp16 (a bf16 B
 starting at 0 would round away small updates), and the adapter branch runs in the factors'
-dtype before being cast to the base output's dtype.
+dtype, added to the base output in the wider of the two dtypes and rounded to the base output's
+dtype once (as PEFT does: modman and PEFT outputs then agree bitwise in bf16 too).
 
 Merging adds s·B A to W, computed in (at least) fp32 and then cast: merging directly in bf16
 rounds W + s·BA twice and drifts.
@@ -140,13 +141,16 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.disabled:
             return result
+        dtype = result.dtype
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
             A = self.lora_A[name]
             h = A(self.lora_dropout[name](x.to(A.weight.dtype)))
-            result = result + (self.lora_B[name](h) * self.scaling[name]).to(result.dtype)
-        return result
+            # summed in the wider dtype and rounded once, as PEFT does: casting each branch to a bf16
+            # base first rounded twice (down_proj's error 3.7–4.5e-3 against PEFT's 2.7–3.3e-3)
+            result = result + self.lora_B[name](h) * self.scaling[name]
+        return result.to(dtype)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={self.r[n]}, s={self.scaling[n]:g})" for n in self.r)

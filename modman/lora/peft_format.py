@@ -21,9 +21,9 @@ from torch import nn
 
 from .._checks import is_finite_real
 from ..optim.roles import unwrap
-from .config import LoRAConfig, linear_modules
+from .config import PRESETS, LoRAConfig, linear_modules, select_targets
 from .inject import adapter_names, adapter_state_dict, apply_lora, lora_layers
-from .layer import features
+from .layer import adapter_dtype, features
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -148,9 +148,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     if wrong:
         raise ValueError(f"{weights_file}: keys not of the form base_model.model.<path>."
                          f"lora_A|lora_B.weight: {wrong[:5]}")
+    # integer or bool factors are no LoRA weights (an int64 file loaded as rounded values, silently)
+    integral = [f"{k} ({str(t.dtype).removeprefix('torch.')})" for k, t in tensors.items() if not t.is_floating_point()]
+    if integral:
+        raise ValueError(f"{weights_file}: LoRA factors must be floating point, got {sorted(integral)[:5]}")
     # a damaged file can keep its header and carry NaN/inf in its data: loading it would put
     # them into the model
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"{weights_file}: non-finite values in {sorted(bad)[:5]}")
     # the folder against itself before the model: lora_A is (r, d_in), lora_B (d_out, r)
@@ -163,6 +167,31 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     if off:
         raise ValueError(f"{weights_file} does not match {config_file}, which says r={r}: {off[:5]}")
     return config, tensors
+
+
+def _config_disagreements(model: nn.Module, config: dict, paths: set[str]) -> list[str]:
+    """Where the file's weights and its config's ``target_modules`` name different modules: PEFT
+    places adapters by the config (and ignores other weights), modman by the weights, so the two
+    would give different models (a probe: 14 adapted layers here, 2 in PEFT, logits 0.56 apart).
+    Checked when the config's selection is plain (no exclude_modules / layers_to_transform)."""
+    spec = config.get("target_modules")
+    if (not spec or spec in PRESETS or config.get("exclude_modules") or config.get("layers_to_transform") is not None
+            or config.get("layers_pattern")):
+        return []
+    if isinstance(spec, (list, tuple, set)):
+        spec = sorted(spec)
+    try:
+        targeted = set(select_targets(model, LoRAConfig(r=1, target_modules=spec), allow_rank_above_layer=True))
+    except (TypeError, ValueError) as err:
+        return [f"its config's target_modules={spec!r} selects nothing here ({err})"]
+    out = []
+    if paths - targeted:
+        out.append(f"weights for modules its config's target_modules={spec!r} does not select "
+                   f"({sorted(paths - targeted)[:5]}: PEFT would leave them out)")
+    if targeted - paths:
+        out.append(f"its config's target_modules={spec!r} selects modules it holds no weights for "
+                   f"({sorted(targeted - paths)[:5]})")
+    return out
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
@@ -184,7 +213,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         match = _KEY.fullmatch(key)
         factors.setdefault(match["path"], {})[match["factor"]] = tensor
     r = int(config["r"])
-    linears = linear_modules(model)
+    linears, layers = linear_modules(model), lora_layers(model)
     problems = []
     for module_path, pair in factors.items():
         if set(pair) != {"lora_A", "lora_B"}:
@@ -196,10 +225,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         base = linears[module_path]
         d_in, d_out = features(base)
         expect = {"lora_A": (r, d_in), "lora_B": (d_out, r)}
+        layer = layers.get(module_path)
+        dtype = (layer.lora_A[adapter_name].weight.dtype if layer is not None and adapter_name in layer.r
+                 else adapter_dtype(base.weight.dtype))
         for factor, shape in expect.items():
             if tuple(pair[factor].shape) != shape:
                 problems.append(f"{module_path}.{factor}: shape {tuple(pair[factor].shape)}, "
                                 f"the model needs {shape}")
+            elif not bool(torch.isfinite(pair[factor].to(dtype)).all()):  # (fp64 1e300 loaded as inf into fp32)
+                problems.append(f"{module_path}.{factor}: values overflow the adapter's "
+                                f"{str(dtype).removeprefix('torch.')}")
+    problems += _config_disagreements(model, config, set(factors))
     existing = adapter_name in adapter_names(model)
     if existing and not problems:
         have = {p: layer for p, layer in lora_layers(model).items() if adapter_name in layer.r}
@@ -229,7 +265,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             dropout=float(config.get("lora_dropout") or 0.0),
             use_rslora=bool(config.get("use_rslora")),
             init=_INIT_FROM_PEFT.get(config.get("init_lora_weights", True), "default"))
-        apply_lora(model, lora_config, adapter_name)
+        apply_lora(model, lora_config, adapter_name, allow_rank_above_layer=True)
     layers = lora_layers(model)
     with torch.no_grad():
         for module_path, pair in factors.items():

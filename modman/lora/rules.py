@@ -23,7 +23,13 @@ BITS_PER_PARAMETER = 2.0
 
 def lora_lr(full_ft_lr: float, steps: int | None = None) -> float:
     """The LoRA learning rate matching full fine-tuning at ``full_ft_lr``: 10× it, or 15× when
-    ``steps`` ≤ 100 (short runs, where B has not yet grown out of its zero start)."""
+    ``steps`` ≤ 100 (short runs, where B has not yet grown out of its zero start).
+
+    The ratio is the LoRA post's, measured with Adam on 4096-wide models. It grows with width:
+    on modman's toy models (``benchmarks/lora.py``) the best LoRA lr was 1.25–2.5× the best
+    full fine-tuning lr at d_model 128, 1.25–3.5× at 256 and 3.5–5× at 512 (README, "LoRA lr ratio") — on a
+    small model start lower, or sweep. For Muon or ManifoldMuon (spectral-norm steps) no such
+    ratio was measured here."""
     if not is_finite_real(full_ft_lr) or full_ft_lr <= 0:
         raise ValueError(f"full_ft_lr must be a positive finite number, got {full_ft_lr!r}")
     if steps is not None and (not is_int(steps) or steps < 1):

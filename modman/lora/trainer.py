@@ -31,6 +31,7 @@ from torch import nn
 
 from .._checks import is_int
 from .._warn import warn
+from .inject import lora_layers
 
 CHECKPOINT_NAME = "trainer_state.pt"
 SCHEDULES = ("constant", "linear")
@@ -152,6 +153,10 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
     """
     if not callable(optimizer):
         raise TypeError("optimizer must be a factory model -> torch.optim.Optimizer")
+    merged = sorted(path for path, layer in lora_layers(model).items() if layer.merged_adapters)
+    if merged:  # a merged adapter is not in the forward pass: backward failed with torch's "does not require grad"
+        raise ValueError(f"adapters are merged into the base weights of {merged[:3]}{' …' if len(merged) > 3 else ''}: "
+                         "their factors get no gradient; call unmerge_lora(model) before training")
     opt = optimizer(model)
     base_lrs = [float(g["lr"]) for g in opt.param_groups]
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -193,7 +198,7 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
                 batch = data(step, micro)
                 loss = _loss(model(**batch))
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {step + 1} "
+                    raise FloatingPointError(f"non-finite loss {float(loss.detach())} at step {step + 1} "
                                              f"(micro-batch {micro})")
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum

@@ -107,3 +107,20 @@ def test_a_preset_excludes_its_modules(preset):
     other = "attention" if preset == "mlp" else "mlp"
     assert kept == set(lora_layers(apply_lora(tiny_model(), LoRAConfig(2, target_modules=other))))
     assert kept and kept.isdisjoint(lora_layers(apply_lora(tiny_model(), LoRAConfig(2, target_modules=preset))))
+
+
+def test_a_preset_names_the_expert_stacks_it_leaves_without_adapters():
+    """transformers 5 stores Mixtral's experts as 3-D parameters: "all-linear" adapted attention
+    alone, silently — the setup the LoRA post warns against."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    model = transformers.MixtralForCausalLM(config)
+    stacks = [n for n, p in model.named_parameters() if p.ndim == 3]
+    assert stacks
+    with pytest.warns(UserWarning, match=rf"{len(stacks)} expert stacks \({stacks[0]}"):
+        apply_lora(model, LoRAConfig(4))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(tiny_model(), LoRAConfig(4))  # no experts: no warning

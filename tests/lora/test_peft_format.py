@@ -236,3 +236,51 @@ def test_non_finite_values_in_a_file_are_refused(tmp_path):
         save_file(tensors, str(path / "adapter_model.safetensors"))
         _assert_untouched_after(ValueError, rf"adapter_model.safetensors: non-finite values in \['{key}'\]",
                                 tiny_model(), path)
+
+
+def test_values_that_overflow_the_adapters_dtype_are_refused(tmp_path):
+    """An fp64 file's 1e300 is finite there and inf in the fp32 adapter: it loaded, and the logits
+    were NaN."""
+    path = _saved(tmp_path)
+    tensors = {k: v.double() for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = 1e300
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    _assert_untouched_after(ValueError, r"lora_B: values overflow the adapter's float32.*not changed", tiny_model(), path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_or_bool_factors_are_refused(tmp_path, dtype):
+    path = _saved(tmp_path)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key] = (100 * tensors[key]).round().to(dtype)  # it loaded as the rounded values
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    _assert_untouched_after(ValueError, rf"LoRA factors must be floating point, got \['{key} \(", tiny_model(), path)
+
+
+@pytest.mark.parametrize("targets, match", [
+    (["q_proj"], r"weights for modules its config's target_modules=\['q_proj'\] does not select"),
+    (["q_proj", "v_proj", "k_proj"], r"selects modules it holds no weights for \(\['layers.0.self_attn.k_proj'"),
+])
+def test_a_config_whose_targets_disagree_with_its_weights_is_refused(tmp_path, targets, match):
+    """PEFT places adapters by the config's target_modules, modman by the weights: a file whose two
+    disagree loaded here as another model than in PEFT (logits 0.56 apart in a probe)."""
+    path = _saved(tmp_path, target_modules=["q_proj", "v_proj"])
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": targets}))
+    _assert_untouched_after(ValueError, match, tiny_model(), path)
+
+
+def test_a_peft_adapter_with_rank_above_a_layers_loads(tmp_path):
+    """PEFT saves r = 24 on a 32→16 k_proj; apply_lora refuses such a rank (its extra is wasted),
+    load_adapter refused it too."""
+    peft = pytest.importorskip("peft")
+    theirs_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=24, target_modules=["k_proj"],
+                                                                      init_lora_weights=False))
+    theirs_model.eval().save_pretrained(str(tmp_path))
+    x = llama_data(99)["input_ids"]
+    ours = load_adapter(tiny_llama(), tmp_path).eval()(input_ids=x).logits
+    torch.testing.assert_close(ours, theirs_model(input_ids=x).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="r=24 exceeds min"):
+        apply_lora(tiny_llama(), LoRAConfig(24, target_modules=["k_proj"]))

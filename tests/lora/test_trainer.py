@@ -247,3 +247,16 @@ def test_an_optimizer_that_skips_non_finite_steps_is_left_to_skip_them():
                    _sqrt_data, TrainConfig(5))
     assert len(result.history) == 5 and torch.isfinite(model.lin.weight).all()
     assert not math.isfinite(result.history[2]["grad_norm"])  # step 3's gradient, skipped by the optimizer
+
+
+def test_a_merged_adapter_is_refused_naming_the_merge():
+    """Merged factors are not in the forward pass: training raised torch's "element 0 of tensors
+    does not require grad"."""
+    from modman.lora import merge_lora
+
+    model, data = model_and_data()
+    merge_lora(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"merged into the base weights .*unmerge_lora\(model\)"):
+        train(model, optimizer_factory("adamw", 1e-2), data, TrainConfig(2))
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
