@@ -64,8 +64,10 @@ def msign(
         steps: number of Newton–Schulz iterations; ``None`` uses the schedule's default.
         compute_dtype: dtype of the iteration; defaults to X's dtype for fp32/fp64 and to fp32
             for bf16/fp16 (an fp32 input is never silently computed in bf16).
-        backend: ``"torch"``, ``"triton"`` (fused kernels, see ``modman.kernels``) or
-            ``"auto"`` (Triton on CUDA when installed and the matrix is large enough to win).
+        backend: ``"torch"``, ``"triton"`` (fused kernels, see ``modman.kernels``; not
+            differentiable: refused for an X that needs a gradient) or ``"auto"`` (Triton on CUDA
+            when installed, for bf16/fp16 compute and a matrix large enough to win, and X needs no
+            gradient; torch otherwise).
         normalization: ``"gram"`` (σ_max ≤ min(‖XXᵀ‖_F, ‖XXᵀ‖_∞)^{1/2}, default) or
             ``"frobenius"`` (σ_max ≤ ‖X‖_F, as in the published reference code).
 
@@ -91,6 +93,10 @@ def msign(
     if steps < 0:
         raise ValueError(f"steps must be ≥ 0, got {steps}")
     dtype = resolve_compute_dtype(X.dtype, compute_dtype)
+    needs_grad = X.requires_grad and torch.is_grad_enabled()
+    if backend == "triton" and needs_grad:  # (the kernels' output silently had no grad_fn)
+        raise ValueError("msign: backend='triton' is not differentiable and X requires grad; use "
+                         "backend='torch', or call it under torch.no_grad()")
     if X.numel() == 0:
         return X.clone()
     if schedule == "svd":
@@ -102,7 +108,7 @@ def msign(
     Y = Y.reshape(-1, *Y.shape[-2:]).to(dtype)
     Y, gram = _normalise(Y, normalization, SCHEDULES[schedule][2])
     coeffs = coefficients(schedule, steps)
-    if _use_triton(Y, backend):
+    if not needs_grad and _use_triton(Y, backend):
         from modman import kernels
 
         Y = kernels.newton_schulz(Y, coeffs, gram_matrix=gram)

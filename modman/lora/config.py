@@ -39,7 +39,7 @@ INITS = ("default", "gaussian", "random")
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _MLP = re.compile(r"mlp|feed_forward|ffn|ffwd", re.IGNORECASE)
 # Submodule names that hold adapter factors; never targets themselves.
-ADAPTER_CONTAINERS = ("lora_A", "lora_B", "base_layer")
+ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_dropout", "base_layer")
 
 
 @dataclass(frozen=True)

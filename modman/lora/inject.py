@@ -15,7 +15,7 @@ from torch import nn
 
 from .._warn import warn
 from ..optim.roles import _is_expert_stack
-from .config import PRESETS, LoRAConfig, select_targets
+from .config import LoRAConfig, select_targets
 from .layer import LoRALinear
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -66,7 +66,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; pick another "
                          "adapter_name or load into it with load_adapter")
     targets = select_targets(model, config, allow_rank_above_layer=allow_rank_above_layer)
-    if config.target_modules in PRESETS:
+    if config.target_modules in ("all-linear", "mlp"):  # (the presets that would include the experts)
         stacks = [f"{path}.{attr}" if path else attr for path, module in model.named_modules()
                   for attr, p in module.named_parameters(recurse=False) if _is_expert_stack(module, p)]
         if stacks:  # (transformers 5 stores Mixtral's experts as 3-D parameters: "all-linear" skipped them silently)

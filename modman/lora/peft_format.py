@@ -182,8 +182,8 @@ def _config_disagreements(model: nn.Module, config: dict, paths: set[str]) -> li
         spec = sorted(spec)
     try:
         targeted = set(select_targets(model, LoRAConfig(r=1, target_modules=spec), allow_rank_above_layer=True))
-    except (TypeError, ValueError) as err:
-        return [f"its config's target_modules={spec!r} selects nothing here ({err})"]
+    except (TypeError, ValueError):  # a selection modman cannot reproduce: nothing to compare (the weights decide)
+        return []
     out = []
     if paths - targeted:
         out.append(f"weights for modules its config's target_modules={spec!r} does not select "

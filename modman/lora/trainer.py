@@ -93,9 +93,11 @@ def task_data(task, batch_size: int, seed: int = 0, split: str = "train"
 
 
 def eval_loss_fn(batches: list[dict]) -> Callable[[nn.Module], dict]:
-    """An ``eval_fn`` returning {"loss": mean loss over fixed ``batches``}."""
+    """An ``eval_fn`` returning {"loss": mean loss over fixed ``batches``}, without gradients
+    (called directly too, as in the README, not only by :func:`train`)."""
     def evaluate(model: nn.Module) -> dict:
-        losses = [float(model(**batch).loss) for batch in batches]
+        with torch.no_grad():
+            losses = [float(model(**batch).loss) for batch in batches]
         return {"loss": sum(losses) / len(losses)}
     return evaluate
 

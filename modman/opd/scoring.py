@@ -44,14 +44,10 @@ def vocab_size(model) -> int:
 
 
 def context_length(model) -> int | None:
-    """The longest input a model reads (config.max_len, as modman.toy's, or transformers'
-    max_position_embeddings), or None when it does not say."""
-    config = getattr(model, "config", None)
-    for name in ("max_len", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+    """The longest input a model reads: config.max_len (modman.toy's learned positions, a hard
+    limit), else None (transformers' max_position_embeddings is a soft one for RoPE models)."""
+    value = getattr(getattr(model, "config", None), "max_len", None)
+    return value if isinstance(value, int) else None
 
 
 def _check_teacher_context(teacher, length: int) -> None:

@@ -106,6 +106,11 @@ class OPDConfig:
             raise ValueError(
                 "temperature must be 1: the importance ratio divides by the sampler's log-probs, "
                 "which are the trained policy's only at temperature 1 (no top-p/top-k either)")
+        # Reals: numpy's too, stored back as float (a numpy scalar in the config made the default
+        # torch.load, weights_only, refuse a saved Trainer.state_dict()).
+        for name in ("temperature", "kl_coef", "discount", "clip_eps", "grad_clip"):
+            if is_real(getattr(self, name)):
+                object.__setattr__(self, name, float(getattr(self, name)))
         if not (is_real(self.discount) and 0.0 <= self.discount <= 1.0):
             raise ValueError(f"discount must lie in [0, 1], got {self.discount!r}")
         if self.kl_coef is not None and not (is_finite_real(self.kl_coef) and self.kl_coef >= 0):
@@ -433,9 +438,9 @@ class Trainer:
     def state_dict(self) -> dict:
         """What a resumed run needs beyond the student's frozen weights and the task: the step
         count, both sampling RNGs (the prompts' NumPy generator and the rollouts' torch one), the
-        metrics history, the optimizer's state and the student's trainable parameters by name,
-        with the config to check against. As torch's state_dicts, it holds references to live
-        tensors: ``torch.save`` it (or deep-copy it) to keep a snapshot.
+        metrics history (a copy of the list), the optimizer's state and the student's trainable
+        parameters by name, with the config to check against. As torch's state_dicts, it holds
+        references to live tensors: ``torch.save`` it (or deep-copy it) to keep a snapshot.
 
             torch.save(trainer.state_dict(), "opd.pt")
             # later: the same student base, task, config and optimizer factory
@@ -445,15 +450,17 @@ class Trainer:
         """
         return {"step_count": self.step_count, "config": self.config_dict(),
                 "rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
-                "history": self.history, "optimizer": self.optimizer.state_dict(),
+                "history": list(self.history), "optimizer": self.optimizer.state_dict(),
                 "student": {name: p.detach() for name, p in self.student.named_parameters()
                             if p.requires_grad}}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`. Everything is checked before anything changes: a
         different config (naming the fields), trainable parameters that differ in name or shape or
-        hold NaN/Inf, RNG states of another kind, or an optimizer state the optimizer refuses
-        raise and leave the trainer, the student and the optimizer as they were."""
+        hold NaN/Inf (in the student's dtype), RNG states of another kind, a history that is not a
+        list of records, NaN/Inf in the optimizer's state (torch's optimizers load it unchecked and
+        the next step writes it into the weights) or an optimizer state the optimizer refuses raise
+        and leave the trainer, the student and the optimizer as they were."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from Trainer.state_dict(), got {type(state).__name__}")
         missing = {"step_count", "config", "rng", "generator", "history", "optimizer",
@@ -484,13 +491,21 @@ class Trainer:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"state['student'][{name!r}] has shape {shape}, the student's "
                                  f"{tuple(own[name].shape)}")
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"state['student'][{name!r}] holds NaN or Inf")
+            if not bool(torch.isfinite(value.to(own[name].dtype)).all()):  # (fp64 1e300 is inf in fp32)
+                raise ValueError(f"state['student'][{name!r}] holds NaN or Inf (in {own[name].dtype})")
+        history = state["history"]
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            raise ValueError(f"state['history'] must be a list of metric dicts, got {type(history).__name__}")
+        optimizer_state = state["optimizer"].get("state", {}) if isinstance(state["optimizer"], dict) else {}
+        for pid, entries in optimizer_state.items():
+            for key, value in (entries.items() if isinstance(entries, dict) else ()):
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"state['optimizer'] holds NaN or Inf in {key!r} of parameter {pid}")
         self.optimizer.load_state_dict(state["optimizer"])  # raises before changing anything
         with torch.no_grad():
             for name, value in saved.items():
                 own[name].copy_(value)
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(state["generator"])
-        self.history = copy.deepcopy(list(state["history"]))
+        self.history = copy.deepcopy(history)
         self.step_count = int(state["step_count"])

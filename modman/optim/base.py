@@ -464,6 +464,9 @@ class ManifoldOptimizer(Optimizer):
                     raise ValueError(f"{type(self).__name__} does not support sparse parameters ({name})")
                 if algorithm == "adamw":
                     continue
+                if p.numel() == 0:  # (roles= or a group's manifold: the step raised after updating others)
+                    raise ValueError(f"parameter {name} of shape {tuple(p.shape)} is empty: nothing for {algorithm} to "
+                                     "step; leave it to the fallback group (its default role)")
                 shape = F.as_matrix(p, group.get("flatten")).shape
                 if (m in ("stiefel", "euclidean") and len(shape) < 2) or (m == "sphere" and len(shape) < 1):
                     raise ValueError(f"parameter {name} of shape {tuple(p.shape)} cannot live on {m!r} "
@@ -872,8 +875,9 @@ class ManifoldOptimizer(Optimizer):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) and any("algorithm" not in g for g in groups):
-            raise ValueError("the state dict's parameter groups have no 'algorithm' key: it is not a modman "
-                             "state_dict (another optimizer's?); nothing was loaded")
+            raise ValueError(f"the state dict has {len(groups)} parameter groups without modman's 'algorithm' key "
+                             f"(another optimizer's), this optimizer {len(self.param_groups)}; nothing was loaded "
+                             "(torch.optim.Muon's loads into modman.Muon when its groups match these: describe())")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(groups)} parameter groups, optimizer has "
                              f"{len(self.param_groups)}; nothing was loaded (a checkpoint of another model? Built "

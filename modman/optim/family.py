@@ -45,8 +45,8 @@ class ManifoldMuon(ManifoldOptimizer):
         momentum, nesterov: as in torch.optim.Muon; schedulers with ``cycle_momentum``
             (OneCycleLR, CyclicLR) cycle ``momentum`` in every group, as for torch.optim.Muon;
             the fallback group's ``betas`` stay as given.
-        weight_decay: applies to the fallback group only (a Stiefel weight has fixed norm: a
-            group's constrained part shows 0, its fallback part the group's value).
+        weight_decay: applies to the fallback group and to weights given the "euclidean" role
+            (Muon's step); a Stiefel or sphere weight has a fixed norm: its group shows 0.
         solver, tol, max_iters: the subproblem solver (see ``modman.solvers.SOLVERS``).
         scale: None (unscaled Stiefel) or "rms" (s = √(d_out/d_in)), or a float.
         budget: "auto" (default: "modular" when given modules — falling back to "uniform" with a

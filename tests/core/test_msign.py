@@ -384,3 +384,21 @@ def test_svd_schedule_at_extreme_fp32_scales(scale):
     ref = polar_svd(Xs)  # fp64 oracle of the fp32 input as stored
     tol = 1e-5 if scale > 1e-40 else 1e-2  # at 1e-44 the input keeps only a few bits per entry
     assert (Y.double() - ref).abs().max().item() <= tol
+
+
+def test_the_triton_backend_refuses_an_input_that_needs_a_gradient():
+    """The kernels are not differentiable: their output had no grad_fn and backward() raised
+    far from the cause. Refused here (before any Triton import, so on any machine); the torch
+    backend stays differentiable, and under no_grad the request is not refused for that reason."""
+    X = torch.randn(6, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="backend='triton' is not differentiable and X requires grad"):
+        msign(X, backend="triton")
+    msign(X, backend="torch").sum().backward()
+    assert X.grad is not None and torch.isfinite(X.grad).all()
+    with torch.no_grad():
+        try:
+            msign(X, backend="triton")
+        except ValueError:
+            raise AssertionError("refused under no_grad")
+        except (RuntimeError, ImportError):
+            pass  # no Triton / no interpreter on this machine: refused for that, not for autograd

@@ -124,3 +124,4 @@ def test_a_preset_names_the_expert_stacks_it_leaves_without_adapters():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_lora(tiny_model(), LoRAConfig(4))  # no experts: no warning
+        apply_lora(transformers.MixtralForCausalLM(config), LoRAConfig(4, target_modules="attention"))  # none asked

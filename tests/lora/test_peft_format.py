@@ -284,3 +284,17 @@ def test_a_peft_adapter_with_rank_above_a_layers_loads(tmp_path):
     torch.testing.assert_close(ours, theirs_model(input_ids=x).logits, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="r=24 exceeds min"):
         apply_lora(tiny_llama(), LoRAConfig(24, target_modules=["k_proj"]))
+
+
+def test_a_peft_regex_adapter_loads_beside_another_adapter(tmp_path):
+    """A regex such as ".*q_proj.*" also matches an existing adapter's lora_dropout container: the
+    config check refused it as selecting nothing (PEFT loads it as a second adapter)."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=r".*q_proj.*",
+                                                               init_lora_weights=False))
+    theirs.eval().save_pretrained(str(tmp_path))
+    x = llama_data(99)["input_ids"]
+    expected = theirs(input_ids=x).logits
+    ours = apply_lora(tiny_llama(), LoRAConfig(2, target_modules=["q_proj"]), "first", seed=0)
+    load_adapter(ours, tmp_path, adapter_name="default")  # the second adapter, made active alone
+    torch.testing.assert_close(ours.eval()(input_ids=x).logits, expected, rtol=0, atol=1e-6)

@@ -80,6 +80,11 @@ def _state(**changes):
     (lambda s: s["optimizer"]["param_groups"].append(dict(s["optimizer"]["param_groups"][0])),
      "parameter groups"),
     (lambda s: s.pop("history"), "lacks"),
+    (lambda s: s.update(history=None), r"state\['history'\] must be a list"),  # (was checked after the changes)
+    (lambda s: s["student"].update({"lm_head.weight": s["student"]["lm_head.weight"].double().fill_(1e300)}),
+     r"NaN or Inf \(in torch.float32\)"),  # finite in fp64, inf once copied into the fp32 student
+    (lambda s: next(iter(s["optimizer"]["state"].values()))["exp_avg"].fill_(float("nan")),
+     r"state\['optimizer'\] holds NaN or Inf in 'exp_avg'"),  # torch's AdamW loads it unchecked
 ])
 def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(edit, message):
     state = _state()
@@ -94,3 +99,22 @@ def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(edit, message)
     assert trainer.rng.bit_generator.state == before[1]
     assert torch.equal(trainer.generator.get_state(), before[2])
     assert trainer.history == history
+
+
+def test_the_state_is_a_snapshot_of_the_history_and_saves_with_numpy_hyperparameters(tmp_path):
+    """A numpy kl_coef stayed a numpy scalar in the config, and torch.load (weights_only) refused
+    the saved state; the history was the live list, so a state taken at step 1 held later records."""
+    import numpy as np
+
+    config = OPDConfig(prompts_per_step=4, group_size=2, eval_every=0, seed=3, kl_coef=np.float64(1.0),
+                       discount=np.float32(0.0), clip_eps=np.float64(0.2))
+    assert all(type(getattr(config, k)) is float for k in ("kl_coef", "discount", "clip_eps"))
+    trainer = _trainer("adamw", config)
+    trainer.train(1)
+    state = trainer.state_dict()
+    torch.save(state, tmp_path / "opd.pt")
+    trainer.train(2)
+    assert len(state["history"]) == 1
+    resumed = _trainer("adamw", config)
+    resumed.load_state_dict(torch.load(tmp_path / "opd.pt"))
+    assert resumed.step_count == 1 and len(resumed.history) == 1

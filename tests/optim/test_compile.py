@@ -82,6 +82,8 @@ def test_a_compiled_training_step_agrees_with_eager(name):
             return loss
 
         step = torch.compile(train_step) if compiled else train_step
+        # dynamo warns once per process (torch._dynamo.utils.warn_once): forget earlier ones
+        getattr(torch._dynamo.utils, "warn_once_cache", set()).clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for x, y in batches:

@@ -444,3 +444,19 @@ def test_weight_decay_shows_zero_where_the_norm_is_fixed_added_groups_too(cls):
         opt.add_param_group({"params": model[1].modules(), "weight_decay": 0.3})
     shown = sorted((g["algorithm"], g["weight_decay"]) for g in opt.param_groups)
     assert all(wd == (0.3 if alg == "adamw" else 0.0) for alg, wd in shown), shown
+
+
+@pytest.mark.parametrize("cls", [ManifoldMuon, Muon])
+@pytest.mark.parametrize("how", ["roles", "group"])
+def test_an_empty_weight_given_a_constrained_role_is_refused_at_construction(cls, how):
+    """roles= or a group's manifold sent a Linear(0, 4) weight to a constrained step, which raised
+    ("W and G are empty", or a ZeroDivisionError) after updating the weights before it."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(0, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"1\.weight of shape \(4, 0\) is empty"):
+        if how == "roles":
+            cls(model.modules(), roles={"1.weight": "stiefel" if cls is ManifoldMuon else "euclidean"})
+        else:
+            cls([{"params": [("0.weight", model[0].weight)]},
+                 {"params": [("1.weight", model[1].weight)], "manifold": "euclidean"}])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -144,7 +144,7 @@ def _mismatches(kind):
         g.pop("algorithm")
     bad.append(("not a modman state_dict", sd))
     sd = {"state": {}, "param_groups": [{"params": [0], "lr": 1e-3}]}  # another optimizer's, one group
-    bad.append(("not a modman state_dict", sd))  # (was: "a checkpoint of another model?", about roles)
+    bad.append(("1 parameter groups without modman's 'algorithm' key", sd))  # (was: "a checkpoint of another model?")
     return prob, opt, bad
 
 
