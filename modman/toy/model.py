@@ -241,14 +241,31 @@ class TinyCausalLM(nn.Module):
         if tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if config.positions == "rope":
-            d_head = d_model // n_heads
-            inv_freq = rope_base ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
-            angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
-            angles = torch.cat((angles, angles), dim=-1)
             # Buffers, not parameters: fixed functions of the position, never trained or saved.
-            self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
-            self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+            self._set_rope_tables()
         self.reset_parameters(seed)
+
+    def _set_rope_tables(self) -> None:
+        """cos and sin of the rotary angles, from fp64, in the wider of fp32 and the weights' dtype."""
+        c = self.config
+        d_head = c.d_model // c.n_heads
+        inv_freq = c.rope_base ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
+        angles = torch.arange(c.max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        weight = self.embed_tokens.weight
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.rope_cos = angles.cos().to(device=weight.device, dtype=dtype)
+        self.rope_sin = angles.sin().to(device=weight.device, dtype=dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype) casts every float buffer: the tables, rounded to bf16 by .bfloat16(), stayed
+        # rounded after .float() (logits 0.29 off), and an fp64 model had fp32 ones. Rebuilt instead.
+        out = super()._apply(fn, *args, **kwargs)
+        if self.config.positions == "rope" and self.embed_tokens.weight.device.type != "meta":
+            self._set_rope_tables()
+        return out
 
     @classmethod
     def from_config(cls, config: TinyConfig, seed: int | None = None) -> "TinyCausalLM":
@@ -406,6 +423,9 @@ class TinyCausalLM(nn.Module):
             if mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                                  f"got {tuple(mask.shape)}")
+            if bool((mask[:, 1:] < mask[:, :-1]).any()):  # a right-padded row continued from its padding
+                raise ValueError("attention_mask must be left-padded (each row 0…0 then 1…1): generation "
+                                 "appends after the last column")
             empty = ~mask.bool().any(1)
             if bool(empty.any()):  # a row of padding alone would be continued from padding
                 raise ValueError(f"attention_mask marks no token in row(s) {empty.nonzero().flatten().tolist()}: "
@@ -504,6 +524,13 @@ class TinyCausalLM(nn.Module):
         # Cast before loading: load_state_dict copies into the existing parameters' dtype.
         model.to(dtype)
         state = load_file(str(path / _WEIGHTS_FILE), device=str(map_location))
+        if config.tie_embeddings and "lm_head.weight" in state:
+            # (loaded silently: the saved head replaced the embeddings, logits 0.47 off)
+            raise ValueError(f"checkpoint {path} does not match its config: tie_embeddings is true but "
+                             f"{_WEIGHTS_FILE} holds a separate lm_head.weight")
+        if not config.tie_embeddings and "lm_head.weight" not in state:
+            raise ValueError(f"checkpoint {path} does not match its config: tie_embeddings is false but "
+                             f"{_WEIGHTS_FILE} holds no lm_head.weight (a tied model's file)")
         strict = not config.tie_embeddings
         missing, unexpected = model.load_state_dict(state, strict=strict)
         if unexpected or (missing and missing != ["lm_head.weight"]):

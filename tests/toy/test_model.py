@@ -306,3 +306,38 @@ def test_generate_input_checks():
     for n in (0, 1):
         assert m64.generate(prompts, n).logprobs.dtype == torch.float64
     assert make().generate(prompts, 0).logprobs.dtype == torch.float32
+
+
+def test_rope_tables_survive_a_cast_and_follow_the_weights_precision():
+    """.to(dtype) cast the tables with the weights: after .bfloat16().float() they stayed rounded
+    (logits 0.29 off a fresh model with the same weights), and an fp64 model had fp32 tables."""
+    ids = torch.randint(0, 40, (2, 30), generator=torch.Generator().manual_seed(0))
+    fresh = TinyCausalLM(40, 32, 2, 4, 64, seed=0)
+    roundtrip = TinyCausalLM(40, 32, 2, 4, 64, seed=0).bfloat16().float()
+    with torch.no_grad():
+        fresh.load_state_dict(roundtrip.state_dict())  # the same (bf16-rounded) weights in both
+        assert torch.equal(roundtrip(ids).logits, fresh(ids).logits)
+    assert TinyCausalLM(40, 32, 2, 4, 64).double().rope_cos.dtype == torch.float64
+    assert TinyCausalLM(40, 32, 2, 4, 64).bfloat16().rope_cos.dtype == torch.float32
+
+
+def test_load_refuses_a_head_that_disagrees_with_the_tie(tmp_path):
+    """A tied config.json with a separate lm_head in the file loaded silently (the saved head
+    replaced the embeddings); the reverse raised torch's error, not the loader's."""
+    import json
+
+    for tie in (False, True):
+        folder = tmp_path / str(tie)
+        TinyCausalLM(40, 16, 1, 2, 16, tie_embeddings=tie, seed=0).save(folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "tie_embeddings": not tie}))
+        with pytest.raises(ValueError, match="does not match its config: tie_embeddings is"):
+            TinyCausalLM.load(folder)
+
+
+def test_generate_refuses_a_right_padded_mask():
+    """generate appends after the last column: a right-padded row continued from its padding."""
+    model = TinyCausalLM(40, 16, 1, 2, 16, seed=0)
+    ids = torch.tensor([[5, 6, 7, 0, 0]])
+    with pytest.raises(ValueError, match="attention_mask must be left-padded"):
+        model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 1, 0, 0]]))

@@ -163,3 +163,41 @@ def test_cache_folders_are_per_name_and_an_explicit_cache_gets_no_toy_folder(tmp
     monkeypatch.setenv("MODMAN_CACHE", str(tmp_path))
     assert checkpoint_path(TINY).parent == tmp_path / "toy"
     assert checkpoint_path(TINY, tmp_path).parent == tmp_path
+
+
+@pytest.mark.parametrize("damage", ["recipe", "config", "truncate", "no_recipe"])
+def test_a_cache_folder_that_is_not_the_recipes_is_trained_again_with_a_warning(tmp_path, damage):
+    """pretrain loaded any folder holding a model.safetensors: an edited recipe.json or a config.json
+    edit that keeps the shapes (norm_eps) was used as is, and a truncated file raised safetensors'
+    "incomplete metadata", naming neither the file nor force=True."""
+    import json
+
+    good = pretrain(TINY, cache=tmp_path)
+    path = checkpoint_path(TINY, tmp_path)
+    if damage == "recipe":
+        (path / "recipe.json").write_text(json.dumps({**json.loads((path / "recipe.json").read_text()), "lr": 1.0}))
+    elif damage == "config":
+        (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), "norm_eps": 10.0}))
+    elif damage == "truncate":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (path / "recipe.json").unlink()
+    with pytest.warns(UserWarning, match=rf"{path.name} does not hold recipe 'tiny'.*training it again"):
+        again = pretrain(TINY, cache=tmp_path)
+    ids = torch.randint(0, good.config.vocab_size, (2, 8))
+    assert torch.equal(again(ids).logits, good(ids).logits)  # the recipe's own weights (training is deterministic)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pretrain(TINY, cache=tmp_path)  # and the repaired folder loads quietly
+
+
+def test_recipe_architecture_and_task_kwargs_take_python_numbers_only():
+    """A numpy d_model or task_kwargs value passed the checks; the hash then raised "'numpy.int64'
+    object is not iterable", naming no field."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="d_model must be an int"):
+        dataclasses.replace(TINY, d_model=np.int64(32))
+    with pytest.raises(ValueError, match="task_kwargs must hold plain Python values"):
+        dataclasses.replace(TINY, task_kwargs={"n_digits": 1, "format": "reversed", "seed": np.int64(2)})
