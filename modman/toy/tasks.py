@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._checks import is_int
+from .._checks import is_int, is_real
 from .model import IGNORE_INDEX
 
 DEFAULT_ALPHABET = string.digits + "+-*%=|:;,.?> " + string.ascii_lowercase
@@ -303,17 +303,21 @@ class ArithmeticTask(Task):
         super().__init__(tokenizer)
         if op not in ("+", "-"):
             raise ValueError(f"op must be '+' or '-', got {op!r}")
-        if not isinstance(n_digits, int) or not 1 <= n_digits <= 18:
+        # counts: any integer (numpy's too, stored as int), never a bool (addition(True) built,
+        # then failed at sample() with "Invalid format specifier '0Trued'")
+        if not is_int(n_digits) or not 1 <= n_digits <= 18:
             raise ValueError(f"n_digits must be an int in [1, 18], got {n_digits!r}")
+        n_digits = int(n_digits)
         if format not in ("plain", "reversed", "scratchpad"):
             raise ValueError(
                 f"format must be 'plain', 'reversed' or 'scratchpad', got {format!r}")
-        if modulus is not None and (op != "+" or not isinstance(modulus, int) or modulus < 2):
+        if modulus is not None and (op != "+" or not is_int(modulus) or modulus < 2):
             raise ValueError(f"modulus must be an int >= 2 (with op '+'), got {modulus!r}")
-        if not 0 < test_fraction < 1:
+        modulus = None if modulus is None else int(modulus)
+        if not (is_real(test_fraction) and 0 < test_fraction < 1):
             raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
-        if not isinstance(n_test, int) or n_test < 1:
-            raise ValueError(f"n_test must be a positive int, got {n_test!r}")
+        test_fraction = float(test_fraction)
+        n_test = _check_int("n_test", n_test, 1)
         # numpy refuses a negative seed, but only when the test set is first drawn
         seed = _check_int("seed", seed, 0)
         self.op, self.n_digits, self.modulus, self.format = op, n_digits, modulus, format
@@ -456,11 +460,9 @@ class KeyValueTask(Task):
                  key_alphabet: str = string.ascii_lowercase, value_alphabet: str = string.digits,
                  seed: int = 0, tokenizer: CharTokenizer | None = None):
         super().__init__(tokenizer)
-        if not isinstance(n_keys, int) or n_keys < 1:
-            raise ValueError(f"n_keys must be a positive int, got {n_keys!r}")
-        for name, value in (("key_len", key_len), ("value_len", value_len)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        n_keys = _check_int("n_keys", n_keys, 1)
+        key_len = _check_int("key_len", key_len, 1)
+        value_len = _check_int("value_len", value_len, 1)
         # A repeated character would make fewer distinct keys than counted (an endless search for
         # them) and fewer distinct values than ``bits`` assumes.
         for name, alphabet in (("key_alphabet", key_alphabet), ("value_alphabet", value_alphabet)):
@@ -531,9 +533,8 @@ class SubstitutionTask(Task):
                  per_position: bool = False, seed: int = 0, n_test: int = 500,
                  tokenizer: CharTokenizer | None = None):
         super().__init__(tokenizer)
-        for name, value in (("length", length), ("n_test", n_test)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        length = _check_int("length", length, 1)
+        n_test = _check_int("n_test", n_test, 1)
         if len(set(alphabet)) != len(alphabet) or len(alphabet) < 2:
             raise ValueError(f"alphabet must hold at least 2 distinct characters, got {alphabet!r}")
         if ":" in alphabet:

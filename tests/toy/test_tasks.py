@@ -308,3 +308,18 @@ def test_len_of_a_tokenizer_is_its_vocabulary_size():
     """As for Hugging Face tokenizers (it raised TypeError: no len())."""
     tok = tasks.CharTokenizer()
     assert len(tok) == tok.vocab_size > 0
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda v: tasks.addition(v), "n_digits"), (lambda v: tasks.addition(2, n_test=v), "n_test"),
+    (lambda v: tasks.modular_addition(2, v + 1 if v is not True else v), "modulus"),
+    (lambda v: tasks.keyvalue(v), "n_keys"), (lambda v: tasks.keyvalue(4, value_len=v), "value_len"),
+    (lambda v: tasks.substitution(v, n_test=2), "length"),
+])
+def test_counts_refuse_bools_and_take_numpy_integers(make, name):
+    """addition(True) built, then failed at sample() ("Invalid format specifier '0Trued'"); n_test=True
+    gave a one-problem test set; numpy integers were refused."""
+    with pytest.raises(ValueError, match=name):
+        make(True)
+    task = make(np.int64(2))
+    task.sample(2, 0)
