@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import re
 import sys
 import time
@@ -132,6 +131,7 @@ def main() -> int:
         return 0
 
     from modman import kernels
+    from modman.experiments.machine import machine as host_machine
     from modman.linalg import coefficients, default_steps
     from modman.linalg import newton_schulz as torch_newton_schulz
 
@@ -147,9 +147,9 @@ def main() -> int:
     compiled = None if args.no_compile else torch.compile(torch_newton_schulz, dynamic=False)
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")  # noqa: E731
 
-    machine = dict(gpu=gpu, capability=list(torch.cuda.get_device_capability()), cpu=platform.processor(),
-                   torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0],
-                   tma_loads=kernels._impl().tma_wanted(torch.cuda.get_device_capability()[0], kernels._impl().TMA_MIN_WORK))
+    # the shared record (CPU model and flags, threads, torch, load), with the GPU's own facts
+    machine = dict(host_machine(), gpu=gpu, capability=list(torch.cuda.get_device_capability()),
+                   triton=triton.__version__, tma_loads=kernels._impl().tma_wanted(torch.cuda.get_device_capability()[0], kernels._impl().TMA_MIN_WORK))
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") + ("" if dtype == torch.bfloat16 else f"-{args.dtype}")
     path = args.out or pathlib.Path(__file__).resolve().parent / "results" / f"kernels-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

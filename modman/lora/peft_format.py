@@ -182,7 +182,11 @@ def _config_disagreements(model: nn.Module, config: dict, paths: set[str]) -> li
         spec = sorted(spec)
     try:
         targeted = set(select_targets(model, LoRAConfig(r=1, target_modules=spec), allow_rank_above_layer=True))
-    except (TypeError, ValueError):  # a selection modman cannot reproduce: nothing to compare (the weights decide)
+    except ValueError as err:
+        if "matches no nn.Linear" in str(err):  # PEFT refuses it too (NoMatchingPeftModuleError)
+            return [f"its config's target_modules={spec!r} selects no Linear here"]
+        return []  # a selection modman refuses for its own reasons: nothing to compare (the weights decide)
+    except TypeError:
         return []
     out = []
     if paths - targeted:

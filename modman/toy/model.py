@@ -258,12 +258,16 @@ class TinyCausalLM(nn.Module):
         dtype = torch.promote_types(weight.dtype, torch.float32)
         self.rope_cos = angles.cos().to(device=weight.device, dtype=dtype)
         self.rope_sin = angles.sin().to(device=weight.device, dtype=dtype)
+        self._rope_for = (weight.device, weight.dtype)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(dtype) casts every float buffer: the tables, rounded to bf16 by .bfloat16(), stayed
-        # rounded after .float() (logits 0.29 off), and an fp64 model had fp32 ones. Rebuilt instead.
+        # rounded after .float() (logits 0.29 off), and an fp64 model had fp32 ones. Rebuilt when
+        # the weights' dtype or device changed (share_memory() and the like keep them as they are).
         out = super()._apply(fn, *args, **kwargs)
-        if self.config.positions == "rope" and self.embed_tokens.weight.device.type != "meta":
+        weight = self.embed_tokens.weight
+        if (self.config.positions == "rope" and weight.device.type != "meta"
+                and getattr(self, "_rope_for", None) != (weight.device, weight.dtype)):
             self._set_rope_tables()
         return out
 
@@ -423,6 +427,8 @@ class TinyCausalLM(nn.Module):
             if mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                                  f"got {tuple(mask.shape)}")
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("attention_mask must hold 0s and 1s (1: a real token)")
             if bool((mask[:, 1:] < mask[:, :-1]).any()):  # a right-padded row continued from its padding
                 raise ValueError("attention_mask must be left-padded (each row 0…0 then 1…1): generation "
                                  "appends after the last column")

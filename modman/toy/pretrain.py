@@ -310,23 +310,31 @@ def _cached(recipe: Recipe, path: Path) -> TinyCausalLM | None:
     or a truncated file, was used or raised an error naming neither the file nor a way out)."""
     from .._warn import warn
 
-    try:
-        saved = json.loads((path / "recipe.json").read_text())
-        if Recipe(**saved).hash() != recipe.hash():
-            raise ValueError("its recipe.json is another recipe's")
-        model = TinyCausalLM.load(path)
-        vocab = recipe.make_task().tokenizer.vocab_size
-        if model.config != TinyConfig(vocab, recipe.d_model, recipe.n_layers, recipe.n_heads, recipe.max_len,
-                                      positions=recipe.positions):
-            raise ValueError("its config.json is not the recipe's architecture")
-    except Exception as err:  # (JSON, safetensors, shape and validation errors alike: the folder is not usable)
-        if not (path / "model.safetensors").is_file():
-            reason = "it holds no model.safetensors"
-        else:
-            reason = f"{type(err).__name__}: {err}"
-        warn(f"{path} does not hold recipe {recipe.name!r}'s checkpoint ({reason}); training it again")
-        return None
-    return model
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    for attempt in range(3):
+        try:
+            saved = json.loads((path / "recipe.json").read_text())
+            # fields this version does not know were added with hash-preserving defaults (the
+            # folder's name is this recipe's hash): left out, not held against the folder
+            if Recipe(**{k: v for k, v in saved.items() if k in known}).hash() != recipe.hash():
+                raise ValueError("its recipe.json is another recipe's")
+            model = TinyCausalLM.load(path)
+            vocab = recipe.make_task().tokenizer.vocab_size
+            if model.config != TinyConfig(vocab, recipe.d_model, recipe.n_layers, recipe.n_heads, recipe.max_len,
+                                          positions=recipe.positions):
+                raise ValueError("its config.json is not the recipe's architecture")
+            return model
+        except Exception as err:  # (JSON, safetensors, shape and validation errors alike: not usable)
+            if not (path / "model.safetensors").is_file():
+                reason = "it holds no model.safetensors"
+            else:
+                reason = f"{type(err).__name__}: {err}"
+            if isinstance(err, OSError) and attempt < 2:
+                time.sleep(1.0)  # another process may be replacing the folder (store): read it again
+                continue
+            warn(f"{path} does not hold recipe {recipe.name!r}'s checkpoint ({reason}); training it again")
+            return None
+    return None
 
 
 def store(recipe: str | Recipe, model: TinyCausalLM, metrics: dict,
@@ -337,15 +345,18 @@ def store(recipe: str | Recipe, model: TinyCausalLM, metrics: dict,
     path = checkpoint_path(recipe, cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary sibling and rename, so a crash or a concurrent reader never sees a
-    # half-written checkpoint.
+    # half-written checkpoint (a reader may find the folder missing between the two renames that
+    # replace an old one: pretrain reads it again then, rather than training over it).
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     model.save(tmp)
     (tmp / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if path.exists():
-        shutil.rmtree(path)
+    old = path.with_name(f"{path.name}.old{os.getpid()}")
+    if path.exists():  # moved aside, not deleted first: the folder is missing for two renames only
+        path.rename(old)
     try:
         tmp.rename(path)
     except OSError:  # another process stored the same recipe first; keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return TinyCausalLM.load(path)

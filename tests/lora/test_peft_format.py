@@ -261,6 +261,7 @@ def test_integer_or_bool_factors_are_refused(tmp_path, dtype):
 
 @pytest.mark.parametrize("targets, match", [
     (["q_proj"], r"weights for modules its config's target_modules=\['q_proj'\] does not select"),
+    (["zzz_proj"], r"target_modules=\['zzz_proj'\] selects no Linear here"),  # PEFT: NoMatchingPeftModuleError
     (["q_proj", "v_proj", "k_proj"], r"selects modules it holds no weights for \(\['layers.0.self_attn.k_proj'"),
 ])
 def test_a_config_whose_targets_disagree_with_its_weights_is_refused(tmp_path, targets, match):

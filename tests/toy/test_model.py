@@ -341,3 +341,14 @@ def test_generate_refuses_a_right_padded_mask():
     ids = torch.tensor([[5, 6, 7, 0, 0]])
     with pytest.raises(ValueError, match="attention_mask must be left-padded"):
         model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="attention_mask must hold 0s and 1s"):
+        model.generate(ids, 2, attention_mask=torch.tensor([[0, 2, 1, 1, 1]]))
+
+
+def test_rope_tables_are_kept_when_neither_dtype_nor_device_changes():
+    model = TinyCausalLM(40, 16, 1, 2, 16, seed=0)
+    tables = model.rope_cos
+    model.share_memory()  # (rebuilt on every _apply, the tables came back unshared)
+    assert model.rope_cos.is_shared() and model.rope_cos is tables
+    model.float()
+    assert model.rope_cos is tables

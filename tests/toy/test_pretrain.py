@@ -201,3 +201,18 @@ def test_recipe_architecture_and_task_kwargs_take_python_numbers_only():
         dataclasses.replace(TINY, d_model=np.int64(32))
     with pytest.raises(ValueError, match="task_kwargs must hold plain Python values"):
         dataclasses.replace(TINY, task_kwargs={"n_digits": 1, "format": "reversed", "seed": np.int64(2)})
+
+
+def test_a_recipe_json_with_fields_this_version_does_not_know_is_still_the_recipes(tmp_path):
+    """A field added later with a hash-preserving default (as label_smoothing was) raised in
+    Recipe(**saved): the folder was judged invalid, trained again and overwritten."""
+    import json
+    import warnings
+
+    pretrain(TINY, cache=tmp_path)
+    path = checkpoint_path(TINY, tmp_path)
+    saved = json.loads((path / "recipe.json").read_text())
+    (path / "recipe.json").write_text(json.dumps({**saved, "a_later_field": 0}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pretrain(TINY, cache=tmp_path)

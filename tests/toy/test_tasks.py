@@ -323,3 +323,6 @@ def test_counts_refuse_bools_and_take_numpy_integers(make, name):
         make(True)
     task = make(np.int64(2))
     task.sample(2, 0)
+    stored = {k: getattr(task, k) for k in ("n_digits", "n_test", "modulus", "n_keys", "value_len", "length")
+              if getattr(task, k, None) is not None}
+    assert stored and all(type(v) is int for v in stored.values()), stored
