@@ -12,10 +12,11 @@ of RMS (LayerNorm: standard deviation) ≥ r. It is not Lipschitz near 0: r is a
 (``norm_min_rms``), not a theorem.
 
 Softmax attention is not globally Lipschitz (Kim et al. 2021). ``attention`` states the
-assumption under which it is budgeted: the attention pattern is held fixed, so the output is a
-convex combination of value rows (sensitivity 1 in the values, output RMS ≤ the values' bound);
-the change through queries and keys is not bounded. Tracing refuses attention; only a
-declaration (``declarations.py``) uses it, and says so in the budget table.
+assumption under which it is budgeted, as its budget-table line says: softmax(qkᵀ/√d)v treated
+as 1-Lipschitz in (q, k, v) jointly (modula's convention for its 1/d-scaled attention). With the
+pattern held fixed that holds in the values (a convex combination of value rows: output RMS ≤
+the values' bound); the change through queries and keys is not bounded. Tracing refuses
+attention; only a declaration (``declarations.py``) uses it.
 """
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ def activation(kind: str) -> Bond:
 
 
 def identity(name: str = "identity") -> Bond:
-    """Reshapes, dropout in eval, flatten: the RMS of a flattened tensor is at most the largest
-    per-position RMS, so the bound and the sensitivity are 1."""
+    """Flattening (merging vectors), dropout in eval, casts: the RMS of a merged vector is at most
+    the largest of its parts', so the bound and the sensitivity are 1. Not a reshape that splits
+    vectors (nn.Unflatten, a view to (B, C, H, W)): the parts' RMS can be √(d/k) times the whole's —
+    ``convert`` refuses those."""
     return Bond(name, 1.0, lambda rho: rho)
 
 

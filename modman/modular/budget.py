@@ -8,8 +8,10 @@ ManifoldMuon(lr=η, budget=...) bounds the first-order RMS change of the output 
 Atoms of mass 0 (passengers) are left out: the optimizer's fallback trains them.
 
 Masses and depth. With the default masses (1 per weight) a composition of L weights gives each a
-share μᵢ/μ = 1/L, and a plain ReLU MLP of L Stiefel layers gets lr_scale 1/L per layer (the
-worst case: the L changes can add up at the output). That is modula's plain MLP too, and it does
+share μᵢ/μ = 1/L, and a plain bias-free ReLU MLP of L Stiefel layers gets lr_scale 1/L per layer
+with scale="rms" ((1/L)·√(d_out/d_in) of the whole network with scale=None; biases, mass 0,
+still bound the next layer's input and lower the later layers' shares) — the worst case: the L
+changes can add up at the output. That is modula's plain MLP too, and it does
 not transfer across depth: on MNIST-1D the best lr grows ∝ L, i.e. the best per-layer step is
 the same at every depth (benchmarks/lr_transfer.py). Modula's depth recipe is for residual
 networks: blocks x ↦ (1 − 1/L)·x + (1/L)·block(x) with the stack of blocks tared to a fixed mass
@@ -36,7 +38,7 @@ from torch import nn
 
 from .._warn import warn
 from .convert import ModularError, from_torch
-from .module import Bond, Module, Tare
+from .module import PRODUCT_ASSUMPTION, Bond, Module, Parallel, Tare
 
 SPREAD_WARNING = 1e3  # budget() warns when the largest lr_scale exceeds the smallest by this factor
 FROZEN_SCALE = 1e-3  # ... or when every lr_scale is below this, some by the composition alone
@@ -121,6 +123,8 @@ def _assumptions(tree: Module) -> list[str]:
         m = stack.pop()
         if isinstance(m, Bond) and m.assumption and m.assumption not in out:
             out.append(m.assumption)
+        if isinstance(m, Parallel) and m.combine == "mul" and PRODUCT_ASSUMPTION not in out:
+            out.append(PRODUCT_ASSUMPTION)  # (a traced silu(g(x)) * u(x) printed no line)
         if isinstance(m, Tare):
             names = [a.name for a in m.atoms() if a.mass > 0]
             span = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"

@@ -131,6 +131,10 @@ def _known_layer(module: nn.Module, prefix: str, opts: Options) -> Module | None
     for cls, kind in _ACTIVATION_MODULES.items():
         if isinstance(module, cls):
             return bonds.activation(kind)
+    if isinstance(module, nn.Unflatten):
+        raise ModularError(f"{prefix or 'the model'}: nn.Unflatten splits a dimension into smaller vectors, whose "
+                           "RMS per position can be up to √(d/k) times the input's: modman has no rule for it — "
+                           "describe the model with modman.modular.declare")
     if isinstance(module, _SHAPE_MODULES):
         return bonds.identity(type(module).__name__.lower())
     if isinstance(module, nn.LayerNorm):
@@ -292,6 +296,15 @@ def _flat(x) -> list:
     return [x]
 
 
+def _flattens(node) -> bool:
+    """A view/reshape to (n, -1): the flatten idiom, which only merges vectors (the RMS of a
+    merged vector is at most the largest of its parts'). Any other shape may split them."""
+    shape = node.args[1:] if node.op == "call_method" else node.args[1:2] or (node.kwargs.get("shape"),)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return len(shape) == 2 and shape[-1] == -1
+
+
 def _single_input(node, values, name) -> tuple:
     chains = _tensor_args(node, values)
     if len(chains) != 1:
@@ -342,6 +355,12 @@ def _function(node: fx.Node, values, name, owner: str) -> object:
         return _single_input(node, values, name) + (bonds.activation(kind),)
     if node.op == "call_function" and target in _SHAPE_FUNCTIONS or \
             node.op == "call_method" and target in _SHAPE_METHODS:
+        if target in ("view", "reshape", torch.reshape) and not _flattens(node):
+            # (Linear → view(B, C, H, W) → Conv: the bound was taken as the input's, √(d/k) too low)
+            raise ModularError(f"{name}: {getattr(target, '__name__', target)} to a shape other than (n, -1) may split "
+                               "the feature dimension into smaller vectors, whose RMS per position can be up to "
+                               "√(d/k) times the input's: modman has no rule for it — flatten with torch.flatten or "
+                               "nn.Flatten, or describe the model with modman.modular.declare")
         return _single_input(node, values, name) + (bonds.identity(getattr(target, "__name__", str(target))),)
     if node.op == "call_function" and target is F.dropout:
         p, training = _operand(node, 1, "p"), _operand(node, 2, "training")

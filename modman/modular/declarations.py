@@ -7,9 +7,10 @@ TinyCausalLM (modman.toy.model), pre-norm, every Linear bias-free:
     block(x)  = x + o ∘ attention ∘ cat(q, k, v) ∘ rmsnorm(x)
               then x + down ∘ (silu ∘ gate  ⊙  up) ∘ rmsnorm(x)
     model     = lm_head ∘ rmsnorm ∘ block_L ∘ … ∘ block_1 ∘ (embed_tokens [+ embed_positions])
-Assumptions, stated in the budget table: attention is treated as 1-Lipschitz in (q, k, v)
-jointly (the rotary rotation preserves norms; see ``bonds.attention``), normalisation inputs
-have RMS ≥ norm_min_rms, and the SwiGLU product obeys ‖a ⊙ b‖_RMS ≤ ‖a‖_RMS‖b‖_RMS.
+Assumptions, stated in the budget table: attention as ``bonds.attention`` states it (the rotary
+rotation preserves norms, so it adds nothing), normalisation inputs have RMS ≥ norm_min_rms, and
+the SwiGLU product obeys ‖a ⊙ b‖_RMS ≤ ‖a‖_RMS‖b‖_RMS (``module.PRODUCT_ASSUMPTION``: optimistic
+by up to √d).
 Tied embeddings are refused (the weight would be placed twice).
 """
 from __future__ import annotations

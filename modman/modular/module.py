@@ -23,7 +23,8 @@ Parallel branches combined by sum or concatenation: ‖Δw‖ = maxᵢ (μ/μᵢ
 sensitivity add (a sum's change is at most the sum of the changes; a concatenation's RMS at most
 their maximum). Combined by an elementwise product, branch i's change is further multiplied by
 the other branches' output bounds (stated assumption: ‖a ⊙ b‖_RMS ≤ ‖a‖_RMS·‖b‖_RMS, exact for
-flat vectors, loose by up to √d for spiky ones), so at inputs of RMS ≤ ρ
+flat vectors and optimistic by up to √d for spiky ones — ‖a ⊙ b‖_RMS ≤ ‖a‖_∞‖b‖_RMS is the bound;
+a probe found a GLU 8→16→8 1.75× past its weight bound), so at inputs of RMS ≤ ρ
     lipschitz(ρ) = Σᵢ lipᵢ(ρ)·Π_{j≠i} boundⱼ(ρ)      (Δ(a ⊙ b) = Δa ⊙ b + a ⊙ Δb);
 e.g. h ↦ h ⊙ h on inputs of RMS ≤ ρ has constant 2ρ, not 2.
 Scalar multiple a·m: sensitivity and bound × |a|, the inner norm × |a|, mass unchanged.
@@ -144,6 +145,10 @@ class Atom(Module):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, shape={tuple(self.param.shape)}, mass={self.mass:g})"
+
+
+PRODUCT_ASSUMPTION = ("elementwise product: ‖a ⊙ b‖_RMS ≤ ‖a‖_RMS·‖b‖_RMS (exact for flat vectors, optimistic "
+                      "by up to √d for spiky ones: the bounds through a product are not guaranteed)")
 
 
 class Bond(Module):

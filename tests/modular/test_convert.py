@@ -104,3 +104,58 @@ def test_bad_options():
         from_torch(nn.Linear(2, 2), masses={"nope": 1.0})
     with pytest.raises(TypeError):
         from_torch(torch.zeros(2))
+
+
+class _Decoder(nn.Module):
+    """Linear → reshape into per-position vectors → Linear on each (a generator's pattern)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.inp, self.out, self.how = nn.Linear(8, 8, bias=False), nn.Linear(2, 3, bias=False), how
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h.view(h.shape[0], 4, 2) if self.how == "view" else h.reshape(-1, 4, 2)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.Linear(8, 8, bias=False), nn.Unflatten(1, (4, 2)), nn.Linear(2, 3, bias=False)),
+    _Decoder("view"), _Decoder("reshape"),
+])
+def test_a_reshape_that_may_split_vectors_is_refused(model):
+    """Taken as an identity (bound ρ → ρ), a split of d features into vectors of k raised the RMS
+    per position by up to √(d/k) past the bound: a probe measured Lipschitz 1.63 against a claimed
+    sensitivity 0.82 on Linear(8, 8) → Unflatten(1, (4, 2)) → Linear(2, 3)."""
+    with pytest.raises(ModularError, match="split"):
+        from_torch(model)
+
+
+class _FlattenIdiom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 3, 3, bias=False), nn.Linear(3 * 4 * 4, 5, bias=False)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(h.view(h.size(0), -1))
+
+
+def test_the_flatten_idiom_view_n_minus_one_is_still_described():
+    assert {a.name for a in from_torch(_FlattenIdiom()).atoms()} == {"conv.weight", "head.weight"}
+
+
+def test_a_traced_elementwise_product_states_its_assumption_in_the_table():
+    """A traced silu(g(x)) * u(x) printed no assumption line, though the product rule is one
+    (optimistic by up to √d: a probe found a GLU 8→16→8 1.75× past its weight bound)."""
+    class GLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g, self.u, self.d = (nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False),
+                                      nn.Linear(16, 8, bias=False))
+
+        def forward(self, x):
+            return self.d(torch.nn.functional.silu(self.g(x)) * self.u(x))
+
+    assert "assumes elementwise product: ‖a ⊙ b‖_RMS ≤ ‖a‖_RMS·‖b‖_RMS" in budget_table(GLU())
+    assert "elementwise product" not in budget_table(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
