@@ -51,8 +51,10 @@ def normalize(kind: str = "rmsnorm", min_rms: float = 1.0) -> Bond:
     if not (is_finite_real(min_rms) and min_rms > 0):
         raise ValueError(f"norm_min_rms must be a positive number (the assumed smallest RMS of a "
                          f"normalisation layer's input), got {min_rms!r}")
-    return Bond(kind, 1.0 / min_rms, lambda rho: 1.0,
+    bond = Bond(kind, 1.0 / min_rms, lambda rho: 1.0,
                 assumption=f"{kind}: inputs have RMS ≥ {min_rms:g} (sensitivity 1/{min_rms:g})")
+    bond.min_rms = float(min_rms)  # checked against the input bound the tree computes (budget.py)
+    return bond
 
 
 def attention() -> Bond:

@@ -159,3 +159,15 @@ def test_a_traced_elementwise_product_states_its_assumption_in_the_table():
 
     assert "assumes elementwise product: ‖a ⊙ b‖_RMS ≤ ‖a‖_RMS·‖b‖_RMS" in budget_table(GLU())
     assert "elementwise product" not in budget_table(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+
+
+def test_a_normalisation_whose_input_bound_is_below_its_assumed_rms_is_named():
+    """Linear(8, 16) unscaled → LayerNorm: the tree bounds the norm's input RMS by 0.71 while the
+    budget assumed ≥ 1 without a word (a probe measured Lipschitz 1.95 against a claimed 1.41)."""
+    widening = nn.Sequential(nn.Linear(8, 16, bias=False), nn.LayerNorm(16), nn.Linear(16, 4))
+    assert "assumption unmet: layernorm: its input RMS is at most 0.707" in budget_table(widening)
+    with pytest.warns(UserWarning, match="assumption unmet, layernorm"):
+        budget(widening)
+    narrowing = nn.Sequential(nn.Linear(16, 8, bias=False), nn.LayerNorm(8), nn.Linear(8, 4))
+    assert "assumption unmet" not in budget_table(narrowing)
+    assert "assumption unmet" not in budget_table(widening, norm_min_rms=0.5)
