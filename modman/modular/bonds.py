@@ -47,11 +47,11 @@ def identity(name: str = "identity") -> Bond:
     return Bond(name, 1.0, lambda rho: rho)
 
 
-def normalize(kind: str = "rmsnorm", min_rms: float = 1.0) -> Bond:
+def normalize(kind: str = "rmsnorm", min_rms: float = 1.0, layer: str = "") -> Bond:
     if not (is_finite_real(min_rms) and min_rms > 0):
         raise ValueError(f"norm_min_rms must be a positive number (the assumed smallest RMS of a "
                          f"normalisation layer's input), got {min_rms!r}")
-    bond = Bond(kind, 1.0 / min_rms, lambda rho: 1.0,
+    bond = Bond(f"{layer} ({kind})" if layer else kind, 1.0 / min_rms, lambda rho: 1.0,
                 assumption=f"{kind}: inputs have RMS ≥ {min_rms:g} (sensitivity 1/{min_rms:g})")
     bond.min_rms = float(min_rms)  # checked against the input bound the tree computes (budget.py)
     return bond

@@ -68,11 +68,13 @@ def budget(model: nn.Module | Module, **options) -> dict[str, float]:
     """{parameter name: lr_scale} for the weights of positive mass (names as in
     ``model.named_parameters()``); ``options`` go to ``from_torch`` (scale, masses, …). Warns
     when the lr_scales span more than SPREAD_WARNING or all lie below FROZEN_SCALE, compounded
-    through the composition (``checked_budget``)."""
-    out, _, message = checked_budget(model, **options)
+    through the composition (``checked_budget``), and for each normalisation layer whose input
+    bound is below the RMS it assumes (``unmet_assumptions``)."""
+    tree = _tree(model, **options)
+    out, _, message = checked_budget(tree)
     if message:
         warn(message)
-    for text in unmet_assumptions(_tree(model, **options)):
+    for text in unmet_assumptions(tree):
         warn(f"budget: assumption unmet, {text}")
     return out
 
@@ -128,8 +130,10 @@ def unmet_assumptions(tree: Module, rho: float = 1.0) -> list[str]:
         return [t for m, r in zip(tree.modules, tree._input_bounds(rho)) for t in unmet_assumptions(m, r)]
     min_rms = getattr(tree, "min_rms", None)
     if isinstance(tree, Bond) and min_rms is not None and rho < min_rms:
-        return [f"{tree.name}: its input RMS is at most {rho:.3g} by the bounds above it, below the assumed "
-                f"{min_rms:g} (pass norm_min_rms={rho:.3g} or scale='rms')"]
+        floor = math.floor(rho * 1e3) / 1e3  # rounded down: passing it must clear the line
+        return [f"{tree.name}: its input RMS is at most {rho:.4g} by the bounds above it, below the assumed "
+                f"{min_rms:g} (pass norm_min_rms={floor:g}, or let what feeds it keep RMS ≥ {min_rms:g}: "
+                "scale='rms' for Linear layers, embedding_radius=√d for an Embedding's unit rows)"]
     return [t for m in tree.children() for t in unmet_assumptions(m, rho)]
 
 

@@ -88,7 +88,7 @@ def _with_bias(core: Module, module: nn.Module, prefix: str, opts: Options) -> M
 
 
 def _norm_layer(module: nn.Module, prefix: str, opts: Options, kind: str) -> Module:
-    parts: list[Module] = [bonds.normalize(kind, opts.norm_min_rms)]
+    parts: list[Module] = [bonds.normalize(kind, opts.norm_min_rms, prefix)]
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor):  # frozen or not, the gain scales the signal
         parts.append(GainAtom(_join(prefix, "weight"), weight, opts.mass(_join(prefix, "weight"), 0.0, weight)))
@@ -297,12 +297,25 @@ def _flat(x) -> list:
 
 
 def _flattens(node) -> bool:
-    """A view/reshape to (n, -1): the flatten idiom, which only merges vectors (the RMS of a
-    merged vector is at most the largest of its parts'). Any other shape may split them."""
-    shape = node.args[1:] if node.op == "call_method" else node.args[1:2] or (node.kwargs.get("shape"),)
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+    """A view/reshape of x to (x.size(0), -1) or (x.shape[0], -1): the flatten idiom, which only
+    merges vectors (the RMS of a merged vector is at most the largest of its parts'). Any other
+    shape may split them — a literal n too: view(4, -1) of a (1, 8) input splits it in four
+    (without shapes the tracer cannot tell that from x.view(-1, 48), which only merges)."""
+    shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if not shape:
+        shape = (node.kwargs.get("shape", node.kwargs.get("size")),)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
         shape = tuple(shape[0])
-    return len(shape) == 2 and shape[-1] == -1
+    if len(shape) != 2 or shape[-1] != -1 or not isinstance(shape[0], torch.fx.Node):
+        return False
+    first, x = shape[0], node.args[0]
+    if first.op == "call_method" and first.target == "size":  # x.size(0)
+        return first.args[0] is x and _operand(first, 1, "dim") == 0
+    if first.op == "call_function" and first.target is operator.getitem:  # x.shape[0]
+        attr = first.args[0]
+        return (isinstance(attr, torch.fx.Node) and attr.op == "call_function" and attr.target is getattr
+                and attr.args[0] is x and attr.args[1] == "shape" and first.args[1] == 0)
+    return False
 
 
 def _single_input(node, values, name) -> tuple:
@@ -357,10 +370,11 @@ def _function(node: fx.Node, values, name, owner: str) -> object:
             node.op == "call_method" and target in _SHAPE_METHODS:
         if target in ("view", "reshape", torch.reshape) and not _flattens(node):
             # (Linear → view(B, C, H, W) → Conv: the bound was taken as the input's, √(d/k) too low)
-            raise ModularError(f"{name}: {getattr(target, '__name__', target)} to a shape other than (n, -1) may split "
-                               "the feature dimension into smaller vectors, whose RMS per position can be up to "
-                               "√(d/k) times the input's: modman has no rule for it — flatten with torch.flatten or "
-                               "nn.Flatten, or describe the model with modman.modular.declare")
+            raise ModularError(f"{name}: {getattr(target, '__name__', target)} to a shape other than (x.size(0), -1) "
+                               "may split vectors into smaller ones, whose RMS per position can be up to √(d/k) "
+                               "times the input's, and the tracer sees no shapes to tell a merge from a split: "
+                               "flatten with torch.flatten(x, 1) or nn.Flatten, or describe the model with "
+                               "modman.modular.declare")
         return _single_input(node, values, name) + (bonds.identity(getattr(target, "__name__", str(target))),)
     if node.op == "call_function" and target is F.dropout:
         p, training = _operand(node, 1, "p"), _operand(node, 2, "training")

@@ -266,8 +266,12 @@ class TinyCausalLM(nn.Module):
         # the weights' dtype or device changed (share_memory() and the like keep them as they are).
         out = super()._apply(fn, *args, **kwargs)
         weight = self.embed_tokens.weight
-        if (self.config.positions == "rope" and weight.device.type != "meta"
-                and getattr(self, "_rope_for", None) != (weight.device, weight.dtype)):
+        if self.config.positions != "rope":
+            return out
+        if weight.device.type == "meta":  # no values: rebuilt once materialised (to_empty)
+            self._rope_for = None
+        elif (getattr(self, "_rope_for", None) != (weight.device, weight.dtype)
+              or self.rope_cos.dtype != torch.promote_types(weight.dtype, torch.float32)):
             self._set_rope_tables()
         return out
 
@@ -421,14 +425,15 @@ class TinyCausalLM(nn.Module):
                 f"prompt length {L_prompt} + max_new_tokens {max_new_tokens} exceeds "
                 f"max_len={self.config.max_len}")
         device = input_ids.device
+        if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            # (checked before the cast to long: 0.5 became 0, a real token taken as padding)
+            raise ValueError("attention_mask must hold 0s and 1s (1: a real token)")
         mask = None if attention_mask is None else attention_mask.to(device=device,
                                                                       dtype=torch.long)
         if mask is not None:
             if mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                                  f"got {tuple(mask.shape)}")
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError("attention_mask must hold 0s and 1s (1: a real token)")
             if bool((mask[:, 1:] < mask[:, :-1]).any()):  # a right-padded row continued from its padding
                 raise ValueError("attention_mask must be left-padded (each row 0…0 then 1…1): generation "
                                  "appends after the last column")

@@ -345,13 +345,13 @@ def store(recipe: str | Recipe, model: TinyCausalLM, metrics: dict,
     path = checkpoint_path(recipe, cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary sibling and rename, so a crash or a concurrent reader never sees a
-    # half-written checkpoint (a reader may find the folder missing between the two renames that
-    # replace an old one: pretrain reads it again then, rather than training over it).
+    # half-written checkpoint (between the two renames that replace an old folder a reader may find
+    # it missing: one already reading it reads again; one arriving then trains it itself, as on first use).
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     model.save(tmp)
     (tmp / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    old = path.with_name(f"{path.name}.old{os.getpid()}")
+    old = path.with_name(f"{path.name}.old{os.getpid()}-{time.time_ns()}")
     if path.exists():  # moved aside, not deleted first: the folder is missing for two renames only
         path.rename(old)
     try:

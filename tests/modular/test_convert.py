@@ -165,9 +165,32 @@ def test_a_normalisation_whose_input_bound_is_below_its_assumed_rms_is_named():
     """Linear(8, 16) unscaled → LayerNorm: the tree bounds the norm's input RMS by 0.71 while the
     budget assumed ≥ 1 without a word (a probe measured Lipschitz 1.95 against a claimed 1.41)."""
     widening = nn.Sequential(nn.Linear(8, 16, bias=False), nn.LayerNorm(16), nn.Linear(16, 4))
-    assert "assumption unmet: layernorm: its input RMS is at most 0.707" in budget_table(widening)
-    with pytest.warns(UserWarning, match="assumption unmet, layernorm"):
+    assert "assumption unmet: 1 (layernorm): its input RMS is at most 0.7071" in budget_table(widening)
+    with pytest.warns(UserWarning, match=r"assumption unmet, 1 \(layernorm\)"):
         budget(widening)
     narrowing = nn.Sequential(nn.Linear(16, 8, bias=False), nn.LayerNorm(8), nn.Linear(8, 4))
     assert "assumption unmet" not in budget_table(narrowing)
-    assert "assumption unmet" not in budget_table(widening, norm_min_rms=0.5)
+    # the advice it prints clears it (rounded down: 0.707, not 0.7071), and names the layer
+    line = next(t for t in budget_table(widening).splitlines() if "assumption unmet" in t)
+    assert line.startswith("assumption unmet: 1 (layernorm)") and "norm_min_rms=0.707," in line
+    assert "assumption unmet" not in budget_table(widening, norm_min_rms=0.707)
+    from modman.toy import TinyCausalLM
+    lm = TinyCausalLM(20, 32, 1, 2, 8, seed=0)  # unit embedding rows: RMS 1/√32 = 0.1768 at layers.0's norm
+    assert "layers.0.input_layernorm (rmsnorm): its input RMS is at most 0.1768" in budget_table(lm)
+    assert "layers.0.input_layernorm (rmsnorm)" not in budget_table(lm, embedding_radius=32 ** 0.5)
+
+
+class _View(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.inp, self.out, self.shape = nn.Linear(8, 8, bias=False), nn.Linear(2, 3, bias=False), shape
+
+    def forward(self, x):
+        return self.out(self.inp(x).view(*self.shape))
+
+
+def test_a_literal_leading_size_is_refused_since_it_may_split():
+    """view(4, -1) of a (1, 8) activation splits it into four 2-vectors: accepted as the flatten
+    idiom, Lipschitz 1.63 against a claimed 0.82 (a review)."""
+    with pytest.raises(ModularError, match=r"x.size\(0\), -1"):
+        from_torch(_View((4, -1)))

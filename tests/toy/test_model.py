@@ -343,6 +343,8 @@ def test_generate_refuses_a_right_padded_mask():
         model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 1, 0, 0]]))
     with pytest.raises(ValueError, match="attention_mask must hold 0s and 1s"):
         model.generate(ids, 2, attention_mask=torch.tensor([[0, 2, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask must hold 0s and 1s"):  # 0.5 became 0 in the cast
+        model.generate(ids, 2, attention_mask=torch.tensor([[0.0, 0.5, 1.0, 1.0, 1.0]]))
 
 
 def test_rope_tables_are_kept_when_neither_dtype_nor_device_changes():
@@ -352,3 +354,15 @@ def test_rope_tables_are_kept_when_neither_dtype_nor_device_changes():
     assert model.rope_cos.is_shared() and model.rope_cos is tables
     model.float()
     assert model.rope_cos is tables
+
+
+def test_rope_tables_are_rebuilt_after_meta_and_to_empty_and_stay_wide():
+    """to("meta") then to_empty() kept the key of the tables it came from: they held uninitialised
+    memory (3e32) and the logits were NaN; a second .bfloat16() left them in bf16."""
+    ref = TinyCausalLM(40, 16, 1, 2, 16, seed=0)
+    model = TinyCausalLM(40, 16, 1, 2, 16, seed=1).to("meta").to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    assert torch.equal(model.rope_cos, ref.rope_cos)
+    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert TinyCausalLM(40, 16, 1, 2, 16).bfloat16().bfloat16().rope_cos.dtype == torch.float32
