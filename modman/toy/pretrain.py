@@ -148,6 +148,11 @@ class Recipe:
         """sha256 of the recipe's fields (without its name) and RECIPE_VERSION, 16 hex digits."""
         fields = dataclasses.asdict(self)
         fields.pop("name")
+        # real-valued fields as floats: lr=1 and lr=1.0 are one recipe (they hashed apart); every
+        # stored recipe wrote floats there, so its hash is unchanged
+        for key in ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "label_smoothing"):
+            fields[key] = float(fields[key])
+        fields["betas"] = [float(b) for b in fields["betas"]]
         if fields["label_smoothing"] == 0.0:  # added later: recipes without it keep their hash
             fields.pop("label_smoothing")
         blob = json.dumps({"version": RECIPE_VERSION, **fields}, sort_keys=True, default=list)
@@ -177,11 +182,14 @@ RECIPES: dict[str, Recipe] = {
 
 
 def cache_dir() -> Path:
-    """Where pretrained checkpoints live (see the module docstring)."""
+    """Where pretrained checkpoints live (see the module docstring). ``~`` is expanded, and a
+    relative XDG_CACHE_HOME is ignored, as the XDG spec says (it was read against the working
+    directory, as was "~/x" taken literally)."""
+    xdg = os.path.expanduser(os.environ.get("XDG_CACHE_HOME", ""))
     if os.environ.get("MODMAN_CACHE"):
-        root = Path(os.environ["MODMAN_CACHE"])
-    elif os.environ.get("XDG_CACHE_HOME"):
-        root = Path(os.environ["XDG_CACHE_HOME"]) / "modman"
+        root = Path(os.environ["MODMAN_CACHE"]).expanduser()
+    elif xdg and os.path.isabs(xdg):
+        root = Path(xdg) / "modman"
     else:
         root = Path.home() / ".cache" / "modman"
     return root / "toy"
@@ -199,7 +207,7 @@ def checkpoint_path(recipe: str | Recipe, root: str | Path | None = None) -> Pat
     """``root/<name>-<hash>``; ``root`` defaults to :func:`cache_dir` (see the module docstring:
     an explicit root gets no ``toy`` folder appended)."""
     recipe = _resolve(recipe)
-    return Path(root or cache_dir()) / f"{recipe.name}-{recipe.hash()}"
+    return (Path(root).expanduser() if root else cache_dir()) / f"{recipe.name}-{recipe.hash()}"
 
 
 def learning_rate(step: int, recipe: Recipe) -> float:
