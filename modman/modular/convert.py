@@ -482,8 +482,10 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
         if id(atom.param) in seen:
             raise ModularError(
                 f"parameter {names.get(id(atom.param), atom.name)!r} is used twice (as {seen[id(atom.param)]!r} and "
-                f"{atom.name!r}: tied weights or a layer called twice). The modular norm counts a weight once per "
-                "use; untie the weights, or declare the model (modman.modular.declare) placing it once")
+                f"{atom.name!r}: tied weights, a layer called twice, or one intermediate result used twice in a "
+                "sum or concatenation, which the tracer describes as two copies — a + f(x) + a: write 2 * a + f(x); "
+                "cat([u, f(u)]) with u = cat([x, h]) named once). The modular norm counts a weight once per use; "
+                "untie the weights, or declare the model (modman.modular.declare) placing it once")
         seen[id(atom.param)] = atom.name
         if atom.name not in names.values() and id(atom.param) in names:
             atom.name = names[id(atom.param)]

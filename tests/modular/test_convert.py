@@ -194,3 +194,21 @@ def test_a_literal_leading_size_is_refused_since_it_may_split():
     idiom, Lipschitz 1.63 against a claimed 0.82 (a review)."""
     with pytest.raises(ModularError, match=r"x.size\(0\), -1"):
         from_torch(_View((4, -1)))
+
+
+def test_an_intermediate_used_twice_is_named_with_the_rewrite_that_works():
+    """a + f2(x) + a was refused as "tied weights or a layer called twice", though the weights are
+    used once: the tracer describes a reused intermediate as two copies; 2 * a + f2(x) is accepted."""
+    class Twice(nn.Module):
+        def __init__(self, rewrite):
+            super().__init__()
+            self.f1, self.f2, self.out, self.rewrite = (nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False),
+                                                        nn.Linear(4, 2, bias=False), rewrite)
+
+        def forward(self, x):
+            a = self.f1(x)
+            return self.out(2 * a + self.f2(x) if self.rewrite else (a + self.f2(x)) + a)
+
+    with pytest.raises(ModularError, match=r"one intermediate result used twice .* write 2 \* a \+ f\(x\)"):
+        from_torch(Twice(rewrite=False))
+    assert {a.name for a in from_torch(Twice(rewrite=True)).atoms()} == {"f1.weight", "f2.weight", "out.weight"}
