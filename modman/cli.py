@@ -3,7 +3,7 @@
     modman                       # defaults: MLP 40→128→128→10, 1000 steps, all optimizers
     modman --steps 300 --optimizers manifold_muon,adamw --out runs/
 
-Prints train/test accuracy, seconds per step and each weight's singular-value range, and
+Prints train/test accuracy, milliseconds per step and each weight's singular-value range, and
 writes singular_values.png and results.json to the output folder.
 """
 from __future__ import annotations
