@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._warn import warn
-from ..optim.roles import _is_expert_stack
+from ..optim.roles import is_expert_stack
 from .config import LoRAConfig, select_targets
 from .layer import LoRALinear
 
@@ -68,7 +68,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
     targets = select_targets(model, config, allow_rank_above_layer=allow_rank_above_layer)
     if config.target_modules in ("all-linear", "mlp"):  # (the presets that would include the experts)
         stacks = [f"{path}.{attr}" if path else attr for path, module in model.named_modules()
-                  for attr, p in module.named_parameters(recurse=False) if _is_expert_stack(module, p)]
+                  for attr, p in module.named_parameters(recurse=False) if is_expert_stack(module, p)]
         if stacks:  # (transformers 5 stores Mixtral's experts as 3-D parameters: "all-linear" skipped them silently)
             warn(f"target_modules={config.target_modules!r} adapts nn.Linear layers only: {len(stacks)} expert "
                  f"stacks ({', '.join(stacks[:3])}{', …' if len(stacks) > 3 else ''}) get no adapter; LoRA on a "

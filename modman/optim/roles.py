@@ -150,7 +150,7 @@ def matrix_view(module: nn.Module, attr: str, p: torch.Tensor) -> bool | str | N
     return "transposed" if _is_transposed_linear(module, attr, p) else None
 
 
-def _is_expert_stack(module: nn.Module, p: torch.Tensor) -> bool:
+def is_expert_stack(module: nn.Module, p: torch.Tensor) -> bool:
     """A 3-D parameter holding several matrices side by side (a mixture of experts' (E, d_ff, d)).
     Not: one matrix (ViT's cls_token 1×1×D, position embeddings 1×T×D), per-expert vectors
     ((E, 1, d) biases), a convolution (ConvTranspose1d's (in, out, k)), or nn.Bilinear's
@@ -172,7 +172,7 @@ def _table_role(module: nn.Module, attr: str, p: torch.Tensor, path: str) -> str
         return "stiefel"
     if attr == "weight" and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "sphere"
-    if _is_expert_stack(module, p):
+    if is_expert_stack(module, p):
         return "stiefel"
     return "fallback"
 
