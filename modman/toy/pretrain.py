@@ -11,8 +11,8 @@ plus ``RECIPE_VERSION`` (bumped whenever the training code changes what a recipe
 carries the recipe's name as well, though, so each of them is trained and stored once on its own
 (to the same weights, on the same machine and torch build).
 
-The cache folder is ``$MODMAN_CACHE/toy`` if set, else ``$XDG_CACHE_HOME/modman/toy``, else
-``~/.cache/modman/toy`` (:func:`cache_dir`). ``MODMAN_CACHE`` names the cache root of all of
+The cache folder is ``$MODMAN_CACHE/toy`` if set, else ``$XDG_CACHE_HOME/modman/toy`` (if
+absolute), else ``~/.cache/modman/toy`` (:func:`cache_dir`; ``~`` is expanded). ``MODMAN_CACHE`` names the cache root of all of
 modman, hence the ``toy`` below it; the ``cache`` argument of :func:`pretrain`,
 :func:`checkpoint_path` and :func:`store` names the folder of the toy checkpoints itself:
 ``pretrain(cache=X)`` stores under ``X/<name>-<hash>``, not ``X/toy/<name>-<hash>``.
@@ -148,11 +148,6 @@ class Recipe:
         """sha256 of the recipe's fields (without its name) and RECIPE_VERSION, 16 hex digits."""
         fields = dataclasses.asdict(self)
         fields.pop("name")
-        # real-valued fields as floats: lr=1 and lr=1.0 are one recipe (they hashed apart); every
-        # stored recipe wrote floats there, so its hash is unchanged
-        for key in ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "label_smoothing"):
-            fields[key] = float(fields[key])
-        fields["betas"] = [float(b) for b in fields["betas"]]
         if fields["label_smoothing"] == 0.0:  # added later: recipes without it keep their hash
             fields.pop("label_smoothing")
         blob = json.dumps({"version": RECIPE_VERSION, **fields}, sort_keys=True, default=list)
@@ -182,12 +177,12 @@ RECIPES: dict[str, Recipe] = {
 
 
 def cache_dir() -> Path:
-    """Where pretrained checkpoints live (see the module docstring). ``~`` is expanded, and a
-    relative XDG_CACHE_HOME is ignored, as the XDG spec says (it was read against the working
-    directory, as was "~/x" taken literally)."""
+    """Where pretrained checkpoints live (see the module docstring). ``~`` is expanded (it was
+    taken literally, relative to the working directory), and an XDG_CACHE_HOME that is relative
+    after that is ignored, as the XDG spec says."""
     xdg = os.path.expanduser(os.environ.get("XDG_CACHE_HOME", ""))
     if os.environ.get("MODMAN_CACHE"):
-        root = Path(os.environ["MODMAN_CACHE"]).expanduser()
+        root = Path(os.path.expanduser(os.environ["MODMAN_CACHE"]))
     elif xdg and os.path.isabs(xdg):
         root = Path(xdg) / "modman"
     else:
@@ -207,7 +202,7 @@ def checkpoint_path(recipe: str | Recipe, root: str | Path | None = None) -> Pat
     """``root/<name>-<hash>``; ``root`` defaults to :func:`cache_dir` (see the module docstring:
     an explicit root gets no ``toy`` folder appended)."""
     recipe = _resolve(recipe)
-    return (Path(root).expanduser() if root else cache_dir()) / f"{recipe.name}-{recipe.hash()}"
+    return (Path(os.path.expanduser(root)) if root else cache_dir()) / f"{recipe.name}-{recipe.hash()}"
 
 
 def learning_rate(step: int, recipe: Recipe) -> float:

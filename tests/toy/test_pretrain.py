@@ -218,13 +218,6 @@ def test_a_recipe_json_with_fields_this_version_does_not_know_is_still_the_recip
         pretrain(TINY, cache=tmp_path)
 
 
-def test_equal_real_values_hash_alike():
-    """lr=1 and lr=1.0 (or weight_decay=0 and 0.0) hashed apart: one recipe trained twice."""
-    assert dataclasses.replace(TINY, lr=1).hash() == dataclasses.replace(TINY, lr=1.0).hash()
-    assert dataclasses.replace(TINY, weight_decay=0).hash() == dataclasses.replace(TINY, weight_decay=0.0).hash()
-    assert dataclasses.replace(TINY, lr=1).hash() != dataclasses.replace(TINY, lr=2).hash()
-
-
 def test_cache_dir_expands_the_home_and_ignores_a_relative_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("MODMAN_CACHE", "~/mc")  # was taken literally, relative to the working directory
