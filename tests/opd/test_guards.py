@@ -238,8 +238,10 @@ def test_a_teacher_with_a_shorter_context_is_named_and_nothing_changes():
 
 
 def test_a_token_budget_shorter_than_the_answers_warns():
-    with pytest.warns(UserWarning, match="max_new_tokens=1 is shorter than the task's answers"):
-        Trainer(tiny_model(0), TASK, _config(max_new_tokens=1), teacher=tiny_model(1), optimizer=_adamw)
+    with pytest.warns(UserWarning, match="max_new_tokens=1 is shorter than the task's answers") as caught:
+        trainer = Trainer(tiny_model(0), TASK, _config(max_new_tokens=1), teacher=tiny_model(1), optimizer=_adamw)
+    assert len([w for w in caught if "max_new_tokens" in str(w.message)]) == 1
+    assert trainer.max_new_tokens == 1 < TASK.max_new_tokens
 
 
 def test_a_prompt_row_of_padding_alone_is_refused():

@@ -397,8 +397,6 @@ def test_a_manifold_asked_for_a_parameter_it_cannot_hold_is_refused_by_its_name(
     sphere; Muon named the manifold it maps "stiefel" to ('euclidean')."""
     W = torch.nn.Parameter(torch.randn(5, 3))
     p = torch.nn.Parameter(torch.randn(shape))
-    if cls is Muon and manifold == "sphere":
-        pytest.skip("Muon has no sphere (refused as such)")
     with pytest.raises(ValueError, match=rf"manifold '{manifold}' needs a non-empty .*; odd has shape"):
         cls([{"params": [("w", W)]}, {"params": [("odd", p)], "manifold": manifold}])
 
