@@ -28,8 +28,9 @@ CPU PyTorch has no ``torch.cuda.max_memory_allocated``. Two methods, which check
       (``eigh``, ``qr``, ``svd``), the internal copies of a CPU kernel, oneDNN buffers. Measured:
       ``torch.linalg.eigh`` of an n×n fp64 matrix counts 1× its input (the returned eigenvectors)
       while peak RSS grows by 3× (LAPACK's dsyevd workspace, ≈ 2n² doubles);
-    * tensors made outside the dispatcher (``torch.from_numpy``, ``torch.frombuffer``, numpy or
-      Python objects);
+    * tensors made outside the dispatcher (``torch.frombuffer``, numpy arrays, Python objects;
+      ``torch.from_numpy``'s tensor is counted, as it passes through the dispatcher);
+    * meta tensors, which hold no memory;
     * the growth of a storage that existed before ``fn`` (``resize_`` of a pre-existing tensor);
     * ops run by other threads (dispatch modes are thread-local).
     That is why ``peak_rss_bytes`` exists: it sees all of these.
@@ -184,6 +185,8 @@ class _LiveStorageMode(TorchDispatchMode):
         inputs = set() if name in _FRESH_INPUT_OPS else {s._cdata for s in _storages((args, kwargs))}
         grew = False
         for s in _storages(out):
+            if s.device.type == "meta":  # a shape without memory
+                continue
             key = s._cdata
             nbytes = s.nbytes()
             if key in self.sizes:  # a view of / in-place op on a temporary: only a resize changes it

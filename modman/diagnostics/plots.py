@@ -19,19 +19,23 @@ def _plt():
 
 
 def _check_runs(runs) -> dict[str, Tracking]:
-    if isinstance(runs, Tracking):
+    """{name: Tracking}; a SpectrumTracker stands for its Tracking (as in ``save_tracking``)."""
+    if not isinstance(runs, dict):
         runs = {"run": runs}
-    if not isinstance(runs, dict) or not runs:
+    if not runs:
         raise ValueError("runs must be a non-empty dict {name: Tracking} (or one Tracking)")
+    runs = {name: getattr(run, "tracking", run) for name, run in runs.items()}
     for name, run in runs.items():
         if not isinstance(run, Tracking):
-            raise TypeError(f"run {name!r} is a {type(run).__name__}, not a Tracking")
+            raise TypeError(f"run {name!r} is a {type(run).__name__}, not a Tracking or SpectrumTracker")
     return runs
 
 
 def _names(runs: dict[str, Tracking], params) -> list[str]:
     first = next(iter(runs.values()))
-    names = first.names if params is None else list(params)
+    names = first.names if params is None else ([params] if isinstance(params, str) else list(params))
+    if not names:
+        raise ValueError("params is empty: name at least one tracked weight (None plots them all)")
     for run_name, run in runs.items():
         missing = [n for n in names if n not in run.params]
         if missing:
@@ -52,7 +56,9 @@ def plot_spectra(runs, *, step: int | None = None, params=None, log: bool = True
             if spectra.numel() == 0:
                 continue
             i = len(steps) - 1 if step is None else int((steps - step).abs().argmin())
-            ax.plot(range(1, spectra.shape[1] + 1), spectra[i].numpy(), label=f"{run_name} (step {int(steps[i])})")
+            # a weight with a NaN or ∞ has a NaN spectrum: no line, so the legend says why
+            note = "" if bool(torch.isfinite(spectra[i]).any()) else ": NaN, not drawn"
+            ax.plot(range(1, spectra.shape[1] + 1), spectra[i].numpy(), label=f"{run_name} (step {int(steps[i])}){note}")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_title(f"{name} {'×'.join(map(str, next(iter(runs.values())).params[name].shape))}", fontsize=9)
         ax.set_xlabel("index i")
@@ -113,6 +119,9 @@ def plot_history(histories: dict, keys=("loss", "test_acc")):
     """Training curves: one panel per key, one line per run; rows without the key are skipped."""
     if not isinstance(histories, dict) or not histories:
         raise ValueError("histories must be a non-empty dict {name: list of {step, key: value} dicts}")
+    keys = (keys,) if isinstance(keys, str) else tuple(keys)
+    if not keys:
+        raise ValueError("keys is empty: name at least one history key to plot, e.g. ('loss',)")
     plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.0), squeeze=False)
     for ax, key in zip(axes[0], keys):

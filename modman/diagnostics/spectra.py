@@ -32,7 +32,7 @@ from torch import nn
 from .._warn import warn
 from ..manifolds import Euclidean, Sphere, Stiefel, get_manifold
 from ..optim.functional import as_matrix
-from ..optim.roles import matrix_view
+from ..optim.roles import matrix_view, named_modules
 from .estimators import lanczos_svals
 
 EXACT_MAX_DIM = 1024  # an fp64 Gram eigvalsh: 0.12 s at 1024² on one EPYC core
@@ -45,13 +45,15 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
     Accepts an nn.Module, a mapping name → tensor, or an iterable of (name, tensor) pairs.
     A module's Conv weights are flattened (a grouped one into its batched blocks) and transformers'
     Conv1D weights (stored (in, out)) seen
-    transposed; tied parameters appear once, under their first name; integer parameters are left
-    out, and complex ones with a warning.
+    transposed; tied parameters appear once, under their first name; names are the optimizers'
+    (through ``torch.compile`` and DataParallel/DDP wrappers: "0.weight", not "_orig_mod.0.weight");
+    integer parameters are left out, complex ones with a warning, and empty ones (a Linear(0, n):
+    no spectrum).
     """
     out: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     if isinstance(model_or_named_params, nn.Module):
         seen: set[int] = set()
-        for prefix, module in model_or_named_params.named_modules():
+        for prefix, module in named_modules(model_or_named_params):
             for attr, p in module.named_parameters(recurse=False):
                 if id(p) in seen or p.ndim < 2 or not _real_weight(f"{prefix}.{attr}" if prefix else attr, p):
                     continue
@@ -72,7 +74,7 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
                 and isinstance(item[1], torch.Tensor)):
             raise TypeError(f"expected (name, tensor) pairs, got {item!r:.80}")
         name, p = item
-        if p.ndim >= 2 and _real_weight(name, p):
+        if p.ndim >= 2 and _real_weight(name, p) and p.numel():
             out.append((name, p, as_matrix(p.detach(), None)))
     return out
 
@@ -89,7 +91,7 @@ def _real_weight(name: str, p: torch.Tensor) -> bool:
     if p.is_complex():
         warn(f"{name} is complex ({p.dtype}): left out of the diagnostics, which take real weights")
     _check_has_values(p, name)
-    return p.is_floating_point()
+    return p.is_floating_point() and p.numel() > 0
 
 
 def _check_has_values(p: torch.Tensor, name: str) -> None:
@@ -233,27 +235,32 @@ def gram_eigenvalues(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> tor
 
 
 def stats_from_extremes(W: torch.Tensor, s_max: torch.Tensor, s_min: torch.Tensor, fro_sq: torch.Tensor,
-                        manifold) -> dict:
+                        manifold, unit: torch.Tensor | None = None) -> dict:
     """{sigma_min, sigma_max, condition, stable_rank, distance} as floats from per-matrix σ_max,
-    σ_min and ‖W‖_F² (tensors shaped like W's batch); a stack reports its worst matrix."""
-    rows = torch.stack([t.detach().double().reshape(-1) for t in (s_max, s_min, fro_sq)]).tolist()
-    return stats_from_floats(W, *rows, manifold)
+    σ_min and ‖W‖_F² (tensors shaped like W's batch) of W/unit (per matrix, default 1); a stack
+    reports its worst matrix."""
+    ts = [s_max, s_min, fro_sq] + ([] if unit is None else [unit])
+    rows = torch.stack([t.detach().double().reshape(-1).expand(s_max.numel()) for t in ts]).tolist()
+    return stats_from_floats(W, *rows[:3], manifold, unit=rows[3] if unit is not None else None)
 
 
-def stats_from_floats(W: torch.Tensor, s_max: list, s_min: list, fro_sq: list, manifold) -> dict:
-    """``stats_from_extremes`` on Python floats (one entry per matrix of W's batch).
+def stats_from_floats(W: torch.Tensor, s_max: list, s_min: list, fro_sq: list, manifold,
+                      unit: list | None = None) -> dict:
+    """``stats_from_extremes`` on Python floats (one entry per matrix of W's batch); σ's in units
+    of ``unit`` (a float per matrix, default 1), which condition and stable rank do not see.
 
     A tracker computes these for every weight at every record, where a dozen tiny tensor ops
     would cost more than the statistics."""
     if any(math.isnan(v) for v in (*s_max, *s_min, *fro_sq)):  # a NaN or ∞ in any matrix of W
         return dict.fromkeys(("sigma_min", "sigma_max", "condition", "stable_rank", "distance"), math.nan)
+    unit = [1.0] * len(s_max) if unit is None else unit
     scale = manifold.scale_for(W.shape) if isinstance(manifold, Stiefel) else None
     cond, stable, dist = [], [], []
-    for hi, lo, fro in zip(s_max, s_min, fro_sq):
+    for hi, lo, fro, u in zip(s_max, s_min, fro_sq, unit):
         cond.append(hi / lo if lo > 0 else math.inf)
         stable.append(fro / hi**2 if hi > 0 else 0.0)
         if scale is not None:
-            dist.append(max(abs(hi / scale - 1), abs(lo / scale - 1)))
+            dist.append(max(abs(hi * u / scale - 1), abs(lo * u / scale - 1)))
     if isinstance(manifold, Euclidean):
         dist = [0.0]
     elif isinstance(manifold, Sphere):
@@ -261,8 +268,8 @@ def stats_from_floats(W: torch.Tensor, s_max: list, s_min: list, fro_sq: list, m
         # zero by design (the optimizer skips it too)
         dist = manifold.distance(W.detach().double(), skip_zero_rows=True).reshape(-1).tolist()
     return {
-        "sigma_min": min(s_min),
-        "sigma_max": max(s_max),
+        "sigma_min": min(lo * u for lo, u in zip(s_min, unit)),
+        "sigma_max": max(hi * u for hi, u in zip(s_max, unit)),
         "condition": max(cond),
         "stable_rank": sum(stable) / len(stable),
         "distance": max(dist),
@@ -278,31 +285,69 @@ def matrix_stats(W: torch.Tensor, manifold=None, *, exact: bool | None = None,
     (bool) and, with ``spectrum=True`` and exact values, ``spectrum`` (fp32 tensor, (…, r)).
     ``distance`` is to ``manifold`` (default unscaled Stiefel); for Euclidean it is 0.
     """
-    if W.ndim < 2 or W.numel() == 0:
-        raise ValueError(f"matrix_stats needs a non-empty matrix, got shape {tuple(W.shape)}")
-    _check_has_values(W, "matrix_stats: W")
-    manifold = Stiefel() if manifold is None else manifold
+    _check_matrix(W, "matrix_stats")
+    manifold = _resolve_one(manifold)
     if exact is None:
         exact = min(W.shape[-2:]) <= exact_max_dim
+    # exact statistics are measured on W/c, c a power of two near max|W| (exact): an fp64 W near
+    # 1e±160 overflowed σ² (an OverflowError) or flushed it to 0 (a ZeroDivisionError)
+    c = None
     if exact:
-        s = singular_values(W)
+        Wc, c = _unit_scaled(W)
+        s = singular_values(Wc)
         s_max, s_min = s[..., 0], s[..., -1]
         fro_sq = (s**2).sum(-1)
     elif not bool(torch.isfinite(W).all()):  # NaN statistics, as the exact path and the tracker give
         s_max = s_min = fro_sq = torch.full(W.shape[:-2], math.nan, dtype=torch.float64)
-    else:
+    else:  # (Lanczos scales W itself)
         est = lanczos_svals(W)
         s_max, s_min, fro_sq = est.sigma_max, est.sigma_min, est.frobenius_sq
-    out = stats_from_extremes(W, s_max, s_min, fro_sq, manifold)
+    out = stats_from_extremes(W, s_max, s_min, fro_sq, manifold, unit=c)
     out["exact"] = bool(exact)
     if spectrum and exact:
-        out["spectrum"] = s.float()
+        out["spectrum"] = (s * c.reshape(*c.shape[:-2], 1)).float()
     return out
+
+
+def _check_matrix(W, caller: str) -> None:
+    """A real floating, non-empty matrix or stack with values, else an error naming ``caller``'s W."""
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"{caller}: W must be a tensor, got {type(W).__name__}")
+    if not W.is_floating_point():
+        raise TypeError(f"{caller}: W must be a real floating tensor, got {W.dtype}")
+    if W.ndim < 2 or W.numel() == 0:
+        raise ValueError(f"{caller} needs a non-empty matrix (or stack of them), got shape {tuple(W.shape)}")
+    _check_has_values(W, f"{caller}: W")
+
+
+def _resolve_one(manifold):
+    """``matrix_stats``'s manifold: None (unscaled Stiefel), a manifold object or its name."""
+    if manifold is None:
+        return Stiefel()
+    if isinstance(manifold, str):
+        return get_manifold(manifold)
+    if not isinstance(manifold, (Stiefel, Sphere, Euclidean)):
+        raise TypeError("manifold must be None, a modman manifold (e.g. Stiefel('rms')) or its name "
+                        f"('stiefel', 'sphere', 'euclidean'), got {manifold!r:.60}")
+    return manifold
+
+
+def _unit_scaled(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W/c, c) with c the power of two at most max|W| < 2c per matrix, fp64, shaped (…, 1, 1)
+    (1 for a zero or non-finite matrix): W/c is exact (fp64 for an fp64 W, else fp32, which holds
+    every bf16/fp16/fp32 value so scaled), its spectrum c⁻¹ times W's, every σ² representable."""
+    top = W.detach().abs().amax(dim=(-2, -1), keepdim=True).double()
+    ok = (top > 0) & torch.isfinite(top)
+    c = torch.ldexp(torch.ones_like(top), torch.frexp(torch.where(ok, top, torch.ones_like(top))).exponent - 1)
+    return (W.detach().double() / c).to(torch.float64 if W.dtype == torch.float64 else torch.float32), c
 
 
 @torch.no_grad()
 def spectral_norm(W: torch.Tensor, *, exact_max_dim: int = EXACT_MAX_DIM) -> float:
-    """‖W‖₂ (largest over a stack): exact for small matrices, Lanczos (a lower bound) for large."""
+    """‖W‖₂ (largest over a stack): exact for small matrices, Lanczos (a lower bound) for large;
+    NaN for a matrix with a NaN or an infinity."""
+    _check_matrix(W, "spectral_norm")
     if min(W.shape[-2:]) <= exact_max_dim:  # fp32 suffices: only σ₁ is wanted, to ≈ 1e-7 relative
-        return float(singular_values(W, torch.float32)[..., 0].max())
+        Wc, c = _unit_scaled(W)  # (an fp32 Gram of W itself overflowed at 1e20, flushed to 0 at 1e-25)
+        return float((singular_values(Wc, torch.float32)[..., 0].double() * c[..., 0, 0]).max())
     return float(lanczos_svals(W).sigma_max.max())

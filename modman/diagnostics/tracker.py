@@ -28,8 +28,8 @@ stable rank from above, up to rounding of order κ²·1e-16); measured on the MN
 exact spectra at every record (``benchmarks/tracker_accuracy.py``), median relative errors 1e-6
 (σ_max) and 1e-10 (σ_min) under AdamW, 2e-3 and 6e-6 under Muon, worst 0.44 right after a jump;
 under ManifoldMuon the distance's median relative error is 6e-11 (max 1.3e-7).
-``exact`` marks which records are which. The update norm ‖ΔW‖₂ is exact on spectrum steps only,
-for every matrix: in between it is a warm-started power estimate, two iterations of
+``exact`` marks which records are which. The update norm ‖ΔW‖₂ is exact on spectrum steps only
+(``update_exact`` marks them), for every matrix: in between it is a warm-started power estimate, two iterations of
 v ← ΔWᵀΔW v on ΔW itself (from below; median error 9e-5 under AdamW but 8 % under Muon, whose
 flat update spectrum power iteration resolves slowly), because its exact value needs a second
 eigendecomposition per weight. At these sizes a record's cost is the number of tensor
@@ -50,7 +50,7 @@ from . import small_linalg
 from .estimators import power_iteration, symmetric_lanczos_extremes
 from .spectra import (gram_eigenvalues, is_transposed_view, manifold_label, matrices_and_manifolds, singular_values,
                       stats_from_extremes, stats_from_floats)
-from .tracking import ParamTrack, Tracking, save_tracking
+from .tracking import ParamTrack, Tracking, _plain_meta, save_tracking
 
 # Up to this min(m, n) an exact spectrum at every record costs less than the estimators' per-op
 # overhead (an fp64 eigvalsh at n = 64 ≈ 0.1 ms; at n = 128 ≈ 0.6 ms, a third of an MNIST-1D
@@ -79,8 +79,12 @@ def _view_of(p: torch.Tensor, W: torch.Tensor):
 
 
 def _matrix(t: torch.Tensor, view) -> torch.Tensor:
-    """The matrix ``view`` (from ``_view_of``) makes of t, a parameter or its gradient."""
-    return t.detach().mT if view == "transposed" else t.detach().reshape(view)
+    """The matrix ``view`` (from ``_view_of``) makes of t, a parameter or its gradient (a sparse
+    gradient, e.g. of ``nn.Embedding(sparse=True)``, densified: sparse tensors have no reshape)."""
+    t = t.detach()
+    if t.is_sparse:
+        t = t.to_dense()
+    return t.mT if view == "transposed" else t.reshape(view)
 
 
 class SpectrumTracker:
@@ -123,7 +127,7 @@ class SpectrumTracker:
         # how each matrix views its parameter, re-applied at every record (p.data may be replaced)
         self._params = [(name, p, _view_of(p, W)) for name, p, W in mats]
         self._manifolds = resolved
-        self.tracking = Tracking(every=every, meta=dict(meta or {}))
+        self.tracking = Tracking(every=every, meta=_plain_meta(meta or {}))  # checked now, not at save
         for name, p, view in self._params:
             self.tracking.params[name] = ParamTrack(shape=tuple(_matrix(p, view).shape),
                                                     manifold=manifold_label(self._manifolds[name]))
@@ -146,20 +150,29 @@ class SpectrumTracker:
             self._snapshot, self._snapshot_step = self._copy_weights(), step
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "SpectrumTracker":
-        """Record through the optimizer's step hooks from its next step on (counted from 0)."""
+        """Record through the optimizer's step hooks from its next step on. Steps are the
+        tracker's own count: 0 at the first attach, continuing after a re-attach (to the same or
+        another optimizer), so one run's records never share a label.
+
+        The hooks run eagerly inside a ``torch.compile``d ``optimizer.step`` (compiler-disabled:
+        traced, a record broke the graph dozens of times and recompiled on its float norms)."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.detach()
 
+        @torch.compiler.disable
         def pre(opt, args, kwargs):
             if self.due(self._hook_step):
                 self._snapshot, self._snapshot_step = self._copy_weights(), self._hook_step - 1
 
+        @torch.compiler.disable
         def post(opt, args, kwargs):
-            if self.due(self._hook_step):
-                self.record(self._hook_step, before=self._snapshot)
-                self._snapshot = None
-            self._hook_step += 1
+            try:
+                if self.due(self._hook_step):
+                    self.record(self._hook_step, before=self._snapshot)
+                    self._snapshot = None
+            finally:  # the optimizer stepped even if the record failed: the count stays the steps'
+                self._hook_step += 1
 
         self._handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
         return self
@@ -177,7 +190,17 @@ class SpectrumTracker:
     def record(self, step: int, before: dict[str, torch.Tensor] | None = None, *, exact: bool | None = None) -> None:
         """Record every weight now, labelled ``step``; ``before`` (name → weights before this
         step) gives the update metrics, else they are NaN. ``exact`` forces (True) or forbids
-        (False) exact spectra; by default small matrices and spectrum steps get them."""
+        (False) exact spectra; by default small matrices and spectrum steps get them. All or
+        nothing: if a weight fails, no weight keeps a part of this record."""
+        marks = {name: track.mark() for name, track in self.tracking.params.items()}
+        try:
+            self._record(step, before, exact)
+        except BaseException:
+            for name, track in self.tracking.params.items():
+                track.rollback(marks[name])
+            raise
+
+    def _record(self, step: int, before, exact: bool | None) -> None:
         spectrum_step = self.spectrum_every is not None and step % self.spectrum_every == 0
         pending = []
         for name, p, view in self._params:
@@ -215,6 +238,7 @@ class SpectrumTracker:
             # ‖ΔW‖₂ needs an eigendecomposition of its own, which on a small model costs as much as
             # W's: exact on spectrum steps (and when forced), a warm-started estimate in between
             exact_update = exact if exact is not None else spectrum_step
+            track.update_exact.append(bool(exact_update))
             pending.append(self._update_metrics(name, W, p.grad, before.get(name) if before else None,
                                                 view, exact_update))
         # every weight's update scalars in one transfer: at these sizes a record's cost is the

@@ -8,15 +8,23 @@ unpickling code. Layout (format ``FORMAT``):
         "history": [ {str: number} ... ],          # e.g. loss/accuracy per step, free form
         "params": {param name: {"shape": [int], "manifold": str,
             "steps": int64 (T,),  <metric>: float64 (T,) for every metric in METRICS,
-            "exact": bool (T,),  "spectrum_steps": int64 (S,),  "spectra": float32 (S, r)}}}}}
+            "exact": bool (T,),  "update_exact": bool (T,),
+            "spectrum_steps": int64 (S,),  "spectra": float32 (S, r)}}}}}
 
-Metrics not measurable at a record (the update at the first step in callback mode) are NaN.
+``exact`` marks records whose spectrum statistics are exact (else one-sided estimates),
+``update_exact`` those whose update_norm ‖ΔW‖₂ is (else a power-iteration lower bound); files
+written before update_exact existed load with it empty. Metrics not measurable at a record (the
+update at the first step in callback mode) are NaN. History and meta values are stored as plain
+Python numbers (numpy scalars converted), so the file loads with weights_only=True.
 """
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 FORMAT = "modman.diagnostics.tracking/1"
@@ -35,8 +43,22 @@ class ParamTrack:
     steps: list = field(default_factory=list)
     values: dict = field(default_factory=lambda: {k: [] for k in METRICS})
     exact: list = field(default_factory=list)
+    update_exact: list = field(default_factory=list)
     spectrum_steps: list = field(default_factory=list)
     spectra: list = field(default_factory=list)
+
+    def _lists(self) -> list[list]:
+        return [self.steps, self.exact, self.update_exact, self.spectrum_steps, self.spectra,
+                *self.values.values()]
+
+    def mark(self) -> list[int]:
+        """The records' lengths now, for ``rollback``."""
+        return [len(x) for x in self._lists()]
+
+    def rollback(self, mark: list[int]) -> None:
+        """Drop every record appended since ``mark`` (a record that failed halfway)."""
+        for x, n in zip(self._lists(), mark):
+            del x[n:]
 
     def metric(self, key: str) -> torch.Tensor:
         if key not in METRICS:
@@ -84,12 +106,13 @@ class Tracking:
             d = {"shape": [int(x) for x in t.shape], "manifold": str(t.manifold),
                  "steps": torch.tensor(t.steps, dtype=torch.int64),
                  "exact": torch.tensor(t.exact, dtype=torch.bool),
+                 "update_exact": torch.tensor(t.update_exact, dtype=torch.bool),
                  "spectrum_steps": torch.tensor(t.spectrum_steps, dtype=torch.int64),
                  "spectra": t.spectrum_matrix()}
             for k in METRICS:
                 d[k] = t.metric(k)
             params[name] = d
-        return {"every": int(self.every), "meta": dict(self.meta), "history": _plain_history(self.history),
+        return {"every": int(self.every), "meta": _plain_meta(self.meta), "history": _plain_history(self.history),
                 "params": params}
 
     @classmethod
@@ -99,6 +122,7 @@ class Tracking:
             t = ParamTrack(shape=tuple(p["shape"]), manifold=p["manifold"])
             t.steps = p["steps"].tolist()
             t.exact = p["exact"].tolist()
+            t.update_exact = p["update_exact"].tolist() if "update_exact" in p else []
             for k in METRICS:
                 t.values[k] = p[k].tolist()
             t.spectrum_steps = p["spectrum_steps"].tolist()
@@ -107,20 +131,34 @@ class Tracking:
         return out
 
 
+def _plain_number(v, what: str):
+    """v as a Python bool, int or float (a one-element tensor or a numpy scalar converted: numpy
+    types pickle as numpy objects, which ``torch.load(weights_only=True)`` refuses to read)."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, bool) or isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    raise TypeError(f"{what}={v!r:.40} is not a number")
+
+
 def _plain_history(history) -> list:
     out = []
     for rec in history:
         if not isinstance(rec, dict):
             raise TypeError(f"history entries must be dicts of numbers, got {type(rec).__name__}")
-        row = {}
-        for k, v in rec.items():
-            if isinstance(v, torch.Tensor):
-                v = v.item()
-            if not isinstance(v, (int, float, bool)):
-                raise TypeError(f"history value {k}={v!r:.40} is not a number")
-            row[str(k)] = v
-        out.append(row)
+        out.append({str(k): _plain_number(v, f"history value {k}") for k, v in rec.items()})
     return out
+
+
+def _plain_meta(meta) -> dict:
+    """meta as {str: str | number} of plain Python values (see ``_plain_number``)."""
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a dict {{str: str | number}}, got {type(meta).__name__}")
+    return {str(k): v if isinstance(v, str) else _plain_number(v, f"meta value {k}") for k, v in meta.items()}
 
 
 def save_tracking(path, runs) -> Path:

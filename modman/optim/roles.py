@@ -98,8 +98,10 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def _walk(module: nn.Module, prefix: str, seen: set[int]):
-    """(name, submodule) in pre-order, as ``named_modules()``, but through compile wrappers."""
+def named_modules(module: nn.Module, prefix: str = "", seen: set[int] | None = None):
+    """(name, submodule) in pre-order, as ``module.named_modules()``, but through compile and
+    data-parallel wrappers (``unwrap``): names as the optimizers give them."""
+    seen = set() if seen is None else seen
     module = unwrap(module)
     if id(module) in seen:
         return
@@ -107,17 +109,17 @@ def _walk(module: nn.Module, prefix: str, seen: set[int]):
     yield prefix, module
     for attr, child in module._modules.items():
         if child is not None:
-            yield from _walk(child, f"{prefix}.{attr}" if prefix else attr, seen)
+            yield from named_modules(child, f"{prefix}.{attr}" if prefix else attr, seen)
 
 
 def expand_modules(modules) -> Network:
     """The modules given with all their submodules (see the module docstring)."""
     given = list({id(m): m for m in map(unwrap, modules)}.values())
-    trees = {id(m): [sub for _, sub in _walk(m, "", set())] for m in given}
+    trees = {id(m): [sub for _, sub in named_modules(m)] for m in given}
     below = {id(sub) for tree in trees.values() for sub in tree[1:]}
     roots = [m for m in given if id(m) not in below]
     root = roots[0] if len(roots) == 1 else nn.ModuleList(roots)
-    names = {id(sub): name for name, sub in _walk(root, "", set())}
+    names = {id(sub): name for name, sub in named_modules(root)}
     ordered = list({id(sub): sub for m in given for sub in trees[id(m)]}.values())
     return Network(root, len(roots) == 1, ordered, names)
 
