@@ -20,7 +20,7 @@ from .._checks import is_finite_real, is_int
 from ..linalg.schedules import KELLER
 from ..manifolds import Euclidean, Sphere, Stiefel
 from . import functional as F
-from .distributed import (SHARED_ALGORITHMS, check_same_items, matrix_cost, plan_owners, resolve_group,
+from .distributed import (SHARED_ALGORITHMS, bits_checksum, check_same_items, matrix_cost, plan_owners, resolve_group,
                           share_step)
 from .._warn import warn
 from .roles import ROLES, assign_modules, check_roles, expand_modules
@@ -227,6 +227,7 @@ class ManifoldOptimizer(Optimizer):
         super().__init__(groups, defaults)
         self._constructing = False
         self._own_hyperparameters()
+        self._refuse_sharded(self.param_groups)  # (before the shapes are judged: a shard is 1-D)
         self._validate_groups(self.param_groups)  # (a negative weight_decay is refused before it is zeroed)
         self._no_decay_on_fixed_norms(self.param_groups)
         if project_on_init:
@@ -541,6 +542,25 @@ class ManifoldOptimizer(Optimizer):
                         group[key] = value.clone()
                     seen.add(id(group[key]))
 
+    def _refuse_sharded(self, groups) -> None:
+        """A parameter sharded across ranks cannot be stepped here: a constrained step needs its
+        whole matrix (an msign, a projection), and each rank holds a piece. FSDP2's DTensors
+        (``fully_shard``, tensor parallelism) built, then failed inside the first step ("got mixed
+        torch.Tensor and DTensor"); FSDP1's flattened 1-D shards went to the fallback or were named
+        as unholdable (a probe). Refused by name with what works instead."""
+        names = self._param_names()
+        dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+        advice = ("each constrained step needs the whole matrix, which a sharded parameter spreads over "
+                  "the ranks; use DDP (distributed=True deals the solves out across the ranks)")
+        for group in groups:
+            for p in group["params"]:
+                if getattr(p, "_is_flat_param", False) or "._fsdp_wrapped_module." in f".{names[id(p)]}.":
+                    raise TypeError(f"{names[id(p)]} is a parameter of FullyShardedDataParallel (FSDP), flattened "
+                                    f"and sharded: not supported; {advice}")
+                if dtensor is not None and isinstance(p, dtensor) and group["algorithm"] != "adamw":
+                    raise TypeError(f"{names[id(p)]} is a DTensor (FSDP2's fully_shard or tensor parallelism): "
+                                    f"not supported; {advice}")
+
     @staticmethod
     def _no_decay_on_fixed_norms(groups) -> None:
         """weight_decay is 0 where the step keeps the norm fixed (a Stiefel or sphere weight has
@@ -553,6 +573,7 @@ class ManifoldOptimizer(Optimizer):
         """Validate the groups from index ``start`` on and move their weights onto their manifolds."""
         added = self.param_groups[start:]
         self._own_hyperparameters()
+        self._refuse_sharded(added)
         self._validate_groups(added)
         self._no_decay_on_fixed_norms(added)
         if self.project_on_init:
@@ -692,7 +713,8 @@ class ManifoldOptimizer(Optimizer):
                          {k: v for k, v in g.items() if k not in ("params", "param_names")})
                         for i, g in enumerate(self.param_groups)]
             elsewhere = check_same_items(pg, [f"{names[id(p)]} {tuple(p.shape)} {p.dtype}" for _, p in shared], finite,
-                                         settings)
+                                         settings, [bits_checksum(p) + bits_checksum(self.state.get(p, {}).get("momentum"))
+                                                    for _, p in shared])
         # a flag set on a group after construction, refused before anything changes — after the
         # ranks' check, which refuses a flag set on one rank only on every rank (raised here alone,
         # it left the others in the collective until gloo aborted them; a review)
@@ -790,7 +812,8 @@ class ManifoldOptimizer(Optimizer):
                                  state, lr=eta, manifold=self._manifold(group), solver=group["solver"],
                                  tol=group["tol"], max_iters=group.get("max_iters"),
                                  drift_tol=2 * self.on_manifold_tol,
-                                 warm_keys=self._warm_keys(state) or ("dual",))
+                                 warm_keys=self._warm_keys(state) or ("dual",),
+                                 active=F.gradient_present(F.as_matrix(grad, flatten)))
             return self._writeback(p, W, writeback, out)
         u = self._momentum(group, p, grad, state)
         if algorithm == "hyperspherical":

@@ -20,11 +20,15 @@ Not supported: uneven inputs under DDP's ``Join`` (a rank that stops calling ``s
 the others waiting in the optimizer's collectives); a deep copy or pickle of the optimizer
 steps everything locally (a process group cannot be copied).
 
-Requirement: the gradients are identical on all ranks (what DDP's all-reduce gives) and every
-rank calls ``step`` with the same parameters having gradients. The second is checked at the
-start of each step (one small all-gather; a mismatch raises on every rank before anything
-changes); the first is not (it would cost a pass over every gradient): different gradients
-would leave each rank's momentum its own while the weights follow their owners. A matrix whose
+Requirement: the gradients are identical on all ranks (what DDP's all-reduce gives), every
+rank calls ``step`` with the same parameters having gradients, and the ranks' weights and
+optimizer state agree. The last two are checked at the start of each step (one small
+all-gather of fingerprints: the names, shapes and dtypes, the group settings, and an exact
+integer checksum of each shared weight and its momentum — a pass over each, cheap beside its
+solve; a mismatch raises on every rank before anything changes); the first is not (it would
+cost a pass over every gradient and a collective): different gradients would leave each rank's
+momentum its own while the weights follow their owners, until the next step's checksum refuses.
+Sharded parameters (FSDP1's flat shards, FSDP2's DTensors) are refused at construction. A matrix whose
 step raises on its owner (a NaN weight, say) is not sent; every other matrix is, and then every
 rank raises, naming it — the ranks stay equal and none waits for a broadcast that never comes.
 """
@@ -113,7 +117,20 @@ def canonical(value):
     return f"<{type(value).__qualname__}>" if " at 0x" in text else text
 
 
-def check_same_items(group, names: list[str], finite: bool = True, settings: list[tuple[str, dict]] = ()) -> list[int]:
+def bits_checksum(t: torch.Tensor | None) -> int:
+    """The sum of t's bits read as integers (0 for None): exact and independent of the order of
+    summation, so equal tensors give equal sums on every rank whatever its thread count (a float
+    sum would not). A pass over t; not a hash — it tells apart the different tensors a mistake
+    produces (another parameter, another state), not crafted ones."""
+    if t is None or t.numel() == 0:
+        return 0
+    flat = t.detach().reshape(-1)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[flat.element_size()]
+    return int(flat.contiguous().view(ints).sum(dtype=torch.int64))
+
+
+def check_same_items(group, names: list[str], finite: bool = True, settings: list[tuple[str, dict]] = (),
+                     contents: list[int] = ()) -> list[int]:
     """Refuse, on every rank alike and before anything changes, ranks that would step different
     parameters (``names``: each with its shape and dtype): the owners' broadcasts would land in
     other tensors (or in none); and ranks whose param groups differ (``settings``: a label and the
@@ -121,16 +138,22 @@ def check_same_items(group, names: list[str], finite: bool = True, settings: lis
     the ranks' weights drift apart silently (4e-3 in a few steps, a user probe). Returns the ranks
     whose gradients are not all finite (``finite`` is this rank's answer), so that every rank
     raises or skips alike: a rank deciding alone left the others waiting in the step's collectives
-    (gloo then aborted them). One all_gather of two 40-byte fingerprints and a flag per rank."""
+    (gloo then aborted them). ``contents`` (a ``bits_checksum`` of each item's weight and
+    momentum, aligned with ``names``) refuses ranks whose weights or optimizer state differ: the
+    same-shape parameters given in another order on one rank (their names come from positions,
+    so they agree) made two layers' weights identical on every rank (a probe), and a state loaded
+    on one rank only left the other ranks' momenta fresh. One all_gather of three 40-byte
+    fingerprints and a flag per rank."""
     def fingerprint(lines) -> str:  # a fingerprint, not security: FIPS builds allow it
         return hashlib.sha1("\n".join(lines).encode(), usedforsecurity=False).hexdigest()
 
     groups = [(label, {k: canonical(v) for k, v in values.items()}) for label, values in settings]
     answers = [None] * dist.get_world_size(group)
     lines = [f"{label}: {sorted(values.items())!r}" for label, values in groups]
-    dist.all_gather_object(answers, (fingerprint(names), fingerprint(lines), bool(finite)), group=group)
-    digests = [d for d, _, _ in answers]
-    if len(set(digests)) == 1 and len({s for _, s, _ in answers}) > 1:
+    sums = fingerprint(map(str, contents))
+    dist.all_gather_object(answers, (fingerprint(names), fingerprint(lines), bool(finite), sums), group=group)
+    digests = [d for d, _, _, _ in answers]
+    if len(set(digests)) == 1 and len({s for _, s, _, _ in answers}) > 1:
         gathered = [None] * len(answers)
         dist.all_gather_object(gathered, groups, group=group)  # only to say what differs
         raise ValueError(f"distributed step: the ranks' param groups differ [{_group_differences(gathered)}]; "
@@ -144,7 +167,15 @@ def check_same_items(group, names: list[str], finite: bool = True, settings: lis
         raise ValueError("distributed step: the ranks have gradients for different parameters "
                          f"[{detail}]; every rank must step the same ones (DDP gives all of them gradients). "
                          "Nothing was changed.")
-    return [r for r, (_, _, ok) in enumerate(answers) if not ok]
+    if len({c for _, _, _, c in answers}) > 1:
+        gathered = [None] * len(answers)
+        dist.all_gather_object(gathered, list(contents), group=group)  # only to say which differ
+        differ = [n.split(" ")[0] for n, *sums in zip(names, *gathered) if len(set(sums)) > 1]
+        raise ValueError(f"distributed step: the ranks' weights or optimizer state differ for {', '.join(differ[:6])}"
+                         f"{', …' if len(differ) > 6 else ''}; under data parallelism every rank holds the same "
+                         "ones. Same-shape parameters passed in a different order on some rank? A state_dict "
+                         "loaded on one rank only? Nothing was changed.")
+    return [r for r, (_, _, ok, _) in enumerate(answers) if not ok]
 
 
 def _group_differences(gathered: list[list[tuple[str, dict]]]) -> str:

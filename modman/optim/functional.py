@@ -78,6 +78,12 @@ def is_copy(W: torch.Tensor, p: torch.Tensor) -> bool:
     return W.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
 
 
+def gradient_present(G: torch.Tensor) -> torch.Tensor:
+    """Per matrix of G (…, m, n): whether its gradient has any nonzero entry (``stiefel_step``'s
+    ``active``)."""
+    return G.ne(0).flatten(-2).any(-1)
+
+
 def stiefel_step(
     W: torch.Tensor,
     u: torch.Tensor,
@@ -90,8 +96,14 @@ def stiefel_step(
     max_iters: int | None,
     drift_tol: float,
     warm_keys: tuple[str, ...],
+    active: torch.Tensor | None = None,
 ) -> dict:
     """One manifold-Muon step on W (a matrix view of the parameter), in place. Returns stats.
+
+    ``active`` (W's batch shape, bool): the matrices whose gradient this step is not exactly zero;
+    the others stay bitwise (lazy, as ``sphere_step``'s rows). The step is normalised, so a
+    matrix's stale, decaying momentum would otherwise move it a full lr every step: an MoE expert
+    that got no tokens drifted 0.49 in spectral norm in 10 steps at lr 0.05, 1.65 in 40 (a probe).
 
     Memory: u is released after the solve (pass a temporary the caller does not keep), and the
     step V is formed in place in the solver's direction and then overwritten with W + V, so at
@@ -99,6 +111,12 @@ def stiefel_step(
     """
     s = manifold.scale_for(W.shape)
     compute = W.to(torch.float32) if W.dtype in (torch.bfloat16, torch.float16) else W
+    if active is not None and not bool(active.any()):  # no gradient at all: no step, no solve
+        zero = torch.zeros(W.shape[:-2], dtype=compute.dtype, device=W.device)
+        return {"tangent_residual": zero, "duality_gap": zero, "iterations": 0, "msign_calls": 0,
+                "distance_to_manifold": manifold.gram_deviation(compute) / 2}
+    if active is not None and not bool(active.all()):
+        u = u.masked_fill(~active[..., None, None], 0)  # G = 0 gives A = 0: those matrices stay put
     U = compute if s == 1 else compute / s
     warm = {k: state[k] for k in warm_keys if k in state}
     result = solve_manifold_muon(U, u.to(U.dtype), solver=solver, tol=tol, max_iters=max_iters,
@@ -158,6 +176,9 @@ def stiefel_step(
         # every step in fp64): polishing at half the tolerance keeps the true drift under it
         # (at the tolerance itself lr 0.1 reached a distance of 1.33e-5 against 1e-5)
         new = manifold.polish(new)
+        drift = manifold.gram_deviation(new)
+    if active is not None and not bool(active.all()):  # (the retraction and polish saw the whole stack)
+        new = torch.where(active[..., None, None], new, compute)
         drift = manifold.gram_deviation(new)
     W.copy_(new)
     if W.dtype != new.dtype:
@@ -332,7 +353,8 @@ def manifold_muon(params, grads, states, *, lr, manifold=None, solver=None, tol=
             state["momentum"] = torch.zeros_like(W, dtype=torch.float32 if W.dtype != torch.float64 else W.dtype)
         u = momentum_update(G, state["momentum"], momentum, nesterov)
         stats.append(stiefel_step(W, u, state, lr=lr, manifold=manifold, solver=solver, tol=tol,
-                                  max_iters=max_iters, drift_tol=drift_tol, warm_keys=warm_keys))
+                                  max_iters=max_iters, drift_tol=drift_tol, warm_keys=warm_keys,
+                                  active=gradient_present(G)))
         if writeback:
             p.copy_(W.reshape(p.shape))
     return stats

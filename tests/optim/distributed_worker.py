@@ -113,6 +113,65 @@ def dtype_mismatch(rank):
         return str(e)
 
 
+def swapped_order(rank):
+    """Same-shape weights given in another order on rank 1: their names (param0, param1) come from
+    positions and agree, so each owner's broadcast landed in the other layer and both layers
+    ended equal on every rank (a probe). Their contents tell them apart: refused."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 6, bias=False), torch.nn.Linear(6, 6, bias=False)
+    model = torch.nn.Sequential(a, b)
+    opt = modman.ManifoldMuon([a.weight, b.weight] if rank == 0 else [b.weight, a.weight], distributed=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    return refused_unchanged(model, opt)
+
+
+def state_on_one_rank(rank):
+    """Optimizer state that differs on one rank (a state_dict loaded on rank 0 only): refused,
+    naming the matrix, where rank 1's fresh momentum drove the matrices it owns."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = run(modman.ManifoldMuon, model, 1, seed=1, distributed=True)
+    if rank == 1:
+        opt.state[model.fc2.weight]["momentum"].zero_()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        opt.step()
+        return "stepped"
+    except ValueError as e:
+        unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        return f"{'unchanged' if unchanged else 'changed'}: {e}"
+
+
+def sharded(world):
+    """FSDP1 (flat shards, either use_orig_params) and FSDP2 (DTensors): refused at construction
+    by name (FSDP2 built, then failed inside the first step; FSDP1's shards went to the
+    fallback or were called unholdable)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    def fsdp2(m):
+        fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+        return m
+
+    out = {}
+    for label, wrap in (("fsdp1", lambda m: FullyShardedDataParallel(m, device_id=torch.device("cpu"))),
+                        ("fsdp1_orig", lambda m: FullyShardedDataParallel(m, use_orig_params=True,
+                                                                          device_id=torch.device("cpu"))),
+                        ("fsdp2", fsdp2)):
+        torch.manual_seed(0)
+        model = wrap(torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False), torch.nn.Tanh(), torch.nn.Linear(6, 5)))
+        for cls in (modman.ManifoldMuon, modman.Muon):
+            try:
+                cls(model.modules())
+                out[label, cls.__name__] = "built"
+            except TypeError as e:
+                out[label, cls.__name__] = str(e)
+    return out
+
+
 def no_gradients_here(rank):
     """A rank without any gradient for a shared matrix must still meet the others' check (it
     used to skip every collective and leave them waiting)."""
@@ -293,6 +352,9 @@ def main():
     report["group_settings"] = group_settings(rank)
     report["seen_through_ddp"] = seen_through_ddp()
     report["solver_switch"] = solver_switch()
+    report["swapped_order"] = swapped_order(rank)
+    report["state_on_one_rank"] = state_on_one_rank(rank)
+    report["sharded"] = sharded(world)
     torch.save(report, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -85,6 +85,18 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         assert rep["solver_switch"]["state_equal"] and "mu" not in rep["solver_switch"]["keys"], rep["solver_switch"]
         assert rep["dtype_mismatch"].startswith("distributed step: the ranks have gradients for different"), \
             rep["dtype_mismatch"]
+        # same-shape weights in another order on one rank, momentum differing on one rank:
+        # refused alike, naming the matrices, nothing changed
+        assert rep["swapped_order"].startswith("unchanged: distributed step: the ranks' weights or optimizer "
+                                               "state differ for param0, param1;"), rep["swapped_order"]
+        for (label, cls), message in rep["sharded"].items():  # FSDP's shards: refused by name
+            wanted = ("0.weight is a DTensor" if label == "fsdp2" else
+                      "_fsdp_wrapped_module._flat_param is a parameter of FullyShardedDataParallel" if label == "fsdp1"
+                      else "_fsdp_wrapped_module.0.weight is a parameter of FullyShardedDataParallel")
+            assert message.startswith(wanted) and message.endswith("use DDP (distributed=True deals the solves "
+                                                                   "out across the ranks)"), (label, cls, message)
+        assert rep["state_on_one_rank"].startswith("unchanged: distributed step: the ranks' weights or optimizer "
+                                                   "state differ for fc2.weight;"), rep["state_on_one_rank"]
 
 
 def test_distributed_needs_an_initialised_process_group():
