@@ -57,7 +57,8 @@ def check_certificate(W, G, res):
     res_true = torch.linalg.matrix_norm(H + H.mT).item() / nA if nA > 0 else 0.0
     eps = 1e-5 if W.dtype == torch.float32 else 1e-12
     assert res_true <= eps
-    assert abs(res.tangent_residual.item() - res_true) <= eps
+    # reported as measured (a difference ≤ eps alone passed a reported 0 whatever the truth)
+    assert res.tangent_residual.item() == pytest.approx(res_true, rel=1e-3, abs=1e-15)
     # objective is ⟨G, A⟩ of the returned direction
     obj = (G64 * A64).sum().item()
     gn = torch.linalg.matrix_norm(G64).item()
@@ -147,7 +148,7 @@ def test_scale_invariance(solver, prob, k, log_c):
     tol = 1e-6 if W.dtype == torch.float32 else 1e-12
     assert (r1.direction - r2.direction).abs().max().item() <= tol
     assert abs(r1.duality_gap.item() - r2.duality_gap.item()) <= tol
-    assert r2.objective.double().item() == pytest.approx(2.0**k * r1.objective.double().item(), rel=1e-5)
+    assert r2.objective.double().item() == pytest.approx(2.0**k * r1.objective.double().item(), rel=1e-5, abs=0)
     c = 10.0**log_c
     Gc = G * c
     if not torch.isfinite(Gc).all() or (Gc == 0).all():
@@ -249,7 +250,7 @@ def test_a_warm_start_from_elsewhere_is_a_clear_error_and_garbage_starts_cold(so
         # not bitwise: MKL's results may differ from run to run in the last bits (data alignment),
         # which the iterative solvers carry to ~1e-7
         torch.testing.assert_close(res.direction, cold.direction, rtol=0, atol=1e-5)
-        torch.testing.assert_close(res.duality_gap, cold.duality_gap, rtol=0, atol=1e-6)
+        torch.testing.assert_close(res.duality_gap, cold.duality_gap, rtol=1e-3, atol=1e-12)
 
 
 def test_batched_equals_per_matrix():

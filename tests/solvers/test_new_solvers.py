@@ -59,8 +59,16 @@ def test_transpose_equivariance(solver, prob):
     W, G = prob
     a = solve_manifold_muon(W, G, solver=solver)
     b = solve_manifold_muon(W.mT, G.mT, solver=solver)
+    tol = SOLVERS[solver][1]
+    if W.shape[-1] == W.shape[-2]:
+        # a square W is not transposed internally: two iterative runs that stop at their tolerance
+        # on different iterates (admm on a 4×4: directions 3.9e-5 apart), each certified, so their
+        # objectives agree within the gaps
+        assert a.duality_gap.item() <= tol and b.duality_gap.item() <= tol
+        assert b.objective.item() == pytest.approx(a.objective.item(), rel=2 * tol, abs=0)
+        return
     torch.testing.assert_close(b.direction, a.direction.mT, atol=1e-10, rtol=0)
-    torch.testing.assert_close(b.duality_gap, a.duality_gap, atol=1e-10, rtol=0)
+    torch.testing.assert_close(b.duality_gap, a.duality_gap, atol=1e-15, rtol=1e-6)
 
 
 @pytest.mark.parametrize("solver", NEW)

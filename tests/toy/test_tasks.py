@@ -1,4 +1,6 @@
 """Tokenizer, tasks and their exact scorers; splits and determinism by seed."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -205,6 +207,28 @@ def test_evaluate_scores_generated_text():
     # A model that is handed the answers scores 1: score_ids on teacher-forced targets.
     targets = [TOK.encode(t, eos=True) for t in batch.targets]
     assert task.score_ids(batch.prompts, torch.tensor(targets)).all()
+
+
+def test_evaluate_counts_the_prompts_answered_right_across_chunks():
+    """An untrained model scores 0 (the test above), which an evaluate returning 0 would match:
+    a stand-in that answers every other prompt right scores one half, in chunks of 7."""
+    task = tasks.addition(2, n_test=20)
+    batch = task.test_batch()
+    answers = {tuple(ids.tolist()): (i, TOK.encode(t, eos=True)) for i, (ids, t) in
+               enumerate(zip(batch.prompt_ids, batch.targets))}
+    assert len(answers) == len(batch) == 20
+
+    class EveryOtherRight:
+        def generate(self, prompt_ids, max_new_tokens, **kwargs):
+            rows = []
+            for ids in prompt_ids:
+                i, target = answers[tuple(ids.tolist())]
+                rows.append(target if i % 2 == 0 else [TOK.eos_token_id])
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [TOK.eos_token_id] * (width - len(r)) for r in rows])
+            return SimpleNamespace(completion_ids=ids, completion_mask=torch.ones_like(ids))
+
+    assert task.evaluate(EveryOtherRight(), batch_size=7) == 0.5
 
 
 @given(st.integers(0, 2**32), st.integers(2, 6), st.sampled_from(["+", "-"]))
