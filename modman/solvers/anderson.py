@@ -41,7 +41,7 @@ residual predicts success; setup and the final direction four tall m×n×n produ
 When it converges: fast when M stays well conditioned (full-rank G⊥, m ≥ 2n — the usual case
 for a layer's momentum). When N is singular (m < 2n, where rank N ≤ m − n, or a rank-deficient
 G) the map has no contraction (measured on 512×392: the residual hovers at 0.5–1 for 40 maps).
-m < 2n (square included) therefore goes straight to the closed form (``closed_form.py``, exact in
+m < 2.2n (square included; see CLOSED_FORM_BELOW) therefore goes straight to the closed form (``closed_form.py``, exact in
 one eigh); for m ≥ 2n a gradient of low rank is first reduced to the subspace it spans
 (``subspace.py``), and if the maps still stall or run out before the tolerance, the closed form
 finishes the solve. (Until the closed form was found, a continuation on N + εI, ε = 10⁻²…10⁻¹⁰,
@@ -67,6 +67,17 @@ import torch
 from .closed_form import closed_form_core, normal_coordinates, solve_closed_form
 from .newton import skew, solve_tall
 from .result import lambda_max_at_most, sym
+
+
+# Below m = 2.2n the closed form beats the maps. Under 2n they cannot contract (module docstring);
+# just above, N = G⊥ᵀG⊥ is barely full rank (a nearly square G⊥) and they crawl: with warm starts
+# on a momentum sequence (steps 5–12, fp32, one thread), msign-equivalents and ms per solve,
+# maps against closed form — 128×64: 6.2 vs 3.7 (27 vs 9 ms); 136×64: 3.9 vs 3.6 (12 vs 6);
+# 512×256: 5.3 vs 3.7 (234 vs 127); 544×256: 3.7 vs 3.6 (159 vs 121); from 2.25n the maps take
+# fewer equivalents (576×256: 2.9 vs 3.5), from 2.5n less time too at n = 256 (640×256: 150 vs
+# 174 ms). A transformer's m = 2n weights (an MLP of twice the width, 2:1 grouped-query heads)
+# took ~12 maps a step in a user's Llama.
+CLOSED_FORM_BELOW = 2.2
 
 
 def _inv_or_zero(x: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
@@ -263,10 +274,10 @@ def anderson_core(Gw, N, dual_in, dual_value=None, *, tol, max_iters, depth=4, f
 def solve_anderson(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options):
     """Anderson-accelerated fixed point with primal recovery (module docstring); W, Gn tall
     (…, m, n), WᵀW = I; ``g_scale`` as in ``solve_newton``. ``max_iters`` caps the maps. A
-    gradient of low rank is solved on the subspace it spans (``subspace.py``). m < 2n (square
+    gradient of low rank is solved on the subspace it spans (``subspace.py``). m < 2.2n (square
     included) is the closed form. State: the dual and the subspace size."""
     m, n = W.shape[-2:]
-    if m < 2 * n:
+    if m < CLOSED_FORM_BELOW * n:
         # N = G⊥ᵀG⊥ has rank ≤ m − n < n: the map cannot contract (module docstring), and the
         # closed form is exact (its D(Λ) is computed for W as it is, which matters for a square
         # weight off the manifold: the n×n identity of the maps assumes WᵀW = I)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import modman.solvers.subspace as subspace
 from modman.manifolds import Stiefel
 from modman.solvers import solve_manifold_muon
+from modman.solvers.anderson import CLOSED_FORM_BELOW
 from modman.solvers.result import sym
 
 from solvers.problems import low_rank
@@ -66,7 +67,7 @@ def test_reduced_solve_matches_the_full_one(solver, prob, dtype, wide):
     if wide:
         W, G = W.mT, G.mT
     n = min(W.shape)
-    assume(solver != "anderson" or max(W.shape) >= 2 * n)  # anderson takes m < 2n to the closed form
+    assume(solver != "anderson" or max(W.shape) >= CLOSED_FORM_BELOW * n)  # below, anderson is the closed form
     res = solve_manifold_muon(W, G, solver=solver)
     assert 1 <= float(res.state["subspace"]) <= 2 * r < n
     _, gap = check_certificate(W, G, res)
