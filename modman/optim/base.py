@@ -244,6 +244,10 @@ class ManifoldOptimizer(Optimizer):
         items = list(params)
         if not items:
             raise ValueError("optimizer got an empty parameter list")
+        if all(isinstance(m, tuple) and len(m) == 2 and isinstance(m[1], nn.Module) for m in items):
+            # model.named_modules(): the modules (their names come from the tree, as for modules()),
+            # where torch's "can only optimize Tensors, but one of the params is …Module" hinted at nothing
+            items = [m for _, m in items]
         if all(isinstance(m, nn.Module) for m in items):
             network = expand_modules(items)
             assignments = self._assign(network, roles)

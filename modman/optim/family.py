@@ -63,10 +63,13 @@ class ManifoldMuon(ManifoldOptimizer):
             uniformly, "modular" refuses, and a callable gets an ``nn.ModuleList`` of them.
             A float scale has no modular budget either ("auto" warns, "modular" refuses).
         project_on_init: move constrained weights onto their manifold (exact polar factor) at
-            construction, listing the moved weights in one warning. Pass False for pretrained models: the
-            first steps then act on W as given, the closed-form retraction then pulls W toward
-            the manifold only gradually, and the polish step snaps it back once the drift check
-            fires — so prefer projecting unless the weights must stay as loaded.
+            construction, listing the moved weights in one warning. Pass False to keep weights as
+            loaded until they are stepped: a Stiefel weight's first step lands it on the manifold
+            (an exact projection after the retraction when it is far off), so expect one larger
+            move then; an embedding's rows join their spheres one by one, as their tokens first
+            get a gradient (rows without one stay as loaded). Projecting a trained model changes
+            its function (a briefly AdamW-trained Llama's loss went 0.33 → 1.72, a probe):
+            fine-tune with the weights' own geometry in mind.
         on_manifold_tol: weights within this distance (max|σ/s − 1|) count as on the manifold.
         nonfinite: "raise" (a FloatingPointError naming the parameters, nothing changed) or
             "skip" (the step is skipped and ``last_step_skipped`` set).

@@ -458,3 +458,15 @@ def test_an_empty_weight_given_a_constrained_role_is_refused_at_construction(cls
             cls([{"params": [("0.weight", model[0].weight)]},
                  {"params": [("1.weight", model[1].weight)], "manifold": "euclidean"}])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_named_modules_are_taken_as_the_modules():
+    """ManifoldMuon(model.named_modules()) raised torch's "optimizer can only optimize Tensors, but
+    one of the params is …Sequential", which did not say that modules() was meant."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Embedding(7, 6), torch.nn.LayerNorm(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        named, plain = ManifoldMuon(model.named_modules()), ManifoldMuon(model.modules())
+    layout = [[(g["param_names"], g["manifold"], g["algorithm"]) for g in opt.param_groups] for opt in (named, plain)]
+    assert layout[0] == layout[1]
+    assert {g["manifold"] for g in named.param_groups} == {"stiefel", "sphere", "euclidean"}
