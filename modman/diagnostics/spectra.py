@@ -74,7 +74,7 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
                 and isinstance(item[1], torch.Tensor)):
             raise TypeError(f"expected (name, tensor) pairs, got {item!r:.80}")
         name, p = item
-        if p.ndim >= 2 and _real_weight(name, p) and p.numel():
+        if p.ndim >= 2 and _real_weight(name, p):
             out.append((name, p, as_matrix(p.detach(), None)))
     return out
 
@@ -206,15 +206,16 @@ def manifold_label(m) -> str:
 
 
 @torch.no_grad()
-def singular_values(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def singular_values(W: torch.Tensor, dtype: torch.dtype = torch.float64, *, precise: bool | None = None) -> torch.Tensor:
     """Singular values (descending) of a matrix or batch, as √eigenvalues of the small Gram.
 
     In fp64 the eigenvalues σᵢ² carry an absolute error ≈ 1e-16·σ₁², so each σᵢ is accurate to
     ≈ 1e-8·σ₁ (far below fp32 weight precision) at about two thirds of the cost of svdvals. An fp64
     weight carries more than that: it gets svdvals itself (σᵢ to ≈ 1e-16·σ₁; through the Gram a
-    κ = 1e10 read as ∞ and κ = 1e8 8 % off, a probe). NaN for a matrix with a NaN or an infinity.
+    κ = 1e10 read as ∞ and κ = 1e8 8 % off, a probe); ``precise`` (default: whether W is fp64)
+    chooses svdvals for an fp64 copy of a narrower weight. NaN for a matrix with a NaN or an infinity.
     """
-    if W.dtype == torch.float64 and dtype == torch.float64:
+    if (W.dtype == torch.float64 if precise is None else precise) and dtype == torch.float64:
         X = W.detach()
         finite = torch.isfinite(X).all(dim=(-2, -1), keepdim=True)
         s = torch.linalg.svdvals(torch.where(finite, X, torch.zeros_like(X)))
@@ -294,7 +295,7 @@ def matrix_stats(W: torch.Tensor, manifold=None, *, exact: bool | None = None,
     c = None
     if exact:
         Wc, c = _unit_scaled(W)
-        s = singular_values(Wc)
+        s = singular_values(Wc, precise=W.dtype == torch.float64)
         s_max, s_min = s[..., 0], s[..., -1]
         fro_sq = (s**2).sum(-1)
     elif not bool(torch.isfinite(W).all()):  # NaN statistics, as the exact path and the tracker give
@@ -313,8 +314,8 @@ def _check_matrix(W, caller: str) -> None:
     """A real floating, non-empty matrix or stack with values, else an error naming ``caller``'s W."""
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"{caller}: W must be a tensor, got {type(W).__name__}")
-    if not W.is_floating_point():
-        raise TypeError(f"{caller}: W must be a real floating tensor, got {W.dtype}")
+    if W.is_complex():  # (an integer or bool matrix is measured as the numbers it holds)
+        raise TypeError(f"{caller}: W must be a real tensor, got {W.dtype}")
     if W.ndim < 2 or W.numel() == 0:
         raise ValueError(f"{caller} needs a non-empty matrix (or stack of them), got shape {tuple(W.shape)}")
     _check_has_values(W, f"{caller}: W")
@@ -333,13 +334,13 @@ def _resolve_one(manifold):
 
 
 def _unit_scaled(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W/c, c) with c the power of two at most max|W| < 2c per matrix, fp64, shaped (…, 1, 1)
-    (1 for a zero or non-finite matrix): W/c is exact (fp64 for an fp64 W, else fp32, which holds
-    every bf16/fp16/fp32 value so scaled), its spectrum c⁻¹ times W's, every σ² representable."""
+    """(W/c in fp64, c) with c the power of two at most max|W| < 2c per matrix, fp64, shaped
+    (…, 1, 1) (1 for a zero or non-finite matrix): W/c is exact (fp64 holds every value of any
+    narrower dtype so scaled), its spectrum c⁻¹ times W's, every σ² representable."""
     top = W.detach().abs().amax(dim=(-2, -1), keepdim=True).double()
     ok = (top > 0) & torch.isfinite(top)
     c = torch.ldexp(torch.ones_like(top), torch.frexp(torch.where(ok, top, torch.ones_like(top))).exponent - 1)
-    return (W.detach().double() / c).to(torch.float64 if W.dtype == torch.float64 else torch.float32), c
+    return W.detach().double() / c, c
 
 
 @torch.no_grad()

@@ -100,7 +100,7 @@ class SpectrumTracker:
         exact_max_dim: matrices with min(m, n) up to this get an exact spectrum at every record
             (for them one small eigendecomposition costs less than the estimators' overhead).
         power_iters: power iterations per estimate at the records in between.
-        meta: free-form {str: str | number} stored with the run.
+        meta: free-form {str: str | number | None | list | tuple | dict} stored with the run.
     """
 
     def __init__(self, model_or_named_params, *, every: int = 10, manifolds=None,
@@ -238,7 +238,7 @@ class SpectrumTracker:
             # ‖ΔW‖₂ needs an eigendecomposition of its own, which on a small model costs as much as
             # W's: exact on spectrum steps (and when forced), a warm-started estimate in between
             exact_update = exact if exact is not None else spectrum_step
-            track.update_exact.append(bool(exact_update))
+            track.update_exact.append(bool(exact_update) and before is not None and name in before)
             pending.append(self._update_metrics(name, W, p.grad, before.get(name) if before else None,
                                                 view, exact_update))
         # every weight's update scalars in one transfer: at these sizes a record's cost is the

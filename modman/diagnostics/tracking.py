@@ -4,7 +4,7 @@ A file holds several runs (e.g. one per optimizer) as plain dicts, lists, number
 saved with ``torch.save``, so ``torch.load(path, weights_only=True)`` reads it back without
 unpickling code. Layout (format ``FORMAT``):
 
-    {"format": FORMAT, "runs": {run name: {"every": int, "meta": {str: str|int|float},
+    {"format": FORMAT, "runs": {run name: {"every": int, "meta": {str: str|number|None|list|tuple|dict},
         "history": [ {str: number} ... ],          # e.g. loss/accuracy per step, free form
         "params": {param name: {"shape": [int], "manifold": str,
             "steps": int64 (T,),  <metric>: float64 (T,) for every metric in METRICS,
@@ -12,8 +12,9 @@ unpickling code. Layout (format ``FORMAT``):
             "spectrum_steps": int64 (S,),  "spectra": float32 (S, r)}}}}}
 
 ``exact`` marks records whose spectrum statistics are exact (else one-sided estimates),
-``update_exact`` those whose update_norm ‖ΔW‖₂ is (else a power-iteration lower bound); files
-written before update_exact existed load with it empty. Metrics not measurable at a record (the
+``update_exact`` those whose update_norm ‖ΔW‖₂ is (else a power-iteration lower bound, or NaN
+without the weights before the step); files written before update_exact existed load with it
+all False. Metrics not measurable at a record (the
 update at the first step in callback mode) are NaN. History and meta values are stored as plain
 Python numbers (numpy scalars converted), so the file loads with weights_only=True.
 """
@@ -122,7 +123,8 @@ class Tracking:
             t = ParamTrack(shape=tuple(p["shape"]), manifold=p["manifold"])
             t.steps = p["steps"].tolist()
             t.exact = p["exact"].tolist()
-            t.update_exact = p["update_exact"].tolist() if "update_exact" in p else []
+            # (a file from before update_exact: not known to be exact, so False, aligned with steps)
+            t.update_exact = p["update_exact"].tolist() if "update_exact" in p else [False] * len(t.steps)
             for k in METRICS:
                 t.values[k] = p[k].tolist()
             t.spectrum_steps = p["spectrum_steps"].tolist()
@@ -155,10 +157,22 @@ def _plain_history(history) -> list:
 
 
 def _plain_meta(meta) -> dict:
-    """meta as {str: str | number} of plain Python values (see ``_plain_number``)."""
+    """meta as plain Python values: str, None, numbers (numpy and one-element tensors converted,
+    ``_plain_number``) and lists, tuples and str-keyed dicts of them — what
+    ``torch.load(weights_only=True)`` reads back (``meta=vars(args)`` holds None and lists)."""
     if not isinstance(meta, Mapping):
-        raise TypeError(f"meta must be a dict {{str: str | number}}, got {type(meta).__name__}")
-    return {str(k): v if isinstance(v, str) else _plain_number(v, f"meta value {k}") for k, v in meta.items()}
+        raise TypeError(f"meta must be a dict {{str: value}}, got {type(meta).__name__}")
+
+    def plain(v, where):
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, (list, tuple)):
+            return type(v)(plain(x, f"{where}[{i}]") for i, x in enumerate(v))
+        if isinstance(v, Mapping):
+            return {str(k): plain(x, f"{where}[{k!r}]") for k, x in v.items()}
+        return _plain_number(v, where)
+
+    return {str(k): plain(v, f"meta value {k}") for k, v in meta.items()}
 
 
 def save_tracking(path, runs) -> Path:

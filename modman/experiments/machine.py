@@ -7,22 +7,15 @@ import platform
 
 import torch
 
+from .._cpu import cpu_info
+
 _FLAGS = ("fma", "avx", "avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 def machine(threads: int | None = None) -> dict:
     """CPU model and the flags that decide bf16 speed, threads, torch version, GPU, load."""
-    cpu, flags = platform.processor() or "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    break
-    except OSError:
-        pass
+    cpu, flags = cpu_info()
+    cpu, flags = cpu or platform.processor() or "unknown", flags or []
     bf16 = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
     return {
         "cpu": cpu,

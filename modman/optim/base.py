@@ -20,7 +20,7 @@ from .._checks import is_finite_real, is_int
 from ..linalg.schedules import KELLER
 from ..manifolds import Euclidean, Sphere, Stiefel
 from . import functional as F
-from .distributed import (SHARED_ALGORITHMS, bits_checksum, check_same_items, matrix_cost, plan_owners, resolve_group,
+from .distributed import (SHARED_ALGORITHMS, bits_checksums, check_same_items, matrix_cost, plan_owners, resolve_group,
                           share_step)
 from .._warn import warn
 from .roles import ROLES, assign_modules, check_roles, expand_modules
@@ -557,11 +557,17 @@ class ManifoldOptimizer(Optimizer):
         advice = ("each constrained step needs the whole matrix, which a sharded parameter spreads over "
                   "the ranks; use DDP (distributed=True deals the solves out across the ranks)")
         for group in groups:
+            constrained = group["algorithm"] != "adamw"  # (elementwise AdamW steps a shard as well as a whole)
             for p in group["params"]:
-                if getattr(p, "_is_flat_param", False) or "._fsdp_wrapped_module." in f".{names[id(p)]}.":
+                # FSDP1 marks its parameters _fsdp_flattened: the FlatParameter (_is_flat_param: all of a
+                # module's weights in one 1-D tensor, never a matrix) and, with use_orig_params=True, the
+                # originals — whole under NO_SHARD (allowed: a 2-D weight stays 2-D), 1-D shards otherwise
+                flat = getattr(p, "_is_flat_param", False) or (
+                    constrained and getattr(p, "_fsdp_flattened", False) and p.ndim < 2)
+                if flat:
                     raise TypeError(f"{names[id(p)]} is a parameter of FullyShardedDataParallel (FSDP), flattened "
                                     f"and sharded: not supported; {advice}")
-                if dtensor is not None and isinstance(p, dtensor) and group["algorithm"] != "adamw":
+                if dtensor is not None and isinstance(p, dtensor) and constrained:
                     raise TypeError(f"{names[id(p)]} is a DTensor (FSDP2's fully_shard or tensor parallelism): "
                                     f"not supported; {advice}")
 
@@ -717,8 +723,8 @@ class ManifoldOptimizer(Optimizer):
                          {k: v for k, v in g.items() if k not in ("params", "param_names")})
                         for i, g in enumerate(self.param_groups)]
             elsewhere = check_same_items(pg, [f"{names[id(p)]} {tuple(p.shape)} {p.dtype}" for _, p in shared], finite,
-                                         settings, [bits_checksum(p) + bits_checksum(self.state.get(p, {}).get("momentum"))
-                                                    for _, p in shared])
+                                         settings, bits_checksums([t for _, p in shared
+                                                                   for t in (p, self.state.get(p, {}).get("momentum"))]))
         # a flag set on a group after construction, refused before anything changes — after the
         # ranks' check, which refuses a flag set on one rank only on every rank (raised here alone,
         # it left the others in the collective until gloo aborted them; a review)

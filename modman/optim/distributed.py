@@ -24,10 +24,13 @@ Requirement: the gradients are identical on all ranks (what DDP's all-reduce giv
 rank calls ``step`` with the same parameters having gradients, and the ranks' weights and
 optimizer state agree. The last two are checked at the start of each step (one small
 all-gather of fingerprints: the names, shapes and dtypes, the group settings, and an exact
-integer checksum of each shared weight and its momentum — a pass over each, cheap beside its
-solve; a mismatch raises on every rank before anything changes); the first is not (it would
-cost a pass over every gradient and a collective): different gradients would leave each rank's
-momentum its own while the weights follow their owners, until the next step's checksum refuses.
+integer checksum of each shared weight and its momentum — a chunked pass over each, cheap beside
+its solve, and one read-back; a mismatch raises on every rank before anything changes); the first
+is not (it would cost a pass over every gradient and a collective): different gradients would
+leave each rank's momentum its own while the weights follow their owners, until the next step's
+checksum refuses. So would ranks whose hardware rounds the elementwise momentum update
+differently (mixed CPU instruction sets or GPU architectures): their runs were never bitwise one
+process's, and now they are told.
 Sharded parameters (FSDP1's flat shards, FSDP2's DTensors) are refused at construction. A matrix whose
 step raises on its owner (a NaN weight, say) is not sent; every other matrix is, and then every
 rank raises, naming it — the ranks stay equal and none waits for a broadcast that never comes.
@@ -117,16 +120,32 @@ def canonical(value):
     return f"<{type(value).__qualname__}>" if " at 0x" in text else text
 
 
-def bits_checksum(t: torch.Tensor | None) -> int:
-    """The sum of t's bits read as integers (0 for None): exact and independent of the order of
-    summation, so equal tensors give equal sums on every rank whatever its thread count (a float
-    sum would not). A pass over t; not a hash — it tells apart the different tensors a mistake
-    produces (another parameter, another state), not crafted ones."""
-    if t is None or t.numel() == 0:
-        return 0
-    flat = t.detach().reshape(-1)
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[flat.element_size()]
-    return int(flat.contiguous().view(ints).sum(dtype=torch.int64))
+_CHECKSUM_CHUNK = 1 << 20  # elements summed at a time: the int64 cast of a chunk is 8 MiB, not 2–4× the tensor
+
+
+def bits_checksums(tensors: list[torch.Tensor | None]) -> list[int]:
+    """For each tensor, the sum of its bits read as integers (0 for None): exact and independent
+    of the order of summation, so bitwise-equal tensors give equal sums on every rank whatever its
+    thread count (a float sum would not; +0.0 and −0.0 differ). Not a hash — it tells apart the
+    different tensors a mistake produces (another parameter, another state), not crafted ones.
+    A pass over each tensor in chunks, and one read-back per device."""
+    sums = []
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            sums.append(None)
+            continue
+        flat = t.detach().reshape(-1).contiguous()
+        ints = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[flat.element_size()])
+        total = torch.zeros((), dtype=torch.int64, device=t.device)
+        for chunk in ints.split(_CHECKSUM_CHUNK):
+            total += chunk.sum(dtype=torch.int64)
+        sums.append(total)
+    by_device: dict = {}
+    for s in sums:
+        if s is not None:
+            by_device.setdefault(s.device, []).append(s)
+    values = {device: iter(torch.stack(ts).tolist()) for device, ts in by_device.items()}
+    return [0 if s is None else next(values[s.device]) for s in sums]
 
 
 def check_same_items(group, names: list[str], finite: bool = True, settings: list[tuple[str, dict]] = (),
@@ -138,8 +157,8 @@ def check_same_items(group, names: list[str], finite: bool = True, settings: lis
     the ranks' weights drift apart silently (4e-3 in a few steps, a user probe). Returns the ranks
     whose gradients are not all finite (``finite`` is this rank's answer), so that every rank
     raises or skips alike: a rank deciding alone left the others waiting in the step's collectives
-    (gloo then aborted them). ``contents`` (a ``bits_checksum`` of each item's weight and
-    momentum, aligned with ``names``) refuses ranks whose weights or optimizer state differ: the
+    (gloo then aborted them). ``contents`` (``bits_checksums`` of each item's weight and
+    momentum, two per name) refuses ranks whose weights or optimizer state differ: the
     same-shape parameters given in another order on one rank (their names come from positions,
     so they agree) made two layers' weights identical on every rank (a probe), and a state loaded
     on one rank only left the other ranks' momenta fresh. One all_gather of three 40-byte
@@ -170,7 +189,8 @@ def check_same_items(group, names: list[str], finite: bool = True, settings: lis
     if len({c for _, _, _, c in answers}) > 1:
         gathered = [None] * len(answers)
         dist.all_gather_object(gathered, list(contents), group=group)  # only to say which differ
-        differ = [n.split(" ")[0] for n, *sums in zip(names, *gathered) if len(set(sums)) > 1]
+        pairs = [list(zip(g[::2], g[1::2])) for g in gathered]  # (weight, momentum) per name
+        differ = [n.split(" ")[0] for n, *sums in zip(names, *pairs) if len(set(sums)) > 1]
         raise ValueError(f"distributed step: the ranks' weights or optimizer state differ for {', '.join(differ[:6])}"
                          f"{', …' if len(differ) > 6 else ''}; under data parallelism every rank holds the same "
                          "ones. Same-shape parameters passed in a different order on some rank? A state_dict "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 from .._checks import is_real
+from .._cpu import native_bf16
+from .._warn import warn
 from .base import ManifoldOptimizer
 
 
@@ -145,6 +147,13 @@ class Muon(ManifoldOptimizer):
                         radius=None)
         super().__init__(params, defaults, fallback=fallback, roles=roles, budget=None, project_on_init=False,
                          on_manifold_tol=1e-5, nonfinite=nonfinite, distributed=distributed)
+        if native_bf16() is False and any(g["algorithm"] == "muon" and g["ns_dtype"] == "bfloat16"
+                                          and any(p.device.type == "cpu" for p in g["params"])
+                                          for g in self.param_groups):
+            # torch.optim.Muon's default too, and silent there: a user's first steps took 12.7 s
+            warn("modman.Muon: bf16 Newton–Schulz (the default: torch.optim.Muon's arithmetic) on a CPU "
+                 "without native bf16 (no avx512_bf16/AMX) is emulated, ~25–50× slower than fp32; pass "
+                 "ns_dtype='float32' unless you need torch.optim.Muon's exact arithmetic")
 
 
 class HypersphericalDescent(ManifoldOptimizer):

@@ -115,7 +115,8 @@ def stiefel_step(
         zero = torch.zeros(W.shape[:-2], dtype=compute.dtype, device=W.device)
         return {"tangent_residual": zero, "duality_gap": zero, "iterations": 0, "msign_calls": 0,
                 "distance_to_manifold": manifold.gram_deviation(compute) / 2}
-    if active is not None and not bool(active.all()):
+    partial = active is not None and not bool(active.all())
+    if partial:
         u = u.masked_fill(~active[..., None, None], 0)  # G = 0 gives A = 0: those matrices stay put
     U = compute if s == 1 else compute / s
     warm = {k: state[k] for k in warm_keys if k in state}
@@ -126,6 +127,11 @@ def stiefel_step(
         if key not in result.state:
             state.pop(key, None)  # another solver's entry (the group's solver changed) or an older version's
     for key, value in result.state.items():
+        old = warm.get(key)
+        if partial and old is not None and old.shape == value.shape:
+            # the resting matrices keep their warm start, as a whole resting matrix does (a zero G
+            # solved alongside reset its dual to 0)
+            value = torch.where(active.reshape(active.shape + (1,) * (value.ndim - active.ndim)), value, old)
         state[key] = value
     stats = {
         "tangent_residual": result.tangent_residual,
@@ -335,7 +341,8 @@ def manifold_muon(params, grads, states, *, lr, manifold=None, solver=None, tol=
     """Functional manifold Muon over lists of parameters, gradients and state dicts (in place).
 
     Each state dict holds "momentum" (created if missing, fp32 — fp64 for fp64 weights) and the
-    solver's warm start. ``solver=None`` uses ``modman.solvers.DEFAULT_SOLVER``; ``flatten`` as in
+    solver's warm start. A matrix whose gradient is exactly zero stays bitwise where it is (its
+    momentum still decays; ``stiefel_step``'s ``active``). ``solver=None`` uses ``modman.solvers.DEFAULT_SOLVER``; ``flatten`` as in
     ``as_matrix``. Returns the per-parameter stats.
     """
     from ..solvers import DEFAULT_SOLVER

@@ -41,8 +41,9 @@ residual predicts success; setup and the final direction four tall m×n×n produ
 When it converges: fast when M stays well conditioned (full-rank G⊥, m ≥ 2n — the usual case
 for a layer's momentum). When N is singular (m < 2n, where rank N ≤ m − n, or a rank-deficient
 G) the map has no contraction (measured on 512×392: the residual hovers at 0.5–1 for 40 maps).
-m < 2.2n (square included; see CLOSED_FORM_BELOW) therefore goes straight to the closed form (``closed_form.py``, exact in
-one eigh); for m ≥ 2n a gradient of low rank is first reduced to the subspace it spans
+m < 2.2n (square included; just above 2n N is barely full rank and the maps crawl: see
+CLOSED_FORM_BELOW) therefore goes straight to the closed form (``closed_form.py``, exact in
+one eigh); for m ≥ 2.2n a gradient of low rank is first reduced to the subspace it spans
 (``subspace.py``), and if the maps still stall or run out before the tolerance, the closed form
 finishes the solve. (Until the closed form was found, a continuation on N + εI, ε = 10⁻²…10⁻¹⁰,
 and then ``newton`` did: 27 msign-equivalents (55 in the unit then used, which was half a
@@ -61,6 +62,7 @@ per map.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -77,7 +79,7 @@ from .result import lambda_max_at_most, sym
 # fewer equivalents (576×256: 2.9 vs 3.5), from 2.5n less time too at n = 256 (640×256: 150 vs
 # 174 ms). A transformer's m = 2n weights (an MLP of twice the width, 2:1 grouped-query heads)
 # took ~12 maps a step in a user's Llama.
-CLOSED_FORM_BELOW = 2.2
+CLOSED_FORM_BELOW = Fraction(11, 5)  # 2.2, exactly: m < 2.2n compares integers (m = 11, n = 5 is not below)
 
 
 def _inv_or_zero(x: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
@@ -278,8 +280,8 @@ def solve_anderson(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options
     included) is the closed form. State: the dual and the subspace size."""
     m, n = W.shape[-2:]
     if m < CLOSED_FORM_BELOW * n:
-        # N = G⊥ᵀG⊥ has rank ≤ m − n < n: the map cannot contract (module docstring), and the
-        # closed form is exact (its D(Λ) is computed for W as it is, which matters for a square
+        # N = G⊥ᵀG⊥ has rank ≤ m − n < n (m < 2n: the map cannot contract) or is barely full rank
+        # (2n ≤ m < 2.2n: it crawls; module docstring), and the closed form is exact (its D(Λ) is computed for W as it is, which matters for a square
         # weight off the manifold: the n×n identity of the maps assumes WᵀW = I)
         return solve_closed_form(W, Gn, tol=tol, max_iters=max_iters, warm_start=None, g_scale=g_scale)
 

@@ -102,6 +102,18 @@ def test_numpy_values_in_history_and_meta_save_as_plain_numbers(tmp_path):
     assert run.meta == {"lr": 0.1, "seed": 3, "opt": "sgd"}
 
 
+def test_meta_like_vars_of_args_round_trips(tmp_path):
+    """None, tuples, lists and dicts load with weights_only too (meta=vars(args) holds them); a
+    first version of the numpy conversion refused them."""
+    meta = {"betas": (0.9, np.float64(0.95)), "note": None, "layers": [np.int64(2), 3],
+            "opt": {"lr": np.float32(0.5), "name": "sgd"}}
+    tracker = SpectrumTracker(nn.Linear(4, 3), every=1, meta=meta)
+    tracker.record(0)
+    run = load_tracking(save_tracking(tmp_path / "t.pt", tracker))["run"]
+    assert run.meta == {"betas": (0.9, 0.95), "note": None, "layers": [2, 3], "opt": {"lr": 0.5, "name": "sgd"}}
+    assert type(run.meta["betas"][1]) is float and type(run.meta["layers"][0]) is int
+
+
 @pytest.mark.parametrize("meta, match", [("x", "meta must be a dict"), ({"cls": object}, "meta value cls")])
 def test_meta_that_would_not_load_is_refused_when_the_tracker_is_made(meta, match):
     with pytest.raises(TypeError, match=match):
@@ -123,3 +135,8 @@ def test_update_exact_marks_the_records_whose_update_norm_is_exact(tmp_path):
     track = run.params["weight"]
     assert track.exact == [True] * 4
     assert track.update_exact == [True, False, True, False]
+    # without the weights before the step there is no update norm (NaN), so it is not exact
+    callback = SpectrumTracker(model, every=1, spectrum_every=1)
+    callback(0, model)
+    assert callback.tracking.params["weight"].update_exact == [False]
+    assert math.isnan(callback.tracking.params["weight"].values["update_norm"][0])

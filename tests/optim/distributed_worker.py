@@ -156,8 +156,13 @@ def sharded(world):
         fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
         return m
 
+    from torch.distributed.fsdp import ShardingStrategy
+
     out = {}
-    for label, wrap in (("fsdp1", lambda m: FullyShardedDataParallel(m, device_id=torch.device("cpu"))),
+    for label, wrap in (("no_shard", lambda m: FullyShardedDataParallel(  # whole weights: allowed
+                            m, use_orig_params=True, sharding_strategy=ShardingStrategy.NO_SHARD,
+                            device_id=torch.device("cpu"))),
+                        ("fsdp1", lambda m: FullyShardedDataParallel(m, device_id=torch.device("cpu"))),
                         ("fsdp1_orig", lambda m: FullyShardedDataParallel(m, use_orig_params=True,
                                                                           device_id=torch.device("cpu"))),
                         ("fsdp2", fsdp2)):

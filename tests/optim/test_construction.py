@@ -470,3 +470,32 @@ def test_named_modules_are_taken_as_the_modules():
     layout = [[(g["param_names"], g["manifold"], g["algorithm"]) for g in opt.param_groups] for opt in (named, plain)]
     assert layout[0] == layout[1]
     assert {g["manifold"] for g in named.param_groups} == {"stiefel", "sphere", "euclidean"}
+
+
+@pytest.mark.parametrize("native, ns_dtype, warns", [(False, "bfloat16", True), (True, "bfloat16", False),
+                                                     (None, "bfloat16", False), (False, "float32", False)])
+def test_muon_says_when_bf16_newton_schulz_is_emulated_on_this_cpu(monkeypatch, native, ns_dtype, warns):
+    """torch.optim.Muon's bf16 arithmetic (modman.Muon's default) is emulated on a CPU without
+    avx512_bf16/AMX: ~50× slower than fp32 (solvers_h1024.json), which a user met as 12.7 s steps."""
+    import modman.optim.family as family
+
+    monkeypatch.setattr(family, "native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Muon(torch.nn.Linear(8, 4).modules(), ns_dtype=ns_dtype)
+    emulated = [w for w in caught if "emulated" in str(w.message)]
+    assert len(emulated) == int(warns)
+    if warns:
+        assert "ns_dtype='float32'" in str(emulated[0].message)
+
+
+def test_native_bf16_reads_the_cpu_flags(tmp_path, monkeypatch):
+    import modman._cpu as cpu
+
+    info = tmp_path / "cpuinfo"
+    for flags, want in (("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True), ("amx_tile amx_bf16", True)):
+        info.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(cpu, "_CPUINFO", str(info))
+        assert cpu.native_bf16() is want and cpu.cpu_info()[0] == "Some CPU"
+    monkeypatch.setattr(cpu, "_CPUINFO", str(tmp_path / "absent"))
+    assert cpu.native_bf16() is None

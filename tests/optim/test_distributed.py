@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import modman
-from modman.optim.distributed import assign_owners
+from modman.optim.distributed import assign_owners, bits_checksums
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 STEPS, MATRICES = 4, 4  # distributed_worker.run's steps; Net's conv, fc1, fc2 and head
@@ -89,7 +89,9 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         # refused alike, naming the matrices, nothing changed
         assert rep["swapped_order"].startswith("unchanged: distributed step: the ranks' weights or optimizer "
                                                "state differ for param0, param1;"), rep["swapped_order"]
-        for (label, cls), message in rep["sharded"].items():  # FSDP's shards: refused by name
+        sharded = dict(rep["sharded"])
+        assert sharded.pop(("no_shard", "ManifoldMuon")) == sharded.pop(("no_shard", "Muon")) == "built"
+        for (label, cls), message in sharded.items():  # FSDP's shards: refused by name
             wanted = ("0.weight is a DTensor" if label == "fsdp2" else
                       "_fsdp_wrapped_module._flat_param is a parameter of FullyShardedDataParallel" if label == "fsdp1"
                       else "_fsdp_wrapped_module.0.weight is a parameter of FullyShardedDataParallel")
@@ -125,3 +127,21 @@ def test_owners_balance_the_cost(costs, world):
         assert max(load) <= sum(costs) / world + max(costs) + 1e-9 * sum(costs)
     if len(costs) <= world:
         assert len(set(owners)) == len(costs)  # one item per rank while there are ranks to spare
+
+
+def test_bits_checksums_are_exact_integer_sums_in_chunks():
+    """The checksum of the ranks' weights: each tensor's bits as integers, summed exactly (against
+    NumPy's sum of the same view), the same for a non-contiguous view of the same values, in
+    chunks (the int64 cast of a whole tensor took 2–4× its memory), 0 for None."""
+    import numpy as np
+    import modman.optim.distributed as distributed
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(3 * distributed._CHECKSUM_CHUNK + 5, generator=g)
+    half = torch.randn(40, 30, generator=g).bfloat16()
+    wide = torch.randn(30, 40, generator=g, dtype=torch.float64)
+    got = bits_checksums([big, half, None, wide.mT, wide.mT.contiguous()])
+    want = [int(big.numpy().view(np.int32).astype(np.int64).sum()),
+            int(half.view(torch.int16).numpy().astype(np.int64).sum()), 0]
+    assert got[:3] == want
+    assert got[3] == got[4] == int(wide.mT.contiguous().numpy().view(np.int32).astype(np.int64).sum())

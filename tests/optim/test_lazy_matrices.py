@@ -38,6 +38,7 @@ def test_an_expert_without_gradient_stays_bitwise_while_the_others_move():
         (model(x) * target).sum().backward()
         opt.step()
     momentum = opt.state[model.weight]["momentum"].clone()
+    warm = {k: v.clone() for k, v in opt.state[model.weight].items() if k != "momentum"}
     before = model.weight.detach().clone()
     for _ in range(5):
         opt.zero_grad()
@@ -49,6 +50,8 @@ def test_an_expert_without_gradient_stays_bitwise_while_the_others_move():
     moved = [float(torch.linalg.matrix_norm(after[e] - before[e], ord=2)) for e in (0, 2)]
     assert min(moved) > 0.1, moved
     torch.testing.assert_close(opt.state[model.weight]["momentum"][1], momentum[1] * 0.95**5, rtol=1e-6, atol=0)
+    # and keeps its warm start (solved alongside with G = 0, its dual was reset to 0)
+    assert warm and all(torch.equal(opt.state[model.weight][k][1], v[1]) for k, v in warm.items() if v.ndim)
     sv = torch.linalg.svdvals(after.double())
     assert float((sv - 1).abs().max()) < 1e-5  # the moved experts stayed on the manifold
 
