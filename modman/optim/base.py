@@ -20,7 +20,7 @@ from .._checks import is_finite_real, is_int
 from ..linalg.schedules import KELLER
 from ..manifolds import Euclidean, Sphere, Stiefel
 from . import functional as F
-from .distributed import (SHARED_ALGORITHMS, bits_checksums, check_same_items, matrix_cost, plan_owners, resolve_group,
+from .distributed import (SHARED_ALGORITHMS, bits_checksums, built_by_zero, check_same_items, matrix_cost, plan_owners, resolve_group,
                           share_step)
 from .._warn import warn
 from .roles import ROLES, assign_modules, check_roles, expand_modules
@@ -198,6 +198,10 @@ class ManifoldOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict, *, fallback: dict | None, roles: dict | None, budget,
                  project_on_init: bool, on_manifold_tol: float, nonfinite: str, distributed=False):
+        if built_by_zero():
+            raise TypeError(f"ZeroRedundancyOptimizer(optimizer_class={type(self).__name__}) is not supported: each "
+                            "rank would hold a shard of the parameters, and modman's steps and groups are per "
+                            "whole matrix; under DDP pass distributed=True instead (it shards the solves)")
         _check_hyperparameters(defaults)
         self._process_group = resolve_group(distributed)  # None: every rank steps everything
         if nonfinite not in ("raise", "skip"):

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 
 import numpy as np
 import torch
@@ -46,6 +47,24 @@ import torch.distributed as dist
 
 # the algorithms whose per-matrix work is worth dealing out (sphere and AdamW steps are elementwise)
 SHARED_ALGORITHMS = ("manifold_muon", "muon")
+
+
+def built_by_zero() -> bool:
+    """Whether the optimizer being built is torch's ZeroRedundancyOptimizer's local one (a frame
+    on the stack whose ``self`` is one; no ZeRO can exist before its module is imported). ZeRO
+    hands each rank a shard of the parameters: each rank would project only its shard at
+    construction (the ranks' models then differ), and ZeRO needs one local group per group given,
+    where modman splits groups by role — it failed on the ranks whose shard held a fallback
+    parameter and left the others waiting (a probe). Refused on every rank alike instead."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if module is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), module.ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def resolve_group(distributed):

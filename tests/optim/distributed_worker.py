@@ -158,7 +158,16 @@ def sharded(world):
 
     from torch.distributed.fsdp import ShardingStrategy
 
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
     out = {}
+    for cls in (modman.ManifoldMuon, modman.Muon):  # ZeRO: refused on every rank (one rank failed, others hung)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5))
+        try:
+            ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, lr=0.05)
+            out["zero", cls.__name__] = "built"
+        except TypeError as e:
+            out["zero", cls.__name__] = str(e)
     for label, wrap in (("no_shard", lambda m: FullyShardedDataParallel(  # whole weights: allowed
                             m, use_orig_params=True, sharding_strategy=ShardingStrategy.NO_SHARD,
                             device_id=torch.device("cpu"))),

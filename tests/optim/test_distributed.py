@@ -91,6 +91,9 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
                                                "state differ for param0, param1;"), rep["swapped_order"]
         sharded = dict(rep["sharded"])
         assert sharded.pop(("no_shard", "ManifoldMuon")) == sharded.pop(("no_shard", "Muon")) == "built"
+        for cls in ("ManifoldMuon", "Muon"):
+            assert sharded.pop(("zero", cls)).startswith(f"ZeroRedundancyOptimizer(optimizer_class={cls}) is not "
+                                                         "supported"), rep["sharded"]
         for (label, cls), message in sharded.items():  # FSDP's shards: refused by name
             wanted = ("0.weight is a DTensor" if label == "fsdp2" else
                       "_fsdp_wrapped_module._flat_param is a parameter of FullyShardedDataParallel" if label == "fsdp1"
