@@ -287,6 +287,7 @@ def matrix_stats(W: torch.Tensor, manifold=None, *, exact: bool | None = None,
     ``distance`` is to ``manifold`` (default unscaled Stiefel); for Euclidean it is 0.
     """
     _check_matrix(W, "matrix_stats")
+    W = W if W.is_floating_point() else W.double()  # an integer or bool matrix: the numbers it holds
     manifold = _resolve_one(manifold)
     if exact is None:
         exact = min(W.shape[-2:]) <= exact_max_dim
@@ -314,7 +315,7 @@ def _check_matrix(W, caller: str) -> None:
     """A real floating, non-empty matrix or stack with values, else an error naming ``caller``'s W."""
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"{caller}: W must be a tensor, got {type(W).__name__}")
-    if W.is_complex():  # (an integer or bool matrix is measured as the numbers it holds)
+    if W.is_complex():
         raise TypeError(f"{caller}: W must be a real tensor, got {W.dtype}")
     if W.ndim < 2 or W.numel() == 0:
         raise ValueError(f"{caller} needs a non-empty matrix (or stack of them), got shape {tuple(W.shape)}")
@@ -348,6 +349,7 @@ def spectral_norm(W: torch.Tensor, *, exact_max_dim: int = EXACT_MAX_DIM) -> flo
     """‖W‖₂ (largest over a stack): exact for small matrices, Lanczos (a lower bound) for large;
     NaN for a matrix with a NaN or an infinity."""
     _check_matrix(W, "spectral_norm")
+    W = W if W.is_floating_point() else W.double()  # an integer or bool matrix: the numbers it holds
     if min(W.shape[-2:]) <= exact_max_dim:  # fp32 suffices: only σ₁ is wanted, to ≈ 1e-7 relative
         Wc, c = _unit_scaled(W)  # (an fp32 Gram of W itself overflowed at 1e20, flushed to 0 at 1e-25)
         return float((singular_values(Wc, torch.float32)[..., 0].double() * c[..., 0, 0]).max())

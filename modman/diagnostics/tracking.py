@@ -163,16 +163,29 @@ def _plain_meta(meta) -> dict:
     if not isinstance(meta, Mapping):
         raise TypeError(f"meta must be a dict {{str: value}}, got {type(meta).__name__}")
 
-    def plain(v, where):
-        if v is None or isinstance(v, str):
+    def plain(v, where, depth=0):
+        if depth > 16:  # (a list that holds itself recursed without end)
+            raise TypeError(f"{where} is nested more than 16 deep")
+        if v is None:
             return v
+        if isinstance(v, str):
+            return str.__str__(v)  # its text: a str subclass (np.str_, a str Enum) saved, then refused at load
         if isinstance(v, (list, tuple)):
-            return type(v)(plain(x, f"{where}[{i}]") for i, x in enumerate(v))
+            items = [plain(x, f"{where}[{i}]", depth + 1) for i, x in enumerate(v)]
+            return list(items) if isinstance(v, list) else tuple(items)  # (a namedtuple as a tuple)
         if isinstance(v, Mapping):
-            return {str(k): plain(x, f"{where}[{k!r}]") for k, x in v.items()}
+            return keyed(v, where, depth + 1)
         return _plain_number(v, where)
 
-    return {str(k): plain(v, f"meta value {k}") for k, v in meta.items()}
+    def keyed(mapping, where, depth=0):
+        out = {}
+        for k, x in mapping.items():
+            if str(k) in out:
+                raise TypeError(f"{where} has keys {k!r} and {str(k)!r}, the same once made str")
+            out[str(k)] = plain(x, f"{where}[{k!r}]" if depth else f"meta value {k}", depth)
+        return out
+
+    return keyed(meta, "meta")
 
 
 def save_tracking(path, runs) -> Path:

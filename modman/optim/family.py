@@ -147,10 +147,19 @@ class Muon(ManifoldOptimizer):
                         radius=None)
         super().__init__(params, defaults, fallback=fallback, roles=roles, budget=None, project_on_init=False,
                          on_manifold_tol=1e-5, nonfinite=nonfinite, distributed=distributed)
+        self._warn_if_emulated(self.param_groups)
+
+    def _check_added(self, start: int) -> None:
+        super()._check_added(start)
+        self._warn_if_emulated(self.param_groups[start:])
+
+    @staticmethod
+    def _warn_if_emulated(groups) -> None:
+        """bf16 Newton–Schulz (torch.optim.Muon's arithmetic, the default) on CPU weights of an x86
+        CPU without native bf16 is emulated: torch.optim.Muon is silent about it, and a user's first
+        steps took 12.7 s. (Unknown elsewhere — ARM, macOS: no warning.)"""
         if native_bf16() is False and any(g["algorithm"] == "muon" and g["ns_dtype"] == "bfloat16"
-                                          and any(p.device.type == "cpu" for p in g["params"])
-                                          for g in self.param_groups):
-            # torch.optim.Muon's default too, and silent there: a user's first steps took 12.7 s
+                                          and any(p.device.type == "cpu" for p in g["params"]) for g in groups):
             warn("modman.Muon: bf16 Newton–Schulz (the default: torch.optim.Muon's arithmetic) on a CPU "
                  "without native bf16 (no avx512_bf16/AMX) is emulated, ~25–50× slower than fp32; pass "
                  "ns_dtype='float32' unless you need torch.optim.Muon's exact arithmetic")

@@ -115,3 +115,13 @@ def test_meta_tensors_hold_no_memory():
     """peak_temporary_bytes counted torch.empty(10**9, device="meta") as 4 GB."""
     assert peak_temporary_bytes(lambda: torch.empty(10**6, device="meta")).peak_bytes == 0
     assert peak_temporary_bytes(lambda: torch.empty(10**3)).peak_bytes == 4000
+
+
+def test_integer_and_bool_matrices_are_measured_as_their_numbers():
+    W = torch.randint(-3, 4, (70, 40), generator=torch.Generator().manual_seed(0))
+    exact = torch.linalg.svdvals(W.double())
+    for how in (True, False):  # the exact path and Lanczos
+        assert matrix_stats(W, exact=how)["sigma_max"] == pytest.approx(float(exact[0]), rel=1e-3, abs=0)
+    assert spectral_norm(W, exact_max_dim=10) == pytest.approx(float(exact[0]), rel=1e-3, abs=0)
+    B = W > 0
+    assert spectral_norm(B) == pytest.approx(float(torch.linalg.svdvals(B.double())[0]), rel=1e-6, abs=0)

@@ -114,7 +114,25 @@ def test_meta_like_vars_of_args_round_trips(tmp_path):
     assert type(run.meta["betas"][1]) is float and type(run.meta["layers"][0]) is int
 
 
-@pytest.mark.parametrize("meta, match", [("x", "meta must be a dict"), ({"cls": object}, "meta value cls")])
+def test_meta_subclasses_are_saved_as_their_plain_bases(tmp_path):
+    """np.str_, a str Enum and a namedtuple were saved as such and refused by load_tracking."""
+    import collections
+    import enum
+
+    class Mode(str, enum.Enum):
+        FAST = "fast"
+
+    Pair = collections.namedtuple("Pair", "a b")
+    tracker = SpectrumTracker(nn.Linear(4, 3), every=1,
+                              meta={"name": np.str_("run"), "mode": Mode.FAST, "pair": Pair(1, np.float64(2.0))})
+    tracker.record(0)
+    run = load_tracking(save_tracking(tmp_path / "t.pt", tracker))["run"]
+    assert run.meta == {"name": "run", "mode": "fast", "pair": (1, 2.0)}
+    assert type(run.meta["name"]) is str and type(run.meta["pair"]) is tuple
+
+
+@pytest.mark.parametrize("meta, match", [("x", "meta must be a dict"), ({"cls": object}, "meta value cls"),
+                                         ({1: "a", "1": "b"}, "the same once made str")])
 def test_meta_that_would_not_load_is_refused_when_the_tracker_is_made(meta, match):
     with pytest.raises(TypeError, match=match):
         SpectrumTracker(nn.Linear(4, 3), meta=meta)

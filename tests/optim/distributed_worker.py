@@ -179,10 +179,16 @@ def sharded(world):
         model = wrap(torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False), torch.nn.Tanh(), torch.nn.Linear(6, 5)))
         for cls in (modman.ManifoldMuon, modman.Muon):
             try:
-                cls(model.modules())
-                out[label, cls.__name__] = "built"
+                opt = cls(model.modules())
             except TypeError as e:
                 out[label, cls.__name__] = str(e)
+                continue
+            model(torch.randn(4, 8, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+            opt.step()  # (NO_SHARD: the gradients all-reduced, whole weights stepped)
+            weights = [p.detach() for p in model.parameters() if p.ndim == 2]
+            on = all(float((torch.linalg.svdvals(w.double()) - 1).abs().max()) < 1e-5 for w in weights)
+            out[label, cls.__name__] = f"stepped, on the manifold: {on}"
+            model.zero_grad()
     return out
 
 

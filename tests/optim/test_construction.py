@@ -499,3 +499,33 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path, monkeypatch):
         assert cpu.native_bf16() is want and cpu.cpu_info()[0] == "Some CPU"
     monkeypatch.setattr(cpu, "_CPUINFO", str(tmp_path / "absent"))
     assert cpu.native_bf16() is None
+
+
+def test_muon_warns_for_an_added_bf16_group_too(monkeypatch):
+    import modman.optim.family as family
+
+    monkeypatch.setattr(family, "native_bf16", lambda: False)
+    opt = Muon([torch.nn.Parameter(torch.randn(4, 3))], ns_dtype="float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(5, 3))], "ns_dtype": "bfloat16"})
+    assert sum("emulated" in str(w.message) for w in caught) == 1
+
+
+def test_building_with_zero_imported_keeps_no_deleted_local_alive():
+    """The ZeRO check read every calling frame's locals, and on Python 3.11–3.12 that snapshot
+    kept a variable the caller deleted alive until the caller returned (a review)."""
+    import gc
+    import weakref
+
+    import torch.distributed.optim  # noqa: F401  (imports ZeRO's module: the check then runs)
+
+    class Big:
+        pass
+
+    big = Big()
+    ref = weakref.ref(big)
+    ManifoldMuon(torch.nn.Linear(4, 3).modules())
+    del big
+    gc.collect()
+    assert ref() is None
