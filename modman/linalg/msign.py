@@ -117,6 +117,11 @@ def msign(
     Y = Y.reshape(*batch_shape, *Y.shape[-2:])
     if transposed:
         Y = Y.mT
+    if needs_grad:
+        # msign(0) = 0, a convention at a discontinuity: its gradient is 0 too (the iteration's
+        # derivative at 0 is the product of the schedule's linear coefficients, ~1e4 here)
+        zero = X.detach().eq(0).flatten(-2).all(-1)[..., None, None]
+        Y = torch.where(zero, torch.zeros_like(Y), Y)
     return Y.to(X.dtype)
 
 
@@ -148,8 +153,9 @@ def _normalise(Y: torch.Tensor, normalization: str, safety: float):
     # bound is loose by up to √n on a flat spectrum (S ≈ c·I), where the row sums are tight
     gnorm = torch.minimum(torch.linalg.matrix_norm(gram, keepdim=True),
                           gram.abs().sum(dim=-1, keepdim=True).amax(dim=-2, keepdim=True))
-    scale = gnorm.sqrt() * safety
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # the zero test before the root: √0's derivative is infinite, and through the discarded
+    # branch of a where it still made the gradient of a zero matrix NaN (0·∞)
+    scale = torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm)).sqrt() * safety
     return Y / scale, gram / (scale * scale)
 
 
@@ -159,10 +165,19 @@ def _msign_svd(X: torch.Tensor) -> torch.Tensor:
     msign(X) = msign(X/c) for any c > 0, so each matrix is first divided by c = max|X|: LAPACK's
     SVD overflows to zeros on fp32 entries near 1e38 (and loses precision near 1e-38)."""
     amax = X.abs().amax(dim=(-2, -1), keepdim=True)
-    X = X / torch.where(amax > 0, amax, torch.ones_like(amax))
+    zero = amax == 0
+    X = X / torch.where(zero, torch.ones_like(amax), amax)
+    if bool(zero.any()):
+        # msign(0) = 0; the SVD of a zero matrix has all-equal singular values, whose backward is
+        # NaN (and poisoned any loss summed over a batch): decompose a stand-in with distinct ones
+        # and zero the result
+        k = min(X.shape[-2:])
+        stand_in = torch.diag_embed(torch.arange(1, k + 1, dtype=X.dtype, device=X.device))
+        stand_in = torch.nn.functional.pad(stand_in, (0, X.shape[-1] - k, 0, X.shape[-2] - k))
+        X = torch.where(zero, stand_in, X)
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(X.dtype).eps
-    keep = (S > tol).to(X.dtype)
+    keep = ((S > tol) & ~zero[..., 0]).to(X.dtype)
     return (U * keep.unsqueeze(-2)) @ Vh
 
 

@@ -10,11 +10,9 @@ All methods need real floating tensors (an integer result would be truncated).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._checks import shape_from
+from .._checks import is_finite_real, shape_from
 from ..linalg.msign import check_floating, resolve_compute_dtype
 
 
@@ -29,10 +27,9 @@ class Sphere:
     name = "sphere"
 
     def __init__(self, radius: float = 1.0):
-        radius = float(radius)
-        if not math.isfinite(radius) or radius <= 0:
-            raise ValueError(f"Sphere radius must be a positive finite float, got {radius}")
-        self.radius = radius
+        if not (is_finite_real(radius) and radius > 0):  # (float() took True as 1.0)
+            raise ValueError(f"Sphere radius must be a positive finite float, got {radius!r}")
+        self.radius = float(radius)
 
     def __repr__(self) -> str:
         return f"Sphere(radius={self.radius!r})"

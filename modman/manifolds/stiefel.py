@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .._checks import shape_from
+from .._checks import is_finite_real, shape_from
 from ..linalg.blocked import gram64
 from ..linalg.msign import check_floating, resolve_compute_dtype
 
@@ -50,12 +50,10 @@ class Stiefel:
 
     def __init__(self, scale: None | str | float = None):
         if scale is not None and scale != "rms":
-            try:
-                scale = float(scale)
-            except (TypeError, ValueError):
-                raise ValueError(f"Stiefel scale must be None, 'rms' or a positive float, got {scale!r}") from None
-            if not math.isfinite(scale) or scale <= 0:
-                raise ValueError(f"Stiefel scale must be None, 'rms' or a positive float, got {scale}")
+            # (float() took True as 1.0 and "2" as 2.0)
+            if not (is_finite_real(scale) and scale > 0):
+                raise ValueError(f"Stiefel scale must be None, 'rms' or a positive float, got {scale!r}")
+            scale = float(scale)
         self.scale = scale
 
     def __repr__(self) -> str:

@@ -8,19 +8,21 @@ symmetric dual Λ; ``certify`` makes A feasible and computes the rigorous dualit
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 
 import torch
 
+from .._checks import is_finite_real, is_int
 from ..linalg.blocked import scaled_norm64
 from ..linalg.msign import resolve_compute_dtype
 from .admm import solve_admm
-from .anderson import solve_anderson
+from .anderson import anderson_core, solve_anderson
 from .closed_form import solve_closed_form
 from .dual_ascent import solve_dual_ascent
 from .lyapunov import solve_lyapunov
-from .newton import msign_flops, skew, solve_newton, tall_frame
+from .newton import msign_flops, newton_core, skew, solve_newton, tall_frame
 from .projected import solve_projected
 from .reduction import lift, reduce_tall
 from .result import SolveResult, certify, certify_gram, certify_with_norm, make_feasible, nuclear_norm, spectral_norm, sym
@@ -70,8 +72,9 @@ def solve_manifold_muon(
     The problem is scale-free in G (the optimum A is unchanged by G → cG, c > 0), so solvers
     work on Gn = G/‖G‖_F (‖G‖_F in fp64 scaled by max|G|: any finite G, denormal or near the
     dtype's maximum, is solved like G of unit scale); G = 0 gives A = 0 with gap 0, and so does a G
-    whose tangent part at W is at most 2·eps·‖G‖_F (eps of W's and G's dtypes: a gradient normal
-    to the manifold, such as an L2 penalty's, up to rounding).
+    whose tangent part at W is at most 2·eps·‖G‖_F (eps of W's and G's dtypes; plus 8·√m·eps64
+    for the fp64 measurement's own rounding: a gradient normal to the manifold, such as an L2
+    penalty's, up to rounding).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
@@ -88,10 +91,14 @@ def solve_manifold_muon(
     if not bool(torch.isfinite(W).all()):  # (one pass over W; an eigh would fail on it with a LinAlgError)
         raise ValueError("solve_manifold_muon: W contains NaN or Inf")
     fn, default_tol, default_iters = SOLVERS[solver]
+    # (a bool, a string, NaN or 2.9 ran silently: tol=True as 1.0, max_iters=2.9 as 2; a probe)
+    if tol is not None and not (is_finite_real(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite real number ≥ 0 (or None for the solver's default), got {tol!r}")
+    if max_iters is not None and not (is_int(max_iters) and max_iters >= 0):
+        raise ValueError(f"max_iters must be an int ≥ 0 (or None for the solver's default), got {max_iters!r}")
     tol = default_tol if tol is None else float(tol)
     max_iters = default_iters if max_iters is None else int(max_iters)
-    if tol < 0 or max_iters < 0:
-        raise ValueError(f"tol and max_iters must be ≥ 0, got {tol} and {max_iters}")
+    _check_options(solver, fn, options)
 
     wide = W.shape[-2] < W.shape[-1]
     dtype = resolve_compute_dtype(W.dtype, None)
@@ -147,9 +154,13 @@ def solve_manifold_muon(
         scales = options.get("g_scale")
         Wf, Gf = Wt.reshape(-1, m, n), Gn.reshape(-1, m, n)
         noise = torch.zeros(suspect.numel(), dtype=torch.bool, device=suspect.device)
+        # the fp64 measurement has rounding of its own, ~eps64·√m: for fp64 inputs as large as the
+        # bar itself (5.0e-16 measured against 4.4e-16 for G = 2λW on 64×16, where a full-length
+        # noise direction came back; a probe), so it gets that much room on top
+        bar = 2 * eps + 8 * math.sqrt(m) * torch.finfo(torch.float64).eps
         for b in suspect.reshape(-1).nonzero().reshape(-1).tolist():
             sc = 1.0 if scales is None else scales.reshape(-1)[b]
-            noise[b] = _tangent_norm(Wf[b], Gf[b], sc) <= 2 * eps
+            noise[b] = _tangent_norm(Wf[b], Gf[b], sc) <= bar
         noise = noise.reshape(gap.shape)
         if bool(noise.any()):
             A = A.masked_fill(noise[..., None, None], 0.0)
@@ -168,6 +179,28 @@ def solve_manifold_muon(
         direction_norm=norm.to(dtype),
         dual_value=(D.reshape(gap.shape) * g_size[..., 0, 0]).to(dtype),
     )
+
+
+# options a solver takes through **options and passes on to its core
+_CORES = {solve_anderson: anderson_core, solve_newton: newton_core}
+_INTERNAL = {"tol", "max_iters", "warm_start", "g_scale", "G_raw", "square"}
+
+
+def _check_options(solver: str, fn, options: dict) -> None:
+    """Refuse options the solver does not take, naming them and the ones it does (a typo such as
+    faithfull=True was ignored by some solvers and raised a TypeError naming an internal
+    function in others). A registered solver that takes **kwargs of its own is not checked."""
+    params = inspect.signature(fn).parameters.values()
+    takes = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        if fn not in _CORES:
+            return
+        takes |= {p.name for p in inspect.signature(_CORES[fn]).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    allowed = takes - _INTERNAL
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"solve_manifold_muon: solver {solver!r} takes no option {', '.join(unknown)}; "
+                        f"its options: {', '.join(sorted(allowed)) or 'none'}")
 
 
 def _tangent_norm(W: torch.Tensor, G: torch.Tensor, g_scale) -> float:

@@ -72,4 +72,4 @@ def _reference_msign(G: torch.Tensor, steps: int = 10) -> torch.Tensor:
         x = y @ x
     if transpose:
         x = x.mT
-    return torch.nan_to_num(x).float()
+    return torch.nan_to_num(x).to(G.dtype)  # (.float() made an fp64 solve fail on mixed dtypes)

@@ -402,3 +402,19 @@ def test_the_triton_backend_refuses_an_input_that_needs_a_gradient():
             raise AssertionError("refused under no_grad")
         except (RuntimeError, ImportError):
             pass  # no Triton / no interpreter on this machine: refused for that, not for autograd
+
+
+@pytest.mark.parametrize("schedule", ["polar_express", "keller", "convergent", "svd"])
+def test_a_zero_matrix_in_a_batch_has_a_finite_gradient(schedule):
+    """msign(0) = 0, and its gradient was NaN (√0 under a discarded where; the SVD of equal
+    singular values), which poisoned every gradient of a loss summed over the batch (a probe)."""
+    X = torch.zeros(2, 4, 3, dtype=torch.float64)
+    X[1] = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    X.requires_grad_(True)
+    weights = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    Y = msign(X, schedule=schedule)
+    (Y * weights).sum().backward()
+    assert not Y[0].any() and torch.isfinite(X.grad).all() and not X.grad[0].any()
+    alone = X.detach()[1].clone().requires_grad_(True)
+    (msign(alone, schedule=schedule) * weights[1]).sum().backward()
+    torch.testing.assert_close(X.grad[1], alone.grad, rtol=1e-9, atol=0)

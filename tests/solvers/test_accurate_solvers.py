@@ -352,3 +352,51 @@ def test_gap_bounds_the_true_sub_optimality_of_a_gradient_nearly_normal_to_the_m
     p_lo = feasible_value(W64, G.double(), best.direction)
     true_gap = (p_lo - feasible_value(W64, G.double(), res.direction.double())) / p_lo
     assert res.duality_gap.item() >= true_gap - 1e-6, (res.duality_gap.item(), true_gap)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+@pytest.mark.parametrize("seed", [13, 18])
+def test_an_fp64_l2_gradient_has_no_direction(solver, seed):
+    """G = momentum of 2λW in fp64 on 64×16: its tangent part measured 5.0e-16 (the fp64
+    measurement's own rounding) against a bar of 2·eps64 = 4.4e-16, and a full-length noise
+    direction came back with gap 0.99 (a probe; seeds 13 and 18 of 30). Now A = 0, gap 0."""
+    torch.manual_seed(seed)
+    W = Stiefel().random(64, 16, dtype=torch.float64)
+    G = 0.0
+    for _ in range(3):
+        G = 0.9 * G + 0.02 * W
+    res = solve_manifold_muon(W, G, solver=solver)
+    assert not res.direction.any() and res.duality_gap.item() == 0
+
+
+def test_solver_arguments_are_checked_by_name():
+    """tol=True ran as 1.0, tol='0.5' and NaN ran, max_iters=2.9 ran 2 iterations; an option a
+    solver does not take (faithfull=True) was ignored by some solvers and raised naming an
+    internal function in others (a probe)."""
+    W = Stiefel().random((24, 6), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = torch.randn(24, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for bad in (True, "0.5", float("nan"), -1.0):
+        with pytest.raises(ValueError, match="tol must be a finite real number"):
+            solve_manifold_muon(W, G, solver="dual_ascent", tol=bad)
+    for bad in (2.9, True, -1):
+        with pytest.raises(ValueError, match="max_iters must be an int"):
+            solve_manifold_muon(W, G, solver="dual_ascent", max_iters=bad)
+    for solver in SOLVERS:
+        with pytest.raises(TypeError, match=f"solver '{solver}' takes no option faithfull"):
+            solve_manifold_muon(W, G, solver=solver, faithfull=True)
+    assert solve_manifold_muon(W, G, solver="dual_ascent", max_iters=3).iterations == 3
+    # the options each solver does take still go through (and faithful in fp64 ran in fp32 and failed)
+    assert solve_manifold_muon(W, G, solver="dual_ascent", faithful=True, max_iters=5).iterations == 5
+    solve_manifold_muon(W, G, solver="anderson", depth=3)
+    solve_manifold_muon(W, G, solver="newton", cg_iters=50)
+
+
+def test_manifold_sizes_refuse_bools_and_strings():
+    from modman.manifolds import Sphere
+
+    for bad in (True, "2", 0.0, float("inf")):
+        with pytest.raises(ValueError, match="Stiefel scale must be"):
+            Stiefel(bad)
+        with pytest.raises(ValueError, match="Sphere radius must be"):
+            Sphere(bad)
+    assert Stiefel(2).scale == 2.0 and Sphere(3).radius == 3.0
