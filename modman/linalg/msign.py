@@ -60,7 +60,7 @@ def msign(
         schedule: ``"polar_express"`` (default; converges), ``"keller"`` (Muon's fixed quintic;
             singular values end in about [0.68, 1.13]), ``"convergent"`` (the quintic with
             p(1) = 1, p'(1) = p''(1) = 0, for polishing nearly orthogonal inputs), or ``"svd"``
-            (exact; singular values below rank tolerance map to zero).
+            (exact, in fp32 at least; singular values below rank tolerance map to zero; no steps).
         steps: number of Newton–Schulz iterations; ``None`` uses the schedule's default.
         compute_dtype: dtype of the iteration; defaults to X's dtype for fp32/fp64 and to fp32
             for bf16/fp16 (an fp32 input is never silently computed in bf16).
@@ -72,7 +72,8 @@ def msign(
             ``"frobenius"`` (σ_max ≤ ‖X‖_F, as in the published reference code).
 
     Returns:
-        A tensor of X's shape and dtype.
+        A tensor of X's shape and dtype: a matrix with a NaN or an infinity gives NaN from the
+        iterations (the SVD raises torch's LinAlgError), a zero matrix zeros.
     """
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"msign expects a torch.Tensor, got {type(X).__name__}")
@@ -92,7 +93,11 @@ def msign(
         raise TypeError(f"steps must be an int or None, got {steps!r} ({type(steps).__name__})")
     if steps < 0:
         raise ValueError(f"steps must be ≥ 0, got {steps}")
+    if schedule == "svd" and steps:  # (ignored silently before)
+        raise ValueError(f"steps has no meaning for schedule='svd' (an exact SVD), got {steps}")
     dtype = resolve_compute_dtype(X.dtype, compute_dtype)
+    if schedule == "svd" and dtype in (torch.bfloat16, torch.float16):
+        dtype = torch.float32  # LAPACK has no half-precision SVD ("linalg_svd_cpu" not implemented)
     needs_grad = X.requires_grad and torch.is_grad_enabled()
     if backend == "triton" and needs_grad:  # (the kernels' output silently had no grad_fn)
         raise ValueError("msign: backend='triton' is not differentiable and X requires grad; use "

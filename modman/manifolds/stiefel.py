@@ -69,6 +69,16 @@ class Stiefel:
         if len(shape) < 2:
             raise ValueError(f"Stiefel needs a matrix (≥ 2 dims); {name} has shape {tuple(shape)}")
 
+    def _check_pair(self, W: torch.Tensor, V: torch.Tensor, names: str, where: str) -> None:
+        """W and a tangent-side tensor of the same shape and dtype (a (4, 8) V at an (8, 4) W was
+        silently transposed to fit; a 1-D W raised IndexError; mixed dtypes a raw matmul error)."""
+        check_floating(W, names[0], where)
+        check_floating(V, names[1], where)
+        self.check_shape(W.shape)
+        if V.shape != W.shape or V.dtype != W.dtype:
+            raise ValueError(f"{where}: {names[1]} must have W's shape and dtype, got {tuple(V.shape)} "
+                             f"{V.dtype} at W {tuple(W.shape)} {W.dtype}")
+
     def scale_for(self, shape) -> float:
         """The common singular value s for a weight of torch shape (..., d_out, d_in)."""
         if self.scale is None:
@@ -91,8 +101,7 @@ class Stiefel:
 
     def tangent(self, W: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection of V onto the tangent space at W: V − U sym(UᵀV), U = W/s."""
-        check_floating(W, "W", "Stiefel.tangent")
-        check_floating(V, "V", "Stiefel.tangent")
+        self._check_pair(W, V, "WV", "Stiefel.tangent")
         s = self.scale_for(W.shape)
         U, Vt = to_tall(W) / s, to_tall(V)
         P = Vt - U @ _sym(U.mT @ Vt)
@@ -100,8 +109,7 @@ class Stiefel:
 
     def tangent_residual(self, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """‖UᵀA + AᵀU‖_F / ‖A‖_F in the tall orientation (0 for A = 0)."""
-        check_floating(W, "W", "Stiefel.tangent_residual")
-        check_floating(A, "A", "Stiefel.tangent_residual")
+        self._check_pair(W, A, "WA", "Stiefel.tangent_residual")
         U, At = to_tall(W) / self.scale_for(W.shape), to_tall(A)
         H = U.mT @ At
         num = torch.linalg.matrix_norm(H + H.mT)
@@ -110,8 +118,7 @@ class Stiefel:
 
     def retract(self, W: torch.Tensor, V: torch.Tensor, method: str = "polar") -> torch.Tensor:
         """Map W + V back onto the manifold (see the module docstring for the methods)."""
-        check_floating(W, "W", "Stiefel.retract")
-        check_floating(V, "V", "Stiefel.retract")
+        self._check_pair(W, V, "WV", "Stiefel.retract")
         if method == "polar":
             return self.project(W + V)
         if method == "qr":
@@ -200,12 +207,17 @@ class Stiefel:
 
         σᵢ² are the eigenvalues of the fp64 Gram UᵀU (U = W/s, tall, summed over fp64 row blocks),
         to ≈ n·eps₆₄ (2e-13 at n = 1024) near the manifold, where the distance meets tolerances of
-        1e-5 — fp32 singular values were off by up to 3e-6 there."""
+        1e-5 — fp32 singular values were off by up to 3e-6 there. NaN for a matrix with a NaN or
+        an infinity, or whose Gram overflows fp64 (entries beyond ~1e150)."""
         check_floating(W, "W", "Stiefel.distance")
+        self.check_shape(W.shape)
         dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
         s = self.scale_for(W.shape)
-        sq = torch.linalg.eigvalsh(gram64(to_tall(W))).clamp(min=0) / (s * s)
-        return (sq.sqrt() - 1).abs().amax(dim=-1).to(dtype)
+        gram = gram64(to_tall(W))
+        finite = torch.isfinite(gram).all(dim=(-2, -1), keepdim=True)  # (NaN: a LinAlgError before)
+        sq = torch.linalg.eigvalsh(torch.where(finite, gram, torch.zeros_like(gram))).clamp(min=0) / (s * s)
+        dist = (sq.sqrt() - 1).abs().amax(dim=-1)
+        return torch.where(finite[..., 0, 0], dist, torch.full_like(dist, math.nan)).to(dtype)
 
     def random(self, *size, shape=None, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
         """A uniformly distributed (Haar) point: the polar factor of a Gaussian matrix."""

@@ -371,3 +371,22 @@ def test_random_takes_a_shape_as_torch_randn_does(M):
     assert a.shape == (6, 4) and torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
     with pytest.raises(TypeError, match=f"{type(M).__name__}.random: shape"):
         M.random(6, 4.5)
+
+
+def test_stiefel_pairs_must_match_and_bad_weights_are_named():
+    """tangent(W (8, 4), V (4, 8)) transposed V to fit; a 1-D W raised IndexError; mixed dtypes a
+    raw matmul error; distance of a NaN weight a LinAlgError (a probe)."""
+    st = Stiefel()
+    W = st.random(8, 4, generator=torch.Generator().manual_seed(0))
+    for fn in (st.tangent, st.retract, st.tangent_residual):
+        with pytest.raises(ValueError, match="must have W's shape and dtype"):
+            fn(W, torch.randn(4, 8))
+        with pytest.raises(ValueError, match="must have W's shape and dtype"):
+            fn(W, torch.randn(8, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="Stiefel needs a matrix"):
+        st.distance(torch.randn(5))
+    bad = W.clone()
+    bad[0, 0] = float("nan")
+    stack = torch.stack([W, bad])
+    d = st.distance(stack)
+    assert d[0].item() < 1e-5 and math.isnan(d[1].item())

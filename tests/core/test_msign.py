@@ -418,3 +418,15 @@ def test_a_zero_matrix_in_a_batch_has_a_finite_gradient(schedule):
     alone = X.detach()[1].clone().requires_grad_(True)
     (msign(alone, schedule=schedule) * weights[1]).sum().backward()
     torch.testing.assert_close(X.grad[1], alone.grad, rtol=1e-9, atol=0)
+
+
+def test_the_svd_schedule_in_half_precision_and_its_steps():
+    """compute_dtype=bf16 with schedule='svd' raised NotImplementedError from LAPACK; steps=3
+    with it was ignored without a word (a probe)."""
+    X = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    exact = polar_svd(X.double())
+    for dtype in (torch.bfloat16, torch.float16):
+        Y = msign(X, schedule="svd", compute_dtype=dtype)
+        assert Y.dtype == X.dtype and (Y.double() - exact).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="steps has no meaning for schedule='svd'"):
+        msign(X, schedule="svd", steps=3)
