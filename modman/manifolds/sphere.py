@@ -27,6 +27,8 @@ class Sphere:
     name = "sphere"
 
     def __init__(self, radius: float = 1.0):
+        if isinstance(radius, torch.Tensor) and radius.numel() == 1 and radius.dtype != torch.bool:
+            radius = radius.item()
         if not (is_finite_real(radius) and radius > 0):  # (float() took True as 1.0)
             raise ValueError(f"Sphere radius must be a positive finite float, got {radius!r}")
         self.radius = float(radius)

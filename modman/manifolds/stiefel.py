@@ -49,6 +49,8 @@ class Stiefel:
     name = "stiefel"
 
     def __init__(self, scale: None | str | float = None):
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.dtype != torch.bool:
+            scale = scale.item()
         if scale is not None and scale != "rms":
             # (float() took True as 1.0 and "2" as 2.0)
             if not (is_finite_real(scale) and scale > 0):

@@ -259,7 +259,8 @@ def muon_step(
     if torch_arithmetic:
         update = _orthogonalize_like_torch(u, schedule, ns_steps, compute_dtype)
     else:
-        update = msign(u, schedule=schedule, steps=ns_steps, compute_dtype=compute_dtype)
+        # (the exact SVD has no steps: Muon's default ns_steps=5 would be refused there)
+        update = msign(u, schedule=schedule, steps=None if schedule == "svd" else ns_steps, compute_dtype=compute_dtype)
     A, B = W.shape[-2], W.shape[-1]
     if adjust_lr in (None, "original"):
         ratio = math.sqrt(max(1, A / B))

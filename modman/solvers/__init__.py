@@ -41,7 +41,9 @@ DEFAULT_SOLVER = "anderson"
 
 
 def register_solver(name: str, fn, default_tol: float, default_max_iters: int) -> None:
-    """Add a solver ``fn(W, Gn, *, tol, max_iters, warm_start, **options) -> SolverOutput``."""
+    """Add a solver ``fn(W, Gn, *, tol, max_iters, warm_start, **options) -> SolverOutput``; its
+    parameters after W and Gn other than those three are the options ``solve_manifold_muon``
+    passes it (others are refused by name), unless it takes ``**kwargs`` itself."""
     SOLVERS[name] = (fn, default_tol, default_max_iters)
 
 
@@ -72,7 +74,7 @@ def solve_manifold_muon(
     The problem is scale-free in G (the optimum A is unchanged by G → cG, c > 0), so solvers
     work on Gn = G/‖G‖_F (‖G‖_F in fp64 scaled by max|G|: any finite G, denormal or near the
     dtype's maximum, is solved like G of unit scale); G = 0 gives A = 0 with gap 0, and so does a G
-    whose tangent part at W is at most 2·eps·‖G‖_F (eps of W's and G's dtypes; plus 8·√m·eps64
+    whose tangent part at W is at most 2·eps·‖G‖_F (eps of W's and G's dtypes; plus 16·eps64
     for the fp64 measurement's own rounding: a gradient normal to the manifold, such as an L2
     penalty's, up to rounding).
     """
@@ -92,6 +94,8 @@ def solve_manifold_muon(
         raise ValueError("solve_manifold_muon: W contains NaN or Inf")
     fn, default_tol, default_iters = SOLVERS[solver]
     # (a bool, a string, NaN or 2.9 ran silently: tol=True as 1.0, max_iters=2.9 as 2; a probe)
+    if isinstance(tol, torch.Tensor) and tol.numel() == 1 and not tol.dtype == torch.bool:
+        tol = tol.item()  # a group's tensor tol, as the optimizer accepts it
     if tol is not None and not (is_finite_real(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite real number ≥ 0 (or None for the solver's default), got {tol!r}")
     if max_iters is not None and not (is_int(max_iters) and max_iters >= 0):
@@ -154,10 +158,11 @@ def solve_manifold_muon(
         scales = options.get("g_scale")
         Wf, Gf = Wt.reshape(-1, m, n), Gn.reshape(-1, m, n)
         noise = torch.zeros(suspect.numel(), dtype=torch.bool, device=suspect.device)
-        # the fp64 measurement has rounding of its own, ~eps64·√m: for fp64 inputs as large as the
-        # bar itself (5.0e-16 measured against 4.4e-16 for G = 2λW on 64×16, where a full-length
-        # noise direction came back; a probe), so it gets that much room on top
-        bar = 2 * eps + 8 * math.sqrt(m) * torch.finfo(torch.float64).eps
+        # the fp64 measurement has rounding of its own, as large as the bar itself for fp64 inputs
+        # (5.0e-16 against 4.4e-16 for G = 2λW on 64×16, where a full-length noise direction came
+        # back; a probe): room for it on top, measured ≤ 1.05e-15 from 64×16 to 32768×64 and 1024²
+        # (a review), and no more — a genuine fp64 tangent part of 1e-14 keeps its direction
+        bar = 2 * eps + 16 * torch.finfo(torch.float64).eps
         for b in suspect.reshape(-1).nonzero().reshape(-1).tolist():
             sc = 1.0 if scales is None else scales.reshape(-1)[b]
             noise[b] = _tangent_norm(Wf[b], Gf[b], sc) <= bar
@@ -190,8 +195,11 @@ def _check_options(solver: str, fn, options: dict) -> None:
     """Refuse options the solver does not take, naming them and the ones it does (a typo such as
     faithfull=True was ignored by some solvers and raised a TypeError naming an internal
     function in others). A registered solver that takes **kwargs of its own is not checked."""
-    params = inspect.signature(fn).parameters.values()
+    params = list(inspect.signature(fn).parameters.values())
+    # keyword-only options, and for a registered fn(W, Gn, tol, max_iters, warm_start, alpha=…)
+    # its positional-or-keyword ones after W and Gn
     takes = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    takes |= {p.name for p in params[2:] if p.kind is p.POSITIONAL_OR_KEYWORD}
     if any(p.kind is p.VAR_KEYWORD for p in params):
         if fn not in _CORES:
             return

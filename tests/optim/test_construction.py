@@ -529,3 +529,22 @@ def test_building_with_zero_imported_keeps_no_deleted_local_alive():
     del big
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
+def test_muon_steps_with_the_exact_svd_schedule(ns_dtype):
+    """ns_schedule='svd' with torch_arithmetic=False is accepted at construction, but Muon's
+    default ns_steps=5 made msign refuse the step (a review): the SVD has no steps."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4, bias=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = Muon(lin.modules(), ns_schedule="svd", torch_arithmetic=False, ns_dtype=ns_dtype, weight_decay=0.0,
+                   lr=0.1)
+    before = lin.weight.detach().clone()
+    (lin(torch.randn(8, 6)) * torch.randn(8, 4)).sum().backward()  # a gradient of full rank 4
+    opt.step()
+    step = (before - lin.weight.detach()).double()
+    # an exact polar factor scaled by lr·√max(1, d_out/d_in): every singular value the same
+    sv = torch.linalg.svdvals(step)
+    assert float((sv - sv[0]).abs().max()) <= 1e-6 and sv[0].item() == pytest.approx(0.1, rel=1e-5, abs=0)
