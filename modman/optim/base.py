@@ -20,8 +20,8 @@ from .._checks import is_finite_real, is_int
 from ..linalg.schedules import KELLER
 from ..manifolds import Euclidean, Sphere, Stiefel
 from . import functional as F
-from .distributed import (SHARED_ALGORITHMS, bits_checksums, built_by_zero, check_same_items, matrix_cost, plan_owners, resolve_group,
-                          share_step)
+from .distributed import (SHARED_ALGORITHMS, bits_checksums, built_by_zero, check_same_items, matrix_cost,
+                          plan_owners, resolve_group, share_step)
 from .._warn import warn
 from .roles import ROLES, assign_modules, check_roles, expand_modules
 

@@ -343,8 +343,9 @@ def manifold_muon(params, grads, states, *, lr, manifold=None, solver=None, tol=
 
     Each state dict holds "momentum" (created if missing, fp32 — fp64 for fp64 weights) and the
     solver's warm start. A matrix whose gradient is exactly zero stays bitwise where it is (its
-    momentum still decays; ``stiefel_step``'s ``active``). ``solver=None`` uses ``modman.solvers.DEFAULT_SOLVER``; ``flatten`` as in
-    ``as_matrix``. Returns the per-parameter stats.
+    momentum still decays; ``stiefel_step``'s ``active``). ``solver=None`` uses
+    ``modman.solvers.DEFAULT_SOLVER``; ``flatten`` as in ``as_matrix``. Returns the per-parameter
+    stats.
     """
     from ..solvers import DEFAULT_SOLVER
 

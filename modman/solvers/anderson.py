@@ -281,8 +281,9 @@ def solve_anderson(W, Gn, *, tol, max_iters, warm_start, g_scale=None, **options
     m, n = W.shape[-2:]
     if m < CLOSED_FORM_BELOW * n:
         # N = G⊥ᵀG⊥ has rank ≤ m − n < n (m < 2n: the map cannot contract) or is barely full rank
-        # (2n ≤ m < 2.2n: it crawls; module docstring), and the closed form is exact (its D(Λ) is computed for W as it is, which matters for a square
-        # weight off the manifold: the n×n identity of the maps assumes WᵀW = I)
+        # (2n ≤ m < 2.2n: it crawls; module docstring), and the closed form is exact (its D(Λ) is
+        # computed for W as it is, which matters for a square weight off the manifold: the n×n
+        # identity of the maps assumes WᵀW = I)
         return solve_closed_form(W, Gn, tol=tol, max_iters=max_iters, warm_start=None, g_scale=g_scale)
 
     def core(Gw, N, dual, tol_, dual_value=None):
