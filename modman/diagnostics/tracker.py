@@ -238,7 +238,7 @@ class SpectrumTracker:
             # ‖ΔW‖₂ needs an eigendecomposition of its own, which on a small model costs as much as
             # W's: exact on spectrum steps (and when forced), a warm-started estimate in between
             exact_update = exact if exact is not None else spectrum_step
-            track.update_exact.append(bool(exact_update) and before is not None and name in before)
+            track.update_exact.append(bool(exact_update) and before is not None and before.get(name) is not None)
             pending.append(self._update_metrics(name, W, p.grad, before.get(name) if before else None,
                                                 view, exact_update))
         # every weight's update scalars in one transfer: at these sizes a record's cost is the

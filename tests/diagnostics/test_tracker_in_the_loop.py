@@ -158,3 +158,6 @@ def test_update_exact_marks_the_records_whose_update_norm_is_exact(tmp_path):
     callback(0, model)
     assert callback.tracking.params["weight"].update_exact == [False]
     assert math.isnan(callback.tracking.params["weight"].values["update_norm"][0])
+    callback.record(1, before={"weight": None}, exact=True)  # a before without this weight's copy
+    assert callback.tracking.params["weight"].update_exact == [False, False]
+    assert math.isnan(callback.tracking.params["weight"].values["update_norm"][1])
