@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..linalg.blocked import power_of_two_floor
+
 
 @dataclass(frozen=True)
 class LanczosEstimate:
@@ -120,7 +122,7 @@ def lanczos_svals(
     # the end: in fp32 the recurrence overflowed from ~1e19 and underflowed below ~1e-23 (a
     # LinAlgError, or σ_max = 0 at 1e-30)
     peak = X.abs().amax((-2, -1)).double()
-    scale = torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak.clamp(min=1e-300)))), torch.ones_like(peak))
+    scale = power_of_two_floor(peak)
     X = (X / scale[:, None, None].to(X.dtype)).to(dtype)
     b, m, n = X.shape
     k_max = min(int(max_iters), n)

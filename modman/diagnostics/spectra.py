@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .._warn import warn
+from ..linalg.blocked import power_of_two_floor
 from ..manifolds import Euclidean, Sphere, Stiefel, get_manifold
 from ..optim.functional import as_matrix
 from ..optim.roles import matrix_view, named_modules
@@ -338,9 +339,7 @@ def _unit_scaled(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(W/c in fp64, c) with c the power of two at most max|W| < 2c per matrix, fp64, shaped
     (…, 1, 1) (1 for a zero or non-finite matrix): W/c is exact (fp64 holds every value of any
     narrower dtype so scaled), its spectrum c⁻¹ times W's, every σ² representable."""
-    top = W.detach().abs().amax(dim=(-2, -1), keepdim=True).double()
-    ok = (top > 0) & torch.isfinite(top)
-    c = torch.ldexp(torch.ones_like(top), torch.frexp(torch.where(ok, top, torch.ones_like(top))).exponent - 1)
+    c = power_of_two_floor(W.detach().abs().amax(dim=(-2, -1), keepdim=True).double())
     return W.detach().double() / c, c
 
 

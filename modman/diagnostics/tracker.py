@@ -50,7 +50,7 @@ from . import small_linalg
 from .estimators import power_iteration, symmetric_lanczos_extremes
 from .spectra import (gram_eigenvalues, is_transposed_view, manifold_label, matrices_and_manifolds, singular_values,
                       stats_from_extremes, stats_from_floats)
-from .tracking import ParamTrack, Tracking, _plain_meta, save_tracking
+from .tracking import ParamTrack, Tracking, plain_meta, save_tracking
 
 # Up to this min(m, n) an exact spectrum at every record costs less than the estimators' per-op
 # overhead (an fp64 eigvalsh at n = 64 ≈ 0.1 ms; at n = 128 ≈ 0.6 ms, a third of an MNIST-1D
@@ -127,7 +127,7 @@ class SpectrumTracker:
         # how each matrix views its parameter, re-applied at every record (p.data may be replaced)
         self._params = [(name, p, _view_of(p, W)) for name, p, W in mats]
         self._manifolds = resolved
-        self.tracking = Tracking(every=every, meta=_plain_meta(meta or {}))  # checked now, not at save
+        self.tracking = Tracking(every=every, meta=plain_meta(meta or {}))  # checked now, not at save
         for name, p, view in self._params:
             self.tracking.params[name] = ParamTrack(shape=tuple(_matrix(p, view).shape),
                                                     manifold=manifold_label(self._manifolds[name]))

@@ -113,7 +113,7 @@ class Tracking:
             for k in METRICS:
                 d[k] = t.metric(k)
             params[name] = d
-        return {"every": int(self.every), "meta": _plain_meta(self.meta), "history": _plain_history(self.history),
+        return {"every": int(self.every), "meta": plain_meta(self.meta), "history": _plain_history(self.history),
                 "params": params}
 
     @classmethod
@@ -156,7 +156,7 @@ def _plain_history(history) -> list:
     return out
 
 
-def _plain_meta(meta) -> dict:
+def plain_meta(meta) -> dict:
     """meta as plain Python values: str, None, numbers (numpy and one-element tensors converted,
     ``_plain_number``) and lists, tuples and str-keyed dicts of them — what
     ``torch.load(weights_only=True)`` reads back (``meta=vars(args)`` holds None and lists)."""

@@ -45,6 +45,15 @@ def gram64(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
+def power_of_two_floor(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise the power of two c with c ≤ x < 2c (1 where x is 0 or not finite), in x's
+    dtype: dividing by it is exact (no rounding, barring underflow), so it scales a matrix by its
+    largest entry to unit size without changing a bit of its mantissas."""
+    ok = (x > 0) & torch.isfinite(x)
+    exponent = torch.frexp(torch.where(ok, x, torch.ones_like(x))).exponent - 1
+    return torch.where(ok, torch.ldexp(torch.ones_like(x), exponent), torch.ones_like(x))
+
+
 def scaled_norm64(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max|X|, ‖X‖_F/max|X|) over the last two dims in fp64, each (…, 1, 1) — ‖X‖_F without
     forming it: the sum of squares of X/max|X| over fp64 row blocks, so neither overflows nor

@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..linalg import msign
+from ..linalg.blocked import power_of_two_floor
 from ..linalg.schedules import default_steps
 from ..manifolds import Sphere, Stiefel
 from ..solvers import solve_manifold_muon
@@ -216,7 +217,7 @@ def sphere_step(W: torch.Tensor, u: torch.Tensor, *, lr: float, manifold: Sphere
     # (exact), so that the norms below neither underflow nor overflow — at a loss ×1e-20 the fp32
     # squares of 1e-25 entries were 0 and no row moved (a user probe)
     peak = uc.abs().amax(dim=-1, keepdim=True)
-    uc = uc / torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
+    uc = uc / power_of_two_floor(peak)
     g = manifold.tangent(compute, uc)
     norms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
     eps = max(torch.finfo(W.dtype).eps, torch.finfo(u.dtype).eps)

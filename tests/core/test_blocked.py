@@ -1,9 +1,12 @@
 """modman.linalg.blocked: fp64 sums over row blocks equal the whole-matrix fp64 products."""
+import math
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modman.linalg.blocked import MIN_BLOCK_ROWS, combine_rows, dot64, gram64, row_blocks, scaled_norm64
+from modman.linalg.blocked import (MIN_BLOCK_ROWS, combine_rows, dot64, gram64, power_of_two_floor, row_blocks,
+                                   scaled_norm64)
 
 
 @st.composite
@@ -72,3 +75,17 @@ def test_scaled_norm64_neither_overflows_nor_underflows():
         assert torch.isfinite(norm64(Y)).all() and bool((norm64(Y)[[0, 2]] > 0).all())
     amax, ratio = scaled_norm64(torch.full((4, 5), 1e308, dtype=torch.float64))
     assert float(amax) == 1e308 and abs(float(ratio) - 20**0.5) <= 1e-14 * 20**0.5
+
+
+@given(st.floats(min_value=0.0, allow_infinity=True, width=32) | st.just(math.nan),
+       st.sampled_from([torch.float32, torch.float64]))
+def test_power_of_two_floor_brackets_and_divides_exactly(x, dtype):
+    t = torch.tensor([x], dtype=dtype)
+    c = power_of_two_floor(t)
+    if not (x > 0 and math.isfinite(x)):
+        assert c.item() == 1.0
+        return
+    mantissa, _ = torch.frexp(c)
+    assert mantissa.item() == 0.5  # a power of two
+    assert c.item() <= x < 2 * c.item()
+    assert ((t / c) * c).item() == x  # exact both ways
