@@ -42,23 +42,34 @@ def _check_scale(scale):
 
 
 def _spectral(M: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.matrix_norm(M.detach().to(torch.float64), ord=2)
+    """‖M‖₂ in fp64; NaN for a non-finite M (LAPACK's SVD raises on one)."""
+    M = M.detach().to(torch.float64)
+    if not bool(torch.isfinite(M).all()):
+        return torch.tensor(math.nan, dtype=torch.float64)
+    return torch.linalg.matrix_norm(M, ord=2)
 
 
 class MatrixAtom(Atom):
-    """A Stiefel weight used as x ↦ W x (Linear, or Conv with W flattened to (out, in·k…))."""
+    """A Stiefel weight used as x ↦ W x (Linear, or Conv with W flattened to (out, in·k…)).
 
-    def __init__(self, name, param, mass=1.0, scale=None, kind="linear", frozen=False):
+    ``transposed=True``: a 2-D weight stored as (d_in, d_out) and used as x ↦ Wᵀx (transformers'
+    Conv1D in GPT-2); changes are given in the stored shape."""
+
+    constrained = True
+
+    def __init__(self, name, param, mass=1.0, scale=None, kind="linear", frozen=False, transposed=False):
         super().__init__(name, param, mass)
         _check_scale(scale)
-        if param.ndim < 2:
-            raise ValueError(f"{name} has shape {tuple(param.shape)}; a matrix atom needs ≥ 2 dims")
+        if param.ndim < 2 or transposed and param.ndim != 2:
+            raise ValueError(f"{name} has shape {tuple(param.shape)}; a matrix atom needs ≥ 2 dims "
+                             "(exactly 2 when transposed)")
         self.scale = scale
         self.kind = kind
-        self.d_out = param.shape[0]
-        self.d_in = math.prod(param.shape[1:])
+        self.transposed = bool(transposed)
+        self.d_out, self.d_in = (param.shape[1], param.shape[0]) if transposed else \
+            (param.shape[0], math.prod(param.shape[1:]))
         if frozen:  # as it is: ‖W‖_{RMS→RMS} = √(d_in/d_out)·‖W‖₂
-            s = float(_spectral(param.reshape(self.d_out, self.d_in)))
+            s = float(_spectral(self._matrix(param)))
         else:  # on the manifold every singular value is s
             s = 1.0 if scale is None else math.sqrt(self.d_out / self.d_in)
         self.sensitivity = s * math.sqrt(self.d_in / self.d_out)
@@ -66,8 +77,12 @@ class MatrixAtom(Atom):
     def bound(self, rho):
         return self.sensitivity * rho
 
+    def _matrix(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the parameter's shape) as the (d_out, d_in) operator."""
+        return t.mT if self.transposed else t.reshape(self.d_out, self.d_in)
+
     def rms_norm(self, delta):
-        return math.sqrt(self.d_in / self.d_out) * _spectral(delta.reshape(self.d_out, self.d_in))
+        return math.sqrt(self.d_in / self.d_out) * _spectral(self._matrix(delta))
 
     def own_factor(self):
         return math.sqrt(self.d_in / self.d_out) if self.scale is None else 1.0
@@ -81,6 +96,7 @@ class EmbeddingAtom(Atom):
     embedding's radius is its largest row norm."""
 
     homogeneous = False
+    constrained = True
     sensitivity = 0.0  # the input is an index: no input change to propagate
 
     def __init__(self, name, param, mass=1.0, radius=1.0, frozen=False):

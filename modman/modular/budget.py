@@ -5,7 +5,10 @@ Steepest descent with step η under the modular norm ‖Δw‖ = maxᵢ cᵢ·ρ
 norm: √(d_in/d_out) for an unscaled Stiefel weight, 1 under scale="rms", 1/√d for embedding rows).
 So lr_scaleᵢ = 1/(cᵢρᵢkᵢ) (ρᵢ = 1 for atoms whose change does not scale with the input), and
 ManifoldMuon(lr=η, budget=...) bounds the first-order RMS change of the output per step by η.
-Atoms of mass 0 (passengers) are left out: the optimizer's fallback trains them.
+Biases and gains of mass 0 (passengers) are left out: the optimizer's fallback trains them. A
+trainable Linear, Conv or Embedding weight given mass 0 is outside the norm too (any change to it
+has norm ∞), so steepest descent under the norm leaves it where it is: lr_scale 0 (without one
+ManifoldMuon would step it lr × 1).
 
 Masses and depth. With the default masses (1 per weight) a composition of L weights gives each a
 share μᵢ/μ = 1/L, and a plain bias-free ReLU MLP of L Stiefel layers gets lr_scale 1/L per layer
@@ -52,8 +55,8 @@ def _rows(tree: Module):
     rows = []
     for p in tree.placements():
         a = p.atom
-        if math.isinf(p.coefficient):
-            rows.append((a, p, None))
+        if math.isinf(p.coefficient):  # mass 0
+            rows.append((a, p, 0.0 if a.constrained and a.param.requires_grad else None))
             continue
         rho = p.input_bound if a.homogeneous else 1.0
         denom = p.coefficient * rho * a.own_factor()
@@ -65,8 +68,9 @@ def _rows(tree: Module):
 
 
 def budget(model: nn.Module | Module, **options) -> dict[str, float]:
-    """{parameter name: lr_scale} for the weights of positive mass (names as in
-    ``model.named_parameters()``); ``options`` go to ``from_torch`` (scale, masses, …). Warns
+    """{parameter name: lr_scale} for the trainable Linear, Conv and Embedding weights (0 for one
+    of mass 0, see the module docstring; names as in ``model.named_parameters()``); ``options``
+    go to ``from_torch`` (scale, masses, …). Warns
     when the lr_scales span more than SPREAD_WARNING or all lie below FROZEN_SCALE, compounded
     through the composition (``checked_budget``), and for each normalisation layer whose input
     bound is below the RMS it assumes (``unmet_assumptions``)."""
@@ -99,21 +103,23 @@ def checked_budget(model: nn.Module | Module, **options) -> tuple[dict[str, floa
                            "budget='uniform'")
     rows = [(a, scale) for a, _, scale in _rows(tree) if scale is not None]
     out = {a.name: scale for a, scale in rows}
-    composition = {a.name: scale * a.own_factor() for a, scale in rows}
-    lo, hi = (min(out, key=out.get), max(out, key=out.get)) if out else (None, None)
+    moving = {a.name: scale for a, scale in rows if scale > 0}  # spread and depth among the weights that move
+    composition = {a.name: scale * a.own_factor() for a, scale in rows if scale > 0}
+    lo, hi = (min(moving, key=moving.get), max(moving, key=moving.get)) if moving else (None, None)
     deepest = min(composition, key=composition.get) if composition else None
-    if out and out[hi] < FROZEN_SCALE and composition[deepest] < FROZEN_SCALE:
+    if moving and moving[hi] < FROZEN_SCALE and composition[deepest] < FROZEN_SCALE:
         return out, "frozen", (
-            f"modular budget leaves every weight below lr/{1 / FROZEN_SCALE:g} (lr_scales from {out[lo]:.3g} for "
-            f"{lo!r} to {out[hi]:.3g} for {hi!r}; the composition alone gives {deepest!r} {composition[deepest]:.3g}) "
+            f"modular budget leaves every weight below lr/{1 / FROZEN_SCALE:g} (lr_scales from {moving[lo]:.3g} for "
+            f"{lo!r} to {moving[hi]:.3g} for {hi!r}; the composition alone gives {deepest!r} "
+            f"{composition[deepest]:.3g}) "
             "— in effect frozen at the lr of a uniform budget. Each rule is a worst case and residual blocks "
             "x + f(x) multiply the sensitivities by 1 + sens(f) each. Consider ManifoldMuon(..., budget='uniform'), "
             "or blocks x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, 'Learning-rate transfer across depth')"
         )
-    if out and out[hi] > SPREAD_WARNING * out[lo]:
+    if moving and moving[hi] > SPREAD_WARNING * moving[lo]:
         return out, "spread", (
-            f"modular budget spans {out[hi] / out[lo]:.3g}× (more than {SPREAD_WARNING:g}×): smallest lr_scale "
-            f"{out[lo]:.3g} for {lo!r}, largest {out[hi]:.3g} for {hi!r}. Each rule is a worst case and the "
+            f"modular budget spans {moving[hi] / moving[lo]:.3g}× (more than {SPREAD_WARNING:g}×): smallest lr_scale "
+            f"{moving[lo]:.3g} for {lo!r}, largest {moving[hi]:.3g} for {hi!r}. Each rule is a worst case and the "
             "sensitivities of the layers after a weight multiply (residual blocks x + f(x) add 1 + sens(f) "
             "each), so the smallest steps are in effect frozen. Consider ManifoldMuon(..., budget='uniform'), "
             "or blocks x·(1 − 1/L) + f(x)/L tared to a fixed mass (README, 'Learning-rate transfer across depth')"
@@ -133,7 +139,7 @@ def unmet_assumptions(tree: Module, rho: float = 1.0) -> list[str]:
         floor = math.floor(rho * 1e3) / 1e3  # rounded down: passing it must clear the line
         return [f"{tree.name}: its input RMS is at most {rho:.4g} by the bounds above it, below the assumed "
                 f"{min_rms:g} (pass norm_min_rms={floor:g}, or let what feeds it keep RMS ≥ {min_rms:g}: "
-                "scale='rms' for Linear layers, embedding_radius=√d for an Embedding's unit rows)"]
+                "scale='rms' for Linear layers; ManifoldMuon keeps an Embedding's rows at radius 1, RMS 1/√d)"]
     return [t for m in tree.children() for t in unmet_assumptions(m, rho)]
 
 

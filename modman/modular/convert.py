@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .._checks import is_finite_real, is_real
+from ..optim.roles import is_transformers_conv1d
 from . import bonds
 from .atoms import BiasAtom, EmbeddingAtom, GainAtom, MatrixAtom, _check_scale
 from .module import Bond, Compose, Module, Parallel, Tare, compose
@@ -75,6 +76,12 @@ _KNOWN_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention, nn
                 *_ACTIVATION_MODULES, *_SHAPE_MODULES) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
+def _is_known(module: nn.Module) -> bool:
+    """A layer ``_known_layer`` describes (or refuses by name), by its type alone: while torch.fx
+    traces, reading ``module.weight`` would put a get_attr node in the graph."""
+    return isinstance(module, _KNOWN_TYPES) or type(module).__name__ in ("RMSNorm", "Conv1D")
+
+
 def _join(prefix: str, attr: str) -> str:
     return f"{prefix}.{attr}" if prefix else attr
 
@@ -113,6 +120,11 @@ def _known_layer(module: nn.Module, prefix: str, opts: Options) -> Module | None
         name = _join(prefix, "weight")
         w = module.weight
         core = MatrixAtom(name, w, opts.mass(name, 1.0, w), opts.scale, frozen=not w.requires_grad)
+        return _with_bias(core, module, prefix, opts)
+    if is_transformers_conv1d(module):  # GPT-2's Linear with the weight stored (in, out): x ↦ x W + b
+        name = _join(prefix, "weight")
+        w = module.weight
+        core = MatrixAtom(name, w, opts.mass(name, 1.0, w), opts.scale, frozen=not w.requires_grad, transposed=True)
         return _with_bias(core, module, prefix, opts)
     if isinstance(module, _CONVS):
         if module.groups != 1:
@@ -216,7 +228,7 @@ class _Tracer(fx.Tracer):
         # a type test only: parameters are proxies while tracing, so no atom is built here. A torch.nn
         # layer without a rule stays one node too, so that a refusal names it: traced into, its
         # F.batch_norm or bare weight was charged to the enclosing module ("describe ResNet")
-        return isinstance(m, _KNOWN_TYPES) or type(m).__name__ == "RMSNorm" or _is_torch_layer(m)
+        return _is_known(m) or _is_torch_layer(m)
 
 
 def _is_torch_layer(module: nn.Module) -> bool:
@@ -491,7 +503,7 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
             atom.name = names[id(atom.param)]
     # A trainable weight of a layer modman knows that the tree never places would get no lr_scale
     # (the optimizer would step it by lr × 1, outside the norm): refuse instead of budgeting without it.
-    missing = [_join(m_name, p_name) for m_name, m in model.named_modules() if isinstance(m, _KNOWN_TYPES)
+    missing = [_join(m_name, p_name) for m_name, m in model.named_modules() if _is_known(m)
                for p_name, p in m.named_parameters(recurse=False) if p.requires_grad and id(p) not in seen]
     if missing:
         raise ModularError(

@@ -105,12 +105,12 @@ class Module:
                 raise ValueError(f"norm(): the change for {p.atom.name!r} has shape {tuple(delta.shape)}, but the "
                                  f"parameter has shape {tuple(p.atom.param.shape)}")
             n = p.atom.rms_norm(delta) * (p.input_bound if p.atom.homogeneous else 1.0)
-            if math.isinf(p.coefficient):
-                values.append(torch.where(n > 0, torch.full_like(n, math.inf), torch.zeros_like(n)))
+            if math.isinf(p.coefficient):  # outside the norm: ∞ for any change, NaN for a NaN one
+                values.append(torch.where(n == 0, torch.zeros_like(n), n * math.inf))
             else:
                 values.append(p.coefficient * n)
         if not values:
-            return torch.zeros(())
+            return torch.zeros((), dtype=torch.float64)
         return torch.stack([v.to(torch.float64) for v in values]).max()
 
     def __repr__(self) -> str:
@@ -123,6 +123,7 @@ class Atom(Module):
     ``homogeneous`` (whether the output change scales with the input's RMS)."""
 
     homogeneous = True
+    constrained = False  # ManifoldMuon steps it on a manifold by lr × lr_scale (not the AdamW fallback)
 
     def __init__(self, name: str, param: torch.Tensor, mass: float):
         if not (is_finite_real(mass) and mass >= 0):

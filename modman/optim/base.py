@@ -23,6 +23,7 @@ from . import functional as F
 from .distributed import (SHARED_ALGORITHMS, bits_checksums, built_by_zero, check_same_items, matrix_cost,
                           plan_owners, resolve_group, share_step)
 from .._warn import warn
+from .budgets import resolve_budget
 from .roles import ROLES, assign_modules, check_roles, expand_modules
 
 _RESERVED = {"momentum", "exp_avg", "exp_avg_sq", "step"}
@@ -257,7 +258,10 @@ class ManifoldOptimizer(Optimizer):
             assignments = self._assign(network, roles)
             if not assignments:
                 raise ValueError("the given modules have no trainable parameters")
-            scales = self._resolve_budget(budget, network)
+            constrained = [a.name for a in assignments if self.ALGORITHMS.get(a.role) is not None]
+            passengers = [a.name for a in assignments if self.ALGORITHMS.get(a.role) is None]
+            scales = resolve_budget(budget, network, constrained, passengers, scale=self._budget_scale,
+                                    owner=type(self).__name__)
             groups, fallback = [], {"params": [], "param_names": [], "algorithm": "adamw", **fb,
                                     "manifold": "euclidean"}
             for a in assignments:
@@ -398,60 +402,6 @@ class ManifoldOptimizer(Optimizer):
                 raise TypeError(f"{a.name}: {type(a.module).__name__}(sparse=True) gives sparse gradients, which "
                                 f"{type(self).__name__} does not support; build it with sparse=False")
         return assignments
-
-    def _resolve_budget(self, budget, network) -> dict[str, float]:
-        """{parameter name: lr_scale} for the expanded modules (see ManifoldMuon's ``budget``)."""
-        if budget in (None, "uniform"):
-            return {}
-        if isinstance(budget, dict):
-            return {str(k): float(v) for k, v in budget.items()}
-        if callable(budget):  # several separate modules: the ModuleList of them, named as the optimizer names them
-            return {str(k): float(v) for k, v in budget(network.root).items()}
-        if budget in ("modular", "auto"):
-            from ..modular import ModularError
-            from ..modular.budget import FROZEN_SCALE, checked_budget
-
-            meta = next((n for n, p in network.root.named_parameters() if p.is_meta), None)
-            if meta is not None:  # (torch: "Tensor.item() cannot be called on meta tensors")
-                raise ValueError(f"budget={budget!r} reads the weights (a bias's norm bounds the next layer's "
-                                 f"input), but {meta} is on the meta device (no values yet): build the optimizer "
-                                 "once the weights are materialised, or pass budget='uniform' and "
-                                 "project_on_init=False")
-            try:
-                if not network.single:
-                    raise ModularError(f"the {len(network.root)} modules given are separate, not one model; "
-                                       "pass model.modules() or the model itself")
-                if self._budget_scale not in (None, "rms"):
-                    raise ModularError(f"modman.modular knows scale None and 'rms', not {self._budget_scale!r}")
-                if budget == "auto" and any(part in ("lora_A", "lora_B") for n, _ in network.root.named_parameters()
-                                            for part in n.split(".")):
-                    # the worst-case rules count the adapter's multiplier α/r as a sensitivity: lr_scales of
-                    # 2e-8…4e-3 on TinyCausalLM with r = 8 (layer 0's adapters never trained), growing as r²,
-                    # against the rank-independent LoRA lr the blog measures (modman.lora.lora_lr)
-                    raise ModularError("its LoRA adapters have no meaningful modular budget (the rules count "
-                                       "their α/r multiplier as a sensitivity)")
-                scales, problem, spread = checked_budget(network.root, scale=self._budget_scale)
-                if spread and budget == "auto":
-                    # the worst-case rules compound through residual blocks: TinyCausalLM's layers.0 of 6
-                    # got 1.9e-7 (2.5e-8 with scale="rms"), in effect frozen, under the default; a 4-block
-                    # residual CNN got 3.4e-7…3.8e-7 for every weight (a user probe: 20 steps moved none)
-                    lo, hi = min(scales, key=scales.get), max(scales, key=scales.get)
-                    what = (f"span {scales[hi] / scales[lo]:.3g}×" if problem == "spread"
-                            else f"all lie below {FROZEN_SCALE:g}, compounded through the composition")
-                    raise ModularError(f"its lr_scales would {what}, from {scales[lo]:.2g} "
-                                       f"for {lo!r} to {scales[hi]:.2g} for {hi!r}: the worst-case rules compound "
-                                       "through residual blocks and would in effect freeze the smallest; "
-                                       "budget='modular' uses it anyway")
-                if spread:
-                    warn(spread)
-                return scales
-            except ModularError as err:
-                if budget == "modular":
-                    raise
-                warn(f"{type(self).__name__}: no modular budget for this model ({err}); every constrained "
-                     "weight steps lr (budget='uniform'). Pass budget='uniform' to silence this.")
-                return {}
-        raise ValueError(f"budget must be 'auto', 'uniform', 'modular', a dict or a callable, got {budget!r}")
 
     def _validate_groups(self, groups) -> None:
         """Every hyperparameter of every group, and every parameter's shape against its manifold."""

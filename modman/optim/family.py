@@ -60,7 +60,8 @@ class ManifoldMuon(ManifoldOptimizer):
             (lr_scale from ``modman.modular.budget(model, scale=scale)``: lr is the step of the
             whole network in the modular norm: lr/L per layer of an L-layer MLP with scale="rms",
             (lr/L)·√(d_out/d_in) of the network with scale=None), a dict
-            {parameter name: lr_scale} or a callable model → dict. Separate modules (e.g.
+            {parameter name: lr_scale} or a callable model → dict, naming every constrained weight
+            and only those, as ``describe()`` names them (``optim/budgets.py``). Separate modules (e.g.
             ``[model.body, model.head]``) are not one model: "auto" then warns and steps
             uniformly, "modular" refuses, and a callable gets an ``nn.ModuleList`` of them.
             A float scale has no modular budget either ("auto" warns, "modular" refuses).

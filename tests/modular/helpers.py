@@ -24,7 +24,7 @@ def put_on_manifold(model: nn.Module, tree, generator=None, identity=False) -> N
                 else:
                     W = torch.randn(W.shape, generator=generator, dtype=p.dtype)
                 st = Stiefel(atom.scale)
-                p.copy_(st.project(W).reshape(p.shape))
+                p.copy_(st.project(W).mT if atom.transposed else st.project(W).reshape(p.shape))
             elif isinstance(atom, EmbeddingAtom):
                 E = torch.randn(p.shape, generator=generator, dtype=p.dtype)
                 p.copy_(atom.radius * E / E.norm(dim=-1, keepdim=True))

@@ -188,7 +188,8 @@ def _step(net, opt, steps=2):
 
 
 def test_describe_table():
-    net, opt, _, _ = _build(budget={"lin.weight": 0.5})
+    net, opt, _, _ = _build(budget={"lin.weight": 0.5, "conv.weight": 1.0, "conv1.weight": 1.0, "emb.weight": 1.0,
+                                    "experts.w": 1.0})
     table = opt.describe().splitlines()
     assert table[0].split() == ["parameter", "shape", "manifold", "lr", "×", "lr_scale", "solver"]
     rows = {line.split()[0]: line for line in table[2:]}
@@ -350,7 +351,7 @@ def test_budget_for_separate_modules():
 
     def budget(model):
         seen.update(model.named_parameters())
-        return {"1.weight": 0.5}
+        return {"0.0.weight": 1.0, "0.2.weight": 1.0, "1.weight": 0.5}
 
     opt = ManifoldMuon([net.body, net.head], solver="projected", budget=budget, project_on_init=False)
     assert set(seen) == set(_names(opt))
