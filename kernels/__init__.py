@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -61,7 +62,12 @@ def available() -> bool:
     """True when Triton is installed and has somewhere to run: a CUDA GPU, or the interpreter."""
     if not _triton_importable():
         return False
-    return torch.cuda.is_available() or _interpreter_requested()
+    if torch.cuda.is_available():
+        return True
+    # once the kernels exist, whether they were made interpreted decides (TRITON_INTERPRET set
+    # after the import does not make them so)
+    impl = sys.modules.get(f"{__name__}._triton_ns")
+    return impl.INTERPRETED if impl is not None else _interpreter_requested()
 
 
 def worth_it(X: torch.Tensor) -> bool:
@@ -120,7 +126,11 @@ def _check_matrix(name: str, T: torch.Tensor) -> None:
     if T.ndim not in (2, 3):
         raise ValueError(f"{name} must be 2-D (m, n) or 3-D (batch, m, n), got shape {tuple(T.shape)}")
     if T.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {T.dtype}; the kernels support {SUPPORTED_DTYPES}")
+        raise TypeError(f"{name} has dtype {T.dtype}; the kernels support {SUPPORTED_DTYPES} (msign: pass "
+                        "compute_dtype=torch.float32, or backend='torch')")
+    if T.requires_grad and torch.is_grad_enabled():  # (the result silently had no grad_fn)
+        raise ValueError(f"{name} requires grad, and the kernels record no autograd graph; call them under "
+                         "torch.no_grad(), or use msign(..., backend='torch')")
 
 
 def _same(name_a: str, A: torch.Tensor, name_b: str, B: torch.Tensor) -> None:
@@ -142,6 +152,18 @@ def _overlaps(A: torch.Tensor, B: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def _non_overlapping(T: torch.Tensor) -> bool:
+    """Sufficient for no two elements of T sharing memory: ordered by stride, each dimension's
+    stride reaches past the whole extent of the smaller ones (dimensions of size 1 aside)."""
+    reach = 0
+    dims = [(size, stride) for size, stride in zip(T.shape, T.stride()) if size > 1]
+    for size, stride in sorted(dims, key=lambda d: d[1]):
+        if stride <= reach:
+            return False
+        reach += (size - 1) * stride
+    return True
+
+
 def _as3(T: torch.Tensor) -> torch.Tensor:
     return T.unsqueeze(0) if T.ndim == 2 else T
 
@@ -153,6 +175,8 @@ def _out(out: torch.Tensor | None, shape, like: torch.Tensor, inputs: Sequence[t
     _same("out", out, "the input", like)
     if tuple(_as3(out).shape) != tuple(shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if not _non_overlapping(out):  # (an expanded out was written by every program at once)
+        raise ValueError(f"out has elements sharing memory (strides {tuple(out.stride())}); pass a fresh tensor")
     if any(_overlaps(out, T) for T in inputs):
         # The kernels read their inputs while other programs write the output: in place is a race.
         raise ValueError("out must not overlap the inputs (the kernels are not in place)")
@@ -218,7 +242,6 @@ def _check_coeffs(coeffs) -> list[tuple[float, float, float]]:
     return out
 
 
-@torch.no_grad()
 def newton_schulz(
     X: torch.Tensor,
     coeffs: Sequence[tuple[float, float, float]],
@@ -242,7 +265,9 @@ def newton_schulz(
     kernels and configurations as an eager launch on a contiguous copy of X, so the same bits.
 
     Returns:
-        A new tensor of X's shape and dtype; X is not modified. No autograd graph is recorded.
+        A new tensor of X's shape and dtype; X is not modified. No autograd graph is recorded, so
+        an X that requires grad is refused outside ``torch.no_grad()`` (as by gram, gram_poly and
+        apply_poly).
         A NaN anywhere in a matrix spreads to that whole matrix (the iteration count is fixed,
         so NaN input cannot cause a hang).
     """

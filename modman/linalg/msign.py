@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import is_int
-from .schedules import SCHEDULES, coefficients, default_steps
+from .schedules import SCHEDULES, check_schedule, coefficients, default_steps
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -85,6 +85,7 @@ def msign(
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if normalization not in ("gram", "frobenius"):
         raise ValueError(f"normalization must be 'gram' or 'frobenius', got {normalization!r}")
+    check_schedule(schedule)  # (with steps given, an unknown name was a bare KeyError)
     if steps is None:
         steps = default_steps(schedule)
     elif is_int(steps):  # numpy integers too

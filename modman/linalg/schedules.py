@@ -45,16 +45,20 @@ SCHEDULES: dict[str, tuple[tuple[tuple[float, float, float], ...], int, float]] 
 }
 
 
+def check_schedule(schedule) -> None:
+    """A ValueError naming the schedules where ``schedule`` is none of them."""
+    if schedule != "svd" and schedule not in SCHEDULES:
+        raise ValueError(f"unknown msign schedule {schedule!r}; choose from {sorted(SCHEDULES) + ['svd']}")
+
+
 def coefficients(schedule: str, steps: int) -> list[tuple[float, float, float]]:
     """The (a, b, c) tuple for each of ``steps`` iterations of ``schedule``."""
+    check_schedule(schedule)
     table = SCHEDULES[schedule][0]
     return [table[min(i, len(table) - 1)] for i in range(steps)]
 
 
 def default_steps(schedule: str) -> int:
     """The number of iterations ``msign`` runs for ``schedule`` when ``steps=None``."""
-    if schedule == "svd":
-        return 0
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown msign schedule {schedule!r}; choose from {sorted(SCHEDULES) + ['svd']}")
-    return SCHEDULES[schedule][1]
+    check_schedule(schedule)
+    return 0 if schedule == "svd" else SCHEDULES[schedule][1]

@@ -243,6 +243,9 @@ def test_clear_errors():
         msign(np.ones((3, 3)))
     with pytest.raises(ValueError, match="schedule"):
         msign(torch.ones(3, 3), schedule="nope")
+    for steps in (None, 3):  # with steps given, an unknown name was a bare KeyError (a probe)
+        with pytest.raises(ValueError, match=r"unknown msign schedule 'Keller'; choose from \['convergent'"):
+            msign(torch.randn(4, 4), schedule="Keller", steps=steps)
     with pytest.raises(ValueError, match="backend"):
         msign(torch.ones(3, 3), backend="cuda-magic")
     with pytest.raises(ValueError, match="steps"):

@@ -449,10 +449,37 @@ def test_mismatched_and_unsupported_inputs():
     with pytest.raises(ValueError, match="overlap"):
         S = kernels.gram(X)
         kernels.gram_poly(S, 1.0, 1.0, out=S)
+    with pytest.raises(ValueError, match="sharing memory"):  # (a 10×10 result of one value before)
+        kernels.gram(X, out=torch.empty(1, 1, device=DEVICE).expand(10, 10))
+    with pytest.raises(ValueError, match="sharing memory"):
+        kernels.apply_poly(B, X, 1.0, out=torch.empty(10, 1, device=DEVICE).expand(10, 20))
+    with pytest.raises(TypeError, match="compute_dtype=torch.float32"):
+        kernels.gram(X.double())
     with pytest.raises(ValueError, match="3 numbers"):
         kernels.newton_schulz(X, [(1.0, 2.0)])
     with pytest.raises(ValueError, match="finite"):
         kernels.newton_schulz(X, [(1.0, float("nan"), 0.0)])
+
+
+def test_an_input_that_requires_grad_is_refused_outside_no_grad():
+    """The kernels record no autograd graph: before, gram/gram_poly/apply_poly returned a result
+    without grad_fn and a backward silently missed them."""
+    X = _random((10, 20), torch.float32).requires_grad_()
+    S = torch.eye(10, device=DEVICE)
+    for call in (lambda: kernels.gram(X), lambda: kernels.gram_poly(S.clone().requires_grad_(), 1.0, 1.0),
+                 lambda: kernels.apply_poly(S, X, 1.0),
+                 lambda: kernels.newton_schulz(X, PE[:1])):
+        with pytest.raises(ValueError, match="requires grad, and the kernels record no autograd graph"):
+            call()
+    with torch.no_grad():
+        assert torch.equal(kernels.gram(X), kernels.gram(X.detach()))
+
+
+def test_available_follows_how_the_kernels_were_made(monkeypatch):
+    """TRITON_INTERPRET=1 set after the kernels were made does not make them interpreted."""
+    assert kernels.available()
+    monkeypatch.setattr(kernels._impl(), "INTERPRETED", False)  # (_impl makes the kernels)
+    assert kernels.available() == torch.cuda.is_available()
 
 
 def test_old_triton_is_a_clear_error(monkeypatch):
