@@ -91,6 +91,8 @@ def main() -> None:
             p.error(f"--{name} must be ≥ {least}, got {getattr(args, name)}")
     if args.rank is not None:
         return rank_main(args)
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the work
 
     results = {}
     reference = None

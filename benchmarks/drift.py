@@ -48,7 +48,9 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=2, default=(64, 32))
     p.add_argument("--solver", default="projected")
     p.add_argument("--every", type=int, default=1)
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results" / "drift.json")
     args = p.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # now, not after the work
     torch.set_num_threads(1)
     t0 = time.time()
     results = [run(lr, args.steps, tuple(args.shape), args.solver, args.every) for lr in (0.02, 0.1)]
@@ -57,10 +59,11 @@ def main() -> None:
         print(f"{r['lr']:>6} {r['steps']:>7} {r['max_distance']:>14.2e} {r['final_distance']:>10.2e}")
     out = {"command": "python " + " ".join(sys.argv), "machine": machine(), "shape": list(args.shape),
            "solver": args.solver, "bar": "max|σ−1| ≤ 1e-5 over 10⁴ fp32 steps", "results": results,
-           "meets_bar": all(r["max_distance"] <= 1e-5 for r in results), "seconds": time.time() - t0}
-    path = pathlib.Path(__file__).resolve().parent / "results" / "drift.json"
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+           # a shorter run says nothing about the bar
+           "meets_bar": all(r["max_distance"] <= 1e-5 for r in results) if args.steps >= 10_000 else None,
+           "seconds": time.time() - t0}
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

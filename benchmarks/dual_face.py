@@ -85,6 +85,7 @@ def main():
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "dual_face.json"))
     args = parser.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the work
     bad = [s for s in args.shapes.split(",") if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", s)]
     if bad:
         parser.error(f"--shapes takes MxN,MxN,… with positive integers, got {bad}")

@@ -31,7 +31,10 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--solver", default="anderson")
+    ap.add_argument("--out", type=pathlib.Path,
+                    default=pathlib.Path(__file__).resolve().parent / "results" / "first_steps.json")
     args = ap.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # now, not after the work
     torch.set_num_threads(1)
     torch.manual_seed(0)
     H = args.hidden
@@ -70,9 +73,8 @@ def main() -> None:
            "machine": machine(), "model": f"bias-free MLP 784→{H}→{H}→10, batch 128, fresh batches",
            "optimizer": f"ManifoldMuon(model.modules(), solver={args.solver!r}, budget='uniform', lr=0.05)",
            "steps": rows}
-    path = pathlib.Path(__file__).resolve().parent / "results" / "first_steps.json"
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,9 @@ def main() -> int:
 
     def write():
         path.write_text(json.dumps(dict(
-            machine=machine, command="python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
+            machine=machine, command=" ".join([*(f"{k}={v}" for k, v in sorted(os.environ.items())
+                                                 if k.startswith("MODMAN_TRITON_")),  # the switches used
+                                               "python benchmarks/kernels.py", *sys.argv[1:]]),
             schedule="polar_express", steps=steps, dtype=args.dtype,
             flops="nominal 6 n^3 per iteration per matrix (the half-tile saving is not counted)",
             timing="triton.testing.do_bench median (warmup 25 ms, rep 200 ms), after a warm-up call "

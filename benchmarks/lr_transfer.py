@@ -22,7 +22,8 @@ over seeds (resampled with replacement per configuration).
     python benchmarks/lr_transfer.py --opt manifold_muon --arch mlp --no-write & ...
 
 Prints a table and writes benchmarks/results/lr_transfer.json and lr_transfer.png (with --grid 4:
-lr_transfer_grid4.json and .png; with --out-mult 32: lr_transfer_out32.json and .png).
+lr_transfer_grid4.json and .png; with --out-mult 32: lr_transfer_out32.json and .png; elsewhere with
+--out-dir).
 """
 from __future__ import annotations
 
@@ -302,7 +303,10 @@ def main():
                     help="lr grid points per doubling: 2 (a √2 grid) or 4 (a 2^¼ grid)")
     ap.add_argument("--out-mult", type=float, default=OUT_MULT,
                     help="the models' fixed logit multiplier (results go to a file named after it)")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS,
+                    help="folder for the JSON and the plot (default benchmarks/results; the runs cache stays there)")
     args = ap.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     PER_OCTAVE = args.grid
     OUT_MULT = args.out_mult
     args.steps = args.steps or (1000 if args.full else 300)
@@ -377,7 +381,7 @@ def main():
                       f"5–95 %: {bs['p05']:.3g}–{bs['p95']:.3g}×, share < 2×: {bs['share_below_2x']:.2f})")
     name = "lr_transfer" + ("" if PER_OCTAVE == 2 else f"_grid{PER_OCTAVE}") + (
         "" if OUT_MULT == 8.0 else f"_out{OUT_MULT:g}")
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
+    (args.out_dir / f"{name}.json").write_text(json.dumps(out, indent=2))
     try:
         import matplotlib
 
@@ -399,7 +403,7 @@ def main():
             ax.set_ylabel("median final train loss")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(RESULTS / f"{name}.png", dpi=110)
+        fig.savefig(args.out_dir / f"{name}.png", dpi=110)
     except Exception as exc:  # the JSON is the result; a missing plot is reported, not fatal
         print(f"plot not written: {exc}")
 

@@ -479,6 +479,7 @@ def forgetting(teacher, args, log, seed: int = 0) -> dict:
                                                           "kl_to_original")} for r in runs]
                                 for name, runs in sweep.items()}
     result["recovery_lr_rule"] = "per method, the lr maximizing final addition + new-task accuracy"
+    result["recover_steps"] = args.recover_steps
     return result
 
 

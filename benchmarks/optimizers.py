@@ -113,7 +113,10 @@ def main() -> None:
     p.add_argument("--merge", action="store_true",
                    help="replace only the rows measured now in the existing optimizers.json (each merged "
                         "row records its own command; ratios are always to the Muon rows of the same run)")
+    p.add_argument("--out", type=pathlib.Path,
+                   default=pathlib.Path(__file__).resolve().parent / "results" / "optimizers.json")
     args = p.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # now, not after the work
     torch.set_num_threads(1)
     names = [f"manifold_muon:{s}" for s in args.solvers.split(",")] + ["muon_fp32", "torch_muon", "adamw"]
     out = {"command": "python " + " ".join(sys.argv), "machine": machine(), "batch": 128,
@@ -189,9 +192,8 @@ def main() -> None:
             print(f"{'':{len(spec) + 2}}{n:<26}{r['step_s_median']:>9.3f}{r['ratio_vs_own_muon_fp32']:>9.2f}"
                   f"{r['ratio_vs_torch_muon']:>11.2f}{r['msign_calls_per_matrix'] or 0:>7.1f}"
                   f"{r['state_bytes'] / 2**20:>10.1f}{(r['peak_temporary_bytes'] or 0) / 2**20:>12.1f}")
-        path = pathlib.Path(__file__).resolve().parent / "results" / "optimizers.json"
-        path.write_text(json.dumps(merged(path, out) if args.merge else out, indent=1))
-    print("wrote benchmarks/results/optimizers.json")
+        args.out.write_text(json.dumps(merged(args.out, out) if args.merge else out, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

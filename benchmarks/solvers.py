@@ -18,9 +18,7 @@
     model, certificate included where it uses certify_gram) are captured by wrapping the solver
     entry point the optimizer calls (it only keeps a reference to the result; no extra work in
     the timed region).
-    closed_form applies only to square W: after each step (outside the timed region) it is run
-    on the square middle layer's (U, momentum) as the optimizer saw them in the newton copy, and
-    compared per matrix with newton's solve time on that same matrix.
+    closed_form is timed in training like the others.
 Writes benchmarks/results/solvers.json and solvers.png.
 """
 from __future__ import annotations

@@ -26,8 +26,8 @@ above both is memory no dispatched op returned (e.g. LAPACK workspaces).
 An iterative solver whose default step exceeds --limit-s is measured again with
 ``max_iters=--capped-iters``, noted in the row: an estimate of the default's peak, which is
 usually one iteration's working set — checked where both run under the limit (2048×784,
-32768×64): equal for newton, lyapunov and dual_ascent, but not for anderson (2048×784:
-30.4× capped vs 25.9× default).
+32768×64): equal for newton, lyapunov and dual_ascent, but not for anderson (2048×784, an
+earlier version: 30.4× capped vs 25.9× default).
 
     python benchmarks/step_memory.py [--shapes 1024x784,2048x784,32768x64] [--optimizers a,b] [--limit-s 60]
 """
@@ -174,6 +174,7 @@ def main() -> None:
            "unit": "x = bytes / (m·n·4), the parameter's own bytes",
            "memory_method": METHOD, "rss_method": RSS_METHOD, "limit_s": args.limit_s, "shapes": {}}
     path = pathlib.Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)  # now, not after the work
     for shape in args.shapes.split(","):
         rows = out["shapes"].setdefault(shape, {})
         for name in names:

@@ -38,10 +38,11 @@ def main() -> None:
             rows.append(f"| `modman` main job ({d['args']['steps']} steps), {r['optimizer']} lr {r['lr']:g} | "
                         f"train {r['train_acc']:.1%}, test {r['test_acc']:.1%}, "
                         f"{r['optimizer_seconds_per_step'] * 1e3:.1f} ms per optimizer step | main_job.json |")
-    for file, label in (("solvers", "784→256→256→10"), ("solvers_h1024", "784→1024→1024→10")):
+    for file in ("solvers", "solvers_h1024"):
         d = load(file)
         if not d:
             continue
+        label = d["training"]["model"].split("MLP ", 1)[1].split(",")[0]  # e.g. 784→256→256→10
         for name, s in d.items():
             if not isinstance(s, dict) or "msign_calls_per_step" not in s:
                 continue
@@ -69,9 +70,15 @@ def main() -> None:
     d = load("optimizers")
     if d:
         for spec, rows_ in d["models"].items():
-            parts = ", ".join(f"{n} {r['step_s_median']:.2f} s ({r['ratio_vs_own_muon_fp32']:.1f}×)"
-                              for n, r in rows_.items())
-            rows.append(f"| optimizer step, MLP {spec} (× own Muon fp32) | {parts} | optimizers.json |")
+            muon_run = rows_.get("muon_fp32", {}).get("command")
+
+            def notes(r):  # rows merged from other runs carry their own command and their own run's ratio
+                out = ["one cold step"] if "timed" in r else []
+                return out + (["other run"] if r.get("command") != muon_run else [])
+
+            parts = ", ".join(f"{n} {r['step_s_median']:.2f} s ({r['ratio_vs_own_muon_fp32']:.1f}×"
+                              + "".join(f", {x}" for x in notes(r)) + ")" for n, r in rows_.items())
+            rows.append(f"| optimizer step, MLP {spec} (× own Muon fp32 of the same run) | {parts} | optimizers.json |")
     d = load("step_memory")
     if d:
         for shape, rows_ in d["shapes"].items():
@@ -84,7 +91,9 @@ def main() -> None:
     d = load("drift")
     if d:
         parts = ", ".join(f"lr {r['lr']}: {r['max_distance']:.1e}" for r in d["results"])
-        rows.append(f"| closed-form retraction drift, 10⁴ fp32 steps, max\\|σ−1\\| | {parts} | drift.json |")
+        steps = {r["steps"] for r in d["results"]}
+        steps = "10⁴" if steps == {10000} else "/".join(map(str, sorted(steps)))
+        rows.append(f"| closed-form retraction drift, {steps} fp32 steps, max\\|σ−1\\| | {parts} | drift.json |")
     for name in ("lr_transfer", "lr_transfer_grid4", "lr_transfer_out32"):
         d = load(name)
         if not d:
@@ -104,7 +113,9 @@ def main() -> None:
                 rows.append(f"| lr transfer, {opt}, {arch}, {grid} | best-lr shift: {', '.join(parts)} | {name}.json |")
     d = load("toy_pretrain")
     if d:
-        rows.append(f"| toy LM d128×4, 3-digit addition | {d['test_accuracy']:.1%} held-out exact match after "
+        r = d["recipe"]
+        rows.append(f"| toy LM d{r['d_model']}×{r['n_layers']}, {r['task_kwargs']['n_digits']}-digit {r['task']} | "
+                    f"{d['test_accuracy']:.1%} held-out exact match after "
                     f"{d['steps']} steps, {d['train_seconds']:.0f} s training on {d['machine']['threads']} threads "
                     f"(bar: ≥ 95 % within 300 s) | toy_pretrain.json |")
     for name in ("lora", "lora_base-ls_sub", "lora_base-ls-256_sub", "lora_base-ls-512_sub"):
@@ -117,24 +128,27 @@ def main() -> None:
     # every headline setting benchmarks/opd.py has written (one file per setting)
     for name in sorted(p.stem for p in RESULTS.glob("opd*.json")):
         d = load(name)
-        if d and "promoted_from" in d:  # opd.json's own headline (its promoted one has its own row)
+        file = f"{name}.json"
+        if d and "promoted_from" in d:  # opd.json's top-level steps_to_target are another file's (its own row)
             d = {**d, **d["addition_headline"]}
+            file += ", its addition_headline"
         if d and "steps_to_target" in d:
-            stt = d["steps_to_target"]
+            stt = {k: "not within cap" if v is None else v for k, v in d["steps_to_target"].items()}
             rows.append(f"| OPD steps to {d.get('target_accuracy', 0.95):.0%} of teacher (cap {d.get('cap')}), "
                         f"{d.get('task', 'addition(3)').split(':')[0]}, teacher {d['teacher']['recipe']}, "
                         f"start {d['student_start']['accuracy']:.0%}"
                         + (f", grad clip {d['per_step']['grad_clip']:g}" if d["per_step"].get("grad_clip") else "")
                         + " | "
-                        f"opd {stt.get('opd')}, rl {stt.get('rl')}, sft {stt.get('sft')} | {name}.json |")
+                        f"opd {stt.get('opd')}, rl {stt.get('rl')}, sft {stt.get('sft')} | {file} |")
     fg = (load("opd") or {}).get("forgetting", {})
     if "median_over_seeds" in fg:
         m = fg["median_over_seeds"]
         cell = "; ".join(f"{stage}: old {m[stage]['addition']:.0%}, new {m[stage]['new_task']:.0%}, "
                          f"KL {m[stage]['kl_to_original']:.1f}"
                          for stage in ("fine_tune", "opd", "sft_self"))
+        # (files written before recover_steps was recorded ran opd.py's default, 100)
         rows.append(f"| forgetting recovery, median of {len(fg['per_seed'])} seeds (addition after a "
-                    f"{fg['new_task']} fine-tune; 100 recovery steps) | {cell} | opd.json |")
+                    f"{fg['new_task']} fine-tune; {fg.get('recover_steps', 100)} recovery steps) | {cell} | opd.json |")
     d = load("tracking_overhead")
     if d:
         parts = ", ".join(f"{k} {v['overhead']:.1%}" for k, v in d["results"].items())

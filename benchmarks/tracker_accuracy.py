@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tracker_accuracy.json"))
     args = ap.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the work
     if not 1 <= args.every <= args.steps:
         ap.error(f"need 1 ≤ --every ≤ --steps, got --every {args.every} --steps {args.steps}")
     data = load_mnist1d()

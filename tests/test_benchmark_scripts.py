@@ -29,8 +29,34 @@ sys.exit(1 if failed else 0)
 
 
 def test_every_benchmark_script_loads_from_another_folder_with_pythonsafepath(tmp_path):
-    assert len(SCRIPTS) >= 18
+    assert len(SCRIPTS) >= 17
     env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     done = subprocess.run([sys.executable, "-c", LOAD_ALL, *map(str, SCRIPTS)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_readme_results_table_is_summarize_output():
+    """The README's table is printed by benchmarks/summarize.py from the committed JSONs, never typed."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py")], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONSAFEPATH="1"))
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.strip().splitlines()
+    readme = (ROOT / "README.md").read_text().splitlines()
+    start = readme.index(table[0])
+    assert readme[start:start + len(table)] == table
+    assert not readme[start + len(table)].startswith("|"), "the README has rows summarize.py does not print"
+
+
+def test_a_short_run_writes_where_it_is_told_and_claims_no_bar(tmp_path):
+    """--out in a folder that does not exist yet (created before the work: a missing folder failed
+    after it), and a run shorter than the bar's 10⁴ steps does not claim to meet it."""
+    out = tmp_path / "new" / "drift.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "drift.py"), "--steps", "30", "--shape", "8", "4",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    result = json.loads(out.read_text())
+    assert [r["steps"] for r in result["results"]] == [30, 30] and result["meets_bar"] is None
