@@ -42,10 +42,11 @@ def _check_scale(scale):
 
 
 def _spectral(M: torch.Tensor) -> torch.Tensor:
-    """‖M‖₂ in fp64; NaN for a non-finite M (LAPACK's SVD raises on one)."""
+    """‖M‖₂ in fp64: NaN for an M holding a NaN, ∞ for one holding an infinity (LAPACK's SVD
+    raises on either)."""
     M = M.detach().to(torch.float64)
     if not bool(torch.isfinite(M).all()):
-        return torch.tensor(math.nan, dtype=torch.float64)
+        return torch.tensor(math.nan if bool(M.isnan().any()) else math.inf, dtype=torch.float64)
     return torch.linalg.matrix_norm(M, ord=2)
 
 

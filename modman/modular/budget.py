@@ -175,7 +175,7 @@ def budget_table(model: nn.Module | Module, lr: float | None = None, **options) 
         head += f" {'step':>9}"
     lines = [head, "-" * len(head)]
     for a, p, scale in rows:
-        coef = "∞" if scale is None else f"{p.coefficient * (p.input_bound if a.homogeneous else 1):.4g}"
+        coef = "∞" if math.isinf(p.coefficient) else f"{p.coefficient * (p.input_bound if a.homogeneous else 1):.4g}"
         line = (f"{a.name:<40} {str(tuple(a.param.shape)):<14} {type(a).__name__:<13} {a.mass:>5g} {coef:>9} "
                 f"{a.own_norm_name():<11} {_scale_text(a, scale):>9}")
         if lr is not None:

@@ -258,10 +258,8 @@ class ManifoldOptimizer(Optimizer):
             assignments = self._assign(network, roles)
             if not assignments:
                 raise ValueError("the given modules have no trainable parameters")
-            constrained = [a.name for a in assignments if self.ALGORITHMS.get(a.role) is not None]
-            passengers = [a.name for a in assignments if self.ALGORITHMS.get(a.role) is None]
-            scales = resolve_budget(budget, network, constrained, passengers, scale=self._budget_scale,
-                                    owner=type(self).__name__)
+            scales = resolve_budget(budget, network, assignments, {r for r, v in self.ALGORITHMS.items() if v},
+                                    scale=self._budget_scale, owner=type(self).__name__)
             groups, fallback = [], {"params": [], "param_names": [], "algorithm": "adamw", **fb,
                                     "manifold": "euclidean"}
             for a in assignments:

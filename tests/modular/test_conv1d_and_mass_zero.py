@@ -128,7 +128,7 @@ def test_a_weight_of_mass_zero_gets_lr_scale_zero_and_does_not_move():
         scales = budget(model, masses=masses)
     assert scales["2.weight"] == 0.0 and scales["0.weight"] > 0 and scales["4.weight"] > 0
     row = next(line for line in budget_table(model, masses=masses).splitlines() if line.startswith("2.weight"))
-    assert row.split()[-1] == "0" and "fallback" not in row
+    assert row.split()[-1] == "0" and "∞" in row.split() and "fallback" not in row
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = ManifoldMuon(model.modules(), lr=0.1, budget=lambda m: budget(m, masses=masses))
@@ -152,6 +152,7 @@ def test_norm_of_a_nan_change_is_nan_everywhere_and_of_nothing_is_fp64():
         got = tree.norm({name: torch.full_like(p, nan)})
         assert torch.isnan(got), name
     assert float(tree.norm({"0.bias": torch.ones(4)})) == math.inf
+    assert float(tree.norm({"0.weight": torch.full_like(model[0].weight, math.inf)})) == math.inf  # not NaN
     assert float(tree.norm({"0.bias": torch.zeros(4)})) == 0.0
     empty = tree.norm({})
     assert empty.dtype == torch.float64 and float(empty) == 0.0
