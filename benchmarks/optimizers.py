@@ -81,7 +81,10 @@ def peak_step_bytes(opt) -> int:
 
 
 def merged(path: pathlib.Path, new: dict) -> dict:
-    """The existing results with this run's rows put in (per model, per optimizer)."""
+    """The existing results with this run's rows put in (per model, per optimizer); this run's
+    alone where there are none yet."""
+    if not path.exists():
+        return new
     old = json.loads(path.read_text())
     commands = old["command"] if isinstance(old["command"], dict) else {m: old["command"] for m in old["models"]}
     for spec, rows in new["models"].items():

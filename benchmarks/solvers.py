@@ -7,7 +7,7 @@
     modman.solvers.SOLVERS at caps max_iters ∈ {1, 4, 16, default}, cold start, fp32, on
     64×16 and 256×64 (and 1024×256 with --suite-large), full-rank and rank-n/8 G (closed_form,
     which has no iterations, once per problem), and on square 64×64 and 256×256.
-(2) Training with warm starts: for every iterative solver s, modman.ManifoldMuon(model.modules(),
+(2) Training with warm starts: for every solver s, modman.ManifoldMuon(model.modules(),
     solver=s, budget="uniform", lr=0.05) on its own copy of a bias-free MLP 784→H→H→10, next to
     modman.Muon(ns_dtype="float32", ns_schedule="keller") (own Muon, same precision as the
     solvers) and torch.optim.Muon (as shipped, bf16) on identical copies; every optimizer sees

@@ -73,7 +73,7 @@ def main() -> None:
             muon_run = rows_.get("muon_fp32", {}).get("command")
 
             def notes(r):  # rows merged from other runs carry their own command and their own run's ratio
-                out = ["one cold step"] if "timed" in r else []
+                out = [r["timed"]] if "timed" in r else []
                 return out + (["other run"] if r.get("command") != muon_run else [])
 
             parts = ", ".join(f"{n} {r['step_s_median']:.2f} s ({r['ratio_vs_own_muon_fp32']:.1f}×"

@@ -155,6 +155,8 @@ def _overlaps(A: torch.Tensor, B: torch.Tensor) -> bool:
 def _non_overlapping(T: torch.Tensor) -> bool:
     """Sufficient for no two elements of T sharing memory: ordered by stride, each dimension's
     stride reaches past the whole extent of the smaller ones (dimensions of size 1 aside)."""
+    if T.numel() == 0:
+        return True  # nothing is written
     reach = 0
     dims = [(size, stride) for size, stride in zip(T.shape, T.stride()) if size > 1]
     for size, stride in sorted(dims, key=lambda d: d[1]):

@@ -54,6 +54,8 @@ def check_schedule(schedule) -> None:
 def coefficients(schedule: str, steps: int) -> list[tuple[float, float, float]]:
     """The (a, b, c) tuple for each of ``steps`` iterations of ``schedule``."""
     check_schedule(schedule)
+    if schedule == "svd":
+        raise ValueError("schedule 'svd' is an exact SVD: it has no Newton–Schulz coefficients")
     table = SCHEDULES[schedule][0]
     return [table[min(i, len(table) - 1)] for i in range(steps)]
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modman import msign
-from modman.linalg import SCHEDULES, default_steps
+from modman.linalg import SCHEDULES, coefficients, default_steps
 
 from .oracle import polar_svd, svdvals64
 
@@ -243,6 +243,8 @@ def test_clear_errors():
         msign(np.ones((3, 3)))
     with pytest.raises(ValueError, match="schedule"):
         msign(torch.ones(3, 3), schedule="nope")
+    with pytest.raises(ValueError, match="no Newton–Schulz coefficients"):  # (a bare KeyError: 'svd')
+        coefficients("svd", 2)
     for steps in (None, 3):  # with steps given, an unknown name was a bare KeyError (a probe)
         with pytest.raises(ValueError, match=r"unknown msign schedule 'Keller'; choose from \['convergent'"):
             msign(torch.randn(4, 4), schedule="Keller", steps=steps)

@@ -453,6 +453,9 @@ def test_mismatched_and_unsupported_inputs():
         kernels.gram(X, out=torch.empty(1, 1, device=DEVICE).expand(10, 10))
     with pytest.raises(ValueError, match="sharing memory"):
         kernels.apply_poly(B, X, 1.0, out=torch.empty(10, 1, device=DEVICE).expand(10, 20))
+    empty = kernels.apply_poly(torch.empty(0, 0, device=DEVICE), torch.empty(0, 6, device=DEVICE), 1.0,
+                               out=torch.empty(0, 1, device=DEVICE).expand(0, 6))  # nothing is written: fine
+    assert empty.shape == (0, 6)
     with pytest.raises(TypeError, match="compute_dtype=torch.float32"):
         kernels.gram(X.double())
     with pytest.raises(ValueError, match="3 numbers"):
