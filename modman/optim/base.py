@@ -406,9 +406,13 @@ class ManifoldOptimizer(Optimizer):
         from ..solvers import SOLVERS
 
         names = self._param_names()
+        runs = sorted({pair for pair in self.ALGORITHMS.values() if pair} | {("euclidean", "adamw")})
         for group in groups:
-            _check_hyperparameters(group)
             algorithm, m = group["algorithm"], group["manifold"]
+            if (m, algorithm) not in runs:  # (add_param_group took any; the next step failed halfway)
+                raise ValueError(f"a param group with manifold={m!r}, algorithm={algorithm!r}: "
+                                 f"{type(self).__name__} runs (manifold, algorithm) in {runs}")
+            _check_hyperparameters(group)
             if algorithm == "manifold_muon" and group.get("solver") not in SOLVERS:
                 raise ValueError(f"unknown solver {group.get('solver')!r}; choose from {sorted(SOLVERS)}")
             if algorithm != "adamw":
@@ -665,6 +669,11 @@ class ManifoldOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({names[id(p)]})")
+                if p.is_meta or p.grad is not None and p.grad.is_meta:  # (torch: "Tensor.item() cannot be
+                    # called on meta tensors", from the finiteness check, naming nothing)
+                    raise RuntimeError(f"{type(self).__name__}.step: {names[id(p)]} is on the meta device (no "
+                                       "values to step); materialise the model first (model.to_empty(device=...) "
+                                       "and its initialisation)")
         finite = self._grads_finite()
         pg = getattr(self, "_process_group", None)  # absent on an unpickled optimizer: local
         shared = [(group, p) for group in self.param_groups if group["algorithm"] in SHARED_ALGORITHMS
@@ -907,6 +916,8 @@ class ManifoldOptimizer(Optimizer):
                 continue
             p, group = by_id[pid]
             st = {renames.get(pid, {}).get(k, k): v for k, v in st.items()}
+            if isinstance(st.get("step"), numbers.Real) and not isinstance(st["step"], bool):
+                st["step"] = torch.tensor(float(st["step"]))  # a number loads as a tensor, as in torch
             if pid in regrouped:
                 st = {k: (v.reshape(p.shape) if isinstance(v, torch.Tensor) and v.numel() == p.numel() else v)
                       for k, v in st.items() if k in ("momentum", "step")}

@@ -500,3 +500,47 @@ def test_a_grouped_convolution_checkpoint_from_before_the_group_view_loads():
     fresh.step()
     assert fresh.state[conv]["dual"].shape == (4, 4, 4)  # the batched view's own warm start
     assert float(torch.as_tensor(fresh.last_step_stats["0.weight"]["duality_gap"]).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("kind,kw", CONFIGS, ids=IDS)
+def test_a_state_dict_with_number_steps_loads_and_resumes(kind, kw):
+    """torch's test_load_nontensor_step: a fallback group's ``step`` saved as a Python number loads
+    as a tensor (it was refused: "has shape float, expected ()"), and the run resumes bitwise."""
+    def numbers(sd):
+        sd = copy.deepcopy(sd)
+        for st in sd["state"].values():
+            if "step" in st:
+                st["step"] = st["step"].item()
+        assert any(isinstance(st.get("step"), float) for st in sd["state"].values())
+        return sd
+
+    _, opt2 = _resume_matches(kind, kw, numbers)
+    assert all(isinstance(st["step"], torch.Tensor) for st in opt2.state.values() if "step" in st)
+
+
+@pytest.mark.parametrize("kind", ["manifold_muon", "muon", "hyperspherical"])
+def test_an_added_group_of_an_algorithm_it_does_not_run_is_refused_at_once(kind):
+    """add_param_group took any algorithm/manifold pair; the next step failed halfway, after the
+    earlier groups had stepped (an audit)."""
+    prob = Problem(kind)
+    opt = make_opt(kind, _named(prob))
+    prob.train(opt, 2)
+    before = snapshot(opt, prob.params)
+    extra = torch.nn.Parameter(torch.randn(5, 3))
+    for group in ({"algorithm": "bogus"}, {"algorithm": "manifold_muon", "manifold": "sphere"},
+                  {"algorithm": "muon", "manifold": "stiefel"}):
+        with pytest.raises(ValueError, match="runs \\(manifold, algorithm\\) in"):
+            opt.add_param_group({"params": [extra], **group})
+        assert_unchanged(opt, prob.params, before)
+        assert len(opt.param_groups) == len(before[1]["param_groups"])
+
+
+def test_stepping_a_meta_parameter_names_it():
+    """Before: "Tensor.item() cannot be called on meta tensors", from the finiteness check."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    opt = make_opt("manifold_muon", model.modules(), project_on_init=False, budget="uniform")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"step: (weight|bias) is on the meta device"):
+        opt.step()
