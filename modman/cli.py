@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=512, help="batch size (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and batches (default 0)")
     p.add_argument("--optimizers", default=",".join(available_optimizers()),
-                   help=f"comma-separated, from {','.join(available_optimizers())}")
+                   help=f"comma-separated, from {','.join(available_optimizers())} (default: all)")
     p.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
                    help="learning rate for one optimizer, e.g. --lr adamw=3e-3 (repeatable)")
     p.add_argument("--solver", default=DEFAULT_SOLVER,
@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--lr expects NAME=LR, got {item!r}")
         if name not in known:
             p.error(f"--lr: unknown optimizer {name!r}")
+        if name not in args.optimizers:  # (it was ignored without a word)
+            p.error(f"--lr {item}: {name} is not among --optimizers {','.join(args.optimizers)}")
         if not (math.isfinite(lrs[name]) and lrs[name] >= 0):  # torch would refuse it mid-run
             p.error(f"--lr: the learning rate of {name} must be a finite number ≥ 0, got {value!r}")
     args.lr = lrs

@@ -40,6 +40,7 @@ def test_main_job_small_run_writes_table_and_files(tmp_path, capsys):
     (["--lr", "adamw=-1"], "--lr: the learning rate of adamw must be a finite number ≥ 0"),
     (["--lr", "adamw=nan"], "--lr: the learning rate of adamw must be a finite number ≥ 0"),
     (["--lr", "muon=inf"], "--lr: the learning rate of muon must be a finite number ≥ 0"),
+    (["--optimizers", "adamw", "--lr", "muon=0.1"], "--lr muon=0.1: muon is not among --optimizers adamw"),  # (ignored)
 ])
 def test_bad_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as err:

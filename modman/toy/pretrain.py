@@ -287,7 +287,7 @@ def train(recipe: str | Recipe, *, progress: bool = False, eval_every: int = 0,
 
 
 def pretrain(recipe: str | Recipe = "base", *, cache: str | Path | None = None,
-             force: bool = False, progress: bool = False) -> TinyCausalLM:
+             force: bool = False, progress: bool = True) -> TinyCausalLM:
     """The checkpoint of ``recipe`` (a name in :data:`RECIPES` or a :class:`Recipe`),
     trained on first use and loaded from the cache afterwards.
 
@@ -295,7 +295,8 @@ def pretrain(recipe: str | Recipe = "base", *, cache: str | Path | None = None,
     default is :func:`cache_dir`, which is ``$MODMAN_CACHE/toy`` when that variable is set.
 
     ``force=True`` retrains and overwrites. The metrics of the training run are in
-    ``metrics.json`` beside the weights (see :func:`checkpoint_path`).
+    ``metrics.json`` beside the weights (see :func:`checkpoint_path`). ``progress``: a tqdm bar
+    (stderr) while it trains — minutes on a CPU the first time (a silent first call looked hung).
     """
     recipe = _resolve(recipe)
     path = checkpoint_path(recipe, cache)
