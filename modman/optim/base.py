@@ -669,8 +669,9 @@ class ManifoldOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({names[id(p)]})")
-                if p.is_meta or p.grad is not None and p.grad.is_meta:  # (torch: "Tensor.item() cannot be
-                    # called on meta tensors", from the finiteness check, naming nothing)
+                if p.grad is not None and (p.is_meta or p.grad.is_meta):  # (torch: "Tensor.item() cannot
+                    # be called on meta tensors", from the finiteness check, naming nothing; without a
+                    # gradient it is skipped, as by torch)
                     raise RuntimeError(f"{type(self).__name__}.step: {names[id(p)]} is on the meta device (no "
                                        "values to step); materialise the model first (model.to_empty(device=...) "
                                        "and its initialisation)")

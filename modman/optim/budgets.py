@@ -60,7 +60,7 @@ def _checked(scales: Mapping, constrained: list[str], network, assignments, what
                          "(1.0 steps lr, 0 holds it), else it would step lr × 1 outside the budget")
     out = {}
     for n, v in names.items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype.is_floating_point:
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not (v.dtype.is_complex or v.dtype == torch.bool):
             v = v.item()  # a 0-d tensor from a computed budget
         if not (is_finite_real(v) and v >= 0):
             raise ValueError(f"{what}[{n!r}] must be a finite number ≥ 0 (an lr_scale), got {v!r}")

@@ -520,8 +520,9 @@ def test_a_state_dict_with_number_steps_loads_and_resumes(kind, kw):
 
 @pytest.mark.parametrize("kind", ["manifold_muon", "muon", "hyperspherical"])
 def test_an_added_group_of_an_algorithm_it_does_not_run_is_refused_at_once(kind):
-    """add_param_group took any algorithm/manifold pair; the next step failed halfway, after the
-    earlier groups had stepped (an audit)."""
+    """add_param_group took any algorithm/manifold pair: with an unknown algorithm, or
+    manifold_muon without a manifold, the next step failed halfway, after the earlier groups had
+    stepped; a "muon" group labelled Stiefel stepped off the manifold it claimed (an audit)."""
     prob = Problem(kind)
     opt = make_opt(kind, _named(prob))
     prob.train(opt, 2)
@@ -544,3 +545,6 @@ def test_stepping_a_meta_parameter_names_it():
         p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match=r"step: (weight|bias) is on the meta device"):
         opt.step()
+    for p in model.parameters():
+        p.grad = None
+    opt.step()  # without gradients nothing is stepped, as by torch
