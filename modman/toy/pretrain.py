@@ -239,7 +239,7 @@ def train(recipe: str | Recipe, *, progress: bool = False, eval_every: int = 0,
     steps_done, eval_seconds = 0, 0.0
     iterator = range(recipe.steps)
     if progress:
-        from tqdm.auto import tqdm  # (a widget in notebooks, as modman.data's bars)
+        from tqdm.auto import tqdm  # (a widget in notebooks, as experiments/mnist1d.py's bars)
         iterator = tqdm(iterator, desc=f"pretrain {recipe.name}")
     model.train()
     for step in iterator:
