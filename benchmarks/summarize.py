@@ -88,6 +88,11 @@ def main() -> None:
                                                          "manifold_muon:newton",
                                                          "manifold_muon:projected", "muon_fp32", "adamw"))
             rows.append(f"| peak temporary memory of one step, {shape} (× the parameter) | {parts} | step_memory.json |")
+    d = load("batching")
+    if d:
+        parts = ", ".join(f"{r['shape'][0]}×{r['shape'][1]}×{r['batch']} {r['speedup']:.2f}×" for r in d["rows"])
+        rows.append(f"| one batched solve of same-shape matrices against one solve each ({d['solver']}, "
+                    f"{d['dtype']}, equal gaps) | {parts} | batching.json |")
     d = load("drift")
     if d:
         parts = ", ".join(f"lr {r['lr']}: {r['max_distance']:.1e}" for r in d["results"])

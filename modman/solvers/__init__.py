@@ -110,7 +110,7 @@ def solve_manifold_muon(
     Gt, g_max, g_ratio, g_size = _scaled_gradient(G.mT if wide else G, dtype)
     g_norm = g_max * g_ratio  # ‖Gt‖_F; inf only for an fp64 G within a decade of the fp64 maximum
     m, n = Wt.shape[-2:]
-    warm_start = _checked_warm_start(warm_start, Wt.shape[:-2], n, tuple(W.shape))
+    warm_start = _checked_warm_start(warm_start, Wt.shape[:-2], n, tuple(W.shape), W.device)
     if warm_start and "dual" in warm_start and bool((g_max == 0).any()):
         # G = 0 has A = 0 and Λ = 0 for its answer; an old dual only misleads (admm: gap 1 or a
         # LinAlgError from a warm dual on a zero gradient, found by a review)
@@ -225,11 +225,14 @@ def _tangent_norm(W: torch.Tensor, G: torch.Tensor, g_scale) -> float:
 _DUAL_BOUND = 1e6  # optimal duals are O(1) in units of G/‖G‖_F; beyond this a state is garbage
 
 
-def _checked_warm_start(state, batch, n: int, shape: tuple) -> dict | None:
-    """``warm_start`` as the solvers may read it: a mapping of tensors, "dual" shaped (…, n, n)
-    and every other entry (…) for the batch (…) of W (tall orientation), else a ValueError that
-    names the entry (a state from another parameter); a dual that is not finite or not O(1) is
-    dropped, so the solve starts cold instead of failing inside an eigh."""
+def _checked_warm_start(state, batch, n: int, shape: tuple, device: torch.device) -> dict | None:
+    """``warm_start`` as the solvers may read it: a mapping of real tensors on W's device,
+    "dual" shaped (…, n, n) and every other entry (…) for the batch (…) of W (tall orientation),
+    else an error that names the entry (a state from another parameter); a dual that is not
+    finite or not O(1) is dropped, so the solve starts cold instead of failing inside an eigh, and
+    one that is not symmetric is symmetrised: the dual variable is symmetric, and a skew part
+    went into lyapunov's and dual_ascent's msign unseen by their stopping tests (on square W an
+    uphill direction, certified gap 1, a probe)."""
     if state is None:
         return None
     if not isinstance(state, Mapping):
@@ -238,12 +241,19 @@ def _checked_warm_start(state, batch, n: int, shape: tuple) -> dict | None:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"warm_start[{key!r}] must be a tensor, got {type(value).__name__}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"warm_start[{key!r}] has dtype {value.dtype}; a solver state is real numbers")
+        if value.device != device:
+            raise ValueError(f"warm_start[{key!r}] is on {value.device}, W on {device}")
         want = tuple(batch) + ((n, n) if key == "dual" else ())
         if tuple(value.shape) != want:
             raise ValueError(f"warm_start[{key!r}] has shape {tuple(value.shape)}, expected {want} for W of "
                              f"shape {shape}: a state from another parameter or batch?")
-        if key == "dual" and not bool((torch.isfinite(value) & (value.abs() <= _DUAL_BOUND)).all()):
-            continue
+        if key == "dual":
+            if not bool((torch.isfinite(value) & (value.abs() <= _DUAL_BOUND)).all()):
+                continue
+            if not torch.equal(value, value.mT):
+                value = sym(value if value.is_floating_point() else value.double())
         checked[key] = value
     return checked
 
