@@ -88,10 +88,9 @@ def solve_manifold_muon(
         raise TypeError(f"W and G must be real floating tensors, got {W.dtype} and {G.dtype}")
     if W.numel() == 0:
         raise ValueError(f"solve_manifold_muon: W and G are empty, shape {tuple(W.shape)}")
-    if not bool(torch.isfinite(G).all()):
-        raise ValueError("solve_manifold_muon: G contains NaN or Inf")
-    if not bool(torch.isfinite(W).all()):  # (one pass over W; an eigh would fail on it with a LinAlgError)
-        raise ValueError("solve_manifold_muon: W contains NaN or Inf")
+    for name, T in (("G", G), ("W", W)):  # (one pass over W; an eigh would fail on it with a LinAlgError)
+        if not bool(torch.isfinite(T).all()):
+            raise ValueError(f"solve_manifold_muon: {name} contains NaN or Inf{_members(T)}")
     fn, default_tol, default_iters = SOLVERS[solver]
     # (a bool, a string, NaN or 2.9 ran silently: tol=True as 1.0, max_iters=2.9 as 2; a probe)
     if isinstance(tol, torch.Tensor) and tol.numel() == 1 and not tol.dtype == torch.bool:
@@ -223,6 +222,15 @@ def _tangent_norm(W: torch.Tensor, G: torch.Tensor, g_scale) -> float:
 
 
 _DUAL_BOUND = 1e6  # optimal duals are O(1) in units of G/‖G‖_F; beyond this a state is garbage
+
+
+def _members(T: torch.Tensor) -> str:
+    """Which matrices of a batch hold a non-finite entry (the refusal named none of a stack's)."""
+    if T.ndim <= 2:
+        return ""
+    bad = (~torch.isfinite(T)).flatten(-2).any(-1).nonzero().tolist()
+    shown = ", ".join(str(tuple(i)) for i in bad[:8]) + (f", … ({len(bad)} in all)" if len(bad) > 8 else "")
+    return f" (batch members {shown})"
 
 
 def _checked_warm_start(state, batch, n: int, shape: tuple, device: torch.device) -> dict | None:

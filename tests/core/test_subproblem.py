@@ -192,6 +192,11 @@ def test_nonfinite_weight_or_empty_shape_raises_naming_it(solver):
     W[1, 2] = float("nan")
     with pytest.raises(ValueError, match="W contains NaN"):
         solve_manifold_muon(W, torch.randn(6, 3), solver=solver)
+    # in a batch, the members holding it are named (an expert stack's refusal named none; a probe)
+    Ws, Gs = torch.stack([Stiefel().random((6, 3)) for _ in range(4)]), torch.randn(4, 6, 3)
+    Gs[2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"G contains NaN or Inf \(batch members \(2,\)\)"):
+        solve_manifold_muon(Ws, Gs, solver=solver)
     for shape in [(0, 5), (5, 0), (2, 0, 4), (0, 5, 4)]:
         with pytest.raises(ValueError, match="empty"):
             solve_manifold_muon(torch.zeros(shape), torch.zeros(shape), solver=solver)
