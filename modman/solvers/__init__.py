@@ -65,8 +65,9 @@ def solve_manifold_muon(
         W: point on the unscaled Stiefel manifold, (…, m, n), tall or wide (WᵀW = I or WWᵀ = I).
         G: gradient (or momentum) of W's shape; NaN/Inf raise ValueError.
         solver: a name in ``SOLVERS``; ``tol``/``max_iters`` default per solver.
-        warm_start: the ``state`` of a previous result for the same parameter (shapes checked:
-            ValueError naming the entry; a dual that is not finite or not O(1) is dropped).
+        warm_start: the ``state`` of a previous result for the same parameter (shapes, device and
+            dtype checked: an error naming the entry; a dual that is not symmetric is symmetrised,
+            one that is not finite or not O(1) dropped).
         reduce: the tall reduction (``reduction.py``): True, False or "auto" (when m ≥ 2n after
             orienting W tall, and the solver is iterative).
         options: solver-specific (e.g. ``faithful=True`` for "dual_ascent").
@@ -258,10 +259,10 @@ def _checked_warm_start(state, batch, n: int, shape: tuple, device: torch.device
             raise ValueError(f"warm_start[{key!r}] has shape {tuple(value.shape)}, expected {want} for W of "
                              f"shape {shape}: a state from another parameter or batch?")
         if key == "dual":
+            if not torch.equal(value, value.mT):  # (in fp32 at least: an fp16 sum overflowed, a review)
+                value = sym(value if value.dtype in (torch.float32, torch.float64) else value.double())
             if not bool((torch.isfinite(value) & (value.abs() <= _DUAL_BOUND)).all()):
                 continue
-            if not torch.equal(value, value.mT):
-                value = sym(value if value.is_floating_point() else value.double())
         checked[key] = value
     return checked
 

@@ -205,3 +205,17 @@ def test_a_malformed_warm_start_is_refused_naming_it():
         solve_manifold_muon(W, G, warm_start={"dual": torch.ones(4, 4, dtype=torch.bool)})
     with pytest.raises(ValueError, match=r"warm_start\['dual'\] is on meta, W on cpu"):  # (Tensor.item() on meta)
         solve_manifold_muon(W, G, warm_start={"dual": torch.empty(4, 4, device="meta")})
+
+
+@pytest.mark.parametrize("solver", ["admm", "lyapunov", "dual_ascent"])
+def test_an_fp16_warm_dual_is_symmetrised_without_overflow(solver):
+    """Symmetrised in fp16 its entries 6e4 and 5e4 summed to inf, and the solve failed in an eigh
+    (a review): it is symmetrised in fp64, then used (within the bound) and certified."""
+    g = torch.Generator().manual_seed(2)
+    W = Stiefel().random((24, 16), generator=g, dtype=torch.float32)
+    G = torch.randn(24, 16, generator=g)
+    dual = torch.zeros(16, 16, dtype=torch.float16)
+    dual[0, 1], dual[1, 0] = 60000.0, 50000.0
+    warm = solve_manifold_muon(W, G, solver=solver, warm_start={"dual": dual})
+    assert bool(torch.isfinite(warm.direction).all()) and 0 <= warm.duality_gap.item() <= 1
+    assert warm.direction_norm.item() <= 1 + 1e-6
