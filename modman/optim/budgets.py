@@ -6,7 +6,8 @@ constrains must get one, and only those: a name that matches nothing, or a weigh
 would otherwise step at lr × 1 without a word (a probe's budget keyed by the compiled model's
 names set every weight to 1; a custom modular description that forgot a GPT-2 Conv1D weight left
 it at 1 among layers at 0.35). A fallback parameter (bias, norm gain) takes the AdamW fallback's
-lr, which ignores lr_scale, so naming one is refused too.
+lr, which ignores lr_scale, so naming one is refused too — except a weight roles= moved to the
+fallback, which a budget computed for the whole model names (ignored, as "modular" ignores it).
 """
 from __future__ import annotations
 
