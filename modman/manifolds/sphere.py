@@ -71,7 +71,12 @@ class Sphere:
     def tangent(self, W: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         check_floating(W, "W", "Sphere.tangent")
         check_floating(V, "V", "Sphere.tangent")
-        return V - W * ((W * V).sum(-1, keepdim=True) / self.radius**2)
+        # with U = W/r, which is O(1) on the sphere: r² under- or overflowed beyond r ≈ 1e∓19 in fp32
+        # (a tangent of inf, NaN weights), and fp16 products overflowed at r = 300 (a probe)
+        out = torch.result_type(W, V)
+        compute = resolve_compute_dtype(out, None)
+        U, Vc = W.to(compute) / self.radius, V.to(compute)
+        return (Vc - U * (U * Vc).sum(-1, keepdim=True)).to(out)
 
     def tangent_residual(self, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """‖⟨w, a⟩/r‖ / ‖A‖_F over rows (0 for A = 0)."""

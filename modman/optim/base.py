@@ -221,6 +221,7 @@ class ManifoldOptimizer(Optimizer):
         self.last_step_skipped = False
         self._fallback_defaults = fb
         self._budget_scale = defaults.get("scale")
+        self._sphere_default = self._sphere_radius(defaults)  # (self.defaults exists only after the groups)
         groups = self._build_groups(params, roles, budget, fb)
         # flatten: None = by shape (≥ 4-D flattened), True for Conv weights (see functional.as_matrix).
         # "betas" and "eps" live in the fallback groups only: torch's schedulers with cycle_momentum
@@ -399,6 +400,14 @@ class ManifoldOptimizer(Optimizer):
             if isinstance(a.module, (nn.Embedding, nn.EmbeddingBag)) and a.module.sparse:
                 raise TypeError(f"{a.name}: {type(a.module).__name__}(sparse=True) gives sparse gradients, which "
                                 f"{type(self).__name__} does not support; build it with sparse=False")
+            max_norm = getattr(a.module, "max_norm", None)
+            radius = getattr(self, "_sphere_default", 1.0)
+            if a.role == "sphere" and max_norm is not None and max_norm < radius:
+                # the forward renormalised the rows in place to max_norm after every step put them at
+                # the radius: the model never saw the sphere, and each step started off it (a probe)
+                raise ValueError(f"{a.name}: {type(a.module).__name__}(max_norm={max_norm:g}) shrinks the rows "
+                                 f"the optimizer keeps at radius {radius:g}; build it with max_norm=None (or ≥ "
+                                 f"{radius:g}), or give it another role (roles=)")
         return assignments
 
     def _validate_groups(self, groups) -> None:

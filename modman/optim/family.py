@@ -69,7 +69,8 @@ class ManifoldMuon(ManifoldOptimizer):
             construction, listing the moved weights in one warning. Pass False to keep weights as
             loaded until they are stepped: a Stiefel weight's first step lands it on the manifold
             (an exact projection after the retraction when it is far off), so expect one larger
-            move then; an embedding's rows join their spheres one by one, as their tokens first
+            move then; an embedding's rows join their spheres one by one (each stepping lr from its
+            nearest point on the sphere), as their tokens first
             get a gradient (rows without one stay as loaded). Projecting a trained model changes
             its function (a briefly AdamW-trained Llama's loss went 0.33 → 1.72, a probe):
             fine-tune with the weights' own geometry in mind.

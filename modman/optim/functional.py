@@ -218,7 +218,8 @@ def sphere_step(W: torch.Tensor, u: torch.Tensor, *, lr: float, manifold: Sphere
     # squares of 1e-25 entries were 0 and no row moved (a user probe)
     peak = uc.abs().amax(dim=-1, keepdim=True)
     uc = uc / power_of_two_floor(peak)
-    g = manifold.tangent(compute, uc)
+    base = _on_sphere(compute, manifold, W.dtype)
+    g = manifold.tangent(base, uc)
     norms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
     eps = max(torch.finfo(W.dtype).eps, torch.finfo(u.dtype).eps)
     moving = norms > 8 * eps * torch.linalg.vector_norm(uc, dim=-1, keepdim=True)
@@ -227,15 +228,29 @@ def sphere_step(W: torch.Tensor, u: torch.Tensor, *, lr: float, manifold: Sphere
     a = torch.where(moving, g / torch.where(moving, norms, torch.ones_like(norms)), torch.zeros_like(g))
     V = -lr * a
     # the residual of the direction at the point it was taken from (compute is W itself in fp32/fp64)
-    residual = manifold.tangent_residual(compute, a)
+    residual = manifold.tangent_residual(base, a)
     # A row the step cannot move (lr·a below its rounding, lr = 0) is left bitwise: renormalising
     # it would otherwise change its last bits although no step was taken.
-    moving = moving & (compute + V != compute).any(dim=-1, keepdim=True)
-    new = manifold.retract(compute, V)
+    moving = moving & (base + V != base).any(dim=-1, keepdim=True)
+    new = manifold.retract(base, V)
     W.copy_(torch.where(moving, new, compute))
     # the same keys as a Stiefel step; the ℓ2 direction is closed-form, so no gap and no iterations
     return {"tangent_residual": residual, "duality_gap": 0.0, "iterations": 0, "msign_calls": 0,
             "distance_to_manifold": manifold.distance(W, skip_zero_rows=True)}
+
+
+def _on_sphere(compute: torch.Tensor, manifold: Sphere, dtype: torch.dtype) -> torch.Tensor:
+    """``compute`` with every nonzero row off its sphere by more than max(1e-5, 4·eps of ``dtype``)
+    (a row as loaded, with project_on_init=False) replaced by its nearest point, from which the
+    step is taken: the tangent formula and the step length hold on the sphere only (rows of norm 4
+    turned 0.1–0.9° instead of atan(lr), rows of norm 0.08 turned 39–66°; a probe). Rows on the
+    sphere up to rounding, and zero rows (also rows whose squares underflow), are ``compute`` itself."""
+    norms = torch.linalg.vector_norm(compute, dim=-1, keepdim=True)
+    tol = max(1e-5, 4 * torch.finfo(dtype).eps)
+    off = ~((norms / manifold.radius - 1).abs() <= tol) & (norms != 0)  # (a padding row stays zero)
+    if not bool(off.any()):
+        return compute
+    return torch.where(off, manifold.retract(compute, torch.zeros_like(compute)).to(compute.dtype), compute)
 
 
 def muon_step(
