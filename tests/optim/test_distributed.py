@@ -95,6 +95,8 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         for cls in ("ManifoldMuon", "Muon"):
             assert sharded.pop(("zero", cls)).startswith(f"ZeroRedundancyOptimizer(optimizer_class={cls}) is not "
                                                          "supported"), rep["sharded"]
+        assert set(sharded) == {(label, cls) for label in ("fsdp1", "fsdp1_orig", "fsdp2")
+                                for cls in ("ManifoldMuon", "Muon")}, sharded  # (else the loop could be empty)
         for (label, cls), message in sharded.items():  # FSDP's shards: refused by name
             wanted = ("0.weight is a DTensor" if label == "fsdp2" else
                       "_fsdp_wrapped_module._flat_param is a parameter of FullyShardedDataParallel" if label == "fsdp1"
