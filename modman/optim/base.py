@@ -221,7 +221,6 @@ class ManifoldOptimizer(Optimizer):
         self.last_step_skipped = False
         self._fallback_defaults = fb
         self._budget_scale = defaults.get("scale")
-        self._sphere_default = self._sphere_radius(defaults)  # (self.defaults exists only after the groups)
         groups = self._build_groups(params, roles, budget, fb)
         # flatten: None = by shape (≥ 4-D flattened), True for Conv weights (see functional.as_matrix).
         # "betas" and "eps" live in the fallback groups only: torch's schedulers with cycle_momentum
@@ -392,6 +391,11 @@ class ManifoldOptimizer(Optimizer):
         (refused only at the first step before)."""
         _check_initialised(network.root.named_parameters())
         assignments = assign_modules(network, roles, **options)
+        # embeddings whose forward renormalises rows (max_norm), by weight, tied ones included: checked
+        # against the radius of the group each lands in (``_validate_groups``)
+        self._renormed = {**getattr(self, "_renormed", {}), **{
+            id(m.weight): (network.names.get(id(m), type(m).__name__), m) for m in network.modules
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None}}
         runs = sorted(k for k, v in self.ALGORITHMS.items() if v)
         for a in assignments:
             if a.asked and a.role != "fallback" and self.ALGORITHMS.get(a.role) is None:
@@ -400,15 +404,24 @@ class ManifoldOptimizer(Optimizer):
             if isinstance(a.module, (nn.Embedding, nn.EmbeddingBag)) and a.module.sparse:
                 raise TypeError(f"{a.name}: {type(a.module).__name__}(sparse=True) gives sparse gradients, which "
                                 f"{type(self).__name__} does not support; build it with sparse=False")
-            max_norm = getattr(a.module, "max_norm", None)
-            radius = getattr(self, "_sphere_default", 1.0)
-            if a.role == "sphere" and max_norm is not None and max_norm < radius:
-                # the forward renormalised the rows in place to max_norm after every step put them at
-                # the radius: the model never saw the sphere, and each step started off it (a probe)
-                raise ValueError(f"{a.name}: {type(a.module).__name__}(max_norm={max_norm:g}) shrinks the rows "
-                                 f"the optimizer keeps at radius {radius:g}; build it with max_norm=None (or ≥ "
-                                 f"{radius:g}), or give it another role (roles=)")
         return assignments
+
+    def _refuse_renormed(self, group) -> None:
+        """An Embedding whose forward renormalises its rows (max_norm) below the sphere's radius: every
+        forward shrank the rows each step put on the sphere, in place — the model never saw the
+        sphere, and each step started off it (a probe). On the ℓ2 sphere of radius r a row's
+        ℓp norm reaches r·d^max(0, 1/p − 1/2), so a smaller max_norm shrinks some rows."""
+        radius = self._sphere_radius(group)
+        for p in group["params"]:
+            module_name, module = getattr(self, "_renormed", {}).get(id(p), (None, None))
+            if module is None:
+                continue
+            limit = radius * p.shape[-1] ** max(0.0, 1 / module.norm_type - 0.5)
+            if module.max_norm < limit:
+                raise ValueError(f"{module_name}: {type(module).__name__}(max_norm={module.max_norm:g}, "
+                                 f"norm_type={module.norm_type:g}) shrinks rows the optimizer keeps on the sphere of "
+                                 f"radius {radius:g} (their ℓ{module.norm_type:g} norms reach {limit:.4g}); build it "
+                                 "with max_norm=None or give its weight another role (roles=)")
 
     def _validate_groups(self, groups) -> None:
         """Every hyperparameter of every group, and every parameter's shape against its manifold."""
@@ -426,6 +439,8 @@ class ManifoldOptimizer(Optimizer):
                 raise ValueError(f"unknown solver {group.get('solver')!r}; choose from {sorted(SOLVERS)}")
             if algorithm != "adamw":
                 manifold = self._manifold(group)  # raises on a bad scale / radius
+            if m == "sphere":
+                self._refuse_renormed(group)
             for p in group["params"]:
                 name = names[id(p)]
                 if p.is_complex():

@@ -71,11 +71,30 @@ def test_rows_on_their_sphere_step_as_before_and_rows_without_gradient_stay_as_l
 
 def test_an_embedding_whose_max_norm_shrinks_the_rows_is_refused():
     """Before: accepted; every forward renormalised the rows to max_norm in place after each step
-    put them at the radius, so the model never saw the sphere (steps of 8–11.5° instead of 5.7°)."""
-    with pytest.raises(ValueError, match=r"0.weight: Embedding\(max_norm=0.5\) shrinks the rows the optimizer keeps at "
-                                         r"radius 1"):
-        ManifoldMuon(torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=0.5)).modules())
+    put them at the radius, so the model never saw the sphere (steps of 8–11.5° instead of 5.7°).
+    Judged against the radius of the group the weight lands in, for tied weights too, with the
+    ℓp norm of norm_type (unit ℓ2 rows of width d reach ℓ1 norm √d)."""
+    def seq(**kw):
+        return torch.nn.Sequential(torch.nn.Embedding(10, 4, **kw))
+
+    with pytest.raises(ValueError, match=r"0: Embedding\(max_norm=0.5, norm_type=2\) shrinks rows the optimizer "
+                                         r"keeps on the sphere of radius 1"):
+        ManifoldMuon(seq(max_norm=0.5).modules())
+    with pytest.raises(ValueError, match=r"radius 3 \(their ℓ2 norms reach 3\)"):
+        HypersphericalDescent([{"params": seq(max_norm=2.0).modules(), "radius": 3.0}])
+    with pytest.raises(ValueError, match=r"norm_type=1\) .* reach 2\)"):
+        ManifoldMuon(seq(max_norm=1.0, norm_type=1.0).modules())
+
+    class Tied(torch.nn.Module):  # the Linear first: its role (Stiefel under ManifoldMuon, a sphere here)
+        def __init__(self):
+            super().__init__()
+            self.head, self.emb = torch.nn.Linear(4, 10, bias=False), torch.nn.Embedding(10, 4, max_norm=0.5)
+            self.head.weight = self.emb.weight
+
+    with pytest.raises(ValueError, match=r"emb: Embedding\(max_norm=0.5"):
+        HypersphericalDescent(Tied().modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (weights moved onto the spheres)
-        ManifoldMuon(torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=1.0)).modules())  # harmless
-        ManifoldMuon(torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=0.5)).modules(), roles={"0.weight": "fallback"})
+        ManifoldMuon(seq(max_norm=1.0).modules())  # harmless: unit rows are never renormalised
+        HypersphericalDescent([{"params": seq(max_norm=0.7).modules(), "radius": 0.5}])
+        ManifoldMuon(seq(max_norm=0.5).modules(), roles={"0.weight": "fallback"})
