@@ -8,6 +8,7 @@ parameter to the functional core (``functional.py``). Family members differ only
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 import sys
 from typing import Any
@@ -414,9 +415,11 @@ class ManifoldOptimizer(Optimizer):
         radius = self._sphere_radius(group)
         for p in group["params"]:
             module_name, module = getattr(self, "_renormed", {}).get(id(p), (None, None))
-            if module is None:
+            if module is None or module.weight is not p:  # (an id can be reused once a weight is freed)
                 continue
-            limit = radius * p.shape[-1] ** max(0.0, 1 / module.norm_type - 0.5)
+            # (ℓp with p ≤ 0 is no norm; torch's renorm still shrinks rows by it: refused)
+            q = module.norm_type
+            limit = radius * p.shape[-1] ** max(0.0, 1 / q - 0.5) if q > 0 else math.inf
             if module.max_norm < limit:
                 raise ValueError(f"{module_name}: {type(module).__name__}(max_norm={module.max_norm:g}, "
                                  f"norm_type={module.norm_type:g}) shrinks rows the optimizer keeps on the sphere of "

@@ -248,6 +248,9 @@ def _on_sphere(compute: torch.Tensor, manifold: Sphere, dtype: torch.dtype,
     rows of norm 0.08 turned 39–66°; a probe). Only those rows are projected (a table with rows
     never looked up stays off its sphere for good: projecting it all every step cost +40–50 %).
     Rows on the sphere up to rounding, zero rows and rows whose squares underflow are left."""
+    if compute.ndim == 1:  # one vector on a sphere: a table of one row
+        one = None if active is None else active.reshape(1, 1)
+        return _on_sphere(compute.unsqueeze(0), manifold, dtype, one).squeeze(0)
     norms = torch.linalg.vector_norm(compute, dim=-1)
     off = ~((norms / manifold.radius - 1).abs() <= max(1e-5, torch.finfo(dtype).eps)) & (norms != 0)
     if active is not None:

@@ -84,6 +84,8 @@ def test_an_embedding_whose_max_norm_shrinks_the_rows_is_refused():
         HypersphericalDescent([{"params": seq(max_norm=2.0).modules(), "radius": 3.0}])
     with pytest.raises(ValueError, match=r"norm_type=1\) .* reach 2\)"):
         ManifoldMuon(seq(max_norm=1.0, norm_type=1.0).modules())
+    with pytest.raises(ValueError, match=r"norm_type=0\) .* reach inf\)"):  # (a ZeroDivisionError, a review)
+        ManifoldMuon(seq(max_norm=1.0, norm_type=0.0).modules())
 
     class Tied(torch.nn.Module):  # the Linear first: its role (Stiefel under ManifoldMuon, a sphere here)
         def __init__(self):
@@ -98,3 +100,20 @@ def test_an_embedding_whose_max_norm_shrinks_the_rows_is_refused():
         ManifoldMuon(seq(max_norm=1.0).modules())  # harmless: unit rows are never renormalised
         HypersphericalDescent([{"params": seq(max_norm=0.7).modules(), "radius": 0.5}])
         ManifoldMuon(seq(max_norm=0.5).modules(), roles={"0.weight": "fallback"})
+
+
+def test_one_vector_on_a_sphere_off_it_steps_from_its_nearest_point():
+    """A 1-D parameter on a sphere (project_on_init=False, norm 3): the review of the row-wise
+    projection found it crashing (index_put of a (1, d) value into a vector)."""
+    torch.manual_seed(2)
+    p = torch.nn.Parameter(torch.randn(6))
+    with torch.no_grad():
+        p.mul_(3 / p.norm())
+    before = p.detach().double().clone()
+    opt = HypersphericalDescent([{"params": [p], "manifold": "sphere"}], lr=0.1, project_on_init=False)
+    (p * torch.randn(6)).sum().backward()
+    opt.step()
+    after = p.detach().double()
+    assert abs(after.norm().item() - 1) < 1e-6
+    turned = math.degrees(math.acos(min(1.0, (before @ after).item() / before.norm().item())))
+    assert turned == pytest.approx(math.degrees(math.atan(0.1)), abs=1e-3)
