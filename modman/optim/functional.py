@@ -257,8 +257,7 @@ def _on_sphere(compute: torch.Tensor, manifold: Sphere, dtype: torch.dtype,
         off &= active.squeeze(-1)
     if not bool(off.any()):
         return compute
-    rows = compute[off]
-    return compute.index_put((off,), manifold.retract(rows, torch.zeros_like(rows)).to(compute.dtype))
+    return compute.index_put((off,), manifold.project(compute[off]))  # (nonzero rows: project takes them)
 
 
 def muon_step(
