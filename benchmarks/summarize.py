@@ -94,6 +94,12 @@ def main() -> None:
         gap = max(max(r["max_gap_separate"], r["max_gap_batched"]) for r in d["rows"])
         rows.append(f"| one batched solve of same-shape matrices against one solve each ({d['solver']}, "
                     f"{d['dtype']}, every gap ≤ {gap:.1e}) | {parts} | batching.json |")
+        if d.get("optimizer_rows"):
+            parts = ", ".join(f"d={r['d']}×{r['blocks']} blocks {r['speedup']:.2f}× (peak {r['peak_x_stacked']:.0f}× "
+                              f"vs {r['peak_x_one_at_a_time']:.0f}×)" for r in d["optimizer_rows"])
+            rows.append(f"| ManifoldMuon step, same-shape matrices stacked (foreach) against one at a time, MLPs of "
+                        f"d→d→4d→d blocks ({d['solver']}, {d['dtype']}; peak temporary memory × the largest "
+                        f"parameter) | {parts} | batching.json |")
     d = load("drift")
     if d:
         parts = ", ".join(f"lr {r['lr']}: {r['max_distance']:.1e}" for r in d["results"])

@@ -20,10 +20,12 @@ from torch.optim import Optimizer
 from .._checks import is_finite_real, is_int
 from ..linalg.schedules import KELLER
 from ..manifolds import Euclidean, Sphere, Stiefel
+from ..solvers import SEPARABLE_SOLVERS
 from . import functional as F
 from .distributed import (SHARED_ALGORITHMS, bits_checksums, built_by_zero, check_same_items, matrix_cost,
                           plan_owners, resolve_group, share_step)
 from .._warn import warn
+from .batching import plan_stacks
 from .budgets import resolve_budget
 from .roles import ROLES, assign_modules, check_roles, expand_modules
 
@@ -122,6 +124,8 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
     for key in ("nesterov", "torch_arithmetic"):
         if key in d and not isinstance(d[key], bool):
             raise TypeError(f"Invalid {key}: {d[key]!r} (must be True or False)")
+    if d.get("foreach") is not None and not isinstance(d["foreach"], bool):
+        raise TypeError(f"Invalid {where}foreach: {d['foreach']!r} (must be None, True or False)")
     if "betas" in d:
         betas = d["betas"]
         def beta_ok(b):  # a number, a 0-d tensor or a numpy scalar, as torch's Adam takes them
@@ -735,10 +739,14 @@ class ManifoldOptimizer(Optimizer):
         owner = {id(p): r for (_, p), r in zip(shared, owners)}
         index = {id(p): i for i, (_, p) in enumerate(shared)}
         failed, errors = {}, {}
+        stacked = self._step_stacks(skip=set(owner))
         for group in self.param_groups:
             lr = _scalar(group["lr"])
             for p in group["params"]:
                 if p.grad is None:
+                    continue
+                if id(p) in stacked:
+                    stats[names[id(p)]] = stacked[id(p)]
                     continue
                 if owner.get(id(p), rank) != rank:
                     self._momentum(group, p, p.grad, self.state[p])  # its owner does the rest
@@ -764,6 +772,51 @@ class ManifoldOptimizer(Optimizer):
                 raise RuntimeError(f"distributed step failed for {message}; every other matrix was "
                                    "stepped and shared") from next(iter(errors.values()), None)
         self.last_step_stats = stats
+
+    def _step_stacks(self, skip: set[int]) -> dict[int, dict]:
+        """Step the manifold-Muon matrices that can share a solve as stacks (``batching.py``), except
+        the parameters in ``skip`` (dealt out over ranks) and groups with ``foreach=False``; returns
+        the stats of those stepped, by parameter id. Matrices left over step alone in ``_update``."""
+        members, keys, sizes = [], [], []
+        for group in self.param_groups:
+            if (group["algorithm"] != "manifold_muon" or group.get("foreach") is False
+                    or group["solver"] not in SEPARABLE_SOLVERS):
+                continue
+            for p in group["params"]:
+                W = F.as_matrix(p, group.get("flatten"))
+                if p.grad is None or W.ndim != 2 or id(p) in skip:
+                    continue
+                state = self.state.get(p, {})  # (not made here: the state keeps the order of first steps)
+                warm = tuple((k, tuple(state[k].shape), state[k].dtype) for k in self._warm_keys(state))
+                members.append((group, p))
+                keys.append((tuple(W.shape), p.dtype, p.device, group["manifold"], group.get("scale"),
+                             group["solver"], group["tol"], group.get("max_iters"), warm))
+                sizes.append(p.numel() * p.element_size())
+        stats = {}
+        for run in plan_stacks(keys, sizes):
+            stack = [members[i] for i in run]
+            group, p = stack[0]
+            warm_keys = self._warm_keys(self.state[p])  # (the same in every member: part of the key)
+            W = torch.stack([F.as_matrix(p, g.get("flatten")) for g, p in stack])
+            warm = {k: torch.stack([self.state[p][k] for _, p in stack]) for k in warm_keys}
+            lr = torch.tensor([_scalar(g["lr"]) * _scalar(g["lr_scale"]) for g, _ in stack], dtype=torch.float64,
+                              device=W.device)
+            active = torch.stack([F.gradient_present(F.as_matrix(p.grad, g.get("flatten"))) for g, p in stack])
+            # (the momentum stack is made in the call, with no name here: the step releases it after the
+            # solve, as for one matrix)
+            out = F.stiefel_step(W, torch.stack([self._momentum(g, p, p.grad, self.state[p]) for g, p in stack]),
+                                 warm, lr=lr, manifold=self._manifold(group), solver=group["solver"],
+                                 tol=group["tol"], max_iters=group.get("max_iters"),
+                                 drift_tol=2 * self.on_manifold_tol, warm_keys=warm_keys or ("dual",),
+                                 active=active)
+            for i, (g, p) in enumerate(stack):
+                p.copy_(F.from_matrix(W[i], p, g.get("flatten")))
+                state = self.state[p]
+                for k in warm_keys:  # (a solver's entries it no longer returns go, as in stiefel_step)
+                    state.pop(k, None)
+                state.update({k: v[i].clone() for k, v in warm.items()})
+                stats[id(p)] = {k: v[i] if isinstance(v, torch.Tensor) and v.ndim else v for k, v in out.items()}
+        return stats
 
     @staticmethod
     def _warm_keys(state) -> tuple[str, ...]:

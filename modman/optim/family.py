@@ -85,6 +85,13 @@ class ManifoldMuon(ManifoldOptimizer):
             each rank solves its share and broadcasts the new weights and warm starts, so every
             rank ends the step with the same weights and state, bitwise those of one process
             (``optim/distributed.py``). Gradients must be identical on every rank (DDP's all-reduce).
+        foreach: None or True (the default; as torch's optimizers' foreach, several tensors per
+            call) steps the Stiefel matrices that agree on shape, dtype, device, solver and its
+            settings as stacks of at most 1 MiB, one solve each, for the solvers in
+            ``solvers.SEPARABLE_SOLVERS`` (``optim/batching.py``: whole steps 1.4–1.7× faster on
+            MLPs of width 32–64, no gain from 256); each matrix is stepped as if alone. False steps
+            one matrix at a time. A group's own ``foreach`` applies to its matrices; with
+            ``distributed`` the dealt-out matrices are not stacked.
 
     Precision: bf16/fp16 weights are stepped in fp32 and stored back; momentum, the dual and
     the solver run in fp32 (fp64 weights in fp64). A bf16 weight is on its manifold only to
@@ -101,7 +108,7 @@ class ManifoldMuon(ManifoldOptimizer):
 
     def __init__(self, params, lr=0.1, momentum=0.95, nesterov=True, weight_decay=0.0, solver=None, tol=None,
                  max_iters=None, scale=None, budget="auto", project_on_init=True, on_manifold_tol=1e-5,
-                 nonfinite="raise", fallback=None, roles=None, distributed=False):
+                 nonfinite="raise", fallback=None, roles=None, distributed=False, foreach=None):
         from ..solvers import DEFAULT_SOLVER
 
         if is_real(scale):
@@ -113,7 +120,7 @@ class ManifoldMuon(ManifoldOptimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         solver=solver or DEFAULT_SOLVER, tol=tol, max_iters=max_iters, scale=scale,
                         radius=None, ns_schedule="polar_express", ns_steps=None, ns_dtype="float32",
-                        adjust_lr_fn=None, torch_arithmetic=False)
+                        adjust_lr_fn=None, torch_arithmetic=False, foreach=foreach)
         fb = dict(fallback or {})
         fb.setdefault("weight_decay", weight_decay)
         super().__init__(params, defaults, fallback=fb, roles=roles, budget=budget,

@@ -151,42 +151,51 @@ def stiefel_step(
     factor = manifold.closed_form_factor(W.shape, V)
     X = V.add_(compute)  # W + V
     del V
-    # A step that cannot move W (A = 0 from a zero gradient, or lr·A below W's rounding) must
-    # leave W bitwise as it is: neither the retraction's renormalisation nor the drift polish may
-    # touch it (a bf16 weight sits ~4e-3 off the manifold and would otherwise be re-polished).
-    if torch.equal(X, compute):
-        drift = manifold.gram_deviation(compute)
-        if bool((drift > 0.1).any()) and bool((stats["duality_gap"] > 0).any()):
-            # far off the manifold (project_on_init=False) and a nonzero gradient (D > 0) but no
-            # usable step (the certificate returns A = 0 when its direction is worse than none, as
-            # the n×n identities assume WᵀW = I): still land W on the manifold. A zero gradient
-            # (gap 0) leaves W bitwise as it is.
-            W.copy_(manifold.project(compute))
-            drift = manifold.gram_deviation(W)
-        stats["distance_to_manifold"] = drift / 2
-        return stats
-    new = manifold.apply_closed_form(X, factor)
-    if not bool(torch.isfinite(new.sum())):  # a NaN or ∞ anywhere reaches the sum (no m×n mask)
-        # The closed form divides ‖M‖_F² by tr(M) (M = VᵀV/s²); for a step just above the
-        # underflow threshold ‖M‖_F² rounds to 0 while tr(M) does not, giving 0/0. The exact
-        # polar retraction of W + V has no such quotient.
-        new = manifold.project(X)
-    del X
-    drift = manifold.gram_deviation(new)
-    if bool((drift > 0.1).any()):
+    # Per matrix: a step that cannot move W (A = 0 from a zero gradient, lr·A below W's rounding)
+    # must leave it bitwise as it is: neither the retraction's renormalisation nor the drift polish
+    # may touch it (a bf16 weight sits ~4e-3 off the manifold and would otherwise be re-polished).
+    still = X.eq(compute).flatten(-2).all(-1)
+    if active is not None:
+        still |= ~active
+    if bool(still.all()):
+        new = compute
+    else:
+        new = manifold.apply_closed_form(X, factor)
+        # a NaN or ∞ anywhere in a matrix reaches its sum (no m×n mask)
+        broken = ~torch.isfinite(new.sum((-2, -1)))
+        if bool(broken.any()):
+            # The closed form divides ‖M‖_F² by tr(M) (M = VᵀV/s²); for a step just above the
+            # underflow threshold ‖M‖_F² rounds to 0 while tr(M) does not, giving 0/0. The exact
+            # polar retraction of W + V has no such quotient.
+            new = _where(broken, manifold.project(X), new)
+        drift = manifold.gram_deviation(new)
         # Far off the manifold (project_on_init=False on pretrained weights): the polish quintic
         # only converges for singular values near 1 (it diverges past √(5/3)), so project exactly.
-        new = manifold.project(new)
-        drift = manifold.gram_deviation(new)
-    elif bool((drift > drift_tol / 2).any()):
-        # the power-iteration estimate runs low (up to 1.37× on 64×32, a claims audit measuring
-        # every step in fp64): polishing at half the tolerance keeps the true drift under it
-        # (at the tolerance itself lr 0.1 reached a distance of 1.33e-5 against 1e-5)
-        new = manifold.polish(new)
-        drift = manifold.gram_deviation(new)
-    if active is not None and not bool(active.all()):  # (the retraction and polish saw the whole stack)
-        new = torch.where(active[..., None, None], new, compute)
-        drift = manifold.gram_deviation(new)
+        # Near it, polish: the power-iteration estimate runs low (up to 1.37× on 64×32, a claims
+        # audit measuring every step in fp64), so polishing at half the tolerance keeps the true
+        # drift under it (at the tolerance itself lr 0.1 reached a distance of 1.33e-5 against 1e-5).
+        # Each matrix of a stack is judged by its own drift, as if stepped alone.
+        far = drift > 0.1
+        near = (drift > drift_tol / 2) & ~far
+        if bool(far.any()):
+            new = _where(far, manifold.project(new), new)
+        if bool(near.any()):
+            new = _where(near, manifold.polish(new), new)
+    del X
+    if bool(still.any()):
+        # far off the manifold (project_on_init=False) with a nonzero gradient (D > 0) but no usable
+        # step (the certificate returns A = 0 when its direction is worse than none, as the n×n
+        # identities assume WᵀW = I): still land W on the manifold. A zero gradient (gap 0) leaves
+        # W bitwise as it is.
+        before = manifold.gram_deviation(compute)
+        land = still & (before > 0.1) & (stats["duality_gap"] > 0)
+        if bool(still.all()) and not bool(land.any()):
+            stats["distance_to_manifold"] = before / 2
+            return stats  # W untouched
+        new = _where(still, compute, new)
+        if bool(land.any()):
+            new = _where(land, manifold.project(compute), new)
+    drift = manifold.gram_deviation(new)
     W.copy_(new)
     if W.dtype != new.dtype:
         # a bf16/fp16 weight is stepped in fp32 and rounded: report the weight as stored (bf16
@@ -194,6 +203,11 @@ def stiefel_step(
         drift = manifold.gram_deviation(W.to(new.dtype))
     stats["distance_to_manifold"] = drift / 2  # ‖UᵀU − I‖₂ ≈ 2·max|σ − 1|
     return stats
+
+
+def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a for the matrices of a stack (…, m, n) where ``mask`` (…) holds, else b."""
+    return torch.where(mask[..., None, None], a, b)
 
 
 def sphere_step(W: torch.Tensor, u: torch.Tensor, *, lr: float, manifold: Sphere,

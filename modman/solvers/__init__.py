@@ -38,13 +38,20 @@ SOLVERS = {
     "anderson": (solve_anderson, 5e-5, 80),
 }
 DEFAULT_SOLVER = "anderson"
+# Solvers whose batched solve gives each member what solving it alone gives (bitwise in fp32 and
+# fp64 through ManifoldMuon's stacks, tests/optim/test_stacks.py): every decision — early exit,
+# subspace size, step length — is per member. The others share one across the batch (dual
+# ascent's and ADMM's iterations, lyapunov's and the projected baseline's stopping), so a member's
+# direction depends on its batch-mates within the gap: dual ascent's weights moved 0.08 apart in
+# 5 steps at lr 0.05. The optimizer stacks same-shape matrices for these solvers only.
+SEPARABLE_SOLVERS = frozenset({"anderson", "closed_form", "newton"})
 
 
 def register_solver(name: str, fn, default_tol: float, default_max_iters: int) -> None:
     """Add a solver ``fn(W, Gn, *, tol, max_iters, warm_start, **options) -> SolverOutput``; its
     parameters after W and Gn other than those three are the options ``solve_manifold_muon``
     passes it (others are refused by name), unless it takes ``**kwargs`` itself."""
-    SOLVERS[name] = (fn, default_tol, default_max_iters)
+    SOLVERS[name] = (fn, default_tol, default_max_iters)  # (not in SEPARABLE_SOLVERS: never stacked)
 
 
 @torch.no_grad()  # not differentiable (eigh thresholds, early exits): no graph through a Parameter

@@ -1,0 +1,243 @@
+"""Same-shape matrices stepped as stacks (``optim/batching.py``): as if each were stepped alone."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import modman.optim.functional as F
+from modman import ManifoldMuon
+from modman.optim.batching import STACK_BYTES, plan_stacks
+from modman.solvers import SEPARABLE_SOLVERS, SOLVERS
+
+
+def build(layers, foreach, lr_scales=None, **kw):
+    """ManifoldMuon over ``layers``, one param group per layer (so each may have its own lr_scale)."""
+    scales = lr_scales or [1.0] * len(layers)
+    groups = [{"params": [layer], "lr_scale": s} for layer, s in zip(layers, scales)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ManifoldMuon(groups, lr=kw.pop("lr", 0.05), foreach=foreach, **kw)
+
+
+def train(make_layers, foreach, steps, seed=0, zero=(), lr_scales=None, **kw):
+    """A few steps on random losses, one independent input per layer; ``zero``: (step, layer) pairs
+    whose gradient is exactly zero that step."""
+    torch.manual_seed(seed)
+    layers = make_layers()
+    opt = build(layers, foreach, lr_scales, **kw)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        opt.zero_grad()
+        loss = 0
+        for i, layer in enumerate(layers):
+            shape = (8, layer.in_channels, 5) if isinstance(layer, nn.Conv1d) else (8, layer.in_features)
+            x = torch.randn(shape, generator=gen).to(layer.weight.dtype)
+            weight = 0.0 if (step, i) in zero else torch.rand((), generator=gen).item() + 0.1
+            loss = loss + weight * layer(x).float().square().mean()
+        loss.backward()
+        opt.step()
+    return layers, opt
+
+
+# how far one stacked step may land from one-at-a-time steps from the same state where batched
+# products round apart: a few roundings of the dtype (one bf16 ulp at the weights' ~0.2). Over
+# many steps the runs drift further apart than rounding — within the solver's own accuracy: a
+# 1e-16 difference in one fp64 step grew to 1e-5 in three (the closed form's fp64 directions are
+# that sensitive where its certified gap is ~1e-6) — so runs are compared one step at a time.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-3}
+
+
+def assert_same(a, b, exact=True):
+    """Weights, state and stats of two runs equal (bitwise when ``exact``)."""
+    (layers_a, opt_a), (layers_b, opt_b) = a, b
+
+    def same(x, y, what):
+        if exact:
+            assert torch.equal(x, y), what
+        else:
+            torch.testing.assert_close(x, y, rtol=0, atol=TOLERANCE[layers_a[0].weight.dtype], msg=what)
+
+    for la, lb in zip(layers_a, layers_b):
+        pa, pb = la.weight, lb.weight
+        same(pa, pb, "weight")
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert list(sa) == list(sb)
+        for k in sa:
+            same(sa[k], sb[k], k)
+    for k in ("iterations", "msign_calls"):
+        # work counts are the stack's, per matrix (the solvers report a batch's mean, rounded up):
+        # one value for the stack, between the fewest and the most of its matrices alone
+        stacked = {stats[k] for stats in opt_a.last_step_stats.values()}
+        alone = [stats[k] for stats in opt_b.last_step_stats.values()]
+        assert stacked == set() if not alone else (len(stacked) == 1 and min(alone) <= stacked.pop() <= max(alone)), \
+            (k, stacked, alone)  # (a 1×1 Linear weight goes to the fallback: no stats)
+    for name, stats in opt_a.last_step_stats.items():
+        other = opt_b.last_step_stats[name]
+        assert list(stats) == list(other)
+        for k in ("tangent_residual", "duality_gap"):
+            same(torch.as_tensor(stats[k]), torch.as_tensor(other[k]), (name, k))
+        assert torch.as_tensor(stats["distance_to_manifold"]).shape == ()
+        # a power-iteration estimate: the batched products round apart
+        torch.testing.assert_close(torch.as_tensor(stats["distance_to_manifold"]),
+                                   torch.as_tensor(other["distance_to_manifold"]), rtol=0.05, atol=1e-7)
+
+
+def linears(shape, count, dtype=torch.float32):
+    return lambda: [nn.Linear(shape[1], shape[0], bias=False).to(dtype) for _ in range(count)]
+
+
+class SolveSpy:
+    """Counts solve_manifold_muon calls by the optimizer and the batch size of each."""
+
+    def __init__(self, monkeypatch):
+        self.sizes = []
+        real = F.solve_manifold_muon
+
+        def spy(W, G, **kw):
+            self.sizes.append(W.shape[0] if W.ndim == 3 else 1)
+            return real(W, G, **kw)
+
+        monkeypatch.setattr(F, "solve_manifold_muon", spy)
+
+
+SHAPES = [(32, 32), (128, 32), (32, 128), (48, 40), (100, 7)]
+
+
+@pytest.mark.parametrize("solver", sorted(SEPARABLE_SOLVERS))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_stacked_fp32_runs_are_bitwise_those_of_one_matrix_at_a_time(solver, shape, monkeypatch):
+    # tall (the reduced form and its subspace), wide, square (the closed form), odd; lr_scales
+    # differing per matrix and a matrix resting (zero gradient) in some steps
+    spy = SolveSpy(monkeypatch)
+    run = dict(steps=5, zero={(1, 0), (3, 2)}, lr_scales=[1.0, 0.5, 2.0], solver=solver)
+    stacked = train(linears(shape, 3), None, **run)
+    assert spy.sizes == [3] * 5  # one solve of all three per step
+    assert_same(stacked, train(linears(shape, 3), False, **run))
+
+
+def one_step_both_ways(make, dtype, seed=0, **run):
+    """From the state of a few one-at-a-time steps (warm starts, momentum), one more step with
+    foreach=True and one with foreach=False: (layers, optimizer) of each."""
+    import copy
+
+    layers, opt = train(make, False, seed=seed, **run)
+    gen = torch.Generator().manual_seed(seed + 7)
+    grads = [0.1 * torch.randn(layer.weight.shape, generator=gen).to(dtype) for layer in layers]
+    grads[-1].zero_()  # a resting matrix in the stack
+    out = []
+    for foreach in (True, False):
+        la, oa = copy.deepcopy((layers, opt))
+        for group in oa.param_groups:
+            group["foreach"] = foreach
+        for layer, g in zip(la, grads):
+            layer.weight.grad = g.clone()
+        oa.step()
+        out.append((la, oa))
+    return out
+
+
+@pytest.mark.parametrize("solver", sorted(SEPARABLE_SOLVERS))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_one_stacked_step_matches_one_matrix_at_a_time(solver, shape, dtype):
+    stacked, alone = one_step_both_ways(linears(shape, 3, dtype), dtype, steps=3, zero={(1, 0)},
+                                        lr_scales=[1.0, 0.5, 2.0], solver=solver)
+    assert_same(stacked, alone, exact=False)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 24), n=st.integers(1, 24), count=st.integers(2, 4), seed=st.integers(0, 2**16),
+       solver=st.sampled_from(sorted(SEPARABLE_SOLVERS)), lr=st.sampled_from([1e-3, 0.05, 0.3]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_a_stacked_step_agrees_with_single_steps_on_any_shape(m, n, count, seed, solver, lr, dtype):
+    scales = [0.5 + i for i in range(count)]
+    stacked, alone = one_step_both_ways(linears((m, n), count, dtype), dtype, seed=seed, steps=2,
+                                        zero={(1, count - 1)}, lr_scales=scales, solver=solver, lr=lr)
+    assert_same(stacked, alone, exact=False)
+
+
+def test_conv_linear_transposed_and_non_contiguous_weights_share_a_stack(monkeypatch):
+    # a Conv1d (out 6, in 4·k 3 → 6×12), a Linear 12→6 and a Linear whose weight is stored transposed
+    # (non-contiguous): the same 6×12 matrix, one stack, each written back into its own parameter
+    def make():
+        conv = nn.Conv1d(4, 6, 3, bias=False)
+        lin = nn.Linear(12, 6, bias=False)
+        odd = nn.Linear(12, 6, bias=False)
+        odd.weight = nn.Parameter(torch.randn(12, 6).t())
+        return [conv, lin, odd]
+
+    spy = SolveSpy(monkeypatch)
+    a = train(make, True, steps=3)
+    assert spy.sizes == [3] * 3
+    assert not a[0][2].weight.is_contiguous()
+    assert_same(a, train(make, False, steps=3))
+
+
+def test_stack_state_is_each_matrix_own_tensor():
+    # warm starts split back into separate tensors (not views of one stacked buffer, which a
+    # checkpoint would save whole for every matrix)
+    layers, opt = train(linears((40, 10), 3), True, steps=2)
+    for layer in layers:
+        dual = opt.state[layer.weight]["dual"]
+        assert dual.shape == (10, 10)
+        assert dual.untyped_storage().nbytes() == dual.numel() * dual.element_size()
+
+
+def test_foreach_false_and_unseparable_solvers_step_one_matrix_at_a_time(monkeypatch):
+    spy = SolveSpy(monkeypatch)
+    train(linears((16, 8), 3), False, steps=2)
+    assert spy.sizes == [1] * 6
+    spy.sizes.clear()
+    for solver in sorted(set(SOLVERS) - SEPARABLE_SOLVERS):
+        train(linears((16, 8), 3), None, steps=1, solver=solver)
+        assert spy.sizes == [1] * 3, solver
+        spy.sizes.clear()
+    # a group's own foreach=False keeps its matrix out of the stack of the others
+    layers = linears((16, 8), 3)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ManifoldMuon([{"params": [layers[0]], "foreach": False}, {"params": [layers[1], layers[2]]}])
+    sum(layer(torch.randn(4, 8)).square().sum() for layer in layers).backward()
+    opt.step()
+    assert sorted(spy.sizes) == [1, 2]
+
+
+def test_stacks_never_exceed_the_cap(monkeypatch):
+    # stacks of at most STACK_BYTES (1 MiB) of weights: twenty 128×128 fp32 (64 KiB each) in
+    # stacks of 16 and 4, five 256×256 (256 KiB) in one of 4 and one alone, two 512×512 (1 MiB) alone
+    assert STACK_BYTES == 1 << 20
+    spy = SolveSpy(monkeypatch)
+    layers = ([nn.Linear(128, 128, bias=False) for _ in range(20)] + [nn.Linear(256, 256, bias=False) for _ in range(5)]
+              + [nn.Linear(512, 512, bias=False) for _ in range(2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ManifoldMuon(layers, budget="uniform")
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(spy.sizes, reverse=True) == [16, 4, 4, 1, 1, 1]
+    assert plan_stacks(["a"] * 5, [3] * 5, cap=7) == [[0, 1], [2, 3]]  # (the fifth alone)
+
+
+def test_plan_groups_equal_keys_in_order_and_drops_singletons():
+    keys = ["x", "y", "x", "z", "y", "x"]
+    assert plan_stacks(keys, [1] * 6, cap=10) == [[0, 2, 5], [1, 4]]
+    assert plan_stacks(keys, [1] * 6, cap=2) == [[0, 2], [1, 4]]
+    assert plan_stacks(["x", "x"], [5, 5], cap=4) == []  # each over the cap: alone
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0.0])
+def test_foreach_must_be_none_or_bool(bad):
+    layer = nn.Linear(4, 4)
+    with pytest.raises(TypeError, match="foreach"):
+        ManifoldMuon(layer.modules(), foreach=bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ManifoldMuon(nn.Linear(4, 4).modules())
+    with pytest.raises(TypeError, match="foreach"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3))], "foreach": bad})
