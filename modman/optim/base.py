@@ -25,7 +25,7 @@ from . import functional as F
 from .distributed import (SHARED_ALGORITHMS, bits_checksums, built_by_zero, check_same_items, matrix_cost,
                           plan_owners, resolve_group, share_step)
 from .._warn import warn
-from .batching import plan_stacks
+from .batching import plan_stacks, stack, transposed
 from .budgets import resolve_budget
 from .roles import ROLES, assign_modules, check_roles, expand_modules
 
@@ -106,11 +106,14 @@ _UNSUPPORTED_FLAGS = (("maximize", "they minimise; negate the loss instead"),
 
 
 def _check_flags(d: dict, where: str = "") -> None:
-    """Refuse a torch flag modman's optimizers do not implement, set true in ``d``: at construction,
-    add_param_group, load_state_dict and, for one set on a group later, the step."""
+    """Refuse a torch flag modman's optimizers do not implement, set true in ``d``, and a foreach
+    that is not None or a bool: at construction, add_param_group, load_state_dict and, for one set
+    on a group later, the step."""
     for key, why in _UNSUPPORTED_FLAGS:
         if d.get(key):
             raise ValueError(f"{where}{key}={d[key]!r} is not supported by modman's optimizers ({why})")
+    if d.get("foreach") is not None and not isinstance(d["foreach"], bool):
+        raise TypeError(f"Invalid {where}foreach: {d['foreach']!r} (must be None, True or False)")
 
 
 def _check_hyperparameters(d: dict, where: str = "") -> None:
@@ -124,8 +127,6 @@ def _check_hyperparameters(d: dict, where: str = "") -> None:
     for key in ("nesterov", "torch_arithmetic"):
         if key in d and not isinstance(d[key], bool):
             raise TypeError(f"Invalid {key}: {d[key]!r} (must be True or False)")
-    if d.get("foreach") is not None and not isinstance(d["foreach"], bool):
-        raise TypeError(f"Invalid {where}foreach: {d['foreach']!r} (must be None, True or False)")
     if "betas" in d:
         betas = d["betas"]
         def beta_ok(b):  # a number, a 0-d tensor or a numpy scalar, as torch's Adam takes them
@@ -739,7 +740,7 @@ class ManifoldOptimizer(Optimizer):
         owner = {id(p): r for (_, p), r in zip(shared, owners)}
         index = {id(p): i for i, (_, p) in enumerate(shared)}
         failed, errors = {}, {}
-        stacked = self._step_stacks(skip=set(owner))
+        stacked = self._step_stacks(skip=set(owner), names=names)
         for group in self.param_groups:
             lr = _scalar(group["lr"])
             for p in group["params"]:
@@ -773,7 +774,7 @@ class ManifoldOptimizer(Optimizer):
                                    "stepped and shared") from next(iter(errors.values()), None)
         self.last_step_stats = stats
 
-    def _step_stacks(self, skip: set[int]) -> dict[int, dict]:
+    def _step_stacks(self, skip: set[int], names: dict[int, str]) -> dict[int, dict]:
         """Step the manifold-Muon matrices that can share a solve as stacks (``batching.py``), except
         the parameters in ``skip`` (dealt out over ranks) and groups with ``foreach=False``; returns
         the stats of those stepped, by parameter id. Matrices left over step alone in ``_update``."""
@@ -789,27 +790,33 @@ class ManifoldOptimizer(Optimizer):
                 state = self.state.get(p, {})  # (not made here: the state keeps the order of first steps)
                 warm = tuple((k, tuple(state[k].shape), state[k].dtype) for k in self._warm_keys(state))
                 members.append((group, p))
-                keys.append((tuple(W.shape), p.dtype, p.device, group["manifold"], group.get("scale"),
+                keys.append((tuple(W.shape), transposed(W), p.dtype, p.device, group["manifold"], group.get("scale"),
                              group["solver"], group["tol"], group.get("max_iters"), warm))
                 sizes.append(p.numel() * p.element_size())
         stats = {}
         for run in plan_stacks(keys, sizes):
-            stack = [members[i] for i in run]
-            group, p = stack[0]
+            batch = [members[i] for i in run]
+            group, p = batch[0]
             warm_keys = self._warm_keys(self.state[p])  # (the same in every member: part of the key)
-            W = torch.stack([F.as_matrix(p, g.get("flatten")) for g, p in stack])
-            warm = {k: torch.stack([self.state[p][k] for _, p in stack]) for k in warm_keys}
-            lr = torch.tensor([_scalar(g["lr"]) * _scalar(g["lr_scale"]) for g, _ in stack], dtype=torch.float64,
+            W = stack([F.as_matrix(p, g.get("flatten")) for g, p in batch])
+            warm = {k: torch.stack([self.state[p][k] for _, p in batch]) for k in warm_keys}
+            lr = torch.tensor([_scalar(g["lr"]) * _scalar(g["lr_scale"]) for g, _ in batch], dtype=torch.float64,
                               device=W.device)
-            active = torch.stack([F.gradient_present(F.as_matrix(p.grad, g.get("flatten"))) for g, p in stack])
-            # (the momentum stack is made in the call, with no name here: the step releases it after the
-            # solve, as for one matrix)
-            out = F.stiefel_step(W, torch.stack([self._momentum(g, p, p.grad, self.state[p]) for g, p in stack]),
-                                 warm, lr=lr, manifold=self._manifold(group), solver=group["solver"],
-                                 tol=group["tol"], max_iters=group.get("max_iters"),
-                                 drift_tol=2 * self.on_manifold_tol, warm_keys=warm_keys or ("dual",),
-                                 active=active)
-            for i, (g, p) in enumerate(stack):
+            active = torch.stack([F.gradient_present(F.as_matrix(p.grad, g.get("flatten"))) for g, p in batch])
+            try:
+                # (the momentum stack is made in the call, with no name here: the step releases it
+                # after the solve, as for one matrix)
+                out = F.stiefel_step(W, stack([self._momentum(g, p, p.grad, self.state[p]) for g, p in batch]),
+                                     warm, lr=lr, manifold=self._manifold(group), solver=group["solver"],
+                                     tol=group["tol"], max_iters=group.get("max_iters"),
+                                     drift_tol=2 * self.on_manifold_tol, warm_keys=warm_keys or ("dual",),
+                                     active=active)
+            except Exception as e:
+                if hasattr(e, "add_note"):  # (Python ≥ 3.11) the solver names batch members by position
+                    e.add_note(f"{type(self).__name__} stepped these as one stack, in this order: "
+                               + ", ".join(names[id(p)] for _, p in batch) + " (foreach=False steps them one by one)")
+                raise
+            for i, (g, p) in enumerate(batch):
                 p.copy_(F.from_matrix(W[i], p, g.get("flatten")))
                 state = self.state[p]
                 for k in warm_keys:  # (a solver's entries it no longer returns go, as in stiefel_step)

@@ -3,9 +3,10 @@
 A manifold-Muon step of a small matrix is a few dozen small calls (the solve, its certificate,
 the retraction, the drift check) whose overhead outweighs their arithmetic. So ManifoldMuon
 gathers the 2-D matrices (Linear and Conv weights) that agree on everything the step depends on
-but its length — shape, dtype, device, manifold, solver, tol, max_iters and the shapes of their
-warm starts — into stacks, and steps each stack with one ``stiefel_step``, for the solvers that
-solve a batch's members as if alone (``solvers.SEPARABLE_SOLVERS``; the default among them).
+but its length — shape and layout, dtype, device, manifold, solver, tol, max_iters and the
+shapes of their warm starts — into stacks, and steps each stack with one ``stiefel_step``, for
+the solvers that solve a batch's members as if alone (``solvers.SEPARABLE_SOLVERS``; the default
+among them).
 ``benchmarks/batching.py`` (CPU, one thread): a whole ManifoldMuon step 1.68× faster on an MLP of
 eight d = 32 blocks, 1.42× at d = 64, 1.07× at d = 128, 0.97× at d = 256 (noise: the gain is
 per-call overhead, nothing at 256² and up).
@@ -27,7 +28,24 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
+import torch
+
 STACK_BYTES = 1 << 20
+
+
+def transposed(M: torch.Tensor) -> bool:
+    """Whether matrix M is laid out transposed (Mᵀ contiguous, M not): the view of a weight stored
+    (in, out), as transformers' Conv1D. Part of a stack's key: CPU products round by layout (a
+    contiguous copy of GPT-2's weights stepped one ulp apart from the view at the first step)."""
+    return not M.is_contiguous() and M.mT.is_contiguous()
+
+
+def stack(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.stack of same-shape matrices in their layout: transposed ones as the transpose of a
+    stack of their (contiguous) transposes, so each member is laid out as the matrix alone."""
+    if transposed(mats[0]):
+        return torch.stack([M.mT for M in mats]).mT
+    return torch.stack(list(mats))
 
 
 def plan_stacks(keys: Sequence[Hashable], sizes: Sequence[int], cap: int = STACK_BYTES) -> list[list[int]]:

@@ -160,19 +160,19 @@ def test_a_stacked_step_agrees_with_single_steps_on_any_shape(m, n, count, seed,
     assert_same(stacked, alone, exact=False)
 
 
-def test_conv_linear_transposed_and_non_contiguous_weights_share_a_stack(monkeypatch):
-    # a Conv1d (out 6, in 4·k 3 → 6×12), a Linear 12→6 and a Linear whose weight is stored transposed
-    # (non-contiguous): the same 6×12 matrix, one stack, each written back into its own parameter
+def test_conv_linear_and_transposed_weights_stack_by_layout(monkeypatch):
+    # a Conv1d (out 6, in 4·k 3 → 6×12) and a Linear 12→6: the same contiguous 6×12 matrix, one
+    # stack; two Linears whose weights are stored transposed (non-contiguous) another — each
+    # written back into its own parameter
     def make():
-        conv = nn.Conv1d(4, 6, 3, bias=False)
-        lin = nn.Linear(12, 6, bias=False)
-        odd = nn.Linear(12, 6, bias=False)
-        odd.weight = nn.Parameter(torch.randn(12, 6).t())
-        return [conv, lin, odd]
+        odd = [nn.Linear(12, 6, bias=False) for _ in range(2)]
+        for layer in odd:
+            layer.weight = nn.Parameter(torch.randn(12, 6).t())
+        return [nn.Conv1d(4, 6, 3, bias=False), nn.Linear(12, 6, bias=False), *odd]
 
     spy = SolveSpy(monkeypatch)
     a = train(make, True, steps=3)
-    assert spy.sizes == [3] * 3
+    assert spy.sizes == [2, 2] * 3
     assert not a[0][2].weight.is_contiguous()
     assert_same(a, train(make, False, steps=3))
 
@@ -241,3 +241,56 @@ def test_foreach_must_be_none_or_bool(bad):
         opt = ManifoldMuon(nn.Linear(4, 4).modules())
     with pytest.raises(TypeError, match="foreach"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3))], "foreach": bad})
+    opt.param_groups[0]["foreach"] = bad  # set later: refused at the step, before anything changes
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    before = [p.clone() for p in opt.param_groups[0]["params"]]
+    with pytest.raises(TypeError, match="foreach"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, opt.param_groups[0]["params"])) and not opt.state
+
+
+def test_a_failing_stack_names_its_parameters():
+    layers = linears((8, 8), 3)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ManifoldMuon(nn.Sequential(*layers).modules())
+    with torch.no_grad():
+        layers[1].weight[0, 0] = float("nan")  # a corrupt checkpoint
+    for layer in layers:
+        layer.weight.grad = torch.ones_like(layer.weight)
+    with pytest.raises(ValueError, match="W contains NaN") as info:
+        opt.step()
+    if hasattr(info.value, "__notes__"):
+        assert info.value.__notes__ == ["ManifoldMuon stepped these as one stack, in this order: 0.weight, 1.weight, "
+                                        "2.weight (foreach=False steps them one by one)"]
+
+
+def test_gpt2_conv1d_weights_stack_in_their_transposed_layout(monkeypatch):
+    # transformers' Conv1D stores (in, out): its matrix is a transposed view. Stacked as contiguous
+    # copies its products rounded apart from the view's — one ulp at the first step, 1e-5 after 20
+    # (a probe with a causal-LM loss; random gradients happened to round alike)
+    import transformers
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+    def run(foreach):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = ManifoldMuon(model.modules(), lr=0.02, foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            tokens = torch.randint(0, 128, (4, 32), generator=gen)
+            opt.zero_grad()
+            model(tokens, labels=tokens).loss.backward()
+            opt.step()
+        return model, opt
+
+    spy = SolveSpy(monkeypatch)
+    (a, opt_a), (b, opt_b) = run(True), run(False)
+    assert 2 in spy.sizes  # the two blocks' same-shape Conv1D weights shared solves
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+        assert all(torch.equal(opt_a.state[pa][k], opt_b.state[pb][k]) for k in opt_a.state[pa]), name
