@@ -11,6 +11,7 @@ import copy
 import math
 import numbers
 import sys
+from collections import Counter
 from typing import Any
 
 import torch
@@ -740,6 +741,10 @@ class ManifoldOptimizer(Optimizer):
         owner = {id(p): r for (_, p), r in zip(shared, owners)}
         index = {id(p): i for i, (_, p) in enumerate(shared)}
         failed, errors = {}, {}
+        for group in self.param_groups:  # state made in parameter order, as one at a time (state_dict)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]  # noqa: B018 (a defaultdict: creates the entry)
         stacked = self._step_stacks(skip=set(owner), names=names)
         for group in self.param_groups:
             lr = _scalar(group["lr"])
@@ -778,21 +783,15 @@ class ManifoldOptimizer(Optimizer):
         """Step the manifold-Muon matrices that can share a solve as stacks (``batching.py``), except
         the parameters in ``skip`` (dealt out over ranks) and groups with ``foreach=False``; returns
         the stats of those stepped, by parameter id. Matrices left over step alone in ``_update``."""
-        members, keys, sizes = [], [], []
-        for group in self.param_groups:
-            if (group["algorithm"] != "manifold_muon" or group.get("foreach") is False
-                    or group["solver"] not in SEPARABLE_SOLVERS):
-                continue
-            for p in group["params"]:
-                W = F.as_matrix(p, group.get("flatten"))
-                if p.grad is None or W.ndim != 2 or id(p) in skip:
-                    continue
-                state = self.state.get(p, {})  # (not made here: the state keeps the order of first steps)
-                warm = tuple((k, tuple(state[k].shape), state[k].dtype) for k in self._warm_keys(state))
-                members.append((group, p))
-                keys.append((tuple(W.shape), transposed(W), p.dtype, p.device, group["manifold"], group.get("scale"),
-                             group["solver"], group["tol"], group.get("max_iters"), warm))
-                sizes.append(p.numel() * p.element_size())
+        members = [(g, p) for g in self.param_groups if g["algorithm"] == "manifold_muon"
+                   and g.get("foreach") is not False and g["solver"] in SEPARABLE_SOLVERS
+                   for p in g["params"] if p.grad is not None and id(p) not in skip]
+        # a parameter listed twice, or two sharing storage, step one after the other (one at a time
+        # the second sees the first's result; in a stack both would start from the same weights)
+        seen = Counter(k for _, p in members for k in (id(p), p.untyped_storage().data_ptr()))
+        keys = [self._stack_key(g, p) if seen[id(p)] == 1 and seen[p.untyped_storage().data_ptr()] == 1
+                else None for g, p in members]
+        sizes = [p.numel() * p.element_size() for _, p in members]
         stats = {}
         for run in plan_stacks(keys, sizes):
             batch = [members[i] for i in run]
@@ -818,12 +817,25 @@ class ManifoldOptimizer(Optimizer):
                 raise
             for i, (g, p) in enumerate(batch):
                 p.copy_(F.from_matrix(W[i], p, g.get("flatten")))
+                stats[id(p)] = {k: v[i] if isinstance(v, torch.Tensor) and v.ndim else v for k, v in out.items()}
+                if not bool(active[i]):
+                    continue  # a resting matrix keeps its state, as alone (no solve, no warm start)
                 state = self.state[p]
                 for k in warm_keys:  # (a solver's entries it no longer returns go, as in stiefel_step)
                     state.pop(k, None)
                 state.update({k: v[i].clone() for k, v in warm.items()})
-                stats[id(p)] = {k: v[i] if isinstance(v, torch.Tensor) and v.ndim else v for k, v in out.items()}
         return stats
+
+    def _stack_key(self, group, p):
+        """What matrices must share to be stepped as one stack (all but lr × lr_scale, momentum and
+        nesterov, which are per matrix): None for a parameter that is not one 2-D matrix."""
+        W = F.as_matrix(p, group.get("flatten"))
+        if W.ndim != 2:
+            return None
+        state = self.state[p]
+        warm = tuple((k, tuple(state[k].shape), state[k].dtype) for k in self._warm_keys(state))
+        return (tuple(W.shape), transposed(W), p.dtype, p.device, group["manifold"], group.get("scale"),
+                group["solver"], group["tol"], group.get("max_iters"), warm)
 
     @staticmethod
     def _warm_keys(state) -> tuple[str, ...]:

@@ -151,13 +151,24 @@ def stiefel_step(
     factor = manifold.closed_form_factor(W.shape, V)
     X = V.add_(compute)  # W + V
     del V
-    # Per matrix: a step that cannot move W (A = 0 from a zero gradient, lr·A below W's rounding)
-    # must leave it bitwise as it is: neither the retraction's renormalisation nor the drift polish
-    # may touch it (a bf16 weight sits ~4e-3 off the manifold and would otherwise be re-polished).
+    # Per matrix: a step that cannot move W (A = 0 from a zero gradient — a resting matrix's masked
+    # u — or lr·A below W's rounding) must leave it bitwise as it is: neither the retraction's
+    # renormalisation nor the drift polish may touch it (a bf16 weight sits ~4e-3 off the manifold
+    # and would otherwise be re-polished) — unless it is far off the manifold (project_on_init=False)
+    # with a nonzero gradient (D > 0) but no usable step (the certificate returns A = 0 when its
+    # direction is worse than none, as the n×n identities assume WᵀW = I): that one still lands on
+    # the manifold. Each matrix of a stack is judged by itself, as if stepped alone.
     still = X.eq(compute).flatten(-2).all(-1)
-    if active is not None:
-        still |= ~active
+    land = torch.zeros_like(still)
+    if bool(still.any()):
+        before = manifold.gram_deviation(compute)
+        land = still & (before > 0.1) & (stats["duality_gap"] > 0)
+        if bool(still.all()) and not bool(land.any()):
+            stats["distance_to_manifold"] = before / 2
+            return stats  # W untouched
+    stale = True  # whether ``drift`` (below) is not yet that of ``new``
     if bool(still.all()):
+        del X
         new = compute
     else:
         new = manifold.apply_closed_form(X, factor)
@@ -168,46 +179,39 @@ def stiefel_step(
             # underflow threshold ‖M‖_F² rounds to 0 while tr(M) does not, giving 0/0. The exact
             # polar retraction of W + V has no such quotient.
             new = _where(broken, manifold.project(X), new)
+        del X
         drift = manifold.gram_deviation(new)
         # Far off the manifold (project_on_init=False on pretrained weights): the polish quintic
         # only converges for singular values near 1 (it diverges past √(5/3)), so project exactly.
         # Near it, polish: the power-iteration estimate runs low (up to 1.37× on 64×32, a claims
         # audit measuring every step in fp64), so polishing at half the tolerance keeps the true
         # drift under it (at the tolerance itself lr 0.1 reached a distance of 1.33e-5 against 1e-5).
-        # Each matrix of a stack is judged by its own drift, as if stepped alone.
         far = drift > 0.1
         near = (drift > drift_tol / 2) & ~far
         if bool(far.any()):
             new = _where(far, manifold.project(new), new)
         if bool(near.any()):
             new = _where(near, manifold.polish(new), new)
-    del X
+        stale = bool(far.any()) or bool(near.any()) or bool(still.any())
     if bool(still.any()):
-        # far off the manifold (project_on_init=False) with a nonzero gradient (D > 0) but no usable
-        # step (the certificate returns A = 0 when its direction is worse than none, as the n×n
-        # identities assume WᵀW = I): still land W on the manifold. A zero gradient (gap 0) leaves
-        # W bitwise as it is.
-        before = manifold.gram_deviation(compute)
-        land = still & (before > 0.1) & (stats["duality_gap"] > 0)
-        if bool(still.all()) and not bool(land.any()):
-            stats["distance_to_manifold"] = before / 2
-            return stats  # W untouched
-        new = _where(still, compute, new)
+        new = _where(still & ~land, compute, new)
         if bool(land.any()):
             new = _where(land, manifold.project(compute), new)
-    drift = manifold.gram_deviation(new)
     W.copy_(new)
     if W.dtype != new.dtype:
         # a bf16/fp16 weight is stepped in fp32 and rounded: report the weight as stored (bf16
         # rounding alone puts it ~2e-3 off, which the fp32 result, ~5e-7 off, understated 3000×)
         drift = manifold.gram_deviation(W.to(new.dtype))
+    elif stale:
+        drift = manifold.gram_deviation(new)
     stats["distance_to_manifold"] = drift / 2  # ‖UᵀU − I‖₂ ≈ 2·max|σ − 1|
     return stats
 
 
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a for the matrices of a stack (…, m, n) where ``mask`` (…) holds, else b."""
-    return torch.where(mask[..., None, None], a, b)
+    """a for the matrices of a stack (…, m, n) where ``mask`` (…) holds, else b (a itself where it
+    holds for all: a single matrix makes no m×n copy)."""
+    return a if bool(mask.all()) else torch.where(mask[..., None, None], a, b)
 
 
 def sphere_step(W: torch.Tensor, u: torch.Tensor, *, lr: float, manifold: Sphere,

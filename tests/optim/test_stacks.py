@@ -10,7 +10,7 @@ from torch import nn
 
 import modman.optim.functional as F
 from modman import ManifoldMuon
-from modman.optim.batching import STACK_BYTES, plan_stacks
+from modman.optim.batching import MATRIX_BYTES, STACK_BYTES, plan_stacks
 from modman.solvers import SEPARABLE_SOLVERS, SOLVERS
 
 
@@ -112,10 +112,13 @@ SHAPES = [(32, 32), (128, 32), (32, 128), (48, 40), (100, 7)]
 def test_stacked_fp32_runs_are_bitwise_those_of_one_matrix_at_a_time(solver, shape, monkeypatch):
     # tall (the reduced form and its subspace), wide, square (the closed form), odd; lr_scales
     # differing per matrix and a matrix resting (zero gradient) in some steps
+    # (matrix 1 rests from its first step: alone it gets no solve and no warm start)
     spy = SolveSpy(monkeypatch)
-    run = dict(steps=5, zero={(1, 0), (3, 2)}, lr_scales=[1.0, 0.5, 2.0], solver=solver)
+    run = dict(steps=5, zero={(0, 1), (1, 0), (3, 2)}, lr_scales=[1.0, 0.5, 2.0], solver=solver)
     stacked = train(linears(shape, 3), None, **run)
-    assert spy.sizes == [3] * 5  # one solve of all three per step
+    # one solve of all three per step — but at step 1 matrix 1 has no warm start yet, the others
+    # have: two stacks' keys
+    assert spy.sizes == [3, 2, 1, 3, 3, 3]
     assert_same(stacked, train(linears(shape, 3), False, **run))
 
 
@@ -207,11 +210,11 @@ def test_foreach_false_and_unseparable_solvers_step_one_matrix_at_a_time(monkeyp
 
 
 def test_stacks_never_exceed_the_cap(monkeypatch):
-    # stacks of at most STACK_BYTES (1 MiB) of weights: twenty 128×128 fp32 (64 KiB each) in
-    # stacks of 16 and 4, five 256×256 (256 KiB) in one of 4 and one alone, two 512×512 (1 MiB) alone
-    assert STACK_BYTES == 1 << 20
+    # stacks of at most STACK_BYTES (1 MiB) of matrices of at most MATRIX_BYTES (64 KiB): twenty
+    # 128×128 fp32 (64 KiB each) in stacks of 16 and 4; five 256×128 (128 KiB) and two 512×512 alone
+    assert (STACK_BYTES, MATRIX_BYTES) == (1 << 20, 64 << 10)
     spy = SolveSpy(monkeypatch)
-    layers = ([nn.Linear(128, 128, bias=False) for _ in range(20)] + [nn.Linear(256, 256, bias=False) for _ in range(5)]
+    layers = ([nn.Linear(128, 128, bias=False) for _ in range(20)] + [nn.Linear(128, 256, bias=False) for _ in range(5)]
               + [nn.Linear(512, 512, bias=False) for _ in range(2)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -220,8 +223,9 @@ def test_stacks_never_exceed_the_cap(monkeypatch):
         for p in group["params"]:
             p.grad = torch.randn_like(p)
     opt.step()
-    assert sorted(spy.sizes, reverse=True) == [16, 4, 4, 1, 1, 1]
+    assert sorted(spy.sizes, reverse=True) == [16, 4] + [1] * 7
     assert plan_stacks(["a"] * 5, [3] * 5, cap=7) == [[0, 1], [2, 3]]  # (the fifth alone)
+    assert plan_stacks(["a"] * 3, [3, 9, 3], cap=20, largest=8) == [[0, 2]]
 
 
 def test_plan_groups_equal_keys_in_order_and_drops_singletons():
@@ -229,6 +233,7 @@ def test_plan_groups_equal_keys_in_order_and_drops_singletons():
     assert plan_stacks(keys, [1] * 6, cap=10) == [[0, 2, 5], [1, 4]]
     assert plan_stacks(keys, [1] * 6, cap=2) == [[0, 2], [1, 4]]
     assert plan_stacks(["x", "x"], [5, 5], cap=4) == []  # each over the cap: alone
+    assert plan_stacks(["x", None, "x", None], [1] * 4, cap=10) == [[0, 2]]  # None: never stacked
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, 0.0])
@@ -248,6 +253,12 @@ def test_foreach_must_be_none_or_bool(bad):
     with pytest.raises(TypeError, match="foreach"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, opt.param_groups[0]["params"])) and not opt.state
+    state = opt.state_dict()
+    state["param_groups"][0]["foreach"] = bad
+    opt.param_groups[0]["foreach"] = None
+    with pytest.raises(TypeError, match="foreach"):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]["foreach"] is None
 
 
 def test_a_failing_stack_names_its_parameters():
@@ -294,3 +305,97 @@ def test_gpt2_conv1d_weights_stack_in_their_transposed_layout(monkeypatch):
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
         assert all(torch.equal(opt_a.state[pa][k], opt_b.state[pb][k]) for k in opt_a.state[pa]), name
+
+
+def test_each_decision_of_the_step_is_per_matrix_of_a_stack():
+    # one stack of five 40×24 fp32 matrices: a plain one; one whose step is below its rounding
+    # (lr_scale 1e-12: stays bitwise); one far off the manifold (×3, project_on_init=False: projected
+    # after the retraction); one slightly off (×(1 + 4e-5): polished); one stored transposed with
+    # momentum 0.5 and no Nesterov — each as it steps alone
+    def run(foreach):
+        torch.manual_seed(0)
+        Q = [torch.linalg.qr(torch.randn(40, 24))[0] for _ in range(5)]
+        Q[2], Q[3] = Q[2] * 3.0, Q[3] * (1 + 4e-5)
+        params = [nn.Parameter(q.clone()) for q in Q[:4]] + [nn.Parameter(Q[4].t().contiguous())]
+        groups = [{"params": [params[0]]}, {"params": [params[1]], "lr_scale": 1e-12}, {"params": [params[2]]},
+                  {"params": [params[3]]},
+                  {"params": [params[4]], "flatten": "transposed", "momentum": 0.5, "nesterov": False}]
+        opt = ManifoldMuon(groups, lr=0.05, foreach=foreach, project_on_init=False)
+        gen = torch.Generator().manual_seed(1)
+        start = [p.detach().clone() for p in params]
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return params, start, opt
+
+    stacked, start, opt = run(None)
+    alone, _, _ = run(False)
+    for a, b in zip(stacked, alone):
+        assert torch.equal(a, b)
+    assert torch.equal(stacked[1], start[1])  # below rounding: bitwise where it was
+    assert not torch.equal(stacked[3], start[3])
+    assert float(opt.last_step_stats["param2"]["distance_to_manifold"]) < 1e-5  # landed
+
+
+def test_groups_differing_in_tol_scale_or_solver_stack_apart(monkeypatch):
+    spy = SolveSpy(monkeypatch)
+    layers = linears((16, 8), 6)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ManifoldMuon([{"params": layers[:2]}, {"params": layers[2:4], "tol": 1e-3},
+                            {"params": layers[4:], "scale": "rms"}], budget="uniform")
+    for layer in layers:
+        layer.weight.grad = torch.randn_like(layer.weight)
+    opt.step()
+    assert spy.sizes == [2, 2, 2]
+    # a solver switched mid-run: its warm-start entries differ (newton keeps more), stale ones go
+    make = linears((48, 16), 3)
+
+    def run(foreach):
+        torch.manual_seed(0)
+        layers = make()
+        opt = build(layers, foreach, solver="newton")
+        gen = torch.Generator().manual_seed(2)
+        for step in range(4):
+            if step == 2:
+                for group in opt.param_groups[1:]:
+                    group["solver"] = "anderson"
+            for layer in layers:
+                layer.weight.grad = torch.randn(layer.weight.shape, generator=gen)
+            opt.step()
+        return layers, opt
+
+    (a, opt_a), (b, opt_b) = run(True), run(False)
+    for la, lb in zip(a, b):
+        assert torch.equal(la.weight, lb.weight)
+        assert list(opt_a.state[la.weight]) == list(opt_b.state[lb.weight])
+    assert "mu" in opt_a.state[a[0].weight] and "mu" not in opt_a.state[a[1].weight]
+
+
+def test_a_parameter_listed_twice_steps_twice_as_one_at_a_time():
+    def run(foreach):
+        torch.manual_seed(0)
+        layers = linears((16, 8), 2)()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = ManifoldMuon([{"params": [layers[0].weight, layers[0].weight, layers[1].weight]}], foreach=foreach)
+        for layer in layers:
+            layer.weight.grad = torch.randn_like(layer.weight)
+        opt.step()
+        return layers
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a.weight, b.weight)
+
+
+def test_state_is_made_in_parameter_order():
+    layers = [nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(8, 16)]  # the last two stack
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ManifoldMuon(nn.Sequential(*layers).modules())
+    sum(layer(torch.randn(2, 8)).sum() for layer in layers).backward()
+    opt.step()
+    order = [p for g in opt.param_groups for p in g["params"]]
+    assert list(opt.state) == order
+    assert list(opt.state_dict()["state"]) == list(range(len(order)))
