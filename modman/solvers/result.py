@@ -215,6 +215,7 @@ def dual_value(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, g_scale=No
         Gb = Gn[..., sl, :].double()
         Z = (Gb if g_scale is None else Gb * g_scale) - 2 * W[..., sl, :].double() @ lam
         gram = add_gram(gram, Z, Z)
+    del lam, Z  # before the eigvalsh, the step's memory peak where n ≈ m (its copy of the Gram)
     return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
 
 
