@@ -788,9 +788,8 @@ class ManifoldOptimizer(Optimizer):
                    for p in g["params"] if p.grad is not None and id(p) not in skip]
         # a parameter listed twice, or two sharing storage, step one after the other (one at a time
         # the second sees the first's result; in a stack both would start from the same weights)
-        seen = Counter(k for _, p in members for k in (id(p), p.untyped_storage().data_ptr()))
-        keys = [self._stack_key(g, p) if seen[id(p)] == 1 and seen[p.untyped_storage().data_ptr()] == 1
-                else None for g, p in members]
+        seen = Counter(p.untyped_storage().data_ptr() for _, p in members)
+        keys = [self._stack_key(g, p) if seen[p.untyped_storage().data_ptr()] == 1 else None for g, p in members]
         sizes = [p.numel() * p.element_size() for _, p in members]
         stats = {}
         for run in plan_stacks(keys, sizes):

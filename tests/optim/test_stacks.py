@@ -11,6 +11,7 @@ from torch import nn
 import modman.optim.functional as F
 from modman import ManifoldMuon
 from modman.optim.batching import MATRIX_BYTES, STACK_BYTES, plan_stacks
+from modman.manifolds import Stiefel
 from modman.solvers import SEPARABLE_SOLVERS, SOLVERS
 
 
@@ -312,7 +313,7 @@ def test_each_decision_of_the_step_is_per_matrix_of_a_stack():
     # (lr_scale 1e-12: stays bitwise); one far off the manifold (×3, project_on_init=False: projected
     # after the retraction); one slightly off (×(1 + 4e-5): polished); one stored transposed with
     # momentum 0.5 and no Nesterov — each as it steps alone
-    def run(foreach):
+    def run(foreach, steps=2):
         torch.manual_seed(0)
         Q = [torch.linalg.qr(torch.randn(40, 24))[0] for _ in range(5)]
         Q[2], Q[3] = Q[2] * 3.0, Q[3] * (1 + 4e-5)
@@ -323,7 +324,7 @@ def test_each_decision_of_the_step_is_per_matrix_of_a_stack():
         opt = ManifoldMuon(groups, lr=0.05, foreach=foreach, project_on_init=False)
         gen = torch.Generator().manual_seed(1)
         start = [p.detach().clone() for p in params]
-        for _ in range(2):
+        for _ in range(steps):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
             opt.step()
@@ -333,6 +334,12 @@ def test_each_decision_of_the_step_is_per_matrix_of_a_stack():
     alone, _, _ = run(False)
     for a, b in zip(stacked, alone):
         assert torch.equal(a, b)
+    stacked, _, opt = run(None, steps=1)  # the step that projects and polishes
+    for name, p in zip(("param0", "param1", "param2", "param3", "param4"), stacked):
+        # the drift reported is that of the weight as stepped (polished or projected), not before
+        drift = Stiefel().gram_deviation(p.detach().mT if name == "param4" else p.detach()) / 2
+        torch.testing.assert_close(torch.as_tensor(opt.last_step_stats[name]["distance_to_manifold"]), drift,
+                                   rtol=0.05, atol=1e-8)
     assert torch.equal(stacked[1], start[1])  # below rounding: bitwise where it was
     assert not torch.equal(stacked[3], start[3])
     assert float(opt.last_step_stats["param2"]["distance_to_manifold"]) < 1e-5  # landed
@@ -340,15 +347,16 @@ def test_each_decision_of_the_step_is_per_matrix_of_a_stack():
 
 def test_groups_differing_in_tol_scale_or_solver_stack_apart(monkeypatch):
     spy = SolveSpy(monkeypatch)
-    layers = linears((16, 8), 6)()
+    layers = linears((16, 8), 8)()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = ManifoldMuon([{"params": layers[:2]}, {"params": layers[2:4], "tol": 1e-3},
-                            {"params": layers[4:], "scale": "rms"}], budget="uniform")
+                            {"params": layers[4:6], "scale": "rms"}, {"params": layers[6:], "max_iters": 5}],
+                           budget="uniform")
     for layer in layers:
         layer.weight.grad = torch.randn_like(layer.weight)
     opt.step()
-    assert spy.sizes == [2, 2, 2]
+    assert spy.sizes == [2, 2, 2, 2]
     # a solver switched mid-run: its warm-start entries differ (newton keeps more), stale ones go
     make = linears((48, 16), 3)
 
@@ -373,20 +381,29 @@ def test_groups_differing_in_tol_scale_or_solver_stack_apart(monkeypatch):
     assert "mu" in opt_a.state[a[0].weight] and "mu" not in opt_a.state[a[1].weight]
 
 
-def test_a_parameter_listed_twice_steps_twice_as_one_at_a_time():
+@pytest.mark.parametrize("sharing", ["listed twice", "views of one tensor"])
+def test_parameters_sharing_memory_step_one_after_the_other(sharing):
+    # one at a time the second step starts where the first left the memory; in a stack both would
+    # start from the same weights and the last write would win
     def run(foreach):
         torch.manual_seed(0)
-        layers = linears((16, 8), 2)()
+        if sharing == "listed twice":
+            weight, other = nn.Parameter(torch.randn(16, 8)), nn.Parameter(torch.randn(16, 8))
+            params = [weight, weight, other]
+        else:
+            base = torch.randn(2, 16, 8)
+            params = [nn.Parameter(base[0]), nn.Parameter(base[0]), nn.Parameter(torch.randn(16, 8))]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = ManifoldMuon([{"params": [layers[0].weight, layers[0].weight, layers[1].weight]}], foreach=foreach)
-        for layer in layers:
-            layer.weight.grad = torch.randn_like(layer.weight)
+            opt = ManifoldMuon([{"params": params}], foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
         opt.step()
-        return layers
+        return params
 
     for a, b in zip(run(True), run(False)):
-        assert torch.equal(a.weight, b.weight)
+        assert torch.equal(a, b)
 
 
 def test_state_is_made_in_parameter_order():
