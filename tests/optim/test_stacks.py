@@ -416,3 +416,20 @@ def test_state_is_made_in_parameter_order():
     order = [p for g in opt.param_groups for p in g["params"]]
     assert list(opt.state) == order
     assert list(opt.state_dict()["state"]) == list(range(len(order)))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_far_off_weights_land_unless_their_gradient_is_normal(foreach):
+    # project_on_init=False, two weights 3× off the manifold: one with a gradient normal to it
+    # (G = W, an L2 penalty's: A = 0, gap 0) stays bitwise where it is; the other lands
+    torch.manual_seed(0)
+    params = [nn.Parameter(3 * torch.linalg.qr(torch.randn(40, 24))[0]) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ManifoldMuon([{"params": params}], lr=1e-30, project_on_init=False, foreach=foreach)
+    start = params[0].detach().clone()
+    params[0].grad = params[0].detach().clone()
+    params[1].grad = torch.randn(40, 24)
+    opt.step()
+    assert torch.equal(params[0], start)
+    assert float(Stiefel().gram_deviation(params[1].detach())) < 1e-5
