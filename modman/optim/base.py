@@ -786,9 +786,11 @@ class ManifoldOptimizer(Optimizer):
         members = [(g, p) for g in self.param_groups if g["algorithm"] == "manifold_muon"
                    and g.get("foreach") is not False and g["solver"] in SEPARABLE_SOLVERS
                    for p in g["params"] if p.grad is not None and id(p) not in skip]
-        # a parameter listed twice, or two sharing storage, step one after the other (one at a time
-        # the second sees the first's result; in a stack both would start from the same weights)
-        seen = Counter(p.untyped_storage().data_ptr() for _, p in members)
+        # a parameter listed twice, or two sharing storage (in any groups), step one after the other
+        # (one at a time the second sees the first's result; in a stack both would start from the
+        # same weights, or the stack would step before a group earlier in the list)
+        seen = Counter(p.untyped_storage().data_ptr() for g in self.param_groups for p in g["params"]
+                       if p.grad is not None)
         keys = [self._stack_key(g, p) if seen[p.untyped_storage().data_ptr()] == 1 else None for g, p in members]
         sizes = [p.numel() * p.element_size() for _, p in members]
         stats = {}
@@ -801,6 +803,7 @@ class ManifoldOptimizer(Optimizer):
             lr = torch.tensor([_scalar(g["lr"]) * _scalar(g["lr_scale"]) for g, _ in batch], dtype=torch.float64,
                               device=W.device)
             active = torch.stack([F.gradient_present(F.as_matrix(p.grad, g.get("flatten"))) for g, p in batch])
+            resting = (~active).tolist()  # (one host sync, not one per member)
             try:
                 # (the momentum stack is made in the call, with no name here: the step releases it
                 # after the solve, as for one matrix)
@@ -817,7 +820,7 @@ class ManifoldOptimizer(Optimizer):
             for i, (g, p) in enumerate(batch):
                 p.copy_(F.from_matrix(W[i], p, g.get("flatten")))
                 stats[id(p)] = {k: v[i] if isinstance(v, torch.Tensor) and v.ndim else v for k, v in out.items()}
-                if not bool(active[i]):
+                if resting[i]:
                     continue  # a resting matrix keeps its state, as alone (no solve, no warm start)
                 state = self.state[p]
                 for k in warm_keys:  # (a solver's entries it no longer returns go, as in stiefel_step)

@@ -13,7 +13,8 @@ eight d = 32 blocks (d→d→4d→d), 1.4–1.7× at d = 64 (two runs), 1.02× a
 1.23–1.35× for eight 128×64, 0.97–1.08× from 256² up (the gain is per-call overhead).
 
 Each matrix is stepped as if alone: its own lr × lr_scale, momentum, warm start and drift
-decisions. fp32 runs came out bitwise those of ``foreach=False``; in fp64 and bf16 one step
+decisions. fp32 runs on CPU came out bitwise those of ``foreach=False`` (not checked on a GPU,
+whose batched kernels may round differently); in fp64 and bf16 one step
 agrees to rounding, and over many steps the runs part within the solver's accuracy (a 1e-16
 difference grew to 1e-5 in three fp64 steps of the closed form, whose certified gap there is
 ~1e-6; ``tests/optim/test_stacks.py``). In ``last_step_stats`` the drift estimate rounds apart

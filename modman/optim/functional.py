@@ -159,15 +159,16 @@ def stiefel_step(
     # direction is worse than none, as the n×n identities assume WᵀW = I): that one still lands on
     # the manifold. Each matrix of a stack is judged by itself, as if stepped alone.
     still = X.eq(compute).flatten(-2).all(-1)
+    any_still, all_still = bool(still.any()), bool(still.all())  # (host syncs, taken once)
     land = torch.zeros_like(still)
-    if bool(still.any()):
+    if any_still:
         before = manifold.gram_deviation(compute)
         land = still & (before > 0.1) & (stats["duality_gap"] > 0)
-        if bool(still.all()) and not bool(land.any()):
+        if all_still and not bool(land.any()):
             stats["distance_to_manifold"] = before / 2
             return stats  # W untouched
     stale = True  # whether ``drift`` (below) is not yet that of ``new``
-    if bool(still.all()):
+    if all_still:
         del X
         new = compute
     else:
@@ -188,12 +189,13 @@ def stiefel_step(
         # drift under it (at the tolerance itself lr 0.1 reached a distance of 1.33e-5 against 1e-5).
         far = drift > 0.1
         near = (drift > drift_tol / 2) & ~far
-        if bool(far.any()):
+        any_far, any_near = bool(far.any()), bool(near.any())
+        if any_far:
             new = _where(far, manifold.project(new), new)
-        if bool(near.any()):
+        if any_near:
             new = _where(near, manifold.polish(new), new)
-        stale = bool(far.any()) or bool(near.any()) or bool(still.any())
-    if bool(still.any()):
+        stale = any_far or any_near or any_still
+    if any_still:
         new = _where(still & ~land, compute, new)
         if bool(land.any()):
             new = _where(land, manifold.project(compute), new)

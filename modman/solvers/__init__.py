@@ -40,7 +40,7 @@ SOLVERS = {
 DEFAULT_SOLVER = "anderson"
 # Solvers whose batched solve gives each member what solving it alone gives — every decision (early
 # exit, subspace size, step length) is per member: ManifoldMuon's fp32 stacks came out bitwise its
-# one-at-a-time steps, fp64 steps to rounding (1e-16 to 3e-14; tests/optim/test_stacks.py).
+# one-at-a-time steps on CPU, fp64 steps to rounding (1e-16 to 3e-14; tests/optim/test_stacks.py).
 # The others' members depend on their batch-mates: after 5 fp32 steps at lr 0.05
 # on four 32×32 weights, stacked against alone, dual ascent's weights were 0.08 apart, lyapunov's
 # 3e-5, projected's 3e-6, admm's 1e-6. The optimizer stacks same-shape matrices for these only.

@@ -433,3 +433,55 @@ def test_far_off_weights_land_unless_their_gradient_is_normal(foreach):
     opt.step()
     assert torch.equal(params[0], start)
     assert float(Stiefel().gram_deviation(params[1].detach())) < 1e-5
+
+
+@pytest.mark.parametrize("other", [{"foreach": False}, {"solver": "admm"}])
+def test_storage_shared_with_a_matrix_stepped_alone_keeps_the_order(other):
+    # A and B share memory; A's group steps one at a time (foreach=False, or a solver never stacked)
+    # and comes first: B must step after it, not in a stack before it
+    def run(foreach):
+        torch.manual_seed(0)
+        A = nn.Parameter(torch.linalg.qr(torch.randn(16, 8))[0])
+        B = nn.Parameter(A.data)
+        C = nn.Parameter(torch.linalg.qr(torch.randn(16, 8))[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = ManifoldMuon([{"params": [A], **other}, {"params": [B, C]}], lr=0.1, foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for p in (A, B, C):
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        return A, C
+
+    for a, b in zip(run(None), run(False)):
+        assert torch.equal(a, b)
+
+
+def test_a_non_finite_closed_form_in_one_member_projects_that_member_only(monkeypatch):
+    # the 0/0 of a step just above underflow, forced on the first matrix of the step: it takes the
+    # exact projection, its stack-mates their closed form, as each would alone
+    real = Stiefel.apply_closed_form
+
+    def run(foreach):
+        armed = [True]
+
+        def broken_first(X, factor):
+            out = real(X, factor)
+            if armed[0]:
+                (out[0] if out.ndim == 3 else out).fill_(float("nan"))
+                armed[0] = False
+            return out
+
+        monkeypatch.setattr(Stiefel, "apply_closed_form", staticmethod(broken_first))
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.linalg.qr(torch.randn(40, 24))[0]) for _ in range(3)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = ManifoldMuon([{"params": [p]} for p in params], lr=0.05, foreach=foreach)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        return params
+
+    for a, b in zip(run(None), run(False)):
+        assert torch.equal(a, b) and bool(torch.isfinite(a).all())
