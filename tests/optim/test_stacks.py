@@ -10,8 +10,8 @@ from torch import nn
 
 import modman.optim.functional as F
 from modman import ManifoldMuon
-from modman.optim.batching import MATRIX_BYTES, STACK_BYTES, plan_stacks
 from modman.manifolds import Stiefel
+from modman.optim.batching import MATRIX_BYTES, STACK_BYTES, plan_stacks
 from modman.solvers import SEPARABLE_SOLVERS, SOLVERS
 
 
