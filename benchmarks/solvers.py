@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/solvers.py                 # H = 256, ~15 min on 1 busy core
     OMP_NUM_THREADS=1 python benchmarks/solvers.py --hidden 1024 --steps 51 --suite-large   # the issue's size
+    python benchmarks/solvers.py --device cuda --hidden 4096 --steps 40 --skip-suite   # on a GPU
 
 (1) Suite: certified duality gap and tangent residual vs msign calls for every solver in
     modman.solvers.SOLVERS at caps max_iters ∈ {1, 4, 16, default}, cold start, fp32, on
@@ -19,6 +20,10 @@
     entry point the optimizer calls (it only keeps a reference to the result; no extra work in
     the timed region).
     closed_form is timed in training like the others.
+    --device cuda: models, data and the suite on the GPU; every timed step is bracketed by
+    torch.cuda.synchronize(), and each optimizer's peak memory above what was allocated before its
+    step (torch.cuda.max_memory_allocated: tensors only, not cuSOLVER's own workspaces) is
+    recorded per step; the results go to results/solvers-<gpu>.json unless --out says otherwise.
 Writes benchmarks/results/solvers.json and solvers.png.
 """
 from __future__ import annotations
@@ -28,6 +33,7 @@ import copy
 import json
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -41,15 +47,16 @@ from modman.solvers import DEFAULT_SOLVER, SOLVERS, solve_manifold_muon
 from modman.experiments.machine import machine  # noqa: E402
 
 
-def suite(solvers, large):
+def suite(solvers, large, device):
     shapes = [(64, 16), (256, 64)] + ([(1024, 256)] if large else [])
     rows = []
     g = torch.Generator().manual_seed(0)
 
     def run(W, G, s, cap, m, n, rank):
-        t = time.perf_counter()
+        W, G = W.to(device), G.to(device)
+        t = clock(device)
         res = solve_manifold_muon(W, G, solver=s, max_iters=cap)
-        dt = time.perf_counter() - t
+        dt = clock(device) - t
         row = {"shape": [m, n], "rank": rank, "solver": s, "max_iters": cap, "msign_calls": res.msign_calls,
                "msign_equivalents": res.msign_equivalents, "gap": res.duality_gap.item(),
                "tangent_residual": res.tangent_residual.item(), "solve_s": dt}
@@ -73,18 +80,26 @@ def suite(solvers, large):
     return rows
 
 
-def training(solvers, hidden, steps, warmup, lr, slow_steps):
+def clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done (a GPU step returns before it runs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def training(solvers, hidden, steps, warmup, lr, slow_steps, device):
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(784, hidden, bias=False), torch.nn.ReLU(),
                                torch.nn.Linear(hidden, hidden, bias=False), torch.nn.ReLU(),
-                               torch.nn.Linear(hidden, 10, bias=False))
+                               torch.nn.Linear(hidden, 10, bias=False)).to(device)
     names = list(solvers) + ["own_muon", "torch_muon"]
     models = {k: copy.deepcopy(base) for k in names}
     opts = {s: modman.ManifoldMuon(models[s].modules(), solver=s, budget="uniform", lr=lr) for s in solvers}
     opts["own_muon"] = modman.Muon(models["own_muon"].modules(), lr=lr, ns_dtype="float32", ns_schedule="keller")
     opts["torch_muon"] = torch.optim.Muon(list(models["torch_muon"].parameters()), lr=lr)
-    X = torch.randn(2048, 784)
-    y = (X[:, :10] @ torch.randn(10, 10)).argmax(1)
+    X = torch.randn(2048, 784).to(device)
+    y = (X[:, :10] @ torch.randn(10, 10).to(device)).argmax(1)
+    cuda = device.type == "cuda"
 
     captured = []
     real = F.solve_manifold_muon
@@ -98,8 +113,9 @@ def training(solvers, hidden, steps, warmup, lr, slow_steps):
     times = {k: [] for k in names}
     mats = {s: [] for s in solvers}
     loss_log = {k: [] for k in names}
+    peaks = {k: [] for k in names}  # bytes above the step's starting allocation (CUDA only)
     for step in range(steps):
-        idx = torch.randint(0, 2048, (128,))
+        idx = torch.randint(0, 2048, (128,)).to(device)
         k = step % len(names)
         order = names[k:] + names[:k]
         for name in order:
@@ -110,12 +126,17 @@ def training(solvers, hidden, steps, warmup, lr, slow_steps):
             opt.zero_grad()
             loss.backward()
             captured.clear()
-            t = time.perf_counter()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            t = clock(device)
             opt.step()
-            dt = time.perf_counter() - t
+            dt = clock(device) - t
             loss_log[name].append(loss.item())
             if step >= warmup:
                 times[name].append(dt)
+                if cuda:
+                    peaks[name].append(torch.cuda.max_memory_allocated(device) - before)
             if name in solvers:
                 meqs = [r.msign_equivalents for _, _, r in captured]
                 stats = opt.last_step_stats
@@ -128,12 +149,15 @@ def training(solvers, hidden, steps, warmup, lr, slow_steps):
         print(f"step {step} " + " ".join(f"{n}={times[n][-1]:.2f}s" if step >= warmup and times[n] and len(times[n]) else f"{n}:loss={loss_log[n][-1]:.3f}"
                                           for n in names if loss_log[n]), flush=True)
     F.solve_manifold_muon = real
-    return times, mats, loss_log
+    return times, mats, loss_log, peaks
 
 
-def summarize(times, mats, loss_log, solvers):
+def summarize(times, mats, loss_log, solvers, peaks, largest_bytes):
     own, tm = statistics.median(times["own_muon"]), statistics.median(times["torch_muon"])
     out = {}
+
+    def peak_x(name):  # CUDA only: the largest step peak over the timed steps, × the largest weight
+        return max(peaks[name]) / largest_bytes if peaks.get(name) else None
     for s in solvers:
         rows = [m for r in mats[s] for m in r["matrices"].values()]
         n_mat = len(mats[s][0]["matrices"])
@@ -158,16 +182,19 @@ def summarize(times, mats, loss_log, solvers):
             "timed_steps": len(times[s]),
             "matrices_per_step": n_mat,
             "final_loss": loss_log[s][-1],
+            "step_peak_x_largest_weight": peak_x(s),
             "per_matrix": {name: {"msign_equivalents": statistics.mean(r["matrices"][name]["msign_equivalents"] for r in mats[s]),
                                   "duality_gap_max": max(r["matrices"][name]["duality_gap"] for r in mats[s])}
                            for name in mats[s][0]["matrices"]},
         }
     out["_muon"] = {"own_muon_step_s_median": own, "torch_muon_step_s_median": tm,
+                    "own_muon_step_peak_x_largest_weight": peak_x("own_muon"),
+                    "torch_muon_step_peak_x_largest_weight": peak_x("torch_muon"),
                     "own_muon_final_loss": loss_log["own_muon"][-1], "torch_muon_final_loss": loss_log["torch_muon"][-1]}
     return out
 
 
-def plot(rows, summary, solvers, path):
+def plot(rows, summary, solvers, path, where="1 thread"):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -186,7 +213,7 @@ def plot(rows, summary, solvers, path):
     names = [s for s in solvers if s in summary] + ["own_muon", "torch_muon"]
     vals = [summary[s]["step_s_median"] for s in solvers if s in summary] + [summary["_muon"]["own_muon_step_s_median"],
                                                                           summary["_muon"]["torch_muon_step_s_median"]]
-    a2.bar(names, vals); a2.set_yscale("log"); a2.set_ylabel("median optimizer step (s), 1 thread")
+    a2.bar(names, vals); a2.set_yscale("log"); a2.set_ylabel(f"median optimizer step (s), {where}")
     a2.tick_params(axis="x", rotation=30)
     fig.tight_layout(); fig.savefig(path, dpi=100)
     return True
@@ -206,12 +233,20 @@ def main():
     ap.add_argument("--suite-only", action="store_true",
                     help="run only the suite and replace the 'suite' rows of an existing --out file")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "solvers.json"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--out", default=None, help="default: results/solvers.json, on a GPU results/solvers-<gpu>.json")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if args.out is None:
+        results = pathlib.Path(__file__).resolve().parent / "results"
+        gpu = "" if device.type == "cpu" else "-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+        args.out = str(results / f"solvers{gpu}.json")
     torch.set_num_threads(args.threads)
     solvers = args.solvers.split(",")
     t0 = time.time()
-    rows = [] if args.skip_suite else suite(solvers, args.suite_large)
+    rows = [] if args.skip_suite else suite(solvers, args.suite_large, device)
     if args.suite_only:
         with open(args.out) as f:
             out = json.load(f)
@@ -223,14 +258,14 @@ def main():
         plot(rows, {k: v for k, v in out.items() if k in solvers or k == "_muon"}, solvers, os.path.splitext(args.out)[0] + ".png")
         return
     slow = {s: args.slow_steps for s in ("dual_ascent", "admm")} if args.slow_steps else {}
-    times, mats, loss_log = training(solvers, args.hidden, args.steps, args.warmup, args.lr, slow)
-    summary = summarize(times, mats, loss_log, solvers)
+    times, mats, loss_log, peaks = training(solvers, args.hidden, args.steps, args.warmup, args.lr, slow, device)
+    summary = summarize(times, mats, loss_log, solvers, peaks, 4 * max(784, args.hidden) * args.hidden)
     out = {"machine": machine(), "threads": torch.get_num_threads(),
            "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python " + " ".join(sys.argv),
-           "default_solver": DEFAULT_SOLVER,
+           "default_solver": DEFAULT_SOLVER, "device": str(device),
            "training": {"model": f"bias-free MLP 784→{args.hidden}→{args.hidden}→10, synthetic data (2048×784 Gaussian, "
                                  f"labels argmax of a random 10×10 map of the first 10 inputs), batch 128",
-                        "issue_size_note": "the issue's size is H = 1024; it did not fit this machine's time budget" if args.hidden != 1024 else None,
+                        "issue_size_note": "the issue's size is H = 1024; it did not fit this machine's time budget" if args.hidden < 1024 and device.type == "cpu" else None,
                         "optimizers": {"solvers": "modman.ManifoldMuon(model.modules(), solver=s, budget='uniform', lr=%g)" % args.lr,
                                        "own_muon": "modman.Muon(model.modules(), lr=%g, ns_dtype='float32', ns_schedule='keller')" % args.lr,
                                        "torch_muon": "torch.optim.Muon(model.parameters(), lr=%g) (as shipped: bf16 Newton–Schulz)" % args.lr},
@@ -252,7 +287,8 @@ def main():
         print(f"{s:12s} {r['msign_calls_per_step']:10.1f} {r['duality_gap_median']:9.1e} {r['duality_gap']:9.1e} "
               f"{r['tangent_residual_median']:9.1e} {r['tangent_residual']:9.1e} {f(r['step_ratio_vs_own_muon']):>7s} {f(r['step_ratio_vs_torch_muon']):>7s}")
     print(json.dumps(summary["_muon"]))
-    plot(rows, summary, solvers, os.path.splitext(args.out)[0] + ".png")
+    where = "1 thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    plot(rows, summary, solvers, os.path.splitext(args.out)[0] + ".png", where)
 
 
 if __name__ == "__main__":
