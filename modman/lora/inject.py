@@ -31,6 +31,16 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def check_unmerged(model: nn.Module, where: str) -> None:
+    """Refuse to train a model whose adapters are merged: merged factors are not in the forward
+    pass, so backward failed with torch's "element 0 of tensors does not require grad"."""
+    merged = sorted(path for path, layer in lora_layers(model).items() if layer.merged_adapters)
+    if merged:
+        raise ValueError(f"{where}: adapters are merged into the base weights of {merged[:3]}"
+                         f"{' …' if len(merged) > 3 else ''}: their factors get no gradient; call "
+                         "unmerge_lora(model) before training")
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters present anywhere in the model, in order of creation."""
     names: list[str] = []
@@ -39,6 +49,31 @@ def adapter_names(model: nn.Module) -> list[str]:
             if name not in names:
                 names.append(name)
     return names
+
+
+def _tied(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """For each named weight, the model's other parameters on the same storage (an output head
+    tied to the input embedding): merging s·B A into it would change them too."""
+    by_storage: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(name)
+    tied = {}
+    for path, w in weights.items():
+        others = [n for n in by_storage.get(w.untyped_storage().data_ptr(), []) if n != f"{path}.weight"
+                  and n != f"{path}.base_layer.weight"]
+        if others:
+            tied[path] = others
+    return tied
+
+
+def _refuse_tied_merge(model: nn.Module, layers: dict[str, LoRALinear], what: str) -> None:
+    tied = _tied(model, {path: layer.base_layer.weight for path, layer in layers.items()})
+    if tied:
+        listed = "; ".join(f"{path} with {', '.join(others)}" for path, others in tied.items())
+        raise ValueError(f"{what}: the base weight of {listed} is shared (tied): folding s·B A into it would "
+                         "change the tied module too, so the merged model would not compute what the adapter "
+                         "does. Keep the adapter unmerged (save_adapter stores it for PEFT), or untie the "
+                         "weights first. Nothing was merged.")
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -73,6 +108,11 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
             warn(f"target_modules={config.target_modules!r} adapts nn.Linear layers only: {len(stacks)} expert "
                  f"stacks ({', '.join(stacks[:3])}{', …' if len(stacks) > 3 else ''}) get no adapter; LoRA on a "
                  "mixture of experts' experts needs PEFT's target_parameters, which modman.lora does not support")
+    tied = _tied(model, {path: base.weight for path, base in targets.items()})
+    if tied:  # (as PEFT warns for tied target modules)
+        warn("; ".join(f"{path}'s weight is tied to {', '.join(others)}" for path, others in tied.items())
+             + ": the adapter trains and saves as usual, but merge_lora and unload_lora(merge=True) will "
+             "refuse these layers (merging would change the tied module too)")
     layers = lora_layers(model)
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
     for param in model.parameters():
@@ -148,9 +188,12 @@ def merge_lora(model: nn.Module, adapter_names: str | list[str] | None = None) -
         missing = [n for n in names if n not in present]
         if missing:
             raise ValueError(f"no adapter named {missing}; the model has {present}")
-    for layer in layers.values():
+    chosen = {path: None if names is None else [n for n in names if n in layer.r] for path, layer in layers.items()}
+    _refuse_tied_merge(model, {path: layer for path, layer in layers.items()
+                               if layer.to_merge(chosen[path])}, "merge_lora")
+    for path, layer in layers.items():
         # a layer merges the named adapters it carries (an adapter may target only some layers)
-        layer.merge(None if names is None else [n for n in names if n in layer.r])
+        layer.merge(chosen[path])
     return model
 
 
@@ -164,6 +207,10 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every LoRALinear by its base nn.Linear, merging the active adapters first when
     ``merge``; the result is a plain model (base parameters stay frozen)."""
+    if merge:
+        layers = lora_layers(model)
+        _refuse_tied_merge(model, {path: layer for path, layer in layers.items() if layer.to_merge()},
+                           "unload_lora(merge=True)")
     for path, layer in lora_layers(model).items():
         if merge:
             layer.merge()

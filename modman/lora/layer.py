@@ -58,6 +58,7 @@ class LoRALinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.train(base_layer.training)  # a layer of a model in eval mode stays in eval mode
 
     # The attributes other code reads off a Linear (HF checks weight.dtype, for one).
     @property
@@ -97,7 +98,11 @@ class LoRALinear(nn.Module):
                 B.weight.zero_()
         self.lora_A[name] = A
         self.lora_B[name] = B
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # in this layer's mode: dropout added to a model in eval mode (load_adapter for inference)
+        # was on, and two forwards differed
+        self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
+        A.train(self.training)
+        B.train(self.training)
         self.r[name] = r
         self.scaling[name] = float(scaling)
 
@@ -109,11 +114,14 @@ class LoRALinear(nn.Module):
         delta = (B @ A) * self.scaling[name]
         return delta.mT if self.fan_in_fan_out else delta
 
+    def to_merge(self, names: list[str] | None = None) -> list[str]:
+        """The adapters ``merge(names)`` folds in: the given (default: active) ones not merged yet."""
+        return [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
+
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         """W ← cast(W + Σ s·B A), summed in fp32, for the given (default: active) adapters."""
-        names = [n for n in (self.active_adapters if names is None else names)
-                 if n not in self.merged_adapters]
+        names = self.to_merge(names)
         if not names:
             return
         W = self.base_layer.weight

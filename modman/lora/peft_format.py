@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .._checks import is_finite_real
+from .._warn import warn
 from ..optim.roles import unwrap
 from .config import PRESETS, LoRAConfig, linear_modules, select_targets
 from .inject import adapter_names, adapter_state_dict, apply_lora, lora_layers
@@ -29,6 +30,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"base_model\.model\.(?P<path>.+)\.(?P<factor>lora_A|lora_B)\.weight")
+# the base weight of an adapted layer: PEFT saves it when lm_head or an embedding is a target
+# (save_embedding_layers), to be loaded into the base model
+_BASE_KEY = re.compile(r"base_model\.model\.(?P<path>.+)\.base_layer\.weight")
 _INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "random": False}
 _INIT_FROM_PEFT = {True: "default", "gaussian": "gaussian", False: "random"}
 
@@ -109,8 +113,12 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for file in (config_file, weights_file):
         if not file.is_file():
+            pickled = file == weights_file and (folder / "adapter_model.bin").is_file()
             raise FileNotFoundError(f"{file} not found (a PEFT adapter folder holds {CONFIG_NAME} "
-                                    f"and {WEIGHTS_NAME})")
+                                    f"and {WEIGHTS_NAME})" + (
+                                        "; the folder has adapter_model.bin, PEFT's older pickle format, which "
+                                        "modman.lora does not read (unpickling can run code): save it again with "
+                                        "PEFT's save_pretrained(safe_serialization=True)" if pickled else ""))
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
@@ -144,10 +152,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         raise ValueError(f"{weights_file} is not a readable safetensors file: {err}") from None
     if not tensors:
         raise ValueError(f"{weights_file} holds no tensors")
-    wrong = [k for k in tensors if not _KEY.fullmatch(k)]
+    adapted = {_KEY.fullmatch(k)["path"] for k in tensors if _KEY.fullmatch(k)}
+    wrong = [k for k in tensors if not _KEY.fullmatch(k)
+             and not (_BASE_KEY.fullmatch(k) and _BASE_KEY.fullmatch(k)["path"] in adapted)]
     if wrong:
         raise ValueError(f"{weights_file}: keys not of the form base_model.model.<path>."
-                         f"lora_A|lora_B.weight: {wrong[:5]}")
+                         f"lora_A|lora_B.weight (or the base_layer.weight PEFT saves with an adapted "
+                         f"lm_head or embedding): {wrong[:5]}")
     # integer or bool factors are no LoRA weights (an int64 file loaded as rounded values, silently)
     integral = [f"{k} ({str(t.dtype).removeprefix('torch.')})" for k, t in tensors.items() if not t.is_floating_point()]
     if integral:
@@ -160,6 +171,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     # the folder against itself before the model: lora_A is (r, d_in), lora_B (d_out, r)
     r, off = int(config["r"]), []
     for key, t in sorted(tensors.items()):
+        if not _KEY.fullmatch(key):
+            continue  # a base weight: checked against the model by load_adapter
         if t.ndim != 2:
             off.append(f"{key} ({t.ndim}-D)")
         elif t.shape[0 if _KEY.fullmatch(key)["factor"] == "lora_A" else 1] != r:
@@ -213,9 +226,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     config, tensors = read_adapter(path)
     weights_file = Path(path) / WEIGHTS_NAME
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    bases: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key)
-        factors.setdefault(match["path"], {})[match["factor"]] = tensor
+        if match:
+            factors.setdefault(match["path"], {})[match["factor"]] = tensor
+        else:
+            bases[_BASE_KEY.fullmatch(key)["path"]] = tensor
     r = int(config["r"])
     linears, layers = linear_modules(model), lora_layers(model)
     problems = []
@@ -239,6 +256,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             elif not bool(torch.isfinite(pair[factor].to(dtype)).all()):  # (fp64 1e300 loaded as inf into fp32)
                 problems.append(f"{module_path}.{factor}: values overflow the adapter's "
                                 f"{str(dtype).removeprefix('torch.')}")
+    for module_path, saved in bases.items():
+        # PEFT would load it into the base model; modman.lora loads factors only, so it must be
+        # the model's own weight already (it is when the adapter was trained on this base)
+        base = linears.get(module_path)
+        if base is None:
+            continue  # (reported with the factors)
+        weight = base.weight
+        if tuple(saved.shape) != tuple(weight.shape) or not torch.equal(
+                saved.to(device=weight.device, dtype=weight.dtype), weight.detach()):
+            problems.append(f"{module_path}: the file also holds this layer's base weight (PEFT saves it for an "
+                            f"adapted lm_head or embedding), shape {tuple(saved.shape)}, and it is not the model's "
+                            f"(shape {tuple(weight.shape)}): saved from another base model or a resized "
+                            "vocabulary; modman.lora loads LoRA factors only")
     problems += _config_disagreements(model, config, set(factors))
     existing = adapter_name in adapter_names(model)
     if existing and not problems:
@@ -263,12 +293,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         raise ValueError(f"{weights_file} does not fit {type(model).__name__}: {listing}. "
                          "The model was not changed.")
     if not existing:
+        init = config.get("init_lora_weights", True)
+        if not (isinstance(init, (bool, str)) and init in _INIT_FROM_PEFT):
+            warn(f"{Path(path) / CONFIG_NAME}: init_lora_weights={init!r} is not an initialisation modman.lora "
+                 "knows: the factors are loaded as saved, and save_adapter will write init_lora_weights=true "
+                 "(an initialisation that changes the base weights, such as PiSSA or OLoRA, also needs the "
+                 "base model it converted)")
         targets = "|".join(re.escape(p) for p in sorted(factors))
         lora_config = LoRAConfig(
             r=r, alpha=config["lora_alpha"], target_modules=f"(?:{targets})",
             dropout=float(config.get("lora_dropout") or 0.0),
             use_rslora=bool(config.get("use_rslora")),
-            init=_INIT_FROM_PEFT.get(config.get("init_lora_weights", True), "default"))
+            init=_INIT_FROM_PEFT.get(init, "default") if isinstance(init, (bool, str)) else "default")
         apply_lora(model, lora_config, adapter_name, allow_rank_above_layer=True)
     layers = lora_layers(model)
     with torch.no_grad():

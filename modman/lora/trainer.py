@@ -18,6 +18,7 @@ built with ``nonfinite="skip"``, which skips that step itself).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -31,7 +32,7 @@ from torch import nn
 
 from .._checks import is_int
 from .._warn import warn
-from .inject import lora_layers
+from .inject import check_unmerged, lora_layers
 
 CHECKPOINT_NAME = "trainer_state.pt"
 SCHEDULES = ("constant", "linear")
@@ -92,11 +93,24 @@ def task_data(task, batch_size: int, seed: int = 0, split: str = "train"
     return data
 
 
-def eval_loss_fn(batches: list[dict]) -> Callable[[nn.Module], dict]:
-    """An ``eval_fn`` returning {"loss": mean loss over fixed ``batches``}, without gradients
-    (called directly too, as in the README, not only by :func:`train`)."""
-    def evaluate(model: nn.Module) -> dict:
+@contextlib.contextmanager
+def evaluation(model: nn.Module):
+    """Eval mode (dropout off) without gradients inside; the model's mode as it was after."""
+    was_training = model.training
+    model.eval()
+    try:
         with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def eval_loss_fn(batches: list[dict]) -> Callable[[nn.Module], dict]:
+    """An ``eval_fn`` returning {"loss": mean loss over fixed ``batches``}, in eval mode without
+    gradients, the model's mode restored after (called directly too, as in the README, not only
+    by :func:`train`: a model left in training mode gave a different loss each call)."""
+    def evaluate(model: nn.Module) -> dict:
+        with evaluation(model):
             losses = [float(model(**batch).loss) for batch in batches]
         return {"loss": sum(losses) / len(losses)}
     return evaluate
@@ -150,15 +164,15 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
         stop_after: stop (after checkpointing) once this many steps are done: simulates an
             interruption, and lets a long run proceed in pieces.
 
+    The model trains in training mode and is handed back in the mode it came in (a model loaded
+    for inference, in eval mode, keeps its dropout off after training).
+
     Raises FloatingPointError at the first non-finite loss or gradient, naming the step; that
     step changes nothing.
     """
     if not callable(optimizer):
         raise TypeError("optimizer must be a factory model -> torch.optim.Optimizer")
-    merged = sorted(path for path, layer in lora_layers(model).items() if layer.merged_adapters)
-    if merged:  # a merged adapter is not in the forward pass: backward failed with torch's "does not require grad"
-        raise ValueError(f"adapters are merged into the base weights of {merged[:3]}{' …' if len(merged) > 3 else ''}: "
-                         "their factors get no gradient; call unmerge_lora(model) before training")
+    check_unmerged(model, "train")
     opt = optimizer(model)
     base_lrs = [float(g["lr"]) for g in opt.param_groups]
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -187,6 +201,7 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
         from tqdm import tqdm
         bar = tqdm(total=config.steps, initial=start, desc="lora", unit="step")
     clock = time.perf_counter()
+    was_training = model.training
     model.train()
     try:
         for step in range(start, end):
@@ -236,6 +251,7 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
                                          or done == end):
                 _save_checkpoint(ckpt_dir, model, trainable, opt, done, base_lrs)
     finally:
+        model.train(was_training)
         if bar is not None:
             bar.close()
         if metrics_file is not None:
@@ -243,14 +259,9 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
     return TrainResult(history=records, optimizer=opt, resumed_from=start)
 
 
-@torch.no_grad()
 def _evaluate(model: nn.Module, eval_fn) -> dict:
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation(model):
         result = eval_fn(model)
-    finally:
-        model.train(was_training)
     if isinstance(result, (int, float)):
         result = {"value": float(result)}
     return {k: float(v) for k, v in result.items()}
@@ -273,7 +284,6 @@ def _save_checkpoint(folder: Path, model: nn.Module, trainable: dict, opt, step:
     torch.save(state, tmp)
     tmp.replace(folder / CHECKPOINT_NAME)  # atomic: a crash mid-write keeps the old checkpoint
     if getattr(model, "lora_configs", None):
-        from .inject import lora_layers
         from .peft_format import save_adapter
 
         active = {n for layer in lora_layers(model).values() for n in layer.active_adapters}

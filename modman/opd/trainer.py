@@ -45,6 +45,7 @@ import torch
 
 from .._checks import is_finite_real, is_int, is_real
 from .._warn import warn
+from ..lora.inject import check_unmerged
 from .advantages import group_centred_advantages, teacher_advantages
 from .losses import importance_sampling_loss, ppo_clip_loss, sft_loss
 from .rollouts import Rollouts, sample_rollouts
@@ -230,6 +231,7 @@ class Trainer:
         self.params = [p for p in student.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
+        check_unmerged(student, "Trainer")
         self.optimizer = optimizer(student) if callable(optimizer) else optimizer
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError("optimizer must be a torch.optim.Optimizer or a factory returning one")

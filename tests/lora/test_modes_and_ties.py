@@ -1,0 +1,161 @@
+"""Adapters keep the model's train/eval mode, tied output heads are never merged into, and the
+adapter files PEFT writes for an adapted lm_head load."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modman.lora import (LoRAConfig, TrainConfig, apply_lora, eval_loss_fn, load_adapter, lora_layers,
+                         merge_lora, save_adapter, train, unload_lora, unmerge_lora)
+from modman.opd import OPDConfig, Trainer
+from modman.toy import CharTokenizer, TinyCausalLM, tasks
+
+from .lora_helpers import D, HEADS, LAYERS, MAX_LEN, VOCAB, same_state, snapshot, tiny_llama, tiny_model, tokens
+
+
+def tied_model(seed: int = 0) -> TinyCausalLM:
+    return TinyCausalLM(VOCAB, D, LAYERS, HEADS, MAX_LEN, seed=seed, tie_embeddings=True)
+
+
+def test_adapters_added_to_a_model_in_eval_mode_are_in_eval_mode(tmp_path):
+    """Dropout of a new adapter followed the module default (training) on a model in eval mode:
+    two forwards of a model loaded for inference differed."""
+    x = tokens()
+    model = apply_lora(tiny_model().eval(), LoRAConfig(4, target_modules="all-linear", dropout=0.5,
+                                                       init="random"), seed=0)
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(model(x).logits, model(x).logits)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(tiny_model().eval(), tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    assert torch.equal(loaded(x).logits, model(x).logits)
+    # and a model in training mode gets adapters in training mode (dropout on)
+    training = apply_lora(tiny_model().train(), LoRAConfig(4, target_modules="all-linear", dropout=0.5,
+                                                           init="random"), seed=0)
+    assert all(m.training for m in training.modules())
+    assert not torch.equal(training(x).logits, training(x).logits)
+
+
+def test_train_hands_the_model_back_in_its_mode_and_eval_loss_fn_uses_eval_mode():
+    x = tokens()
+    held_out = eval_loss_fn([{"input_ids": x, "labels": x}])
+    model = apply_lora(tiny_model(), LoRAConfig(4, target_modules="all-linear", dropout=0.5, init="random"),
+                       seed=0)
+    model.train()
+    first = held_out(model)
+    assert held_out(model) == first and model.training  # eval mode inside, the mode restored
+    model.eval()
+    data = lambda step, micro: {"input_ids": tokens(seed=step), "labels": tokens(seed=step)}  # noqa: E731
+    from modman.lora import optimizer_factory
+    train(model, optimizer_factory("adamw", 1e-3), data, TrainConfig(steps=2, warmup_steps=0))
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("unload", [False, True])
+def test_merging_into_a_tied_output_head_is_refused_and_changes_nothing(unload):
+    """Merging s·B A into lm_head.weight changed the tied input embedding too (logits of the
+    merged model 28 apart from the adapter's on a tied GPT-2)."""
+    with pytest.warns(UserWarning, match="lm_head's weight is tied to embed_tokens.weight"):
+        model = apply_lora(tied_model(), LoRAConfig(4, target_modules=["q_proj", "lm_head"], init="random"),
+                           seed=0)
+    state, layers = snapshot(model), set(lora_layers(model))
+    with pytest.raises(ValueError, match=r"lm_head with embed_tokens.weight is shared \(tied\).*Nothing was merged"):
+        unload_lora(model, merge=True) if unload else merge_lora(model)
+    assert same_state(state, snapshot(model)) and set(lora_layers(model)) == layers
+    assert not any(layer.merged_adapters for layer in lora_layers(model).values())
+    # untied heads, and tied models whose head is not adapted, merge as before
+    untied = apply_lora(tiny_model(), LoRAConfig(4, target_modules=["q_proj", "lm_head"], init="random"), seed=0)
+    x = tokens()
+    before = untied(x).logits
+    merge_lora(untied)
+    assert (untied(x).logits - before).abs().max() < 1e-4
+    plain = apply_lora(tied_model(), LoRAConfig(4, target_modules=["q_proj"], init="random"), seed=0)
+    before = plain(x).logits
+    merge_lora(plain)
+    assert (plain(x).logits - before).abs().max() < 1e-4
+    unmerge_lora(plain)
+
+
+def test_opd_refuses_a_student_with_merged_adapters():
+    """It failed at its first step with torch's "element 0 of tensors does not require grad"."""
+    vocab = CharTokenizer().vocab_size
+    student = apply_lora(TinyCausalLM(vocab, 16, 1, 2, 24, seed=0), LoRAConfig(2, init="random"), seed=0)
+    merge_lora(student)
+    with pytest.raises(ValueError, match=r"Trainer: adapters are merged .*unmerge_lora"):
+        Trainer(student, tasks.addition(1), OPDConfig(prompts_per_step=2, group_size=2),
+                teacher=TinyCausalLM(vocab, 16, 1, 2, 24, seed=1),
+                optimizer=lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]))
+    unmerge_lora(student)
+    Trainer(student, tasks.addition(1), OPDConfig(prompts_per_step=2, group_size=2),
+            teacher=TinyCausalLM(vocab, 16, 1, 2, 24, seed=1),
+            optimizer=lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]))
+
+
+def _peft_style_head_file(tmp_path, base_weight):
+    """A modman adapter on lm_head, with the base_layer.weight key PEFT adds for it."""
+    model = apply_lora(tiny_model(), LoRAConfig(4, target_modules=["q_proj", "lm_head"], init="random"), seed=0)
+    save_adapter(model, tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.base_layer.weight"] = base_weight
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    return model
+
+
+def test_the_base_weight_peft_saves_with_an_adapted_head_is_accepted_when_it_is_the_models(tmp_path):
+    """PEFT saves lm_head.base_layer.weight beside the factors when lm_head is a target; the
+    folder was refused for its key."""
+    target = tiny_model()
+    model = _peft_style_head_file(tmp_path, target.lm_head.weight.detach().clone())
+    x = tokens()
+    loaded = load_adapter(target, tmp_path)
+    assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_a_saved_base_weight_that_is_not_the_models_is_refused_naming_it(tmp_path):
+    other = tiny_model(seed=3).lm_head.weight.detach().clone()
+    _peft_style_head_file(tmp_path, other)
+    target = tiny_model()
+    state = snapshot(target)
+    with pytest.raises(ValueError, match=r"lm_head: the file also holds this layer's base weight"):
+        load_adapter(target, tmp_path)
+    assert same_state(state, snapshot(target)) and not lora_layers(target)
+
+
+def test_a_base_weight_key_without_factors_and_a_pickled_folder_are_refused_clearly(tmp_path):
+    _peft_style_head_file(tmp_path, tiny_model().lm_head.weight.detach().clone())
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    tensors["base_model.model.norm.base_layer.weight"] = torch.ones(D)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"keys not of the form .*norm\.base_layer\.weight"):
+        load_adapter(tiny_model(), tmp_path)
+    (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.bin, PEFT's older pickle format"):
+        load_adapter(tiny_model(), tmp_path)
+
+
+def test_an_unknown_init_lora_weights_is_loaded_with_a_warning(tmp_path):
+    import json
+
+    model = apply_lora(tiny_model(), LoRAConfig(4, target_modules="attention", init="random"), seed=0)
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"init_lora_weights='pissa' is not an initialisation"):
+        loaded = load_adapter(tiny_model(), tmp_path)
+    x = tokens()
+    assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_peft_itself_writes_the_base_weight_key_and_modman_loads_that_folder(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    theirs = peft.get_peft_model(base, config).eval()
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = theirs(input_ids=x).logits
+    theirs.save_pretrained(str(tmp_path))
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    ours = load_adapter(tiny_llama(), tmp_path).eval()
+    assert (ours(input_ids=x).logits - expected).abs().max() <= 1e-5
+    if "base_model.model.lm_head.base_layer.weight" not in keys:
+        pytest.skip(f"peft {peft.__version__} does not save lm_head's base weight with its adapter")
