@@ -137,12 +137,13 @@ def newton_schulz(
     """Quintic Newton–Schulz iterations on a batch X of shape (b, m, n), m ≤ n, ‖X‖₂ ≤ 1.
 
     ``gram`` may carry X Xᵀ for the first iteration. Three batched products per iteration:
-    X Xᵀ, S² (fused with b·S by baddbmm) and (b·S + c·S²)·X (fused with a·X).
+    X Xᵀ, S² (fused with b·S by baddbmm) and (b·S + c·S²)·X (fused with a·X). S is released
+    before the new X is made, so the iteration holds three matrices of X's size, not four.
     """
     for i, (a, b, c) in enumerate(coeffs):
         S = gram if (i == 0 and gram is not None) else X @ X.mT
-        B = torch.baddbmm(S, S, S, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+        S = torch.baddbmm(S, S, S, beta=b, alpha=c)
+        X = torch.baddbmm(X, S, X, beta=a, alpha=1.0)
     return X
 
 

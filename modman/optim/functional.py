@@ -328,9 +328,12 @@ def _orthogonalize_like_torch(u, schedule, ns_steps, compute_dtype, eps=1e-7):
         X = X.mT
     if X.ndim == 2:
         X = X / X.norm().clamp(min=eps)
+        # torch's arithmetic, with the Gram released before the new X is made: three matrices of
+        # the iterate's size alive at once, not four (modman.Muon in fp32 peaked at 5× the weight)
         for a, b, c in coefficients(schedule, ns_steps):
             S = X @ X.mT
-            X = torch.addmm(X, torch.addmm(S, S, S, beta=b, alpha=c), X, beta=a)
+            S = torch.addmm(S, S, S, beta=b, alpha=c)
+            X = torch.addmm(X, S, X, beta=a)
     else:
         # A stack of matrices (expert weights): each matrix is normalised by its own Frobenius
         # norm, the same arithmetic batched (torch.optim.Muon itself takes 2-D parameters only).
@@ -339,7 +342,8 @@ def _orthogonalize_like_torch(u, schedule, ns_steps, compute_dtype, eps=1e-7):
         X = X / torch.linalg.matrix_norm(X, keepdim=True).clamp(min=eps)
         for a, b, c in coefficients(schedule, ns_steps):
             S = X @ X.mT
-            X = torch.baddbmm(X, torch.baddbmm(S, S, S, beta=b, alpha=c), X, beta=a)
+            S = torch.baddbmm(S, S, S, beta=b, alpha=c)
+            X = torch.baddbmm(X, S, X, beta=a)
         X = X.reshape(*lead, *X.shape[-2:])
     return X.mT if tall else X
 

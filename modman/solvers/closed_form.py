@@ -57,7 +57,7 @@ import math
 
 import torch
 
-from ..linalg.blocked import combine_rows, gram64
+from ..linalg.blocked import combine_rows, gram64, row_blocks
 from .newton import assemble, msign_flops, skew, tall_frame
 from .result import dual_value, sym
 from .types import SolverOutput
@@ -114,8 +114,9 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
     M = [[S, −Pᵀ/2], [P/2, 0]] is never formed: MᵀM = [[−S² + PᵀP/4, ·], [−PS/2, PPᵀ/4]] (the
     zero block saves 2n²k + 4nk² + 2k³ flops over a d×d product), and the first n columns of
     msign(M) = M·R with R = (MᵀM)^{−1/2}[:, :n] = U diag(1/σ) U₁ᵀ (d×n) are [S R₁ − PᵀR₂/2; P R₁/2].
-    The d×d fp64 matrices alive at once (the step's peak memory where d ≈ m) are MᵀM and U during
-    the eigh, then U alone."""
+    Memory (the step's peak where d ≈ m): the eigh holds MᵀM, U and LAPACK's 2d² workspace next to
+    B, without S (released before it: S R₁ is computed a block of rows of S at a time); then
+    U, B, R and K."""
     n, k = B.shape[-1], P.shape[-2]
     d = n + k
     S = skew(B)
@@ -127,6 +128,7 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
         MtM[:n, :n].addmm_(P.mT, P, alpha=0.25)
         MtM[n:, :n].addmm_(P, S, alpha=-0.5)
         MtM[n:, n:].addmm_(P, P.mT, alpha=0.25)
+    del S
     sig2, U = torch.linalg.eigh(MtM, UPLO="L")
     del MtM
     sig = sig2.clamp(min=0).sqrt()
@@ -137,13 +139,15 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
     # rounding-level directions in, gaps 4e-2 on rank-2 gradients)
     inv = torch.where(sig > 1e-5 * float(sig[-1]), 1 / sig.clamp(min=1e-300), torch.zeros_like(sig))
     R = U @ (inv[:, None] * U[:n].mT)  # d×n
-    K = S @ R[:n]
+    K = torch.empty_like(B)
+    for rows in row_blocks(n):  # S R₁ from rows of S = skew B, which is not made whole again
+        K[rows] = (B[rows] - B[:, rows].mT).mul_(0.5) @ R[:n]
     if k:
         K.addmm_(P.mT, R[n:], alpha=-0.5)
         Bb = (P @ R[:n]).mul_(0.5)
     else:
         Bb = P.new_zeros(0, n)
-    del R, S
+    del R
     K = skew(K)
     # the optimal dual from |M| = U diag(σ) Uᵀ: H = 2·(Schur complement of its k×k block); with
     # k = 0, K·H = 2·msign(S)|S| = 2S is skew and Λ = ½ sym B
@@ -160,7 +164,7 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
         del Y12, Y22
         KH = K @ H
         del H
-        lam.sub_(KH, alpha=0.5).sub_(KH.mT, alpha=0.5)  # Λ −= sym(K·H), n×n temporaries kept few
+        lam.sub_(sym(KH))  # Λ −= sym(K·H): exactly symmetric, so D(Λ) reads it without a copy
     # fp64 flops, weighted 2 (newton.py's model): MᵀM by blocks, the eigh (10d³), R and the
     # columns; then the three blocks of Y, the Schur complement (an eigh of k×k, two products) and K·H
     flops = 2 * (2.0 * n**3 + 4.0 * n * n * k + 2.0 * k * k * n + 10.0 * d**3 + 2.0 * d * d * n

@@ -209,7 +209,9 @@ def dual_value(W: torch.Tensor, Gn: torch.Tensor, dual: torch.Tensor, g_scale=No
     nor of full rank, so by weak duality an upper bound of the optimum for any W and symmetric Λ —
     from the eigenvalues of its Gram summed over fp64 row blocks (exact up to that Gram's rounding:
     eigenvalues to ~eps·‖Gn‖², singular values near 0 to ~√eps·‖Gn‖)."""
-    lam = sym(dual.double())
+    lam = dual.double()
+    if not torch.equal(lam, lam.mT):  # a symmetric Λ (the closed form's) is read as it is: no n×n copy
+        lam = sym(lam)
     gram = None
     for sl in row_blocks(W.shape[-2]):
         Gb = Gn[..., sl, :].double()

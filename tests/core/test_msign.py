@@ -435,3 +435,22 @@ def test_the_svd_schedule_in_half_precision_and_its_steps():
         assert Y.dtype == X.dtype and (Y.double() - exact).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="steps has no meaning for schedule='svd'"):
         msign(X, schedule="svd", steps=3)
+
+
+def test_newton_schulz_releases_the_gram_before_the_new_iterate():
+    """Each iteration holds X, B = bS + cS² and the new X: S is released once B is made (msign of
+    a square matrix peaked at 6× its size with S kept, 5× now: X/max|X|, the normalised X and its
+    Gram, then three iterates). Same arithmetic: the result is bitwise that of the loop below."""
+    from modman.diagnostics import peak_temporary_bytes
+    from modman.linalg.msign import _normalise
+
+    n = 256
+    X = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    out = {}
+    report = peak_temporary_bytes(lambda: out.setdefault("Y", msign(X)))
+    assert 3 * X.nbytes <= report.peak_bytes <= 5 * X.nbytes, report.summary(X.nbytes)
+    Y, S = _normalise(X[None], "gram", SCHEDULES["polar_express"][2])
+    for i, (a, b, c) in enumerate(coefficients("polar_express", default_steps("polar_express"))):
+        S = S if i == 0 else Y @ Y.mT
+        Y = torch.baddbmm(Y, torch.baddbmm(S, S, S, beta=b, alpha=c), Y, beta=a)
+    assert torch.equal(out["Y"], Y[0])
