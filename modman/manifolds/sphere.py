@@ -6,9 +6,15 @@ Used for embedding tables (each row a token vector of fixed norm) and for hypers
 - Retraction: r·(w + v)/‖w + v‖.
 Normalising computes r·y/‖y‖ with y = w/max_i|wᵢ| (the same point, as w/‖w‖ is scale-invariant):
 ‖w‖ itself overflows in fp32 for entries near 1e19 and underflows to 0 near 1e-23.
-All methods need real floating tensors (an integer result would be truncated).
+All methods need real floating tensors (an integer result would be truncated). Rows are
+independent and computed by arithmetic alone (no factorisation, unlike Stiefel's projection), so
+a row with a NaN or Inf comes out NaN, as from torch.nn.functional.normalize, and the other rows
+are unaffected (the hyperspherical step relies on it to leave such a row alone); ``distance`` is
+NaN for it, as Stiefel's is. A tensor without entries maps to one of the same shape, at distance 0.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -61,16 +67,26 @@ class Sphere:
         norms = torch.linalg.vector_norm(Y, dim=-1, keepdim=True)
         return Y.mul_(self.radius).div_(norms)  # (r·y)/‖y‖ as before, in place: Y is ours
 
+    def _check_pair(self, W: torch.Tensor, V: torch.Tensor, names: str, where: str) -> None:
+        """W and a tangent-side tensor of W's shape (V of shape (3,) at W (4, 3) was broadcast
+        silently, one vector for every row)."""
+        check_floating(W, names[0], where)
+        check_floating(V, names[1], where)
+        if V.shape != W.shape:
+            raise ValueError(f"{where}: {names[1]} must have W's shape {tuple(W.shape)}, got {tuple(V.shape)}")
+
     def project(self, W: torch.Tensor) -> torch.Tensor:
-        """r·w/‖w‖ per row; a zero row has no nearest point and is refused (ValueError)."""
+        """r·w/‖w‖ per row; a zero row has no nearest point and is refused (ValueError); a row with a
+        NaN or Inf gives a NaN row (see the module docstring)."""
         check_floating(W, "W", "Sphere.project")
+        if W.numel() == 0:  # no rows, or rows without entries: nothing to project (a row max raised)
+            return W.clone()
         if bool((W == 0).all(dim=-1).any()):
             raise ValueError("Sphere.project: a zero row has no nearest point on the sphere")
         return self._normalize(W).to(W.dtype)
 
     def tangent(self, W: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        check_floating(W, "W", "Sphere.tangent")
-        check_floating(V, "V", "Sphere.tangent")
+        self._check_pair(W, V, "WV", "Sphere.tangent")
         # with U = W/r, which is O(1) on the sphere: r² under- or overflowed beyond r ≈ 1e∓19 in fp32
         # (a tangent of inf, NaN weights), and fp16 products overflowed at r = 300 (a probe)
         out = torch.result_type(W, V)
@@ -80,34 +96,39 @@ class Sphere:
 
     def tangent_residual(self, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """‖⟨w, a⟩/r‖ / ‖A‖_F over rows (0 for A = 0)."""
-        check_floating(W, "W", "Sphere.tangent_residual")
-        check_floating(A, "A", "Sphere.tangent_residual")
+        self._check_pair(W, A, "WA", "Sphere.tangent_residual")
         num = torch.linalg.vector_norm((W * A).sum(-1) / self.radius, dim=-1)
         den = torch.linalg.vector_norm(A, dim=(-2, -1)) if A.ndim >= 2 else torch.linalg.vector_norm(A)
         return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
     def retract(self, W: torch.Tensor, V: torch.Tensor, method: str = "normalize") -> torch.Tensor:
+        """r·(w + v)/‖w + v‖ per row; "polar" is the same map (a row's polar factor is w/‖w‖)."""
         if method not in ("normalize", "polar"):
-            raise ValueError(f"unknown Sphere retraction {method!r}; use 'normalize'")
-        check_floating(W, "W", "Sphere.retract")
-        check_floating(V, "V", "Sphere.retract")
+            raise ValueError(f"Sphere.retract: unknown method {method!r}; choose 'normalize' or 'polar' (the same map)")
+        self._check_pair(W, V, "WV", "Sphere.retract")
         X = W + V
+        if X.numel() == 0:  # (as in project)
+            return X
         return self._normalize(X).to(X.dtype)
 
     def distance(self, W: torch.Tensor, skip_zero_rows: bool = False) -> torch.Tensor:
         """max over rows of |‖w‖/r − 1| (over the nonzero rows with ``skip_zero_rows``: an
-        embedding's padding row is zero by design)."""
+        embedding's padding row is zero by design); NaN if a row has a NaN or Inf, 0 for a tensor
+        without entries."""
         check_floating(W, "W", "Sphere.distance")
+        compute = resolve_compute_dtype(W.dtype, None)
+        if W.numel() == 0:
+            return torch.zeros(W.shape[:-2], dtype=compute, device=W.device)
         # two reductions and no row-sized temporaries: sphere_step reports this for whole embedding
         # tables every step (scaling every row first made it 34× slower on 32000×512)
-        compute = resolve_compute_dtype(W.dtype, None)
         norms = torch.linalg.vector_norm(W, dim=-1, dtype=compute)
         amax = _row_max_abs(W).to(compute)  # 0 exactly for a zero row
         lost = ((norms == 0) & (amax > 0)) | (torch.isinf(norms) & torch.isfinite(amax))
         if bool(lost.any()):  # the squares under- or overflowed (rows near 1e±20 in fp32): those scaled
             Y, c = self._unit_scaled(W)
             norms = torch.where(lost, c.squeeze(-1) * torch.linalg.vector_norm(Y, dim=-1), norms)
-        d = (norms / self.radius - 1).abs()
+        # an Inf entry: its row's distance is NaN, as Stiefel.distance's (its norm's |inf − 1| was inf)
+        d = torch.where(torch.isinf(amax), torch.full_like(norms, math.nan), (norms / self.radius - 1).abs())
         if skip_zero_rows:  # rows exactly zero: a tiny row is not padding
             d = torch.where(amax == 0, torch.zeros_like(d), d)  # (a NaN row stays NaN)
         return d.amax(dim=-1) if W.ndim >= 1 else d

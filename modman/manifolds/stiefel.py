@@ -9,7 +9,8 @@ For a torch weight W ∈ R^{d_out×d_in} (batched over leading dimensions):
 Every formula is applied to U = W/s, which lies on the unscaled manifold, in the tall
 orientation; wide matrices are transposed in and out.
 - Tangent space at W: {A : UᵀA + AᵀU = 0}; projection P(V) = V − U sym(UᵀV).
-- Retractions (all map W + V back to the manifold):
+- Retractions of W + V: "polar" and "qr" land on the manifold for any V, "closed_form" exactly
+  only for the steps it is made for and otherwise off by the error stated with it:
   "polar" — the exact polar factor s·msign(W + V) via an SVD;
   "qr"    — the Q factor of W + V with the signs of diag(R) made positive;
   "closed_form" — (W + V)(I − P + P/√(1+η²)) with P = VᵀV/η², η = ‖V‖₂/s. It is the exact polar
@@ -17,7 +18,12 @@ orientation; wide matrices are transposed in and out.
             1, any rank), e.g. V = −lr·msign(·); otherwise WᵀW errs by about η·‖tangent
             residual‖ + (3/4)η⁴·max σ²(1−σ²) (MATH.md §2). η² is computed as ‖M‖_F²/tr(M),
             M = VᵀV/s², which equals η² exactly for a scaled partial isometry.
-All methods need real floating tensors: an integer W would be projected in fp32 and truncated back.
+All methods need real floating tensors: an integer W would be projected in fp32 and truncated back;
+bf16/fp16 are computed in fp32 and returned in their own dtype. A NaN or Inf: ``project`` and the
+"polar" and "qr" retractions, which factor the matrix, refuse it (ValueError naming the argument);
+the arithmetic ones (tangent, "closed_form", polish) carry it through as torch arithmetic does, and
+``distance`` is NaN. A matrix without entries (a 0 among its last two dimensions) maps to one of
+the same shape, at distance 0.
 """
 from __future__ import annotations
 
@@ -41,6 +47,13 @@ def is_wide(shape) -> bool:
 def to_tall(X: torch.Tensor) -> torch.Tensor:
     """View X in the tall orientation (rows ≥ columns)."""
     return X.mT if is_wide(X.shape) else X
+
+
+def _check_finite(X: torch.Tensor, name: str, where: str) -> None:
+    """Refuse a NaN or Inf before an SVD or QR: LAPACK failed on it with torch's message about
+    linalg.svd (calling an Inf "ill-conditioned"), naming neither the method nor the argument."""
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError(f"{where}: {name} contains NaN or Inf")
 
 
 class Stiefel:
@@ -86,7 +99,8 @@ class Stiefel:
         if self.scale is None:
             return 1.0
         if self.scale == "rms":
-            return math.sqrt(shape[-2] / shape[-1])
+            # a matrix without entries has no singular value to scale (√(m/0) divided by zero)
+            return math.sqrt(shape[-2] / shape[-1]) if shape[-2] and shape[-1] else 1.0
         return float(self.scale)
 
     def project(self, W: torch.Tensor) -> torch.Tensor:
@@ -97,6 +111,7 @@ class Stiefel:
         """
         self.check_shape(W.shape)
         check_floating(W, "W", "Stiefel.project")
+        _check_finite(W, "W", "Stiefel.project")
         dtype = resolve_compute_dtype(W.dtype, None)
         U, _, Vh = torch.linalg.svd(W.to(dtype), full_matrices=False)
         return (self.scale_for(W.shape) * (U @ Vh)).to(W.dtype)
@@ -105,9 +120,10 @@ class Stiefel:
         """Orthogonal projection of V onto the tangent space at W: V − U sym(UᵀV), U = W/s."""
         self._check_pair(W, V, "WV", "Stiefel.tangent")
         s = self.scale_for(W.shape)
-        U, Vt = to_tall(W) / s, to_tall(V)
+        compute = resolve_compute_dtype(W.dtype, None)  # bf16 products left a residual 1.7× fp32's
+        U, Vt = to_tall(W).to(compute) / s, to_tall(V).to(compute)
         P = Vt - U @ _sym(U.mT @ Vt)
-        return P.mT if is_wide(W.shape) else P
+        return (P.mT if is_wide(W.shape) else P).to(W.dtype)
 
     def tangent_residual(self, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """‖UᵀA + AᵀU‖_F / ‖A‖_F in the tall orientation (0 for A = 0)."""
@@ -121,6 +137,9 @@ class Stiefel:
     def retract(self, W: torch.Tensor, V: torch.Tensor, method: str = "polar") -> torch.Tensor:
         """Map W + V back onto the manifold (see the module docstring for the methods)."""
         self._check_pair(W, V, "WV", "Stiefel.retract")
+        if method in ("polar", "qr"):  # (not closed_form: it is compiled, and a check syncs with the host)
+            _check_finite(W, "W", "Stiefel.retract")
+            _check_finite(V, "V", "Stiefel.retract")
         if method == "polar":
             return self.project(W + V)
         if method == "qr":
@@ -178,12 +197,13 @@ class Stiefel:
         """
         check_floating(W, "W", "Stiefel.polish")
         s = self.scale_for(W.shape)
-        U = to_tall(W) / s
+        # in fp32 for bf16/fp16: bf16 products left the polished weight 3× further off (6e-3)
+        U = to_tall(W).to(resolve_compute_dtype(W.dtype, None)) / s
         for _ in range(steps):
             S = U.mT @ U
             U = 1.875 * U + U @ (-1.25 * S + 0.375 * (S @ S))
         U = U * s
-        return U.mT if is_wide(W.shape) else U
+        return (U.mT if is_wide(W.shape) else U).to(W.dtype)
 
     def gram_deviation(self, W: torch.Tensor, iters: int = 10) -> torch.Tensor:
         """Estimate of ‖UᵀU − I‖₂ (U = W/s, tall) by power iteration: cheap drift monitor.
@@ -192,7 +212,7 @@ class Stiefel:
         under-estimates; this is a monitor for re-projection, not a certificate.
         """
         check_floating(W, "W", "Stiefel.gram_deviation")
-        Wt = to_tall(W)
+        Wt = to_tall(W).to(resolve_compute_dtype(W.dtype, None))  # (a bf16 Gram errs by ~4e-3)
         s = self.scale_for(W.shape)
         E = (Wt.mT @ Wt) / (s * s)  # UᵀU for U = W/s without forming U
         E.diagonal(dim1=-2, dim2=-1).sub_(1)
@@ -202,7 +222,7 @@ class Stiefel:
         for _ in range(iters):
             v = E @ v
             v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=1e-30)
-        return torch.linalg.vector_norm(E @ v, dim=-2).squeeze(-1)
+        return torch.linalg.vector_norm(E @ v, dim=-2).squeeze(-1)  # (fp32 for bf16/fp16, as distance)
 
     def distance(self, W: torch.Tensor) -> torch.Tensor:
         """max_i |σᵢ(W)/s − 1| (0 on the manifold), in W's dtype (fp32 for bf16/fp16).
@@ -210,10 +230,13 @@ class Stiefel:
         σᵢ² are the eigenvalues of the fp64 Gram UᵀU (U = W/s, tall, summed over fp64 row blocks),
         to ≈ n·eps₆₄ (2e-13 at n = 1024) near the manifold, where the distance meets tolerances of
         1e-5 — fp32 singular values were off by up to 3e-6 there. NaN for a matrix with a NaN or
-        an infinity, or whose Gram overflows fp64 (entries beyond ~1e150)."""
+        an infinity, or whose Gram overflows fp64 (entries beyond ~1e150); 0 for a matrix without
+        entries (no singular value is off)."""
         check_floating(W, "W", "Stiefel.distance")
         self.check_shape(W.shape)
         dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+        if min(W.shape[-2:]) == 0:  # (gram64 of no rows is None, and an empty spectrum has no max)
+            return torch.zeros(W.shape[:-2], dtype=dtype, device=W.device)
         s = self.scale_for(W.shape)
         gram = gram64(to_tall(W))
         finite = torch.isfinite(gram).all(dim=(-2, -1), keepdim=True)  # (NaN: a LinAlgError before)
