@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .tracking import Tracking
+from .tracking import METRICS, Tracking
 
 
 def _plt():
@@ -99,6 +99,8 @@ def plot_metric(runs, metric: str = "distance", *, params=None, log: bool = True
     step: one panel per weight, one line per run — optimizers compared."""
     runs = _check_runs(runs)
     names = _names(runs, params)
+    if metric not in METRICS:  # checked before a figure exists: a failed call leaves none open
+        raise KeyError(f"plot_metric: unknown metric {metric!r}; choose from {METRICS}")
     plt = _plt()
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.0), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -122,6 +124,11 @@ def plot_history(histories: dict, keys=("loss", "test_acc")):
     keys = (keys,) if isinstance(keys, str) else tuple(keys)
     if not keys:
         raise ValueError("keys is empty: name at least one history key to plot, e.g. ('loss',)")
+    for name, hist in histories.items():  # before a figure exists: a failed call leaves none open
+        for i, row in enumerate(hist):
+            if not isinstance(row, dict) or (any(key in row for key in keys) and "step" not in row):
+                raise ValueError(f"plot_history: row {i} of {name!r} is {row!r:.80}; each row is a dict "
+                                 f"with a 'step' and the values to plot, e.g. {{'step': 0, 'loss': 2.3}}")
     plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.0), squeeze=False)
     for ax, key in zip(axes[0], keys):

@@ -216,6 +216,8 @@ def singular_values(W: torch.Tensor, dtype: torch.dtype = torch.float64, *, prec
     κ = 1e10 read as ∞ and κ = 1e8 8 % off, a probe); ``precise`` (default: whether W is fp64)
     chooses svdvals for an fp64 copy of a narrower weight. NaN for a matrix with a NaN or an infinity.
     """
+    if W.ndim < 2:  # (a vector raised IndexError from inside the Gram's orientation check)
+        raise ValueError(f"singular_values needs a matrix (or stack of them), got shape {tuple(W.shape)}")
     if (W.dtype == torch.float64 if precise is None else precise) and dtype == torch.float64:
         X = W.detach()
         finite = torch.isfinite(X).all(dim=(-2, -1), keepdim=True)
@@ -345,11 +347,14 @@ def _unit_scaled(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def spectral_norm(W: torch.Tensor, *, exact_max_dim: int = EXACT_MAX_DIM) -> float:
-    """‖W‖₂ (largest over a stack): exact for small matrices, Lanczos (a lower bound) for large;
+    """‖W‖₂ (largest over a stack): for small matrices σ₁ of an SVD, to ≈ 1e-16 relative for an
+    fp64 W and ≈ 1e-7 (the fp32 Gram's) for narrower ones; Lanczos (a lower bound) for large;
     NaN for a matrix with a NaN or an infinity."""
     _check_matrix(W, "spectral_norm")
     W = W if W.is_floating_point() else W.double()  # an integer or bool matrix: the numbers it holds
-    if min(W.shape[-2:]) <= exact_max_dim:  # fp32 suffices: only σ₁ is wanted, to ≈ 1e-7 relative
+    if min(W.shape[-2:]) <= exact_max_dim:
+        # fp32 suffices for a narrower W (within its own precision); an fp64 one read 1.7e-7 off in fp32
+        dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
         Wc, c = _unit_scaled(W)  # (an fp32 Gram of W itself overflowed at 1e20, flushed to 0 at 1e-25)
-        return float((singular_values(Wc, torch.float32)[..., 0].double() * c[..., 0, 0]).max())
+        return float((singular_values(Wc, dtype)[..., 0].double() * c[..., 0, 0]).max())
     return float(lanczos_svals(W).sigma_max.max())

@@ -101,6 +101,9 @@ class SpectrumTracker:
             (for them one small eigendecomposition costs less than the estimators' overhead).
         power_iters: power iterations per estimate at the records in between.
         meta: free-form {str: str | number | None | list | tuple | dict} stored with the run.
+
+    The optimizer's hooks hold the tracker (``attach``) until ``detach()``: deleting it does not
+    remove them. ``with SpectrumTracker(model).attach(optimizer) as tracker:`` detaches on exit.
     """
 
     def __init__(self, model_or_named_params, *, every: int = 10, manifolds=None,
@@ -144,8 +147,8 @@ class SpectrumTracker:
         """Callback after optimizer step ``step`` (model and optimizer are not needed)."""
         if self.due(step):
             before = self._snapshot if self._snapshot_step == step - 1 else None
+            self._snapshot = None  # released even if the record raises
             self.record(step, before=before)
-            self._snapshot = None
         if self.due(step + 1):
             self._snapshot, self._snapshot_step = self._copy_weights(), step
 
@@ -169,8 +172,8 @@ class SpectrumTracker:
         def post(opt, args, kwargs):
             try:
                 if self.due(self._hook_step):
-                    self.record(self._hook_step, before=self._snapshot)
-                    self._snapshot = None
+                    before, self._snapshot = self._snapshot, None  # the copy is released even if the record raises
+                    self.record(self._hook_step, before=before)
             finally:  # the optimizer stepped even if the record failed: the count stays the steps'
                 self._hook_step += 1
 
@@ -181,6 +184,12 @@ class SpectrumTracker:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def __enter__(self) -> "SpectrumTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
 
     # ----------------------------------------------------------------------------- recording
     def _copy_weights(self) -> dict[str, torch.Tensor]:
