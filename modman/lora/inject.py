@@ -51,16 +51,29 @@ def adapter_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _extent(p: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage, first byte, end byte) of the memory p spans; None where it spans none that can be
+    read: no entries (every empty tensor has data_ptr 0), the meta device, a tensor subclass without
+    a plain storage (a DTensor's raised)."""
+    if p.numel() == 0 or p.device.type == "meta":
+        return None
+    try:
+        storage = p.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    span = 1 + sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
+    return storage, p.data_ptr(), p.data_ptr() + span * p.element_size()
+
+
 def _tied(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """For each named weight, the model's other parameters on the same storage (an output head
-    tied to the input embedding): merging s·B A into it would change them too."""
-    by_storage: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(name)
+    """For each named weight, the model's other parameters that are it or overlap its memory (an
+    output head tied to the input embedding): merging s·B A into it would change them too."""
+    params = [(name, p, _extent(p)) for name, p in model.named_parameters(remove_duplicate=False)]
     tied = {}
     for path, w in weights.items():
-        others = [n for n in by_storage.get(w.untyped_storage().data_ptr(), []) if n != f"{path}.weight"
-                  and n != f"{path}.base_layer.weight"]
+        mine, own = _extent(w), (f"{path}.weight", f"{path}.base_layer.weight")
+        others = [name for name, p, theirs in params if name not in own and (
+            p is w or (mine and theirs and mine[0] == theirs[0] and mine[1] < theirs[2] and theirs[1] < mine[2]))]
         if others:
             tied[path] = others
     return tied

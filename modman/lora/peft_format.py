@@ -262,13 +262,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         base = linears.get(module_path)
         if base is None:
             continue  # (reported with the factors)
-        weight = base.weight
-        if tuple(saved.shape) != tuple(weight.shape) or not torch.equal(
-                saved.to(device=weight.device, dtype=weight.dtype), weight.detach()):
+        weight = base.weight.detach()
+        if tuple(saved.shape) != tuple(weight.shape):
+            differs = f"its shape {tuple(saved.shape)} is not the model's {tuple(weight.shape)}"
+        else:  # compared in the narrower dtype: a bf16 copy of the model's fp32 weight is the model's
+            narrow = min(saved.dtype, weight.dtype, key=lambda dt: torch.finfo(dt).bits)
+            same = torch.equal(saved.to(device=weight.device, dtype=narrow), weight.to(narrow))
+            differs = None if same else "its values are not the model's"
+        if differs:
             problems.append(f"{module_path}: the file also holds this layer's base weight (PEFT saves it for an "
-                            f"adapted lm_head or embedding), shape {tuple(saved.shape)}, and it is not the model's "
-                            f"(shape {tuple(weight.shape)}): saved from another base model or a resized "
-                            "vocabulary; modman.lora loads LoRA factors only")
+                            f"adapted lm_head or embedding), and {differs}: saved from another base model "
+                            "or a resized vocabulary; modman.lora loads LoRA factors only")
     problems += _config_disagreements(model, config, set(factors))
     existing = adapter_name in adapter_names(model)
     if existing and not problems:

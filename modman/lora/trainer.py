@@ -93,16 +93,27 @@ def task_data(task, batch_size: int, seed: int = 0, split: str = "train"
     return data
 
 
+def _modes(model: nn.Module) -> dict[nn.Module, bool]:
+    return {module: module.training for module in model.modules()}
+
+
+def _restore(modes: dict[nn.Module, bool]) -> None:
+    """Every module's train/eval flag as recorded (``model.train(flag)`` would give all of them
+    the model's: a part kept in eval mode on purpose came back in training mode)."""
+    for module, training in modes.items():
+        module.training = training
+
+
 @contextlib.contextmanager
 def evaluation(model: nn.Module):
-    """Eval mode (dropout off) without gradients inside; the model's mode as it was after."""
-    was_training = model.training
+    """Eval mode (dropout off) without gradients inside; every module's mode as it was after."""
+    modes = _modes(model)
     model.eval()
     try:
         with torch.no_grad():
             yield model
     finally:
-        model.train(was_training)
+        _restore(modes)
 
 
 def eval_loss_fn(batches: list[dict]) -> Callable[[nn.Module], dict]:
@@ -164,8 +175,8 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
         stop_after: stop (after checkpointing) once this many steps are done: simulates an
             interruption, and lets a long run proceed in pieces.
 
-    The model trains in training mode and is handed back in the mode it came in (a model loaded
-    for inference, in eval mode, keeps its dropout off after training).
+    The model trains in training mode and is handed back with every module in the mode it came
+    in (a model loaded for inference, in eval mode, keeps its dropout off after training).
 
     Raises FloatingPointError at the first non-finite loss or gradient, naming the step; that
     step changes nothing.
@@ -201,7 +212,7 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
         from tqdm import tqdm
         bar = tqdm(total=config.steps, initial=start, desc="lora", unit="step")
     clock = time.perf_counter()
-    was_training = model.training
+    modes = _modes(model)
     model.train()
     try:
         for step in range(start, end):
@@ -251,7 +262,7 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
                                          or done == end):
                 _save_checkpoint(ckpt_dir, model, trainable, opt, done, base_lrs)
     finally:
-        model.train(was_training)
+        _restore(modes)
         if bar is not None:
             bar.close()
         if metrics_file is not None:

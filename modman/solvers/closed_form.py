@@ -140,7 +140,7 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
     inv = torch.where(sig > 1e-5 * float(sig[-1]), 1 / sig.clamp(min=1e-300), torch.zeros_like(sig))
     R = U @ (inv[:, None] * U[:n].mT)  # d×n
     K = torch.empty_like(B)
-    for rows in row_blocks(n):  # S R₁ from rows of S = skew B, which is not made whole again
+    for rows in row_blocks(n):  # S R₁ from blocks of rows of S = skew B (of ≥ 128 rows: whole for n ≤ 128)
         K[rows] = (B[rows] - B[:, rows].mT).mul_(0.5) @ R[:n]
     if k:
         K.addmm_(P.mT, R[n:], alpha=-0.5)
@@ -164,7 +164,7 @@ def closed_form_core(B: torch.Tensor, P: torch.Tensor):
         del Y12, Y22
         KH = K @ H
         del H
-        lam.sub_(sym(KH))  # Λ −= sym(K·H): exactly symmetric, so D(Λ) reads it without a copy
+        lam.sub_(sym(KH))  # Λ −= sym(K·H): exactly symmetric (as ½ sym B is), so D(Λ) needs no symmetric copy
     # fp64 flops, weighted 2 (newton.py's model): MᵀM by blocks, the eigh (10d³), R and the
     # columns; then the three blocks of Y, the Schur complement (an eigh of k×k, two products) and K·H
     flops = 2 * (2.0 * n**3 + 4.0 * n * n * k + 2.0 * k * k * n + 10.0 * d**3 + 2.0 * d * d * n

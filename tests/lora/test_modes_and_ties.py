@@ -159,3 +159,79 @@ def test_peft_itself_writes_the_base_weight_key_and_modman_loads_that_folder(tmp
     assert (ours(input_ids=x).logits - expected).abs().max() <= 1e-5
     if "base_model.model.lm_head.base_layer.weight" not in keys:
         pytest.skip(f"peft {peft.__version__} does not save lm_head's base weight with its adapter")
+
+
+def test_evaluation_keeps_every_submodules_mode_and_runs_without_gradients():
+    """eval_loss_fn restored only the model's own flag: a part kept in eval mode on purpose came
+    back in training mode (a review)."""
+    x = tokens()
+    model = apply_lora(tiny_model(), LoRAConfig(4, target_modules="all-linear", dropout=0.5), seed=0).train()
+    model.layers[0].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    seen = []
+
+    def check(m):
+        seen.append((torch.is_grad_enabled(), m.training))
+        return eval_loss_fn([{"input_ids": x, "labels": x}])(m)
+
+    check(model)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    from modman.lora.trainer import _evaluate
+    _evaluate(model, lambda m: seen.append((torch.is_grad_enabled(), m.training)) or 0.0)
+    assert seen[-1] == (False, False) and {name: m.training for name, m in model.named_modules()} == modes
+
+
+def _shared(model, name):
+    """Give ``name``'s Linear the weight of layers.0.self_attn.q_proj (same Parameter)."""
+    module = model.get_submodule(name)
+    module.weight = model.layers[0].self_attn.q_proj.weight
+    return model
+
+
+def test_two_adapted_layers_on_one_weight_are_not_merged_and_only_merging_layers_are_checked():
+    model = _shared(tiny_model(), "layers.0.self_attn.k_proj")
+    with pytest.warns(UserWarning, match="tied"):
+        apply_lora(model, LoRAConfig(4, target_modules=["q_proj", "k_proj"], init="random"), seed=0)
+    with pytest.raises(ValueError, match="shared"):
+        merge_lora(model)
+    # a tied layer that carries no adapter being merged does not block the others
+    head = tied_model()
+    with pytest.warns(UserWarning):
+        apply_lora(head, LoRAConfig(4, target_modules=["lm_head"], init="random"), "a", seed=0)
+    apply_lora(head, LoRAConfig(4, target_modules=["q_proj"], init="random"), "b", seed=0)
+    merge_lora(head, "b")
+    assert lora_layers(head)["layers.0.self_attn.q_proj"].merged_adapters == ["b"]
+
+
+def test_ties_are_found_by_memory_not_identity_and_only_where_memory_overlaps():
+    # the same storage under another Parameter object is tied
+    model = tiny_model()
+    model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.data)
+    with pytest.warns(UserWarning, match="lm_head's weight is tied to embed_tokens.weight"):
+        apply_lora(model, LoRAConfig(4, target_modules=["lm_head"], init="random"), seed=0)
+    with pytest.raises(ValueError, match="shared"):
+        merge_lora(model)
+    # disjoint views of one buffer are not tied; neither are empty or meta parameters
+    model = tiny_model()
+    buffer = torch.randn(2 * D, D)
+    model.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(buffer[:D])
+    model.layers[0].self_attn.k_proj.weight = torch.nn.Parameter(buffer[D:])
+    model.extra = torch.nn.ModuleList([torch.nn.Linear(0, 3), torch.nn.Linear(0, 5)])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(model, LoRAConfig(4, target_modules=["q_proj", "k_proj"], init="random"), seed=0)
+    merge_lora(model)
+    with torch.device("meta"):
+        meta = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(meta, LoRAConfig(4, target_modules=["q_proj", "lm_head"]), seed=0)
+
+
+def test_a_saved_base_weight_in_another_dtype_is_the_models(tmp_path):
+    target = tiny_model()
+    model = _peft_style_head_file(tmp_path, target.lm_head.weight.detach().to(torch.bfloat16))
+    loaded = load_adapter(target, tmp_path)
+    x = tokens()
+    assert torch.equal(loaded(x).logits, model(x).logits)

@@ -73,22 +73,24 @@ def test_square_weight_step_memory_does_not_regress():
     assert float(opt.last_step_stats["w"]["duality_gap"]) <= 1e-4
 
 
+@pytest.mark.parametrize("stack", [(), (4,)])
 @pytest.mark.parametrize("ns_dtype, bound", [("float32", 4.0), ("bfloat16", 2.5)])
-def test_muon_step_holds_three_iterates_at_once(ns_dtype, bound):
+def test_muon_step_holds_three_iterates_at_once(ns_dtype, bound, stack):
     """A Newton–Schulz iteration needs X, B = bS + cS² and the new X; the Gram S was kept alive
     beside them (fp32: 5.0× the parameter, bf16: 3.0×, as torch.optim.Muon's own loop). Now the
     momentum's u, the normalised X and two iterate-sized matrices: 4.0× and 2.5×; the result is
     bitwise the same arithmetic (tests/optim/test_parity.py compares it with torch.optim.Muon)."""
     n = 256
     g = torch.Generator().manual_seed(0)
-    W = torch.nn.Parameter(torch.randn(n, n, generator=g))
+    W = torch.nn.Parameter(torch.randn(*stack, n, n, generator=g))  # (4, n, n): a stack of experts
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (bf16 emulated on this CPU)
         opt = Muon([W], lr=0.02, ns_dtype=ns_dtype)
-    W.grad = torch.randn(n, n, generator=g)
+    W.grad = torch.randn(W.shape, generator=g)
     opt.step()
     r = peak_temporary_bytes(opt.step)
-    assert 2 * n * n * 4 <= r.peak_bytes <= bound * n * n * 4, r.summary(n * n * 4)
+    size = W.numel() * 4
+    assert 2 * size <= r.peak_bytes <= bound * size, r.summary(size)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -165,3 +165,24 @@ def test_a_weight_that_requires_grad_is_solved_like_a_plain_tensor(solver, shape
     torch.testing.assert_close(res.direction, plain.direction, rtol=0, atol=1e-12)
     assert float(res.duality_gap) == pytest.approx(float(plain.duality_gap), rel=1e-6, abs=1e-15)
     assert float(plain.duality_gap) <= 1e-5
+
+
+@pytest.mark.parametrize("n, k", [(30, 0), (30, 7), (200, 150)])
+def test_the_closed_form_dual_is_exactly_symmetric_and_dual_value_symmetrises_any_other(n, k):
+    """D(Λ) reads an exactly symmetric fp64 Λ as it is (no n×n copy) and symmetrises any other:
+    the weak-duality bound holds for symmetric Λ only, and an asymmetric one read as it is gave
+    578.8 against 424.3 (a review's mutant)."""
+    from modman.solvers.closed_form import closed_form_core
+    from modman.solvers.result import dual_value, sym
+
+    g = torch.Generator().manual_seed(n + k)
+    B = torch.randn(n, n, generator=g, dtype=torch.float64)
+    P = torch.randn(k, n, generator=g, dtype=torch.float64)
+    lam = closed_form_core(B, P)[2]
+    assert torch.equal(lam, lam.mT)
+    m = n + max(k, 3)
+    W = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))[0]
+    Gn = torch.randn(m, n, generator=g, dtype=torch.float64)
+    skewed = lam + 0.3 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    assert torch.equal(dual_value(W, Gn, skewed), dual_value(W, Gn, sym(skewed)))
+    assert torch.equal(dual_value(W, Gn, skewed.float()), dual_value(W, Gn, sym(skewed.float().double())))
