@@ -64,10 +64,26 @@ def available() -> bool:
         return False
     if torch.cuda.is_available():
         return True
-    # once the kernels exist, whether they were made interpreted decides (TRITON_INTERPRET set
-    # after the import does not make them so)
-    impl = sys.modules.get(f"{__name__}._triton_ns")
-    return impl.INTERPRETED if impl is not None else _interpreter_requested()
+    return _interpreting()
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs (or, not imported yet, will run) in its interpreter: once imported,
+    whether its own tl.* helpers were made interpreted decides — TRITON_INTERPRET set after the
+    import does not make them so."""
+    if "triton" not in sys.modules:
+        return _interpreter_requested()
+    import triton.language as tl
+    return type(getattr(tl, "cdiv", None)).__name__ == "InterpretedFunction"
+
+
+def check_backend(X: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise the error a kernel launch would for X computed in ``dtype``, before any work (msign
+    checks backend="triton" up front, so that an empty X or an early return does not pass it)."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the kernels compute in {SUPPORTED_DTYPES}, not {dtype} (msign: pass "
+                        "compute_dtype=torch.float32, or backend='torch')")
+    _check_device(X, _impl())
 
 
 def worth_it(X: torch.Tensor) -> bool:

@@ -33,10 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Whether the kernels below were created as interpreted functions: triton decides when a function
-# is decorated, i.e. when this module is imported, not when the kernel is called.
-INTERPRETED = bool(getattr(getattr(triton, "knobs", None), "runtime", None)
-                   and triton.knobs.runtime.interpret) or os.environ.get("TRITON_INTERPRET") == "1"
+# Whether Triton runs in its interpreter: it decides when a function is decorated, and its own
+# tl.* helpers were decorated when triton was first imported. TRITON_INTERPRET=1 set after that made
+# this module's kernels interpreted but left tl.cdiv compiled, and the first call failed inside Triton
+# ("Cannot call @triton.jit'd outside of the scope of a kernel"): so the helpers decide.
+INTERPRETED = type(getattr(tl, "cdiv", None)).__name__ == "InterpretedFunction"
 
 
 @triton.jit

@@ -53,9 +53,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for o in args.optimizers:
         if o not in known:
             p.error(f"--optimizers: unknown optimizer {o!r}; choose from {','.join(known)}")
+    repeated = sorted({o for o in args.optimizers if args.optimizers.count(o) > 1})
+    if repeated:  # (the same run twice, two identical rows)
+        p.error(f"--optimizers: {','.join(repeated)} named twice")
+    if args.solver != DEFAULT_SOLVER and "manifold_muon" not in args.optimizers:  # (ignored without a word)
+        p.error(f"--solver {args.solver}: manifold_muon is not among --optimizers {','.join(args.optimizers)}")
     lrs = {}
     for item in args.lr:
         name, _, value = item.partition("=")
+        if name in lrs:  # (the last one won silently)
+            p.error(f"--lr: the learning rate of {name} is given twice")
         try:
             lrs[name] = float(value)
         except ValueError:
@@ -111,8 +118,8 @@ def main(argv=None) -> int:
         print(f"modman: error: --out {args.out!r}: {err.strerror or err}", file=sys.stderr)
         raise SystemExit(2) from None
     data = load_mnist1d(seed=42)
-    print(f"MNIST-1D: {len(data['x'])} train / {len(data['x_test'])} test, MLP 40→"
-          f"{'→'.join([str(args.width)] * (args.depth - 1))}→10 (no biases, ReLU), batch {args.batch_size}, "
+    print(f"MNIST-1D: {len(data['x'])} train / {len(data['x_test'])} test, MLP "
+          f"{'→'.join(['40'] + [str(args.width)] * (args.depth - 1) + ['10'])} (no biases, ReLU), batch {args.batch_size}, "
           f"{args.steps} steps, lr → 0 linearly, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}")
     results = []
     start = time.time()
@@ -133,8 +140,9 @@ def main(argv=None) -> int:
         print(f"{r.optimizer:<14}{r.lr:>8.3g}{r.train_acc:>11.3f}{r.test_acc:>10.3f}"
               f"{r.seconds_per_step * 1e3:>9.2f}{r.optimizer_seconds_per_step * 1e3:>8.2f}"
               f"{'' if r.duality_gap is None else format(r.duality_gap, '.1e'):>9}  {ranges}")
-    print("gap: median over steps of the worst certified relative duality gap of ManifoldMuon's subproblem "
-          f"(solver {args.solver!r})")
+    if "manifold_muon" in args.optimizers:
+        print("gap: median over steps of the worst certified relative duality gap of ManifoldMuon's subproblem "
+              f"(solver {args.solver!r})")
     _print_diagnostics(results)
     png = os.path.join(args.out, "singular_values.png")
     _plot(results, png)

@@ -41,6 +41,11 @@ def test_main_job_small_run_writes_table_and_files(tmp_path, capsys):
     (["--lr", "adamw=nan"], "--lr: the learning rate of adamw must be a finite number ≥ 0"),
     (["--lr", "muon=inf"], "--lr: the learning rate of muon must be a finite number ≥ 0"),
     (["--optimizers", "adamw", "--lr", "muon=0.1"], "--lr muon=0.1: muon is not among --optimizers adamw"),  # (ignored)
+    # a probe's: the first ran adamw and printed the solver's footer, the second used 2e-3 silently,
+    # the third trained the same run twice
+    (["--optimizers", "adamw", "--solver", "dual_ascent"], "--solver dual_ascent: manifold_muon is not among"),
+    (["--optimizers", "adamw", "--lr", "adamw=1e-3", "--lr", "adamw=2e-3"], "the learning rate of adamw is given twice"),
+    (["--optimizers", "adamw,muon,adamw"], "--optimizers: adamw named twice"),
 ])
 def test_bad_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -70,6 +75,13 @@ def test_out_that_makedirs_cannot_create_is_a_usage_error(tmp_path, capsys, monk
         main(["--out", str(tmp_path / "run"), "--steps", "1", "--optimizers", "adamw"])
     assert err.value.code == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_one_layer_is_named_40_to_10_and_runs_without_manifold_muon_print_no_gap_line(tmp_path, capsys):
+    assert main(["--steps", "1", "--depth", "1", "--optimizers", "adamw", "--out", str(tmp_path),
+                 "--no-progress", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "MLP 40→10 (" in out and "duality gap" not in out  # ("MLP 40→→10" before)
 
 
 def test_good_lr_zero_and_threads_are_accepted(tmp_path):

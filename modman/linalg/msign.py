@@ -103,6 +103,13 @@ def msign(
     if backend == "triton" and needs_grad:  # (the kernels' output silently had no grad_fn)
         raise ValueError("msign: backend='triton' is not differentiable and X requires grad; use "
                          "backend='torch', or call it under torch.no_grad()")
+    if backend == "triton":  # checked whatever X is: an empty X or the SVD returned without a word
+        if schedule == "svd":
+            raise ValueError("backend='triton' runs Newton–Schulz iterations and schedule='svd' is an exact SVD; "
+                             "use backend='torch' or 'auto' for it")
+        from modman import kernels
+
+        kernels.check_backend(X, dtype)
     if X.numel() == 0:
         return X.clone()
     if schedule == "svd":

@@ -510,6 +510,43 @@ def test_cpu_without_interpreter_is_a_clear_error():
     assert done.stdout.startswith("RuntimeError:") and "TRITON_INTERPRET=1" in done.stdout, done.stdout
 
 
+def test_interpreter_requested_after_triton_was_imported_is_a_clear_error():
+    """TRITON_INTERPRET=1 set after `import triton`: available() said True and the first call failed
+    inside Triton ("Cannot call @triton.jit'd outside of the scope of a kernel"; a probe). Now it
+    says False, and a call, an empty input and msign's up-front check all name the cause."""
+    code = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); from _register import register; register()\n"
+        "import torch, triton\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from modman import kernels, msign\n"
+        "print('available', kernels.available())\n"
+        "for call in (lambda: kernels.gram(torch.randn(4, 6)), lambda: msign(torch.randn(4, 6), backend='triton'),\n"
+        "             lambda: msign(torch.zeros(0, 6), backend='triton')):\n"
+        "    try:\n"
+        "        call()\n"
+        "        print('no error')\n"
+        "    except RuntimeError as e:\n"
+        "        print('RuntimeError:', 'imported before it was set' in str(e))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:4] == ["available False"] + ["RuntimeError: True"] * 3, done.stdout
+
+
+def test_msign_checks_the_triton_backend_whatever_the_input():
+    """An empty X returned before the check and schedule='svd' ignored the backend (a probe); an
+    fp64 compute dtype named X's dtype although X was fp32."""
+    from modman import msign
+
+    with pytest.raises(ValueError, match="schedule='svd' is an exact SVD"):
+        msign(torch.randn(4, 6), backend="triton", schedule="svd")
+    with pytest.raises(TypeError, match="the kernels compute in .* not torch.float64"):
+        msign(torch.randn(4, 6), backend="triton", compute_dtype=torch.float64)
+    assert msign(torch.zeros(0, 6), backend="triton").shape == (0, 6)  # the interpreter is on here
+
+
 def test_packaged_as_modman_kernels():
     """The installed modman must ship kernels/ as modman.kernels (pyproject package-dir mapping)."""
     assert PACKAGED, ("modman.kernels is not importable from the installed package: pyproject's "
