@@ -373,7 +373,8 @@ def adamw_step(
     low = p.dtype in (torch.bfloat16, torch.float16)
     P = p.to(exp_avg.dtype) if low else p
     g = grad.to(exp_avg.dtype)
-    P.mul_(1 - lr * weight_decay)
+    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):  # (×1 changes no bit: one kernel saved)
+        P.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bias1 = 1 - beta1**step
