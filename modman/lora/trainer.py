@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .._checks import is_int
+from .._modes import kept_modes, record_modes, restore_modes
 from .._warn import warn
 from .inject import check_unmerged, lora_layers
 
@@ -93,27 +94,11 @@ def task_data(task, batch_size: int, seed: int = 0, split: str = "train"
     return data
 
 
-def _modes(model: nn.Module) -> dict[nn.Module, bool]:
-    return {module: module.training for module in model.modules()}
-
-
-def _restore(modes: dict[nn.Module, bool]) -> None:
-    """Every module's train/eval flag as recorded (``model.train(flag)`` would give all of them
-    the model's: a part kept in eval mode on purpose came back in training mode)."""
-    for module, training in modes.items():
-        module.training = training
-
-
 @contextlib.contextmanager
 def evaluation(model: nn.Module):
     """Eval mode (dropout off) without gradients inside; every module's mode as it was after."""
-    modes = _modes(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        _restore(modes)
+    with kept_modes(model, False), torch.no_grad():
+        yield model
 
 
 def eval_loss_fn(batches: list[dict]) -> Callable[[nn.Module], dict]:
@@ -212,7 +197,7 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
         from tqdm import tqdm
         bar = tqdm(total=config.steps, initial=start, desc="lora", unit="step")
     clock = time.perf_counter()
-    modes = _modes(model)
+    modes = record_modes(model)
     model.train()
     try:
         for step in range(start, end):
@@ -262,7 +247,7 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
                                          or done == end):
                 _save_checkpoint(ckpt_dir, model, trainable, opt, done, base_lrs)
     finally:
-        _restore(modes)
+        restore_modes(modes)
         if bar is not None:
             bar.close()
         if metrics_file is not None:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .._checks import is_finite_real, is_int, is_real
+from .._modes import kept_modes
 from .._warn import warn
 from ..lora.inject import check_unmerged
 from .advantages import group_centred_advantages, teacher_advantages
@@ -275,12 +276,8 @@ class Trainer:
             if self.config.eval_prompts is not None:
                 prompts = prompts[:self.config.eval_prompts]
             self._eval_batch = self.task.encode(prompts)
-        was_training = self.student.training
-        self.student.eval()
-        try:
+        with kept_modes(self.student, False):
             return self.task.evaluate(self.student, self._eval_batch)
-        finally:
-            self.student.train(was_training)
 
     # ---------------------------------------------------------------- one step
 
@@ -299,12 +296,8 @@ class Trainer:
         ``step_count`` are left as they were (with ``substeps`` > 1, the earlier substeps' updates
         are undone). Only the sampling RNGs have moved on.
         """
-        was_training = self.student.training
-        self.student.eval()
-        try:
+        with kept_modes(self.student, False):  # (every submodule's mode back after, not only the model's)
             return self._step()
-        finally:
-            self.student.train(was_training)
 
     def _step(self) -> dict:
         cfg = self.config

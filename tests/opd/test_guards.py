@@ -336,6 +336,20 @@ def test_the_step_runs_the_student_without_dropout_and_restores_its_mode(objecti
     assert record["sampler_mismatch"] < 1e-5  # sampler and learner are one policy
 
 
+def test_step_and_evaluate_restore_every_submodules_own_mode():
+    """A part kept in eval mode on purpose inside a student in training mode came back in
+    training mode: only the model's own flag was restored (a review)."""
+    student = _dropout_student().train()
+    part = next(m for m in student.modules() if m is not student and any(True for _ in m.children()))
+    part.eval()
+    modes = {name: m.training for name, m in student.named_modules()}
+    trainer = Trainer(student, TASK, _config(objective="opd"), teacher=tiny_model(1), optimizer=_adamw)
+    trainer.step()
+    assert {name: m.training for name, m in student.named_modules()} == modes
+    trainer.evaluate()
+    assert {name: m.training for name, m in student.named_modules()} == modes
+
+
 def test_the_learner_ratio_is_one_on_the_first_update_with_dropout():
     # teacher_kl gives Σ_t (log s − log t); with ρ = 1 the IS loss is −mean Σ_t A_t =
     # mean Σ_t (log s − log t) = teacher_kl (kl_coef 1, discount 0) up to the sampler's noise.
