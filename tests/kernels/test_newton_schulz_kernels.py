@@ -493,30 +493,34 @@ def test_old_triton_is_a_clear_error(monkeypatch):
         kernels.gram(_random((4, 6), torch.float32))
 
 
+def _without_interpreter(code: str) -> str:
+    """stdout of ``code`` run in a fresh Python without TRITON_INTERPRET (modman registered)."""
+    setup = "import sys; sys.path.insert(0, sys.argv[1]); from _register import register; register()\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", setup + code, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_cpu_without_interpreter_is_a_clear_error():
     """backend="triton" on a CPU tensor without TRITON_INTERPRET=1: a RuntimeError naming it."""
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from _register import register; register()\n"
+    out = _without_interpreter(
         "import torch; from modman import msign\n"
         "try:\n"
         "    msign(torch.randn(4, 6), backend='triton')\n"
         "except RuntimeError as e:\n"
         "    print('RuntimeError:', e)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("RuntimeError:") and "TRITON_INTERPRET=1" in done.stdout, done.stdout
+    assert out.startswith("RuntimeError:") and "TRITON_INTERPRET=1" in out, out
 
 
 def test_interpreter_requested_after_triton_was_imported_is_a_clear_error():
     """TRITON_INTERPRET=1 set after `import triton`: available() said True and the first call failed
     inside Triton ("Cannot call @triton.jit'd outside of the scope of a kernel"; a probe). Now it
     says False, and a call, an empty input and msign's up-front check all name the cause."""
-    code = (
-        "import os, sys; sys.path.insert(0, sys.argv[1]); from _register import register; register()\n"
-        "import torch, triton\n"
+    out = _without_interpreter(
+        "import os, torch, triton\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "from modman import kernels, msign\n"
         "print('available', kernels.available())\n"
@@ -528,11 +532,7 @@ def test_interpreter_requested_after_triton_was_imported_is_a_clear_error():
         "    except RuntimeError as e:\n"
         "        print('RuntimeError:', 'imported before it was set' in str(e))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:4] == ["available False"] + ["RuntimeError: True"] * 3, done.stdout
+    assert out.split("\n")[:4] == ["available False"] + ["RuntimeError: True"] * 3, out
 
 
 def test_msign_checks_the_triton_backend_whatever_the_input():
