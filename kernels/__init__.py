@@ -76,7 +76,10 @@ def _interpreting() -> bool:
     if "triton" not in sys.modules:
         return _interpreter_requested()
     import triton.language as tl
-    return type(getattr(tl, "cdiv", None)).__name__ == "InterpretedFunction"
+    kind = type(getattr(tl, "cdiv", None)).__name__
+    if kind in ("InterpretedFunction", "JITFunction"):
+        return kind == "InterpretedFunction"
+    return _interpreter_requested()  # a Triton whose helpers are not jit functions: the environment says
 
 
 def check_backend(X: torch.Tensor, dtype: torch.dtype) -> None:

@@ -33,11 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _interpreting
+
 # Whether Triton runs in its interpreter: it decides when a function is decorated, and its own
 # tl.* helpers were decorated when triton was first imported. TRITON_INTERPRET=1 set after that made
 # this module's kernels interpreted but left tl.cdiv compiled, and the first call failed inside Triton
 # ("Cannot call @triton.jit'd outside of the scope of a kernel"): so the helpers decide.
-INTERPRETED = type(getattr(tl, "cdiv", None)).__name__ == "InterpretedFunction"
+INTERPRETED = _interpreting()
 
 
 @triton.jit

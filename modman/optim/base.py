@@ -526,7 +526,10 @@ class ManifoldOptimizer(Optimizer):
             super().add_param_group(param_group)
         finally:
             added, self.param_groups = self.param_groups, earlier
-        group = added[0]  # (names: _build_groups gives every group names or none)
+        group = added[0]
+        if earlier and ("param_names" in group) != ("param_names" in earlier[0]):  # torch's own check
+            raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
+                             f"{'with' if 'param_names' in group else 'without'} names to the optimizer")
         ids = {id(p) for p in group["params"]}
         if not ids.isdisjoint(self._constructed_ids):
             raise ValueError("some parameters appear in more than one parameter group")
@@ -904,13 +907,18 @@ class ManifoldOptimizer(Optimizer):
 
     def _step_adamw_foreach(self) -> set[int]:
         """The AdamW fallback's fp32/fp64 parameters through torch's foreach AdamW, one call per
-        group: F.adamw_step's arithmetic, bit for bit (tests/optim/test_functional.py), in a few
-        kernels per group instead of ~9 per tensor (a step of 1000 small tensors: 43 → 15 ms, a
-        probe). bf16/fp16 parameters (stepped in fp32, rounded once) and groups with foreach=False
-        go one at a time; returns the ids stepped."""
+        group: F.adamw_step's arithmetic (bit for bit on CPU, tests/optim/test_functional.py; on
+        CUDA a division may differ in its last bit), in a few kernels per group instead of ~9 per
+        tensor (a step of 1000 small tensors: 43 → 15 ms, a probe). Going one at a time: bf16/fp16
+        parameters (stepped in fp32, rounded once), groups with foreach=False, with tensor betas,
+        eps or weight_decay (torch's foreach refuses tensor betas; a tensor and a Python number
+        round 1 − β differently) or with a parameter listed twice (stepped twice, as by torch).
+        Returns the ids stepped."""
         done = set()
         for group in self.param_groups:
-            if group["algorithm"] != "adamw" or group.get("foreach") is False:
+            if (group["algorithm"] != "adamw" or group.get("foreach") is False
+                    or any(isinstance(v, torch.Tensor) for v in (*group["betas"], group["eps"], group["weight_decay"]))
+                    or len({id(p) for p in group["params"]}) != len(group["params"])):
                 continue
             params = [p for p in group["params"] if p.grad is not None and p.dtype in (torch.float32, torch.float64)
                       and p.grad.dtype == p.dtype and p.grad.device == p.device]

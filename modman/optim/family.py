@@ -91,7 +91,9 @@ class ManifoldMuon(ManifoldOptimizer):
             solvers in ``solvers.SEPARABLE_SOLVERS`` (``optim/batching.py``: whole steps 1.4–1.7×
             faster on MLPs of width 32–64, 1.02× at 128); each matrix is stepped as if alone. False steps
             one matrix at a time. A group's own ``foreach`` applies to its matrices; with
-            ``distributed`` the dealt-out matrices are not stacked.
+            ``distributed`` the dealt-out matrices are not stacked. It also routes the AdamW
+            fallback: fp32/fp64 parameters through torch's foreach AdamW, one call per group
+            (False: one ``functional.adamw_step`` each; the same arithmetic, bitwise on CPU).
 
     Precision: bf16/fp16 weights are stepped in fp32 and stored back; momentum, the dual and
     the solver run in fp32 (fp64 weights in fp64). A bf16 weight is on its manifold only to

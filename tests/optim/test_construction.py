@@ -571,3 +571,17 @@ def test_construction_checks_groups_against_a_running_set_not_every_earlier_grou
     W = torch.nn.Parameter(torch.randn(8, 8))
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
         ManifoldMuon([{"params": [W]}, {"params": [W]}])
+
+
+def test_construction_keeps_torchs_names_check_and_a_nan_in_any_dtype_is_found():
+    W, V = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="with/without names"):  # (it built, then every add_param_group failed)
+        ManifoldMuon([{"params": [W], "param_names": ["w"]}, {"params": [V]}])
+    a = torch.nn.Parameter(torch.randn(3, dtype=torch.float32))
+    b = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = ManifoldMuon([{"params": [a, b], "algorithm": "adamw"}])
+    before = [a.detach().clone(), b.detach().clone()]
+    a.grad, b.grad = torch.ones(3), torch.tensor([1.0, float("nan"), 1.0], dtype=torch.float64)
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
