@@ -778,9 +778,9 @@ class ManifoldOptimizer(Optimizer):
                 if p.grad is not None:
                     self.state[p]  # noqa: B018 (a defaultdict: creates the entry)
         stacked = self._step_stacks(skip=set(owner), names=names)
-        adamw_done = self._step_adamw_foreach()
         for group in self.param_groups:
             lr = _scalar(group["lr"])
+            adamw_done = self._step_adamw_foreach(group)  # (in the group's turn, as one at a time)
             for p in group["params"]:
                 if p.grad is None or id(p) in adamw_done:
                     continue
@@ -905,33 +905,28 @@ class ManifoldOptimizer(Optimizer):
                 state[k] = state[k].float()
         return state
 
-    def _step_adamw_foreach(self) -> set[int]:
-        """The AdamW fallback's fp32/fp64 parameters through torch's foreach AdamW, one call per
-        group: F.adamw_step's arithmetic (bit for bit on CPU, tests/optim/test_functional.py; on
+    def _step_adamw_foreach(self, group) -> set[int]:
+        """An AdamW fallback group's fp32/fp64 parameters through torch's foreach AdamW, in one
+        call: F.adamw_step's arithmetic (bit for bit on CPU, tests/optim/test_functional.py; on
         CUDA a division may differ in its last bit), in a few kernels per group instead of ~9 per
         tensor (a step of 1000 small tensors: 43 → 15 ms, a probe). Going one at a time: bf16/fp16
         parameters (stepped in fp32, rounded once), groups with foreach=False, with tensor betas,
         eps or weight_decay (torch's foreach refuses tensor betas; a tensor and a Python number
         round 1 − β differently) or with a parameter listed twice (stepped twice, as by torch).
         Returns the ids stepped."""
-        done = set()
-        for group in self.param_groups:
-            if (group["algorithm"] != "adamw" or group.get("foreach") is False
-                    or any(isinstance(v, torch.Tensor) for v in (*group["betas"], group["eps"], group["weight_decay"]))
-                    or len({id(p) for p in group["params"]}) != len(group["params"])):
-                continue
-            params = [p for p in group["params"] if p.grad is not None and p.dtype in (torch.float32, torch.float64)
-                      and p.grad.dtype == p.dtype and p.grad.device == p.device]
-            if not params:
-                continue
+        if (group["algorithm"] != "adamw" or group.get("foreach") is False
+                or any(isinstance(v, torch.Tensor) for v in (*group["betas"], group["eps"], group["weight_decay"]))
+                or len({id(p) for p in group["params"]}) != len(group["params"])):
+            return set()
+        params = [p for p in group["params"] if p.grad is not None and p.dtype in (torch.float32, torch.float64)
+                  and p.grad.dtype == p.dtype and p.grad.device == p.device]
+        if params:
             states = [self._adamw_state(p, self.state[p]) for p in params]
             beta1, beta2 = group["betas"]
-            adamw(
-                params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [], [s["step"] for s in states], foreach=True, amsgrad=False, beta1=beta1, beta2=beta2,
-                lr=_scalar(group["lr"]), weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-            done.update(id(p) for p in params)
-        return done
+            adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                  [], [s["step"] for s in states], foreach=True, amsgrad=False, beta1=beta1, beta2=beta2,
+                  lr=_scalar(group["lr"]), weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        return {id(p) for p in params}
 
     def _step_param(self, group, p, grad, state, lr):
         algorithm = group["algorithm"]

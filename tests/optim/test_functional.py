@@ -118,3 +118,22 @@ def test_what_the_foreach_fallback_leaves_to_the_loop(monkeypatch):
     W.grad = torch.randn_like(W)
     opt.step()
     assert opt.state[W]["exp_avg"].stride() == W.stride()
+
+
+def test_the_foreach_fallback_steps_in_its_groups_turn():
+    """A constrained matrix that raises (a NaN weight) leaves the groups after it unstepped, as one
+    at a time did: the foreach fallback runs in its group's turn, not before the loop."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    opt = ManifoldMuon(m.modules())
+    for g in opt.param_groups:
+        if g["algorithm"] != "adamw":
+            g["foreach"] = False  # the matrices one at a time, the fallback through foreach
+    with torch.no_grad():
+        m[1].weight[0, 0] = float("nan")
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    biases = [m[0].bias.detach().clone(), m[1].bias.detach().clone()]
+    with pytest.raises(Exception, match="1.weight|NaN"):
+        opt.step()
+    assert torch.equal(m[0].bias, biases[0]) and torch.equal(m[1].bias, biases[1])
