@@ -100,6 +100,15 @@ def main() -> None:
             rows.append(f"| ManifoldMuon step, same-shape matrices stacked (foreach) against one at a time, MLPs of "
                         f"d→d→4d→d blocks ({d['solver']}, {d['dtype']}; peak temporary memory × the largest "
                         f"parameter) | {parts} | batching.json |")
+    d = load("step_overhead")
+    if d:
+        for model, times in d["steps"].items():
+            parts = ", ".join(f"{k} {v['step_s_median'] * 1e3:.1f} ms ({v['ratio_vs_torch_adamw_foreach']:.2f}×)"
+                              for k, v in times.items())
+            rows.append(f"| optimizer step on many small parameters, model \"{model}\" (× torch AdamW foreach, "
+                        f"same run) | {parts} | step_overhead.json |")
+        parts = ", ".join(f"{k} layers {v * 1e3:.0f} ms" for k, v in d["construction_s"].items())
+        rows.append(f"| ManifoldMuon construction, MLP of Linear(16, 16) layers | {parts} | step_overhead.json |")
     d = load("drift")
     if d:
         parts = ", ".join(f"lr {r['lr']}: {r['max_distance']:.1e}" for r in d["results"])
