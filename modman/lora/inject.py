@@ -191,7 +191,9 @@ def merge_lora(model: nn.Module, adapter_names: str | list[str] | None = None) -
     (a name or a list; default: the active ones); the forward then skips them. Undo with
     :func:`unmerge_lora`. A merged model's ``state_dict()`` holds W + s·B A *and* the factors,
     and does not record the merge: load it only into a model merged the same way (as in PEFT),
-    or unmerge before saving; loaded into an unmerged model it counts s·B A twice."""
+    or unmerge before saving; loaded into an unmerged model it counts s·B A twice. A layer whose
+    base weight is tied to another parameter (an lm_head sharing the input embedding) is refused
+    before anything is merged: the merge would change the tied module too."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters to merge")
@@ -219,7 +221,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every LoRALinear by its base nn.Linear, merging the active adapters first when
-    ``merge``; the result is a plain model (base parameters stay frozen)."""
+    ``merge``; the result is a plain model (base parameters stay frozen). Merging refuses tied
+    base weights as :func:`merge_lora` does, before anything changes."""
     if merge:
         layers = lora_layers(model)
         _refuse_tied_merge(model, {path: layer for path, layer in layers.items() if layer.to_merge()},
