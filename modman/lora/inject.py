@@ -59,7 +59,7 @@ def _extent(p: torch.Tensor) -> tuple[int, int, int] | None:
         return None
     try:
         storage = p.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
+    except RuntimeError:  # (a DTensor: "Attempted to access the data pointer on an invalid python storage")
         return None
     span = 1 + sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
     return storage, p.data_ptr(), p.data_ptr() + span * p.element_size()

@@ -105,6 +105,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return folder
 
 
+def _base_path(key: str) -> str | None:
+    """The module path of a ``…<path>.base_layer.weight`` key, else None."""
+    match = _BASE_KEY.fullmatch(key)
+    return match["path"] if match else None
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """The config dict and tensors of a PEFT LoRA folder, validated; nothing is applied."""
     from safetensors.torch import load_file
@@ -152,9 +158,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         raise ValueError(f"{weights_file} is not a readable safetensors file: {err}") from None
     if not tensors:
         raise ValueError(f"{weights_file} holds no tensors")
-    adapted = {_KEY.fullmatch(k)["path"] for k in tensors if _KEY.fullmatch(k)}
-    wrong = [k for k in tensors if not _KEY.fullmatch(k)
-             and not (_BASE_KEY.fullmatch(k) and _BASE_KEY.fullmatch(k)["path"] in adapted)]
+    adapted = {m["path"] for m in map(_KEY.fullmatch, tensors) if m}
+    wrong = [k for k in tensors if not _KEY.fullmatch(k) and _base_path(k) not in adapted]
     if wrong:
         raise ValueError(f"{weights_file}: keys not of the form base_model.model.<path>."
                          f"lora_A|lora_B.weight (or the base_layer.weight PEFT saves with an adapted "
@@ -232,7 +237,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         if match:
             factors.setdefault(match["path"], {})[match["factor"]] = tensor
         else:
-            bases[_BASE_KEY.fullmatch(key)["path"]] = tensor
+            bases[_base_path(key)] = tensor
     r = int(config["r"])
     linears, layers = linear_modules(model), lora_layers(model)
     problems = []
@@ -298,7 +303,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                          "The model was not changed.")
     if not existing:
         init = config.get("init_lora_weights", True)
-        if not (isinstance(init, (bool, str)) and init in _INIT_FROM_PEFT):
+        known = _INIT_FROM_PEFT.get(init) if isinstance(init, (bool, str)) else None
+        if known is None:
             warn(f"{Path(path) / CONFIG_NAME}: init_lora_weights={init!r} is not an initialisation modman.lora "
                  "knows: the factors are loaded as saved, and save_adapter will write init_lora_weights=true "
                  "(an initialisation that changes the base weights, such as PiSSA or OLoRA, also needs the "
@@ -308,7 +314,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             r=r, alpha=config["lora_alpha"], target_modules=f"(?:{targets})",
             dropout=float(config.get("lora_dropout") or 0.0),
             use_rslora=bool(config.get("use_rslora")),
-            init=_INIT_FROM_PEFT.get(init, "default") if isinstance(init, (bool, str)) else "default")
+            init=known or "default")
         apply_lora(model, lora_config, adapter_name, allow_rank_above_layer=True)
     layers = lora_layers(model)
     with torch.no_grad():
