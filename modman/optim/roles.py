@@ -37,8 +37,9 @@ Frozen parameters (``requires_grad=False`` at construction) are left out: projec
 a manifold would change weights that are meant to stay as loaded (a LoRA base model). A
 parameter unfrozen later must be added with ``optimizer.add_param_group``.
 
-``roles`` overrides per parameter name (any of a tied weight's names), module instance or module
-class; a module or class override applies to the module's matrices (≥ 2-D): its biases and gains
+``roles`` overrides per parameter name (any of a tied weight's names), module instance (any of a
+tied weight's owners: ``{model.lm_head: "fallback"}`` reaches a head tied to the embedding) or module
+class (of the owner it is assigned under); a module or class override applies to the module's matrices (≥ 2-D): its biases and gains
 keep their role unless named. An override is taken as asked, also for a 1×1 matrix. A name that
 is no parameter of the given modules (frozen ones count) or a module that is not among them is
 refused (ValueError): a typo was silently ignored. A class absent from the modules is fine.
@@ -198,18 +199,25 @@ def default_role(module: nn.Module | None, attr: str, p: torch.Tensor, path: str
     return role
 
 
-def _override(roles: dict, module: nn.Module, names: list[str], p: torch.Tensor) -> str | None:
-    """The role ``roles`` gives p (of ``module``, known by ``names``), or None: by name first, then
-    by the module instance or class — which speaks for the module's matrices (≥ 2-D) only: its
-    biases keep their default, as ``{linear: "euclidean"}`` is about the weight (a bias cannot
-    take it)."""
+def _override(roles: dict, owners: list[nn.Module], names: list[str], p: torch.Tensor) -> str | None:
+    """The role ``roles`` gives p (owned by ``owners``, first the module it is assigned under, and
+    known by ``names``), or None: by name first, then by a module instance — any owner, as any name
+    (a tied head's ``{model.lm_head: "fallback"}`` was silently ignored: the weight is assigned
+    under the embedding), two owners asking different roles refused — then by the assigned owner's
+    class. A module or class speaks for its matrices (≥ 2-D) only: its biases keep their default,
+    as ``{linear: "euclidean"}`` is about the weight (a bias cannot take it)."""
     for name in names:
         if name in roles:
             return roles[name]
     if p.ndim < 2:
         return None
-    if module in roles:
-        return roles[module]
+    asked = {roles[m] for m in owners if m in roles}
+    if len(asked) > 1:
+        raise ValueError(f"roles= gives the tied weight {' = '.join(names)} the roles {sorted(asked)} through "
+                         "its modules; name one role for it (roles={\"" + names[0] + "\": ...})")
+    if asked:
+        return asked.pop()
+    module = owners[0]
     for klass in type(module).__mro__:
         if klass in roles:
             return roles[klass]
@@ -225,6 +233,15 @@ def _parameter_names(network: Network) -> dict[int, list[str]]:
         for attr, p in m.named_parameters(recurse=False):
             names.setdefault(id(p), []).append(f"{prefix}.{attr}" if prefix else attr)
     return names
+
+
+def _parameter_owners(network: Network) -> dict[int, list[nn.Module]]:
+    """id(parameter) → the modules that own it, in order (the first is the one it is assigned under)."""
+    owners: dict[int, list[nn.Module]] = {}
+    for m in network.modules:
+        for _, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(m)
+    return owners
 
 
 def check_roles(roles: dict, *networks: Network) -> None:
@@ -285,7 +302,7 @@ def assign_modules(network: Network, roles: dict | None = None, *, check: bool =
     roles = {unwrap(k) if isinstance(k, nn.Module) else k: v for k, v in (roles or {}).items()}
     if check:
         check_roles(roles, network)
-    names = _parameter_names(network)
+    names, owners = _parameter_names(network), _parameter_owners(network)
     seen: set[int] = set(exclude)
     out, silent = [], []
     for m in network.modules:
@@ -295,7 +312,7 @@ def assign_modules(network: Network, roles: dict | None = None, *, check: bool =
             seen.add(id(p))
             if not p.requires_grad:
                 continue
-            asked = _override(roles, m, names[id(p)], p)
+            asked = _override(roles, owners[id(p)], names[id(p)], p)
             role = asked if asked is not None else default_role(m, attr, p, network.names[id(m)])
             a = Assignment(names[id(p)][0], p, role, m, view=matrix_view(m, attr, p), asked=asked is not None)
             out.append(a)

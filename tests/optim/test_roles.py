@@ -88,6 +88,22 @@ def test_role_overrides():
         ManifoldMuon(net.modules(), roles={nn.Linear: "hyperbolic"})
 
 
+def test_a_module_override_reaches_a_weight_tied_to_an_earlier_module():
+    # the head's weight is the embedding's, assigned under emb.weight: {net.head: ...} must still
+    # reach it (it was silently ignored: the README's advice for leaving a tied head unconstrained)
+    torch.manual_seed(0)
+    net = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ManifoldMuon(net.modules(), solver="projected", roles={net.head: "fallback"})
+        assert _roles(opt)["emb.weight"] == ("euclidean", "adamw")
+        # a class speaks for the owner the weight is assigned under only (the embedding)
+        opt = ManifoldMuon(net.modules(), solver="projected", roles={nn.Linear: "fallback"})
+        assert _roles(opt)["emb.weight"] == ("sphere", "hyperspherical")
+        with pytest.raises(ValueError, match="tied weight emb.weight = head.weight"):
+            ManifoldMuon(net.modules(), roles={net.head: "fallback", net.emb: "stiefel"})
+
+
 def test_construction_projects_onto_the_exact_polar_factor_in_one_warning_naming_each_weight():
     net, opt, before, moved = _build()
     mats = {"lin.weight": lambda w: w, "conv.weight": lambda w: w.reshape(3, -1),
