@@ -229,7 +229,15 @@ def _tangent_norm(W: torch.Tensor, G: torch.Tensor, g_scale) -> float:
     return math.sqrt(float((L.mT @ skew(Z)).square().sum()) + float(torch.diagonal(N).sum().clamp(min=0)))
 
 
-_DUAL_BOUND = 1e6  # optimal duals are O(1) in units of G/‖G‖_F; beyond this a state is garbage
+def _dual_bound(n: int) -> float:
+    """Entries of a warm dual beyond this are dropped (the solve starts cold). In units of
+    Gn = G/‖G‖_F and for WᵀW = I, every optimal Λ has ‖Λ‖₂ ≤ ‖Λ‖_* ≤ √n: D(Λ*) ≤ D(½ sym WᵀGn)
+    = ‖Gn − W sym(WᵀGn)‖_* ≤ √n (rank ≤ n, Frobenius ≤ 1) and 2‖Λ‖_* = ‖2WΛ‖_* ≤ D(Λ) + ‖Gn‖_*.
+    A Λ with an entry above 4√n is then ≥ 3√n from every optimum, farther than the cold start
+    ½ sym(WᵀGn) (‖·‖₂ ≤ ½, so ≤ √n + ½ away): dropping it never drops a start better than cold.
+    (It was 1e6: a warm dual at 1e5 × the optimum left admm and dual_ascent at gap 1, a probe.)"""
+    return 4 * math.sqrt(n)
+
 
 
 def _members(T: torch.Tensor) -> str:
@@ -248,7 +256,8 @@ def _checked_warm_start(state, batch, n: int, shape: tuple, device: torch.device
     finite or not O(1) is dropped, so the solve starts cold instead of failing inside an eigh, and
     one that is not symmetric is symmetrised: the dual variable is symmetric, and a skew part
     went into lyapunov's and dual_ascent's msign unseen by their stopping tests (on square W an
-    uphill direction, certified gap 1, a probe)."""
+    uphill direction, certified gap 1, a probe). Another entry (μ, the subspace size) that is not
+    finite is dropped too: newton took μ = ∞ and returned the projected baseline (gap 4e-2)."""
     if state is None:
         return None
     if not isinstance(state, Mapping):
@@ -268,8 +277,10 @@ def _checked_warm_start(state, batch, n: int, shape: tuple, device: torch.device
         if key == "dual":
             if not torch.equal(value, value.mT):  # (in fp32 at least: an fp16 sum overflowed, a review)
                 value = sym(value if value.dtype in (torch.float32, torch.float64) else value.double())
-            if not bool((torch.isfinite(value) & (value.abs() <= _DUAL_BOUND)).all()):
+            if not bool((torch.isfinite(value) & (value.abs() <= _dual_bound(n))).all()):
                 continue
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            continue
         checked[key] = value
     return checked
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .best_iterate import estimated_gap, keep_best
 from .result import sym
 from .types import SolverOutput
 
@@ -55,20 +56,10 @@ def solve_lyapunov(W, Gn, *, tol, max_iters, warm_start):
         H = W.mT @ A
         H = H + H.mT
         D = d.sum(-1)
-        lower = (D + (dual * H).sum((-2, -1)) - 0.5 * (sym(B) * H).sum((-2, -1))) / (
-            1 + 0.5 * torch.linalg.matrix_norm(H)
-        )
-        est_gap = (D - lower) / D.clamp(min=torch.finfo(D.dtype).tiny)
-        # the best iterate per matrix of a batch (by the batch's worst estimate, one matrix's
-        # stall chose every other's iterate: a 9×8 problem certified 1.2e-1 batched with a nearly
-        # normal partner, 1.2e-2 alone; a probe)
-        if best is None:
-            best = (est_gap, A, dual)
-        else:
-            better = est_gap < best[0]
-            pick = better[..., None, None]
-            best = (torch.where(better, est_gap, best[0]), torch.where(pick, A, best[1]),
-                    torch.where(pick, dual, best[2]))
+        # per matrix of a batch (by the batch's worst estimate, one matrix's stall chose every
+        # other's iterate: a 9×8 problem certified 1.2e-1 batched with a nearly normal partner,
+        # 1.2e-2 alone; a probe); ⟨Gn, A⟩ = D + ⟨Λ, H⟩ for the exact polar factor
+        best = keep_best(best, estimated_gap(D, D + (dual * H).sum((-2, -1)), sym(B), H), A, dual)
         if bool((best[0] <= tol).all()):
             break
         C = V.mT @ B @ V

@@ -220,5 +220,76 @@ def test_an_fp16_warm_dual_is_symmetrised_without_overflow(solver):
     dual[0, 1], dual[1, 0] = 60000.0, 50000.0
     warm = solve_manifold_muon(W, G, solver=solver, warm_start={"dual": dual})
     check_certificate(W, G, warm)  # finite, feasible, its gap a true bound (fp64)
-    # the dual was used (within the bound), not dropped as an overflowed one was (an audit)
-    assert not torch.equal(warm.direction, solve_manifold_muon(W, G, solver=solver).direction)
+    cold = solve_manifold_muon(W, G, solver=solver)
+    assert torch.equal(warm.direction, cold.direction)  # 6e4 is beyond the bound 4√n: dropped
+    # an fp16 dual within the bound, not symmetric, is symmetrised and used (an audit: an overflowed
+    # one had been dropped unseen)
+    near = cold.state["dual"].half()
+    near[0, 1] += 0.25
+    warm = solve_manifold_muon(W, G, solver=solver, warm_start={"dual": near})
+    check_certificate(W, G, warm)
+    assert not torch.equal(warm.direction, cold.direction)
+
+
+def _mostly_normal(seed: int, rho: float):
+    """W (40×8) and G = unit normal part + rho·unit tangent part (fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    W = Stiefel().random((40, 8), generator=g, dtype=torch.float64)
+    X = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    N = W @ (X + X.mT)
+    T = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    T = T - W @ ((W.mT @ T + T.mT @ W) / 2)
+    return W, N / N.norm() + rho * T / T.norm()
+
+
+@pytest.mark.parametrize("rho", [1.0, 1e-3, 1e-6])
+@pytest.mark.parametrize("seed", range(4))
+def test_dual_ascent_returns_its_best_iterate_never_worse_than_the_first(rho, seed):
+    """The published step α = 0.01 throws Λ past the optimum when G is mostly normal; the last
+    iterate (with Λ_{k+1}, not the Λ_k that made it) certified 0.80 and 1.0 where the first, the
+    projected baseline, certifies 0.02 (a probe). The default keeps the best iterate."""
+    W, G = _mostly_normal(seed, rho)
+    first = solve_manifold_muon(W, G, solver="dual_ascent", max_iters=1)
+    full = solve_manifold_muon(W, G, solver="dual_ascent")
+    check_certificate(W, G, full)
+    assert full.duality_gap.item() <= first.duality_gap.item() * (1 + 1e-9) + 1e-12
+    # the optimum is ‖skew(G Wᵀ)‖_* (closed_form.py's argument): the gap is an honest bound
+    opt = torch.linalg.svdvals((G @ W.mT - W @ G.mT) / 2).sum().item()
+    assert opt - full.objective.item() <= full.duality_gap.item() * opt + 1e-12
+
+
+@pytest.mark.parametrize("solver", ["dual_ascent", "lyapunov"])
+def test_the_returned_dual_is_the_one_that_made_the_direction(solver):
+    """One iteration from the returned state reproduces the direction: the state is the Λ_k of the
+    returned A_k (dual_ascent returned Λ_{k+1}, and its certificate was computed with it)."""
+    W, G = _mostly_normal(0, 1e-3)
+    res = solve_manifold_muon(W, G, solver=solver, max_iters=7)
+    again = solve_manifold_muon(W, G, solver=solver, max_iters=1, warm_start=res.state)
+    torch.testing.assert_close(again.direction, res.direction, rtol=0, atol=1e-12)
+    assert again.duality_gap.item() == pytest.approx(res.duality_gap.item(), rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_a_warm_dual_beyond_the_bound_starts_cold(solver):
+    """Optimal duals are ≤ √n in units of Gn (``_dual_bound``); one at 1e5 × the optimum left admm
+    and dual_ascent at gap 1 (the old bound was 1e6). Beyond 4√n it is dropped: the cold solve."""
+    g = torch.Generator().manual_seed(3)
+    W = Stiefel().random((20, 8), generator=g, dtype=torch.float64)
+    G = torch.randn(20, 8, generator=g, dtype=torch.float64)
+    cold = solve_manifold_muon(W, G, solver=solver)
+    assert cold.state["dual"].abs().max().item() <= math.sqrt(8)
+    far = solve_manifold_muon(W, G, solver=solver, warm_start={**cold.state, "dual": 1e5 * cold.state["dual"]})
+    assert torch.equal(far.direction, solve_manifold_muon(W, G, solver=solver, warm_start={
+        k: v for k, v in cold.state.items() if k != "dual"} or None).direction)
+
+
+def test_a_non_finite_warm_entry_besides_the_dual_is_dropped():
+    """newton took μ = ∞ from a warm start and returned the projected baseline (gap 3.7e-2 against
+    its tolerance 2e-5, a probe): a non-finite entry is dropped as a non-finite dual is."""
+    W, G = _mostly_normal(1, 1.0)
+    state = solve_manifold_muon(W, G, solver="newton").state
+    G2 = G + 0.1 * _mostly_normal(2, 1.0)[1]
+    want = solve_manifold_muon(W, G2, solver="newton", warm_start={k: v for k, v in state.items() if k != "mu"})
+    for bad in (math.inf, math.nan):
+        got = solve_manifold_muon(W, G2, solver="newton", warm_start={**state, "mu": torch.full_like(state["mu"], bad)})
+        assert torch.equal(got.direction, want.direction) and got.duality_gap.item() <= 2e-5
