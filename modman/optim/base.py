@@ -74,6 +74,39 @@ def _state_dtype(p: torch.Tensor) -> torch.dtype:
     return F.state_dtype(p.dtype)
 
 
+_FLOATING_STATE = ("momentum", "dual", "exp_avg", "exp_avg_sq")
+
+
+def _moved_since(p: torch.Tensor, state: dict) -> bool:
+    """Whether p changed dtype or device since its state was made (its momentum or first moment
+    tells, for all its entries: they are made and recast together). One entry, not all: the check
+    runs for every parameter at every step (all entries took 10 % of a step of 1000 small tensors)."""
+    v = state.get("momentum")
+    if v is None:
+        v = state.get("exp_avg")
+    return v is not None and (v.dtype != _state_dtype(p) or v.device != p.device)
+
+
+def _recast_state(p: torch.Tensor, state: dict, source: dict | None = None) -> None:
+    """Give p's state the dtype and device its step keeps, in place: floating state in
+    ``_state_dtype(p)`` on p's device, a solver's own entries (subspace size, μ: fp64) on p's device,
+    AdamW's step count where it is (torch keeps it on the CPU). Values come from ``source``
+    (default: the state itself): load_state_dict recasts from the saved tensors, not from torch's
+    cast of them to p's dtype (an fp32 momentum of a bf16 weight would lose its bits). At each step,
+    for a model moved after the optimizer was built (``model.double()``, ``model.to(device)``): its
+    fp32 momentum met fp64 weights and the AdamW fallback failed after the matrices had stepped."""
+    source = state if source is None else source
+    want = _state_dtype(p)
+    for key, value in source.items():
+        if not isinstance(value, torch.Tensor) or key == "step":
+            continue
+        if key in _FLOATING_STATE:
+            if state[key].dtype != want or state[key].device != p.device:
+                state[key] = value.to(device=p.device, dtype=want)
+        elif key not in _RESERVED and state[key].device != p.device:
+            state[key] = value.to(device=p.device)
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -435,14 +468,16 @@ class ManifoldOptimizer(Optimizer):
                                  f"radius {radius:g} (their ℓ{module.norm_type:g} norms reach {limit:.4g}); build it "
                                  "with max_norm=None or give its weight another role (roles=)")
 
-    def _validate_groups(self, groups) -> None:
-        """Every hyperparameter of every group, and every parameter's shape against its manifold."""
+    def _check_settings(self, group: dict, where: str = "") -> None:
+        """A group's (manifold, algorithm) pair and every hyperparameter, its scale or radius
+        included, without looking at its parameters: at construction, add_param_group,
+        load_state_dict and the start of every step (hyperparameters are read from param_groups
+        every step: schedulers, and users, write them)."""
         from ..solvers import SOLVERS
 
-        names = self._param_names()
+        algorithm, m = group["algorithm"], group["manifold"]
         runs = sorted({pair for pair in self.ALGORITHMS.values() if pair} | {("euclidean", "adamw")})
-        for group in groups:
-            algorithm, m = group["algorithm"], group["manifold"]
+        try:
             if (m, algorithm) not in runs:  # (add_param_group took any; the next step failed halfway)
                 raise ValueError(f"a param group with manifold={m!r}, algorithm={algorithm!r}: "
                                  f"{type(self).__name__} runs (manifold, algorithm) in {runs}")
@@ -450,7 +485,20 @@ class ManifoldOptimizer(Optimizer):
             if algorithm == "manifold_muon" and group.get("solver") not in SOLVERS:
                 raise ValueError(f"unknown solver {group.get('solver')!r}; choose from {sorted(SOLVERS)}")
             if algorithm != "adamw":
-                manifold = self._manifold(group)  # raises on a bad scale / radius
+                self._manifold(group)  # raises on a bad scale / radius
+        except (TypeError, ValueError) as e:
+            if not where:
+                raise
+            raise type(e)(f"{where}{e}") from None
+
+    def _validate_groups(self, groups) -> None:
+        """Every hyperparameter of every group, and every parameter's shape against its manifold."""
+        names = self._param_names()
+        for group in groups:
+            algorithm, m = group["algorithm"], group["manifold"]
+            self._check_settings(group)
+            if algorithm != "adamw":
+                manifold = self._manifold(group)
             if m == "sphere":
                 self._refuse_renormed(group)
             for p in group["params"]:
@@ -740,6 +788,12 @@ class ManifoldOptimizer(Optimizer):
                     raise RuntimeError(f"{type(self).__name__}.step: {names[id(p)]} is on the meta device (no "
                                        "values to step); materialise the model first (model.to_empty(device=...) "
                                        "and its initialisation)")
+                if p.grad is not None and p.grad.shape != p.shape:  # (set through .grad.data: failed mid-step)
+                    raise RuntimeError(f"{type(self).__name__}.step: the gradient of {names[id(p)]} has shape "
+                                       f"{tuple(p.grad.shape)}, the parameter {tuple(p.shape)}; no weight was changed")
+                state = self.state.get(p)
+                if state and _moved_since(p, state):
+                    _recast_state(p, state)
         finite = self._grads_finite()
         pg = getattr(self, "_process_group", None)  # absent on an unpickled optimizer: local
         shared = [(group, p) for group in self.param_groups if group["algorithm"] in SHARED_ALGORITHMS
@@ -752,11 +806,16 @@ class ManifoldOptimizer(Optimizer):
             elsewhere = check_same_items(pg, [f"{names[id(p)]} {tuple(p.shape)} {p.dtype}" for _, p in shared], finite,
                                          settings, bits_checksums([t for _, p in shared
                                                                    for t in (p, self.state.get(p, {}).get("momentum"))]))
-        # a flag set on a group after construction, refused before anything changes — after the
-        # ranks' check, which refuses a flag set on one rank only on every rank (raised here alone,
-        # it left the others in the collective until gloo aborted them; a review)
-        for group in self.param_groups:
-            _check_flags(group)
+        # a flag or hyperparameter set on a group after construction (a scheduler's NaN lr, a solver
+        # name), refused before anything changes: it failed inside the group loop, after earlier
+        # groups had stepped (a probe) — after the ranks' check, which refuses a setting made on one
+        # rank only on every rank (raised here alone, it left the others in the collective until gloo
+        # aborted them; a review)
+        for i, group in enumerate(self.param_groups):
+            try:
+                self._check_settings(group, f"parameter group {i}: ")
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{e}; no weight was changed") from None
         if not finite or elsewhere:
             if self.nonfinite == "raise":
                 bad = [names[id(p)] for g in self.param_groups for p in g["params"]
@@ -766,6 +825,7 @@ class ManifoldOptimizer(Optimizer):
                                          + (" on any rank" if pg is not None else "")
                                          + " (pass nonfinite='skip' to skip such steps)")
             self.last_step_skipped = True
+            self.last_step_stats = {}  # (the previous step's stayed: monitoring read them as this one's)
             return
         self.last_step_skipped = False
         stats = {}
@@ -1007,15 +1067,8 @@ class ManifoldOptimizer(Optimizer):
         # does). Solver extras (subspace size, μ) keep their fp64.
         for pid, st in sd["state"].items():
             p = by_id.get(pid)
-            if p is None:
-                continue
-            for key in ("momentum", "dual", "exp_avg", "exp_avg_sq"):
-                value = st.get(key)
-                if isinstance(value, torch.Tensor) and self.state[p][key].dtype != _state_dtype(p):
-                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p))
-            for key, value in st.items():
-                if key not in _RESERVED and key != "dual" and isinstance(value, torch.Tensor):
-                    self.state[p][key] = value.to(device=p.device)
+            if p is not None:
+                _recast_state(p, self.state[p], source=st)
         for hook in post_hooks.values():
             hook(self)
 
@@ -1056,7 +1109,6 @@ class ManifoldOptimizer(Optimizer):
             # __setstate__ fill them from the constrained groups' defaults: an AdamW group ran at lr 0.1)
             for key, value in g_old.items():
                 g_new.setdefault(key, value)
-            _check_flags(g_new, f"parameter group {gi} of the state dict: ")
             if g_new["flatten"] is True and F.conv_groups(g_old["flatten"]):
                 # a grouped convolution saved before it was stepped group by group (2026-12-07): its
                 # momentum has the weight's shape and carries over; the solver's warm start was of the
@@ -1067,6 +1119,12 @@ class ManifoldOptimizer(Optimizer):
                 if g_new[key] != g_old[key]:
                     raise ValueError(f"parameter group {gi} has {key}={g_new[key]!r} in the state dict and "
                                      f"{g_old[key]!r} in the optimizer; nothing was loaded")
+            # its hyperparameters as at construction (a solver 'nope', a NaN lr or betas (0.9, 1.5)
+            # loaded, and the next step failed after earlier groups had stepped; a probe)
+            try:
+                self._check_settings(g_new, f"parameter group {gi} of the state dict: ")
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{e}; nothing was loaded") from None
             new_groups.append(g_new)
         names = self._param_names()
         by_id = {}

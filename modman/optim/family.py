@@ -144,18 +144,19 @@ class Muon(ManifoldOptimizer):
     fallback, as the Muon authors recommend. ``weight_decay`` (λ above, decoupled as torch's)
     applies to the Muon matrices; the fallback takes ``fallback["weight_decay"]`` (default 0), and
     a param group's own ``weight_decay`` applies to both its parts. ``distributed``: as for
-    ManifoldMuon (each rank computes the msign of its share of the matrices).
+    ManifoldMuon (each rank computes the msign of its share of the matrices). ``foreach``: as for
+    ManifoldMuon's AdamW fallback (the Muon matrices step one at a time either way).
     """
 
     ALGORITHMS = {"stiefel": ("euclidean", "muon"), "euclidean": ("euclidean", "muon"), "sphere": None}
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1, ns_schedule="keller",
                  ns_steps=5, ns_dtype="bfloat16", adjust_lr_fn=None, torch_arithmetic=True, nonfinite="raise",
-                 fallback=None, roles=None, distributed=False):
+                 fallback=None, roles=None, distributed=False, foreach=None):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_schedule=ns_schedule, ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn,
                         torch_arithmetic=torch_arithmetic, solver=None, tol=None, max_iters=None, scale=None,
-                        radius=None)
+                        radius=None, foreach=foreach)
         super().__init__(params, defaults, fallback=fallback, roles=roles, budget=None, project_on_init=False,
                          on_manifold_tol=1e-5, nonfinite=nonfinite, distributed=distributed)
         self._warn_if_emulated(self.param_groups)
@@ -184,19 +185,21 @@ class HypersphericalDescent(ManifoldOptimizer):
     zero this step (an embedding row of a token not in the batch), stays bitwise unchanged.
     Given modules, Linear/Conv/Embedding weights are constrained and the rest use AdamW;
     ``weight_decay`` applies to that AdamW fallback only (a row of fixed norm cannot decay).
+    ``foreach``: as for ManifoldMuon's AdamW fallback.
     """
 
     ALGORITHMS = {"stiefel": ("sphere", "hyperspherical"), "sphere": ("sphere", "hyperspherical"),
                   "euclidean": None}
 
     def __init__(self, params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0, radius=1.0,
-                 project_on_init=True, on_manifold_tol=1e-5, nonfinite="raise", fallback=None, roles=None):
+                 project_on_init=True, on_manifold_tol=1e-5, nonfinite="raise", fallback=None, roles=None,
+                 foreach=None):
         from ..manifolds import Sphere
 
         radius = Sphere(radius).radius  # refuses a non-positive or non-finite radius here, not at step
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, radius=radius,
                         solver=None, tol=None, max_iters=None, scale=None, ns_schedule=None, ns_steps=None,
-                        ns_dtype="float32", adjust_lr_fn=None, torch_arithmetic=False)
+                        ns_dtype="float32", adjust_lr_fn=None, torch_arithmetic=False, foreach=foreach)
         fb = dict(fallback or {})
         fb.setdefault("weight_decay", weight_decay)
         super().__init__(params, defaults, fallback=fb, roles=roles, budget=None,

@@ -548,3 +548,107 @@ def test_stepping_a_meta_parameter_names_it():
     for p in model.parameters():
         p.grad = None
     opt.step()  # without gradients nothing is stepped, as by torch
+
+
+# a hyperparameter the constructor refuses, per family member: (group index, key, value, error)
+_BAD_SETTINGS = {
+    "manifold_muon": [(0, "solver", "nope", ValueError), (0, "tol", -1.0, ValueError), (0, "lr", float("nan"), ValueError),
+                      (0, "scale", -2.0, ValueError), (0, "nesterov", "yes", TypeError), (1, "betas", (0.9, 1.5), ValueError)],
+    "muon": [(0, "lr", float("nan"), ValueError), (0, "ns_dtype", "int8", ValueError), (1, "betas", (0.9, 1.5), ValueError)],
+    "hyperspherical": [(0, "lr", float("nan"), ValueError), (0, "radius", -1.0, ValueError),
+                       (1, "betas", (0.9, 1.5), ValueError)],
+}
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_a_state_dict_with_a_hyperparameter_the_constructor_refuses_is_refused(kind):
+    """load_state_dict took a solver 'nope', a NaN lr, betas (0.9, 1.5), …; the next step then failed
+    after earlier groups had stepped, or (a NaN lr under Muon) made the weights NaN (a probe)."""
+    prob = Problem(kind)
+    opt = make_opt(kind, _named(prob))
+    prob.train(opt, 2)
+    for gi, key, value, error in _BAD_SETTINGS[kind]:
+        sd = opt.state_dict()
+        sd["param_groups"][gi][key] = value
+        snap = snapshot(opt, prob.params)
+        with pytest.raises(error, match=f"parameter group {gi} of the state dict: .*{key}.*nothing was loaded"):
+            opt.load_state_dict(sd)
+        assert_unchanged(opt, prob.params, snap)
+    prob.train(opt, 1)
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_a_bad_hyperparameter_set_on_a_group_is_refused_before_any_weight_moves(kind):
+    """A scheduler or a user writes param_groups between steps: a NaN lr (LambdaLR) or an unknown
+    solver failed inside the group loop, after earlier groups had stepped (a probe)."""
+    for gi, key, value, error in _BAD_SETTINGS[kind]:
+        prob = Problem(kind)
+        opt = make_opt(kind, _named(prob))
+        prob.train(opt, 2)
+        opt.param_groups[gi][key] = value
+        closure = prob.closure(opt)
+        closure()
+        snap = snapshot(opt, prob.params)
+        with pytest.raises(error, match=f"parameter group {gi}: .*no weight was changed"):
+            opt.step()
+        assert_unchanged(opt, prob.params, snap)
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_a_model_moved_to_fp64_after_construction_steps_on(kind):
+    """model.double() mid-training: the fp32 momentum met fp64 weights, and the AdamW fallback
+    failed after the matrices had stepped (a probe). The step recasts the state, as a load does."""
+    prob = Problem(kind)
+    opt = make_opt(kind, _named(prob))
+    prob.train(opt, 3)
+    twin = prob.clone(kind)
+    opt2 = make_opt(kind, _named(twin))
+    opt2.load_state_dict(opt.state_dict())
+    for pr in (prob, twin):
+        for p in pr.params:
+            p.data = p.data.double()
+    opt2.load_state_dict(opt2.state_dict())  # the known way: a load casts the state to the weights'
+    prob.train(opt, 3)
+    twin.train(opt2, 3)
+    for p, q in zip(prob.params, twin.params):
+        assert p.dtype == torch.float64
+        assert_same(p, q, "parameters after model.double()")
+    assert_same(opt.state_dict(), opt2.state_dict(), "state after model.double()")
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_a_gradient_of_the_wrong_shape_is_refused_naming_it_before_any_weight_moves(kind):
+    prob = Problem(kind)
+    opt = make_opt(kind, [("layer.bias", prob.b), ("layer.weight", prob.W)])
+    prob.closure(opt)()
+    prob.W.grad.data = torch.randn(4, 4)  # (torch checks a .grad assignment, not .grad.data)
+    snap = snapshot(opt, prob.params)
+    with pytest.raises(RuntimeError, match=r"gradient of layer.weight has shape \(4, 4\), the parameter \(6, 4\)"):
+        opt.step()
+    assert_unchanged(opt, prob.params, snap)
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_a_skipped_step_leaves_no_stale_statistics(kind):
+    prob = Problem(kind)
+    opt = make_opt(kind, _named(prob), nonfinite="skip")
+    prob.train(opt, 1)
+    assert opt.last_step_stats or kind != "manifold_muon"
+    prob.closure(opt)()
+    prob.b.grad[0] = float("nan")
+    opt.step()
+    assert opt.last_step_skipped and opt.last_step_stats == {}
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_every_family_member_takes_foreach(kind):
+    """foreach=False was a TypeError for Muon and HypersphericalDescent (only a group key reached it)."""
+    runs = []
+    for foreach in (None, False):
+        prob = Problem(kind)
+        opt = make_opt(kind, _named(prob), foreach=foreach)
+        assert all(g["foreach"] is foreach for g in opt.param_groups)
+        prob.train(opt, 3)
+        runs.append(prob.params)
+    for p, q in zip(*runs):
+        assert_same(p, q, "foreach=None against foreach=False (CPU: the same arithmetic)")
