@@ -180,8 +180,12 @@ def convert(module: nn.Module, prefix: str, opts: Options) -> Module:
 
 
 def _convert(module: nn.Module, prefix: str, opts: Options) -> Module:
+    from ..optim.roles import unwrap
     from .declarations import DECLARATIONS
 
+    # a torch.compile-d or data-parallel submodule is its bare module, under the same name (as for
+    # roles): its OptimizedModule was traced into and refused ("Declare … OptimizedModule"; a probe)
+    module = unwrap(module)
     fn = _lookup_custom(module, prefix, opts)
     qualname = f"{type(module).__module__}.{type(module).__qualname__}"
     if fn is None and qualname in DECLARATIONS:
@@ -215,8 +219,11 @@ class _Tracer(fx.Tracer):
         self.opts, self.prefix = opts, prefix
 
     def is_leaf_module(self, m, qualname):
+        from ..optim.roles import unwrap
         from .declarations import DECLARATIONS
 
+        if unwrap(m) is not m:  # a wrapped submodule: one node, described as its bare module (``_convert``)
+            return True
         if _lookup_custom(m, _join(self.prefix, qualname), self.opts) is not None:
             return True
         if _join(self.prefix, qualname) in self.opts.tare:  # keep it one node, so its subtree can be tared
@@ -461,7 +468,7 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
             x ↦ (1 − 1/L)·x + (1/L)·block(x) held in one container, tared to a fixed mass, so
             that adding blocks neither starves the input/output layers nor the blocks.
     """
-    from ..optim.roles import unwrap
+    from ..optim.roles import named_modules, unwrap
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_torch needs a torch.nn.Module, got {type(model).__name__}")
@@ -472,14 +479,20 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
                          f"got {embedding_radius!r}")
     opts = Options(scale=scale, masses=dict(masses or {}), norm_min_rms=norm_min_rms,
                    embedding_radius=embedding_radius, custom=dict(custom or {}), tare=dict(tare or {}))
-    submodules = dict(model.named_modules())
+    # names through compile and data-parallel wrappers of submodules, as the optimizers give them
+    # (model.named_parameters()'s "0._orig_mod.weight" matched no optimizer name: no budget; a probe)
+    modules = list(named_modules(model))
+    submodules = dict(modules)
     for key, total in opts.tare.items():
         if key not in submodules:
             raise ModularError(f"tare names {key!r}, which is not a submodule of the model; use names from "
                                "model.named_modules() (a container holding the blocks, e.g. an nn.Sequential)")
         if not (is_finite_real(total) and total > 0):
             raise ModularError(f"tare[{key!r}] must be a finite mass > 0, got {total!r}")
-    names = {id(p): n for n, p in model.named_parameters()}
+    names: dict[int, str] = {}
+    for m_name, m in modules:
+        for p_name, p in m.named_parameters(recurse=False):
+            names.setdefault(id(p), _join(m_name, p_name))
     unknown = set(opts.masses) - set(names.values())
     if unknown:
         raise ModularError(f"masses names unknown parameters {sorted(unknown)}; use names from model.named_parameters()")
@@ -503,7 +516,7 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
             atom.name = names[id(atom.param)]
     # A trainable weight of a layer modman knows that the tree never places would get no lr_scale
     # (the optimizer would step it by lr × 1, outside the norm): refuse instead of budgeting without it.
-    missing = [_join(m_name, p_name) for m_name, m in model.named_modules() if _is_known(m)
+    missing = [_join(m_name, p_name) for m_name, m in modules if _is_known(m)
                for p_name, p in m.named_parameters(recurse=False) if p.requires_grad and id(p) not in seen]
     if missing:
         raise ModularError(

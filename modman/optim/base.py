@@ -700,7 +700,9 @@ class ManifoldOptimizer(Optimizer):
                     if p.is_meta:  # (torch: "Tensor.item() cannot be called on meta tensors")
                         raise ValueError(f"cannot move {names[id(p)]} onto the {group['manifold']} manifold: it is "
                                          "on the meta device (no values yet); build the optimizer once the weights "
-                                         "are materialised, or pass project_on_init=False")
+                                         "are materialised (after model.to_empty(...) and their initialisation or "
+                                         "loading: to_empty replaces the parameters, so an optimizer built before "
+                                         "it would step nothing)")
                     W = F.as_matrix(p, group.get("flatten"))
                     if not bool(torch.isfinite(W).all()):  # (an eigh would fail naming nothing)
                         raise ValueError(f"cannot move {names[id(p)]} onto the {group['manifold']} manifold: "

@@ -111,8 +111,9 @@ def _modular(budget: str, network, constrained: list[str], scale, owner: str) ->
     if meta is not None:  # (torch: "Tensor.item() cannot be called on meta tensors")
         raise ValueError(f"budget={budget!r} reads the weights (a bias's norm bounds the next layer's "
                          f"input), but {meta} is on the meta device (no values yet): build the optimizer "
-                         "once the weights are materialised, or pass budget='uniform' and "
-                         "project_on_init=False")
+                         "once the weights are materialised (after model.to_empty(...) and their initialisation "
+                         "or loading: to_empty replaces the parameters, and an optimizer built before it keeps "
+                         "stepping the old meta tensors, which never get a gradient)")
     try:
         if not network.single:
             raise ModularError(f"the {len(network.root)} modules given are separate, not one model; "

@@ -86,8 +86,8 @@ def unwrap(module: nn.Module) -> nn.Module:
     data-parallel wrappers (``DistributedDataParallel`` / ``DataParallel``'s ``.module``), else
     ``module``. Around the whole model, names, roles and the modular budget are the bare model's
     (through DDP they were ``module.…`` with no modular budget, every weight stepping lr instead
-    of its share); a wrapped submodule is seen through for names and roles, but the modular
-    budget cannot describe it (budget="auto" then warns and steps uniformly)."""
+    of its share); a wrapped submodule is seen through for names, roles and the modular budget
+    alike."""
     # no OptimizedModule can exist before torch._dynamo is imported, so do not import it here
     while True:
         eval_frame = sys.modules.get("torch._dynamo.eval_frame")

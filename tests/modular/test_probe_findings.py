@@ -4,6 +4,7 @@ declarations that forget a weight, dropout, and the budget's spread warning.
 
 Oracles: torch.func.jvp on the torch model (helpers.output_change, helpers.aligned_search) and
 hand computations of the composition rules (module.py's docstring)."""
+import copy
 import warnings
 
 import pytest
@@ -16,6 +17,7 @@ from torch.func import jvp
 from modman.manifolds import Stiefel
 from modman.modular import (ModularError, activation, budget, budget_table, compose, declare, from_torch)
 from modman.modular.convert import convert
+from modman.optim import ManifoldMuon
 from modman.toy.model import TinyCausalLM
 
 from .helpers import aligned_search, output_change, put_on_manifold, unit_rms
@@ -324,6 +326,32 @@ def test_description_returning_a_non_module_refused():
 def test_compiled_model_is_described_as_the_eager_one():
     model = mlp([8, 16, 4])
     assert budget(torch.compile(model)) == budget(model)
+
+
+class _Block(nn.Module):  # a parent fx traces (not a Sequential)
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_compiled_and_data_parallel_submodules_are_described_as_their_eager_modules():
+    """A torch.compile-d submodule was traced into and refused ("Declare … OptimizedModule"), and
+    named "0._orig_mod.weight" it matched no optimizer name (a probe): budget="auto" stepped lr."""
+    eager_seq, eager_block = mlp([8, 16, 4]), _Block()
+    want_seq, want_block = budget(eager_seq), budget(eager_block)
+    seq, block = copy.deepcopy(eager_seq), copy.deepcopy(eager_block)  # (the budget reads the biases)
+    seq[0] = torch.compile(seq[0])
+    block.up = torch.compile(block.up)
+    block.down = nn.DataParallel(block.down)
+    assert budget(seq) == want_seq and set(want_seq) == {"0.weight", "2.weight"}
+    assert budget(block) == want_block
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (no "no modular budget" warning)
+        opt = ManifoldMuon(seq.modules(), lr=1.0, project_on_init=False)
+    assert {n: g["lr_scale"] for g in opt.param_groups for n in g["param_names"] if g["algorithm"] != "adamw"} == want_seq
 
 
 # ------------------------------------------------------------------ spread warning
