@@ -102,7 +102,14 @@ def _out_problem(path: str) -> str | None:
 
 
 def sv_range(values: list[float]) -> str:
-    return f"[{min(values):.3f}, {max(values):.3f}]"
+    """[σ_min, σ_max] to three decimals; below 0.01 in scientific notation (σ_min 8e-5 printed as
+    0.000), NaN for a diverged run's weights."""
+    def fmt(v: float) -> str:
+        return f"{v:.3f}" if v == 0 or abs(v) >= 1e-2 else f"{v:.2e}"
+
+    if any(math.isnan(v) for v in values):
+        return "[nan]"
+    return f"[{fmt(min(values))}, {fmt(max(values))}]"
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from modman.cli import main, parse_args
 
@@ -88,3 +89,32 @@ def test_good_lr_zero_and_threads_are_accepted(tmp_path):
     args = parse_args(["--lr", "adamw=0", "--threads", "1", "--out", str(tmp_path / "new" / "run")])
     assert args.lr == {"adamw": 0.0} and args.threads == 1
     assert not (tmp_path / "new").exists()  # parsing checks the folder, it does not create it
+
+
+def test_a_diverged_run_is_reported_not_fatal_to_the_others(tmp_path, capsys):
+    """--lr adamw=1e20: the final SVD of NaN weights raised, and no results.json was written for any
+    optimizer (a probe). The run is reported with NaN singular values; tiny σ are not shown as 0."""
+    rc = main(["--steps", "3", "--width", "16", "--optimizers", "muon,adamw", "--lr", "adamw=1e20",
+               "--out", str(tmp_path), "--no-progress", "--threads", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "[nan]" in out
+    runs = {r["optimizer"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert set(runs) == {"muon", "adamw"}
+
+
+def test_singular_value_ranges_show_small_values():
+    from modman.cli import sv_range
+
+    assert sv_range([8e-5, 10.786]) == "[8.00e-05, 10.786]"
+    assert sv_range([0.0, 1.0]) == "[0.000, 1.000]"
+    assert sv_range([float("nan"), 1.0]) == "[nan]"
+
+
+def test_train_refuses_unknown_optimizers_and_zero_steps():
+    from modman.experiments.mnist1d import make_optimizer, train
+
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        make_optimizer("sgd", torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="steps must be an int ≥ 1"):
+        train("adamw", steps=0, data={})

@@ -7,7 +7,9 @@ paper reports roughly 32 % test accuracy for logistic regression, 68 % for an ML
 from __future__ import annotations
 
 import functools
+import random
 
+import numpy as np
 import torch
 
 
@@ -19,7 +21,14 @@ def _generate(seed: int):
         raise ImportError("MNIST-1D needs the 'mnist1d' package: pip install mnist1d") from err
     args = get_dataset_args()
     args.seed = seed
-    data = make_dataset(args)
+    # make_dataset seeds Python's and numpy's global generators; the caller's streams are restored
+    # (they were reseeded on a first call only, the lru_cache hiding later ones: a probe)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
     return {
         "x": torch.tensor(data["x"], dtype=torch.float32),
         "y": torch.tensor(data["y"], dtype=torch.int64),
@@ -31,6 +40,8 @@ def _generate(seed: int):
 def load_mnist1d(seed: int = 42, standardize: bool = True) -> dict[str, torch.Tensor]:
     """The MNIST-1D splits as tensors {x, y, x_test, y_test}; features standardised with
     the training mean and standard deviation when ``standardize`` (unit RMS inputs)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32) (numpy's seed range), got {seed!r}")
     data = {k: v.clone() for k, v in _generate(int(seed)).items()}
     if standardize:
         mean, std = data["x"].mean(0), data["x"].std(0).clamp(min=1e-6)

@@ -7,6 +7,7 @@ and AdamW. ``train`` returns the curves, timings and final singular values of ev
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,6 +45,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None, **optio
     """An optimizer by name over every parameter of ``model``."""
     from .. import ManifoldMuon, Muon
 
+    if name not in DEFAULT_LR:  # (a bare KeyError 'sgd' came first)
+        raise ValueError(f"unknown optimizer {name!r}; choose from {available_optimizers()}")
     lr = DEFAULT_LR[name] if lr is None else lr
     if name == "manifold_muon":
         options.setdefault("budget", "uniform")  # the blog's setting: one lr for every layer
@@ -102,6 +105,8 @@ def train(
     """
     import warnings
 
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # (0: a ZeroDivisionError in the schedule)
+        raise ValueError(f"steps must be an int ≥ 1, got {steps!r}")
     data = data if data is not None else load_mnist1d()
     torch.manual_seed(seed)
     model = make_mlp(width, depth, d_in=data["x"].shape[1])
@@ -155,8 +160,12 @@ def train(
     result.seconds_per_step = float(torch.tensor(step_times).median())
     result.optimizer_seconds_per_step = float(torch.tensor(opt_times).median())
     result.duality_gap = float(torch.tensor(gaps).median()) if gaps else None
+    # a diverged run's weights are not finite: NaN singular values, not an SVD error that lost every
+    # other optimizer's results at the end of a CLI run (a probe: --lr adamw=1e20)
     result.singular_values = {
-        name: torch.linalg.svdvals(p.detach().double()).tolist() for name, p in model.named_parameters() if p.ndim == 2
+        name: (torch.linalg.svdvals(p.detach().double()).tolist() if bool(torch.isfinite(p).all())
+               else [math.nan] * min(p.shape))
+        for name, p in model.named_parameters() if p.ndim == 2
     }
     result.model = model
     return result

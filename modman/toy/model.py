@@ -339,6 +339,9 @@ class TinyCausalLM(nn.Module):
             if attention_mask.shape != (B, total):
                 raise ValueError(f"attention_mask must have shape {(B, total)} (batch, cached + "
                                  f"new length), got {tuple(attention_mask.shape)}")
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                # (as generate: 0.5 and 2 were read as 1)
+                raise ValueError("attention_mask must hold 0s and 1s (1: a real token)")
             key_mask = attention_mask.bool()
             positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_length:]
         else:

@@ -407,9 +407,14 @@ class ArithmeticTask(Task):
                 rng = np.random.default_rng([self.seed, 0x7E57])
                 seen: dict[tuple[int, int], None] = {}
                 while len(seen) < self.n_test:
+                    before = len(seen)
                     a, b = self._pairs(self.n_test, "test", rng)
                     for pair in zip(a.tolist(), b.tolist()):
                         seen.setdefault(pair)
+                    if len(seen) == before:
+                        # n_test draws found no new pair: the held-out set is (nearly) used up.
+                        # (It looped forever where test_fraction·space < n_test; a probe.)
+                        break
                 pairs = list(seen)[:self.n_test]
             self._test_prompts = [self.prompt(a, b) for a, b in pairs]
         return list(self._test_prompts)

@@ -345,6 +345,9 @@ def test_generate_refuses_a_right_padded_mask():
         model.generate(ids, 2, attention_mask=torch.tensor([[0, 2, 1, 1, 1]]))
     with pytest.raises(ValueError, match="attention_mask must hold 0s and 1s"):  # 0.5 became 0 in the cast
         model.generate(ids, 2, attention_mask=torch.tensor([[0.0, 0.5, 1.0, 1.0, 1.0]]))
+    for bad in ([[0.0, 0.5, 1.0, 1.0, 1.0]], [[0, 2, 1, 1, 1]]):  # forward read them as 1 (a probe)
+        with pytest.raises(ValueError, match="attention_mask must hold 0s and 1s"):
+            model(ids, attention_mask=torch.tensor(bad))
 
 
 def test_rope_tables_are_kept_when_neither_dtype_nor_device_changes():
