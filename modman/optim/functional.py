@@ -70,8 +70,9 @@ def conv_groups(flatten: bool | str | None) -> int:
 
 
 def from_matrix(M: torch.Tensor, p: torch.Tensor, flatten: bool | str | None = None) -> torch.Tensor:
-    """M, a matrix as ``as_matrix(p, flatten)`` sees p, in p's own layout (to copy into p)."""
-    return M.mT if flatten == "transposed" else M.reshape(p.shape)
+    """M, a matrix as ``as_matrix(p, flatten)`` sees p (or its rows, flattened), in p's own
+    layout (to copy into p)."""
+    return M.reshape(p.mT.shape).mT if flatten == "transposed" else M.reshape(p.shape)
 
 
 def is_copy(W: torch.Tensor, p: torch.Tensor) -> bool:

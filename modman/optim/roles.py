@@ -145,12 +145,24 @@ def matrix_view(module: nn.Module, attr: str, p: torch.Tensor) -> bool | str | N
     convolution's weight (its operator is block diagonal, one (out/G, in/G·k…) block per group: the
     flattened matrix on the Stiefel manifold left a depthwise Conv2d(32, 32, 3, groups=32) with
     singular values 0.37–0.67, a user probe), "transposed" for transformers' Conv1D weight (stored
-    (in, out): the step, a Sphere's rows, Stiefel's and Muon's d_out/d_in all read (out, in)), None
-    otherwise (by shape: ≥ 4-D flattened, 3-D a stack)."""
+    (in, out): the step, a Sphere's rows, Stiefel's and Muon's d_out/d_in all read (out, in)) and
+    for the expert stacks of a transformers experts module that says it stores them (E, in, out)
+    (``is_transposed``, set by its ``use_experts_implementation``: GPT-OSS; scale="rms" gave its
+    gate_up_proj s = 0.58 instead of 1.73, a probe), None otherwise (by shape: ≥ 4-D flattened, 3-D
+    a stack)."""
     if isinstance(module, nn.modules.conv._ConvNd) and p.ndim >= 2:
         groups = getattr(module, "groups", 1)
         return f"groups={groups}" if attr == "weight" and groups > 1 and p is module.weight else True
-    return "transposed" if _is_transposed_linear(module, attr, p) else None
+    if _is_transposed_linear(module, attr, p) or (is_expert_stack(module, p) and _stores_experts_transposed(module)):
+        return "transposed"
+    return None
+
+
+def _stores_experts_transposed(module: nn.Module) -> bool:
+    """transformers' experts modules (``use_experts_implementation``) carry ``has_gate`` and
+    ``is_transposed``; the latter True means (E, in, out) stacks, applied as x @ W[e]. Read, not
+    imported: modman does not depend on transformers."""
+    return hasattr(module, "has_gate") and getattr(module, "is_transposed", False) is True
 
 
 def is_expert_stack(module: nn.Module, p: torch.Tensor) -> bool:

@@ -282,6 +282,48 @@ def test_a_conv1d_steps_as_the_linear_it_is_stored_transposed(nx, nf, cls, kw):
     assert opts[0].state[c.weight]["momentum"].shape == c.weight.shape
 
 
+class _Experts(nn.Module):
+    """A mixture's expert stack as transformers writes one: (E, in, out) applied as x @ W[e] when
+    ``is_transposed`` (GPT-OSS), (E, out, in) applied as F.linear otherwise; ``has_gate`` and
+    ``is_transposed`` are the attributes transformers' use_experts_implementation sets."""
+    has_gate = False
+
+    def __init__(self, W_out_in: torch.Tensor, is_transposed: bool):
+        super().__init__()
+        self.is_transposed = is_transposed
+        self.w = nn.Parameter(W_out_in.mT.clone() if is_transposed else W_out_in.clone())
+
+    def forward(self, x):  # x: (E, batch, in)
+        return x @ self.w if self.is_transposed else x @ self.w.mT
+
+
+@pytest.mark.parametrize("d_in, d_out", [(8, 24), (24, 8)])
+@pytest.mark.parametrize("cls, kw", [(modman.ManifoldMuon, {"solver": "projected", "budget": "uniform", "scale": "rms"}),
+                                     (modman.Muon, {"weight_decay": 0.0}), (modman.HypersphericalDescent, {})],
+                         ids=["manifold_muon_rms", "muon", "hyperspherical"])
+def test_an_expert_stack_stored_in_out_steps_as_the_one_stored_out_in(d_in, d_out, cls, kw):
+    """GPT-OSS stores its experts (E, in, out): scale="rms" gave gate_up_proj singular values
+    √(in/out) = 0.58 instead of 1.73, Hyperspherical normalised inputs' weights, Muon's lr ratio
+    was inverted (a probe). Its is_transposed stacks are seen through their transpose."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, d_out, d_in, generator=g)
+    a, b = _Experts(W, is_transposed=True), _Experts(W, is_transposed=False)
+    x, r = torch.randn(3, 32, d_in, generator=g), torch.randn(3, 32, d_out, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opts = [cls(m.modules(), lr=0.05, **kw) for m in (a, b)]
+    assert [g["algorithm"] for g in opts[0].param_groups] == [g["algorithm"] for g in opts[1].param_groups] != ["adamw"]
+    for _ in range(2):
+        for m, opt in zip((a, b), opts):
+            opt.zero_grad()
+            (m(x) * r).sum().backward()
+            opt.step()
+    torch.testing.assert_close(a.w.detach().mT, b.w.detach(), rtol=1e-5, atol=1e-6)
+    if kw.get("scale") == "rms":
+        s = torch.linalg.svdvals(b.w.detach().double())
+        torch.testing.assert_close(s, torch.full_like(s, (d_out / d_in) ** 0.5), rtol=1e-5, atol=0)
+
+
 def test_one_roles_serves_param_groups_of_modules():
     """roles= is checked against the modules of every group together: a key of one group's module
     is no stranger to the others (it raised "not among the given modules" per group)."""
