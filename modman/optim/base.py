@@ -1239,8 +1239,15 @@ class ManifoldOptimizer(Optimizer):
             else:
                 manifold = repr(self._manifold(group))
                 solver = group["solver"]
+            # how the weight is seen as a matrix, where it is not as stored (a probe read GPT-2's
+            # 32×96 Conv1D rows and a depthwise conv's plain Stiefel as the stored matrices')
+            view = group.get("flatten")
+            if view == "transposed" and group["algorithm"] != "adamw":
+                manifold += " of the transpose"
+            elif F.conv_groups(view):
+                manifold += f" per group ({F.conv_groups(view)} blocks)"
             for p in group["params"]:
-                rows.append((names[id(p)], "×".join(map(str, p.shape)), manifold, f"{lr:.4g}", solver))
+                rows.append((names[id(p)], "×".join(map(str, p.shape)) or "scalar", manifold, f"{lr:.4g}", solver))
         widths = [max(len(r[c]) for r in rows) for c in range(5)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))

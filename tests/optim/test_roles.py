@@ -216,6 +216,20 @@ def test_describe_table():
     assert "3×6×4" in rows["experts.w"]
 
 
+def test_describe_marks_how_a_weight_is_seen_as_a_matrix():
+    """A grouped convolution's blocks, a 0-D parameter's shape (an empty cell before)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(4, 8, 3, groups=2)
+            self.temperature = nn.Parameter(torch.tensor(1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = {line.split()[0]: line for line in ManifoldMuon(M().modules()).describe().splitlines()[2:]}
+    assert "per group (2 blocks)" in rows["dw.weight"]
+    assert rows["temperature"].split()[1] == "scalar"
+
+
 def test_last_step_stats_keys_and_not_in_state_dict():
     net, opt, _, _ = _build()
     _step(net, opt)

@@ -70,6 +70,9 @@ def test_gpt2_conv1d_weights_are_stiefel_and_stay_on_it_while_training():
     # Conv1D stores its weight (in, out) = (nx, nf): the optimizer sees it through its transpose
     views = {a.name: a.view for a in assign_modules(expand_modules([model]))}
     assert {n for n, v in views.items() if v == "transposed"} == set(CONV1D_WEIGHTS)
+    table = {line.split()[0]: line for line in opt.describe().splitlines()[2:]}
+    assert all("of the transpose" in table[n] for n in CONV1D_WEIGHTS)  # (shown as stored, in × out)
+    assert not any("transpose" in line for n, line in table.items() if n not in CONV1D_WEIGHTS)
 
     params = _train_gpt2(model, opt, 3)
     for name in CONV1D_WEIGHTS:
