@@ -26,6 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="modman", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"modman {__version__} (torch {torch.__version__})")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (default 1000)")
     p.add_argument("--width", type=int, default=128, help="hidden width (default 128)")
     p.add_argument("--depth", type=int, default=3, help="number of linear layers (default 3)")

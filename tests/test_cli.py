@@ -118,3 +118,9 @@ def test_train_refuses_unknown_optimizers_and_zero_steps():
         make_optimizer("sgd", torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="steps must be an int ≥ 1"):
         train("adamw", steps=0, data={})
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("modman 0.")

@@ -328,7 +328,8 @@ def assign_modules(network: Network, roles: dict | None = None, *, check: bool =
             role = asked if asked is not None else default_role(m, attr, p, network.names[id(m)])
             a = Assignment(names[id(p)][0], p, role, m, view=matrix_view(m, attr, p), asked=asked is not None)
             out.append(a)
-            if asked is None and role == "fallback" and p.ndim >= 2:
+            # (a mixture's per-expert biases, (E, out), are biases: no matrix the warning should name)
+            if asked is None and role == "fallback" and p.ndim >= 2 and not attr.endswith("bias"):
                 silent.append(a)
     if silent:
         warn(_fallback_message(silent))

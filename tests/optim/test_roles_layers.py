@@ -119,6 +119,22 @@ def test_only_real_expert_stacks_are_batched_stiefel():
     assert roles["w_in"] == STIEFEL
 
 
+def test_per_expert_biases_are_not_listed_as_matrices_sent_to_the_fallback():
+    """GPT-OSS's gate_up_proj_bias (E, out) was named among "parameter(s) of ≥ 2 dims" going to the
+    fallback (noise: it is a bias); a bare matrix still is."""
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 16, 8))
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(4, 16))
+            self.mixing = nn.Parameter(torch.randn(4, 4))
+
+    opt, fallback_warnings = _build(Experts())
+    assert _roles(opt)["gate_up_proj_bias"] == FALLBACK
+    [message] = [str(w.message) for w in fallback_warnings]
+    assert "mixing" in message and "gate_up_proj_bias" not in message and message.startswith("1 parameter")
+
+
 def test_mixtral_experts_are_still_batched_stiefel():
     """A guard for the tightened rule (it passes on the old code too): transformers' Mixtral
     experts, (E, 2·d_ff, d) and (E, d, d_ff), stay stacks of Stiefel matrices."""
