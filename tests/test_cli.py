@@ -109,6 +109,7 @@ def test_singular_value_ranges_show_small_values():
     assert sv_range([8e-5, 10.786]) == "[8.00e-05, 10.786]"
     assert sv_range([0.0, 1.0]) == "[0.000, 1.000]"
     assert sv_range([float("nan"), 1.0]) == "[nan]"
+    assert sv_range([0.005, 1.0]) == "[5.00e-03, 1.000]" and sv_range([0.01, 1.0]) == "[0.010, 1.000]"
 
 
 def test_train_refuses_unknown_optimizers_and_zero_steps():

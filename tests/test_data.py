@@ -33,6 +33,12 @@ def test_mnist1d_leaves_the_callers_random_streams_alone():
         assert (random.random(), np.random.rand()) == want, seed
 
 
+def test_mnist1d_takes_numpy_integer_seeds_up_to_numpys_range():
+    assert torch.equal(load_mnist1d(seed=np.int64(7))["x"], load_mnist1d(seed=7)["x"])
+    with pytest.raises(ValueError, match="seed must be an int"):
+        load_mnist1d(seed=2**32)
+
+
 @pytest.mark.parametrize("seed", [1.5, True, -1, 2**40, "42"])
 def test_mnist1d_refuses_a_seed_it_would_truncate_or_numpy_would_refuse(seed):
     with pytest.raises(ValueError, match="seed must be an int"):

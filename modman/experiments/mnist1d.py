@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._checks import is_int
 from ..data import load_mnist1d
 
 # name -> default learning rate at the default recipe (MLP 40→128→128→10, batch 512, 1000 steps)
@@ -105,8 +106,9 @@ def train(
     """
     import warnings
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # (0: a ZeroDivisionError in the schedule)
+    if not is_int(steps) or steps < 1:  # (0: a ZeroDivisionError in the schedule)
         raise ValueError(f"steps must be an int ≥ 1, got {steps!r}")
+    steps = int(steps)
     data = data if data is not None else load_mnist1d()
     torch.manual_seed(seed)
     model = make_mlp(width, depth, d_in=data["x"].shape[1])

@@ -486,7 +486,8 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
     for key, total in opts.tare.items():
         if key not in submodules:
             raise ModularError(f"tare names {key!r}, which is not a submodule of the model; use names from "
-                               "model.named_modules() (a container holding the blocks, e.g. an nn.Sequential)")
+                               "model.named_modules() (a container holding the blocks, e.g. an nn.Sequential), "
+                               "without the _orig_mod/module of torch.compile or data-parallel wrappers")
         if not (is_finite_real(total) and total > 0):
             raise ModularError(f"tare[{key!r}] must be a finite mass > 0, got {total!r}")
     names: dict[int, str] = {}
@@ -495,7 +496,9 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
             names.setdefault(id(p), _join(m_name, p_name))
     unknown = set(opts.masses) - set(names.values())
     if unknown:
-        raise ModularError(f"masses names unknown parameters {sorted(unknown)}; use names from model.named_parameters()")
+        raise ModularError(f"masses names unknown parameters {sorted(unknown)}; use the optimizer's names "
+                           "(model.named_parameters() without the _orig_mod/module of torch.compile or "
+                           "data-parallel wrappers; optimizer.describe() lists them)")
     tree = convert(model, "", opts)
     missed = set(opts.tare) - opts.tared
     if missed:

@@ -406,15 +406,16 @@ class ArithmeticTask(Task):
             else:
                 rng = np.random.default_rng([self.seed, 0x7E57])
                 seen: dict[tuple[int, int], None] = {}
-                while len(seen) < self.n_test:
+                stalls = 0
+                while len(seen) < self.n_test and stalls < 3:
                     before = len(seen)
                     a, b = self._pairs(self.n_test, "test", rng)
                     for pair in zip(a.tolist(), b.tolist()):
                         seen.setdefault(pair)
-                    if len(seen) == before:
-                        # n_test draws found no new pair: the held-out set is (nearly) used up.
-                        # (It looped forever where test_fraction·space < n_test; a probe.)
-                        break
+                    # three rounds of n_test draws that find no new pair: the held-out set is used up
+                    # (it looped forever where test_fraction·space < n_test; a probe). One left unseen
+                    # among S survives three rounds with probability (1 − 1/S)^(3·n_test).
+                    stalls = stalls + 1 if len(seen) == before else 0
                 pairs = list(seen)[:self.n_test]
             self._test_prompts = [self.prompt(a, b) for a, b in pairs]
         return list(self._test_prompts)

@@ -348,6 +348,12 @@ def test_compiled_and_data_parallel_submodules_are_described_as_their_eager_modu
     block.down = nn.DataParallel(block.down)
     assert budget(seq) == want_seq and set(want_seq) == {"0.weight", "2.weight"}
     assert budget(block) == want_block
+    # tare names a container inside a compiled submodule by the optimizer's name (no _orig_mod)
+    inner = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)))
+    eager = nn.Sequential(inner, nn.Linear(8, 4))
+    wrapped = copy.deepcopy(eager)
+    wrapped[0] = torch.compile(wrapped[0])
+    assert budget(wrapped, tare={"0.2": 1.0}) == budget(eager, tare={"0.2": 1.0})
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # (no "no modular budget" warning)
         opt = ManifoldMuon(seq.modules(), lr=1.0, project_on_init=False)

@@ -616,6 +616,37 @@ def test_a_model_moved_to_fp64_after_construction_steps_on(kind):
     assert_same(opt.state_dict(), opt2.state_dict(), "state after model.double()")
 
 
+def test_load_keeps_solver_extras_in_fp64():
+    """torch's load casts every floating state entry to the weight's dtype; the solver's own entries
+    (newton's μ and subspace size) are restored as saved, fp64 (a review: they came back fp32)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 64, bias=False)
+    opt = make_opt("manifold_muon", [("w", lin.weight)], solver="newton")
+    for _ in range(2):
+        lin.weight.grad = torch.randn_like(lin.weight)
+        opt.step()
+    opt2 = make_opt("manifold_muon", [("w", lin.weight)], solver="newton", project_on_init=False)
+    opt2.load_state_dict(opt.state_dict())
+    for k in ("mu", "subspace"):
+        assert opt.state[lin.weight][k].dtype == torch.float64, k
+        assert_same(opt2.state[lin.weight][k], opt.state[lin.weight][k], k)
+
+
+def test_a_device_move_is_seen_and_the_state_follows_it():
+    """No GPU here: a meta parameter stands for the other device. Floating state and the solver's
+    entries follow p (the entries keeping fp64), AdamW's step count stays on the CPU, as torch keeps it."""
+    from modman.optim.base import _moved_since, _recast_state
+
+    p = torch.empty(6, 4, device="meta")
+    state = {"momentum": torch.randn(6, 4), "dual": torch.randn(4, 4), "mu": torch.tensor(0.5, dtype=torch.float64),
+             "step": torch.tensor(3.0)}
+    assert _moved_since(p, state)
+    _recast_state(p, state)
+    assert state["momentum"].is_meta and state["dual"].is_meta and state["mu"].is_meta
+    assert state["mu"].dtype == torch.float64 and not state["step"].is_meta
+    assert not _moved_since(p, state)
+
+
 @pytest.mark.parametrize("kind", FAMILY)
 def test_a_gradient_of_the_wrong_shape_is_refused_naming_it_before_any_weight_moves(kind):
     prob = Problem(kind)

@@ -283,6 +283,78 @@ def test_a_warm_dual_beyond_the_bound_starts_cold(solver):
         k: v for k, v in cold.state.items() if k != "dual"} or None).direction)
 
 
+def test_the_dual_bound_is_4_sqrt_n():
+    from modman.solvers import _checked_warm_start
+
+    n, bound = 8, 4 * math.sqrt(8)
+    L = torch.zeros(n, n, dtype=torch.float64)
+    for scale, kept in ((1 - 1e-9, True), (1 + 1e-9, False)):
+        L[0, 0] = bound * scale
+        assert ("dual" in _checked_warm_start({"dual": L}, (), n, (20, n), torch.device("cpu"))) is kept
+
+
+@pytest.mark.parametrize("solver", ["dual_ascent", "lyapunov", "anderson"])
+def test_a_large_optimal_dual_of_a_small_n_is_kept_as_a_warm_start(solver):
+    """n = 2, G mostly normal: an optimal dual entry ≈ 0.5, within 4√n (a bound of 0.25√n dropped it)."""
+    g = torch.Generator().manual_seed(0)
+    W = Stiefel().random((40, 2), generator=g, dtype=torch.float64)
+    T = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    T = T - W @ ((W.mT @ T + T.mT @ W) / 2)
+    G = W @ torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64) + 1e-3 * T / T.norm()
+    state = solve_manifold_muon(W, G, solver=solver).state
+    assert state["dual"].abs().max() > 0.25 * math.sqrt(2)
+    from modman.solvers import _checked_warm_start
+
+    assert "dual" in _checked_warm_start(state, (), 2, (40, 2), torch.device("cpu"))
+
+
+def test_the_gap_estimate_is_that_of_the_scaled_projected_direction():
+    """best_iterate.estimated_gap against its definition, with an exact (SVD) polar factor: X =
+    (A − ½WH)/(1 + ½‖H‖_F) is tangent and feasible, and the estimate is (‖Z‖_* − ⟨Gn, X⟩)/‖Z‖_*."""
+    from modman.solvers.best_iterate import estimated_gap
+    from modman.solvers.result import sym
+
+    g = torch.Generator().manual_seed(0)
+    W = Stiefel().random((12, 4), generator=g, dtype=torch.float64)
+    Gn = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    Gn = Gn / Gn.norm()
+    lam = 0.3 * sym(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    U, S, Vh = torch.linalg.svd(Gn - 2 * W @ lam, full_matrices=False)
+    A = U @ Vh
+    H = W.mT @ A + A.mT @ W
+    X = (A - 0.5 * W @ H) / (1 + 0.5 * H.norm())
+    assert torch.linalg.matrix_norm(W.mT @ X + X.mT @ W) <= 1e-12 and torch.linalg.matrix_norm(X, 2) <= 1 + 1e-12
+    want = (S.sum() - (Gn * X).sum()) / S.sum()
+    torch.testing.assert_close(estimated_gap(S.sum(), (Gn * A).sum(), sym(W.mT @ Gn), H), want, rtol=1e-12, atol=1e-14)
+
+
+def test_the_gap_estimate_never_prefers_a_degenerate_iterate():
+    """D ≤ 0 (Z = 0, or rounded below 0) or NaN: ∞ unless the lower bound reaches D (a review: D < 0
+    over a tiny clamp gave −huge, the best possible); ties keep the earlier iterate."""
+    from modman.solvers.best_iterate import estimated_gap, keep_best
+
+    H, sym_b = torch.zeros(3, 2, 2, dtype=torch.float64), torch.zeros(3, 2, 2, dtype=torch.float64)
+    D = torch.tensor([-1e-17, 0.0, math.nan], dtype=torch.float64)
+    gap = estimated_gap(D, torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64), sym_b, H)
+    assert gap.tolist() == [math.inf, 0.0, math.inf]
+    A0, A1 = torch.zeros(1, 2, 2), torch.ones(1, 2, 2)
+    tie = torch.tensor([0.1])
+    best = keep_best(keep_best(None, tie, A0, A0 + 2), tie.clone(), A1, A1 + 2)
+    assert torch.equal(best[1], A0) and torch.equal(best[2], A0 + 2)
+
+
+def test_lyapunov_estimates_with_the_objective_of_its_iterate(monkeypatch):
+    """⟨Gn, A⟩ = D + ⟨Λ, H⟩ for the exact polar factor: lyapunov passes that, not D."""
+    import modman.solvers.lyapunov as lyapunov
+
+    seen, real = [], lyapunov.estimated_gap
+    monkeypatch.setattr(lyapunov, "estimated_gap", lambda D, obj, s, H: seen.append((D, obj)) or real(D, obj, s, H))
+    g = torch.Generator().manual_seed(1)
+    W = Stiefel().random((16, 6), generator=g, dtype=torch.float64)
+    solve_manifold_muon(W, torch.randn(16, 6, generator=g, dtype=torch.float64), solver="lyapunov", max_iters=3)
+    assert seen and not torch.allclose(seen[-1][1], seen[-1][0])
+
+
 def test_a_non_finite_warm_entry_besides_the_dual_is_dropped():
     """newton took μ = ∞ from a warm start and returned the projected baseline (gap 3.7e-2 against
     its tolerance 2e-5, a probe): a non-finite entry is dropped as a non-finite dual is."""
