@@ -233,8 +233,9 @@ def _dual_bound(n: int) -> float:
     """Entries of a warm dual beyond this are dropped (the solve starts cold). In units of
     Gn = G/‖G‖_F and for WᵀW = I, every optimal Λ has ‖Λ‖₂ ≤ ‖Λ‖_* ≤ √n: D(Λ*) ≤ D(½ sym WᵀGn)
     = ‖Gn − W sym(WᵀGn)‖_* ≤ √n (rank ≤ n, Frobenius ≤ 1) and 2‖Λ‖_* = ‖2WΛ‖_* ≤ D(Λ) + ‖Gn‖_*.
-    A Λ with an entry above 4√n is then ≥ 3√n from every optimum, farther than the cold start
-    ½ sym(WᵀGn) (‖·‖₂ ≤ ½, so ≤ √n + ½ away): dropping it never drops a start better than cold.
+    A Λ with an entry above 4√n has ‖Λ‖_* > 4√n, so D(Λ) ≥ 2‖Λ‖_* − ‖Gn‖_* > 7√n ≥ D of the cold
+    start ½ sym(WᵀGn): dropping it never drops a start better than cold (and the cold start is
+    always valid).
     (It was 1e6: a warm dual at 1e5 × the optimum left admm and dual_ascent at gap 1, a probe.)"""
     return 4 * math.sqrt(n)
 
