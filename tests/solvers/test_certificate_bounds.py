@@ -99,7 +99,8 @@ def test_gram_bound_is_an_upper_bound_and_tight(gram):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 60), st.sampled_from(["noise", "rank1", "zero"]), st.integers(0, 2**31 - 1))
+@given(st.integers(1, 3), st.integers(1, 60), st.sampled_from(["noise", "rank1", "neg_rank1", "zero"]),
+       st.integers(0, 2**31 - 1))
 def test_symmetric_norm_bound_is_an_upper_bound_and_tight_on_noise(b, n, kind, seed):
     """The certified value divides by 1 + a bound of ‖sym(WᵀA)‖₂: never below the spectral norm
     (scipy's eigvalsh), never above the Frobenius norm, and within 4× of it on rounding noise
@@ -108,9 +109,9 @@ def test_symmetric_norm_bound_is_an_upper_bound_and_tight_on_noise(b, n, kind, s
 
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(b, n, n, generator=g, dtype=torch.float64) * 1e-7
-    if kind == "rank1":
+    if kind in ("rank1", "neg_rank1"):  # (a bound of λ_max alone passed rank1: a mutation audit)
         v = torch.randn(b, n, 1, generator=g, dtype=torch.float64)
-        X = v @ v.mT
+        X = v @ v.mT if kind == "rank1" else -(v @ v.mT)
     elif kind == "zero":
         X = torch.zeros(b, n, n, dtype=torch.float64)
     S = (X + X.mT) / 2
@@ -120,3 +121,23 @@ def test_symmetric_norm_bound_is_an_upper_bound_and_tight_on_noise(b, n, kind, s
     assert (bound >= spectral * (1 - 1e-12)).all() and (bound <= fro * (1 + 1e-12) + 1e-300).all()
     if kind == "noise" and n >= 16:
         assert (bound <= 4 * spectral).all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 8), st.sampled_from([1e-3, 1.0, 1e3]), st.integers(0, 2**31 - 1))
+def test_make_feasible_projects_and_rescales_into_the_unit_ball(n, extra, scale, seed):
+    """make_feasible (public): tangent at W, ‖·‖₂ ≤ 1, and the projection itself when that is
+    already in the ball (an unrescaled result passed every other test: a mutation audit)."""
+    from modman.solvers import make_feasible
+
+    g = torch.Generator().manual_seed(seed)
+    W = torch.linalg.qr(torch.randn(n + extra, n, generator=g, dtype=torch.float64)).Q
+    A = scale * torch.randn(n + extra, n, generator=g, dtype=torch.float64)
+    out = make_feasible(W, A)
+    assert float(torch.linalg.matrix_norm(W.mT @ out + out.mT @ W)) <= 1e-12 * max(1.0, float(A.norm()))
+    assert float(torch.linalg.matrix_norm(out, 2)) <= 1 + 1e-12
+    P = A - W @ ((W.mT @ A + A.mT @ W) / 2)
+    if float(torch.linalg.matrix_norm(P, 2)) <= 1:
+        torch.testing.assert_close(out, P, rtol=1e-12, atol=1e-15)
+    else:
+        torch.testing.assert_close(out, P / torch.linalg.matrix_norm(P, 2), rtol=1e-9, atol=1e-15)
