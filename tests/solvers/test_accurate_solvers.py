@@ -128,6 +128,23 @@ def test_gap_is_a_bound_for_a_weight_off_the_manifold(shape, solver, seed):
     assert D >= lo * (1 - 1e-9), (D, lo, hi)
 
 
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("delta", [1e-4, 1e-3])
+def test_gap_is_a_bound_off_the_manifold_for_a_low_rank_gradient(solver, rank, delta):
+    """As above, for every solver and a low-rank G on a tall W (18×8), which anderson and newton
+    solve on the subspace G spans (subspace.py): a D taken from the reduced problem, or from the n×n
+    identity there, passed every test (a mutation audit)."""
+    g = torch.Generator().manual_seed(rank + int(1e4 * delta))
+    W = Stiefel().random((18, 8), generator=g, dtype=torch.float64)
+    W = W + delta * torch.randn(18, 8, generator=g, dtype=torch.float64)
+    G = torch.randn(18, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, 8, generator=g, dtype=torch.float64)
+    res = solve_manifold_muon(W, G, solver=solver)
+    lo, hi = sdp_bracket(W, G)
+    assert res.dual_value.item() >= lo * (1 - 1e-9), (res.dual_value.item(), lo, hi)
+    assert res.objective.item() <= hi * (1 + 1e-9) + 1e-12
+
+
 @pytest.mark.parametrize("solver", ACCURATE)
 @pytest.mark.parametrize("shape", [(40, 20), (20, 20), (100, 10)])
 @pytest.mark.parametrize("dtype,c", [(torch.float32, 1e30), (torch.float32, 1e-40), (torch.float64, 1e300),
