@@ -459,3 +459,23 @@ def test_a_genuine_fp64_tangent_part_keeps_its_direction():
         assert A.any(), shape
         cos = float((A * T).sum() / (A.norm() * T.norm()))
         assert cos > 0.9, (shape, cos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape, most", [((120, 30), 5), ((96, 32), 5), ((300, 20), 5), ((72, 30), 8), ((90, 40), 8)])
+def test_anderson_solves_full_rank_tall_problems_with_its_own_maps(shape, most, dtype, monkeypatch):
+    """m ≥ 2.4n with a full-rank gradient: anderson's maps converge in a few iterations (2–4
+    measured from 3n up, 5–7 at 2.4n and 2.25n, where without the Anderson mixing they took 9–13)
+    with no closed-form fallback. Turning off the mixing or breaking the map passed every test, the
+    fallback rescuing them (a mutation audit): this holds the iteration to its own job."""
+    import modman.solvers.anderson as anderson
+
+    calls, real = [], anderson.closed_form_core
+    monkeypatch.setattr(anderson, "closed_form_core", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        W = Stiefel().random(shape, generator=g, dtype=torch.float64).to(dtype)
+        G = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        res = solve_manifold_muon(W, G, solver="anderson")
+        assert not calls and res.iterations <= most, (res.iterations, len(calls))
+        assert res.duality_gap.item() <= SOLVERS["anderson"][1]
