@@ -1161,6 +1161,9 @@ class ManifoldOptimizer(Optimizer):
                     got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(f"state {key!r} for parameter {names[id(p)]} has shape {got}, "
                                      f"expected {tuple(want)}; nothing was loaded")
+                if key in _FLOATING_STATE and not value.is_floating_point():  # (int64 and complex loaded, cast)
+                    raise ValueError(f"state {key!r} for parameter {names[id(p)]} has dtype {value.dtype}, "
+                                     "expected a real floating tensor; nothing was loaded")
                 # a NaN momentum would reach the weights at the next step, a NaN exp_avg_sq silently
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise ValueError(f"state {key!r} for parameter {names[id(p)]} has non-finite values; "

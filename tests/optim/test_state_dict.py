@@ -139,6 +139,10 @@ def _mismatches(kind):
     sd = copy.deepcopy(good)  # and a NaN second moment of the fallback made its weights NaN silently
     sd["state"][sd["param_groups"][1]["params"][0]]["exp_avg_sq"][0] = float("inf")
     bad.append(("non-finite", sd))
+    for dtype in (torch.int64, torch.complex64):  # (loaded and cast: an integer or complex momentum; a probe)
+        sd = copy.deepcopy(good)
+        sd["state"][pid]["momentum"] = sd["state"][pid]["momentum"].to(dtype)
+        bad.append(("expected a real floating tensor", sd))
     sd = copy.deepcopy(good)  # another optimizer's groups (torch.optim.AdamW's have no "algorithm")
     for g in sd["param_groups"]:
         g.pop("algorithm")
