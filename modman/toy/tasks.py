@@ -23,7 +23,11 @@ Tasks:
 Train/test splits of the arithmetic tasks partition the problem space (a, b) by a seeded hash:
 a pair is held out iff splitmix64(seed, a, b) < test_fraction·2⁶⁴. Training batches never contain
 a held-out pair, the split needs no storage at any n_digits, and addition, modular addition and
-subtraction with the same seed hold out the same pairs.
+subtraction with the same seed hold out the same pairs. The split is of ordered pairs: for
+addition most held-out (a, b) have their twin (b, a) in training (900 of 1000 test prompts of
+3-digit addition), so a test score measures addition and commutativity together, not addition on
+unseen operands; and the pair (0, 0) is held out at any test_fraction with seed 0 (the hash maps
+0 to 0), kept so that splits, cached checkpoints and recorded results stay as they are.
 """
 from __future__ import annotations
 
