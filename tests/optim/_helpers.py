@@ -107,6 +107,16 @@ def snapshot(opt, params) -> tuple:
     return [bits(p) for p in params], copy.deepcopy(opt.state_dict())
 
 
+def assert_refused_with_nothing_changed(opt, params, call, error, match: str) -> None:
+    """call() raises error (matching match) and leaves the parameters and the state_dict bitwise."""
+    import pytest
+
+    snap = snapshot(opt, params)
+    with pytest.raises(error, match=match):
+        call()
+    assert_unchanged(opt, params, snap)
+
+
 def assert_unchanged(opt, params, snap) -> None:
     before_params, before_sd = snap
     for i, (p, b) in enumerate(zip(params, before_params)):

@@ -36,6 +36,17 @@ def _build(model, cls=modman.ManifoldMuon, **kw):
     return opt, [w for w in caught if "AdamW fallback" in str(w.message)]
 
 
+def _step_alike(pairs, x, r, steps: int = 2) -> None:
+    """Step each (module, optimizer) pair on the loss ⟨m(x), r⟩, whose gradient rᵀx is generic and
+    full rank (‖m(x)‖² would give W·xᵀx, normal to the manifold, plus a rank-1 tangent part)."""
+    pairs = list(pairs)
+    for _ in range(steps):
+        for m, opt in pairs:
+            opt.zero_grad()
+            (m(x) * r).sum().backward()
+            opt.step()
+
+
 def _tiny_gpt2():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -292,11 +303,7 @@ def test_a_conv1d_steps_as_the_linear_it_is_stored_transposed(nx, nf, cls, kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opts = [cls(nn.Sequential(m).modules(), lr=0.05, **kw) for m in (c, lin)]
-    for _ in range(2):
-        for m, opt in zip((c, lin), opts):
-            opt.zero_grad()
-            (m(x) * r).sum().backward()
-            opt.step()
+    _step_alike(zip((c, lin), opts), x, r)
     torch.testing.assert_close(c.weight.detach().T, lin.weight.detach(), rtol=1e-5, atol=1e-6)
     assert opts[0].state[c.weight]["momentum"].shape == c.weight.shape
 
@@ -332,11 +339,7 @@ def test_an_expert_stack_stored_in_out_steps_as_the_one_stored_out_in(d_in, d_ou
         warnings.simplefilter("ignore")
         opts = [cls(m.modules(), lr=0.05, **kw) for m in (a, b)]
     assert [g["algorithm"] for g in opts[0].param_groups] == [g["algorithm"] for g in opts[1].param_groups] != ["adamw"]
-    for _ in range(2):
-        for m, opt in zip((a, b), opts):
-            opt.zero_grad()
-            (m(x) * r).sum().backward()
-            opt.step()
+    _step_alike(zip((a, b), opts), x, r)
     torch.testing.assert_close(a.w.detach().mT, b.w.detach(), rtol=1e-5, atol=1e-6)
     if kw.get("scale") == "rms":
         s = torch.linalg.svdvals(b.w.detach().double())

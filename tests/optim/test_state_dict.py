@@ -10,7 +10,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from modman.optim import ManifoldMuon
 
-from ._helpers import FAMILY, Problem, assert_same, make_opt, snapshot, assert_unchanged
+from ._helpers import FAMILY, Problem, assert_refused_with_nothing_changed, assert_same, make_opt, snapshot, assert_unchanged
 
 # ManifoldMuon also with the dual ascent, whose warm start (the dual) is carried across steps
 CONFIGS = [("manifold_muon", {}), ("manifold_muon", {"solver": "dual_ascent", "max_iters": 4}),
@@ -574,10 +574,8 @@ def test_a_state_dict_with_a_hyperparameter_the_constructor_refuses_is_refused(k
     for gi, key, value, error in _BAD_SETTINGS[kind]:
         sd = opt.state_dict()
         sd["param_groups"][gi][key] = value
-        snap = snapshot(opt, prob.params)
-        with pytest.raises(error, match=f"parameter group {gi} of the state dict: .*{key}.*nothing was loaded"):
-            opt.load_state_dict(sd)
-        assert_unchanged(opt, prob.params, snap)
+        assert_refused_with_nothing_changed(opt, prob.params, lambda: opt.load_state_dict(sd), error,
+                                            f"parameter group {gi} of the state dict: .*{key}.*nothing was loaded")
     prob.train(opt, 1)
 
 
@@ -590,12 +588,9 @@ def test_a_bad_hyperparameter_set_on_a_group_is_refused_before_any_weight_moves(
         opt = make_opt(kind, _named(prob))
         prob.train(opt, 2)
         opt.param_groups[gi][key] = value
-        closure = prob.closure(opt)
-        closure()
-        snap = snapshot(opt, prob.params)
-        with pytest.raises(error, match=f"parameter group {gi}: .*no weight was changed"):
-            opt.step()
-        assert_unchanged(opt, prob.params, snap)
+        prob.closure(opt)()
+        assert_refused_with_nothing_changed(opt, prob.params, opt.step, error,
+                                            f"parameter group {gi}: .*no weight was changed")
 
 
 @pytest.mark.parametrize("kind", FAMILY)
@@ -657,10 +652,8 @@ def test_a_gradient_of_the_wrong_shape_is_refused_naming_it_before_any_weight_mo
     opt = make_opt(kind, [("layer.bias", prob.b), ("layer.weight", prob.W)])
     prob.closure(opt)()
     prob.W.grad.data = torch.randn(4, 4)  # (torch checks a .grad assignment, not .grad.data)
-    snap = snapshot(opt, prob.params)
-    with pytest.raises(RuntimeError, match=r"gradient of layer.weight has shape \(4, 4\), the parameter \(6, 4\)"):
-        opt.step()
-    assert_unchanged(opt, prob.params, snap)
+    assert_refused_with_nothing_changed(opt, prob.params, opt.step, RuntimeError,
+                                        r"gradient of layer.weight has shape \(4, 4\), the parameter \(6, 4\)")
 
 
 @pytest.mark.parametrize("kind", FAMILY)
