@@ -1117,6 +1117,13 @@ class ManifoldOptimizer(Optimizer):
                 # flattened matrix and is dropped (the next step starts cold)
                 g_new["flatten"] = g_old["flatten"]
                 regrouped.update(g_new["params"])
+            elif (g_new["flatten"] is None and g_old["flatten"] == "transposed"
+                  and all(p.ndim == 3 for p in g_old["params"])):
+                # expert stacks transformers marks is_transposed, saved before they were seen through
+                # their transpose (2026-12-07): the momentum has the weight's shape and carries over;
+                # the warm start is dropped, as above
+                g_new["flatten"] = "transposed"
+                regrouped.update(g_new["params"])
             for key in self._STRUCTURAL:
                 if g_new[key] != g_old[key]:
                     raise ValueError(f"parameter group {gi} has {key}={g_new[key]!r} in the state dict and "

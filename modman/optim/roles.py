@@ -148,14 +148,21 @@ def matrix_view(module: nn.Module, attr: str, p: torch.Tensor) -> bool | str | N
     (in, out): the step, a Sphere's rows, Stiefel's and Muon's d_out/d_in all read (out, in)) and
     for the expert stacks of a transformers experts module that says it stores them (E, in, out)
     (``is_transposed``, set by its ``use_experts_implementation``: GPT-OSS; scale="rms" gave its
-    gate_up_proj s = 0.58 instead of 1.73, a probe), None otherwise (by shape: ≥ 4-D flattened, 3-D
+    gate_up_proj s = √(in/out) instead of √(out/in), 0.71 for 1.41 at its 2:1 shape, a probe), None otherwise (by shape: ≥ 4-D flattened, 3-D
     a stack)."""
     if isinstance(module, nn.modules.conv._ConvNd) and p.ndim >= 2:
         groups = getattr(module, "groups", 1)
         return f"groups={groups}" if attr == "weight" and groups > 1 and p is module.weight else True
-    if _is_transposed_linear(module, attr, p) or (is_expert_stack(module, p) and _stores_experts_transposed(module)):
+    if _is_transposed_linear(module, attr, p) or (p.ndim == 3 and _stores_experts_transposed(module)):
         return "transposed"
     return None
+
+
+def _per_expert_bias(module: nn.Module, attr: str, p: torch.Tensor) -> bool:
+    """A mixture's per-expert bias, (E, out) beside an (E, …) expert stack of the same module: a
+    bias, not a matrix the fallback warning should name (GPT-OSS's gate_up_proj_bias was)."""
+    return (attr.endswith("bias") and p.ndim == 2
+            and any(q.ndim == 3 and q.shape[0] == p.shape[0] for q in module.parameters(recurse=False)))
 
 
 def _stores_experts_transposed(module: nn.Module) -> bool:
@@ -328,8 +335,7 @@ def assign_modules(network: Network, roles: dict | None = None, *, check: bool =
             role = asked if asked is not None else default_role(m, attr, p, network.names[id(m)])
             a = Assignment(names[id(p)][0], p, role, m, view=matrix_view(m, attr, p), asked=asked is not None)
             out.append(a)
-            # (a mixture's per-expert biases, (E, out), are biases: no matrix the warning should name)
-            if asked is None and role == "fallback" and p.ndim >= 2 and not attr.endswith("bias"):
+            if asked is None and role == "fallback" and p.ndim >= 2 and not _per_expert_bias(m, attr, p):
                 silent.append(a)
     if silent:
         warn(_fallback_message(silent))

@@ -398,3 +398,53 @@ def test_a_model_with_nothing_to_constrain_says_so():
     with pytest.warns(UserWarning, match="no parameter of the given modules has a constrained role; all 4 go"):
         opt = modman.ManifoldMuon(model.modules(), lr=0.1)
     assert [g["algorithm"] for g in opt.param_groups] == ["adamw"]
+
+
+class _GptOssLikeExperts(nn.Module):
+    """transformers' experts layout with is_transposed: (E, in, out) stacks and (E, out) biases."""
+    has_gate = True
+    is_transposed = True
+
+    def __init__(self, E=3, d_in=8, d_out=24):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(E, d_in, d_out))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, d_out))
+
+
+def test_only_transformers_experts_stacks_are_read_transposed():
+    """is_transposed alone (no has_gate) is not transformers' mark; the (E, out) bias is no stack."""
+    from modman.optim.roles import matrix_view
+
+    class NotExperts(nn.Module):
+        is_transposed = True
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 8, 24))
+
+    m, e = NotExperts(), _GptOssLikeExperts()
+    assert matrix_view(m, "w", m.w) is None
+    assert matrix_view(e, "gate_up_proj", e.gate_up_proj) == "transposed"
+    assert matrix_view(e, "gate_up_proj_bias", e.gate_up_proj_bias) is None
+
+
+def test_a_checkpoint_of_transposed_experts_from_before_their_view_loads():
+    """Saved with flatten=None (read (E, in, out) as stored) it was refused as another structure: the
+    momentum (the weight's shape) carries over, the solver's warm start is dropped (a review)."""
+    torch.manual_seed(0)
+    e = _GptOssLikeExperts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = modman.ManifoldMuon(e.modules(), lr=0.05, budget="uniform")
+    x, r = torch.randn(3, 16, 8), torch.randn(3, 16, 24)
+    _step_alike([(lambda x: x @ e.gate_up_proj + e.gate_up_proj_bias[:, None], opt)], x, r, steps=1)
+    sd = opt.state_dict()
+    group = next(g for g in sd["param_groups"] if g["algorithm"] == "manifold_muon")
+    assert group["flatten"] == "transposed"
+    group["flatten"] = None  # as saved before
+    pid = group["params"][0]
+    momentum = sd["state"][pid]["momentum"].clone()
+    opt.load_state_dict(sd)
+    state = opt.state[e.gate_up_proj]
+    assert torch.equal(state["momentum"], momentum) and set(state) == {"momentum"}
+    _step_alike([(lambda x: x @ e.gate_up_proj + e.gate_up_proj_bias[:, None], opt)], x, r, steps=1)

@@ -143,6 +143,10 @@ def _mismatches(kind):
         sd = copy.deepcopy(good)
         sd["state"][pid]["momentum"] = sd["state"][pid]["momentum"].to(dtype)
         bad.append(("expected a real floating tensor", sd))
+    sd = copy.deepcopy(good)  # and an integer second moment of the fallback
+    fallback_state = sd["state"][sd["param_groups"][1]["params"][0]]
+    fallback_state["exp_avg_sq"] = fallback_state["exp_avg_sq"].round().to(torch.int64)
+    bad.append(("expected a real floating tensor", sd))
     sd = copy.deepcopy(good)  # another optimizer's groups (torch.optim.AdamW's have no "algorithm")
     for g in sd["param_groups"]:
         g.pop("algorithm")

@@ -333,10 +333,10 @@ def test_the_gap_estimate_never_prefers_a_degenerate_iterate():
     over a tiny clamp gave −huge, the best possible); ties keep the earlier iterate."""
     from modman.solvers.best_iterate import estimated_gap, keep_best
 
-    H, sym_b = torch.zeros(3, 2, 2, dtype=torch.float64), torch.zeros(3, 2, 2, dtype=torch.float64)
-    D = torch.tensor([-1e-17, 0.0, math.nan], dtype=torch.float64)
-    gap = estimated_gap(D, torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64), sym_b, H)
-    assert gap.tolist() == [math.inf, 0.0, math.inf]
+    D = torch.tensor([-1e-17, 0.0, math.nan, 1.0, -1e-17], dtype=torch.float64)
+    objective = torch.tensor([-1.0, 0.0, 0.0, math.nan, 0.0], dtype=torch.float64)
+    H, sym_b = torch.zeros(5, 2, 2, dtype=torch.float64), torch.zeros(5, 2, 2, dtype=torch.float64)
+    assert estimated_gap(D, objective, sym_b, H).tolist() == [math.inf, 0.0, math.inf, math.inf, 0.0]
     A0, A1 = torch.zeros(1, 2, 2), torch.ones(1, 2, 2)
     tie = torch.tensor([0.1])
     best = keep_best(keep_best(None, tie, A0, A0 + 2), tie.clone(), A1, A1 + 2)

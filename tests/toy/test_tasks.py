@@ -355,8 +355,8 @@ def test_counts_refuse_bools_and_take_numpy_integers(make, name):
 
 def test_a_sampled_test_set_smaller_than_n_test_is_returned_whole():
     """With test_fraction·space < n_test the sampled branch (space > 200 000) looped forever (a
-    probe: 513 held-out pairs of 3-digit addition at test_fraction 5e-4, n_test 1000); it stops once
-    n_test draws find nothing new, and every prompt is distinct and held out."""
+    probe: 513 held-out pairs of 3-digit addition at test_fraction 5e-4, n_test 1000); it stops after
+    three rounds of n_test draws in a row find nothing new, and every prompt is distinct and held out."""
     import signal
 
     def hung(*_):
@@ -375,3 +375,19 @@ def test_a_sampled_test_set_smaller_than_n_test_is_returned_whole():
         signal.signal(signal.SIGALRM, previous)
     assert len(got) == len(set(got)) and all(task.is_held_out(*map(int, p.rstrip("=").split("+"))) for p in got)
     assert len(got) == held == 513  # the whole held-out set (three stalled rounds in a row before stopping)
+
+
+def test_test_prompts_stops_after_three_stalled_rounds_in_a_row(monkeypatch):
+    """Rounds of draws scripted: the rule takes A, B and C and uses up the script (one stalled
+    round, two, or three in total, would stop at A or at B)."""
+    task = tasks.addition(3, test_fraction=0.0005, n_test=10)
+    A, B, C = (1, 2), (3, 4), (5, 6)
+    script = iter([[A], [A], [A], [B], [B], [C], [C], [C], [C]])
+
+    def pairs(n, split, rng):
+        got = next(script)
+        return np.array([p[0] for p in got]), np.array([p[1] for p in got])
+
+    monkeypatch.setattr(task, "_pairs", pairs)
+    assert task.test_prompts() == [task.prompt(*p) for p in (A, B, C)]
+    assert next(script, None) is None
