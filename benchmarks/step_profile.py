@@ -1,8 +1,9 @@
 """Where the time of one ManifoldMuon step goes, on one matrix (run with OMP_NUM_THREADS=1).
 
 A bias-free Linear(n, m) is fitted to random targets for ``--warm`` steps (the solver's warm start
-and the momentum as in training); then modman.Muon (fp32 Newton–Schulz, Polar Express: the same
-precision) and ManifoldMuon (defaults) step the same gradient in interleaved rounds, and one
+and the momentum as in training); then modman.Muon (fp32, Keller's 5 steps: the peer of issue 4's
+bar and of benchmarks/solvers.py, 0.5 msign-equivalents) and ManifoldMuon (defaults) step the same
+gradient in interleaved rounds, and one
 ManifoldMuon step runs under torch.profiler: its operators by self time, grouped by input shapes.
 A diagnosis of issue 4's wall-clock bar (≤ 2× modman's own Muon), not a speed claim.
 
@@ -48,7 +49,7 @@ def main() -> None:
         ((lin(X) - Y) ** 2).mean().backward()
         opt.step()
     W = torch.nn.Parameter(lin.weight.detach().clone())
-    muon = modman.Muon([W], ns_schedule="polar_express", ns_steps=None, ns_dtype="float32", torch_arithmetic=False)
+    muon = modman.Muon([W], ns_dtype="float32", ns_schedule="keller")  # (as benchmarks/solvers.py's own Muon)
     W.grad = lin.weight.grad.clone()
     times = {"muon_fp32": [], "manifold_muon": []}
     for _ in range(args.rounds):
