@@ -207,6 +207,12 @@ class DecoderLayer(nn.Module):
         return x, present
 
 
+def _check_binary(attention_mask: torch.Tensor) -> None:
+    """An attention mask holds 0s and 1s (1: a real token); a bool one does by construction."""
+    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0s and 1s (1: a real token)")
+
+
 class TinyCausalLM(nn.Module):
     """A pre-norm causal transformer small enough to train on a laptop CPU in minutes.
 
@@ -339,9 +345,7 @@ class TinyCausalLM(nn.Module):
             if attention_mask.shape != (B, total):
                 raise ValueError(f"attention_mask must have shape {(B, total)} (batch, cached + "
                                  f"new length), got {tuple(attention_mask.shape)}")
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                # (as generate: 0.5 and 2 were read as 1)
-                raise ValueError("attention_mask must hold 0s and 1s (1: a real token)")
+            _check_binary(attention_mask)  # (0.5 and 2 were read as 1)
             key_mask = attention_mask.bool()
             positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_length:]
         else:
@@ -428,11 +432,10 @@ class TinyCausalLM(nn.Module):
                 f"prompt length {L_prompt} + max_new_tokens {max_new_tokens} exceeds "
                 f"max_len={self.config.max_len}")
         device = input_ids.device
-        if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            # (checked before the cast to long: 0.5 became 0, a real token taken as padding)
-            raise ValueError("attention_mask must hold 0s and 1s (1: a real token)")
-        mask = None if attention_mask is None else attention_mask.to(device=device,
-                                                                      dtype=torch.long)
+        if attention_mask is not None:
+            _check_binary(attention_mask)  # (before the cast: 0.5 became 0, a real token taken as padding)
+        # bool: checked once here, not again by forward at every new token
+        mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
         if mask is not None:
             if mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
