@@ -470,7 +470,12 @@ class TinyCausalLM(nn.Module):
                 token = logits.argmax(-1)
                 logprob_all = logits.log_softmax(-1)
             else:
-                logprob_all = (logits / temperature).log_softmax(-1)
+                tempered = logits / temperature
+                # (finite logits stay finite for temperature ≥ 1: no second host sync there)
+                if temperature < 1 and not bool(torch.isfinite(tempered).all()):  # multinomial named nothing
+                    raise ValueError(f"temperature={temperature!r} is so small that logits/temperature "
+                                     "overflows; use temperature=0 for greedy decoding")
+                logprob_all = tempered.log_softmax(-1)
                 token = torch.multinomial(logprob_all.exp(), 1, generator=generator).squeeze(-1)
             logprob = logprob_all.gather(-1, token[:, None]).squeeze(-1)
             alive = ~finished

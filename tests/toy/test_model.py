@@ -108,6 +108,10 @@ def test_input_validation_names_the_parameter():
         model.generate(torch.zeros(1, 20, dtype=torch.long), 10)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=-1.0)
+    # a temperature so small that logits/temperature overflows: named, not a failure inside
+    # torch.multinomial ("probability tensor contains inf, nan or element < 0")
+    with pytest.raises(ValueError, match="temperature=1e-45"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=1e-45)
 
 
 def test_seed_determines_the_weights():
