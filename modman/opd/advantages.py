@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import is_finite_real, is_int, is_real
+
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
     """A_t = Σ_{k≥t, mask_k} γ^{k−t} r_k along the last dim; 0 where mask is False."""
-    if not 0.0 <= discount <= 1.0:
+    if not (is_real(discount) and 0.0 <= discount <= 1.0):  # (True passed as γ = 1)
         raise ValueError(f"discount must lie in [0, 1], got {discount!r}")
     r = torch.where(mask, rewards, torch.zeros_like(rewards))
     if discount == 0.0:
@@ -52,17 +54,25 @@ def teacher_advantages(student_logprobs: torch.Tensor, teacher_logprobs: torch.T
     if student_logprobs.shape != teacher_logprobs.shape or student_logprobs.shape != mask.shape:
         raise ValueError(f"shapes differ: student {tuple(student_logprobs.shape)}, teacher "
                          f"{tuple(teacher_logprobs.shape)}, mask {tuple(mask.shape)}")
+    if not is_finite_real(kl_coef):  # (NaN gave NaN advantages)
+        raise ValueError(f"kl_coef must be a finite number, got {kl_coef!r}")
     reward = -kl_coef * (student_logprobs.detach() - teacher_logprobs.detach())
     return discounted_returns(reward, mask, discount)
 
 
-def group_centred_advantages(rewards: torch.Tensor, group_size: int,
-                             mask: torch.Tensor) -> torch.Tensor:
-    """RL advantages: R_i − mean of R over i's group, broadcast over i's completion tokens."""
-    rewards = rewards.detach().float()
+def group_centred_advantages(rewards: torch.Tensor, group_size: int, mask: torch.Tensor, *,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """RL advantages: R_i − mean of R over i's group, broadcast over i's completion tokens (B, T),
+    in ``dtype`` (the policy's log-prob dtype: an fp64 policy's 1/3 was off by 4e-8 in fp32), on
+    the mask's device."""
+    if not is_int(group_size) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    rewards = rewards.detach().to(device=mask.device, dtype=torch.float64)
     if rewards.ndim != 1 or rewards.shape[0] % group_size:
         raise ValueError(f"rewards must be (B,) with B a multiple of group_size={group_size}, "
                          f"got {tuple(rewards.shape)}")
-    grouped = rewards.view(-1, group_size)
-    centred = (grouped - grouped.mean(1, keepdim=True)).reshape(-1)
-    return torch.where(mask, centred[:, None].expand_as(mask), torch.zeros(mask.shape))
+    if mask.ndim != 2 or mask.shape[0] != rewards.shape[0]:
+        raise ValueError(f"mask must be (B, T) for the {rewards.shape[0]} rewards, got {tuple(mask.shape)}")
+    grouped = rewards.view(-1, int(group_size))
+    centred = (grouped - grouped.mean(1, keepdim=True)).reshape(-1).to(dtype)
+    return torch.where(mask, centred[:, None].expand_as(mask), torch.zeros((), dtype=dtype, device=mask.device))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import is_int
+from .._modes import kept_modes
 
 @dataclass
 class Rollouts:
@@ -73,13 +74,9 @@ def sample_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     """G = ``group_size`` temperature-1 samples per prompt from ``model`` (any module with
     :meth:`modman.toy.TinyCausalLM.generate`'s signature), with their log-probs and masks."""
     ids, mask, names = repeat_prompts(prompt_ids, prompt_mask, prompts, group_size)
-    was_training = model.training
-    model.eval()
-    try:
+    with kept_modes(model, False):  # (every submodule's own mode back after, not the model's flag)
         out = model.generate(ids, max_new_tokens, temperature=1.0, eos_token_id=eos_token_id,
                              pad_token_id=pad_token_id, attention_mask=mask, generator=generator)
-    finally:
-        model.train(was_training)
     cmask = out.completion_mask
     emitted_eos = ((out.completion_ids == eos_token_id) & cmask).any(dim=1)
     full_mask = torch.cat((mask.to(torch.long), cmask.to(torch.long)), dim=1)

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .._modes import kept_modes
 from .rollouts import Rollouts
 
 # A teacher's own rendering: (prompts, rollouts) → (input_ids, attention_mask, completion_start)
@@ -128,9 +129,7 @@ def teacher_logprobs(teacher, rollouts: Rollouts, *, render: TeacherRender | Non
     (the teacher's prompt format) it reads its own input; the tokens at the completion columns
     must equal the sampled tokens wherever the completion mask is set, or ValueError.
     """
-    was_training = teacher.training
-    teacher.eval()
-    try:
+    with kept_modes(teacher, False):  # (every submodule's own mode back after)
         if render is None:
             _check_teacher_context(teacher, rollouts.sequences.shape[1])
             lp = gather_logprobs(teacher, rollouts.sequences, rollouts.attention_mask,
@@ -156,6 +155,4 @@ def teacher_logprobs(teacher, rollouts: Rollouts, *, render: TeacherRender | Non
                     f"{rollouts.completion_ids[row][cmask[row]].tolist()}")
             _check_teacher_context(teacher, ids.shape[1])
             lp = gather_logprobs(teacher, ids, mask, positions.clamp(max=ids.shape[1] - 1))
-    finally:
-        teacher.train(was_training)
     return lp.masked_fill(~rollouts.completion_mask, 0.0)

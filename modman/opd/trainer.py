@@ -17,7 +17,7 @@ loss is the mean over sequences of the per-sequence token sum. The student runs 
 dropout) for the whole step, sampling, scoring and learning alike, so the sampled, the scored and
 the differentiated policy are one network. The student's log-probs in the advantage come from the
 same no-grad scoring path as the teacher's, so teacher == student gives advantages that are
-exactly zero (and no update); the ratio's denominator is the sampler's own recorded log-prob.
+exactly zero (and no gradient: an optimizer's decoupled weight decay still moves the weights); the ratio's denominator is the sampler's own recorded log-prob.
 A non-finite value raises FloatingPointError before any update (see :meth:`Trainer.step`).
 
 Metrics every step (a dict, appended as one JSON line to ``log_path`` when given):
@@ -95,6 +95,8 @@ class OPDConfig:
                 raise ValueError(f"{name} must be an int >= {low}"
                                  f"{' or None' if optional else ''}, got {value!r}")
             object.__setattr__(self, name, int(value))
+        if self.seed >= 2**64:  # torch.Generator's range; it failed naming nothing
+            raise ValueError(f"seed must be below 2**64, got {self.seed!r}")
         if self.objective == "rl" and self.group_size < 2:
             # The task reward is centred within each group: a group of one always gets advantage
             # exactly 0, so the RL objective would silently train on nothing.
@@ -104,7 +106,7 @@ class OPDConfig:
             # the advantage is −kl_coef·(log s − log t): zero everywhere, nothing would train
             raise ValueError("objective 'opd' needs kl_coef > 0 (its advantages are −kl_coef·(log s − "
                              "log t)): kl_coef=0 would train on nothing")
-        if self.temperature != 1.0:
+        if not is_real(self.temperature) or self.temperature != 1.0:  # (True == 1.0)
             raise ValueError(
                 "temperature must be 1: the importance ratio divides by the sampler's log-probs, "
                 "which are the trained policy's only at temperature 1 (no top-p/top-k either)")
@@ -222,6 +224,14 @@ class Trainer:
             check_same_vocabulary(student, teacher, task.tokenizer, teacher_tokenizer)
             if teacher is student:
                 raise ValueError("teacher must be a separate, fixed model (pass a copy)")
+            # copy.copy(student), or a teacher given the student's embedding: freezing the teacher
+            # would freeze those weights of the student (a probe)
+            in_teacher = {id(p) for p in teacher.parameters()}
+            shared = [name for name, p in student.named_parameters(remove_duplicate=False) if id(p) in in_teacher]
+            if shared:
+                raise ValueError(f"the teacher shares {len(shared)} parameter(s) with the student "
+                                 f"({', '.join(shared[:4])}{', …' if len(shared) > 4 else ''}): freezing the "
+                                 "teacher would freeze them; pass a separate copy (copy.deepcopy)")
             devices = _device(student), _device(teacher)
             if None not in devices and devices[0] != devices[1]:
                 # the teacher scores the student's token ids as they are, on the student's device
@@ -336,7 +346,7 @@ class Trainer:
             advantages = teacher_advantages(student_lp, teacher_lp, mask,
                                             kl_coef=cfg.effective_kl_coef, discount=cfg.discount)
         elif cfg.objective == "rl":
-            advantages = group_centred_advantages(rewards, cfg.group_size, mask)
+            advantages = group_centred_advantages(rewards, cfg.group_size, mask, dtype=student_lp.dtype)
             if cfg.effective_kl_coef > 0:
                 advantages = advantages + teacher_advantages(
                     student_lp, teacher_lp, mask, kl_coef=cfg.effective_kl_coef,

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modman.opd import OPDConfig, Trainer, gather_logprobs
+from modman.opd import OPDConfig, Trainer, gather_logprobs, group_centred_advantages, teacher_advantages
 from modman.toy import TinyCausalLM, tasks
 from modman.toy.model import RMSNorm
 
@@ -73,6 +73,9 @@ def _assert_same(a, b):
     (dict(objective="rl", group_size=1), "group_size"),
     (dict(objective="rl", group_size=1, kl_coef=0.5), "group_size"),
     (dict(kl_coef=0.0), "kl_coef"),  # "opd" with zero advantages trains nothing
+    # a bool equals 1.0 and 1 (they passed, and torch.Generator failed on a seed of 2**64 naming nothing)
+    (dict(temperature=True), "temperature"), (dict(seed=2 ** 64), "seed"),
+    (dict(discount=True), "discount"),
 ])
 def test_bad_config_values_are_refused_naming_the_parameter(kw, name):
     with pytest.raises(ValueError, match=name):
@@ -220,6 +223,22 @@ def test_non_finite_student_is_refused_before_the_update():
     _assert_same(_snapshot(trainer), before)
 
 
+@pytest.mark.parametrize("share", ["all", "embedding"])
+def test_a_teacher_sharing_parameters_with_the_student_is_refused_and_nothing_changes(share):
+    """copy.copy(student) passed `teacher is student`; freezing the teacher then froze the student
+    (every weight, or the shared embedding, which silently never trained), a probe."""
+    student = tiny_model(0)
+    if share == "all":
+        teacher = copy.copy(student)
+    else:
+        teacher = tiny_model(1)
+        teacher.embed_tokens = student.embed_tokens
+    with pytest.raises(ValueError, match="embed_tokens.weight"):
+        Trainer(student, TASK, _config(), teacher=teacher, optimizer=_adamw)
+    assert all(p.requires_grad for p in student.parameters())
+    assert teacher.training
+
+
 def test_a_teacher_on_another_device_is_refused_naming_both():
     student, teacher = tiny_model(0), tiny_model(1).to("meta")
     before = copy.deepcopy(student.state_dict())
@@ -350,6 +369,24 @@ def test_step_and_evaluate_restore_every_submodules_own_mode():
     assert {name: m.training for name, m in student.named_modules()} == modes
 
 
+def test_sampling_and_teacher_scoring_restore_every_submodules_own_mode():
+    """The public sample_rollouts and teacher_logprobs restored only the model's own flag
+    (model.train(was_training)): a part kept in eval mode came back in training mode (a probe)."""
+    from modman.opd import sample_rollouts, teacher_logprobs
+    model = _dropout_student().train()
+    part = next(m for m in model.modules() if m is not model and any(True for _ in m.children()))
+    part.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    batch = TASK.sample(2, np.random.default_rng(0), "train")
+    tok = TASK.tokenizer
+    rollouts = sample_rollouts(model, batch.prompt_ids, batch.prompt_mask, batch.prompts, group_size=2,
+                               max_new_tokens=TASK.max_new_tokens, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    teacher_logprobs(model, rollouts)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
 def test_the_learner_ratio_is_one_on_the_first_update_with_dropout():
     # teacher_kl gives Σ_t (log s − log t); with ρ = 1 the IS loss is −mean Σ_t A_t =
     # mean Σ_t (log s − log t) = teacher_kl (kl_coef 1, discount 0) up to the sampler's noise.
@@ -414,6 +451,36 @@ def test_rmsnorm_keeps_fp64():
     expected = x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
     with torch.no_grad():
         torch.testing.assert_close(norm(x), expected, atol=1e-13, rtol=0)
+
+
+def test_rl_advantages_of_an_fp64_student_are_fp64():
+    """Group-centred rewards were always fp32: 1/3 off by 4e-8 in an fp64 RL step (a probe)."""
+    rewards = torch.tensor([1.0, 0.0, 0.0])
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    adv = group_centred_advantages(rewards, 3, mask, dtype=torch.float64)
+    assert adv.dtype == torch.float64
+    torch.testing.assert_close(adv[:, 0], torch.tensor([2 / 3, -1 / 3, -1 / 3], dtype=torch.float64),
+                               rtol=0, atol=1e-15)  # fp32 was 4e-8 off
+    assert group_centred_advantages(rewards, 3, mask).dtype == torch.float32
+
+
+@pytest.mark.parametrize("group_size", [0, 2.0, True])
+def test_group_centred_advantages_refuse_a_bad_group_size(group_size):
+    with pytest.raises(ValueError, match="group_size"):
+        group_centred_advantages(torch.zeros(4), group_size, torch.ones(4, 2, dtype=torch.bool))
+
+
+def test_group_centred_advantages_refuse_rewards_and_mask_of_other_rows():
+    with pytest.raises(ValueError, match="mask"):
+        group_centred_advantages(torch.zeros(4), 2, torch.ones(3, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kw, name", [(dict(discount=True), "discount"), (dict(kl_coef=float("nan")), "kl_coef"),
+                                      (dict(kl_coef=True), "kl_coef")])
+def test_teacher_advantages_refuse_bad_coefficients(kw, name):
+    lp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=name):
+        teacher_advantages(lp, lp, torch.ones(2, 3, dtype=torch.bool), **kw)
 
 
 def test_fp64_student_trains_in_fp64():
