@@ -119,6 +119,9 @@ def main() -> None:
     p.add_argument("--out", type=pathlib.Path,
                    default=pathlib.Path(__file__).resolve().parent / "results" / "optimizers.json")
     args = p.parse_args()
+    if args.slow_budget is not None and args.warmup < 1:
+        # the budget judges the warm-up step: without one there is nothing to judge (a KeyError, an audit)
+        p.error("--slow-budget needs --warmup ≥ 1: it is judged on the last warm-up step")
     args.out.parent.mkdir(parents=True, exist_ok=True)  # now, not after the work
     torch.set_num_threads(1)
     names = [f"manifold_muon:{s}" for s in args.solvers.split(",")] + ["muon_fp32", "torch_muon", "adamw"]

@@ -1,6 +1,6 @@
 """Print the README's results table from benchmarks/results/*.json (never typed by hand).
 
-    python benchmarks/summarize.py
+    python benchmarks/summarize.py [--results DIR]
 """
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ def fmt(x, spec=".3g"):
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no stray options
+    global RESULTS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])  # --help, and no stray options
+    parser.add_argument("--results", type=pathlib.Path, default=RESULTS, help="the results folder (default: benchmarks/results)")
+    RESULTS = parser.parse_args().results
     rows = ["| benchmark | result | file |", "| --- | --- | --- |"]
     d = load("msign")
     if d:
@@ -125,8 +128,9 @@ def main() -> None:
                 parts = []
                 if "width_shift" in sh:
                     parts.append(f"width 64→512 {sh['width_shift']:.2f}×")
+                fit = sh.get("depth_shift_fit")  # None where a sweep's parabola fit failed (lr_transfer.py)
                 parts.append(f"depth 2→8 {sh['depth_2_8_shift']:.2f}× (all depths by parabola fits "
-                             f"{sh.get('depth_shift_fit', 0):.2f}×)")
+                             + (f"{fit:.2f}×)" if fit is not None else "n/a)"))
                 if "depth_3_8_shift" in sh:
                     parts.append(f"depth 3→8 {sh['depth_3_8_shift']:.2f}×")
                 if "blocks_2_8_shift" in sh:

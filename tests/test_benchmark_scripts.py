@@ -48,6 +48,31 @@ def test_the_readme_results_table_is_summarize_output():
     assert not readme[start + len(table)].startswith("|"), "the README has rows summarize.py does not print"
 
 
+def test_summarize_prints_a_failed_parabola_fit_as_missing(tmp_path):
+    """lr_transfer.py writes depth_shift_fit None when a sweep's parabola fit fails; summarize.py
+    then failed formatting None (an audit)."""
+    import json
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "benchmarks" / "results", results)
+    d = json.loads((results / "lr_transfer.json").read_text())
+    sh = next(iter(next(iter(d["best_lr_shift"].values())).values()))
+    sh["depth_shift_fit"] = None
+    (results / "lr_transfer.json").write_text(json.dumps(d))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--results", str(results)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONSAFEPATH="1"))
+    assert done.returncode == 0, done.stderr
+    assert "parabola fits n/a)" in done.stdout
+
+
+def test_optimizers_refuses_a_slow_budget_without_a_warm_up_step(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--warmup", "0",
+                           "--slow-budget", "1", "--out", str(tmp_path / "o.json")], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1"))
+    assert done.returncode == 2 and "--slow-budget needs --warmup" in done.stderr, done.stderr
+
+
 def test_a_short_run_writes_where_it_is_told_and_claims_no_bar(tmp_path):
     """--out in a folder that does not exist yet (created before the work: a missing folder failed
     after it), and a run shorter than the bar's 10⁴ steps does not claim to meet it."""
