@@ -143,9 +143,13 @@ class Runs:
     def __init__(self, path: Path, args, x, y):
         self.path, self.args, self.x, self.y = path, args, x, y
         self.cache: dict[str, float] = {}
+        self.replayed, self.trained = 0, 0  # runs read from the cache, runs trained now (in the JSON)
 
     def key(self, opt_name, arch, width, depth, k, seed):
         arch = "mlp" if depth == 2 else arch  # ResMLP at depth 2 is MLP (same weights for a seed)
+        # the solver is part of a ManifoldMuon run's key: without it, a run with another SOLVER
+        # replayed the projected solver's losses and wrote them under its own name (an audit)
+        opt_name = f"{opt_name}:{SOLVER}" if opt_name == "manifold_muon" else opt_name
         return f"{opt_name}|{arch}|{width}|{depth}|{_half_steps(k)}|{seed}|{self.args.steps}|{self.args.batch}|{OUT_MULT}"
 
     def refresh(self):
@@ -155,7 +159,10 @@ class Runs:
                     r = json.loads(line)
                 except json.JSONDecodeError:  # a line another process is writing
                     continue
-                self.cache[r["key"]] = r["loss"]
+                key = r["key"]
+                if key.startswith("manifold_muon|"):  # written before the solver was in the key: all "projected"
+                    key = "manifold_muon:projected|" + key[len("manifold_muon|"):]
+                self.cache[key] = r["loss"]
 
     def losses(self, opt_name, arch, width, depth, k):
         """Final losses of every seed at lr = LATTICE[opt]·2^(k/PER_OCTAVE)."""
@@ -163,7 +170,9 @@ class Runs:
         out = []
         for seed in range(self.args.seeds):
             key = self.key(opt_name, arch, width, depth, k, seed)
+            self.replayed += key in self.cache
             if key not in self.cache:
+                self.trained += 1
                 lr = _lr(opt_name, k)
                 loss = train(opt_name, arch, width, depth, lr, seed, self.x, self.y, self.args.steps, self.args.batch)
                 with open(self.path, "a") as f:
@@ -366,6 +375,9 @@ def main():
                             for r in results[o][a].get(axis, {}).values()),
         "seconds": time.time() - t0,
         "runs_cache": runs.path.name,
+        # how many of the runs behind these results were read from runs_cache (trained by an earlier
+        # invocation, possibly of older code, on the machine that wrote them) and how many trained now
+        "runs_replayed_from_cache": runs.replayed, "runs_trained_now": runs.trained,
     }
     print()
     print(f"{'optimizer':<14} {'arch':<7} {'axis':<6} {'value':>6} {'best lr':>9} {'fit':>9} {'loss':>8} interior")
