@@ -113,12 +113,12 @@ def msign(
     if X.numel() == 0:
         return X.clone()
     if schedule == "svd":
-        return _msign_svd(X.to(dtype)).to(X.dtype)
+        return _msign_svd(_within_range(X, dtype).to(dtype)).to(X.dtype)
 
     transposed = X.shape[-2] > X.shape[-1]
     Y = X.mT if transposed else X
     batch_shape = Y.shape[:-2]
-    Y = Y.reshape(-1, *Y.shape[-2:]).to(dtype)
+    Y = _within_range(Y.reshape(-1, *Y.shape[-2:]), dtype).to(dtype)
     Y, gram = _normalise(Y, normalization, SCHEDULES[schedule][2])
     coeffs = coefficients(schedule, steps)
     if not needs_grad and _use_triton(Y, backend):
@@ -154,6 +154,18 @@ def newton_schulz(
     return X
 
 
+def _within_range(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """X divided by max|X| per matrix, in X's own dtype, where ``dtype`` has a narrower exponent
+    range than X's (fp32 → fp16, fp64 → fp32/bf16): msign(cX) = msign(X), and the cast alone made
+    an fp32 X at 1e5 NaN in fp16 and an fp64 one at 1e-300 zero in fp32 (a probe). X itself
+    otherwise (``_normalise`` divides by max|X| after the cast, in the compute dtype)."""
+    wide, narrow = torch.finfo(X.dtype), torch.finfo(dtype)
+    if narrow.max >= wide.max and narrow.tiny <= wide.tiny:
+        return X
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    return X / torch.where(amax > 0, amax, torch.ones_like(amax))
+
+
 def _normalise(Y: torch.Tensor, normalization: str, safety: float):
     """Scale each matrix of the batch so that σ_max ≤ 1/safety; return it and its Gram."""
     amax = Y.abs().amax(dim=(-2, -1), keepdim=True)
@@ -164,12 +176,17 @@ def _normalise(Y: torch.Tensor, normalization: str, safety: float):
         return Y / torch.where(norm > 0, norm, torch.ones_like(norm)), None
     gram = Y @ Y.mT
     # λ_max(S) ≤ ‖S‖_F and ≤ ‖S‖_∞ (the largest absolute row sum) for symmetric S: the Frobenius
-    # bound is loose by up to √n on a flat spectrum (S ≈ c·I), where the row sums are tight
-    gnorm = torch.minimum(torch.linalg.matrix_norm(gram, keepdim=True),
-                          gram.abs().sum(dim=-1, keepdim=True).amax(dim=-2, keepdim=True))
+    # bound is loose by up to √n on a flat spectrum (S ≈ c·I), where the row sums are tight.
+    # Both in fp32 at least: for fp16 they reach m·n on a dominant rank-1 Y (entries ≤ 1), beyond
+    # its 65504, and an infinite scale made msign 0 (a probe); the scale itself, ≤ √(mn), fits.
+    wide = gram if gram.dtype != torch.float16 else gram.float()
+    gnorm = torch.minimum(torch.linalg.matrix_norm(wide, keepdim=True),
+                          wide.abs().sum(dim=-1, keepdim=True).amax(dim=-2, keepdim=True))
     # the zero test before the root: √0's derivative is infinite, and through the discarded
     # branch of a where it still made the gradient of a zero matrix NaN (0·∞)
     scale = torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm)).sqrt() * safety
+    if gram.dtype == torch.float16:  # scale² overflows fp16 where scale does not: divide twice
+        return Y / scale.to(Y.dtype), gram / scale.to(Y.dtype) / scale.to(Y.dtype)
     return Y / scale, gram / (scale * scale)
 
 

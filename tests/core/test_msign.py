@@ -95,6 +95,32 @@ def test_extreme_scales(scale, dtype):
     assert max_dev(Y) <= tol
 
 
+@pytest.mark.parametrize("dtype, compute, scale", [
+    (torch.float32, torch.float16, 1e6), (torch.float32, torch.float16, 1e-9),
+    (torch.float64, torch.float32, 1e300), (torch.float64, torch.float32, 1e-300),
+    (torch.float64, torch.bfloat16, 1e-300)])
+def test_scale_free_in_a_narrower_compute_dtype(dtype, compute, scale):
+    """msign(cX) = msign(X): X was cast to the compute dtype before its division by max|X|, so an
+    fp32 gradient at 1e5 (fp16 loss scaling) came back NaN in fp16 and an fp64 one at 1e-300 all
+    zeros in fp32 (a probe)."""
+    X, _, _ = spectrum_matrix(40, 24, log_spectrum(24, 1e2), dtype=torch.float64, seed=3)
+    X = X.to(dtype)
+    Y = msign(X * scale, compute_dtype=compute)
+    assert torch.isfinite(Y).all()
+    torch.testing.assert_close(Y, msign(X, compute_dtype=compute), rtol=0, atol=1e-2 if compute != torch.float32 else 1e-6)
+
+
+def test_fp16_compute_of_a_dominant_rank_one_matrix_is_not_zero():
+    """Its Gram's norm bound (up to m·n for ones plus noise) overflowed fp16, the scale became ∞
+    and msign 0: modman.Muon(ns_dtype="float16") stepped nothing (a probe)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.ones(256, 256) + 0.01 * torch.randn(256, 256, generator=g)
+    Y = msign(X, compute_dtype=torch.float16)
+    ref = msign(X)
+    assert torch.isfinite(Y).all() and Y.abs().max() > 0.1
+    assert (Y - ref).norm() / ref.norm() < 0.05
+
+
 def test_extreme_scales_bf16():
     X, U, V = spectrum_matrix(40, 24, log_spectrum(24, 1e2), dtype=torch.float64, seed=2)
     for scale in (1e-30, 1e30):
