@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the ranks (then they are killed)")
     p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "distributed.json"))
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--init", default=None, help=argparse.SUPPRESS)
@@ -108,8 +109,19 @@ def main() -> None:
                                    "--hidden", str(args.hidden), "--steps", str(args.steps), "--warmup",
                                    str(args.warmup), "--init", f"{tmp}/init", "--tmp", tmp], env=env)
                  for r in range(args.world)]
-        if any(proc.wait() != 0 for proc in procs):
-            raise SystemExit("a rank failed")
+        # every rank waited for, within a deadline, and none left running: a rank that failed left
+        # the others in a collective, and the first failure ended the wait for the rest (an audit)
+        deadline = time.monotonic() + args.timeout
+        try:
+            codes = [proc.wait(timeout=max(deadline - time.monotonic(), 0)) for proc in procs]
+        except subprocess.TimeoutExpired:
+            codes = None
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        if codes is None or any(codes):
+            raise SystemExit(f"a rank failed or ran past --timeout {args.timeout} s (exit codes {codes})")
         ranks = [torch.load(f"{tmp}/rank{r}.pt") for r in range(args.world)]
     per_step = [max(rk["times"][i] for rk in ranks) for i in range(args.steps)]
     label = f"{args.world} ranks × 1 thread, distributed=True"

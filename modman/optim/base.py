@@ -618,7 +618,7 @@ class ManifoldOptimizer(Optimizer):
         advice = ("each constrained step needs the whole matrix, which a sharded parameter spreads over "
                   "the ranks; use DDP (distributed=True deals the solves out across the ranks)")
         for group in groups:
-            constrained = group["algorithm"] != "adamw"  # (elementwise AdamW steps a shard as well as a whole)
+            constrained = group["algorithm"] != "adamw"
             for p in group["params"]:
                 # FSDP1 marks its parameters _fsdp_flattened: the FlatParameter (_is_flat_param: all of a
                 # module's weights in one 1-D tensor, never a matrix) and, with use_orig_params=True, the
@@ -628,9 +628,13 @@ class ManifoldOptimizer(Optimizer):
                 if flat:
                     raise TypeError(f"{names[id(p)]} is a parameter of FullyShardedDataParallel (FSDP), flattened "
                                     f"and sharded: not supported; {advice}")
-                if dtensor is not None and isinstance(p, dtensor) and constrained:
+                # the AdamW fallback too: elementwise, it could step a shard, but its step reads storage
+                # pointers and mixes DTensor with plain gradients in one foreach call (it failed in
+                # the first step, "invalid python storage"; a probe)
+                if dtensor is not None and isinstance(p, dtensor):
                     raise TypeError(f"{names[id(p)]} is a DTensor (FSDP2's fully_shard or tensor parallelism): "
-                                    f"not supported; {advice}")
+                                    f"not supported{'' if constrained else ', not even in the AdamW fallback'}; "
+                                    f"{advice}")
 
     @staticmethod
     def _no_decay_on_fixed_norms(groups) -> None:
@@ -798,6 +802,14 @@ class ManifoldOptimizer(Optimizer):
         pg = getattr(self, "_process_group", None)  # absent on an unpickled optimizer: local
         shared = [(group, p) for group in self.param_groups if group["algorithm"] in SHARED_ALGORITHMS
                   for p in group["params"] if p.grad is not None] if pg is not None else []
+        # a parameter listed twice is one matrix with one owner, who steps it twice as one process
+        # does, and one broadcast: dealt out per occurrence, one rank stepped it twice and also took
+        # the other's broadcast of a matrix that rank never stepped (ManifoldMuon failed on one rank
+        # and left the others waiting, Muon's ranks diverged; a probe)
+        first = {}
+        for group, p in shared:
+            first.setdefault(id(p), (group, p))
+        shared = list(first.values())
         elsewhere = []  # ranks whose gradients are not finite, all ranks agreeing on it
         if pg is not None:  # also with nothing to share here: the other ranks may think otherwise
             settings = [(f"group {i} ({names[id(g['params'][0])] if g['params'] else 'empty'})",

@@ -197,9 +197,16 @@ def check_same_items(group, names: list[str], finite: bool = True, settings: lis
     if len(set(digests)) == 1 and len({s for _, s, _, _ in answers}) > 1:
         gathered = [None] * len(answers)
         dist.all_gather_object(gathered, groups, group=group)  # only to say what differs
-        raise ValueError(f"distributed step: the ranks' param groups differ [{_group_differences(gathered)}]; "
-                         "every rank must step with the same hyperparameters (a scheduler or an lr change "
-                         "applied on one rank only?). Nothing was changed.")
+        differences = _group_differences(gathered)
+        # lr_scale is the modular budget, read from each rank's weights at construction (a bias's
+        # norm bounds its layer's input): an optimizer built before DDP broadcast rank 0's weights,
+        # on ranks seeded apart, got each rank's own (a probe; the hint named only schedulers)
+        cause = ("the modular budget (lr_scale) was computed from weights that differed between the "
+                 "ranks: build the optimizer after DDP(model), which broadcasts rank 0's weights, or "
+                 "seed every rank alike" if "lr_scale " in differences else
+                 "a scheduler or an lr change applied on one rank only?")
+        raise ValueError(f"distributed step: the ranks' param groups differ [{differences}]; "
+                         f"every rank must step with the same hyperparameters ({cause}). Nothing was changed.")
     if any(d != digests[0] for d in digests):
         gathered = [None] * len(digests)
         dist.all_gather_object(gathered, names, group=group)  # the names, only to say what differs

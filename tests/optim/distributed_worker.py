@@ -189,6 +189,15 @@ def sharded(world):
             on = all(float((torch.linalg.svdvals(w.double()) - 1).abs().max()) < 1e-5 for w in weights)
             out[label, cls.__name__] = f"stepped, on the manifold: {on}"
             model.zero_grad()
+    # DTensors given the AdamW fallback: let through, they failed in the first step ("invalid python
+    # storage"; a plain gradient beside them: "mixed torch.Tensor and DTensor", a probe)
+    torch.manual_seed(0)
+    model = fsdp2(torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5)))
+    try:
+        modman.ManifoldMuon(model.modules(), roles={torch.nn.Linear: "fallback"})
+        out["fsdp2_fallback"] = "built"
+    except TypeError as e:
+        out["fsdp2_fallback"] = str(e)
     return out
 
 
@@ -240,6 +249,21 @@ def lr_changed_on_one_rank(rank):
     opt = modman.ManifoldMuon(model.modules(), distributed=True, lr=0.05)
     if rank == 1:
         opt.param_groups[0]["lr"] = 0.1
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    return refused_unchanged(model, opt)
+
+
+def budget_before_broadcast(rank):
+    """nanoGPT's order: a seed per rank, the optimizer built before DDP broadcasts rank 0's weights.
+    The modular budget came from each rank's own biases: refused, and the message said "a
+    scheduler or an lr change applied on one rank only?" (a probe)."""
+    torch.manual_seed(rank)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # (biases: the budget reads them)
+    opt = modman.ManifoldMuon(model.modules(), distributed=True, lr=0.05)
+    with torch.no_grad():
+        for p in model.parameters():  # what DDP's construction does
+            dist.broadcast(p.data, src=0)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     return refused_unchanged(model, opt)
@@ -312,6 +336,27 @@ def owner_failure():
                 "other_moved": not torch.equal(before, model[1].weight)}
 
 
+def listed_twice():
+    """A parameter listed twice (one process steps it twice, as torch does): bitwise one process's.
+    Its two occurrences were dealt to two ranks; one rank stepped it twice and also took the other's
+    broadcast of a matrix it never stepped: ManifoldMuon raised KeyError 'dual' on one rank and left
+    the others waiting, Muon's ranks silently diverged (a probe)."""
+    out = {}
+    for cls in (modman.ManifoldMuon, modman.Muon):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.linalg.qr(torch.randn(10, 6))[0])
+        ref = nn.Parameter(w.detach().clone())
+        opt, ref_opt = cls([w, w], distributed=True, lr=0.05), cls([ref, ref], lr=0.05)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            g = torch.randn(10, 6, generator=gen)
+            for p, o in ((w, opt), (ref, ref_opt)):
+                p.grad = g.clone()
+                o.step()
+        out[cls.__name__] = torch.equal(w, ref) and same_state(opt, ref_opt)
+    return out
+
+
 def solver_switch():
     """Two steps with newton, then the groups' solver set to anderson: newton's μ leaves the
     state on every rank (the owner's solver drops it; the others follow), as in one process."""
@@ -372,6 +417,8 @@ def main():
     report["group_settings"] = group_settings(rank)
     report["seen_through_ddp"] = seen_through_ddp()
     report["solver_switch"] = solver_switch()
+    report["listed_twice"] = listed_twice()
+    report["budget_before_broadcast"] = budget_before_broadcast(rank)
     report["swapped_order"] = swapped_order(rank)
     report["state_on_one_rank"] = state_on_one_rank(rank)
     report["sharded"] = sharded(world)

@@ -81,6 +81,10 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         assert rep["no_gradients_here"].startswith("distributed step: the ranks have gradients for different"), \
             rep["no_gradients_here"]
         assert rep["seen_through_ddp"]  # DDP(model).modules(): the bare model's names and budget
+        assert rep["listed_twice"] == {"ManifoldMuon": True, "Muon": True}, rep["listed_twice"]
+        message = rep["budget_before_broadcast"]
+        assert message.startswith("unchanged: distributed step: the ranks' param groups differ") and \
+            "lr_scale" in message and "build the optimizer after DDP(model)" in message, message
         # the groups' solver changed mid-run: every rank's state as one process's, μ gone
         assert rep["solver_switch"]["state_equal"] and "mu" not in rep["solver_switch"]["keys"], rep["solver_switch"]
         assert rep["dtype_mismatch"].startswith("distributed step: the ranks have gradients for different"), \
@@ -90,6 +94,7 @@ def test_two_ranks_split_the_solves_and_match_one_process(tmp_path):
         assert rep["swapped_order"].startswith("unchanged: distributed step: the ranks' weights or optimizer "
                                                "state differ for param0, param1;"), rep["swapped_order"]
         sharded = dict(rep["sharded"])
+        assert sharded.pop("fsdp2_fallback").startswith("0.weight is a DTensor"), rep["sharded"]
         assert sharded.pop(("no_shard", "ManifoldMuon")) == "stepped, on the manifold: True", rep["sharded"]
         assert sharded.pop(("no_shard", "Muon")).startswith("stepped"), rep["sharded"]
         for cls in ("ManifoldMuon", "Muon"):
