@@ -58,7 +58,8 @@ def msign(
     Args:
         X: a floating tensor with at least two dimensions, of any orientation.
         schedule: ``"polar_express"`` (default; converges), ``"keller"`` (Muon's fixed quintic;
-            singular values end in about [0.68, 1.13]), ``"convergent"`` (the quintic with
+            after its 5 steps singular values end in about [0.68, 1.13] for a condition number up
+            to 100, in [0.39, 1.20] at 1000: it does not converge), ``"convergent"`` (the quintic with
             p(1) = 1, p'(1) = p''(1) = 0, for polishing nearly orthogonal inputs), or ``"svd"``
             (exact, in fp32 at least; singular values below rank tolerance map to zero; no steps).
         steps: number of Newton–Schulz iterations; ``None`` uses the schedule's default.

@@ -148,6 +148,13 @@ def test_keller_does_not_converge_but_stays_in_its_band():
     assert np.abs(s - 1).max() >= 0.05  # it really is the non-convergent quintic
 
 
+def test_keller_band_at_condition_number_1000():
+    """The docstring's band at κ = 1000 (it claimed [0.68, 1.13] at any κ; a probe measured 0.415)."""
+    X, _, _ = spectrum_matrix(64, 48, log_spectrum(48, 1e3), seed=0)
+    s = svdvals64(msign(X, schedule="keller"))
+    assert 0.35 <= s.min() < 0.6 and s.max() <= 1.21
+
+
 def test_convergent_schedule_polishes_nearly_orthogonal_input():
     sv = 1 + 0.2 * (torch.rand(32, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5)
     X, U, V = spectrum_matrix(64, 32, sv, dtype=torch.float64, seed=5)
