@@ -16,14 +16,32 @@ from torch import nn
 from .._warn import warn
 from ..optim.roles import is_expert_stack
 from .config import LoRAConfig, select_targets
-from .layer import LoRALinear
+from .layer import LoRALinear, refuse_repeated
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _check_adapter_name(name: str) -> None:
+def check_adapter_name(name: str) -> None:
+    """Refuse, before anything changes, a name the adapter containers cannot hold."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in ("base_layer",):
         raise ValueError(f"adapter_name must be a Python identifier (no dots), got {name!r}")
+    # the factors live in nn.ModuleDicts, whose add_module refuses a key that is an attribute: apply_lora
+    # and load_adapter failed half-way, base frozen and layers swapped (a probe: "train", "eval", "keys")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter_name {name!r} is an attribute of nn.ModuleDict, which holds the adapters' "
+                         "factors; pick another name")
+
+
+def _adapter_list(model: nn.Module, names: str | list[str]) -> list[str]:
+    """``names`` (one name or a list) as a list, refused unless each is an adapter of the model,
+    listed once."""
+    names = [names] if isinstance(names, str) else list(names)
+    refuse_repeated(names)
+    present = adapter_names(model)
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"no adapter named {missing}; the model has {present}")
+    return names
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -109,7 +127,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; pick another "
                          "adapter_name or load into it with load_adapter")
@@ -143,15 +161,16 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Make ``names`` the active adapters (their updates add) and the only trainable ones."""
-    names = [names] if isinstance(names, str) else list(names)
-    present = adapter_names(model)
-    missing = [n for n in names if n not in present]
-    if missing:
-        raise ValueError(f"no adapter named {missing}; the model has {present}")
-    for layer in lora_layers(model).values():
-        if layer.merged_adapters:
-            layer.unmerge()
+    """Make ``names`` the active adapters (their updates add) and the only trainable ones.
+    Merged adapters are unmerged first, with a warning (as PEFT does)."""
+    names = _adapter_list(model, names)
+    layers = lora_layers(model)
+    merged = [path for path, layer in layers.items() if layer.merged_adapters]
+    if merged:  # (it unmerged silently: the weights changed under a caller who had merged them)
+        warn(f"setting the active adapters unmerges the adapters merged into {merged[:3]}"
+             f"{' …' if len(merged) > 3 else ''} (as in PEFT); call merge_lora again to merge them")
+    for layer in layers.values():
+        layer.unmerge()
         layer.active_adapters = [n for n in names if n in layer.r]
         for name in layer.r:
             trainable = name in names
@@ -197,12 +216,7 @@ def merge_lora(model: nn.Module, adapter_names: str | list[str] | None = None) -
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters to merge")
-    names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
-    if names is not None:
-        present = list(dict.fromkeys(n for layer in layers.values() for n in layer.r))
-        missing = [n for n in names if n not in present]
-        if missing:
-            raise ValueError(f"no adapter named {missing}; the model has {present}")
+    names = None if adapter_names is None else _adapter_list(model, adapter_names)
     chosen = {path: None if names is None else [n for n in names if n in layer.r] for path, layer in layers.items()}
     _refuse_tied_merge(model, {path: layer for path, layer in layers.items()
                                if layer.to_merge(chosen[path])}, "merge_lora")

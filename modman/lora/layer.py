@@ -39,6 +39,14 @@ def features(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"features: an nn.Linear or transformers' Conv1D, got {type(module).__name__}")
 
 
+def refuse_repeated(names: list[str]) -> None:
+    """Refuse a list naming an adapter more than once: its update was added once per listing
+    (merge_lora(m, ["default", "default"]) folded s·B A in twice, a probe)."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"adapter names listed more than once: {repeated}")
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear (or transformers' Conv1D, GPT-2's Linear stored transposed: PEFT's
     ``fan_in_fan_out``) with adapters; see the module docstring for the maths."""
@@ -115,7 +123,10 @@ class LoRALinear(nn.Module):
         return delta.mT if self.fan_in_fan_out else delta
 
     def to_merge(self, names: list[str] | None = None) -> list[str]:
-        """The adapters ``merge(names)`` folds in: the given (default: active) ones not merged yet."""
+        """The adapters ``merge(names)`` folds in: the given (default: active) ones not merged yet;
+        a name listed twice is refused (it was folded in twice)."""
+        if names is not None:
+            refuse_repeated(names)
         return [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
 
     @torch.no_grad()

@@ -22,8 +22,8 @@ from torch import nn
 from .._checks import is_finite_real
 from .._warn import warn
 from ..optim.roles import unwrap
-from .config import PRESETS, LoRAConfig, linear_modules, select_targets
-from .inject import adapter_names, adapter_state_dict, apply_lora, lora_layers
+from .config import ADAPTER_CONTAINERS, PRESETS, LoRAConfig, linear_modules, matches, select_targets
+from .inject import adapter_names, adapter_state_dict, apply_lora, check_adapter_name, lora_layers
 from .layer import adapter_dtype, features
 
 CONFIG_NAME = "adapter_config.json"
@@ -37,12 +37,21 @@ _INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "random": False}
 _INIT_FROM_PEFT = {True: "default", "gaussian": "gaussian", False: "random"}
 
 
-def _target_list(paths: list[str], model: nn.Module) -> list[str]:
-    """Leaf names when they select exactly ``paths`` among the model's Linear layers (the
-    familiar ["q_proj", …]); the full paths otherwise (e.g. with exclusions)."""
+def _target_list(paths: list[str], model: nn.Module) -> list[str] | str:
+    """A ``target_modules`` that selects exactly ``paths`` by PEFT's rule, which matches every
+    module of the model, not only its Linear layers (a key matches a name it equals or ends with
+    as ".name"): the leaf names when they do (the familiar ["q_proj", …]), else the full paths
+    (e.g. with exclusions), else a regex of the paths (PEFT fullmatches a string). Leaf names
+    checked among the Linear layers alone were saved as ["0", "2"] for nn.Sequential MLPs ("0"
+    also names ``layers.0``: PEFT refused the folder) and as ["proj"] beside a Conv2d
+    ``patch_embed.proj`` (PEFT adapted it too; outputs 2.56e3 apart in a probe)."""
+    names = [n for n, _ in model.named_modules()
+             if n and not any(part in ADAPTER_CONTAINERS for part in n.split("."))]
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    selected = {p for p in linear_modules(model) if p.rsplit(".", 1)[-1] in leaves}
-    return leaves if selected == set(paths) else sorted(paths)
+    for spec in (leaves, sorted(paths)):
+        if {n for n in names if matches(spec, n)} == set(paths):
+            return spec
+    return "|".join(re.escape(p) for p in sorted(paths))
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
@@ -141,6 +150,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         "modules_to_save": bool(config.get("modules_to_save")),
         "lora_bias": bool(config.get("lora_bias")),
         "target_parameters": bool(config.get("target_parameters")),
+        # activated LoRA adapts only the tokens from its invocation sequence on: loaded as plain
+        # LoRA it ran on every token (logits 0.37 from PEFT's in a probe); set as PEFT reads it, truthy
+        "alora_invocation_tokens": bool(config.get("alora_invocation_tokens")),
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
@@ -152,6 +164,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
             raise ValueError(f"{config_file}: {key} must be a positive number, got {value!r}")
     if float(config["r"]) != int(config["r"]):
         raise ValueError(f"{config_file}: r must be a whole number, got {config['r']!r}")
+    dropout = config.get("lora_dropout")  # (LoRAConfig's own message named no file)
+    if dropout is not None and not (is_finite_real(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"{config_file}: lora_dropout must be a number in [0, 1), got {dropout!r}")
     try:
         tensors = load_file(str(weights_file))
     except Exception as err:  # safetensors raises its own SafetensorError for a damaged file
@@ -223,11 +238,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     The adapted modules are those named in the tensor file. If the model has no adapter of that
     name it is created (and made active and trainable, as by :func:`apply_lora`); otherwise its
     values are overwritten, which needs the file's rank and scale (r, lora_alpha, use_rslora) to
-    be the adapter's. Every module path and shape is checked first: an adapter for
+    be the adapter's; where it was merged it is merged again with the new values (the other
+    adapters merged into its layers too, W recomputed: equal up to the rounding of one unmerge and
+    merge). Every module path and shape is checked first: an adapter for
     other module names or shapes raises ValueError naming the file and modules, and the model
     is left untouched.
     """
     model = unwrap(model)
+    check_adapter_name(adapter_name)
     config, tensors = read_adapter(path)
     weights_file = Path(path) / WEIGHTS_NAME
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -320,9 +338,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     with torch.no_grad():
         for module_path, pair in factors.items():
             layer = layers[module_path]
-            if adapter_name in layer.merged_adapters:
-                layer.unmerge()  # the merged values are about to change
+            # the merged values are about to change: unmerge (which unmerges every adapter of the
+            # layer) and merge the same adapters again after; leaving them unmerged changed the
+            # model's output (0.059 in a probe)
+            merged = list(layer.merged_adapters) if adapter_name in layer.merged_adapters else []
+            if merged:
+                layer.unmerge()
             for factor in ("lora_A", "lora_B"):
                 weight = getattr(layer, factor)[adapter_name].weight
                 weight.copy_(pair[factor].to(device=weight.device, dtype=weight.dtype))
+            layer.merge(merged)
     return model

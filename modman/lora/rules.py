@@ -47,8 +47,9 @@ def rank_for_parameter_count(model: nn.Module, n_params: int, target_modules="al
                              exclude=None) -> int:
     """The smallest rank whose adapter on ``target_modules`` has at least ``n_params``
     parameters: the rank for a comparison at matched parameter count."""
-    if n_params < 1:
-        raise ValueError(f"n_params must be ≥ 1, got {n_params!r}")
+    # 1.5 and True gave rank 1, NaN "cannot convert float NaN to integer" (a probe)
+    if not is_int(n_params) or n_params < 1:
+        raise ValueError(f"n_params must be a positive int, got {n_params!r}")
     per_rank = lora_parameter_count(model, LoRAConfig(1, target_modules=target_modules,
                                                       exclude=exclude))
     return max(1, math.ceil(n_params / per_rank))

@@ -164,21 +164,37 @@ def train(model: nn.Module, optimizer: Callable[[nn.Module], torch.optim.Optimiz
     in (a model loaded for inference, in eval mode, keeps its dropout off after training).
 
     Raises FloatingPointError at the first non-finite loss or gradient, naming the step; that
-    step changes nothing.
+    step changes nothing. A checkpoint that cannot be resumed (unreadable, other parameters or
+    shapes, another optimizer class) raises ValueError naming it, the model left bitwise as it was.
     """
     if not callable(optimizer):
         raise TypeError("optimizer must be a factory model -> torch.optim.Optimizer")
     check_unmerged(model, "train")
-    opt = optimizer(model)
-    base_lrs = [float(g["lr"]) for g in opt.param_groups]
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt_dir is not None and resume and (ckpt_dir / CHECKPOINT_NAME).is_file():
-        given = base_lrs
-        start, base_lrs = _load_checkpoint(ckpt_dir / CHECKPOINT_NAME, trainable, opt)
+    ckpt_file = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
+    resuming = resume and ckpt_file is not None and ckpt_file.is_file()
+    state = _read_checkpoint(ckpt_file, trainable) if resuming else None
+    if state is None:
+        opt = optimizer(model)
+        base_lrs, start = [float(g["lr"]) for g in opt.param_groups], 0
+    else:
+        # the optimizer's constructor may write the parameters (ManifoldMuon moves each A onto
+        # Stiefel, B <- B·P) before its class can be checked against the checkpoint's: a refused
+        # resume changed the model (a probe), so they are put back bitwise on refusal
+        kept = {n: p.detach().clone() for n, p in trainable.items()}
+        try:
+            opt = optimizer(model)
+            given = [float(g["lr"]) for g in opt.param_groups]
+            start, base_lrs = _resume(ckpt_file, state, trainable, opt)
+        except BaseException:
+            with torch.no_grad():
+                for name, p in trainable.items():
+                    p.copy_(kept[name])
+            raise
+        del kept
         if base_lrs != given:
-            warn(f"resumed from {ckpt_dir / CHECKPOINT_NAME} with its base lrs {base_lrs}; the optimizer "
+            warn(f"resumed from {ckpt_file} with its base lrs {base_lrs}; the optimizer "
                  f"given has {given} (start a new checkpoint_dir to train with those)")
     records: list[dict] = []
     metrics_file = None
@@ -288,8 +304,18 @@ def _save_checkpoint(folder: Path, model: nn.Module, trainable: dict, opt, step:
                          name)
 
 
-def _load_checkpoint(file: Path, trainable: dict, opt) -> tuple[int, list[float]]:
-    state = torch.load(file, weights_only=True)
+def _read_checkpoint(file: Path, trainable: dict) -> dict:
+    """The state in ``file``, refused (naming it) unless it is a trainer checkpoint holding the
+    model's trainable parameters in their shapes; read before the optimizer is built."""
+    try:
+        state = torch.load(file, weights_only=True)
+    except Exception as err:  # (a truncated file: "OSError: [Errno 22] Invalid argument", no file named)
+        raise ValueError(f"{file} is not a readable checkpoint ({type(err).__name__}: {err}); not resumed "
+                         "(remove it or pass resume=False to start afresh)") from None
+    missing = [key for key in ("step", "base_lrs", "params", "optimizer", "rng")
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{file} is not a trainer checkpoint: it lacks {missing}; not resumed")
     saved = state["params"]
     if set(saved) != set(trainable):
         raise ValueError(f"{file} holds parameters {sorted(set(saved) ^ set(trainable))[:5]} "
@@ -298,13 +324,19 @@ def _load_checkpoint(file: Path, trainable: dict, opt) -> tuple[int, list[float]
         if tensor.shape != trainable[name].shape:
             raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model "
                              f"{tuple(trainable[name].shape)}; not resumed")
+    return state
+
+
+def _resume(file: Path, state: dict, trainable: dict, opt) -> tuple[int, list[float]]:
+    """Load a checkpoint ``_read_checkpoint`` accepted into the parameters, ``opt`` and the RNGs;
+    returns (its step, its base lrs)."""
     saved_class = state.get("optimizer_class", type(opt).__name__)
     if saved_class != type(opt).__name__:
         raise ValueError(f"{file} holds the state of {saved_class}, the optimizer given is "
                          f"{type(opt).__name__}; not resumed")
     opt.load_state_dict(state["optimizer"])
     with torch.no_grad():
-        for name, tensor in saved.items():
+        for name, tensor in state["params"].items():
             trainable[name].copy_(tensor)
     torch.set_rng_state(state["rng"])
     if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():

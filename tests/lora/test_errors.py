@@ -125,3 +125,32 @@ def test_a_preset_names_the_expert_stacks_it_leaves_without_adapters():
         warnings.simplefilter("error")
         apply_lora(tiny_model(), LoRAConfig(4))  # no experts: no warning
         apply_lora(transformers.MixtralForCausalLM(config), LoRAConfig(4, target_modules="attention"))  # none asked
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "keys", "forward", "update", "to"])
+def test_adapter_names_that_are_module_dict_attributes_are_refused_up_front(tmp_path, name):
+    """nn.ModuleDict refuses such keys: apply_lora and load_adapter failed half-way, with the
+    base frozen and layers swapped (KeyError "attribute 'train' already exists")."""
+    from modman.lora import load_adapter, save_adapter
+
+    save_adapter(apply_lora(tiny_model(), LoRAConfig(2), seed=0), tmp_path)
+    model = tiny_model()
+    match = rf"adapter_name {name!r} is an attribute of nn.ModuleDict"
+    assert _refused_untouched(model, lambda: apply_lora(model, LoRAConfig(2), name), ValueError, match)
+    assert _refused_untouched(model, lambda: load_adapter(model, tmp_path, name), ValueError, match)
+
+
+@pytest.mark.parametrize("n_params", [0, -1, 1.5, True, float("nan"), "100"])
+def test_rank_for_parameter_count_takes_a_positive_int(n_params):
+    """1.5 and True were taken (rank 1), NaN failed with "cannot convert float NaN to integer"."""
+    from modman.lora import rank_for_parameter_count
+
+    with pytest.raises(ValueError, match=rf"n_params must be a positive int, got {n_params!r}"):
+        rank_for_parameter_count(tiny_model(), n_params)
+
+
+def test_rank_for_parameter_count_takes_a_numpy_int():
+    np = pytest.importorskip("numpy")
+    from modman.lora import rank_for_parameter_count
+
+    assert rank_for_parameter_count(tiny_model(), np.int64(10)) == rank_for_parameter_count(tiny_model(), 10) == 1

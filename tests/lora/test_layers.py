@@ -313,3 +313,34 @@ def test_manifold_muon_on_a_lora_model_steps_uniformly_by_default():
         warnings.simplefilter("ignore")
         explicit = ManifoldMuon(model.modules(), lr=0.1, budget="modular")
     assert min(g["lr_scale"] for g in explicit.param_groups if g["algorithm"] != "adamw") < 1e-3
+
+
+def test_an_adapter_named_twice_is_refused():
+    """merge_lora(model, ["default", "default"]) folded s·B A in twice and set_adapter with a
+    repeated name added the update twice in the forward (a probe)."""
+    model = apply_lora(tiny_model(), LoRAConfig(2, init="random"), seed=0)
+    apply_lora(model, LoRAConfig(2, target_modules="mlp", init="random"), "other", seed=1)
+    set_adapter(model, ["default", "other"])
+    state = snapshot(model)
+    layer = lora_layers(model)["layers.0.mlp.up_proj"]
+    for call in (lambda: merge_lora(model, ["default", "other", "default"]),
+                 lambda: set_adapter(model, ["default", "other", "default"]),
+                 lambda: layer.merge(["other", "other"])):
+        with pytest.raises(ValueError, match=r"listed more than once: \['(default|other)'\]"):
+            call()
+        assert same_state(state, snapshot(model))
+        assert layer.active_adapters == ["default", "other"] and layer.merged_adapters == []
+
+
+def test_set_adapter_on_a_merged_model_warns_that_it_unmerges():
+    """As PEFT warns ("Adapter cannot be set when the model is merged. Unmerging the model first.");
+    the unmerge was silent."""
+    import warnings
+
+    model = merge_lora(apply_lora(tiny_model(), LoRAConfig(2, init="random"), seed=0))
+    with pytest.warns(UserWarning, match=r"unmerges the adapters merged into \['layers.0"):
+        set_adapter(model, "default")
+    assert not any(layer.merged_adapters for layer in lora_layers(model).values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_adapter(model, "default")  # nothing merged: no warning

@@ -260,3 +260,38 @@ def test_a_merged_adapter_is_refused_naming_the_merge():
     with pytest.raises(ValueError, match=r"merged into the base weights .*unmerge_lora\(model\)"):
         train(model, optimizer_factory("adamw", 1e-2), data, TrainConfig(2))
     assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+
+
+@pytest.mark.parametrize("checkpoint_config", [LoRAConfig(4), LoRAConfig(2)], ids=["other optimizer", "other rank"])
+def test_a_refused_resume_leaves_the_model_bit_identical(tmp_path, checkpoint_config):
+    """ManifoldMuon's constructor moves each A onto Stiefel (B ← B·P): built before the checkpoint
+    was checked, a refused resume still changed 28 tensors in a probe."""
+    from modman.toy import TinyCausalLM
+
+    saved = apply_lora(TinyCausalLM(TASK.tokenizer.vocab_size, 32, 2, 4, 16, seed=0), checkpoint_config, seed=0)
+    data = task_data(TASK, 8, seed=3)
+    train(saved, optimizer_factory("adamw", 1e-2), data, TrainConfig(2), checkpoint_dir=tmp_path)
+    model, data = model_and_data()
+    state = snapshot(model)
+    match = "AdamW, the optimizer given is ManifoldMuon" if checkpoint_config.r == 4 else "has shape"
+    with pytest.raises(ValueError, match=rf"trainer_state.pt.*{match}.*; not resumed"):
+        train(model, optimizer_factory("manifold_muon", 0.05), data, TrainConfig(4), checkpoint_dir=tmp_path)
+    assert all(torch.equal(v, state[k]) for k, v in snapshot(model).items())
+
+
+def test_a_damaged_checkpoint_is_refused_naming_it(tmp_path):
+    """A truncated trainer_state.pt gave "OSError: [Errno 22] Invalid argument", naming no file."""
+    import re
+
+    model, data = model_and_data()
+    train(model, optimizer_factory("adamw", 1e-2), data, TrainConfig(1), checkpoint_dir=tmp_path)
+    file = tmp_path / "trainer_state.pt"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    model, data = model_and_data()
+    state = snapshot(model)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(file))} is not a readable checkpoint"):
+        train(model, optimizer_factory("manifold_muon", 0.05), data, TrainConfig(2), checkpoint_dir=tmp_path)
+    assert all(torch.equal(v, state[k]) for k, v in snapshot(model).items())
+    torch.save({"step": 1}, file)  # readable, but not a trainer checkpoint
+    with pytest.raises(ValueError, match=rf"{re.escape(str(file))} is not a trainer checkpoint: it lacks"):
+        train(model, optimizer_factory("adamw", 1e-2), data, TrainConfig(2), checkpoint_dir=tmp_path)
