@@ -30,7 +30,7 @@ import math
 import torch
 
 from .._checks import is_finite_real
-from .module import Atom
+from .module import Atom, ModularError
 
 SCALES = (None, "rms")
 
@@ -50,6 +50,33 @@ def _spectral(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(M, ord=2)
 
 
+def _read(name: str, param: torch.Tensor, what: str, reduce) -> float:
+    """float(reduce(the parameter's values)): the one place an atom reads them, refused by name where
+    there are none (the meta device: torch's "Tensor.item() cannot be called on meta tensors"
+    named no parameter) or they are not finite (a NaN LayerNorm gain was blamed on the weight
+    before it: "0.weight: its budget is undefined …"; both a probe)."""
+    if param.is_meta:
+        raise ModularError(f"{name!r} is on the meta device (no values yet), and its {what} is read from them: "
+                           "describe or budget the model once the weights are materialised (after "
+                           "model.to_empty(...) and their initialisation or loading)")
+    values = param.detach()
+    value = float(reduce(values.to(torch.float64))) if values.numel() else 0.0
+    if not math.isfinite(value):  # finite entries give a finite value in fp64
+        where = tuple(torch.nonzero(~torch.isfinite(values))[0].tolist())
+        where = where[0] if len(where) == 1 else where
+        raise ModularError(f"{name!r} holds a non-finite value (index {where}: {float(values[where])}), so its "
+                           f"{what} is undefined; check the model's weights (a diverged run, a bad checkpoint)")
+    return value
+
+
+def _check_not_empty(name: str, param: torch.Tensor) -> None:
+    """Linear(4, 0) failed with ZeroDivisionError, Linear(0, 4) as "its budget is undefined … a zero
+    input bound" (a probe)."""
+    if param.numel() == 0:
+        raise ModularError(f"{name!r} has shape {tuple(param.shape)}: an empty weight has no norm (nothing passes "
+                           "through it); drop the layer, or describe the model without it")
+
+
 class MatrixAtom(Atom):
     """A Stiefel weight used as x ↦ W x (Linear, or Conv with W flattened to (out, in·k…)).
 
@@ -64,13 +91,15 @@ class MatrixAtom(Atom):
         if param.ndim < 2 or transposed and param.ndim != 2:
             raise ValueError(f"{name} has shape {tuple(param.shape)}; a matrix atom needs ≥ 2 dims "
                              "(exactly 2 when transposed)")
+        _check_not_empty(name, param)
         self.scale = scale
         self.kind = kind
         self.transposed = bool(transposed)
         self.d_out, self.d_in = (param.shape[1], param.shape[0]) if transposed else \
             (param.shape[0], math.prod(param.shape[1:]))
         if frozen:  # as it is: ‖W‖_{RMS→RMS} = √(d_in/d_out)·‖W‖₂
-            s = float(_spectral(self._matrix(param)))
+            s = _read(name, param, "spectral norm (a frozen weight's sensitivity)",
+                      lambda W: _spectral(self._matrix(W)))
         else:  # on the manifold every singular value is s
             s = 1.0 if scale is None else math.sqrt(self.d_out / self.d_in)
         self.sensitivity = s * math.sqrt(self.d_in / self.d_out)
@@ -102,8 +131,10 @@ class EmbeddingAtom(Atom):
 
     def __init__(self, name, param, mass=1.0, radius=1.0, frozen=False):
         super().__init__(name, param, mass)
+        _check_not_empty(name, param)
         if frozen:
-            radius = float(torch.linalg.vector_norm(param.detach().double(), dim=-1).max()) if param.numel() else 0.0
+            radius = _read(name, param, "largest row norm (a frozen embedding's output bound)",
+                           lambda E: torch.linalg.vector_norm(E, dim=-1).max())
         elif not (is_finite_real(radius) and radius > 0):
             raise ValueError(f"embedding_radius of {name!r} must be a finite number > 0 (the row-sphere radius), "
                              f"got {radius!r}")
@@ -131,9 +162,13 @@ class BiasAtom(Atom):
     def __init__(self, name, param, mass=0.0):
         super().__init__(name, param, mass)
         self.dim = param.numel()
+        self._norm()  # refused here, by name, rather than at the first bound
+
+    def _norm(self) -> float:
+        return _read(self.name, self.param, "norm (it bounds the next layer's input)", torch.linalg.vector_norm)
 
     def bound(self, rho):
-        return rho + float(torch.linalg.vector_norm(self.param.detach().double())) / math.sqrt(self.dim)
+        return rho + self._norm() / math.sqrt(self.dim)
 
     def rms_norm(self, delta):
         return torch.linalg.vector_norm(delta.detach().to(torch.float64)) / math.sqrt(self.dim)
@@ -150,7 +185,7 @@ class GainAtom(Atom):
 
     def __init__(self, name, param, mass=0.0):
         super().__init__(name, param, mass)
-        self.sensitivity = float(param.detach().abs().max()) if param.numel() else 0.0
+        self.sensitivity = _read(name, param, "largest entry (its sensitivity)", lambda g: g.abs().max())
 
     def bound(self, rho):
         return self.sensitivity * rho

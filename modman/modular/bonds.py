@@ -51,8 +51,11 @@ def normalize(kind: str = "rmsnorm", min_rms: float = 1.0, layer: str = "") -> B
     if not (is_finite_real(min_rms) and min_rms > 0):
         raise ValueError(f"norm_min_rms must be a positive number (the assumed smallest RMS of a "
                          f"normalisation layer's input), got {min_rms!r}")
+    # LayerNorm centres first: its assumption is on the standard deviation, which can be small at
+    # RMS 1 (an input of RMS 1 and small spread gave Lipschitz 70; a probe)
+    measure = "standard deviation (centred RMS)" if kind == "layernorm" else "RMS"
     bond = Bond(f"{layer} ({kind})" if layer else kind, 1.0 / min_rms, lambda rho: 1.0,
-                assumption=f"{kind}: inputs have RMS ≥ {min_rms:g} (sensitivity 1/{min_rms:g})")
+                assumption=f"{kind}: inputs have {measure} ≥ {min_rms:g} (sensitivity 1/{min_rms:g})")
     bond.min_rms = float(min_rms)  # checked against the input bound the tree computes (budget.py)
     return bond
 

@@ -40,7 +40,7 @@ import math
 from torch import nn
 
 from .._warn import warn
-from .convert import ModularError, from_torch
+from .convert import ModularError, check_placed_once, from_torch
 from .module import PRODUCT_ASSUMPTION, Bond, Compose, Module, Parallel, Tare
 
 SPREAD_WARNING = 1e3  # budget() warns when the largest lr_scale exceeds the smallest by this factor
@@ -48,7 +48,10 @@ FROZEN_SCALE = 1e-3  # ... or when every lr_scale is below this, some by the com
 
 
 def _tree(model, **options) -> Module:
-    return model if isinstance(model, Module) else from_torch(model, **options)
+    if isinstance(model, Module):  # a hand-built tree: from_torch's check of where parameters are placed
+        check_placed_once(model)
+        return model
+    return from_torch(model, **options)
 
 
 def _rows(tree: Module):
@@ -135,7 +138,9 @@ def unmet_assumptions(tree: Module, rho: float = 1.0) -> list[str]:
     if isinstance(tree, Compose):
         return [t for m, r in zip(tree.modules, tree._input_bounds(rho)) for t in unmet_assumptions(m, r)]
     min_rms = getattr(tree, "min_rms", None)
-    if isinstance(tree, Bond) and min_rms is not None and rho < min_rms:
+    # a relative tolerance of a few ulps: scale="rms" gives √(d_out/d_in)·√(d_in/d_out) =
+    # 0.9999999999999999 for many widths (64 → 192), which reported "at most 1, below the assumed 1"
+    if isinstance(tree, Bond) and min_rms is not None and rho < min_rms * (1 - 1e-12):
         floor = math.floor(rho * 1e3) / 1e3  # rounded down: passing it must clear the line
         return [f"{tree.name}: its input RMS is at most {rho:.4g} by the bounds above it, below the assumed "
                 f"{min_rms:g} (pass norm_min_rms={floor:g}, or let what feeds it keep RMS ≥ {min_rms:g}: "

@@ -7,12 +7,24 @@ the graph, the chain of modules that produced it from the input; where two branc
 residual add, a concatenation, a product) the common prefix of their chains is factored out, so
 x + f(x) becomes compose(E, parallel(identity, F)) and E's weights are counted once.
 
-Refusals, each saying what to do: unknown layers, bare parameters used in a forward, a parameter
-reached twice (tied weights, a layer called twice — in a forward or listed twice in an
-nn.Sequential), a trainable weight of a known layer that the description never places (a
-declaration or custom description that forgets it, or a layer the forward does not use),
-grouped convolutions, attention met by tracing, 1/x and rounding divisions, multiple inputs or
-outputs, and a model whose tree carries no mass.
+The rules of the known layers and of nn.Sequential describe torch's forward: a subclass with its
+own forward is traced where it is an nn.Sequential (x + super().forward(x) is a residual block)
+and refused where it is a known layer (a ScaledLinear's × 10 would be lost).
+
+Refusals, each saying what to do: unknown layers, subclasses of known layers with their own
+forward, bare parameters used in a forward, a parameter reached twice (tied weights, a layer
+called twice — in a forward or listed twice in an nn.Sequential), a trainable weight of a known
+layer that the description never places (a declaration or custom description that forgets it,
+or a layer the forward does not use), grouped convolutions, attention met by tracing, 1/x and
+rounding divisions, multiple inputs or outputs, empty weights, meta or non-finite values where
+they are read (biases, gains, frozen weights), and a model whose tree carries no mass.
+
+Feature axes. Every bound is an RMS over each position's features (module.py): a Conv's are on
+dim 1, a Linear's, an Embedding's output's, LayerNorm's and RMSNorm's on the last dim. The tracer
+sees no shapes, so it refuses what may move or mix that axis: a flatten other than (start_dim=1,
+end_dim=-1), a view or reshape other than (x.size(0), -1), a normalisation over several dims
+(LayerNorm([C, H, W])), and a last-dim layer fed by a conv, or a conv by a last-dim layer, with no
+such flatten between (``_check_axes``; a custom description's or declaration's tree is not judged).
 
 Frozen parameters (requires_grad=False) still act on the signal, so they stay in the tree: a
 frozen weight with mass 0 and its actual operator norm as sensitivity (the optimizer neither
@@ -34,11 +46,7 @@ from .._checks import is_finite_real, is_real
 from ..optim.roles import is_transformers_conv1d
 from . import bonds
 from .atoms import BiasAtom, EmbeddingAtom, GainAtom, MatrixAtom, _check_scale
-from .module import Bond, Compose, Module, Parallel, Tare, compose
-
-
-class ModularError(ValueError):
-    """The model cannot be described as a module tree as given; the message says what to do."""
+from .module import Atom, Bond, Compose, ModularError, Module, Parallel, Tare, compose
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Options:
     custom: dict = field(default_factory=dict)
     tare: dict = field(default_factory=dict)  # submodule name → total mass of its weights
     tared: set = field(default_factory=set)
+    described: set = field(default_factory=set)  # id()s of the trees custom descriptions and declarations gave
 
     def mass(self, name: str, default: float, param: torch.Tensor | None = None) -> float:
         """The mass of parameter ``name``: 0 when ``param`` is frozen (it is not trained)."""
@@ -82,6 +91,18 @@ def _is_known(module: nn.Module) -> bool:
     return isinstance(module, _KNOWN_TYPES) or type(module).__name__ in ("RMSNorm", "Conv1D")
 
 
+def _replaced_forward(module: nn.Module) -> type | None:
+    """The torch.nn class (nn.Linear, nn.Sequential, …) whose rule would describe ``module``, where
+    ``module``'s own class replaces that class's forward; else None. The rules describe torch's
+    forward: a subclass that scales or adds to it (x + super().forward(x), transformers'
+    *ScaledWordEmbedding's rows × √d) was described as the plain layer, its scale or residual path
+    lost (a probe measured 9.3× past the weight bound)."""
+    if not isinstance(module, (*_KNOWN_TYPES, nn.Sequential)):
+        return None
+    base = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
+    return base if type(module).forward is not base.forward else None
+
+
 def _join(prefix: str, attr: str) -> str:
     return f"{prefix}.{attr}" if prefix else attr
 
@@ -94,8 +115,87 @@ def _with_bias(core: Module, module: nn.Module, prefix: str, opts: Options) -> M
     return Compose(core, BiasAtom(name, bias, opts.mass(name, 0.0, bias)))
 
 
+def _check_flatten(start_dim, end_dim, where: str) -> None:
+    """Refuse a flatten other than (start_dim=1, end_dim=-1), which merges each example's features
+    into one vector. Another one may change the trailing axis the next layer reads: flatten(2) of a
+    channel-first (B, C, H, W) activation gives (B, C, H·W), and a Linear after it mixes positions,
+    which a conv's per-position bound says nothing about (a probe: 1.5× past the weight bound)."""
+    if start_dim != 1 or end_dim != -1:
+        raise ModularError(f"{where}: flatten(start_dim={start_dim}, end_dim={end_dim}) may change the trailing axis "
+                           "the next layer reads (flatten(2) of a channel-first (B, C, H, W) activation gives "
+                           "(B, C, H·W): positions, not channels), or merge examples, and the tracer sees no "
+                           "shapes to tell: flatten with torch.flatten(x, 1) or nn.Flatten() (start_dim=1, "
+                           "end_dim=-1), or describe the model with modman.modular.declare")
+
+
+def _flattening(name: str) -> Bond:
+    """flatten(x, 1) or view(x.size(0), -1): each example's features merged into one vector, read
+    alike by a conv's channels and a Linear's last dim (``_check_axes``)."""
+    bond = bonds.identity(name)
+    bond.axis = "flat"
+    return bond
+
+
+def _axis(m: Module) -> str | None:
+    """The axis ``m`` reads and writes its features on: "channels" (dim 1: a conv), "last" (a
+    Linear, an Embedding's output, LayerNorm, RMSNorm), "flat" (a flatten), or None (elementwise
+    layers, biases, reshapes that keep the axes)."""
+    if isinstance(m, MatrixAtom):
+        return "channels" if m.kind == "conv" else "last"
+    if isinstance(m, EmbeddingAtom):
+        return "last"
+    return getattr(m, "axis", None) if isinstance(m, Bond) else None
+
+
+def _check_axes(tree: Module, fed_by: Module | None, described: set) -> Module | None:
+    """The last layer in ``tree`` that sets the feature axis, given ``fed_by``, the one before it;
+    refuses a layer reading the last dim fed by a convolution, whose features are on dim 1 (or the
+    reverse) with no flatten(x, 1) between: it reads another axis than the one the bounds are about
+    (RMS over each position's features; a probe's Conv1d → Linear over the length axis went 2× past
+    its weight bound). A custom description's or declaration's tree is not judged: it may permute
+    inside, and its layout is its own."""
+    if id(tree) in described:
+        return None
+    if isinstance(tree, Parallel):  # every branch sees the input; their common output axis, if any
+        outs = [o for o in (_check_axes(m, fed_by, described) for m in tree.modules) if o is not None]
+        return outs[0] if len({_axis(o) for o in outs}) == 1 else None
+    if tree.children():  # Compose, Scale, Tare: in order
+        for m in tree.children():
+            fed_by = _check_axes(m, fed_by, described)
+        return fed_by
+    axis = _axis(tree)
+    if axis is None:
+        return fed_by
+    before = None if fed_by is None or isinstance(tree, EmbeddingAtom) else _axis(fed_by)  # (it reads indices)
+    who = repr(tree.name) if isinstance(tree, Atom) else tree.name
+    by = None if fed_by is None else repr(fed_by.name) if isinstance(fed_by, Atom) else fed_by.name
+    advice = ("flatten between them with torch.flatten(x, 1) or nn.Flatten() if that is what the model does, or "
+              "describe the model with modman.modular.declare")
+    if before == "channels" and axis == "last":
+        raise ModularError(f"{who} reads its features on the last dim, but is fed by {by}, a convolution whose "
+                           "features (channels) are on dim 1: it would read positions, not channels, where the "
+                           f"bounds (RMS over each position's features) say nothing; {advice}")
+    if before == "last" and axis == "channels":
+        raise ModularError(f"{who} is a convolution reading its features (channels) on dim 1, but is fed by {by}, "
+                           "which writes them on the last dim: it would read positions, not features, where the "
+                           f"bounds (RMS over each position's features) say nothing; {advice}")
+    return tree
+
+
 def _norm_layer(module: nn.Module, prefix: str, opts: Options, kind: str) -> Module:
-    parts: list[Module] = [bonds.normalize(kind, opts.norm_min_rms, prefix)]
+    shape = getattr(module, "normalized_shape", None)  # (a class named RMSNorm may have none)
+    if shape is not None and len(tuple(shape)) != 1:
+        shape = tuple(shape)
+        # LayerNorm([C, H, W]) normalises the whole block: a position's features can come out with
+        # RMS up to √(H·W), not 1 (a probe measured 6 on a 6×6 map)
+        raise ModularError(f"{repr(prefix) if prefix else 'the model'} ({type(module).__name__}) normalises over the "
+                           f"last {len(shape)} dims {shape} together, not over each position's features (the RMS "
+                           "the norms here are measured in): modman describes a normalisation over the last dim "
+                           "only — normalize channel-last activations with normalized_shape=(d,), or describe "
+                           "the model with modman.modular.declare")
+    norm = bonds.normalize(kind, opts.norm_min_rms, prefix)
+    norm.axis = "last"  # (_check_axes)
+    parts: list[Module] = [norm]
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor):  # frozen or not, the gain scales the signal
         parts.append(GainAtom(_join(prefix, "weight"), weight, opts.mass(_join(prefix, "weight"), 0.0, weight)))
@@ -147,6 +247,9 @@ def _known_layer(module: nn.Module, prefix: str, opts: Options) -> Module | None
         raise ModularError(f"{prefix or 'the model'}: nn.Unflatten splits a dimension into smaller vectors, whose "
                            "RMS per position can be up to √(d/k) times the input's: modman has no rule for it — "
                            "describe the model with modman.modular.declare")
+    if isinstance(module, nn.Flatten):
+        _check_flatten(module.start_dim, module.end_dim, repr(prefix) if prefix else "the model")
+        return _flattening("flatten")
     if isinstance(module, _SHAPE_MODULES):
         return bonds.identity(type(module).__name__.lower())
     if isinstance(module, nn.LayerNorm):
@@ -197,11 +300,19 @@ def _convert(module: nn.Module, prefix: str, opts: Options) -> Module:
             raise TypeError(f"the description {getattr(fn, '__qualname__', fn)!r} of {where} ({type(module).__name__}) "
                             f"returned {type(tree).__name__}, not a modman.modular.Module (an atom, a bond or "
                             "their composition)")
+        opts.described.add(id(tree))
         return tree
+    base = _replaced_forward(module)
+    if base is not None and base is not nn.Sequential:  # an nn.Sequential subclass is traced below
+        cls = type(module).__name__
+        raise ModularError(f"{repr(prefix) if prefix else 'the model'} ({cls}) is an nn.{base.__name__} with its own "
+                           f"forward: modman's rule for nn.{base.__name__} describes torch's forward, which the "
+                           f"override may scale or add to; describe it with from_torch(model, custom={{{cls}: fn}}) "
+                           f"or @modman.modular.declare({cls})")
     known = _known_layer(module, prefix, opts)
     if known is not None:
         return known
-    if isinstance(module, nn.Sequential):
+    if isinstance(module, nn.Sequential) and base is None:
         # _modules, not named_children(): that drops a layer listed twice, which is applied twice
         children = [(n, child) for n, child in module._modules.items() if child is not None]
         if not children:
@@ -387,6 +498,9 @@ def _function(node: fx.Node, values, name, owner: str) -> object:
         return _single_input(node, values, name) + (bonds.activation(kind),)
     if node.op == "call_function" and target in _SHAPE_FUNCTIONS or \
             node.op == "call_method" and target in _SHAPE_METHODS:
+        if target in ("flatten", torch.flatten):  # torch's defaults: start_dim=0, end_dim=-1
+            start, end = _operand(node, 1, "start_dim"), _operand(node, 2, "end_dim")
+            _check_flatten(0 if start is None else start, -1 if end is None else end, name)
         if target in ("view", "reshape", torch.reshape) and not _flattens(node):
             # (Linear → view(B, C, H, W) → Conv: the bound was taken as the input's, √(d/k) too low)
             raise ModularError(f"{name}: {getattr(target, '__name__', target)} to a shape other than (x.size(0), -1) "
@@ -394,7 +508,9 @@ def _function(node: fx.Node, values, name, owner: str) -> object:
                                "times the input's, and the tracer sees no shapes to tell a merge from a split: "
                                "flatten with torch.flatten(x, 1) or nn.Flatten, or describe the model with "
                                "modman.modular.declare")
-        return _single_input(node, values, name) + (bonds.identity(getattr(target, "__name__", str(target))),)
+        what = getattr(target, "__name__", str(target))
+        merge = target in ("flatten", torch.flatten, "view", "reshape", torch.reshape)  # only merges reach here
+        return _single_input(node, values, name) + (_flattening(what) if merge else bonds.identity(what),)
     if node.op == "call_function" and target is F.dropout:
         p, training = _operand(node, 1, "p"), _operand(node, 2, "training")
         return _single_input(node, values, name) + (_dropout(0.5 if p is None else p,
@@ -447,6 +563,31 @@ def _function(node: fx.Node, values, name, owner: str) -> object:
                        f"from_torch(model, custom={{{owner}: fn}}) or @modman.modular.declare({owner})")
 
 
+def check_placed_once(tree: Module, names: dict[int, str] | None = None) -> None:
+    """Refuse a tree that places one parameter twice (the modular norm counts a weight once per use)
+    or two parameters under one name (a budget has one entry per name). ``names``: {id(parameter):
+    its name in the model}, which the tree's names are read as. from_torch runs it, and budget()
+    on a hand-built tree (W placed twice gave {'W': 0.5}; a probe)."""
+    names = names or {}
+    seen: dict[int, str] = {}
+    named: dict[str, torch.Tensor] = {}
+    for atom in tree.atoms():
+        if id(atom.param) in seen:
+            raise ModularError(
+                f"parameter {names.get(id(atom.param), atom.name)!r} is used twice (as {seen[id(atom.param)]!r} and "
+                f"{atom.name!r}: tied weights, a layer called twice, or one intermediate result used twice in a "
+                "sum or concatenation, which the tracer describes as two copies — a + f(x) + a: write 2 * a + f(x); "
+                "cat([u, f(u)]) with u = cat([x, h]) named once). The modular norm counts a weight once per use; "
+                "untie the weights, or declare the model (modman.modular.declare) placing it once")
+        seen[id(atom.param)] = atom.name
+        name = names.get(id(atom.param), atom.name)
+        if name in named:
+            raise ModularError(f"two atoms are named {name!r} (parameters of shapes {tuple(named[name].shape)} and "
+                               f"{tuple(atom.param.shape)}): a budget has one entry per name — name each "
+                               "parameter once")
+        named[name] = atom.param
+
+
 def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | None = None,
                norm_min_rms: float = 1.0, embedding_radius: float = 1.0, custom: dict | None = None,
                tare: dict | None = None) -> Module:
@@ -456,10 +597,11 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
     Args:
         scale: the Stiefel scale the optimizer uses (None: spectral norm; "rms": RMS→RMS), which
             sets each weight's sensitivity and own norm.
-        masses: {parameter name: mass}; defaults 1 for Linear/Conv/Embedding weights, 0 for
-            biases and norm gains (passengers, trained by the fallback); frozen parameters
-            (requires_grad=False) always 0.
-        norm_min_rms: the assumed smallest RMS of a normalisation layer's input.
+        masses: {parameter name: mass, a finite number ≥ 0}; defaults 1 for Linear/Conv/Embedding
+            weights, 0 for biases and norm gains (passengers, trained by the fallback); frozen
+            parameters (requires_grad=False) always 0.
+        norm_min_rms: the assumed smallest RMS of a normalisation layer's input (for LayerNorm, which
+            centres first, its standard deviation), a finite number > 0.
         embedding_radius: the row-sphere radius (ManifoldMuon's default 1), a finite number > 0.
         custom: {module instance | class | name prefix: fn(module, prefix, options) -> Module}.
         tare: {submodule name (as in ``model.named_modules()``): total mass}. The weights below
@@ -474,11 +616,25 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
         raise TypeError(f"from_torch needs a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)  # torch.compile's wrapper: describe (and name parameters as) the eager model
     _check_scale(scale)
+    if not (is_finite_real(norm_min_rms) and norm_min_rms > 0):  # (checked only at a norm layer before)
+        raise ValueError(f"norm_min_rms must be a finite number > 0 (the assumed smallest RMS of a normalisation "
+                         f"layer's input), got {norm_min_rms!r}")
     if not (is_real(embedding_radius) and 0 < embedding_radius < float("inf")):
         raise ValueError(f"embedding_radius must be a finite number > 0 (the row-sphere radius of embeddings), "
                          f"got {embedding_radius!r}")
     opts = Options(scale=scale, masses=dict(masses or {}), norm_min_rms=norm_min_rms,
                    embedding_radius=embedding_radius, custom=dict(custom or {}), tare=dict(tare or {}))
+    # (a probe: "abc" failed in float() naming no parameter, None with a TypeError, "2" was taken as 2)
+    for key, mass in opts.masses.items():
+        value = mass.item() if isinstance(mass, torch.Tensor) and mass.numel() == 1 and not (
+            mass.dtype.is_complex or mass.dtype == torch.bool) else mass  # a 0-d tensor from a computation
+        if not (is_finite_real(value) and value >= 0):
+            raise ModularError(f"masses[{key!r}] must be a finite number ≥ 0, got {mass!r}")
+        opts.masses[key] = float(value)
+    for key, fn in opts.custom.items():
+        if not callable(fn):  # (it failed as "'int' object is not callable" while converting)
+            raise TypeError(f"custom[{key!r}] must be a function fn(module, prefix, options) -> Module, got "
+                            f"{type(fn).__name__}")
     # names through compile and data-parallel wrappers of submodules, as the optimizers give them
     # (model.named_parameters()'s "0._orig_mod.weight" matched no optimizer name: no budget; a probe)
     modules = list(named_modules(model))
@@ -500,27 +656,22 @@ def from_torch(model: nn.Module, *, scale: str | None = None, masses: dict | Non
                            "(model.named_parameters() without the _orig_mod/module of torch.compile or "
                            "data-parallel wrappers; optimizer.describe() lists them)")
     tree = convert(model, "", opts)
+    _check_axes(tree, None, opts.described)
     missed = set(opts.tare) - opts.tared
     if missed:
         raise ModularError(f"tare names {sorted(missed)}, but the description of the model never reached them as one "
                            "module (a custom description or declaration above them describes their layers); tare "
                            "inside that description with modman.modular.tare")
-    seen: dict[int, str] = {}
+    check_placed_once(tree, names)
     for atom in tree.atoms():
-        if id(atom.param) in seen:
-            raise ModularError(
-                f"parameter {names.get(id(atom.param), atom.name)!r} is used twice (as {seen[id(atom.param)]!r} and "
-                f"{atom.name!r}: tied weights, a layer called twice, or one intermediate result used twice in a "
-                "sum or concatenation, which the tracer describes as two copies — a + f(x) + a: write 2 * a + f(x); "
-                "cat([u, f(u)]) with u = cat([x, h]) named once). The modular norm counts a weight once per use; "
-                "untie the weights, or declare the model (modman.modular.declare) placing it once")
-        seen[id(atom.param)] = atom.name
-        if atom.name not in names.values() and id(atom.param) in names:
-            atom.name = names[id(atom.param)]
+        # named by identity: a custom description naming layer 2's weight "0.weight" (a slip) dropped
+        # 2.weight's budget entry silently (a probe)
+        atom.name = names.get(id(atom.param), atom.name)
     # A trainable weight of a layer modman knows that the tree never places would get no lr_scale
     # (the optimizer would step it by lr × 1, outside the norm): refuse instead of budgeting without it.
+    placed = {id(atom.param) for atom in tree.atoms()}
     missing = [_join(m_name, p_name) for m_name, m in modules if _is_known(m)
-               for p_name, p in m.named_parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+               for p_name, p in m.named_parameters(recurse=False) if p.requires_grad and id(p) not in placed]
     if missing:
         raise ModularError(
             f"the description of {type(model).__name__} never places the trainable parameters {missing}: a "

@@ -45,6 +45,11 @@ import torch
 
 from .._checks import is_finite_real
 
+
+class ModularError(ValueError):
+    """The model cannot be described as a module tree as given; the message says what to do."""
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where an atom sits in a tree: its coefficient c (the max-norm weight, ∞ for mass-0 atoms)
@@ -173,6 +178,15 @@ class Bond(Module):
         return f"Bond({self.name}, sensitivity={self.sensitivity:.4g})"
 
 
+def _check_modules(what: str, modules: tuple, first: int = 0) -> None:
+    """A TypeError naming the argument that is not a Module (an nn.ReLU in a Compose failed as
+    "'ReLU' object has no attribute 'mass'"; a probe)."""
+    for i, m in enumerate(modules, start=first):
+        if not isinstance(m, Module):
+            raise TypeError(f"{what}: its argument {i} is {type(m).__name__}, not a modman.modular.Module (an atom, "
+                            "a bond or their composition; from_torch describes a torch layer)")
+
+
 def _share(total: float, part: float) -> float:
     """μ/μᵢ, with ∞ for a weightless part (it holds only bonds and passengers)."""
     return total / part if part > 0 else math.inf
@@ -184,6 +198,7 @@ class Compose(Module):
     def __init__(self, *modules: Module):
         if not modules:
             raise ValueError("Compose needs at least one module")
+        _check_modules("Compose", modules)
         self.modules = tuple(modules)
         self.mass = sum(m.mass for m in modules)
         self.sensitivity = self.lipschitz(1.0)
@@ -226,6 +241,7 @@ class Parallel(Module):
             raise ValueError(f"combine must be 'sum', 'cat' or 'mul', got {combine!r}")
         if len(modules) < 2:
             raise ValueError("Parallel needs at least two branches")
+        _check_modules("Parallel", modules)
         self.modules = tuple(modules)
         self.combine = combine
         self.mass = sum(m.mass for m in modules)
@@ -267,6 +283,7 @@ class Scale(Module):
         a = float(a)
         if not math.isfinite(a) or a == 0:
             raise ValueError(f"scalar multiple must be finite and nonzero, got {a}")
+        _check_modules("Scale", (module,), first=1)
         self.a = a
         self.module = module
         self.mass = module.mass
@@ -304,6 +321,7 @@ class Tare(Module):
     def __init__(self, module: Module, mass: float = 1.0):
         if not (is_finite_real(mass) and mass > 0):
             raise ValueError(f"tare mass must be a finite number > 0, got {mass!r}")
+        _check_modules("Tare", (module,))
         self.module = module
         self.mass = float(mass) if module.mass > 0 else 0.0
         self.sensitivity = module.sensitivity
