@@ -112,7 +112,7 @@ def lanczos_svals(
         raise TypeError(f"lanczos_svals needs a real floating tensor, got {W.dtype}")
     if not bool(torch.isfinite(W).all()):
         raise ValueError("lanczos_svals: W contains NaN or Inf")
-    if rtol < 0 or max_iters < 1 or check_every < 1:
+    if not rtol >= 0 or max_iters < 1 or check_every < 1:  # (not ≥: rtol=nan converged never, silently)
         raise ValueError(f"need rtol ≥ 0, max_iters ≥ 1, check_every ≥ 1; got {rtol}, {max_iters}, {check_every}")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     X = W.mT if W.shape[-2] < W.shape[-1] else W  # tall: the right space is the small one

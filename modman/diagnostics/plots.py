@@ -72,9 +72,14 @@ def plot_spectra(runs, *, step: int | None = None, params=None, log: bool = True
 
 
 def plot_trajectories(run: Tracking, *, params=None, max_lines: int = 64):
-    """Every singular value of each weight against the step (one panel per weight); at most
-    ``max_lines`` of them (evenly spaced indices) so large layers stay legible."""
+    """Every singular value of each weight of one run (a Tracking or SpectrumTracker, or a dict
+    holding one) against the step, one panel per weight; at most ``max_lines`` of them (evenly
+    spaced indices) so large layers stay legible. A dict of several runs is refused (ValueError):
+    call it once per run."""
     runs = _check_runs(run)
+    if len(runs) > 1:  # (it drew the first run's alone, silently: a probe)
+        raise ValueError(f"plot_trajectories takes one run, got {len(runs)}: {', '.join(map(repr, runs))}; "
+                         "call it once per run (plot_spectra and plot_metric compare runs)")
     run = next(iter(runs.values()))
     names = _names(runs, params)
     plt = _plt()

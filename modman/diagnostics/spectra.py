@@ -28,6 +28,8 @@ from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
 
 from .._warn import warn
 from ..linalg.blocked import power_of_two_floor
@@ -49,18 +51,28 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
     transposed; tied parameters appear once, under their first name; names are the optimizers'
     (through ``torch.compile`` and DataParallel/DDP wrappers: "0.weight", not "_orig_mod.0.weight");
     integer parameters are left out, complex ones with a warning, and empty ones (a Linear(0, n):
-    no spectrum).
+    no spectrum). A lazy module's parameters before its first forward are refused (ValueError: they
+    have no shape yet, and a tracker built then would never track the layer). The tensors a
+    parametrization stores (``torch.nn.utils.parametrize``: weight_norm's original0/original1) are
+    measured as stored, as bare tensors, with a warning naming them: they are not the weight the
+    layer applies, which is computed at each forward and not a parameter.
     """
     out: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     if isinstance(model_or_named_params, nn.Module):
-        seen: set[int] = set()
+        named, seen = [], set()  # (name, owner, attribute, parameter), each parameter once
         for prefix, module in named_modules(model_or_named_params):
             for attr, p in module.named_parameters(recurse=False):
-                if id(p) in seen or p.ndim < 2 or not _real_weight(f"{prefix}.{attr}" if prefix else attr, p):
-                    continue
-                seen.add(id(p))
-                name = f"{prefix}.{attr}" if prefix else attr
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    named.append((f"{prefix}.{attr}" if prefix else attr, module, attr, p))
+        _check_initialised((name, p) for name, _, _, p in named)
+        parametrized = []
+        for name, module, attr, p in named:
+            if p.ndim >= 2 and _real_weight(name, p):
                 out.append((name, p, as_matrix(p.detach(), matrix_view(module, attr, p))))  # as the optimizer sees it
+                if isinstance(module, parametrize.ParametrizationList):
+                    parametrized.append(name)
+        _warn_parametrized(parametrized)
         return out
     if isinstance(model_or_named_params, torch.Tensor):
         raise TypeError("expected a module, a mapping name → tensor or (name, tensor) pairs; got a bare tensor")
@@ -74,10 +86,43 @@ def named_matrices(model_or_named_params) -> list[tuple[str, torch.Tensor, torch
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
                 and isinstance(item[1], torch.Tensor)):
             raise TypeError(f"expected (name, tensor) pairs, got {item!r:.80}")
-        name, p = item
+    _check_initialised(items)
+    for name, p in items:
         if p.ndim >= 2 and _real_weight(name, p):
             out.append((name, p, as_matrix(p.detach(), None)))
     return out
+
+
+def _listed(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _check_initialised(named) -> None:
+    """Refuse a lazy module's parameters (``UninitializedParameter``, before the first forward),
+    naming them: they have ndim 1 until then, so they were left out silently (a probe: a tracker
+    built before the forward never tracked the LazyLinear)."""
+    lazy = [name for name, p in named if is_lazy(p)]
+    if lazy:
+        raise ValueError(f"parameters of a lazy module are not initialised yet ({_listed(lazy)}): run one forward "
+                         "pass before measuring them")
+
+
+def _warn_parametrized(names: list[str]) -> None:
+    """One warning for the tensors of parametrizations among the matrices measured (a probe:
+    weight_norm's v, 5×4×3 of a Conv1d, read as five 4×3 matrices and its g as five 1×1 ones,
+    silently). The applied weight is computed by the parametrization, not read: computing it here
+    would run the parametrization (spectral_norm's power iteration updates its buffers)."""
+    if not names:
+        return
+    # <owner>.parametrizations.<tensor>.original… applies as <owner>.<tensor>
+    owners = list(dict.fromkeys((".".join(n.split(".")[:-3]), n.split(".")[-2]) for n in names))
+    applied = [f"{owner}.{tensor}" if owner else tensor for owner, tensor in owners]
+    owner, tensor = owners[0]
+    example = f"model.get_submodule('{owner}').{tensor}" if owner else f"model.{tensor}"
+    warn(f"{_listed(names)}: tensors a parametrization (torch.nn.utils.parametrize) stores, measured as stored "
+         f"(as bare tensors: a 3-D one as a stack of matrices), not the weight the layer applies "
+         f"({_listed(applied)}); the optimizers step them in the AdamW fallback. To measure an applied weight, "
+         f"pass it by name, e.g. spectrum_table({{'{applied[0]}': {example}.detach()}})")
 
 
 def is_transposed_view(p: torch.Tensor, W: torch.Tensor) -> bool:
@@ -215,7 +260,9 @@ def singular_values(W: torch.Tensor, dtype: torch.dtype = torch.float64, *, prec
     ≈ 1e-8·σ₁ (far below fp32 weight precision) at about two thirds of the cost of svdvals. An fp64
     weight carries more than that: it gets svdvals itself (σᵢ to ≈ 1e-16·σ₁; through the Gram a
     κ = 1e10 read as ∞ and κ = 1e8 8 % off, a probe); ``precise`` (default: whether W is fp64)
-    chooses svdvals for an fp64 copy of a narrower weight. NaN for a matrix with a NaN or an infinity.
+    chooses svdvals for an fp64 copy of a narrower weight. The Gram is that of W scaled by a power of
+    two near max|W|, so a narrower ``dtype`` neither overflows nor flushes to 0 on a finite W. NaN
+    for a matrix with a NaN or an infinity.
     """
     if W.ndim < 2:  # (a vector raised IndexError from inside the Gram's orientation check)
         raise ValueError(f"singular_values needs a matrix (or stack of them), got shape {tuple(W.shape)}")
@@ -224,7 +271,11 @@ def singular_values(W: torch.Tensor, dtype: torch.dtype = torch.float64, *, prec
         finite = torch.isfinite(X).all(dim=(-2, -1), keepdim=True)
         s = torch.linalg.svdvals(torch.where(finite, X, torch.zeros_like(X)))
         return torch.where(finite[..., 0], s, torch.full_like(s, math.nan))
-    return gram_eigenvalues(W, dtype).flip(-1).clamp(min=0).sqrt()
+    # the Gram of W/c, c a power of two near max|W|: an fp32 Gram of a finite W itself overflowed
+    # at 1e20 (NaN) and flushed to 0 at 1e-25 (a probe); scaled back in fp64, then cast
+    Wc, c = _unit_scaled(W)
+    s = gram_eigenvalues(Wc, dtype).flip(-1).clamp(min=0).sqrt()
+    return (s.double() * c[..., 0]).to(s.dtype)
 
 
 @torch.no_grad()
@@ -358,4 +409,6 @@ def spectral_norm(W: torch.Tensor, *, exact_max_dim: int = EXACT_MAX_DIM) -> flo
         dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
         Wc, c = _unit_scaled(W)  # (an fp32 Gram of W itself overflowed at 1e20, flushed to 0 at 1e-25)
         return float((singular_values(Wc, dtype)[..., 0].double() * c[..., 0, 0]).max())
+    if not bool(torch.isfinite(W).all()):  # NaN, as the exact path gives (lanczos_svals raised, a probe)
+        return math.nan
     return float(lanczos_svals(W).sigma_max.max())

@@ -42,6 +42,7 @@ copy and one record.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -104,6 +105,8 @@ class SpectrumTracker:
 
     The optimizer's hooks hold the tracker (``attach``) until ``detach()``: deleting it does not
     remove them. ``with SpectrumTracker(model).attach(optimizer) as tracker:`` detaches on exit.
+    Attached, it measures updates of the weights that optimizer holds; a weight another optimizer
+    steps (torch.optim.Muon's setup: AdamW for the embedding and head) gets NaN update metrics.
     """
 
     def __init__(self, model_or_named_params, *, every: int = 10, manifolds=None,
@@ -119,6 +122,9 @@ class SpectrumTracker:
                              f"got {spectrum_every!r}")
         if not isinstance(power_iters, int) or power_iters < 1:
             raise ValueError(f"power_iters must be an int ≥ 1, got {power_iters!r}")
+        # (int(exact_max_dim) failed on "x" without naming it, and took 1.5 as 1)
+        if not isinstance(exact_max_dim, numbers.Integral) or isinstance(exact_max_dim, bool):
+            raise TypeError(f"exact_max_dim must be an int, got {exact_max_dim!r}")
         mats, resolved = matrices_and_manifolds(model_or_named_params, manifolds)
         if not mats:
             raise ValueError("SpectrumTracker: no matrix parameters (none with ≥ 2 dimensions) to track")
@@ -157,6 +163,13 @@ class SpectrumTracker:
         tracker's own count: 0 at the first attach, continuing after a re-attach (to the same or
         another optimizer), so one run's records never share a label.
 
+        The update metrics (update_norm, update_alignment) are those of the weights this optimizer
+        holds at the step; a weight it does not hold, e.g. one a second optimizer steps, gets NaN
+        (unknown): its hooks see it unchanged (it read 0 while AdamW moved an embedding by 0.06,
+        a probe). Its grad_norm is recorded as usual. To measure every weight's update under two
+        optimizers, call the tracker after both have stepped instead (``tracker(step)``, the
+        callback): it compares copies taken a whole training step apart.
+
         The hooks run eagerly inside a ``torch.compile``d ``optimizer.step`` (compiler-disabled:
         traced, a record broke the graph dozens of times and recompiled on its float norms)."""
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -166,7 +179,8 @@ class SpectrumTracker:
         @torch.compiler.disable
         def pre(opt, args, kwargs):
             if self.due(self._hook_step):
-                self._snapshot, self._snapshot_step = self._copy_weights(), self._hook_step - 1
+                held = {id(p) for group in opt.param_groups for p in group["params"]}
+                self._snapshot, self._snapshot_step = self._copy_weights(held), self._hook_step - 1
 
         @torch.compiler.disable
         def post(opt, args, kwargs):
@@ -192,8 +206,10 @@ class SpectrumTracker:
         self.detach()
 
     # ----------------------------------------------------------------------------- recording
-    def _copy_weights(self) -> dict[str, torch.Tensor]:
-        return {name: _matrix(p, view).clone() for name, p, view in self._params}
+    def _copy_weights(self, held: set[int] | None = None) -> dict[str, torch.Tensor]:
+        """name → a copy of the weight's matrix, for the tracked weights whose id is in ``held``
+        (default all); those left out get NaN update metrics at the next record."""
+        return {name: _matrix(p, view).clone() for name, p, view in self._params if held is None or id(p) in held}
 
     @torch.no_grad()
     def record(self, step: int, before: dict[str, torch.Tensor] | None = None, *, exact: bool | None = None) -> None:

@@ -178,14 +178,21 @@ def plain_meta(meta) -> dict:
         return _plain_number(v, where)
 
     def keyed(mapping, where, depth=0):
-        out = {}
-        for k, x in mapping.items():
-            if str(k) in out:
-                raise TypeError(f"{where} has keys {k!r} and {str(k)!r}, the same once made str")
-            out[str(k)] = plain(x, f"{where}[{k!r}]" if depth else f"meta value {k}", depth)
-        return out
+        return {key: plain(x, f"{where}[{k!r}]" if depth else f"meta value {k}", depth)
+                for key, (k, x) in _str_keyed(mapping, where).items()}
 
     return keyed(meta, "meta")
+
+
+def _str_keyed(mapping, where: str) -> dict:
+    """{str(k): (k, value)}, refusing two keys that are the same once made str (1 and "1"): the
+    file keeps str keys, so one of them was dropped silently (a probe: one run of two saved)."""
+    out = {}
+    for k, x in mapping.items():
+        if str(k) in out:
+            raise TypeError(f"{where} has keys {out[str(k)][0]!r} and {k!r}, the same once made str")
+        out[str(k)] = (k, x)
+    return out
 
 
 def save_tracking(path, runs) -> Path:
@@ -195,11 +202,11 @@ def save_tracking(path, runs) -> Path:
     if not runs:
         raise ValueError("save_tracking: no runs to save")
     plain = {}
-    for name, run in runs.items():
+    for key, (name, run) in _str_keyed(runs, "runs").items():
         tracking = getattr(run, "tracking", run)
         if not isinstance(tracking, Tracking):
             raise TypeError(f"run {name!r} is a {type(run).__name__}, not a Tracking or SpectrumTracker")
-        plain[str(name)] = tracking.to_dict()
+        plain[key] = tracking.to_dict()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": FORMAT, "runs": plain}, path)
@@ -207,8 +214,15 @@ def save_tracking(path, runs) -> Path:
 
 
 def load_tracking(path) -> dict[str, Tracking]:
-    """The runs saved by ``save_tracking``, as {name: Tracking} (read with weights_only=True)."""
-    data = torch.load(Path(path), weights_only=True)
+    """The runs saved by ``save_tracking``, as {name: Tracking} (read with weights_only=True).
+    Raises ValueError naming ``path`` for a file that is not one (OSError for one not there)."""
+    try:
+        data = torch.load(Path(path), weights_only=True)
+    except OSError:  # (a missing file: the error names it)
+        raise
+    except Exception as err:  # a text file raised a bare KeyError: 101, an empty one EOFError (a probe)
+        raise ValueError(f"{path} is not a readable modman tracking file (format {FORMAT!r}): torch.load "
+                         f"raised {type(err).__name__}: {err}") from err
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a modman tracking file (format {FORMAT!r})")
     return {name: Tracking.from_dict(d) for name, d in data["runs"].items()}
