@@ -18,15 +18,10 @@ import math
 
 import torch
 
-from .._checks import is_finite_real, shape_from
-from ..linalg.msign import check_floating, resolve_compute_dtype
-
-
-def _row_max_abs(X: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
-    """max |x| per row (NaN for a row with a NaN), from amax and amin: no row-sized temporary as
-    X.abs() makes, and on CPU 7 ms on 32000×512 where an ord=inf vector_norm took 55 (sphere_step
-    runs this on whole embedding tables every step)."""
-    return torch.maximum(X.amax(dim=-1, keepdim=keepdim), X.amin(dim=-1, keepdim=keepdim).neg())
+from .._checks import is_finite_real
+from ..linalg.msign import resolve_compute_dtype
+from ._shared import (check_random_dtype, check_real_floating, max_abs, random_shape, residual_ratio,
+                      unit_peak)
 
 
 class Sphere:
@@ -57,7 +52,7 @@ class Sphere:
         """(y, c): each row of X in the compute dtype divided by c = its max |entry| (1 for a zero
         row), so that ‖y‖ ∈ [1, √n] is computed without overflow or underflow of the squares."""
         X = X.to(resolve_compute_dtype(X.dtype, None))
-        amax = _row_max_abs(X, keepdim=True)
+        amax = max_abs(X, -1, keepdim=True)
         c = torch.where(amax > 0, amax, torch.ones_like(amax))
         return X / c, c
 
@@ -70,15 +65,15 @@ class Sphere:
     def _check_pair(self, W: torch.Tensor, V: torch.Tensor, names: str, where: str) -> None:
         """W and a tangent-side tensor of W's shape (V of shape (3,) at W (4, 3) was broadcast
         silently, one vector for every row)."""
-        check_floating(W, names[0], where)
-        check_floating(V, names[1], where)
+        check_real_floating(W, names[0], where)
+        check_real_floating(V, names[1], where)
         if V.shape != W.shape:
             raise ValueError(f"{where}: {names[1]} must have W's shape {tuple(W.shape)}, got {tuple(V.shape)}")
 
     def project(self, W: torch.Tensor) -> torch.Tensor:
         """r·w/‖w‖ per row; a zero row has no nearest point and is refused (ValueError); a row with a
         NaN or Inf gives a NaN row (see the module docstring)."""
-        check_floating(W, "W", "Sphere.project")
+        check_real_floating(W, "W", "Sphere.project")
         if W.numel() == 0:  # no rows, or rows without entries: nothing to project (a row max raised)
             return W.clone()
         if bool((W == 0).all(dim=-1).any()):
@@ -95,14 +90,26 @@ class Sphere:
         return (Vc - U * (U * Vc).sum(-1, keepdim=True)).to(out)
 
     def tangent_residual(self, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """‖⟨w, a⟩/r‖ / ‖A‖_F over rows (0 for A = 0)."""
+        """‖(⟨wᵢ, aᵢ⟩/r)ᵢ‖ / ‖A‖_F over the rows of each matrix (0 for A = 0, NaN for a NaN), at any
+        radius and size of A; in the compute dtype (fp32 for bf16/fp16, as ``distance``)."""
         self._check_pair(W, A, "WA", "Sphere.tangent_residual")
-        num = torch.linalg.vector_norm((W * A).sum(-1) / self.radius, dim=-1)
-        den = torch.linalg.vector_norm(A, dim=(-2, -1)) if A.ndim >= 2 else torch.linalg.vector_norm(A)
-        return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+        compute = resolve_compute_dtype(torch.result_type(W, A), None)
+        # scale-free: A at unit size and each row's ⟨w, a⟩ divided by r before the norm squares it
+        # (w/r is O(1) on the sphere); unscaled, the products over- or underflowed in fp32: NaN at
+        # r = 1e20, and a false 0 for a radial A at r = 1e-25 (a probe). The row dots by einsum
+        # and no W/r: sphere_step reports this for whole embedding tables every step, and each
+        # table-sized temporary cost ~50 ms on 32000×512 (CPU)
+        Au = unit_peak(A.to(compute))
+        num = torch.linalg.vector_norm(torch.einsum("...j,...j->...", W.to(compute), Au) / self.radius, dim=-1)
+        den = torch.linalg.vector_norm(Au, dim=(-2, -1)) if A.ndim >= 2 else torch.linalg.vector_norm(Au)
+        return residual_ratio(num, den)
 
     def retract(self, W: torch.Tensor, V: torch.Tensor, method: str = "normalize") -> torch.Tensor:
-        """r·(w + v)/‖w + v‖ per row; "polar" is the same map (a row's polar factor is w/‖w‖)."""
+        """r·(w + v)/‖w + v‖ per row; "polar" is the same map (a row's polar factor is w/‖w‖).
+
+        A row with w + v = 0 (v = −w, not a tangent step) has no point to normalise and comes out
+        NaN, as a row with a NaN does; it is not refused as ``project`` refuses a zero row, since
+        sphere_step retracts whole tables and then keeps their zero (padding) rows as they were."""
         if method not in ("normalize", "polar"):
             raise ValueError(f"Sphere.retract: unknown method {method!r}; choose 'normalize' or 'polar' (the same map)")
         self._check_pair(W, V, "WV", "Sphere.retract")
@@ -115,14 +122,14 @@ class Sphere:
         """max over rows of |‖w‖/r − 1| (over the nonzero rows with ``skip_zero_rows``: an
         embedding's padding row is zero by design); NaN if a row has a NaN or Inf, 0 for a tensor
         without entries."""
-        check_floating(W, "W", "Sphere.distance")
+        check_real_floating(W, "W", "Sphere.distance")
         compute = resolve_compute_dtype(W.dtype, None)
         if W.numel() == 0:
             return torch.zeros(W.shape[:-2], dtype=compute, device=W.device)
         # two reductions and no row-sized temporaries: sphere_step reports this for whole embedding
         # tables every step (scaling every row first made it 34× slower on 32000×512)
         norms = torch.linalg.vector_norm(W, dim=-1, dtype=compute)
-        amax = _row_max_abs(W).to(compute)  # 0 exactly for a zero row
+        amax = max_abs(W, -1).to(compute)  # 0 exactly for a zero row
         lost = ((norms == 0) & (amax > 0)) | (torch.isinf(norms) & torch.isfinite(amax))
         if bool(lost.any()):  # the squares under- or overflowed (rows near 1e±20 in fp32): those scaled
             Y, c = self._unit_scaled(W)
@@ -135,7 +142,8 @@ class Sphere:
 
     def random(self, *size, shape=None, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
         # random(64, 32), random((64, 32)) (as torch.randn) or random(shape=(64, 32))
-        shape = shape_from(size if shape is None else (shape,), "Sphere.random")
+        shape = random_shape(size, shape, "Sphere.random")
         self.check_shape(shape)
+        check_random_dtype(dtype, self.radius, "radius", "Sphere.random")
         G = torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
         return (self.radius * G / torch.linalg.vector_norm(G, dim=-1, keepdim=True)).to(dtype)

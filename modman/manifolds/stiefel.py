@@ -15,11 +15,15 @@ orientation; wide matrices are transposed in and out.
   "qr"    — the Q factor of W + V with the signs of diag(R) made positive;
   "closed_form" — (W + V)(I − P + P/√(1+η²)) with P = VᵀV/η², η = ‖V‖₂/s. It is the exact polar
             factor when V is tangent and V/η is a partial isometry (every nonzero singular value
-            1, any rank), e.g. V = −lr·msign(·); otherwise WᵀW errs by about η·‖tangent
-            residual‖ + (3/4)η⁴·max σ²(1−σ²) (MATH.md §2). η² is computed as ‖M‖_F²/tr(M),
-            M = VᵀV/s², which equals η² exactly for a scaled partial isometry.
+            1, any rank), e.g. V = −lr·msign(·). η² is computed as η̂² = ‖M‖_F²/tr(M), M = VᵀV/s²,
+            which equals η² exactly for a scaled partial isometry; otherwise WᵀW/s² errs by about
+            η·‖tangent residual‖ + (3/4)η⁴·max_t |t(η̂²/η² − t)| over t = σ², σ the singular
+            values of V/(ηs), to leading order. (MATH.md §2's (3/4)η⁴·max σ²(1−σ²) is this with
+            η̂ = η, 1.6–1.8× too small on generic tangents, where η̂ < η: a probe.)
 All methods need real floating tensors: an integer W would be projected in fp32 and truncated back;
-bf16/fp16 are computed in fp32 and returned in their own dtype. A NaN or Inf: ``project`` and the
+bf16/fp16 are computed in fp32 and returned in their own dtype, except what is a number rather
+than a point (``distance``, ``gram_deviation``, ``tangent_residual``) and ``closed_form_factor``'s
+n×n factor, which stay in fp32. A NaN or Inf: ``project`` and the
 "polar" and "qr" retractions, which factor the matrix, refuse it (ValueError naming the argument);
 the arithmetic ones (tangent, "closed_form", polish) carry it through as torch arithmetic does, and
 ``distance`` is NaN. A matrix without entries (a 0 among its last two dimensions) maps to one of
@@ -31,9 +35,10 @@ import math
 
 import torch
 
-from .._checks import is_finite_real, shape_from
+from .._checks import is_finite_real, is_int
 from ..linalg.blocked import gram64
-from ..linalg.msign import check_floating, resolve_compute_dtype
+from ..linalg.msign import resolve_compute_dtype
+from ._shared import check_random_dtype, check_real_floating, random_shape, residual_ratio, unit_peak
 
 
 def _sym(M: torch.Tensor) -> torch.Tensor:
@@ -47,6 +52,12 @@ def is_wide(shape) -> bool:
 def to_tall(X: torch.Tensor) -> torch.Tensor:
     """View X in the tall orientation (rows ≥ columns)."""
     return X.mT if is_wide(X.shape) else X
+
+
+def _check_count(value, name: str, least: int, where: str) -> None:
+    """An iteration count: an int (not a bool) ≥ ``least``."""
+    if not (is_int(value) and value >= least):
+        raise (ValueError if is_int(value) else TypeError)(f"{where}: {name} must be an int ≥ {least}, got {value!r}")
 
 
 def _check_finite(X: torch.Tensor, name: str, where: str) -> None:
@@ -87,8 +98,8 @@ class Stiefel:
     def _check_pair(self, W: torch.Tensor, V: torch.Tensor, names: str, where: str) -> None:
         """W and a tangent-side tensor of the same shape and dtype (a (4, 8) V at an (8, 4) W was
         silently transposed to fit; a 1-D W raised IndexError; mixed dtypes a raw matmul error)."""
-        check_floating(W, names[0], where)
-        check_floating(V, names[1], where)
+        check_real_floating(W, names[0], where)
+        check_real_floating(V, names[1], where)
         self.check_shape(W.shape)
         if V.shape != W.shape or V.dtype != W.dtype:
             raise ValueError(f"{where}: {names[1]} must have W's shape and dtype, got {tuple(V.shape)} "
@@ -109,8 +120,8 @@ class Stiefel:
         Rank-deficient W has no unique nearest point; singular directions with σ = 0 are
         completed by the SVD's singular vectors so that the result is always on the manifold.
         """
+        check_real_floating(W, "W", "Stiefel.project")
         self.check_shape(W.shape)
-        check_floating(W, "W", "Stiefel.project")
         _check_finite(W, "W", "Stiefel.project")
         dtype = resolve_compute_dtype(W.dtype, None)
         U, _, Vh = torch.linalg.svd(W.to(dtype), full_matrices=False)
@@ -126,13 +137,15 @@ class Stiefel:
         return (P.mT if is_wide(W.shape) else P).to(W.dtype)
 
     def tangent_residual(self, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """‖UᵀA + AᵀU‖_F / ‖A‖_F in the tall orientation (0 for A = 0)."""
+        """‖UᵀA + AᵀU‖_F / ‖A‖_F in the tall orientation (0 for A = 0, NaN for a NaN), at any scale
+        and size of A; in the compute dtype (fp32 for bf16/fp16, as ``distance``)."""
         self._check_pair(W, A, "WA", "Stiefel.tangent_residual")
-        U, At = to_tall(W) / self.scale_for(W.shape), to_tall(A)
+        compute = resolve_compute_dtype(W.dtype, None)
+        # A at unit size (U = W/s is O(1) on the manifold): unscaled, the products overflowed in
+        # fp32, a false 0 for a tangent and NaN for a non-tangent A at scale 1e20 (a probe)
+        U, At = to_tall(W).to(compute) / self.scale_for(W.shape), unit_peak(to_tall(A).to(compute))
         H = U.mT @ At
-        num = torch.linalg.matrix_norm(H + H.mT)
-        den = torch.linalg.matrix_norm(At)
-        return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+        return residual_ratio(torch.linalg.matrix_norm(H + H.mT), torch.linalg.matrix_norm(At))
 
     def retract(self, W: torch.Tensor, V: torch.Tensor, method: str = "polar") -> torch.Tensor:
         """Map W + V back onto the manifold (see the module docstring for the methods)."""
@@ -159,15 +172,19 @@ class Stiefel:
         return Q.mT if is_wide(W.shape) else Q
 
     def _retract_closed_form(self, W, V):
-        factor = self.closed_form_factor(W.shape, V)
-        return self.apply_closed_form(W + V, factor)
+        compute = resolve_compute_dtype(W.dtype, None)
+        Wc, Vc = W.to(compute), V.to(compute)  # (the same tensors in fp32/fp64)
+        return self.apply_closed_form(Wc + Vc, self.closed_form_factor(W.shape, Vc)).to(W.dtype)
 
     def closed_form_factor(self, shape, V: torch.Tensor) -> torch.Tensor:
         """F = −c·M (n×n, tall orientation) with M = VᵀV/s², so that the closed-form retraction of
         W + V is X + X·F for X = W + V (see ``apply_closed_form``): the two halves let a caller
-        overwrite V with W + V in between, holding one m×n temporary less."""
+        overwrite V with W + V in between, holding one m×n temporary less. In the compute dtype,
+        fp32 for a bf16/fp16 V: computed in bf16 the retraction landed 2.9e-3 off the manifold where
+        fp32 then rounding lands 1.7e-3 (a probe)."""
+        check_real_floating(V, "V", "Stiefel.closed_form_factor")
         s = self.scale_for(shape)
-        Vt = to_tall(V)
+        Vt = to_tall(V).to(resolve_compute_dtype(V.dtype, None))
         M = (Vt.mT @ Vt) / (s * s)
         trace = torch.diagonal(M, dim1=-2, dim2=-1).sum(-1)
         fro2 = (M * M).sum((-2, -1))
@@ -181,11 +198,15 @@ class Stiefel:
 
     @staticmethod
     def apply_closed_form(X: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """X + X·F in X's orientation (X = W + V, F from ``closed_form_factor``), one new tensor."""
-        Xt = to_tall(X)
-        Y = torch.baddbmm(Xt, Xt, factor) if Xt.ndim == 3 else (
-            torch.addmm(Xt, Xt, factor) if Xt.ndim == 2 else Xt + Xt @ factor)
-        return Y.mT if is_wide(X.shape) else Y
+        """X + X·F in X's orientation (X = W + V, F from ``closed_form_factor``), one new tensor in
+        X's dtype (computed in fp32 for bf16/fp16, as the other methods)."""
+        check_real_floating(X, "X", "Stiefel.apply_closed_form")
+        check_real_floating(factor, "factor", "Stiefel.apply_closed_form")
+        compute = resolve_compute_dtype(X.dtype, None)
+        Xt, F = to_tall(X).to(compute), factor.to(compute)  # (no copies in fp32/fp64)
+        Y = torch.baddbmm(Xt, Xt, F) if Xt.ndim == 3 else (
+            torch.addmm(Xt, Xt, F) if Xt.ndim == 2 else Xt + Xt @ F)
+        return (Y.mT if is_wide(X.shape) else Y).to(X.dtype)
 
     def polish(self, W: torch.Tensor, steps: int = 1) -> torch.Tensor:
         """Pull a nearly orthogonal W back onto the manifold without an SVD.
@@ -195,7 +216,10 @@ class Stiefel:
         U ← U·(aI + bS + cS²) with the small Gram S = UᵀU (tall orientation). Valid for
         singular values in (0, √(5/3)); meant for drift of order 1e-5, not for projection.
         """
-        check_floating(W, "W", "Stiefel.polish")
+        check_real_floating(W, "W", "Stiefel.polish")
+        self.check_shape(W.shape)
+        # (steps=-1 did nothing and steps=True polished once, silently: a probe)
+        _check_count(steps, "steps", 0, "Stiefel.polish")
         s = self.scale_for(W.shape)
         # in fp32 for bf16/fp16: bf16 products left the polished weight 3× further off (6e-3)
         U = to_tall(W).to(resolve_compute_dtype(W.dtype, None)) / s
@@ -211,7 +235,10 @@ class Stiefel:
         ‖UᵀU − I‖₂ = max_i |σᵢ² − 1| ≈ 2·max_i |σᵢ − 1| near the manifold. Power iteration
         under-estimates; this is a monitor for re-projection, not a certificate.
         """
-        check_floating(W, "W", "Stiefel.gram_deviation")
+        check_real_floating(W, "W", "Stiefel.gram_deviation")
+        self.check_shape(W.shape)
+        # (iters=-3 returned ‖Ev‖ of the unnormalised start vector: a probe)
+        _check_count(iters, "iters", 1, "Stiefel.gram_deviation")
         Wt = to_tall(W).to(resolve_compute_dtype(W.dtype, None))  # (a bf16 Gram errs by ~4e-3)
         s = self.scale_for(W.shape)
         E = (Wt.mT @ Wt) / (s * s)  # UᵀU for U = W/s without forming U
@@ -232,7 +259,7 @@ class Stiefel:
         1e-5 — fp32 singular values were off by up to 3e-6 there. NaN for a matrix with a NaN or
         an infinity, or whose Gram overflows fp64 (entries beyond ~1e150); 0 for a matrix without
         entries (no singular value is off)."""
-        check_floating(W, "W", "Stiefel.distance")
+        check_real_floating(W, "W", "Stiefel.distance")
         self.check_shape(W.shape)
         dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
         if min(W.shape[-2:]) == 0:  # (gram64 of no rows is None, and an empty spectrum has no max)
@@ -247,7 +274,8 @@ class Stiefel:
     def random(self, *size, shape=None, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
         """A uniformly distributed (Haar) point: the polar factor of a Gaussian matrix."""
         # random(64, 32), random((64, 32)) (as torch.randn) or random(shape=(64, 32))
-        shape = shape_from(size if shape is None else (shape,), "Stiefel.random")
+        shape = random_shape(size, shape, "Stiefel.random")
         self.check_shape(shape)
+        check_random_dtype(dtype, self.scale_for(shape), "scale", "Stiefel.random")
         G = torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
         return self.project(G).to(dtype)
