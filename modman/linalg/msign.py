@@ -142,12 +142,17 @@ def msign(
 def newton_schulz(
     X: torch.Tensor, coeffs: list[tuple[float, float, float]], gram: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Quintic Newton–Schulz iterations on a batch X of shape (b, m, n), m ≤ n, ‖X‖₂ ≤ 1.
+    """Quintic Newton–Schulz iterations on a batch X of shape (b, m, n) (or one matrix (m, n)),
+    m ≤ n, ‖X‖₂ ≤ 1.
 
     ``gram`` may carry X Xᵀ for the first iteration. Three batched products per iteration:
     X Xᵀ, S² (fused with b·S by baddbmm) and (b·S + c·S²)·X (fused with a·X). S is released
     before the new X is made, so the iteration holds three matrices of X's size, not four.
     """
+    if X.ndim == 2:  # (baddbmm failed on it with a bare IndexError, a probe)
+        return newton_schulz(X[None], coeffs, None if gram is None else gram[None])[0]
+    if X.ndim != 3:
+        raise ValueError(f"newton_schulz: X must be (b, m, n) or (m, n), got shape {tuple(X.shape)}")
     for i, (a, b, c) in enumerate(coeffs):
         S = gram if (i == 0 and gram is not None) else X @ X.mT
         S = torch.baddbmm(S, S, S, beta=b, alpha=c)
