@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "≤ 1e-4; 'projected' is one msign per step and reports the gap it leaves, ~0.1)")
     p.add_argument("--out", default="modman-out", help="output folder (default ./modman-out)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--logit-scale", type=float, default=1.0,
+                   help="multiply the logits in the loss (default 1, the blog's model as it is; the README's "
+                        "fix for a constrained head is 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     from .solvers import SOLVERS
@@ -80,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("steps", "width", "depth", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be ≥ 1")
+    if not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
+        p.error(f"--logit-scale must be a finite number > 0, got {args.logit_scale}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be ≥ 1 (leave it out for all cores), got {args.threads}")
     problem = _out_problem(args.out)
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
     data = load_mnist1d(seed=42)
     print(f"MNIST-1D: {len(data['x'])} train / {len(data['x_test'])} test, MLP "
           f"{'→'.join(['40'] + [str(args.width)] * (args.depth - 1) + ['10'])} (no biases, ReLU), batch {args.batch_size}, "
-          f"{args.steps} steps, lr → 0 linearly, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}")
+          f"{args.steps} steps, lr → 0 linearly, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
+          + (f", logits ×{args.logit_scale:g} in the loss" if args.logit_scale != 1 else ""))
     results = []
     start = time.time()
     where = machine()  # before training (its load average is the one the run started with)
@@ -138,7 +144,7 @@ def main(argv=None) -> int:
         options = {"solver": args.solver} if name == "manifold_muon" else None
         r = train(name, steps=args.steps, width=args.width, depth=args.depth, batch_size=args.batch_size,
                   lr=args.lr.get(name), seed=args.seed, data=data, progress=not args.no_progress,
-                  eval_every=max(1, args.steps // 10), optimizer_options=options)
+                  eval_every=max(1, args.steps // 10), optimizer_options=options, logit_scale=args.logit_scale)
         results.append(r)
     print()
     header = (f"{'optimizer':<14}{'lr':>8}{'train acc':>11}{'test acc':>10}{'ms/step':>9}{'ms/opt':>8}{'gap':>9}"

@@ -47,6 +47,8 @@ def test_main_job_small_run_writes_table_and_files(tmp_path, capsys):
     (["--optimizers", "adamw", "--solver", "dual_ascent"], "--solver dual_ascent: manifold_muon is not among"),
     (["--optimizers", "adamw", "--lr", "adamw=1e-3", "--lr", "adamw=2e-3"], "the learning rate of adamw is given twice"),
     (["--optimizers", "adamw,muon,adamw"], "--optimizers: adamw named twice"),
+    (["--logit-scale", "0"], "--logit-scale must be a finite number > 0"),
+    (["--logit-scale", "nan"], "--logit-scale must be a finite number > 0"),
 ])
 def test_bad_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -119,6 +121,29 @@ def test_train_refuses_unknown_optimizers_and_zero_steps():
         make_optimizer("sgd", torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="steps must be an int ≥ 1"):
         train("adamw", steps=0, data={})
+
+
+def test_logit_scale_multiplies_the_logits_of_the_loss():
+    """--logit-scale: the README's fix for ManifoldMuon's unit-spectrum head, reproducible from the
+    CLI (a newcomer could not: the main job shows ManifoldMuon behind the others without it)."""
+    from modman.experiments.mnist1d import train
+
+    g = torch.Generator().manual_seed(0)
+    data = {"x": torch.randn(64, 40, generator=g), "y": torch.randint(0, 10, (64,), generator=g)}
+    data.update(x_test=data["x"][:8], y_test=data["y"][:8])
+    losses = {}
+    for scale in (1.0, 8.0):
+        r = train("adamw", steps=1, batch_size=64, data=data, eval_every=0, logit_scale=scale)
+        torch.manual_seed(0)  # the model train() builds (seed 0), before its step
+        from modman.experiments.mnist1d import make_mlp
+        model = make_mlp(d_in=40)
+        idx = torch.randint(0, 64, (64,), generator=torch.Generator().manual_seed(0))
+        expected = torch.nn.functional.cross_entropy(scale * model(data["x"][idx]), data["y"][idx]).item()
+        assert r.history[0]["loss"] == pytest.approx(expected, rel=1e-6)
+        losses[scale] = r.history[0]["loss"]
+    assert losses[1.0] != losses[8.0]
+    with pytest.raises(ValueError, match="logit_scale"):
+        train("adamw", steps=1, data=data, logit_scale=-1.0)
 
 
 def test_version(capsys):

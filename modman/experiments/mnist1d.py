@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .._checks import is_int
+from .._checks import is_finite_real, is_int
 from ..data import load_mnist1d
 
 # name -> default learning rate at the default recipe (MLP 40→128→128→10, batch 512, 1000 steps)
@@ -99,8 +99,13 @@ def train(
     progress: bool = False,
     callback: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
     optimizer_options: dict | None = None,
+    logit_scale: float = 1.0,
 ) -> RunResult:
     """Train the MLP on MNIST-1D with one optimizer; lr decays linearly to 0 over ``steps``.
+
+    ``logit_scale`` multiplies the logits in the loss: a constrained head has all its singular
+    values 1, so the network's output scale is the architecture's, and cross-entropy wants larger
+    logits (the README's ×8; accuracy, an argmax, is unchanged by it).
 
     ``callback(step, model, optimizer)`` runs after every optimizer step (e.g. a tracker).
     """
@@ -109,6 +114,8 @@ def train(
     if not is_int(steps) or steps < 1:  # (0: a ZeroDivisionError in the schedule)
         raise ValueError(f"steps must be an int ≥ 1, got {steps!r}")
     steps = int(steps)
+    if not (is_finite_real(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
     data = data if data is not None else load_mnist1d()
     torch.manual_seed(seed)
     model = make_mlp(width, depth, d_in=data["x"].shape[1])
@@ -129,7 +136,7 @@ def train(
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(data["x"][idx]), data["y"][idx])
+        loss = nn.functional.cross_entropy(logit_scale * model(data["x"][idx]), data["y"][idx])
         loss.backward()
         t1 = time.perf_counter()
         opt.step()
