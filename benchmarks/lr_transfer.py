@@ -144,6 +144,7 @@ class Runs:
         self.path, self.args, self.x, self.y = path, args, x, y
         self.cache: dict[str, float] = {}
         self.replayed, self.trained = 0, 0  # runs read from the cache, runs trained now (in the JSON)
+        self.trained_now: set[str] = set()  # (a run trained now and asked for again is not a replay)
 
     def key(self, opt_name, arch, width, depth, k, seed):
         arch = "mlp" if depth == 2 else arch  # ResMLP at depth 2 is MLP (same weights for a seed)
@@ -170,9 +171,10 @@ class Runs:
         out = []
         for seed in range(self.args.seeds):
             key = self.key(opt_name, arch, width, depth, k, seed)
-            self.replayed += key in self.cache
+            self.replayed += key in self.cache and key not in self.trained_now
             if key not in self.cache:
                 self.trained += 1
+                self.trained_now.add(key)
                 lr = _lr(opt_name, k)
                 loss = train(opt_name, arch, width, depth, lr, seed, self.x, self.y, self.args.steps, self.args.batch)
                 with open(self.path, "a") as f:

@@ -179,7 +179,9 @@ class SpectrumTracker:
         @torch.compiler.disable
         def pre(opt, args, kwargs):
             if self.due(self._hook_step):
-                held = {id(p) for group in opt.param_groups for p in group["params"]}
+                # by storage, not identity: a tracker given {"w": weight.detach()} tracks the tensor the
+                # optimizer steps (its updates read NaN when matched by id; a review)
+                held = {p.untyped_storage().data_ptr() for group in opt.param_groups for p in group["params"]}
                 self._snapshot, self._snapshot_step = self._copy_weights(held), self._hook_step - 1
 
         @torch.compiler.disable
@@ -207,9 +209,10 @@ class SpectrumTracker:
 
     # ----------------------------------------------------------------------------- recording
     def _copy_weights(self, held: set[int] | None = None) -> dict[str, torch.Tensor]:
-        """name → a copy of the weight's matrix, for the tracked weights whose id is in ``held``
+        """name → a copy of the weight's matrix, for the tracked weights whose storage is in ``held``
         (default all); those left out get NaN update metrics at the next record."""
-        return {name: _matrix(p, view).clone() for name, p, view in self._params if held is None or id(p) in held}
+        return {name: _matrix(p, view).clone() for name, p, view in self._params
+                if held is None or p.untyped_storage().data_ptr() in held}
 
     @torch.no_grad()
     def record(self, step: int, before: dict[str, torch.Tensor] | None = None, *, exact: bool | None = None) -> None:

@@ -61,8 +61,13 @@ def _read(name: str, param: torch.Tensor, what: str, reduce) -> float:
                            "model.to_empty(...) and their initialisation or loading)")
     values = param.detach()
     value = float(reduce(values.to(torch.float64))) if values.numel() else 0.0
-    if not math.isfinite(value):  # finite entries give a finite value in fp64
-        where = tuple(torch.nonzero(~torch.isfinite(values))[0].tolist())
+    if not math.isfinite(value):
+        bad = torch.nonzero(~torch.isfinite(values))
+        if not len(bad):  # finite entries whose norm overflows fp64 (a bias at 1e200: an IndexError, a review)
+            raise ModularError(f"{name!r} is too large for its {what} to be computed in fp64 (entries up to "
+                               f"{float(values.abs().max()):.3g}); check the model's weights (a diverged run, a bad "
+                               "checkpoint)")
+        where = tuple(bad[0].tolist())
         where = where[0] if len(where) == 1 else where
         raise ModularError(f"{name!r} holds a non-finite value (index {where}: {float(values[where])}), so its "
                            f"{what} is undefined; check the model's weights (a diverged run, a bad checkpoint)")

@@ -184,6 +184,8 @@ def _check_axes(tree: Module, fed_by: Module | None, described: set) -> Module |
 
 def _norm_layer(module: nn.Module, prefix: str, opts: Options, kind: str) -> Module:
     shape = getattr(module, "normalized_shape", None)  # (a class named RMSNorm may have none)
+    if isinstance(shape, int):  # torch's convention: d means (d,) (a user's RMSNorm kept the int; a review)
+        shape = (shape,)
     if shape is not None and len(tuple(shape)) != 1:
         shape = tuple(shape)
         # LayerNorm([C, H, W]) normalises the whole block: a position's features can come out with

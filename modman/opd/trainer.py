@@ -225,9 +225,11 @@ class Trainer:
             if teacher is student:
                 raise ValueError("teacher must be a separate, fixed model (pass a copy)")
             # copy.copy(student), or a teacher given the student's embedding: freezing the teacher
-            # would freeze those weights of the student (a probe)
+            # would freeze those weights of the student (a probe); a frozen one shared to save
+            # memory stays allowed (a review)
             in_teacher = {id(p) for p in teacher.parameters()}
-            shared = [name for name, p in student.named_parameters(remove_duplicate=False) if id(p) in in_teacher]
+            shared = [name for name, p in student.named_parameters(remove_duplicate=False)
+                      if id(p) in in_teacher and p.requires_grad]
             if shared:
                 raise ValueError(f"the teacher shares {len(shared)} parameter(s) with the student "
                                  f"({', '.join(shared[:4])}{', …' if len(shared) > 4 else ''}): freezing the "

@@ -112,13 +112,33 @@ def test_scale_free_in_a_narrower_compute_dtype(dtype, compute, scale):
 
 def test_fp16_compute_of_a_dominant_rank_one_matrix_is_not_zero():
     """Its Gram's norm bound (up to m·n for ones plus noise) overflowed fp16, the scale became ∞
-    and msign 0: modman.Muon(ns_dtype="float16") stepped nothing (a probe)."""
+    and msign 0: modman.Muon(ns_dtype="float16") stepped nothing (a probe). 300²: the bound is
+    ~9e4, past fp16's 65504 (at 256² it was 59936, under it: a review's mutants survived)."""
     g = torch.Generator().manual_seed(0)
-    X = torch.ones(256, 256) + 0.01 * torch.randn(256, 256, generator=g)
+    X = torch.ones(300, 300) + 0.01 * torch.randn(300, 300, generator=g)
     Y = msign(X, compute_dtype=torch.float16)
     ref = msign(X)
     assert torch.isfinite(Y).all() and Y.abs().max() > 0.1
     assert (Y - ref).norm() / ref.norm() < 0.05
+
+
+def test_zero_and_svd_in_a_narrower_compute_dtype():
+    """The division by max|X| before the cast: a zero matrix stays 0 (not 0/0), and the SVD
+    schedule is scale-free too (fp64 at 1e-300 in fp32 was 0.79 off without it; a review)."""
+    X, _, _ = spectrum_matrix(20, 12, log_spectrum(12, 1e2), dtype=torch.float64, seed=5)
+    batch = torch.stack([X, torch.zeros_like(X)])
+    Y = msign(batch * 1e-300, compute_dtype=torch.float32)
+    assert torch.equal(Y[1], torch.zeros_like(X)) and torch.isfinite(Y).all()
+    torch.testing.assert_close(msign(X * 1e-300, schedule="svd", compute_dtype=torch.float32),
+                               msign(X, schedule="svd", compute_dtype=torch.float32), rtol=0, atol=1e-5)
+
+
+def test_fp32_to_bf16_takes_no_extra_pass():
+    """bf16 has fp32's exponents: no division before the cast (it cost 7× the cast; a review)."""
+    from modman.linalg.msign import _within_range
+
+    X = torch.randn(8, 4)
+    assert _within_range(X, torch.bfloat16) is X and _within_range(X, torch.float16) is not X
 
 
 def test_extreme_scales_bf16():

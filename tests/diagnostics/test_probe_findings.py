@@ -49,6 +49,20 @@ def test_weights_another_optimizer_steps_have_unknown_update_metrics(adamw_first
     assert callback.tracking.params["0.weight"].values["update_norm"][-1] == pytest.approx(true, rel=1e-4)
 
 
+def test_a_tracked_tensor_sharing_the_stepped_weights_storage_is_measured():
+    """{"w": weight.detach()} (the documented name → tensor form) is the weight the optimizer steps:
+    its update read NaN when the held weights were matched by identity (a review)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4, bias=False)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    tracker = SpectrumTracker({"w": lin.weight.detach()}, every=1, spectrum_every=1).attach(opt)
+    before = lin.weight.detach().clone()
+    lin(torch.randn(3, 6)).square().sum().backward()
+    opt.step()
+    true = torch.linalg.matrix_norm((lin.weight.detach() - before).double(), 2).item()
+    assert tracker.tracking.params["w"].values["update_norm"][-1] == pytest.approx(true, rel=1e-4)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_spectral_norm_of_a_large_matrix_with_a_nan_or_inf_is_nan(bad):
     """Above exact_max_dim the Lanczos path raised "lanczos_svals: W contains NaN or Inf" where

@@ -411,7 +411,7 @@ def test_an_activated_lora_adapter_is_refused(tmp_path):
     _assert_untouched_after(ValueError, "alora_invocation_tokens", target, tmp_path / "alora")
 
 
-@pytest.mark.parametrize("dropout", [1.5, -0.1, "0.1", True, float("nan")])
+@pytest.mark.parametrize("dropout", [1.5, 1.0, -0.1, "0.1", True, float("nan")])
 def test_a_bad_lora_dropout_is_refused_naming_the_file(tmp_path, dropout):
     path = _saved(tmp_path)
     config = json.loads((path / "adapter_config.json").read_text())

@@ -301,6 +301,31 @@ def test_a_non_finite_gain_or_bias_is_named(bad, where):
         budget(model)
 
 
+def test_an_fp64_bias_whose_norm_overflows_is_named():
+    """Finite entries whose fp64 norm overflows: a bare IndexError looking for a non-finite entry
+    (a review)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)).double()
+    with torch.no_grad():
+        model[0].bias.fill_(1e200)
+    with pytest.raises(ModularError, match=r"^'0.bias' is too large for its"):
+        budget(model)
+
+
+def test_a_norm_named_rmsnorm_with_an_int_normalized_shape_is_described():
+    """torch's convention: normalized_shape d means (d,); a user's RMSNorm keeping the int failed
+    with "'int' object is not iterable" (a review)."""
+    class RMSNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.normalized_shape, self.weight = d, nn.Parameter(torch.ones(d))
+
+        def forward(self, x):
+            return self.weight * x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), RMSNorm(8), nn.Linear(8, 2, bias=False))
+    assert set(budget(model)) == {"0.weight", "2.weight"}
+
+
 def test_a_non_finite_frozen_weight_is_named():
     model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Linear(8, 2, bias=False))
     with torch.no_grad():

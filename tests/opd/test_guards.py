@@ -239,6 +239,15 @@ def test_a_teacher_sharing_parameters_with_the_student_is_refused_and_nothing_ch
     assert teacher.training
 
 
+def test_a_teacher_sharing_a_frozen_student_parameter_is_accepted():
+    """Sharing a frozen embedding saves memory and freezes nothing new (refused by the first
+    version of the check above, with a message that was false there; a review)."""
+    student, teacher = tiny_model(0), tiny_model(1)
+    student.embed_tokens.requires_grad_(False)
+    teacher.embed_tokens = student.embed_tokens
+    Trainer(student, TASK, _config(), teacher=teacher, optimizer=_adamw).step()
+
+
 def test_a_teacher_on_another_device_is_refused_naming_both():
     student, teacher = tiny_model(0), tiny_model(1).to("meta")
     before = copy.deepcopy(student.state_dict())
