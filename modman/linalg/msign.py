@@ -114,12 +114,12 @@ def msign(
     if X.numel() == 0:
         return X.clone()
     if schedule == "svd":
-        return _msign_svd(_within_range(X, dtype).to(dtype)).to(X.dtype)
+        return _msign_svd(within_range(X, dtype).to(dtype)).to(X.dtype)
 
     transposed = X.shape[-2] > X.shape[-1]
     Y = X.mT if transposed else X
     batch_shape = Y.shape[:-2]
-    Y = _within_range(Y.reshape(-1, *Y.shape[-2:]), dtype).to(dtype)
+    Y = within_range(Y.reshape(-1, *Y.shape[-2:]), dtype).to(dtype)
     Y, gram = _normalise(Y, normalization, SCHEDULES[schedule][2])
     coeffs = coefficients(schedule, steps)
     if not needs_grad and _use_triton(Y, backend):
@@ -160,7 +160,7 @@ def newton_schulz(
     return X
 
 
-def _within_range(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def within_range(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """X divided by max|X| per matrix, in X's own dtype, where ``dtype`` has a narrower exponent
     range than X's (fp32 → fp16, fp64 → fp32/bf16): msign(cX) = msign(X), and the cast alone made
     an fp32 X at 1e5 NaN in fp16 and an fp64 one at 1e-300 zero in fp32 (a probe). X itself

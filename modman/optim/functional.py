@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..linalg import msign
+from ..linalg.msign import within_range
 from ..linalg.blocked import power_of_two_floor
 from ..linalg.schedules import default_steps
 from ..manifolds import Sphere, Stiefel
@@ -123,7 +124,7 @@ def stiefel_step(
     U = compute if s == 1 else compute / s
     warm = {k: state[k] for k in warm_keys if k in state}
     result = solve_manifold_muon(U, u.to(U.dtype), solver=solver, tol=tol, max_iters=max_iters,
-                                 warm_start=warm or None)
+                                 warm_start=warm or None, stored_dtype=W.dtype)
     del u, U
     for key in warm_keys:
         if key not in result.state:
@@ -323,7 +324,9 @@ def muon_step(
 def _orthogonalize_like_torch(u, schedule, ns_steps, compute_dtype, eps=1e-7):
     from ..linalg.schedules import coefficients
 
-    X = u.to(compute_dtype)
+    # (divided by max|u| first where the dtype's range is narrower — fp16, never torch's bf16, so
+    # the parity holds: an fp32 momentum at 1e5 cast to fp16 put NaN into the weights; a probe)
+    X = within_range(u, compute_dtype).to(compute_dtype)
     tall = u.size(-2) > u.size(-1)
     if tall:
         X = X.mT

@@ -64,6 +64,7 @@ def solve_manifold_muon(
     max_iters: int | None = None,
     warm_start: dict | None = None,
     reduce: bool | str = "auto",
+    stored_dtype: torch.dtype | None = None,
     **options,
 ) -> SolveResult:
     """Steepest unit-spectral-norm tangent direction at W for the gradient G.
@@ -77,6 +78,9 @@ def solve_manifold_muon(
             one that is not finite or not O(1) dropped).
         reduce: the tall reduction (``reduction.py``): True, False or "auto" (when m ≥ 2n after
             orienting W tall, and the solver is iterative).
+        stored_dtype: the dtype W is stored in where it was upcast for the solve (a bf16 weight
+            solved in fp32, as the optimizers do): its rounding, not the upcast's, is the noise
+            of the cut-off below (default: W's and G's dtypes).
         options: solver-specific (e.g. ``faithful=True`` for "dual_ascent").
 
     The problem is scale-free in G (the optimum A is unchanged by G → cG, c > 0), so solvers
@@ -107,6 +111,8 @@ def solve_manifold_muon(
         raise ValueError(f"tol must be a finite real number ≥ 0 (or None for the solver's default), got {tol!r}")
     if max_iters is not None and not (is_int(max_iters) and max_iters >= 0):
         raise ValueError(f"max_iters must be an int ≥ 0 (or None for the solver's default), got {max_iters!r}")
+    if stored_dtype is not None and not (isinstance(stored_dtype, torch.dtype) and stored_dtype.is_floating_point):
+        raise TypeError(f"stored_dtype must be a floating torch.dtype or None, got {stored_dtype!r}")
     tol = default_tol if tol is None else float(tol)
     max_iters = default_iters if max_iters is None else int(max_iters)
     _check_options(solver, fn, options)
@@ -159,7 +165,10 @@ def solve_manifold_muon(
     # solve may be of that kind, the tangent part is measured for W as it is (solver-independent:
     # a solver's D can be loose there) and, at most 2·eps of the inputs' dtype (measured ≤ 0.2·eps
     # for fp32 and bf16 G = 2λW), A = 0 is returned with gap 0: the answer to the inputs' precision.
-    eps = max(torch.finfo(W.dtype).eps, torch.finfo(G.dtype).eps)
+    # (with stored_dtype: the optimizer hands a bf16 weight over in fp32, and fp32's eps let the
+    # tangent part of 2λW — the bf16 weight's own rounding, 1.4e-3 of ‖G‖ — through as a full step
+    # of lr every step; a probe)
+    eps = max(torch.finfo(t).eps for t in (W.dtype, G.dtype, stored_dtype or W.dtype))
     suspect = (D.reshape(gap.shape) <= max(1e-3, 4 * n**0.5 * eps)) | (gap > 0.5)
     if bool(suspect.any()):
         scales = options.get("g_scale")

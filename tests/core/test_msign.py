@@ -135,10 +135,10 @@ def test_zero_and_svd_in_a_narrower_compute_dtype():
 
 def test_fp32_to_bf16_takes_no_extra_pass():
     """bf16 has fp32's exponents: no division before the cast (it cost 7× the cast; a review)."""
-    from modman.linalg.msign import _within_range
+    from modman.linalg.msign import within_range
 
     X = torch.randn(8, 4)
-    assert _within_range(X, torch.bfloat16) is X and _within_range(X, torch.float16) is not X
+    assert within_range(X, torch.bfloat16) is X and within_range(X, torch.float16) is not X
 
 
 def test_extreme_scales_bf16():

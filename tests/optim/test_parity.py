@@ -57,3 +57,21 @@ def test_fallback_group_matches_torch_adamw(cls):
         # here; a tolerance of 1 ulp-scale would be the contract if torch reorders its arithmetic
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e-9])
+def test_muon_in_fp16_with_torch_arithmetic_is_scale_free(scale):
+    """torch's arithmetic in fp16 (an option torch.optim.Muon does not have): the momentum was cast
+    before its normalisation, so at 1e6 the weight became NaN and at 1e-9 it did not move (a probe);
+    it is divided by max|u| first, as msign does (torch's bf16 is left alone: the parity above)."""
+    g = torch.Generator().manual_seed(0)
+    W0, G = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    steps = []
+    for s in (1.0, scale):
+        W = torch.nn.Parameter(W0.clone())
+        opt = Muon([W], ns_dtype="float16", weight_decay=0.0)
+        W.grad = G * s
+        opt.step()
+        steps.append(W.detach() - W0)
+    assert torch.isfinite(steps[1]).all()
+    torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=1e-4)

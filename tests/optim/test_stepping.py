@@ -334,6 +334,23 @@ def test_normal_gradient_on_a_drifted_weight_with_the_default_solver(shape, drif
     _assert_l2_gradient_leaves_bitwise(opt, lin.weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_normal_gradient_on_a_low_precision_weight_leaves_it_bitwise(dtype, foreach):
+    """A bf16/fp16 weight is solved in fp32, and the noise cut-off took fp32's eps: the tangent part
+    of 2λW, rounding of the weight's own dtype (1.4e-3 of ‖G‖ in bf16), was stepped a full lr every
+    step (‖ΔW‖₂ 0.96 after 20 steps of an L2 penalty alone at lr 0.05; a probe)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 64, bias=False).to(dtype)
+    opt = ManifoldMuon(lin.modules(), lr=0.05, budget="uniform", foreach=foreach)
+    _assert_l2_gradient_leaves_bitwise(opt, lin.weight)
+    # a real step is still taken: a gradient with a tangent part well above the cut-off
+    lin.weight.grad = (2 * lin.weight.detach().float() + 0.2 * torch.randn(64, 32)).to(dtype)
+    before = lin.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(lin.weight.detach(), before)
+
+
 def test_sphere_tangent_residual_is_that_of_the_direction_taken():
     """It was measured against the already-updated weight (≈ lr for fp32/fp64 rows)."""
     torch.manual_seed(0)
