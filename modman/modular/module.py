@@ -38,6 +38,7 @@ moves atom i by η/cᵢ in Nᵢ — the learning-rate budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -96,6 +97,8 @@ class Module:
         Missing names count as zero change; atoms of mass 0 (passengers: biases and gains by
         default) are outside the norm, so a change to them must be zero (else the result is ∞).
         """
+        if not isinstance(deltas, Mapping):  # (a list of tensors failed sorting them for this message; a probe)
+            raise TypeError(f"norm() takes a dict {{parameter name: change}}, got {type(deltas).__name__}")
         known = {p.atom.name for p in self.placements()}
         unknown = set(deltas) - known
         if unknown:

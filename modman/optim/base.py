@@ -383,11 +383,12 @@ class ManifoldOptimizer(Optimizer):
                     taken.add(item[0])
                 entries.append((item, p, "stiefel" if p.ndim >= 2 and p.numel() else "fallback", None))
         explicit = ug.get("manifold")
-        for item, p, _, _ in entries:
+        for i, (item, p, _, _) in enumerate(entries):
             if explicit in ("stiefel", "sphere") and (p.ndim < (2 if explicit == "stiefel" else 1) or not p.numel()):
                 # asked for by name: refused here, before this member maps the role to its own manifold
-                # (HypersphericalDescent's "stiefel" is row spheres: a bias went onto one sphere)
-                name = item[0] if isinstance(item, tuple) else "a parameter"
+                # (HypersphericalDescent's "stiefel" is row spheres: a bias went onto one sphere);
+                # an unnamed one by its place in the group ("a parameter" named none of several; a probe)
+                name = item[0] if isinstance(item, tuple) else f"the group's parameter {i}"
                 raise ValueError(f"manifold {explicit!r} needs a non-empty {'matrix' if explicit == 'stiefel' else 'tensor'}; "
                                  f"{name} has shape {tuple(p.shape)}: give it to the fallback group")
         buckets: dict[tuple, list] = {}

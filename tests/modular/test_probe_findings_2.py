@@ -398,3 +398,11 @@ def test_an_empty_weight_is_refused_by_name(layer):
     """Linear(4, 0) raised ZeroDivisionError; Linear(0, 4) "its budget is undefined … a zero input bound"."""
     with pytest.raises(ModularError, match=r"^'0.weight' has shape \(\d, \d\): an empty weight"):
         budget(nn.Sequential(layer))
+
+
+def test_norm_refuses_changes_not_given_by_name():
+    """norm([ΔW]) failed sorting the tensors for its own message (a probe): a dict by name is asked for."""
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Linear(8, 2, bias=False))
+    tree = from_torch(model)
+    with pytest.raises(TypeError, match=r"norm\(\) takes a dict \{parameter name: change\}, got list"):
+        tree.norm([torch.zeros(8, 4), torch.zeros(2, 8)])

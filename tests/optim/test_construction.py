@@ -399,6 +399,9 @@ def test_a_manifold_asked_for_a_parameter_it_cannot_hold_is_refused_by_its_name(
     p = torch.nn.Parameter(torch.randn(shape))
     with pytest.raises(ValueError, match=rf"manifold '{manifold}' needs a non-empty .*; odd has shape"):
         cls([{"params": [("w", W)]}, {"params": [("odd", p)], "manifold": manifold}])
+    # unnamed: by its place in the group ("a parameter" named none of several; a probe)
+    with pytest.raises(ValueError, match=rf"needs a non-empty .*; the group's parameter 1 has shape"):
+        cls([{"params": [torch.nn.Parameter(torch.randn(4, 3)), p], "manifold": manifold}])
 
 
 @pytest.mark.parametrize("cls", [ManifoldMuon, Muon, HypersphericalDescent])
